@@ -1,0 +1,49 @@
+#pragma once
+/// @file error.hpp
+/// The exception types every public entry point of orepa throws. Messages name the
+/// argument or tensor at fault and give the expected and the actual value.
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+
+namespace orepa {
+
+/// A tensor handed to a public call has the wrong shape (or rank).
+struct shape_error : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+/// A block, layer or tool was given an invalid configuration value
+/// (kernel size, groups, stride, dilation, padding, channels, option).
+struct config_error : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+
+/// A call was made in the wrong state (backward without a training forward,
+/// batch too small for batch statistics, non-finite values where rejected).
+struct state_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// A file (safetensors checkpoint) is malformed or a state dict does not fit a block.
+struct format_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// oneDNN refused or failed an operation; the message carries the shapes involved.
+struct engine_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+namespace detail {
+/// Concatenates any streamable values into one message string.
+template <class... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+}  // namespace detail
+
+}  // namespace orepa

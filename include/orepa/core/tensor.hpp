@@ -1,0 +1,205 @@
+#pragma once
+/// @file tensor.hpp
+/// Tensor<S>: an owning, dense, row-major (C order) array with a run-time shape, used
+/// for NCHW activations and OIHW kernels. Sizes are computed with overflow checks and a
+/// cap on the byte count so a hostile shape is rejected before anything is allocated.
+
+#include <Eigen/Core>
+#include <cstdint>
+#include <initializer_list>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "orepa/core/error.hpp"
+
+/// Define OREPA_ENABLE_ASSERT to check ranks and bounds of unchecked element access
+/// (the sanitizer build does); it is off by default because it sits in inner loops.
+#ifdef OREPA_ENABLE_ASSERT
+#include <cstdio>
+#include <cstdlib>
+#define OREPA_ASSERT(cond)                                                              \
+  ((cond) ? (void)0                                                                     \
+          : (std::fprintf(stderr, "%s:%d: OREPA_ASSERT(%s) failed\n", __FILE__, __LINE__, #cond), \
+             std::abort()))
+#else
+#define OREPA_ASSERT(cond) ((void)0)
+#endif
+
+namespace orepa {
+
+/// A tensor shape: one non-negative extent per dimension.
+using Shape = std::vector<std::int64_t>;
+
+/// Largest tensor orepa will allocate, in bytes (16 GiB). Larger requests throw.
+inline constexpr std::int64_t max_tensor_bytes = std::int64_t(1) << 34;
+
+/// "[2, 8, 10, 10]".
+inline std::string shape_str(const Shape& s) {
+  std::string r = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+/// Product of `a` and `b`, throwing config_error (naming `what`) on overflow or negatives.
+inline std::int64_t checked_mul(std::int64_t a, std::int64_t b, const char* what = "size") {
+  if (a < 0 || b < 0) throw config_error(detail::cat(what, ": negative extent ", a < 0 ? a : b));
+  if (a != 0 && b > std::numeric_limits<std::int64_t>::max() / a)
+    throw config_error(detail::cat(what, ": ", a, " * ", b, " overflows 64 bits"));
+  return a * b;
+}
+
+/// Number of elements of `shape`, checked for negative extents and overflow.
+inline std::int64_t checked_numel(const Shape& shape, const char* what = "tensor shape") {
+  std::int64_t n = 1;
+  for (auto d : shape) {
+    if (d < 0) throw shape_error(detail::cat(what, " ", shape_str(shape), " has a negative extent"));
+    n = checked_mul(n, d, what);
+  }
+  return n;
+}
+
+/// Row-major dynamic Eigen matrix and maps over raw memory (for products on tensor slices).
+template <class S>
+using RowMatrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <class S>
+using MatMap = Eigen::Map<RowMatrix<S>>;
+template <class S>
+using ConstMatMap = Eigen::Map<const RowMatrix<S>>;
+
+/// Dense row-major tensor of scalars `S` (float for the oneDNN path, double for checks).
+template <class S>
+class Tensor {
+ public:
+  using Scalar = S;
+
+  /// Empty tensor of shape [0].
+  Tensor() : shape_{0} {}
+  /// Tensor of `shape` filled with `fill`. Throws shape_error / config_error on a bad shape.
+  explicit Tensor(Shape shape, S fill = S(0)) : shape_(std::move(shape)) {
+    data_.assign(static_cast<std::size_t>(checked_elements(shape_)), fill);
+  }
+  /// Tensor of `shape` holding `values` (row-major); the sizes must agree.
+  Tensor(Shape shape, std::vector<S> values) : shape_(std::move(shape)), data_(std::move(values)) {
+    if (checked_elements(shape_) != static_cast<std::int64_t>(data_.size()))
+      throw shape_error(detail::cat("Tensor: shape ", shape_str(shape_), " needs ",
+                                    checked_numel(shape_), " values, got ", data_.size()));
+  }
+  Tensor(std::initializer_list<std::int64_t> shape, S fill = S(0)) : Tensor(Shape(shape), fill) {}
+
+  const Shape& shape() const { return shape_; }
+  int rank() const { return static_cast<int>(shape_.size()); }
+  std::int64_t dim(int i) const { return shape_.at(static_cast<std::size_t>(i)); }
+  std::int64_t size() const { return static_cast<std::int64_t>(data_.size()); }
+  bool empty() const { return data_.empty(); }
+  S* data() { return data_.data(); }
+  const S* data() const { return data_.data(); }
+  S& operator[](std::int64_t i) {
+    OREPA_ASSERT(i >= 0 && i < size());
+    return data_[static_cast<std::size_t>(i)];
+  }
+  const S& operator[](std::int64_t i) const {
+    OREPA_ASSERT(i >= 0 && i < size());
+    return data_[static_cast<std::size_t>(i)];
+  }
+  auto begin() { return data_.begin(); }
+  auto end() { return data_.end(); }
+  auto begin() const { return data_.begin(); }
+  auto end() const { return data_.end(); }
+
+  /// Element of a rank-4 tensor (NCHW / OIHW); unchecked.
+  S& operator()(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t d) {
+    OREPA_ASSERT(rank() == 4);
+    return data_[static_cast<std::size_t>(((a * shape_[1] + b) * shape_[2] + c) * shape_[3] + d)];
+  }
+  const S& operator()(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t d) const {
+    OREPA_ASSERT(rank() == 4);
+    return data_[static_cast<std::size_t>(((a * shape_[1] + b) * shape_[2] + c) * shape_[3] + d)];
+  }
+  /// Element of a rank-2 tensor; unchecked.
+  S& operator()(std::int64_t a, std::int64_t b) {
+    OREPA_ASSERT(rank() == 2);
+    return data_[static_cast<std::size_t>(a * shape_[1] + b)];
+  }
+  const S& operator()(std::int64_t a, std::int64_t b) const {
+    OREPA_ASSERT(rank() == 2);
+    return data_[static_cast<std::size_t>(a * shape_[1] + b)];
+  }
+
+  /// Sets every element to `v`.
+  void fill(S v) { std::fill(data_.begin(), data_.end(), v); }
+  /// Sets every element to zero.
+  void zero() { fill(S(0)); }
+  /// Re-shapes to `shape` (reallocating only when the element count grows) and zeroes it.
+  void reset(const Shape& shape) {
+    auto n = checked_elements(shape);
+    shape_ = shape;
+    data_.assign(static_cast<std::size_t>(n), S(0));
+  }
+  /// Re-shapes to `shape` keeping the buffer when it is large enough; contents are
+  /// unspecified afterwards (for outputs that are about to be overwritten).
+  void resize(const Shape& shape) {
+    auto n = checked_elements(shape);
+    shape_ = shape;
+    data_.resize(static_cast<std::size_t>(n));
+  }
+  /// Same data, new shape with the same element count.
+  Tensor reshaped(Shape shape) const {
+    if (checked_numel(shape) != size())
+      throw shape_error(detail::cat("reshape: ", shape_str(shape_), " cannot become ", shape_str(shape)));
+    return Tensor(std::move(shape), data_);
+  }
+  /// Element-wise conversion to another scalar type.
+  template <class U>
+  Tensor<U> cast() const {
+    return Tensor<U>(shape_, std::vector<U>(data_.begin(), data_.end()));
+  }
+  /// The data as a rows x cols row-major matrix (rows * cols must equal size()).
+  MatMap<S> matrix(std::int64_t rows, std::int64_t cols) {
+    check_matrix(rows, cols);
+    return MatMap<S>(data(), rows, cols);
+  }
+  ConstMatMap<S> matrix(std::int64_t rows, std::int64_t cols) const {
+    check_matrix(rows, cols);
+    return ConstMatMap<S>(data(), rows, cols);
+  }
+  /// Checks the shape equals `expected`; throws shape_error naming `what` otherwise.
+  void expect_shape(const Shape& expected, const std::string& what) const {
+    if (shape_ != expected)
+      throw shape_error(detail::cat(what, ": expected shape ", shape_str(expected), ", got ",
+                                    shape_str(shape_)));
+  }
+
+ private:
+  static std::int64_t checked_elements(const Shape& shape) {
+    auto n = checked_numel(shape);
+    if (n > max_tensor_bytes / static_cast<std::int64_t>(sizeof(S)))
+      throw config_error(detail::cat("tensor of shape ", shape_str(shape), " would need ",
+                                     n, " elements (over the ", max_tensor_bytes,
+                                     "-byte limit)"));
+    return n;
+  }
+  void check_matrix(std::int64_t rows, std::int64_t cols) const {
+    if (rows < 0 || cols < 0 || rows * cols != size())
+      throw shape_error(detail::cat("matrix view ", rows, "x", cols, " of tensor ", shape_str(shape_)));
+  }
+
+  Shape shape_;
+  std::vector<S> data_;
+};
+
+/// Largest absolute difference between two tensors of the same shape.
+template <class A, class B>
+double max_abs_diff(const Tensor<A>& a, const Tensor<B>& b) {
+  if (a.shape() != b.shape())
+    throw shape_error(detail::cat("max_abs_diff: shapes ", shape_str(a.shape()), " and ",
+                                  shape_str(b.shape()), " differ"));
+  double m = 0;
+  for (std::int64_t i = 0; i < a.size(); ++i) {
+    double d = std::abs(double(a[i]) - double(b[i]));
+    if (!(d <= m)) m = d;  // NaN propagates as the maximum
+  }
+  return m;
+}
+
+}  // namespace orepa

@@ -1,0 +1,120 @@
+// Tensor, geometry and the convolution engine: oneDNN forward / backward-data /
+// backward-weights against the naive reference convolution in double.
+#include "test_util.hpp"
+
+using namespace orepa;
+using test::random_tensor;
+
+TEST(Tensor, ShapeChecksAndErrors) {
+  Tensor<float> t({2, 3, 4, 5});
+  EXPECT_EQ(t.size(), 120);
+  t(1, 2, 3, 4) = 7;
+  EXPECT_EQ(t[119], 7);
+  EXPECT_THROW(Tensor<float>({2, -1}), shape_error);
+  EXPECT_THROW(Tensor<float>(Shape{1 << 20, 1 << 20, 1 << 20}), config_error);  // 2^60 elements
+  try {
+    t.expect_shape({2, 3, 4, 6}, "input");
+    FAIL();
+  } catch (const shape_error& e) {
+    EXPECT_NE(std::string(e.what()).find("input: expected shape [2, 3, 4, 6], got [2, 3, 4, 5]"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_THROW(t.reshaped({7}), shape_error);
+  EXPECT_THROW(Tensor<float>({2, 2}, std::vector<float>(3)), shape_error);
+}
+
+TEST(ConvGeometry, RejectsInvalidConfigurations) {
+  auto make = [](std::int64_t i, std::int64_t o, std::int64_t k, std::int64_t s, std::int64_t p, std::int64_t d,
+                 std::int64_t g) {
+    ConvGeometry c;
+    c.in_channels = i, c.out_channels = o, c.kernel = k, c.stride = s, c.padding = p, c.dilation = d, c.groups = g;
+    return c;
+  };
+  auto message = [](const ConvGeometry& g) {
+    try {
+      g.validate("OREPA");
+    } catch (const config_error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  EXPECT_EQ(message(make(8, 16, 3, 1, 1, 1, 2)), "no error");
+  EXPECT_EQ(message(make(8, 16, 4, 1, 1, 1, 1)), "OREPA: kernel_size must be odd, got 4");
+  EXPECT_EQ(message(make(8, 16, 0, 1, 1, 1, 1)), "OREPA: kernel_size must be >= 1, got 0");
+  EXPECT_EQ(message(make(8, 16, 3, 1, 1, 1, 3)), "OREPA: groups 3 must divide in_channels 8");
+  EXPECT_EQ(message(make(8, 12, 3, 1, 1, 1, 8)), "OREPA: groups 8 must divide out_channels 12");
+  EXPECT_EQ(message(make(8, 16, 3, 0, 1, 1, 1)), "OREPA: stride must be >= 1, got 0");
+  EXPECT_EQ(message(make(8, 16, 3, 1, 1, 0, 1)), "OREPA: dilation must be >= 1, got 0");
+  EXPECT_EQ(message(make(8, 16, 3, 1, -2, 1, 1)), "OREPA: padding must be >= 0, got -2");
+  EXPECT_EQ(message(make(0, 16, 3, 1, 1, 1, 1)), "OREPA: in_channels must be >= 1, got 0");
+  auto g = make(8, 16, 5, 1, 0, 1, 1);
+  EXPECT_EQ(g.out_extent(10), 6);
+  EXPECT_THROW(g.output_shape({1, 8, 4, 4}, "x"), shape_error);  // smaller than the kernel
+  EXPECT_THROW(g.output_shape({1, 7, 9, 9}, "x"), shape_error);  // wrong channels
+}
+
+struct ConvCase {
+  std::int64_t n, i, o, h, w, k, s, p, d, g;
+};
+
+class ConvEngineVsReference : public ::testing::TestWithParam<ConvCase> {};
+
+TEST_P(ConvEngineVsReference, ForwardAndBothBackwardsMatchNaiveDouble) {
+  const auto c = GetParam();
+  ConvGeometry g;
+  g.in_channels = c.i, g.out_channels = c.o, g.kernel = c.k, g.stride = c.s, g.padding = c.p, g.dilation = c.d,
+  g.groups = c.g;
+  Rng rng(42);
+  auto x = random_tensor<double>({c.n, c.i, c.h, c.w}, rng);
+  auto w = random_tensor<double>(g.weight_shape(), rng);
+  auto y_ref = reference::conv2d(x, w, g);
+  auto dy = random_tensor<double>(y_ref.shape(), rng);
+  auto dx_ref = reference::conv2d_backward_data(dy, w, g, x.shape());
+  auto dw_ref = reference::conv2d_backward_weights(x, dy, g);
+
+  engine::ConvEngine<float> eng(g);
+  Tensor<float> y, dx, dw;
+  const auto xf = x.cast<float>(), wf = w.cast<float>(), dyf = dy.cast<float>();
+  for (int rep = 0; rep < 2; ++rep) {  // the second pass reuses the cached primitives
+    eng.forward(xf, wf, y);
+    eng.backward_data(dyf, wf, x.shape(), dx);
+    eng.backward_weights(xf, dyf, dw);
+  }
+  EXPECT_EQ(eng.primitive_creations(), 1);
+  test::expect_close(y, y_ref, 1e-5, "forward");
+  test::expect_close(dx, dx_ref, 1e-5, "backward data");
+  test::expect_close(dw, dw_ref, 1e-5, "backward weights");
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, ConvEngineVsReference,
+                         ::testing::Values(ConvCase{2, 8, 16, 10, 10, 3, 1, 1, 1, 1},
+                                           ConvCase{2, 8, 12, 9, 11, 3, 2, 1, 1, 2},
+                                           ConvCase{1, 16, 16, 12, 12, 5, 1, 4, 2, 8},
+                                           ConvCase{3, 6, 6, 7, 7, 1, 1, 0, 1, 6},
+                                           ConvCase{2, 4, 8, 13, 13, 7, 2, 3, 1, 1}));
+
+// The naive reference itself against a hand-computed case (2x2 input, 2x2 all-ones kernel).
+TEST(ReferenceConv, HandComputed) {
+  ConvGeometry g;
+  g.in_channels = 1, g.out_channels = 1, g.kernel = 2, g.padding = 1;
+  Tensor<double> x({1, 1, 2, 2}, std::vector<double>{1, 2, 3, 4});
+  Tensor<double> w({1, 1, 2, 2}, 1.0);
+  auto y = reference::conv2d(x, w, g);
+  EXPECT_EQ(y.shape(), (Shape{1, 1, 3, 3}));
+  const std::vector<double> want{1, 3, 2, 4, 10, 6, 3, 7, 4};
+  for (int j = 0; j < 9; ++j) EXPECT_DOUBLE_EQ(y[j], want[j]);
+}
+
+TEST(ConvEngine, ShapeErrorsNameTheTensor) {
+  ConvGeometry g;
+  g.in_channels = 4, g.out_channels = 8, g.kernel = 3, g.padding = 1;
+  engine::ConvEngine<float> eng(g);
+  Tensor<float> y;
+  try {
+    eng.forward(Tensor<float>({1, 3, 8, 8}), Tensor<float>(g.weight_shape()), y);
+    FAIL();
+  } catch (const shape_error& e) {
+    EXPECT_NE(std::string(e.what()).find("[N, 4, H, W], got [1, 3, 8, 8]"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(eng.forward(Tensor<float>({1, 4, 8, 8}), Tensor<float>({8, 4, 5, 5}), y), shape_error);
+}

@@ -1,0 +1,73 @@
+#pragma once
+// Shared helpers for the tests: random tensors, tolerances, finite differences.
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <string>
+
+#include "orepa/orepa.hpp"
+
+namespace orepa::test {
+
+template <class S>
+Tensor<S> random_tensor(const Shape& shape, Rng& rng, double bound = 1.0) {
+  Tensor<S> t(shape);
+  fill_uniform(t, bound, rng);
+  return t;
+}
+
+/// Randomises every tensor of a block (so zero-initialised ones such as idconv1 and the
+/// zero prior scale take part in the checks) and its BN running statistics.
+template <class Block>
+void randomise(Block& b, Rng& rng) {
+  for (auto* p : b.parameters()) {
+    if (p->name.find("running_var") != std::string::npos) {
+      for (auto& v : p->value) v = static_cast<std::decay_t<decltype(v)>>(rng.uniform(0.5, 1.5));
+    } else if (p->trainable() || p->name.find("running_mean") != std::string::npos) {
+      fill_uniform(p->value, 0.5, rng);
+    }
+  }
+}
+
+/// Asserts max |a - e| <= rel * max(1, max |e|), the fixture tolerance.
+template <class A, class E>
+void expect_close(const Tensor<A>& a, const Tensor<E>& e, double rel, const std::string& what) {
+  ASSERT_EQ(a.shape(), e.shape()) << what;
+  double emax = 0;
+  for (auto v : e) emax = std::max(emax, std::abs(double(v)));
+  const double err = max_abs_diff(a, e), tol = rel * std::max(1.0, emax);
+  EXPECT_LE(err, tol) << what << ": max abs error " << err << " > tolerance " << tol;
+}
+
+/// Central-difference derivative of `loss` w.r.t. value[j] of `t`.
+template <class S>
+double numeric_grad(Tensor<S>& t, std::int64_t j, const std::function<double()>& loss, double h = 1e-6) {
+  const S keep = t[j];
+  t[j] = keep + S(h);
+  const double up = loss();
+  t[j] = keep - S(h);
+  const double down = loss();
+  t[j] = keep;
+  return (up - down) / (2 * h);
+}
+
+/// Compares an analytic gradient with central differences on up to `samples` entries
+/// spread over the tensor; returns the largest relative error seen.
+template <class S>
+double check_grad(Tensor<S>& value, const Tensor<S>& analytic, const std::function<double()>& loss,
+                  const std::string& what, double tol = 1e-5, std::int64_t samples = 12) {
+  double worst = 0;
+  const std::int64_t n = value.size(), stride = std::max<std::int64_t>(1, n / samples);
+  for (std::int64_t j = 0; j < n; j += stride) {
+    const double num = numeric_grad(value, j, loss), ana = double(analytic[j]);
+    const double err = std::abs(num - ana) / std::max(1.0, std::abs(num));
+    worst = std::max(worst, err);
+    EXPECT_LE(err, tol) << what << "[" << j << "]: analytic " << ana << " vs numeric " << num;
+  }
+  return worst;
+}
+
+/// Path of a committed test data file.
+inline std::string data_path(const std::string& name) { return std::string(OREPA_TEST_DATA_DIR) + "/" + name; }
+
+}  // namespace orepa::test
