@@ -33,6 +33,7 @@ BranchList<S> make_orepa_branches(const ConvGeometry& g, std::int64_t internal_c
 }
 
 /// The OREPA k x k block, `OREPA<float, SiLU> b(OrepaOptions(16, 32, 3).stride(2));`.
+/// Any odd k, groups, stride, padding and dilation; weight_only(true) drops BN.
 template <class S = float, class Act = Identity>
 class OREPA : public OnlineBlock<S, Act> {
  public:

@@ -1,0 +1,174 @@
+#pragma once
+/// @file squeezed_block.hpp
+/// SqueezedBlock<S, Act>: what every online block shares once its kernel is known:
+/// y = act(BN(conv(x, W))) with W produced by the subclass's squeeze on every training
+/// forward, and backward that hands dL/dW to the subclass's squeeze adjoint. Subclasses:
+/// OnlineBlock (a sum of branches: OREPA, OREPA_1x1, ...) and OREPA_LargeConv (a
+/// composition of 3x3 OREPA kernels).
+///
+/// Saved for backward: the block input and the conv output (plus BN's per-channel
+/// statistics); the pre-activation is recomputed from them. Nothing per branch.
+///
+/// Thread safety: not safe to use from several threads at once (training and eval
+/// forwards reuse the block's buffers). Deploy it for concurrent inference.
+
+#include <string>
+
+#include "orepa/core/activation.hpp"
+#include "orepa/deploy/deployed_conv.hpp"
+#include "orepa/engine/batch_norm.hpp"
+#include "orepa/engine/conv.hpp"
+
+namespace orepa {
+
+/// Base of the blocks that squeeze their parameters into one conv kernel.
+template <class S, class Act = Identity>
+class SqueezedBlock {
+ public:
+  virtual ~SqueezedBlock() = default;
+  SqueezedBlock(SqueezedBlock&&) noexcept = default;
+  SqueezedBlock& operator=(SqueezedBlock&&) noexcept = default;
+
+  /// The block's convolution geometry.
+  const ConvGeometry& geometry() const { return g_; }
+  /// Reference class name ("OREPA", "OREPA_1x1", ...), used in messages.
+  const std::string& type_name() const { return type_name_; }
+  /// False in weight_only mode (no BN: the block only yields its kernel).
+  bool has_bn() const { return has_bn_; }
+  engine::BatchNorm<S>& bn() { require_bn("bn()"); return bn_; }
+  const engine::BatchNorm<S>& bn() const { require_bn("bn()"); return bn_; }
+  const Act& activation() const { return act_; }
+
+  /// Writes the squeezed kernel [O, I/g, k, k] into `w` (buffer reused).
+  virtual void squeeze_into(Tensor<S>& w) const = 0;
+  /// Adjoint of the squeeze: accumulates parameter gradients from dL/dW.
+  virtual void squeeze_backward(const Tensor<S>& grad_w) = 0;
+  /// The tensors that make the kernel (parameters and buffers), state-dict names.
+  virtual ParamList<S> kernel_parameters() = 0;
+
+  /// The squeezed kernel.
+  Tensor<S> squeeze() const {
+    Tensor<S> w;
+    squeeze_into(w);
+    return w;
+  }
+
+  /// Training forward: squeeze, one convolution, BN with batch statistics (running
+  /// statistics updated), activation. Returns the block's output buffer, valid until the
+  /// next forward_train. x is [N, I, H, W] with more than one output value per channel.
+  const Tensor<S>& forward_train(const Tensor<S>& x) {
+    require_bn("forward_train");
+    const Shape ys = g_.output_shape(x.shape(), (type_name_ + "::forward_train").c_str());
+    if (ys[0] * ys[2] * ys[3] < 2)
+      throw state_error(detail::cat(type_name_, "::forward_train: BN needs more than one value per channel; input ",
+                                    shape_str(x.shape()), " gives output ", shape_str(ys)));
+    squeeze_into(w_);
+    x_.resize(x.shape());
+    std::copy(x.begin(), x.end(), x_.begin());
+    conv_.forward(x_, w_, y_);
+    bn_.forward_train(y_, out_);
+    for (auto& v : out_) v = act_(v);
+    has_forward_ = true;
+    return out_;
+  }
+
+  /// Eval forward with BN's running statistics (no state change).
+  Tensor<S> forward_eval(const Tensor<S>& x) const {
+    require_bn("forward_eval");
+    g_.output_shape(x.shape(), (type_name_ + "::forward_eval").c_str());
+    Tensor<S> y, z;
+    conv_.forward(x, squeeze(), y);
+    bn_.forward_eval(y, z);
+    for (auto& v : z) v = act_(v);
+    return z;
+  }
+
+  /// Backward of the last forward_train for dL/d(output): accumulates every parameter
+  /// gradient (until zero_grad) and returns dL/dx (the block's buffer).
+  const Tensor<S>& backward(const Tensor<S>& grad_out) {
+    if (!has_forward_) throw state_error(type_name_ + "::backward: call forward_train first");
+    grad_out.expect_shape(out_.shape(), type_name_ + "::backward grad_output");
+    dz_.resize(y_.shape());
+    const std::int64_t N = y_.dim(0), C = y_.dim(1), P = y_.dim(2) * y_.dim(3);
+    for (std::int64_t b = 0; b < N; ++b)
+      for (std::int64_t c = 0; c < C; ++c)
+        for (std::int64_t j = (b * C + c) * P, e = j + P; j < e; ++j)
+          dz_[j] = grad_out[j] * act_.derivative(bn_.affine(y_[j], c));
+    bn_.backward(y_, dz_, dz_);
+    conv_.backward_data(dz_, w_, x_.shape(), dx_);
+    conv_.backward_weights(x_, dz_, dw_);
+    squeeze_backward(dw_);
+    return dx_;
+  }
+
+  /// Every tensor of the block (kernel tensors, then BN's), names as in the state dict.
+  ParamList<S> parameters() {
+    ParamList<S> all = kernel_parameters();
+    if (has_bn_)
+      for (auto* p : bn_.params()) all.push_back(p);
+    return all;
+  }
+  /// The BatchNorms of the block (for num_batches_tracked in state dicts).
+  std::vector<engine::BatchNorm<S>*> batch_norms() {
+    if (!has_bn_) return {};
+    return {&bn_};
+  }
+  /// The tensor called `name` (throws config_error listing the names if absent).
+  Param<S>& param(const std::string& name) {
+    std::string names;
+    for (auto* p : parameters()) {
+      if (p->name == name) return *p;
+      names += " " + p->name;
+    }
+    throw config_error(type_name_ + ": no tensor named '" + name + "'; it has:" + names);
+  }
+  /// Zeroes every gradient.
+  void zero_grad() {
+    for (auto* p : parameters())
+      if (p->trainable()) p->zero_grad();
+  }
+
+  /// The BN-folded kernel and bias (W * s[o], beta - mean * s) of the deployed conv.
+  std::pair<Tensor<S>, Tensor<S>> folded() const {
+    require_bn("deploy");
+    Tensor<S> w = squeeze(), scale, shift;
+    bn_.fold(scale, shift);
+    const std::int64_t per_o = w.size() / g_.out_channels;
+    for (std::int64_t j = 0; j < w.size(); ++j) w[j] *= scale[j / per_o];
+    return {std::move(w), std::move(shift)};
+  }
+  /// The deployed single convolution (folded kernel + bias, activation fused).
+  DeployedConv<S, Act> deploy() const {
+    auto [w, b] = folded();
+    return DeployedConv<S, Act>(g_, std::move(w), std::move(b), act_);
+  }
+
+  /// Primitive sets the training engine has created (one per input shape).
+  std::int64_t primitive_creations() const { return conv_.primitive_creations(); }
+
+ protected:
+  SqueezedBlock(const ConvGeometry& g, std::string type_name, bool with_bn, const std::string& bn_prefix, Act act)
+      : g_(validated(g, type_name)), type_name_(std::move(type_name)), has_bn_(with_bn), act_(act), conv_(g_) {
+    if (has_bn_) bn_ = engine::BatchNorm<S>(g_.out_channels, bn_prefix);
+  }
+
+ private:
+  static ConvGeometry validated(const ConvGeometry& g, const std::string& who) {
+    g.validate(who.c_str());
+    return g;
+  }
+  void require_bn(const char* what) const {
+    if (!has_bn_) throw state_error(type_name_ + ": " + what + " is not available in weight_only mode (no BN)");
+  }
+
+  ConvGeometry g_;
+  std::string type_name_;
+  bool has_bn_;
+  engine::BatchNorm<S> bn_;
+  Act act_;
+  mutable engine::ConvEngine<S> conv_;
+  Tensor<S> w_, x_, y_, out_, dz_, dx_, dw_;  // reused: saved for backward, output, gradients
+  bool has_forward_ = false;
+};
+
+}  // namespace orepa

@@ -1,0 +1,130 @@
+// The reference cases computed by the PyTorch reference implementation (tests/data, see
+// the README there): squeezed kernel, deployed weights, eval / deploy / train outputs,
+// running statistics and every gradient, within 1e-4 * max(1, max |expected|).
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+#include "orepa/io/state_dict.hpp"
+#include "test_util.hpp"
+
+using namespace orepa;
+
+namespace {
+
+nlohmann::json case_config(const std::string& name) {
+  std::ifstream f(test::data_path(name + ".json"));
+  return nlohmann::json::parse(f);
+}
+
+ConvOptions case_options(const nlohmann::json& c) {
+  return ConvOptions(c["in_channels"], c["out_channels"], c["kernel_size"])
+      .stride(c["stride"])
+      .padding(c["padding"])
+      .dilation(c["dilation"])
+      .groups(c["groups"]);
+}
+
+// Runs every check of one case on a block already built with the case's configuration.
+template <class Block>
+void check_case(Block& block, const std::string& name) {
+  const double tol = 1e-4;
+  auto in = io::SafetensorsFile::open(test::data_path(name + ".safetensors"));
+  auto want = io::SafetensorsFile::open(test::data_path(name + ".expected.safetensors"));
+  io::load_state_dict(block, in, "", io::Unexpected::ignore);  // the file also holds input / grad_output
+  const auto x = in.get<float>("input");
+
+  test::expect_close(block.squeeze(), want.get<float>("squeezed_weight"), tol, name + " squeezed_weight");
+  auto [w, b] = block.folded();
+  test::expect_close(w, want.get<float>("deploy.weight"), tol, name + " deploy.weight");
+  test::expect_close(b, want.get<float>("deploy.bias"), tol, name + " deploy.bias");
+  test::expect_close(block.forward_eval(x), want.get<float>("output_eval"), tol, name + " output_eval");
+  test::expect_close(block.deploy().forward(x), want.get<float>("output_deploy"), tol, name + " output_deploy");
+
+  block.zero_grad();
+  test::expect_close(block.forward_train(x), want.get<float>("output_train"), tol, name + " output_train");
+  test::expect_close(block.bn().running_mean.value, want.get<float>("after.bn.running_mean"), tol, name + " running_mean");
+  test::expect_close(block.bn().running_var.value, want.get<float>("after.bn.running_var"), tol, name + " running_var");
+  test::expect_close(block.backward(in.get<float>("grad_output")), want.get<float>("grad.input"), tol, name + " grad.input");
+  int grads = 0;
+  for (auto* p : block.parameters()) {
+    if (!p->trainable()) continue;
+    ASSERT_TRUE(want.contains("grad." + p->name)) << "no expected gradient for " << p->name;
+    test::expect_close(p->grad, want.get<float>("grad." + p->name), tol, name + " grad." + p->name);
+    ++grads;
+  }
+  int expected_grads = 0;
+  for (const auto& n : want.names()) expected_grads += n.rfind("grad.", 0) == 0 && n != "grad.input";
+  EXPECT_EQ(grads, expected_grads) << "every expected parameter gradient is checked";
+}
+
+}  // namespace
+
+TEST(Fixtures, OrepaK3Basic) {
+  const auto c = case_config("orepa_k3_basic");
+  ASSERT_EQ(c["activation"], "relu");
+  OREPA<float, ReLU> block(case_options(c));
+  check_case(block, "orepa_k3_basic");
+}
+
+TEST(Fixtures, OrepaK3Groups2) {
+  const auto c = case_config("orepa_k3_g2");
+  ASSERT_EQ(c["activation"], "identity");
+  OREPA<float> block(case_options(c));
+  check_case(block, "orepa_k3_g2");
+}
+
+TEST(Fixtures, Orepa1x1Up) {
+  const auto c = case_config("orepa1x1_up");
+  ASSERT_EQ(c["activation"], "relu");
+  OREPA_1x1<float, ReLU> block(case_options(c));
+  check_case(block, "orepa1x1_up");
+}
+
+TEST(Fixtures, LargeConvK5) {
+  const auto c = case_config("large_k5");
+  ASSERT_EQ(c["activation"], "identity");
+  OREPA_LargeConv<float> block(case_options(c));
+  check_case(block, "large_k5");
+}
+
+TEST(StateDict, SaveLoadRoundTripUnderPrefix) {
+  OREPA_LargeConv<float, SiLU> a(ConvOptions(3, 4, 5).seed(1));
+  Rng rng(3);
+  test::randomise(a, rng);
+  a.bn().num_batches_tracked = 17;
+  io::SafetensorsWriter w;
+  io::save_state_dict(a, w, "model.0.");
+  auto file = io::SafetensorsFile::from_bytes(w.to_bytes());
+  EXPECT_TRUE(file.contains("model.0.weight1.weight_orepa_prior"));
+  EXPECT_EQ(file.entry("model.0.bn.num_batches_tracked").dtype, io::DType::I64);
+  OREPA_LargeConv<float, SiLU> b(ConvOptions(3, 4, 5).seed(2));
+  io::load_state_dict(b, file, "model.0.");
+  EXPECT_EQ(b.bn().num_batches_tracked, 17);
+  for (auto* p : b.parameters()) EXPECT_EQ(max_abs_diff(p->value, a.param(p->name).value), 0.0) << p->name;
+}
+
+TEST(StateDict, ReportsEveryMissingUnexpectedAndMisshapedTensorAndLeavesTheBlockUnchanged) {
+  OREPA<float> src(OrepaOptions(4, 8, 3));
+  io::SafetensorsWriter w;
+  for (auto* p : src.parameters()) {
+    if (p->name == "vector") continue;                                         // missing
+    if (p->name == "bn.bias") w.add(p->name, Tensor<float>({7}));               // mis-shaped
+    else w.add(p->name, p->value);
+  }
+  w.add("surprise", Tensor<float>({1}));                                       // unexpected
+  auto file = io::SafetensorsFile::from_bytes(w.to_bytes(), "ckpt.safetensors");
+  OREPA<float> dst(OrepaOptions(4, 8, 3).seed(5));
+  const auto before = dst.squeeze();
+  try {
+    io::load_state_dict(dst, file);
+    FAIL() << "expected format_error";
+  } catch (const format_error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("ckpt.safetensors"), std::string::npos) << m;
+    EXPECT_NE(m.find("1 missing: vector [6, 8]"), std::string::npos) << m;
+    EXPECT_NE(m.find("1 mis-shaped: bn.bias (expected [8], got [7])"), std::string::npos) << m;
+    EXPECT_NE(m.find("1 unexpected: surprise"), std::string::npos) << m;
+  }
+  EXPECT_EQ(max_abs_diff(dst.squeeze(), before), 0.0);
+}
