@@ -1,0 +1,281 @@
+#pragma once
+/// @file optim.hpp
+/// Optimizers with PyTorch's exact update rules, over parameter groups:
+///   - SGD<S>: momentum, dampening, Nesterov, L2 weight decay (torch.optim.SGD);
+///   - AdamW<S>: decoupled weight decay with bias correction (torch.optim.AdamW).
+/// A ParamGroup carries its own learning rate and weight decay; split_decay() builds the
+/// usual two groups (decay on kernels, a separate decay, typically 0, on scaling vectors,
+/// BN parameters and biases). Buffers (ParamKind::buffer) are never updated.
+///
+///   SGD<float> opt(split_decay(net.parameters(), 5e-4), SGDOptions(0.1).momentum(0.9).nesterov(true));
+///   opt.zero_grad(); ...backward...; opt.set_lr(schedule.lr(step)); opt.step();
+///
+/// Like PyTorch with zero_grad(set_to_none=False), a parameter whose gradient is zero is
+/// still stepped (weight decay, momentum).
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <set>
+#include <utility>
+#include <vector>
+
+#include "orepa/core/error.hpp"
+#include "orepa/core/options.hpp"
+#include "orepa/core/param.hpp"
+
+namespace orepa {
+
+/// Parameters sharing a learning rate and a weight decay. Unset values take the
+/// optimizer's defaults when the optimizer is built (they are always set afterwards).
+template <class S>
+struct ParamGroup {
+  ParamGroup() = default;
+  /// `ParamGroup<float>{params}`, `ParamGroup<float>{params, lr, weight_decay}`.
+  ParamGroup(ParamList<S> params_, std::optional<S> lr_ = std::nullopt, std::optional<S> weight_decay_ = std::nullopt)
+      : params(std::move(params_)), lr(lr_), weight_decay(weight_decay_) {}
+
+  ParamList<S> params;
+  std::optional<S> lr;            ///< unset: the optimizer's lr
+  std::optional<S> weight_decay;  ///< unset: the optimizer's weight_decay
+};
+
+/// Splits `params` into two groups: [0] kernels (ParamKind::kernel) with `weight_decay`,
+/// [1] scaling vectors, BN parameters and biases with `other_weight_decay`. Buffers are
+/// dropped. Learning rates are left unset (the optimizer's lr).
+template <class S>
+std::vector<ParamGroup<S>> split_decay(const ParamList<S>& params, double weight_decay,
+                                       double other_weight_decay = 0.0) {
+  ParamGroup<S> decay{{}, std::nullopt, S(weight_decay)};
+  ParamGroup<S> other{{}, std::nullopt, S(other_weight_decay)};
+  for (auto* p : params) {
+    if (!p || !p->trainable()) continue;
+    (p->kind == ParamKind::kernel ? decay : other).params.push_back(p);
+  }
+  return {std::move(decay), std::move(other)};
+}
+
+/// Group bookkeeping shared by the optimizers: defaults, validation, lr changes,
+/// zero_grad and the step counter. Not used on its own.
+template <class S>
+class Optimizer {
+ public:
+  /// The groups, with lr and weight_decay resolved and buffers removed.
+  const std::vector<ParamGroup<S>>& groups() const { return groups_; }
+  /// Sets the learning rate of every group (what a single-rate schedule needs).
+  void set_lr(S lr) {
+    check_non_negative("lr", double(lr));
+    for (auto& g : groups_) g.lr = lr;
+  }
+  /// Sets the learning rate of group `group`.
+  void set_lr(std::size_t group, S lr) {
+    check_non_negative("lr", double(lr));
+    if (group >= groups_.size())
+      throw config_error(detail::cat(who_, "::set_lr: group ", group, " out of range (", groups_.size(), " groups)"));
+    groups_[group].lr = lr;
+  }
+  /// Zeroes the gradient of every parameter of every group.
+  void zero_grad() {
+    for (auto& g : groups_)
+      for (auto* p : g.params) p->zero_grad();
+  }
+  /// Number of step() calls so far.
+  std::int64_t steps() const { return steps_; }
+
+ protected:
+  /// One group holding `params`, lr and weight decay unset.
+  static std::vector<ParamGroup<S>> single_group(const ParamList<S>& params) {
+    return {ParamGroup<S>(params)};
+  }
+  /// Fills unset group values with `lr` / `weight_decay`, drops buffers, rejects negative
+  /// values and a tensor listed in two groups (config_error). `who` names the optimizer.
+  Optimizer(std::vector<ParamGroup<S>> groups, double lr, double weight_decay, const char* who)
+      : groups_(std::move(groups)), who_(who) {
+    check_non_negative("lr", lr);
+    check_non_negative("weight_decay", weight_decay);
+    std::set<const Param<S>*> seen;
+    for (std::size_t i = 0; i < groups_.size(); ++i) {
+      auto& g = groups_[i];
+      if (!g.lr) g.lr = S(lr);
+      if (!g.weight_decay) g.weight_decay = S(weight_decay);
+      check_non_negative("group lr", double(*g.lr));
+      check_non_negative("group weight_decay", double(*g.weight_decay));
+      ParamList<S> kept;
+      for (auto* p : g.params) {
+        if (!p) throw config_error(detail::cat(who_, ": group ", i, " holds a null parameter"));
+        if (!p->trainable()) continue;  // buffers are never optimized
+        // A tensor in two groups would be stepped twice (PyTorch rejects it too).
+        if (!seen.insert(p).second)
+          throw config_error(detail::cat(who_, ": parameter '", p->name, "' appears in more than one group"));
+        kept.push_back(p);
+      }
+      g.params = std::move(kept);
+    }
+  }
+  /// Throws config_error naming `what` unless v >= 0.
+  void check_non_negative(const char* what, double v) const {
+    if (!(v >= 0)) throw config_error(detail::cat(who_, ": ", what, " must be >= 0, got ", v));
+  }
+  /// Throws state_error when a gradient does not match its value (checked before any update).
+  void check_grads() const {
+    for (auto& g : groups_)
+      for (auto* p : g.params)
+        if (p->grad.shape() != p->value.shape())
+          throw state_error(detail::cat(who_, "::step: gradient of '", p->name, "' has shape ",
+                                        shape_str(p->grad.shape()), ", value has ", shape_str(p->value.shape())));
+  }
+  /// One zero tensor per parameter, shaped like it (optimizer state).
+  std::vector<std::vector<Tensor<S>>> zeros_like_params() const {
+    std::vector<std::vector<Tensor<S>>> s(groups_.size());
+    for (std::size_t i = 0; i < groups_.size(); ++i)
+      for (auto* p : groups_[i].params) s[i].emplace_back(p->value.shape());
+    return s;
+  }
+
+  std::vector<ParamGroup<S>> groups_;
+  const char* who_;
+  std::int64_t steps_ = 0;
+};
+
+/// Hyper-parameters of SGD (torch.optim.SGD defaults except the required lr).
+struct SGDOptions {
+  explicit SGDOptions(double lr) : lr_(lr) {}
+  /// Learning rate (default of groups without their own).
+  OREPA_OPTION(double, lr);
+  /// Momentum factor (default 0: plain SGD, no state).
+  OREPA_OPTION(double, momentum) = 0.0;
+  /// Dampening of the gradient added to the momentum buffer (default 0).
+  OREPA_OPTION(double, dampening) = 0.0;
+  /// L2 penalty added to the gradient (default of groups without their own; default 0).
+  OREPA_OPTION(double, weight_decay) = 0.0;
+  /// Nesterov momentum (needs momentum > 0 and dampening 0).
+  OREPA_OPTION(bool, nesterov) = false;
+};
+
+/// Stochastic gradient descent, torch.optim.SGD's update for each parameter p, grad g:
+///   d = g + wd * p;  buf = d on the first step, else momentum * buf + (1 - dampening) * d;
+///   d = nesterov ? d + momentum * buf : buf;  p -= lr * d   (no buffer when momentum = 0).
+template <class S>
+class SGD : public Optimizer<S> {
+ public:
+  /// Throws config_error on negative values or Nesterov without momentum / with dampening.
+  SGD(std::vector<ParamGroup<S>> groups, const SGDOptions& opts)
+      : Optimizer<S>(std::move(groups), opts.lr(), opts.weight_decay(), "SGD"), opts_(opts) {
+    this->check_non_negative("momentum", opts.momentum());
+    if (opts.nesterov() && (opts.momentum() <= 0 || opts.dampening() != 0))
+      throw config_error(detail::cat("SGD: nesterov needs momentum > 0 and dampening 0, got momentum ",
+                                     opts.momentum(), " and dampening ", opts.dampening()));
+  }
+  /// One group holding `params` with the options' lr and weight decay.
+  SGD(const ParamList<S>& params, const SGDOptions& opts) : SGD(Optimizer<S>::single_group(params), opts) {}
+
+  /// The hyper-parameters given at construction.
+  const SGDOptions& options() const { return opts_; }
+
+  /// Updates every parameter from its accumulated gradient.
+  void step() {
+    this->check_grads();
+    const bool use_momentum = opts_.momentum() != 0;
+    if (use_momentum && buf_.empty()) buf_ = this->zeros_like_params();  // once, on the first step
+    const bool first = this->steps_ == 0;
+    const S mom = S(opts_.momentum()), damp = S(1) - S(opts_.dampening());
+    for (std::size_t gi = 0; gi < this->groups_.size(); ++gi) {
+      const auto& g = this->groups_[gi];
+      const S lr = *g.lr, wd = *g.weight_decay;
+      for (std::size_t pi = 0; pi < g.params.size(); ++pi) {
+        Param<S>& p = *g.params[pi];
+        S* w = p.value.data();
+        const S* gr = p.grad.data();
+        S* b = use_momentum ? buf_[gi][pi].data() : nullptr;
+        for (std::int64_t j = 0, n = p.value.size(); j < n; ++j) {
+          S d = gr[j];
+          if (wd != 0) d += wd * w[j];
+          if (use_momentum) {
+            b[j] = first ? d : mom * b[j] + damp * d;
+            d = opts_.nesterov() ? d + mom * b[j] : b[j];
+          }
+          w[j] -= lr * d;
+        }
+      }
+    }
+    ++this->steps_;
+  }
+
+ private:
+  SGDOptions opts_;
+  std::vector<std::vector<Tensor<S>>> buf_;  // momentum buffers, [group][param]
+};
+
+/// (beta1, beta2) of Adam-type optimizers.
+using Betas = std::pair<double, double>;
+
+/// Hyper-parameters of AdamW (torch.optim.AdamW defaults).
+struct AdamWOptions {
+  explicit AdamWOptions(double lr = 1e-3) : lr_(lr) {}
+  /// Learning rate (default of groups without their own; default 1e-3).
+  OREPA_OPTION(double, lr);
+  /// Decay rates of the first and second moment (default 0.9, 0.999).
+  OREPA_OPTION(Betas, betas) = Betas(0.9, 0.999);
+  /// Added to the denominator (default 1e-8).
+  OREPA_OPTION(double, eps) = 1e-8;
+  /// Decoupled weight decay (default of groups without their own; default 0.01).
+  OREPA_OPTION(double, weight_decay) = 1e-2;
+};
+
+/// AdamW, torch.optim.AdamW's update (amsgrad off) at step t = 1, 2, ...:
+///   p *= 1 - lr * wd;  m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;
+///   p -= (lr / (1 - b1^t)) * m / (sqrt(v) / sqrt(1 - b2^t) + eps).
+template <class S>
+class AdamW : public Optimizer<S> {
+ public:
+  /// Throws config_error on negative values or a beta outside [0, 1).
+  AdamW(std::vector<ParamGroup<S>> groups, const AdamWOptions& opts = AdamWOptions())
+      : Optimizer<S>(std::move(groups), opts.lr(), opts.weight_decay(), "AdamW"), opts_(opts) {
+    const auto [b1, b2] = opts.betas();
+    if (!(b1 >= 0 && b1 < 1) || !(b2 >= 0 && b2 < 1))
+      throw config_error(detail::cat("AdamW: betas must be in [0, 1), got (", b1, ", ", b2, ")"));
+    this->check_non_negative("eps", opts.eps());
+  }
+  /// One group holding `params` with the options' lr and weight decay.
+  AdamW(const ParamList<S>& params, const AdamWOptions& opts = AdamWOptions())
+      : AdamW(Optimizer<S>::single_group(params), opts) {}
+
+  /// The hyper-parameters given at construction.
+  const AdamWOptions& options() const { return opts_; }
+
+  /// Updates every parameter from its accumulated gradient.
+  void step() {
+    this->check_grads();
+    if (m_.empty()) {  // moments allocated once, on the first step
+      m_ = this->zeros_like_params();
+      v_ = this->zeros_like_params();
+    }
+    const std::int64_t t = ++this->steps_;
+    const auto [beta1, beta2] = opts_.betas();
+    const double bc1 = 1 - std::pow(beta1, double(t)), bc2 = 1 - std::pow(beta2, double(t));
+    const S b1 = S(beta1), b2 = S(beta2), eps = S(opts_.eps()), bc2_sqrt = S(std::sqrt(bc2));
+    for (std::size_t gi = 0; gi < this->groups_.size(); ++gi) {
+      const auto& g = this->groups_[gi];
+      const S lr = *g.lr, decay = S(1) - lr * *g.weight_decay, step_size = S(double(lr) / bc1);
+      for (std::size_t pi = 0; pi < g.params.size(); ++pi) {
+        Param<S>& p = *g.params[pi];
+        S* w = p.value.data();
+        const S* gr = p.grad.data();
+        S* m = m_[gi][pi].data();
+        S* v = v_[gi][pi].data();
+        for (std::int64_t j = 0, n = p.value.size(); j < n; ++j) {
+          w[j] *= decay;  // decoupled: the decay never enters the moments
+          m[j] = b1 * m[j] + (S(1) - b1) * gr[j];
+          v[j] = b2 * v[j] + (S(1) - b2) * gr[j] * gr[j];
+          w[j] -= step_size * m[j] / (std::sqrt(v[j]) / bc2_sqrt + eps);
+        }
+      }
+    }
+  }
+
+ private:
+  AdamWOptions opts_;
+  std::vector<std::vector<Tensor<S>>> m_, v_;  // first / second moments, [group][param]
+};
+
+}  // namespace orepa

@@ -1,0 +1,69 @@
+#pragma once
+/// @file schedule.hpp
+/// Learning-rate schedules as pure functions of the step index (0-based), to feed
+/// Optimizer::set_lr before each step:
+///   for (std::int64_t s = 0; s < steps; ++s) { opt.set_lr(float(sched.lr(s))); ...; opt.step(); }
+
+#include <cmath>
+#include <cstdint>
+
+#include "orepa/core/error.hpp"
+
+namespace orepa {
+
+/// Optional linear warm-up, then cosine annealing from base_lr to min_lr.
+///   step < warmup:            base_lr * (step + 1) / warmup
+///   warmup <= step <= total:  min_lr + (base_lr - min_lr) * (1 + cos(pi * t / T)) / 2,
+///                             t = step - warmup, T = total - warmup
+///   step > total:             min_lr
+/// After the warm-up this is torch.optim.lr_scheduler.CosineAnnealingLR(T_max = T,
+/// eta_min = min_lr) in closed form; it stays at min_lr past the end instead of rising.
+class CosineSchedule {
+ public:
+  /// Throws config_error unless total_steps >= 1, 0 <= warmup_steps < total_steps and
+  /// both rates are >= 0.
+  CosineSchedule(double base_lr, std::int64_t total_steps, std::int64_t warmup_steps = 0, double min_lr = 0.0)
+      : base_(base_lr), min_(min_lr), total_(total_steps), warmup_(warmup_steps) {
+    if (total_steps < 1) throw config_error(detail::cat("CosineSchedule: total_steps must be >= 1, got ", total_steps));
+    if (warmup_steps < 0 || warmup_steps >= total_steps)
+      throw config_error(detail::cat("CosineSchedule: warmup_steps must be in [0, total_steps = ", total_steps,
+                                     "), got ", warmup_steps));
+    if (!(base_lr >= 0) || !(min_lr >= 0))
+      throw config_error(detail::cat("CosineSchedule: base_lr and min_lr must be >= 0, got ", base_lr, " and ", min_lr));
+  }
+  /// The learning rate of step `step` (>= 0; config_error otherwise).
+  double lr(std::int64_t step) const {
+    if (step < 0) throw config_error(detail::cat("CosineSchedule::lr: step must be >= 0, got ", step));
+    if (step < warmup_) return base_ * double(step + 1) / double(warmup_);
+    if (step >= total_) return min_;
+    const double progress = double(step - warmup_) / double(total_ - warmup_);
+    return min_ + (base_ - min_) * 0.5 * (1.0 + std::cos(3.14159265358979323846 * progress));
+  }
+
+ private:
+  double base_, min_;
+  std::int64_t total_, warmup_;
+};
+
+/// Step decay, torch.optim.lr_scheduler.StepLR: base_lr * gamma^floor(step / step_size).
+class StepSchedule {
+ public:
+  /// Throws config_error unless step_size >= 1, base_lr >= 0 and gamma >= 0.
+  StepSchedule(double base_lr, std::int64_t step_size, double gamma = 0.1)
+      : base_(base_lr), gamma_(gamma), size_(step_size) {
+    if (step_size < 1) throw config_error(detail::cat("StepSchedule: step_size must be >= 1, got ", step_size));
+    if (!(base_lr >= 0) || !(gamma >= 0))
+      throw config_error(detail::cat("StepSchedule: base_lr and gamma must be >= 0, got ", base_lr, " and ", gamma));
+  }
+  /// The learning rate of step `step` (>= 0; config_error otherwise).
+  double lr(std::int64_t step) const {
+    if (step < 0) throw config_error(detail::cat("StepSchedule::lr: step must be >= 0, got ", step));
+    return base_ * std::pow(gamma_, double(step / size_));
+  }
+
+ private:
+  double base_, gamma_;
+  std::int64_t size_;
+};
+
+}  // namespace orepa
