@@ -176,3 +176,36 @@ TEST(CustomBlock, UserBranchSqueezesAndTrains) {
         }
   gradient_check(block, 3, 6, 9);
 }
+
+TEST(RepVGG, PathsDeployAndGradients) {
+  RepVGGBlock_OREPA<double, ReLU> with_id(ConvOptions(4, 4, 3));
+  EXPECT_TRUE(with_id.has_identity());
+  EXPECT_EQ(with_id.param("rbr_dense.vector").value.shape(), (Shape{6, 4}));
+  for (std::int64_t o = 0; o < 4; ++o) EXPECT_EQ(with_id.param("rbr_dense.vector").value(5, o), 0.0);
+  EXPECT_EQ(with_id.param("rbr_dense.weight_rbr_gconv_pw").value.shape(), (Shape{4, 32, 1, 1}));
+  EXPECT_EQ(with_id.param("rbr_1x1.conv.weight").value.shape(), (Shape{4, 4, 1, 1}));
+  EXPECT_EQ(with_id.param("rbr_identity.running_var").value.shape(), (Shape{4}));
+  RepVGGBlock_OREPA<double, SiLU> strided(ConvOptions(4, 6, 3).stride(2));
+  EXPECT_FALSE(strided.has_identity());
+  EXPECT_EQ(strided.param("rbr_dense.vector").value.shape(), (Shape{5, 6}));
+  gradient_check(with_id, 4, 6, 3);
+  gradient_check(strided, 4, 7, 4);
+  // Eval = explicit sum of the three paths; deploy = eval.
+  Rng rng(5);
+  test::randomise(with_id, rng);
+  auto x = random_tensor<double>({2, 4, 7, 7}, rng);
+  Tensor<double> sum = with_id.dense().forward_eval(x), one = with_id.conv1x1().forward_eval(x);
+  const auto& idbn = with_id.batch_norms().back();
+  Tensor<double> id;
+  idbn->forward_eval(x, id);
+  for (std::int64_t j = 0; j < sum.size(); ++j) sum[j] = std::max(0.0, sum[j] + one[j] + id[j]);
+  test::expect_close(with_id.forward_eval(x), sum, 1e-12, "RepVGG eval vs three paths");
+  test::expect_close(with_id.deploy().forward(x), sum, 1e-10, "RepVGG deploy vs three paths");
+  RepVGGBlock_OREPA<float, ReLU> f(ConvOptions(8, 8, 3));
+  Rng r2(6);
+  test::randomise(f, r2);
+  auto xf = random_tensor<float>({2, 8, 9, 9}, r2);
+  test::expect_close(f.deploy().forward(xf), f.forward_eval(xf), 1e-5, "RepVGG float deploy vs eval");
+  EXPECT_THROW(RepVGGBlock_OREPA<float>(ConvOptions(4, 4, 5)), config_error);
+  EXPECT_THROW(RepVGGBlock_OREPA<float>(ConvOptions(4, 4, 3).groups(2)), config_error);
+}

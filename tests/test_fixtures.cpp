@@ -43,8 +43,9 @@ void check_case(Block& block, const std::string& name) {
 
   block.zero_grad();
   test::expect_close(block.forward_train(x), want.get<float>("output_train"), tol, name + " output_train");
-  test::expect_close(block.bn().running_mean.value, want.get<float>("after.bn.running_mean"), tol, name + " running_mean");
-  test::expect_close(block.bn().running_var.value, want.get<float>("after.bn.running_var"), tol, name + " running_var");
+  for (auto* bn : block.batch_norms())
+    for (auto* stat : {&bn->running_mean, &bn->running_var})
+      test::expect_close(stat->value, want.get<float>("after." + stat->name), tol, name + " after." + stat->name);
   test::expect_close(block.backward(in.get<float>("grad_output")), want.get<float>("grad.input"), tol, name + " grad.input");
   int grads = 0;
   for (auto* p : block.parameters()) {
@@ -86,6 +87,14 @@ TEST(Fixtures, LargeConvK5) {
   ASSERT_EQ(c["activation"], "identity");
   OREPA_LargeConv<float> block(case_options(c));
   check_case(block, "large_k5");
+}
+
+TEST(Fixtures, RepVGGWithIdentity) {
+  const auto c = case_config("repvgg_id");
+  ASSERT_EQ(c["activation"], "relu");
+  RepVGGBlock_OREPA<float, ReLU> block(case_options(c));
+  ASSERT_TRUE(block.has_identity());
+  check_case(block, "repvgg_id");
 }
 
 TEST(StateDict, SaveLoadRoundTripUnderPrefix) {

@@ -1,0 +1,50 @@
+// orepa-convert IN.safetensors OUT.safetensors: deploys every OREPA-family block of a
+// PyTorch checkpoint into its single folded convolution (see --help).
+#include <sys/stat.h>
+
+#include <cstdio>
+#include <set>
+
+#include "tool_args.hpp"
+
+using namespace orepa;
+
+int main(int argc, char** argv) try {
+  const auto args = tools::parse_convert_args({argv + 1, argv + argc});
+  if (args.help) {
+    std::fputs(tools::convert_usage(), stdout);
+    return 0;
+  }
+  struct stat a {}, b {};
+  if (::stat(args.in.c_str(), &a) == 0 && ::stat(args.out.c_str(), &b) == 0 && a.st_dev == b.st_dev &&
+      a.st_ino == b.st_ino)
+    throw config_error("orepa-convert: OUT is the same file as IN; IN is never overwritten");
+  const auto in = io::SafetensorsFile::open(args.in);
+  const auto blocks = io::detect_blocks(in);
+  io::SafetensorsWriter out;
+  out.set_metadata(in.metadata());
+  std::set<std::string> consumed;
+  for (const auto& d : blocks) {
+    auto block = io::load_block(in, d.prefix, d.type);
+    for (auto& n : io::training_tensor_names(*block, d.prefix)) consumed.insert(n);
+    auto [w, bias] = block->folded();
+    const std::string stem = d.prefix + io::deployed_stem(d.type);
+    out.add(stem + ".weight", w);
+    out.add(stem + ".bias", bias);
+    std::printf("%-24s %-18s %s -> %s.weight %s\n", d.prefix.empty() ? "(root)" : d.prefix.c_str(),
+                io::to_string(d.type), shape_str(w.shape()).c_str(), stem.c_str(), shape_str(bias.shape()).c_str());
+  }
+  std::size_t copied = 0;
+  for (const auto& name : in.names())
+    if (!consumed.count(name)) {
+      out.add_raw(in.entry(name));
+      ++copied;
+    }
+  out.write(args.out);
+  std::printf("orepa-convert: %zu block(s) deployed, %zu other tensor(s) copied -> %s\n", blocks.size(), copied,
+              args.out.c_str());
+  return 0;
+} catch (const std::exception& e) {
+  std::fprintf(stderr, "orepa-convert: error: %s\n", e.what());
+  return 1;
+}

@@ -1,0 +1,135 @@
+#pragma once
+// Command-line parsing of the orepa-run and orepa-convert tools, kept apart from their
+// main() so the fuzz target and the tests can drive it. Errors throw orepa::config_error
+// naming the flag and the value.
+#include <orepa/io/checkpoint.hpp>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace orepa::tools {
+
+/// Arguments of orepa-run.
+struct RunArgs {
+  std::string weights, input, output, grad_output, prefix, mode;
+  std::optional<io::BlockType> block;
+  io::BlockSettings settings;
+  bool help = false;
+};
+
+inline const char* run_usage() {
+  return R"(usage: orepa-run --weights W.safetensors --input X.safetensors --output Y.safetensors
+                 --mode eval|deploy|train [--block TYPE] [--prefix P]
+                 [--stride S] [--padding P] [--dilation D] [--groups G]
+                 [--activation identity|relu|silu] [--grad-output G.safetensors]
+
+Runs one training-time block of a PyTorch OREPA checkpoint and writes what it computes.
+  --weights   safetensors checkpoint holding the block's state dict (under --prefix)
+  --input     safetensors file with tensor `input` (NCHW)
+  --output    safetensors file to write (replaced atomically)
+  --mode      eval: running statistics; deploy: the folded single convolution;
+              train: batch statistics; also writes every BN's updated running
+              statistics under the block's own names (e.g. bn.running_mean,
+              rbr_identity.running_var)
+  --block     OREPA, OREPA_1x1, OREPA_LargeConv, RepVGGBlock_OREPA, ConvBN or DBB;
+              detected from the tensor names when absent
+  --prefix    name prefix of the block's tensors (default: none)
+  --stride, --padding (default k/2), --dilation (default 1), --groups (default: from
+              the shapes where they tell, else 1), --activation (default identity)
+  --grad-output  (train) safetensors file with tensor `grad_output`: runs backward of
+              sum(output * grad_output) and writes grad.input and grad.<name> for every
+              trainable parameter
+Channels and the kernel size come from the tensor shapes. Exit status 0 on success,
+1 with a message on stderr on any error.
+)";
+}
+
+/// Parses a non-negative integer flag value ("--stride 2"); rejects junk and overflow.
+inline std::int64_t parse_int(const std::string& flag, const std::string& v, std::int64_t lo, std::int64_t hi) {
+  std::size_t used = 0;
+  long long x = 0;
+  try {
+    x = std::stoll(v, &used, 10);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != v.size() || v.empty() || x < lo || x > hi)
+    throw config_error(detail::cat(flag, ": expected an integer in [", lo, ", ", hi, "], got '", v, "'"));
+  return x;
+}
+
+/// Parses orepa-run's arguments (argv[0] excluded).
+inline RunArgs parse_run_args(const std::vector<std::string>& args) {
+  RunArgs r;
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h") {
+      r.help = true;
+      return r;
+    }
+    if (a.rfind("--", 0) != 0) throw config_error("orepa-run: unexpected argument '" + a + "' (see --help)");
+    if (i + 1 >= args.size()) throw config_error("orepa-run: " + a + " needs a value");
+    const std::string& v = args[++i];
+    if (a == "--weights") r.weights = v;
+    else if (a == "--input") r.input = v;
+    else if (a == "--output") r.output = v;
+    else if (a == "--grad-output") r.grad_output = v;
+    else if (a == "--prefix") r.prefix = v;
+    else if (a == "--mode") r.mode = v;
+    else if (a == "--block") r.block = io::parse_block_type(v);
+    else if (a == "--stride") r.settings.stride = parse_int(a, v, 1, 1 << 16);
+    else if (a == "--padding") r.settings.padding = parse_int(a, v, 0, 1 << 16);
+    else if (a == "--dilation") r.settings.dilation = parse_int(a, v, 1, 1 << 16);
+    else if (a == "--groups") r.settings.groups = parse_int(a, v, 1, 1 << 24);
+    else if (a == "--activation") r.settings.activation = parse_activation(v);
+    else throw config_error("orepa-run: unknown option '" + a + "' (see --help)");
+  }
+  for (auto [flag, value] : {std::pair{"--weights", &r.weights}, {"--input", &r.input}, {"--output", &r.output},
+                             {"--mode", &r.mode}})
+    if (value->empty()) throw config_error(std::string("orepa-run: ") + flag + " is required (see --help)");
+  if (r.mode != "eval" && r.mode != "deploy" && r.mode != "train")
+    throw config_error("--mode: expected eval, deploy or train, got '" + r.mode + "'");
+  if (!r.grad_output.empty() && r.mode != "train")
+    throw config_error("--grad-output: only meaningful with --mode train");
+  return r;
+}
+
+/// Arguments of orepa-convert: IN.safetensors OUT.safetensors.
+struct ConvertArgs {
+  std::string in, out;
+  bool help = false;
+};
+
+inline const char* convert_usage() {
+  return R"(usage: orepa-convert IN.safetensors OUT.safetensors
+
+Deploys every training-time OREPA-family block of a PyTorch checkpoint (OREPA, OREPA_1x1,
+OREPA_LargeConv, RepVGGBlock_OREPA, ConvBN, DBB; the outermost block when blocks nest):
+each becomes <prefix>orepa_reparam / or1x1_reparam / or_large_reparam / rbr_reparam /
+dbb_reparam .weight + .bias (ConvBN: <prefix>conv.weight + conv.bias) and its
+training-time tensors are dropped; every other tensor is copied unchanged. OUT is written
+to a temporary file and renamed; IN is never modified. Prints one line per block.
+)";
+}
+
+inline ConvertArgs parse_convert_args(const std::vector<std::string>& args) {
+  ConvertArgs c;
+  std::vector<std::string> pos;
+  for (const auto& a : args) {
+    if (a == "--help" || a == "-h") {
+      c.help = true;
+      return c;
+    }
+    if (a.rfind("-", 0) == 0 && a.size() > 1) throw config_error("orepa-convert: unknown option '" + a + "' (see --help)");
+    pos.push_back(a);
+  }
+  if (pos.size() != 2)
+    throw config_error(detail::cat("orepa-convert: expected 2 arguments IN.safetensors OUT.safetensors, got ",
+                                   pos.size(), " (see --help)"));
+  c.in = pos[0];
+  c.out = pos[1];
+  return c;
+}
+
+}  // namespace orepa::tools

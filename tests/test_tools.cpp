@@ -1,0 +1,172 @@
+// orepa-convert and orepa-run end to end: on every reference case, on a checkpoint with
+// several blocks under prefixes plus unrelated tensors, and on bad input.
+#include <nlohmann/json.hpp>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+
+#include "orepa/io/checkpoint.hpp"
+#include "test_util.hpp"
+
+using namespace orepa;
+namespace fs = std::filesystem;
+
+#ifdef OREPA_TOOLS_DIR
+namespace {
+
+struct Run {
+  int status;
+  std::string output;
+};
+// Runs a tool with its output captured.
+Run run(const std::string& tool, const std::string& args) {
+  const fs::path log = fs::temp_directory_path() / ("orepa_tool_" + std::to_string(::getpid()) + ".log");
+  const std::string cmd = std::string(OREPA_TOOLS_DIR) + "/" + tool + " " + args + " > " + log.string() + " 2>&1";
+  const int raw = std::system(cmd.c_str());
+  std::ifstream f(log);
+  std::string out((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  fs::remove(log);
+  return {WIFEXITED(raw) ? WEXITSTATUS(raw) : -1, out};
+}
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "orepa-tools-XXXXXX").string();
+    path = ::mkdtemp(tmpl.data());
+  }
+  ~TempDir() { fs::remove_all(path); }
+  std::string operator/(const std::string& n) const { return (path / n).string(); }
+};
+
+}  // namespace
+
+class ToolsOnFixture : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(ToolsOnFixture, ConvertAndRunMatchTheReference) {
+  const std::string name = GetParam();
+  std::ifstream jf(test::data_path(name + ".json"));
+  const auto c = nlohmann::json::parse(jf);
+  const auto type = io::parse_block_type(c["block"]);
+  const std::string in = test::data_path(name + ".safetensors");
+  const auto want = io::SafetensorsFile::open(test::data_path(name + ".expected.safetensors"));
+  TempDir dir;
+
+  auto conv = run("orepa-convert", in + " " + (dir / "deployed.safetensors"));
+  ASSERT_EQ(conv.status, 0) << conv.output;
+  const auto dep = io::SafetensorsFile::open(dir / "deployed.safetensors");
+  const std::string stem = io::deployed_stem(type);
+  test::expect_close(dep.get<float>(stem + ".weight"), want.get<float>("deploy.weight"), 1e-4, name + " weight");
+  test::expect_close(dep.get<float>(stem + ".bias"), want.get<float>("deploy.bias"), 1e-4, name + " bias");
+  const auto source = io::SafetensorsFile::open(in);
+  for (const auto& n : dep.names())  // only the deployed pair and the unrelated tensors remain
+    EXPECT_TRUE(n == stem + ".weight" || n == stem + ".bias" || n == "input" || n == "grad_output") << n;
+  EXPECT_EQ(dep.metadata(), source.metadata());
+  EXPECT_NE(conv.output.find(io::to_string(type)), std::string::npos) << conv.output;
+
+  const std::string common = "--block " + c["block"].get<std::string>() + " --weights " + in + " --input " + in +
+                             " --stride " + std::to_string(int(c["stride"])) + " --padding " +
+                             std::to_string(int(c["padding"])) + " --dilation " + std::to_string(int(c["dilation"])) +
+                             " --groups " + std::to_string(int(c["groups"])) + " --activation " +
+                             c["activation"].get<std::string>();
+  for (std::string mode : {"eval", "deploy", "train"}) {
+    const std::string out = dir / (mode + ".safetensors");
+    auto r = run("orepa-run", common + " --mode " + mode + " --output " + out +
+                                  (mode == "train" ? " --grad-output " + in : ""));
+    ASSERT_EQ(r.status, 0) << r.output;
+    const auto got = io::SafetensorsFile::open(out);
+    test::expect_close(got.get<float>("output"), want.get<float>("output_" + mode), 1e-4, name + " " + mode);
+    if (mode != "train") continue;
+    int checked = 0;
+    for (const auto& n : want.names()) {
+      std::string mine = n.rfind("after.", 0) == 0 ? n.substr(6) : n.rfind("grad.", 0) == 0 ? n : "";
+      if (mine.empty()) continue;
+      ASSERT_TRUE(got.contains(mine)) << mine;
+      test::expect_close(got.get<float>(mine), want.get<float>(n), 1e-4, name + " " + mine);
+      ++checked;
+    }
+    EXPECT_GT(checked, 3);
+  }
+  // Without --block the type is detected from the tensor names.
+  auto detected = run("orepa-run", "--weights " + in + " --input " + in + " --mode eval --output " +
+                                       (dir / "d.safetensors") + " --activation " + c["activation"].get<std::string>() +
+                                       " --groups " + std::to_string(int(c["groups"])));
+  EXPECT_EQ(detected.status, 0) << detected.output;
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, ToolsOnFixture,
+                         ::testing::Values("orepa_k3_basic", "orepa_k3_g2", "orepa1x1_up", "large_k5", "repvgg_id"));
+
+// A network checkpoint: blocks under prefixes (DBB and RepVGG contain nested ConvBNs, the
+// large conv contains weight-only OREPAs) plus tensors that belong to no block.
+TEST(Tools, ConvertsEveryOutermostBlockAndCopiesTheRest) {
+  Rng rng(3);
+  OREPA<float> a(OrepaOptions(4, 8, 3));
+  RepVGGBlock_OREPA<float> b(ConvOptions(8, 8, 3));
+  DBB<float> d(ConvOptions(8, 8, 3).groups(2));
+  OREPA_LargeConv<float> l(ConvOptions(3, 4, 5));
+  ConvBN<float> cb(ConvOptions(8, 16, 1));
+  test::randomise(a, rng), test::randomise(b, rng), test::randomise(d, rng), test::randomise(l, rng),
+      test::randomise(cb, rng);
+  io::SafetensorsWriter w;
+  io::save_state_dict(l, w, "model.0.");
+  io::save_state_dict(a, w, "model.1.conv.");
+  io::save_state_dict(b, w, "model.2.");
+  io::save_state_dict(d, w, "model.3.");
+  io::save_state_dict(cb, w, "model.4.");
+  w.add("head.weight", Tensor<float>({10, 16}, 0.5f));
+  w.add_int64("step", {}, {1234});
+  w.set_metadata({{"format", "pt"}});
+  TempDir dir;
+  w.write(dir / "net.safetensors");
+  auto r = run("orepa-convert", (dir / "net.safetensors") + " " + (dir / "net_deployed.safetensors"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto out = io::SafetensorsFile::open(dir / "net_deployed.safetensors");
+  auto check = [&](const std::string& stem, const auto& block) {
+    auto [wt, bias] = block.folded();
+    test::expect_close(out.get<float>(stem + ".weight"), wt, 1e-6, stem);
+    test::expect_close(out.get<float>(stem + ".bias"), bias, 1e-6, stem);
+  };
+  check("model.0.or_large_reparam", l);
+  check("model.1.conv.orepa_reparam", a);
+  check("model.2.rbr_reparam", b);
+  check("model.3.dbb_reparam", d);
+  check("model.4.conv", cb);
+  EXPECT_EQ(out.names().size(), 2u * 5 + 2) << "5 deployed pairs + head.weight + step";
+  EXPECT_EQ(out.get_int("step"), 1234);
+  EXPECT_EQ(out.metadata().at("format"), "pt");
+  EXPECT_NE(r.output.find("model.3.  "), std::string::npos) << r.output;
+}
+
+TEST(Tools, BadInputFailsWithAMessageAndTouchesNothing) {
+  TempDir dir;
+  auto missing = run("orepa-convert", (dir / "nope.safetensors") + " " + (dir / "o.safetensors"));
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.output.find("nope.safetensors"), std::string::npos) << missing.output;
+  EXPECT_FALSE(fs::exists(dir / "o.safetensors"));
+  fs::copy_file(test::data_path("orepa_k3_basic.safetensors"), dir / "in.safetensors");
+  const auto before = fs::file_size(dir / "in.safetensors");
+  auto same = run("orepa-convert", (dir / "in.safetensors") + " " + (dir / "in.safetensors"));
+  EXPECT_EQ(same.status, 1) << same.output;
+  EXPECT_EQ(fs::file_size(dir / "in.safetensors"), before);
+  EXPECT_EQ(run("orepa-convert", "one-argument").status, 1);
+  EXPECT_EQ(run("orepa-convert", "--help").status, 0);
+  auto help = run("orepa-run", "--help");
+  EXPECT_EQ(help.status, 0);
+  EXPECT_NE(help.output.find("--grad-output"), std::string::npos);
+  auto bad = run("orepa-run", "--weights " + (dir / "in.safetensors") + " --input x --output y --mode fly");
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.output.find("--mode: expected eval, deploy or train, got 'fly'"), std::string::npos) << bad.output;
+  auto stride = run("orepa-run", "--stride -3 --weights a --input b --output c --mode eval");
+  EXPECT_NE(stride.output.find("--stride: expected an integer"), std::string::npos) << stride.output;
+  auto wrong = run("orepa-run", "--weights " + (dir / "in.safetensors") + " --input " + (dir / "in.safetensors") +
+                                    " --output " + (dir / "o.safetensors") + " --mode eval --block OREPA_1x1");
+  EXPECT_EQ(wrong.status, 1);
+  EXPECT_NE(wrong.output.find("weight_or1x1_origin"), std::string::npos) << wrong.output;
+}
+#else
+TEST(Tools, SkippedWithoutExamples) { GTEST_SKIP() << "configure with OREPA_BUILD_EXAMPLES=ON to test the tools"; }
+#endif
