@@ -202,21 +202,8 @@ void convbn_gradient_check(const ConvBNGradCase& c) {
   ConvBN<double, Act> block(ConvOptions(c.i, c.o, c.k).stride(c.s).groups(c.g).seed(4));
   Rng rng(8);
   test::randomise(block, rng);
-  auto x = random_tensor<double>({2, c.i, 7, 7}, rng);
-  auto gout = random_tensor<double>(block.forward_train(x).shape(), rng);
-  block.zero_grad();
-  const Tensor<double> dx = block.backward(gout);
-  // Running statistics do not change a training forward, so no reset is needed here.
-  auto loss = [&] {
-    const auto& y = block.forward_train(x);
-    double l = 0;
-    for (std::int64_t j = 0; j < y.size(); ++j) l += y[j] * gout[j];
-    return l;
-  };
-  test::check_grad(x, dx, loss, "input");
-  for (auto* p : block.parameters())
-    if (p->trainable()) test::check_grad(p->value, p->grad, loss, p->name);
-    else EXPECT_TRUE(p->grad.empty()) << p->name;
+  // Running statistics do not change a training forward, so nothing is pinned here.
+  test::check_block_gradients(block, random_tensor<double>({2, c.i, 7, 7}, rng), rng);
 }
 
 TEST_P(ConvBNGradient, MatchesFiniteDifferences) {
@@ -507,23 +494,7 @@ void dbb_gradient_check(const DbbGradCase& c) {
                                      std::sqrt(bn->running_var.value[ch] + bn->eps) / bn->weight.value[ch];
     }
   };
-  auto x = random_tensor<double>({2, c.i, 7, 7}, rng);
-  prepare();
-  const auto& y0 = block.forward_train(x);
-  auto gout = random_tensor<double>(y0.shape(), rng);
-  block.zero_grad();
-  const Tensor<double> dx = block.backward(gout);
-  auto loss = [&] {
-    prepare();
-    const auto& y = block.forward_train(x);
-    double l = 0;
-    for (std::int64_t j = 0; j < y.size(); ++j) l += y[j] * gout[j];
-    return l;
-  };
-  test::check_grad(x, dx, loss, "input");
-  for (auto* p : block.parameters())
-    if (p->trainable()) test::check_grad(p->value, p->grad, loss, p->name);
-    else EXPECT_TRUE(p->grad.empty()) << p->name << " is a buffer and must get no gradient";
+  test::check_block_gradients(block, random_tensor<double>({2, c.i, 7, 7}, rng), rng, prepare);
 }
 
 TEST_P(DbbGradient, MatchesFiniteDifferencesWithDetachedBorder) {

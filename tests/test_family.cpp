@@ -6,24 +6,12 @@ using namespace orepa;
 using test::random_tensor;
 
 namespace {
-// Loss sum(forward_train(x) * gout) and its finite-difference check over every tensor.
+// Randomises the block, then checks every gradient against finite differences.
 template <class Block>
 void gradient_check(Block& block, std::int64_t in_channels, std::int64_t h, std::uint64_t seed) {
   Rng rng(seed);
   test::randomise(block, rng);
-  auto x = random_tensor<double>({2, in_channels, h, h}, rng);
-  auto gout = random_tensor<double>(block.forward_train(x).shape(), rng);
-  block.zero_grad();
-  const Tensor<double> dx = block.backward(gout);
-  auto loss = [&] {
-    const auto& y = block.forward_train(x);
-    double l = 0;
-    for (std::int64_t j = 0; j < y.size(); ++j) l += y[j] * gout[j];
-    return l;
-  };
-  test::check_grad(x, dx, loss, "input");
-  for (auto* p : block.parameters())
-    if (p->trainable()) test::check_grad(p->value, p->grad, loss, p->name);
+  test::check_block_gradients(block, random_tensor<double>({2, in_channels, h, h}, rng), rng);
 }
 
 Tensor<double> flipped(const Tensor<double>& w) {  // both spatial axes

@@ -237,21 +237,7 @@ void gradient_check(const GradCase& c) {
   OREPA<double, Act> block(OrepaOptions(c.i, c.o, c.k).stride(c.s).groups(c.g).seed(4));
   Rng rng(8);
   test::randomise(block, rng);
-  auto x = random_tensor<double>({2, c.i, 7, 7}, rng);
-  const auto& y0 = block.forward_train(x);
-  auto gout = random_tensor<double>(y0.shape(), rng);
-  block.zero_grad();
-  const Tensor<double> dx = block.backward(gout);
-  auto loss = [&] {
-    const auto& y = block.forward_train(x);
-    double l = 0;
-    for (std::int64_t j = 0; j < y.size(); ++j) l += y[j] * gout[j];
-    return l;
-  };
-  test::check_grad(x, dx, loss, "input");
-  for (auto* p : block.parameters())
-    if (p->trainable()) test::check_grad(p->value, p->grad, loss, p->name);
-    else EXPECT_TRUE(p->grad.empty()) << p->name << " is a buffer and must get no gradient";
+  test::check_block_gradients(block, random_tensor<double>({2, c.i, 7, 7}, rng), rng);
 }
 
 TEST_P(OrepaGradient, MatchesFiniteDifferences) {

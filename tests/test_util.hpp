@@ -67,6 +67,31 @@ double check_grad(Tensor<S>& value, const Tensor<S>& analytic, const std::functi
   return worst;
 }
 
+/// Finite-difference check, in double, of the input and every trainable tensor of `block`
+/// for the loss sum(forward_train(x) * gout) with a random gout; buffers must get no
+/// gradient. `before_forward` runs before every forward (DBB uses it to pin the
+/// statistics its detached border depends on).
+template <class Block>
+void check_block_gradients(Block& block, Tensor<double> x, Rng& rng,
+                           const std::function<void()>& before_forward = [] {}) {
+  before_forward();
+  const auto& y0 = block.forward_train(x);
+  const auto gout = random_tensor<double>(y0.shape(), rng);
+  block.zero_grad();
+  const Tensor<double> dx = block.backward(gout);
+  auto loss = [&] {
+    before_forward();
+    const auto& y = block.forward_train(x);
+    double l = 0;
+    for (std::int64_t j = 0; j < y.size(); ++j) l += y[j] * gout[j];
+    return l;
+  };
+  check_grad(x, dx, loss, "input");
+  for (auto* p : block.parameters())
+    if (p->trainable()) check_grad(p->value, p->grad, loss, p->name);
+    else EXPECT_TRUE(p->grad.empty()) << p->name << " is a buffer and must get no gradient";
+}
+
 /// Path of a committed test data file.
 inline std::string data_path(const std::string& name) { return std::string(OREPA_TEST_DATA_DIR) + "/" + name; }
 
