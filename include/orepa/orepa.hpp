@@ -32,3 +32,4 @@
 #include "orepa/nn/schedule.hpp"
 #include "orepa/nn/sequential.hpp"
 #include "orepa/nn/synthetic.hpp"
+#include "orepa/nn/yolo.hpp"

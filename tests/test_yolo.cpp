@@ -1,0 +1,179 @@
+// Tests of the YOLOv5 modules in include/orepa/nn/yolo.hpp: channel concat / split,
+// finite-difference gradient checks (double) of Bottleneck and C3 built from OREPA
+// blocks, deploy == eval (float) for C3 built from OREPA, DBB and ConvBN blocks, inside
+// a Sequential too, and the configuration errors.
+#include <gtest/gtest.h>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "orepa/nn/layers.hpp"
+#include "orepa/nn/sequential.hpp"
+#include "orepa/nn/yolo.hpp"
+#include "test_util.hpp"
+
+using namespace orepa;
+using orepa::test::check_grad;
+using orepa::test::expect_close;
+using orepa::test::random_tensor;
+using orepa::test::randomise;
+
+namespace {
+
+/// Checks dL/dx and every trainable tensor's gradient of `module` against central
+/// differences for L = sum(forward_train(x) * r) (BN uses batch statistics, so L is a
+/// deterministic function of x and the parameters).
+template <class Module>
+void gradient_check(Module& module, const Shape& x_shape, std::uint64_t seed, const std::string& what) {
+  Rng rng(seed);
+  randomise(module, rng);  // every tensor non-trivial (e.g. OREPA's zero-initialised ones)
+  Tensor<double> x = random_tensor<double>(x_shape, rng);
+  const Shape y_shape = module.forward_train(x).shape();
+  const Tensor<double> r = random_tensor<double>(y_shape, rng);
+  auto loss = [&]() {
+    const Tensor<double>& y = module.forward_train(x);
+    double l = 0;
+    for (std::int64_t j = 0; j < y.size(); ++j) l += y[j] * r[j];
+    return l;
+  };
+
+  module.zero_grad();
+  module.forward_train(x);
+  const Tensor<double> dx = module.backward(r);  // copy: the buffer is the module's
+  ASSERT_EQ(dx.shape(), x.shape()) << what;
+  check_grad(x, dx, loss, what + " input", 1e-5, 16);
+
+  std::int64_t checked = 0;
+  for (auto& [name, p] : module.named_parameters()) {
+    if (!p->trainable()) continue;
+    const Tensor<double> analytic = p->grad;  // the numeric loss never runs backward, but be safe
+    check_grad(p->value, analytic, loss, what + " " + name, 1e-5, 6);
+    ++checked;
+  }
+  EXPECT_GT(checked, 0) << what;
+}
+
+/// max |eval - deploy| of a randomised module in float, after a few training forwards
+/// (so the running statistics are not the initial ones).
+template <class Module>
+void eval_equals_deploy(Module& module, const Shape& x_shape, std::uint64_t seed, const std::string& what) {
+  Rng rng(seed);
+  randomise(module, rng);
+  for (int i = 0; i < 3; ++i) module.forward_train(random_tensor<float>(x_shape, rng));
+  const Tensor<float> x = random_tensor<float>(x_shape, rng);
+  const Tensor<float> eval = module.forward_eval(x);
+  const auto deployed = module.deploy();
+  expect_close(deployed.forward(x), eval, 1e-4, what + ": deploy vs eval");
+  // Deploying is a snapshot: another training forward changes the running statistics of
+  // the module but not the deployed object.
+  const Tensor<float> before = deployed.forward(x);
+  module.forward_train(random_tensor<float>(x_shape, rng));
+  EXPECT_EQ(max_abs_diff(deployed.forward(x), before), 0.0) << what;
+}
+
+}  // namespace
+
+TEST(Yolo, ConcatAndSplitChannelsRoundTrip) {
+  Rng rng(1);
+  const Tensor<float> a = random_tensor<float>({2, 3, 4, 5}, rng), b = random_tensor<float>({2, 2, 4, 5}, rng);
+  Tensor<float> cat, a2, b2;
+  concat_channels(a, b, cat);
+  ASSERT_EQ(cat.shape(), (Shape{2, 5, 4, 5}));
+  EXPECT_EQ(cat(1, 2, 3, 4), a(1, 2, 3, 4));
+  EXPECT_EQ(cat(1, 3, 0, 1), b(1, 0, 0, 1));
+  EXPECT_EQ(cat(0, 4, 2, 2), b(0, 1, 2, 2));
+  split_channels(cat, 3, a2, b2);
+  EXPECT_EQ(max_abs_diff(a2, a), 0.0);
+  EXPECT_EQ(max_abs_diff(b2, b), 0.0);
+  EXPECT_THROW(concat_channels(a, Tensor<float>({2, 2, 4, 4}), cat), shape_error);
+  EXPECT_THROW(split_channels(cat, 5, a2, b2), shape_error);
+  EXPECT_THROW(split_channels(cat, 0, a2, b2), shape_error);
+}
+
+TEST(Yolo, BottleneckGradientsMatchFiniteDifferences) {
+  // With the residual (c1 == c2): cv1 is OREPA_1x1, cv2 an OREPA 3x3 block.
+  Bottleneck<double, OrepaConvMaker<double>> with(4, 4, true, 0.5, /*seed=*/3);
+  ASSERT_TRUE(with.has_residual());
+  EXPECT_EQ(with.cv1().type_name(), "OREPA_1x1");
+  EXPECT_EQ(with.cv2().type_name(), "OREPA");
+  gradient_check(with, {2, 4, 5, 5}, 11, "Bottleneck(4, 4, shortcut)");
+  // Without (c1 != c2).
+  Bottleneck<double, OrepaConvMaker<double>> without(3, 4, true, 0.5, /*seed=*/4);
+  ASSERT_FALSE(without.has_residual());
+  gradient_check(without, {2, 3, 5, 5}, 12, "Bottleneck(3, 4)");
+}
+
+TEST(Yolo, C3GradientsMatchFiniteDifferences) {
+  C3<double, OrepaConvMaker<double>> c3(4, 4, /*n=*/2, true, 0.5, /*seed=*/5);
+  EXPECT_EQ(c3.m().size(), 2u);
+  EXPECT_TRUE(c3.m()[0].has_residual());
+  gradient_check(c3, {2, 4, 4, 4}, 13, "C3(4, 4, n=2)");
+  C3<double, OrepaConvMaker<double>> narrow(3, 4, /*n=*/1, false, 0.5, /*seed=*/6);
+  EXPECT_FALSE(narrow.m()[0].has_residual());
+  gradient_check(narrow, {2, 3, 4, 4}, 14, "C3(3, 4, no shortcut)");
+}
+
+TEST(Yolo, C3NamedParametersFollowYoloV5Paths) {
+  C3<double, OrepaConvMaker<double>> c3(4, 8, /*n=*/2);
+  std::vector<std::string> names;
+  for (auto& [name, p] : c3.named_parameters("model.2.")) names.push_back(name);
+  EXPECT_EQ(c3.parameters().size(), names.size());
+  auto has_prefix = [&](const std::string& prefix) {
+    for (const auto& n : names)
+      if (n.rfind(prefix, 0) == 0) return true;
+    return false;
+  };
+  for (const char* p : {"model.2.cv1.", "model.2.cv2.", "model.2.cv3.", "model.2.m.0.cv1.", "model.2.m.1.cv2."})
+    EXPECT_TRUE(has_prefix(p)) << p;
+}
+
+TEST(Yolo, C3DeployEqualsEvalOrepa) {
+  C3<float, OrepaConvMaker<float>> c3(8, 16, /*n=*/2, true, 0.5, /*seed=*/7);
+  eval_equals_deploy(c3, {4, 8, 9, 9}, 21, "C3 OREPA");
+}
+
+TEST(Yolo, C3DeployEqualsEvalDbb) {
+  C3<float, DbbConvMaker<float>> c3(8, 8, /*n=*/1, true, 0.5, /*seed=*/8);
+  EXPECT_EQ(c3.m()[0].cv2().type_name(), "DBB");
+  EXPECT_EQ(c3.cv1().type_name(), "ConvBN");
+  eval_equals_deploy(c3, {4, 8, 7, 7}, 22, "C3 DBB");
+}
+
+TEST(Yolo, C3DeployEqualsEvalConvBN) {
+  C3<float, ConvBNMaker<float>> c3(6, 8, /*n=*/1, false, 0.5, /*seed=*/9);
+  eval_equals_deploy(c3, {4, 6, 6, 6}, 23, "C3 ConvBN");
+}
+
+TEST(Yolo, ModulesDeployInsideSequential) {
+  Sequential<float> net;
+  net.add(OrepaConvMaker<float>()(3, 8, 3, 2, 1));
+  net.add(C3<float>(8, 8, 1, true, 0.5, 2));
+  net.add(Bottleneck<float>(8, 8, true, 0.5, 3));
+  net.add(GlobalAvgPool<float>());
+  net.add(Linear<float>(8, 4, 4));
+  Rng rng(31);
+  for (int i = 0; i < 2; ++i) {
+    const Tensor<float> x = random_tensor<float>({4, 3, 12, 12}, rng);
+    net.zero_grad();
+    net.backward(Tensor<float>(net.forward_train(x).shape(), 0.1f));
+  }
+  const auto chain = net.deploy();
+  ASSERT_EQ(chain.size(), 5u);
+  for (std::size_t i = 0; i < 3; ++i) EXPECT_TRUE(chain.deployed(i)) << i;
+  const Tensor<float> x = random_tensor<float>({4, 3, 12, 12}, rng);
+  expect_close(chain.forward(x), net.forward_eval(x), 1e-4, "Sequential of YOLO modules");
+  EXPECT_GT(net.get<C3<float>>(1).deploy().num_parameters(), 0);
+}
+
+TEST(Yolo, BadConfigurationThrows) {
+  using B = Bottleneck<float>;
+  using C = C3<float>;
+  EXPECT_THROW(B(4, 1, true, 0.5), config_error);  // int(1 * 0.5) = 0 hidden channels
+  EXPECT_THROW(B(0, 4), config_error);
+  EXPECT_THROW(C(4, 4, 0), config_error);
+  EXPECT_THROW(C(4, 1), config_error);
+  C c3(4, 4);
+  EXPECT_THROW(c3.backward(Tensor<float>({1, 4, 3, 3})), state_error);  // no forward_train yet
+  EXPECT_THROW(c3.forward_train(Tensor<float>({2, 3, 5, 5})), shape_error);  // wrong channel count
+}
