@@ -191,7 +191,9 @@ class ConvBN {
   /// are OREPA options and must stay at their defaults.
   explicit ConvBN(const ConvOptions& opts, Act act = {}, const std::string& prefix = "")
       : ConvBN(opts, checked(opts), act, prefix) {}
+  /// Move constructor (ConvBN is move-only).
   ConvBN(ConvBN&&) noexcept = default;
+  /// Move assignment.
   ConvBN& operator=(ConvBN&&) noexcept = default;
 
   /// The conv's geometry (also the deployed conv's).
@@ -202,6 +204,7 @@ class ConvBN {
   const Act& activation() const { return act_; }
   /// The BN (`bn.*`).
   engine::BatchNorm<S>& bn() { return path_.bn; }
+  /// The BN (`bn.*`), read-only.
   const engine::BatchNorm<S>& bn() const { return path_.bn; }
 
   /// The (unfolded) conv kernel, a copy of `conv.weight`.

@@ -388,7 +388,9 @@ class DBB {
   /// Throws config_error on an invalid geometry, an even kernel, padding != k/2,
   /// dilation != 1, g >= O with I != O, or internal channels not divisible by groups.
   explicit DBB(const ConvOptions& opts, Act act = {}) : DBB(checked(opts), opts, act, Rng(opts.seed())) {}
+  /// Move constructor (DBB is move-only).
   DBB(DBB&&) noexcept = default;
+  /// Move assignment.
   DBB& operator=(DBB&&) noexcept = default;
 
   /// The block's (and the deployed conv's) geometry.

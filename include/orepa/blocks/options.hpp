@@ -12,11 +12,36 @@ namespace orepa {
 
 /// Options of a k x k block. Padding defaults to k/2 (YOLO's autopad for dilation 1).
 struct ConvOptions {
+  /// The required settings; the others keep their defaults until set.
   ConvOptions(std::int64_t in_channels, std::int64_t out_channels, std::int64_t kernel_size)
       : in_channels_(in_channels), out_channels_(out_channels), kernel_size_(kernel_size) {}
 
+  /// @fn in_channels(const std::int64_t&)
+  /// @brief Sets in_channels(); returns `*this` for chaining.
+  /// @fn out_channels(const std::int64_t&)
+  /// @brief Sets out_channels(); returns `*this` for chaining.
+  /// @fn kernel_size(const std::int64_t&)
+  /// @brief Sets kernel_size(); returns `*this` for chaining.
+  /// @fn stride(const std::int64_t&)
+  /// @brief Sets stride(); returns `*this` for chaining.
+  /// @fn padding(const std::int64_t&)
+  /// @brief Sets padding() (-1: kernel_size / 2); returns `*this` for chaining.
+  /// @fn dilation(const std::int64_t&)
+  /// @brief Sets dilation(); returns `*this` for chaining.
+  /// @fn groups(const std::int64_t&)
+  /// @brief Sets groups(); returns `*this` for chaining.
+  /// @fn seed(const std::uint64_t&)
+  /// @brief Sets seed(); returns `*this` for chaining.
+  /// @fn internal_channels(const std::int64_t&)
+  /// @brief Sets internal_channels() (0: the reference rule); returns `*this` for chaining.
+  /// @fn weight_only(const bool&)
+  /// @brief Sets weight_only(); returns `*this` for chaining.
+
+  /// Input channels I.
   OREPA_OPTION(std::int64_t, in_channels);
+  /// Output channels O.
   OREPA_OPTION(std::int64_t, out_channels);
+  /// Kernel size k (square k x k kernel).
   OREPA_OPTION(std::int64_t, kernel_size);
   /// Stride (default 1).
   OREPA_OPTION(std::int64_t, stride) = 1;

@@ -25,6 +25,9 @@ namespace orepa {
 template <class S = float, class Act = Identity>
 class OREPA_LargeConv : public SqueezedBlock<S, Act> {
  public:
+  /// Builds the block from `opts`: (k-1)/2 weight-only 3x3 OREPA layers, layer j seeded
+  /// with `seed + j`. Throws config_error unless kernel_size is odd and >= 3 and groups
+  /// is 1, or on an invalid geometry.
   explicit OREPA_LargeConv(const ConvOptions& opts, Act act = {})
       : SqueezedBlock<S, Act>(checked(opts), "OREPA_LargeConv", true, "bn.", act) {
     const auto g = this->geometry();
@@ -40,12 +43,17 @@ class OREPA_LargeConv : public SqueezedBlock<S, Act> {
   /// The inner weight-only 3x3 OREPA layers.
   std::vector<OREPA<S, Identity>>& layers() { return layers_; }
 
+  /// Composes the layers' squeezed 3x3 kernels into the k x k kernel [O, I, k, k] in
+  /// `w` (the reference's cross-correlation chain, see the file comment).
   void squeeze_into(Tensor<S>& w) const override {
     Tensor<S> k = transposed01(layers_[0].squeeze());
     for (std::size_t j = 1; j < layers_.size(); ++j) k = reference::conv2d(k, layers_[j].squeeze(), step_geometry());
     w = transposed01(k);
   }
 
+  /// Adjoint of squeeze_into(): pushes dL/dW, `grad_w` [O, I, k, k], back through the
+  /// chain and accumulates it into every layer's parameter gradients. Throws
+  /// shape_error on a wrong `grad_w` shape.
   void squeeze_backward(const Tensor<S>& grad_w) override {
     grad_w.expect_shape(this->geometry().weight_shape(), "OREPA_LargeConv::squeeze_backward grad_weight");
     // Recompute the chain's inputs K_0 .. K_{L-2} (kernel-sized, cheap).
@@ -64,6 +72,7 @@ class OREPA_LargeConv : public SqueezedBlock<S, Act> {
     layers_[0].squeeze_backward(transposed01(dk));
   }
 
+  /// Every layer's tensors in layer order, named `weight0.` .. `weight{L-1}.` + the OREPA name.
   ParamList<S> kernel_parameters() override {
     ParamList<S> all;
     for (auto& l : layers_)

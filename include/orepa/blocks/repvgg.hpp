@@ -25,6 +25,9 @@ namespace orepa {
 template <class S = float, class Act = ReLU>
 class RepVGGBlock_OREPA {
  public:
+  /// Builds the block from `opts` (`seed` for the dense part, `seed + 1` for the 1x1).
+  /// Throws config_error unless kernel_size 3, padding 1 (or -1), dilation 1 and groups 1,
+  /// or on an invalid geometry.
   explicit RepVGGBlock_OREPA(const ConvOptions& opts, Act act = {})
       : g_(checked(opts)),
         act_(act),
@@ -37,10 +40,13 @@ class RepVGGBlock_OREPA {
     if (has_identity(g_)) identity_.emplace(g_.in_channels, "rbr_identity.");
   }
 
+  /// The block's (and the deployed conv's) 3x3 geometry.
   const ConvGeometry& geometry() const { return g_; }
-  /// The dense OREPA part (`rbr_dense.`), its 1x1 ConvBN (`rbr_1x1.`), the identity BN.
+  /// The dense OREPA part (`rbr_dense.`).
   OnlineBlock<S, Identity>& dense() { return dense_; }
+  /// The 1x1 ConvBN path (`rbr_1x1.`).
   ConvBN<S, Identity>& conv1x1() { return one_; }
+  /// True when the block has the identity BN path (I == O and stride 1).
   bool has_identity() const { return identity_.has_value(); }
 
   /// The dense part's squeezed 3x3 kernel (what the reference calls weight_gen()).
@@ -99,17 +105,20 @@ class RepVGGBlock_OREPA {
       for (auto* p : identity_->params()) all.push_back(p);
     return all;
   }
+  /// The BatchNorms of the block: dense, 1x1, then identity (for num_batches_tracked).
   std::vector<engine::BatchNorm<S>*> batch_norms() {
     auto all = dense_.batch_norms();
     for (auto* b : one_.batch_norms()) all.push_back(b);
     if (identity_) all.push_back(&*identity_);
     return all;
   }
+  /// The tensor called `name`, e.g. "rbr_dense.vector" (throws config_error if absent).
   Param<S>& param(const std::string& name) {
     for (auto* p : parameters())
       if (p->name == name) return *p;
     throw config_error("RepVGGBlock_OREPA: no tensor named '" + name + "'");
   }
+  /// Zeroes every gradient.
   void zero_grad() {
     for (auto* p : parameters())
       if (p->trainable()) p->zero_grad();

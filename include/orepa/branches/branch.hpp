@@ -1,11 +1,11 @@
 #pragma once
 /// @file branch.hpp
-/// Branch<S>: the extension point of the online blocks. A branch is a *linear* map from
+/// `Branch<S>`: the extension point of the online blocks. A branch is a *linear* map from
 /// its own parameters to a full [O, I/g, k, k] kernel (unscaled; the block multiplies
 /// output channel o by its row of `vector`), together with the adjoint of that map,
 /// which pushes a kernel gradient back into the branch's parameter gradients.
 ///
-/// To add a branch of your own, derive from Branch<S>, hold your tensors as Param<S>
+/// To add a branch of your own, derive from `Branch<S>`, hold your tensors as `Param<S>`
 /// members and implement the four virtual functions; pass it to OnlineBlock with the
 /// library's branches (see examples/custom_block.cpp).
 

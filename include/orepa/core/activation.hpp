@@ -21,25 +21,37 @@ enum class ActivationKind { identity, relu, silu, custom };
 
 /// y = x.
 struct Identity {
+  /// Built-in: deploy adds no post-op.
   static constexpr ActivationKind kind = ActivationKind::identity;
+  /// Name accepted by parse_activation().
   static constexpr const char* name = "identity";
+  /// Returns `x` unchanged.
   template <class S> S operator()(S x) const { return x; }
+  /// Always 1.
   template <class S> S derivative(S) const { return S(1); }
 };
 
 /// y = max(x, 0); derivative 0 at x <= 0 as in PyTorch.
 struct ReLU {
+  /// Built-in: deploy fuses it as oneDNN eltwise_relu.
   static constexpr ActivationKind kind = ActivationKind::relu;
+  /// Name accepted by parse_activation().
   static constexpr const char* name = "relu";
+  /// max(x, 0).
   template <class S> S operator()(S x) const { return x > S(0) ? x : S(0); }
+  /// 1 for x > 0, else 0.
   template <class S> S derivative(S x) const { return x > S(0) ? S(1) : S(0); }
 };
 
 /// y = x * sigmoid(x) (PyTorch nn.SiLU, oneDNN eltwise_swish with alpha 1).
 struct SiLU {
+  /// Built-in: deploy fuses it as oneDNN eltwise_swish (alpha 1).
   static constexpr ActivationKind kind = ActivationKind::silu;
+  /// Name accepted by parse_activation().
   static constexpr const char* name = "silu";
+  /// x * sigmoid(x), computed as x / (1 + exp(-x)).
   template <class S> S operator()(S x) const { return x / (S(1) + std::exp(-x)); }
+  /// sigmoid(x) * (1 + x * (1 - sigmoid(x))).
   template <class S> S derivative(S x) const {
     S s = S(1) / (S(1) + std::exp(-x));
     return s * (S(1) + x * (S(1) - s));

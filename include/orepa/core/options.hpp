@@ -4,7 +4,13 @@
 /// (`OrepaOptions(16, 32, 3).stride(2).groups(2)`): setter returns *this, getter has the
 /// same name, the default is written after the macro.
 
-/// Declares option `name` of type `T`: `opts.name(v)` sets it, `opts.name()` reads it.
+// Documenting an option: Doxygen sees the getter and then the setter (PREDEFINED in
+// docs/Doxyfile.in). A `///` comment before the macro documents the getter; document the
+// setter with an `@fn name(const T&)` block placed before the first option of the struct
+// (after an option's `= default`, Doxygen would show that default on the setter).
+
+/// Declares option `name` of type `T`: `opts.name(v)` sets it and returns `*this`,
+/// `opts.name()` reads it.
 #define OREPA_OPTION(T, name)                 \
  public:                                      \
   auto& name(const T& value) {                \

@@ -1,6 +1,6 @@
 #pragma once
 /// @file param.hpp
-/// Param<S>: a named tensor of a block (a trainable parameter with its gradient, or a
+/// `Param<S>`: a named tensor of a block (a trainable parameter with its gradient, or a
 /// buffer without one), named exactly as in the PyTorch reference state dict.
 
 #include <string>
@@ -24,17 +24,22 @@ enum class ParamKind {
 /// backward until zeroed (PyTorch semantics); buffers have an empty `grad`.
 template <class S>
 struct Param {
-  std::string name;
-  Tensor<S> value;
-  Tensor<S> grad;
-  ParamKind kind = ParamKind::kernel;
+  std::string name;                    ///< State-dict name, e.g. "bn.weight" (blocks may add a prefix).
+  Tensor<S> value;                     ///< The tensor itself.
+  Tensor<S> grad;                      ///< dL/dvalue, same shape as `value`; empty for a buffer.
+  ParamKind kind = ParamKind::kernel;  ///< What the tensor is for (buffer = not trained).
 
+  /// An empty, unnamed kernel parameter.
   Param() = default;
+  /// Takes name `n`, value `v` and kind `k`; unless `k` is ParamKind::buffer, `grad` is
+  /// allocated with `v`'s shape (zero-filled).
   Param(std::string n, Tensor<S> v, ParamKind k = ParamKind::kernel)
       : name(std::move(n)), value(std::move(v)), kind(k) {
     if (kind != ParamKind::buffer) grad = Tensor<S>(value.shape());
   }
+  /// True unless this is a buffer.
   bool trainable() const { return kind != ParamKind::buffer; }
+  /// Sets every element of `grad` to 0 (a no-op on a buffer's empty grad).
   void zero_grad() { grad.zero(); }
 };
 

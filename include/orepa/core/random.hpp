@@ -14,6 +14,7 @@ namespace orepa {
 /// Deterministic random numbers: mt19937_64 with a portable uniform mapping.
 class Rng {
  public:
+  /// Seeds the generator; the same seed gives the same stream everywhere.
   explicit Rng(std::uint64_t seed = 0) : gen_(seed) {}
   /// Uniform in [0, 1).
   double uniform() { return double(gen_() >> 11) * (1.0 / 9007199254740992.0); }

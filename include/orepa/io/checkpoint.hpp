@@ -58,8 +58,8 @@ inline const char* deployed_stem(BlockType t) {
 
 /// A block found in a checkpoint: its name prefix (e.g. "model.3.") and class.
 struct DetectedBlock {
-  std::string prefix;
-  BlockType type;
+  std::string prefix;  ///< tensor-name prefix of the block, "" or ending in '.' (e.g. "model.3.")
+  BlockType type;      ///< the block's reference class
 };
 
 /// Every training-time block of a checkpoint, outermost only, sorted by prefix.
@@ -102,28 +102,38 @@ inline std::vector<DetectedBlock> detect_blocks(const SafetensorsFile& file) {
 /// The settings a checkpoint cannot tell: stride, padding (-1: k/2), dilation, groups
 /// (0: inferred from the shapes where they determine it, else 1), activation.
 struct BlockSettings {
-  std::int64_t stride = 1;
-  std::int64_t padding = -1;
-  std::int64_t dilation = 1;
-  std::int64_t groups = 0;
-  ActivationKind activation = ActivationKind::identity;
+  std::int64_t stride = 1;                               ///< conv stride
+  std::int64_t padding = -1;                             ///< zero padding; -1 = kernel_size / 2
+  std::int64_t dilation = 1;                             ///< conv dilation
+  std::int64_t groups = 0;                               ///< 0 = inferred from the shapes (else 1)
+  ActivationKind activation = ActivationKind::identity;  ///< identity, relu or silu (not custom)
 };
 
 /// A float block of any type behind one interface (what the tools need).
 class AnyBlock {
  public:
   virtual ~AnyBlock() = default;
+  /// The wrapped block's reference class.
   virtual BlockType type() const = 0;
+  /// The block's (and the deployed conv's) geometry.
   virtual const ConvGeometry& geometry() const = 0;
+  /// Training forward of x [N, I, H, W] (batch statistics, running statistics updated);
+  /// returns the block's output buffer, valid until the next forward_train.
   virtual const Tensor<float>& forward_train(const Tensor<float>& x) = 0;
+  /// Eval forward with running statistics, no state change.
   virtual Tensor<float> forward_eval(const Tensor<float>& x) const = 0;
   /// Deploys, then runs the deployed convolution.
   virtual Tensor<float> forward_deploy(const Tensor<float>& x) const = 0;
+  /// Backward of the last forward_train: accumulates parameter gradients and returns
+  /// dL/dx (the block's buffer); throws state_error without a forward_train.
   virtual const Tensor<float>& backward(const Tensor<float>& grad_out) = 0;
   /// BN-folded kernel and bias of the deployed conv.
   virtual std::pair<Tensor<float>, Tensor<float>> folded() const = 0;
+  /// Every tensor of the block (parameters and buffers), state-dict names without the prefix.
   virtual ParamList<float> parameters() = 0;
+  /// The block's BatchNorms (for num_batches_tracked).
   virtual std::vector<engine::BatchNorm<float>*> batch_norms() = 0;
+  /// Zeroes every gradient of the block.
   virtual void zero_grad() = 0;
 };
 

@@ -2,9 +2,9 @@
 /// @file layers.hpp
 /// The small non-convolutional pieces of a classifier, with the same interface as the
 /// blocks (forward_train / forward_eval / backward / parameters / zero_grad):
-///   - GlobalAvgPool<S>: NCHW -> [N, C] (mean over each plane);
-///   - Linear<S>: y = x W^T + b, PyTorch nn.Linear's layout and initialisation;
-///   - SoftmaxCrossEntropy<S>: mean cross-entropy of logits against integer labels.
+///   - `GlobalAvgPool<S>`: NCHW -> [N, C] (mean over each plane);
+///   - `Linear<S>`: y = x W^T + b, PyTorch nn.Linear's layout and initialisation;
+///   - `SoftmaxCrossEntropy<S>`: mean cross-entropy of logits against integer labels.
 /// forward_train and backward return references to buffers the layer reuses (valid
 /// until its next call of the same function); forward_eval never changes the layer.
 
@@ -105,9 +105,11 @@ class Linear {
   std::int64_t out_features() const { return weight_.value.dim(0); }
   /// The weight [out, in] with its gradient.
   Param<S>& weight() { return weight_; }
+  /// Read-only weight [out, in].
   const Param<S>& weight() const { return weight_; }
   /// The bias [out] with its gradient.
   Param<S>& bias() { return bias_; }
+  /// Read-only bias [out].
   const Param<S>& bias() const { return bias_; }
 
   /// y = x W^T + b into the layer's buffer; keeps a copy of x for backward.

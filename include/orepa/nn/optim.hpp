@@ -1,8 +1,8 @@
 #pragma once
 /// @file optim.hpp
 /// Optimizers with PyTorch's exact update rules, over parameter groups:
-///   - SGD<S>: momentum, dampening, Nesterov, L2 weight decay (torch.optim.SGD);
-///   - AdamW<S>: decoupled weight decay with bias correction (torch.optim.AdamW).
+///   - `SGD<S>`: momentum, dampening, Nesterov, L2 weight decay (torch.optim.SGD);
+///   - `AdamW<S>`: decoupled weight decay with bias correction (torch.optim.AdamW).
 /// A ParamGroup carries its own learning rate and weight decay; split_decay() builds the
 /// usual two groups (decay on kernels, a separate decay, typically 0, on scaling vectors,
 /// BN parameters and biases). Buffers (ParamKind::buffer) are never updated.
@@ -35,7 +35,7 @@ struct ParamGroup {
   ParamGroup(ParamList<S> params_, std::optional<S> lr_ = std::nullopt, std::optional<S> weight_decay_ = std::nullopt)
       : params(std::move(params_)), lr(lr_), weight_decay(weight_decay_) {}
 
-  ParamList<S> params;
+  ParamList<S> params;            ///< the group's tensors (buffers are dropped by the optimizer)
   std::optional<S> lr;            ///< unset: the optimizer's lr
   std::optional<S> weight_decay;  ///< unset: the optimizer's weight_decay
 };
@@ -132,14 +132,27 @@ class Optimizer {
     return s;
   }
 
-  std::vector<ParamGroup<S>> groups_;
-  const char* who_;
-  std::int64_t steps_ = 0;
+  std::vector<ParamGroup<S>> groups_;  ///< the groups, lr / weight_decay resolved, buffers dropped
+  const char* who_;                    ///< optimizer name for error messages ("SGD", "AdamW")
+  std::int64_t steps_ = 0;             ///< number of completed step() calls
 };
 
 /// Hyper-parameters of SGD (torch.optim.SGD defaults except the required lr).
 struct SGDOptions {
+  /// torch.optim.SGD defaults with learning rate `lr` (required: torch has no default lr).
   explicit SGDOptions(double lr) : lr_(lr) {}
+
+  /// @fn lr(const double&)
+  /// @brief Sets lr(); returns `*this` for chaining.
+  /// @fn momentum(const double&)
+  /// @brief Sets momentum(); returns `*this` for chaining.
+  /// @fn dampening(const double&)
+  /// @brief Sets dampening(); returns `*this` for chaining.
+  /// @fn weight_decay(const double&)
+  /// @brief Sets weight_decay(); returns `*this` for chaining.
+  /// @fn nesterov(const bool&)
+  /// @brief Sets nesterov(); returns `*this` for chaining.
+
   /// Learning rate (default of groups without their own).
   OREPA_OPTION(double, lr);
   /// Momentum factor (default 0: plain SGD, no state).
@@ -211,7 +224,18 @@ using Betas = std::pair<double, double>;
 
 /// Hyper-parameters of AdamW (torch.optim.AdamW defaults).
 struct AdamWOptions {
+  /// Starts from the torch.optim.AdamW defaults with learning rate `lr`.
   explicit AdamWOptions(double lr = 1e-3) : lr_(lr) {}
+
+  /// @fn lr(const double&)
+  /// @brief Sets lr(); returns `*this` for chaining.
+  /// @fn betas(const Betas&)
+  /// @brief Sets betas(); returns `*this` for chaining.
+  /// @fn eps(const double&)
+  /// @brief Sets eps(); returns `*this` for chaining.
+  /// @fn weight_decay(const double&)
+  /// @brief Sets weight_decay(); returns `*this` for chaining.
+
   /// Learning rate (default of groups without their own; default 1e-3).
   OREPA_OPTION(double, lr);
   /// Decay rates of the first and second moment (default 0.9, 0.999).

@@ -1,8 +1,8 @@
 #pragma once
 /// @file sequential.hpp
-/// Sequential<S>: a chain of layers of different types (blocks, pooling, linear heads,
+/// `Sequential<S>`: a chain of layers of different types (blocks, pooling, linear heads,
 /// your own), each stored by value behind a small virtual interface, and its deployed
-/// counterpart InferenceChain<S>.
+/// counterpart `InferenceChain<S>`.
 ///
 ///   Sequential<float> net;
 ///   net.add(OREPA<float, ReLU>(OrepaOptions(3, 16, 3)));
@@ -31,8 +31,8 @@ namespace orepa {
 
 /// True when `T` has the layer member set for scalar `S` (blocks, GlobalAvgPool, Linear,
 /// Sequential, user types):
-///   const Tensor<S>& forward_train(const Tensor<S>&);  Tensor<S> forward_eval(const Tensor<S>&) const;
-///   const Tensor<S>& backward(const Tensor<S>&);  ParamList<S> parameters();  void zero_grad();
+///   `const Tensor<S>& forward_train(const Tensor<S>&)`;  `Tensor<S> forward_eval(const Tensor<S>&) const`;
+///   `const Tensor<S>& backward(const Tensor<S>&)`;  `ParamList<S> parameters()`;  `void zero_grad()`.
 template <class S, class T, class = void>
 struct is_layer : std::false_type {};
 template <class S, class T>
@@ -81,7 +81,7 @@ class Layer {
   virtual const std::type_info& type() const = 0;
 };
 
-/// Holds a layer object `T` by value and forwards the Layer<S> interface to it.
+/// Holds a layer object `T` by value and forwards the `Layer<S>` interface to it.
 template <class S, class T>
 class LayerAdapter final : public Layer<S> {
   static_assert(is_layer<S, T>::value,
@@ -93,6 +93,7 @@ class LayerAdapter final : public Layer<S> {
   explicit LayerAdapter(T obj) : obj_(std::move(obj)) {}
   /// The wrapped object.
   T& get() { return obj_; }
+  /// The wrapped object, read-only.
   const T& get() const { return obj_; }
 
   // The Layer<S> interface, forwarded to the object.
@@ -160,8 +161,11 @@ class InferenceChain {
 template <class S>
 class Sequential {
  public:
+  /// An empty chain (forward and backward throw state_error until a layer is added).
   Sequential() = default;
+  /// Move constructor (a Sequential owns its layers and is not copyable).
   Sequential(Sequential&&) noexcept = default;
+  /// Move assignment; the previous layers are destroyed.
   Sequential& operator=(Sequential&&) noexcept = default;
 
   /// Appends `layer` (moved or copied in) and returns a reference to the stored object.
@@ -183,13 +187,17 @@ class Sequential {
   bool empty() const { return layers_.empty(); }
   /// The type-erased layer `i` (throws config_error when out of range).
   Layer<S>& layer(std::size_t i) { return *layers_[checked(i, "layer")]; }
+  /// The type-erased layer `i`, read-only (throws config_error when out of range).
   const Layer<S>& layer(std::size_t i) const { return *layers_[checked(i, "layer")]; }
 
-  /// Layer `i` as its stored type `T`; throws config_error when it is another type.
+  /// Layer `i` as its stored type `T`; throws config_error when out of range or of
+  /// another type.
   template <class T>
   T& get(std::size_t i) {
     return const_cast<T&>(static_cast<const Sequential&>(*this).template get<T>(i));
   }
+  /// Layer `i` as its stored type `T`, read-only; throws config_error when out of range
+  /// or of another type.
   template <class T>
   const T& get(std::size_t i) const {
     const Layer<S>& l = *layers_[checked(i, "get")];

@@ -26,7 +26,7 @@ template <class S>
 struct ImageDataset {
   Tensor<S> images;         ///< [N, C, H, W]
   std::vector<int> labels;  ///< N labels in [0, num_classes)
-  int num_classes = 0;
+  int num_classes = 0;      ///< number of classes (labels lie in [0, num_classes))
 
   /// Number of samples N.
   std::int64_t size() const { return std::int64_t(labels.size()); }

@@ -2,13 +2,13 @@
 /// @file yolo.hpp
 /// The few YOLOv5 modules a small YOLO-style network needs, built from any conv block
 /// family so the SAME network can be trained with OREPA, DBB or plain ConvBN blocks:
-///   - ConvUnit<S>: one conv block (OREPA_1x1 / OREPA / OREPA_LargeConv, DBB, ConvBN, ...)
-///     behind one type, the `Conv(c1, c2, k, s)` of YOLOv5; deploys to a DeployedUnit<S>;
-///   - conv block makers: callables (c1, c2, k, s, seed) -> ConvUnit<S>:
+///   - `ConvUnit<S>`: one conv block (OREPA_1x1 / OREPA / OREPA_LargeConv, DBB, ConvBN, ...)
+///     behind one type, the `Conv(c1, c2, k, s)` of YOLOv5; deploys to a `DeployedUnit<S>`;
+///   - conv block makers: callables (c1, c2, k, s, seed) -> `ConvUnit<S>`:
 ///     OrepaConvMaker (yolo_conv's choice), DbbConvMaker (DBB for k > 1, ConvBN for 1x1),
 ///     ConvBNMaker (ConvBN everywhere);
-///   - Bottleneck<S, Maker>: cv1 1x1 -> cv2 3x3, plus the input when shortcut and c1 == c2;
-///   - C3<S, Maker>: cv3(cat(m(cv1(x)), cv2(x))) with m = n Bottlenecks (YOLOv5's CSP block);
+///   - `Bottleneck<S, Maker>`: cv1 1x1 -> cv2 3x3, plus the input when shortcut and c1 == c2;
+///   - `C3<S, Maker>`: cv3(cat(m(cv1(x)), cv2(x))) with m = n Bottlenecks (YOLOv5's CSP block);
 ///   - concat_channels / split_channels: torch.cat(dim = 1) and its adjoint.
 ///
 ///   C3<float, OrepaConvMaker<float>> c3(64, 64, /*n=*/2);   // or DbbConvMaker, ConvBNMaker
@@ -153,7 +153,9 @@ class ConvUnit {
   /// type_name() and deploy() returning a DeployedConv.
   template <class Block, class = std::enable_if_t<!std::is_same_v<std::decay_t<Block>, ConvUnit>>>
   explicit ConvUnit(Block block) : impl_(std::make_unique<Model<Block>>(std::move(block))) {}
+  /// Move constructor (the block moves with it; ConvUnit is not copyable).
   ConvUnit(ConvUnit&&) noexcept = default;
+  /// Move assignment; the previously held block is destroyed.
   ConvUnit& operator=(ConvUnit&&) noexcept = default;
 
   /// The block's convolution geometry.
@@ -278,16 +280,20 @@ class Bottleneck {
   Bottleneck(std::int64_t c1, std::int64_t c2, bool shortcut = true, double e = 0.5, std::uint64_t seed = 0,
              const Maker& maker = Maker())
       : Bottleneck(c1, c2, hidden(c1, c2, e), shortcut, seed, maker) {}
+  /// Move constructor (Bottleneck is move-only, like its ConvUnit blocks).
   Bottleneck(Bottleneck&&) noexcept = default;
+  /// Move assignment; the previous blocks are destroyed.
   Bottleneck& operator=(Bottleneck&&) noexcept = default;
 
   /// True when the input is added to cv2's output (shortcut and c1 == c2).
   bool has_residual() const { return add_; }
   /// The 1x1 block.
   ConvUnit<S>& cv1() { return cv1_; }
+  /// The 1x1 block, read-only.
   const ConvUnit<S>& cv1() const { return cv1_; }
   /// The 3x3 block.
   ConvUnit<S>& cv2() { return cv2_; }
+  /// The 3x3 block, read-only.
   const ConvUnit<S>& cv2() const { return cv2_; }
 
   /// Training forward; the module's (or cv2's) output buffer.
@@ -395,20 +401,26 @@ class C3 {
   C3(std::int64_t c1, std::int64_t c2, std::int64_t n = 1, bool shortcut = true, double e = 0.5,
      std::uint64_t seed = 0, const Maker& maker = Maker())
       : C3(c1, c2, hidden(c1, c2, n, e), n, shortcut, seed, maker) {}
+  /// Move constructor (C3 is move-only, like its ConvUnit blocks).
   C3(C3&&) noexcept = default;
+  /// Move assignment; the previous blocks are destroyed.
   C3& operator=(C3&&) noexcept = default;
 
   /// The input-side 1x1 block of the bottleneck path.
   ConvUnit<S>& cv1() { return cv1_; }
+  /// The input-side 1x1 block of the bottleneck path, read-only.
   const ConvUnit<S>& cv1() const { return cv1_; }
   /// The input-side 1x1 block of the plain path.
   ConvUnit<S>& cv2() { return cv2_; }
+  /// The input-side 1x1 block of the plain path, read-only.
   const ConvUnit<S>& cv2() const { return cv2_; }
   /// The output 1x1 block over the concatenation.
   ConvUnit<S>& cv3() { return cv3_; }
+  /// The output 1x1 block over the concatenation, read-only.
   const ConvUnit<S>& cv3() const { return cv3_; }
   /// The Bottlenecks of the cv1 path, in order.
   std::vector<Bottleneck<S, Maker>>& m() { return m_; }
+  /// The Bottlenecks of the cv1 path, in order, read-only.
   const std::vector<Bottleneck<S, Maker>>& m() const { return m_; }
 
   /// Training forward; cv3's output buffer.
