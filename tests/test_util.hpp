@@ -2,6 +2,7 @@
 // Shared helpers for the tests: random tensors, tolerances, finite differences.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <functional>
 #include <string>
 
@@ -86,10 +87,12 @@ void check_block_gradients(Block& block, Tensor<double> x, Rng& rng,
     for (std::int64_t j = 0; j < y.size(); ++j) l += y[j] * gout[j];
     return l;
   };
-  check_grad(x, dx, loss, "input");
+  double worst = check_grad(x, dx, loss, "input");
   for (auto* p : block.parameters())
-    if (p->trainable()) check_grad(p->value, p->grad, loss, p->name);
+    if (p->trainable()) worst = std::max(worst, check_grad(p->value, p->grad, loss, p->name));
     else EXPECT_TRUE(p->grad.empty()) << p->name << " is a buffer and must get no gradient";
+  ::testing::Test::RecordProperty("worst_fd_relative_error", std::to_string(worst));
+  std::printf("  worst finite-difference relative error: %.2e\n", worst);
 }
 
 /// Path of a committed test data file.
