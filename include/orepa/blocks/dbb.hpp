@@ -57,10 +57,160 @@
 #include <vector>
 
 #include "orepa/blocks/conv_bn.hpp"
+#include "orepa/core/activation.hpp"
+#include "orepa/deploy/deployed_conv.hpp"
+#include "orepa/engine/batch_norm.hpp"
+#include "orepa/engine/conv.hpp"
 
 namespace orepa {
 
 namespace detail::baseline {
+
+
+/// A bias-free convolution owning its weight (a Param named `name`) and its engine (one
+/// engine per conv, so each caches its own oneDNN primitives).
+///
+/// "Identity based" (DBB's idconv1): the conv applies `weight + id`, id[t, t mod Ig] = 1,
+/// a [C, C/g, 1, 1] kernel that is rebuilt, never stored. The gradient of `weight` is that
+/// of the applied kernel.
+///
+/// The caller owns the conv input and passes it again to backward (no pointer is kept,
+/// so the owning block stays movable between forward and backward).
+template <class S>
+class BaselineConv {
+ public:
+  /// Kernel g.weight_shape(), kaiming-uniform with PyTorch's default a = sqrt(5) unless
+  /// `identity_based` (then zero, as the reference initialises idconv1).
+  BaselineConv(const ConvGeometry& g, std::string name, Rng& rng, bool identity_based = false)
+      : weight(std::move(name), Tensor<S>(g.weight_shape()), ParamKind::kernel), identity_(identity_based), engine_(g) {
+    if (identity_ && (g.kernel != 1 || g.in_channels != g.out_channels))
+      throw config_error(detail::cat(weight.name, ": an identity-based conv must be 1x1 with in == out channels, got ",
+                                     g.in_channels, " -> ", g.out_channels, " k", g.kernel));
+    if (!identity_) kaiming_uniform(weight.value, torch_default_conv_a, rng);
+  }
+
+  /// The conv's geometry.
+  const ConvGeometry& geometry() const { return engine_.geometry(); }
+  /// True when the conv applies weight + id.
+  bool identity_based() const { return identity_; }
+
+  /// The kernel the conv applies: `weight`, or `weight + id` when identity based.
+  Tensor<S> kernel() const {
+    Tensor<S> k;
+    kernel_into(k);
+    return k;
+  }
+
+  /// Training forward y = conv(x, kernel); remembers the applied kernel for backward.
+  void forward_train(const Tensor<S>& x, Tensor<S>& y) {
+    engine_.forward(x, applied_kernel(), y);
+  }
+  /// Same with the current weight and nothing remembered.
+  void forward_eval(const Tensor<S>& x, Tensor<S>& y) const {
+    if (!identity_) return engine_.forward(x, weight.value, y);
+    Tensor<S> k;
+    kernel_into(k);
+    engine_.forward(x, k, y);
+  }
+  /// Backward of the last forward_train, whose input was `x`: accumulates dL/dweight and,
+  /// when `dx` is non-null, writes dL/dx into it.
+  void backward(const Tensor<S>& x, const Tensor<S>& dy, Tensor<S>* dx) {
+    engine_.backward_weights(x, dy, dw_);
+    if (weight.grad.shape() != dw_.shape())  // only if someone replaced the weight with another shape
+      weight.grad.expect_shape(dw_.shape(), weight.name + " gradient");
+    for (std::int64_t j = 0; j < dw_.size(); ++j) weight.grad[j] += dw_[j];
+    if (dx) engine_.backward_data(dy, identity_ ? k_ : weight.value, x.shape(), *dx);
+  }
+
+  /// Primitive sets its engine has created (one per input shape).
+  std::int64_t primitive_creations() const { return engine_.primitive_creations(); }
+
+  Param<S> weight;
+
+ private:
+  const Tensor<S>& applied_kernel() {
+    if (!identity_) return weight.value;
+    kernel_into(k_);
+    return k_;
+  }
+  void kernel_into(Tensor<S>& k) const {
+    k.resize(weight.value.shape());
+    std::copy(weight.value.begin(), weight.value.end(), k.begin());
+    if (!identity_) return;
+    const std::int64_t C = k.dim(0), Cg = k.dim(1);
+    for (std::int64_t t = 0; t < C; ++t) k[t * Cg + t % Cg] += S(1);
+  }
+
+  bool identity_;
+  mutable engine::ConvEngine<S> engine_;  // forward_eval is const but the engine caches primitives
+  Tensor<S> k_, dw_;                      // applied kernel (identity based), weight-gradient scratch
+};
+
+/// Scales output channel o of a kernel [O, ...] by bn's s[o] = gamma / sqrt(var + eps)
+/// and returns it with the bias beta - running_mean * s (BN folding, SPEC section 6).
+template <class S>
+std::pair<Tensor<S>, Tensor<S>> fold_bn(Tensor<S> kernel, const engine::BatchNorm<S>& bn) {
+  Tensor<S> scale, shift;
+  bn.fold(scale, shift);
+  const std::int64_t O = kernel.dim(0), per_o = kernel.size() / O;
+  if (O != bn.channels())
+    throw shape_error(detail::cat("fold_bn (", bn.prefix(), "): kernel ", shape_str(kernel.shape()),
+                                  " has ", O, " output channels, BN has ", bn.channels()));
+  for (std::int64_t j = 0; j < kernel.size(); ++j) kernel[j] *= scale[j / per_o];
+  return {std::move(kernel), std::move(shift)};
+}
+
+/// conv -> BN, the body of ConvBN and of DBB's dbb_origin / dbb_1x1. Tensor names are
+/// `prefix + "conv.weight"` and `prefix + "bn.*"`. Saves the conv output (BN's input)
+/// for backward; the caller keeps the conv input.
+template <class S>
+class ConvBNPath {
+ public:
+  /// Conv with geometry g (PyTorch default init from rng) and a BN over its outputs.
+  ConvBNPath(const ConvGeometry& g, const std::string& prefix, Rng& rng)
+      : conv(g, prefix + "conv.weight", rng), bn(g.out_channels, prefix + "bn.") {}
+
+  /// z = BN(conv(x)) with batch statistics (running statistics updated).
+  void forward_train(const Tensor<S>& x, Tensor<S>& z) {
+    conv.forward_train(x, y_);
+    bn.forward_train(y_, z);
+  }
+  /// z = BN(conv(x)) with the running statistics.
+  void forward_eval(const Tensor<S>& x, Tensor<S>& z) const {
+    Tensor<S> y;
+    conv.forward_eval(x, y);
+    bn.forward_eval(y, z);
+  }
+  /// From dL/dz of the last forward_train (input `x`): accumulates the conv and BN
+  /// gradients and writes dL/dx into `dx`.
+  void backward(const Tensor<S>& x, const Tensor<S>& dz, Tensor<S>& dx) {
+    bn.backward(y_, dz, dy_);
+    conv.backward(x, dy_, &dx);
+  }
+  /// conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var (state-dict order).
+  ParamList<S> params() {
+    ParamList<S> all{&conv.weight};
+    for (auto* p : bn.params()) all.push_back(p);
+    return all;
+  }
+  /// BN-folded kernel and bias.
+  std::pair<Tensor<S>, Tensor<S>> folded() const { return fold_bn(conv.kernel(), bn); }
+
+  BaselineConv<S> conv;
+  engine::BatchNorm<S> bn;
+
+ private:
+  Tensor<S> y_, dy_;  // conv output saved for BN's backward; BN's input gradient
+};
+
+/// dL/d(pre-activation) = grad_out * act'(pre), into `d` (resized).
+template <class S, class Act>
+void activation_backward(const Act& act, const Tensor<S>& pre, const Tensor<S>& grad_out, Tensor<S>& d) {
+  d.resize(pre.shape());
+  for (std::int64_t j = 0; j < pre.size(); ++j) d[j] = grad_out[j] * act.derivative(pre[j]);
+}
+
+
 
 /// Adds `b` into `a` element-wise (same shape).
 template <class S>

@@ -9,6 +9,7 @@
 
 #include "orepa/blocks/squeezed_block.hpp"
 #include "orepa/branches/branch.hpp"
+#include "orepa/branches/orepa_branches.hpp"
 
 namespace orepa {
 
@@ -44,44 +45,56 @@ class OnlineBlock : public SqueezedBlock<S, Act> {
   /// The branch-scaling matrix `vector` [rows, O].
   Param<S>& scales() { return vector_; }
 
-  /// W = sum_r v[r][o] * K_r[o].
+  /// W = sum_r v[r][o] * K_r[o]. The library's branches add their scaled kernel in one
+  /// pass (branches::ScaledAdjoint); a user branch's kernel goes through a zeroed temporary.
   void squeeze_into(Tensor<S>& w) const override {
     const auto shape = this->geometry().weight_shape();
     w.reset(shape);
     const std::int64_t O = shape[0], per_o = w.size() / O;
     for (std::size_t r = 0; r < branches_.size(); ++r) {
+      const S* v = vector_.value.data() + std::int64_t(r) * O;
+      if (auto* fast = dynamic_cast<const branches::ScaledAdjoint<S>*>(branches_[r].get())) {
+        fast->add_scaled_kernel(w, v);
+        continue;
+      }
       kernel_.reset(shape);
       branches_[r]->kernel(kernel_);
       for (std::int64_t o = 0; o < O; ++o) {
-        const S v = vector_.value(std::int64_t(r), o);
         S* dst = w.data() + o * per_o;
         const S* src = kernel_.data() + o * per_o;
-        for (std::int64_t j = 0; j < per_o; ++j) dst[j] += v * src[j];
+        for (std::int64_t j = 0; j < per_o; ++j) dst[j] += v[o] * src[j];
       }
     }
   }
 
   /// dv[r][o] += <dW[o], K_r[o]>, and branch r's adjoint of v[r][o] * dW[o]. Costs a few
-  /// kernel-sized products, independent of batch and image size.
+  /// kernel-sized products, independent of batch and image size. The library's branches
+  /// (branches::ScaledAdjoint) do both in one pass without forming K_r again; a user
+  /// branch gets its kernel recomputed for dv and the scaled gradient for its adjoint.
   void squeeze_backward(const Tensor<S>& grad_w) override {
     const auto shape = this->geometry().weight_shape();
     grad_w.expect_shape(shape, this->type_name() + "::squeeze_backward grad_weight");
     const std::int64_t O = shape[0], per_o = grad_w.size() / O;
     for (std::size_t r = 0; r < branches_.size(); ++r) {
+      const S* v = vector_.value.data() + std::int64_t(r) * O;
+      S* dv = vector_.grad.data() + std::int64_t(r) * O;
+      if (auto* fast = dynamic_cast<branches::ScaledAdjoint<S>*>(branches_[r].get())) {
+        fast->scaled_kernel_backward(grad_w, v, dv);
+        continue;
+      }
       kernel_.reset(shape);
       branches_[r]->kernel(kernel_);
       grad_kernel_.resize(shape);
       for (std::int64_t o = 0; o < O; ++o) {
-        const S v = vector_.value(std::int64_t(r), o);
         const S* gw = grad_w.data() + o * per_o;
         const S* k = kernel_.data() + o * per_o;
         S* d = grad_kernel_.data() + o * per_o;
-        S dv = 0;
+        S acc = 0;
         for (std::int64_t j = 0; j < per_o; ++j) {
-          dv += gw[j] * k[j];
-          d[j] = v * gw[j];
+          acc += gw[j] * k[j];
+          d[j] = v[o] * gw[j];
         }
-        vector_.grad(std::int64_t(r), o) += dv;
+        dv[o] += acc;
       }
       branches_[r]->kernel_backward(grad_kernel_);
     }

@@ -63,7 +63,10 @@ class RepVGGBlock_OREPA {
     }
     out_.resize(sum_.shape());
     for (std::int64_t j = 0; j < sum_.size(); ++j) out_[j] = act_(sum_[j]);
-    x_ = identity_ ? x : Tensor<S>();  // only the identity BN's backward needs the input here
+    if (identity_) {  // only the identity BN's backward needs the input here (buffer reused)
+      x_.resize(x.shape());
+      std::copy(x.begin(), x.end(), x_.begin());
+    }
     has_forward_ = true;
     return out_;
   }

@@ -6,8 +6,14 @@
 /// OnlineBlock (a sum of branches: OREPA, OREPA_1x1, ...) and OREPA_LargeConv (a
 /// composition of 3x3 OREPA kernels).
 ///
-/// Saved for backward: the block input and the conv output (plus BN's per-channel
-/// statistics); the pre-activation is recomputed from them. Nothing per branch.
+/// Saved for backward: the block input and the conv output (plus the kernel and BN's
+/// per-channel statistics); the pre-activation is recomputed from them. Nothing per branch.
+///
+/// For float with a built-in activation (identity, ReLU, SiLU) a training step runs the
+/// fused pipeline engine::FusedConvBnAct: conv, BN and the activation as oneDNN
+/// primitives on the layout the convolution prefers, with reorders only at the block's
+/// input and output, the reordered input saved for backward-weights. Other scalars and
+/// user activations run the plain path (ConvEngine on NCHW, BatchNorm, element loops).
 ///
 /// Thread safety: not safe to use from several threads at once (training and eval
 /// forwards reuse the block's buffers). Deploy it for concurrent inference.
@@ -63,11 +69,19 @@ class SqueezedBlock {
       throw state_error(detail::cat(type_name_, "::forward_train: BN needs more than one value per channel; input ",
                                     shape_str(x.shape()), " gives output ", shape_str(ys)));
     squeeze_into(w_);
-    x_.resize(x.shape());
-    std::copy(x.begin(), x.end(), x_.begin());
-    conv_.forward(x_, w_, y_);
-    bn_.forward_train(y_, out_);
-    for (auto& v : out_) v = act_(v);
+    if constexpr (kFused) {
+      const std::int64_t C = g_.out_channels;
+      stats_.resize({2 * C});
+      fused().forward(x, w_, bn_.weight.value.data(), bn_.bias.value.data(), bn_.eps, out_, stats_.data(),
+                      stats_.data() + C);
+      bn_.set_batch_statistics(stats_.data(), stats_.data() + C, ys[0] * ys[2] * ys[3]);
+    } else {
+      x_.resize(x.shape());
+      std::copy(x.begin(), x.end(), x_.begin());
+      conv_.forward(x_, w_, y_);
+      bn_.forward_train(y_, out_);
+      for (auto& v : out_) v = act_(v);
+    }
     has_forward_ = true;
     return out_;
   }
@@ -88,6 +102,15 @@ class SqueezedBlock {
   const Tensor<S>& backward(const Tensor<S>& grad_out) {
     if (!has_forward_) throw state_error(type_name_ + "::backward: call forward_train first");
     grad_out.expect_shape(out_.shape(), type_name_ + "::backward grad_output");
+    if constexpr (kFused) {
+      const std::int64_t C = g_.out_channels;
+      grads_.resize({2 * C});
+      fused().backward(grad_out, bn_.weight.value.data(), bn_.bias.value.data(), bn_.batch_mean().data(),
+                       bn_.batch_var().data(), dx_, dw_, grads_.data(), grads_.data() + C);
+      bn_.accumulate_grads(grads_.data(), grads_.data() + C);
+      squeeze_backward(dw_);
+      return dx_;
+    }
     dz_.resize(y_.shape());
     const std::int64_t N = y_.dim(0), C = y_.dim(1), P = y_.dim(2) * y_.dim(3);
     for (std::int64_t b = 0; b < N; ++b)
@@ -143,18 +166,43 @@ class SqueezedBlock {
     return DeployedConv<S, Act>(g_, std::move(w), std::move(b), act_);
   }
 
-  /// Primitive sets the training engine has created (one per input shape).
-  std::int64_t primitive_creations() const { return conv_.primitive_creations(); }
-
- protected:
-  SqueezedBlock(const ConvGeometry& g, std::string type_name, bool with_bn, const std::string& bn_prefix, Act act)
-      : g_(validated(g, type_name)), type_name_(std::move(type_name)), has_bn_(with_bn), act_(act), conv_(g_) {
-    if (has_bn_) bn_ = engine::BatchNorm<S>(g_.out_channels, bn_prefix);
+  /// Primitive sets the training engines have created (one per input shape and path:
+  /// the fused training pipeline, the NCHW conv engine of forward_eval, BN's own).
+  std::int64_t primitive_creations() const {
+    return conv_.primitive_creations() + fused_.primitive_creations() + bn_.primitive_creations();
   }
 
+  /// Bytes the block keeps between forward_train and backward (0 before forward_train):
+  /// the saved input and conv output (in the convolution's layout on the fused path), the
+  /// squeezed kernel (and its reordered copy) and BN's batch statistics, plus whatever the
+  /// subclass keeps for its squeeze adjoint (extra_bytes_saved_for_backward()).
+  std::int64_t bytes_saved_for_backward() const {
+    if (!has_forward_) return 0;
+    const std::int64_t stats = std::int64_t(sizeof(S)) * 2 * g_.out_channels;
+    const std::int64_t w = std::int64_t(sizeof(S)) * w_.size();
+    const std::int64_t acts = kFused ? fused_.bytes_saved_for_backward()
+                                     : std::int64_t(sizeof(S)) * (x_.size() + y_.size());
+    return acts + w + stats + extra_bytes_saved_for_backward();
+  }
+
+ protected:
+  /// `odd_kernel` = false lets plain-kernel subclasses (ConvBN) take even kernel sizes.
+  SqueezedBlock(const ConvGeometry& g, std::string type_name, bool with_bn, const std::string& bn_prefix, Act act,
+                bool odd_kernel = true)
+      : g_(validated(g, type_name, odd_kernel)), type_name_(std::move(type_name)), has_bn_(with_bn), act_(act), conv_(g_),
+        fused_(g_, kFused ? Act::kind : ActivationKind::identity) {
+    if (has_bn_) bn_ = engine::BatchNorm<S>(g_.out_channels, bn_prefix);
+  }
+  /// Bytes a subclass keeps from squeeze_into to squeeze_backward (default none).
+  virtual std::int64_t extra_bytes_saved_for_backward() const { return 0; }
+
  private:
-  static ConvGeometry validated(const ConvGeometry& g, const std::string& who) {
-    g.validate(who.c_str());
+  // The fused oneDNN pipeline needs float and an activation oneDNN has.
+  static constexpr bool kFused = std::is_same_v<S, float> && Act::kind != ActivationKind::custom;
+  engine::FusedConvBnAct& fused() { return fused_; }
+
+  static ConvGeometry validated(const ConvGeometry& g, const std::string& who, bool odd_kernel) {
+    g.validate(who.c_str(), odd_kernel);
     return g;
   }
   void require_bn(const char* what) const {
@@ -166,8 +214,10 @@ class SqueezedBlock {
   bool has_bn_;
   engine::BatchNorm<S> bn_;
   Act act_;
-  mutable engine::ConvEngine<S> conv_;
+  mutable engine::ConvEngine<S> conv_;  // forward_eval, and training on the plain path
+  engine::FusedConvBnAct fused_;        // training on the fused path (primitives built lazily)
   Tensor<S> w_, x_, y_, out_, dz_, dx_, dw_;  // reused: saved for backward, output, gradients
+  Tensor<S> stats_, grads_;                   // fused path: BN batch mean|var, dgamma|dbeta
   bool has_forward_ = false;
 };
 

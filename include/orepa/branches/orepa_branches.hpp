@@ -4,12 +4,50 @@
 /// (section 2). Names take a stem: "orepa" gives `weight_orepa_origin`, "rbr" gives
 /// `weight_rbr_origin`, "or1x1" gives `weight_or1x1_origin`.
 /// Kernels are [O, Ig, k, k] row-major; "hw" below is the flattened k*k spatial index.
+///
+/// Besides the Branch interface every branch here implements ScaledAdjoint, which the
+/// online block uses to run the adjoint of the whole squeeze without forming the branch
+/// kernels again. The two branches with real arithmetic (1x1 -> k x k and the
+/// DW-separable one) run their products as a few dense GEMMs (oneDNN matmul for float,
+/// Eigen otherwise) instead of per-element loops.
 
 #include <cmath>
+#include <vector>
 
 #include "orepa/branches/branch.hpp"
+#include "orepa/engine/onednn.hpp"
 
 namespace orepa::branches {
+
+/// Vectorisable row kernels (Eigen reorders the sums, which plain loops may not).
+template <class S>
+using VecMap = Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, 1>>;
+template <class S>
+using ConstVecMap = Eigen::Map<const Eigen::Matrix<S, Eigen::Dynamic, 1>>;
+/// grad += v * g over n values; returns <theta, g>.
+template <class S>
+S axpy_dot(std::int64_t n, S v, const S* g, const S* theta, S* grad) {
+  ConstVecMap<S> gm(g, n);
+  VecMap<S>(grad, n) += v * gm;
+  return ConstVecMap<S>(theta, n).dot(gm);
+}
+
+/// The squeeze adjoint of a branch with its scale folded in: the block scales output
+/// channel o of the branch kernel K by v[o], so for dL/dW it needs dL/dtheta for the
+/// kernel gradient v[o] * dW[o] and dL/dv[o] = <dW[o], K[o]>. Every branch here is linear
+/// in a parameter with one row per output channel, so <dW[o], K[o]> = <theta[o], g[o]>
+/// with g the unscaled adjoint: no kernel needs to be formed in backward.
+template <class S>
+class ScaledAdjoint {
+ public:
+  virtual ~ScaledAdjoint() = default;
+  /// w[o] += v[o] * K[o] (w [O, Ig, k, k]): the branch's share of the squeeze in one pass,
+  /// without a zeroed temporary kernel.
+  virtual void add_scaled_kernel(Tensor<S>& w, const S* v) const = 0;
+  /// Accumulates this branch's parameter gradients for the kernel gradient v[o] * grad_w[o]
+  /// and adds <grad_w[o], K[o]> to dv[o] (grad_w [O, Ig, k, k]; v, dv O values).
+  virtual void scaled_kernel_backward(const Tensor<S>& grad_w, const S* v, S* dv) = 0;
+};
 
 /// Initial branch scale and kaiming slope, which differ between the reference blocks.
 struct Init {
@@ -22,15 +60,28 @@ inline std::string wname(const std::string& stem, const char* what) { return "we
 
 /// Row 0: a free k x k kernel, `weight_<stem>_origin` [O, Ig, k, k].
 template <class S>
-class Origin final : public Branch<S> {
+class Origin final : public Branch<S>, public ScaledAdjoint<S> {
  public:
   Origin(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
       : w_(wname(stem, "origin"), Tensor<S>(g.weight_shape())), init_(init) {
     kaiming_uniform(w_.value, init.kaiming_a, rng);
   }
   void kernel(Tensor<S>& out) const override { std::copy(w_.value.begin(), w_.value.end(), out.begin()); }
+  void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
+    const std::int64_t O = w.dim(0), per = w.size() / O;
+    for (std::int64_t o = 0; o < O; ++o) {
+      const S* k = w_.value.data() + o * per;
+      S* d = w.data() + o * per;
+      for (std::int64_t j = 0; j < per; ++j) d[j] += v[o] * k[j];
+    }
+  }
   void kernel_backward(const Tensor<S>& dk) override {
     for (std::int64_t j = 0; j < dk.size(); ++j) w_.grad[j] += dk[j];
+  }
+  void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
+    const std::int64_t O = dk.dim(0), per = dk.size() / O;
+    for (std::int64_t o = 0; o < O; ++o)
+      dv[o] += axpy_dot(per, v[o], dk.data() + o * per, w_.value.data() + o * per, w_.grad.data() + o * per);
   }
   ParamList<S> params() override { return {&w_}; }
   double initial_scale() const override { return init_.scale; }
@@ -44,7 +95,7 @@ class Origin final : public Branch<S> {
 /// K[o, i, hw] = conv[o, i] * F[o mod rows(F), hw]. With one filter row shared by all
 /// outputs this is the average branch (row 1), with O rows the frequency prior (row 2).
 template <class S>
-class OneByOneThenFilter : public Branch<S> {
+class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
  public:
   void kernel(Tensor<S>& out) const override {
     const auto O = out.dim(0), Ig = out.dim(1), kk = out.dim(2) * out.dim(3), rows = filter_.value.size() / kk;
@@ -54,6 +105,16 @@ class OneByOneThenFilter : public Branch<S> {
         const S* f = filter_.value.data() + (o % rows) * kk;
         S* k = out.data() + (o * Ig + i) * kk;
         for (std::int64_t j = 0; j < kk; ++j) k[j] = c * f[j];
+      }
+  }
+  void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
+    const auto O = w.dim(0), Ig = w.dim(1), kk = w.dim(2) * w.dim(3), rows = filter_.value.size() / kk;
+    for (std::int64_t o = 0; o < O; ++o)
+      for (std::int64_t i = 0; i < Ig; ++i) {
+        const S c = v[o] * conv_.value[o * Ig + i];
+        const S* f = filter_.value.data() + (o % rows) * kk;
+        S* k = w.data() + (o * Ig + i) * kk;
+        for (std::int64_t j = 0; j < kk; ++j) k[j] += c * f[j];
       }
   }
   void kernel_backward(const Tensor<S>& dk) override {
@@ -66,6 +127,16 @@ class OneByOneThenFilter : public Branch<S> {
         for (std::int64_t j = 0; j < kk; ++j) acc += d[j] * f[j];
         conv_.grad[o * Ig + i] += acc;
       }
+  }
+  void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
+    const auto O = dk.dim(0), Ig = dk.dim(1), kk = dk.dim(2) * dk.dim(3), rows = filter_.value.size() / kk;
+    g_.resize({Ig});
+    for (std::int64_t o = 0; o < O; ++o) {
+      // g[i] = sum_hw dK[o, i, hw] * F[o, hw]: one matrix-vector product per output.
+      VecMap<S>(g_.data(), Ig).noalias() =
+          ConstMatMap<S>(dk.data() + o * Ig * kk, Ig, kk) * ConstVecMap<S>(filter_.value.data() + (o % rows) * kk, kk);
+      dv[o] += axpy_dot(Ig, v[o], g_.data(), conv_.value.data() + o * Ig, conv_.grad.data() + o * Ig);
+    }
   }
   ParamList<S> params() override { return {&conv_, &filter_}; }
   double initial_scale() const override { return init_.scale; }
@@ -80,6 +151,7 @@ class OneByOneThenFilter : public Branch<S> {
   }
   Param<S> conv_, filter_;
   Init init_;
+  Tensor<S> g_;  // scratch: one output's unscaled gradient
 };
 
 /// Row 1: 1x1 conv `weight_<stem>_avg_conv` then the k x k average `weight_<stem>_avg_avg` [k, k].
@@ -121,7 +193,7 @@ class Prior final : public OneByOneThenFilter<S> {
 /// The k x k part is `weight_<stem>_1x1_kxk_conv2` [O, T/g, k, k]. Per group c:
 /// K[c*Og+a, i, hw] = sum_{u<T/g} conv2[c*Og+a, u, hw] * c1[c*T/g+u, i].
 template <class S>
-class OneByOneKxk final : public Branch<S> {
+class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
  public:
   OneByOneKxk(const ConvGeometry& g, const std::string& stem, std::int64_t internal, bool identity_init, Init init,
               Rng& rng)
@@ -142,26 +214,45 @@ class OneByOneKxk final : public Branch<S> {
   }
   std::int64_t internal_channels() const { return T_; }
 
-  void kernel(Tensor<S>& out) const override {
-    const Tensor<S> c1 = effective_conv1();
-    each_group(out.shape(), [&](std::int64_t o, std::int64_t c, std::int64_t Tg, std::int64_t Ig, std::int64_t kk) {
-      // K_o (Ig x kk) = c1_c^T (Ig x Tg) * conv2_o (Tg x kk)
-      auto c1g = c1.matrix(T_, Ig).middleRows(c * Tg, Tg);
-      ConstMatMap<S> w2(conv2_.value.data() + o * Tg * kk, Tg, kk);
-      MatMap<S> k(out.data() + o * Ig * kk, Ig, kk);
-      k.noalias() = c1g.transpose() * w2;
-    });
-  }
+  // Per group c the branch is one GEMM over the Og*kk (a, hw) rows:
+  //   P[a*kk + hw, u] = conv2[c*Og + a, u, hw]      (a transposed copy, kernel-sized)
+  //   E = P * c1_c  [Og*kk x Ig]                    (M = Og*kk, K = Tg, N = Ig)
+  //   K[c*Og + a, i, hw] = E[a*kk + hw, i]          (copied back)
+  void kernel(Tensor<S>& out) const override { product(out, nullptr, false); }
+  void add_scaled_kernel(Tensor<S>& w, const S* v) const override { product(w, v, true); }
   void kernel_backward(const Tensor<S>& dk) override {
-    const Tensor<S> c1 = effective_conv1();
-    each_group(dk.shape(), [&](std::int64_t o, std::int64_t c, std::int64_t Tg, std::int64_t Ig, std::int64_t kk) {
-      auto c1g = c1.matrix(T_, Ig).middleRows(c * Tg, Tg);
-      ConstMatMap<S> w2(conv2_.value.data() + o * Tg * kk, Tg, kk);
-      ConstMatMap<S> d(dk.data() + o * Ig * kk, Ig, kk);
-      MatMap<S> g2(conv2_.grad.data() + o * Tg * kk, Tg, kk);
-      g2.noalias() += c1g * d;                                           // d conv2_o = c1_c d_o
-      conv1_.grad.matrix(T_, Ig).middleRows(c * Tg, Tg).noalias() += w2 * d.transpose();  // d c1_c += conv2_o d_o^T
-    });
+    std::vector<S> ones(std::size_t(dk.dim(0)), S(1)), dv(std::size_t(dk.dim(0)));
+    scaled_kernel_backward(dk, ones.data(), dv.data());
+  }
+  // With dE[a*kk + hw, i] = dW[c*Og + a, i, hw]:
+  //   G^T = c1_c * dE^T [Tg x Og*kk] -> conv2.grad += v * G, dv += <conv2, G>
+  //   dc1_c += (v * P)^T * dE        [Tg x Ig]
+  void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
+    const Dims d = dims(dk.shape());
+    effective_conv1();
+    for (std::int64_t c = 0; c < d.G; ++c) {
+      e_.resize({d.Og * d.kk, d.Ig});
+      for (std::int64_t a = 0; a < d.Og; ++a)
+        for (std::int64_t i = 0; i < d.Ig; ++i)
+          for (std::int64_t hw = 0; hw < d.kk; ++hw)
+            e_[(a * d.kk + hw) * d.Ig + i] = dk[((c * d.Og + a) * d.Ig + i) * d.kk + hw];
+      // G^T = c1_c * dE^T [Tg x Og*kk]: row u holds, for each a, the kk values of
+      // conv2[c*Og + a, u, :]'s gradient contiguously.
+      g_.resize({d.Tg, d.Og * d.kk});
+      engine::gemm(gemm_dims(d.Tg, d.Og * d.kk, d.Ig, {0, d.Ig, 1}, {0, 1, d.Ig}, {0, d.Og * d.kk, 1}),
+                   c1_.data() + c * d.Tg * d.Ig, e_.data(), g_.data());
+      for (std::int64_t a = 0; a < d.Og; ++a) {
+        const std::int64_t o = c * d.Og + a;
+        S acc = 0;
+        for (std::int64_t u = 0; u < d.Tg; ++u)
+          acc += axpy_dot(d.kk, v[o], g_.data() + u * d.Og * d.kk + a * d.kk,
+                          conv2_.value.data() + (o * d.Tg + u) * d.kk, conv2_.grad.data() + (o * d.Tg + u) * d.kk);
+        dv[o] += acc;
+      }
+      to_rows(conv2_.value.data(), c, d, v, p_);  // v-scaled P
+      engine::gemm(gemm_dims(d.Tg, d.Ig, d.Og * d.kk, {0, 1, d.Tg}, {0, d.Ig, 1}, {0, d.Ig, 1}, true), p_.data(),
+                   e_.data(), conv1_.grad.data() + c * d.Tg * d.Ig);
+    }
   }
   ParamList<S> params() override {
     if (identity_) return {&conv1_, &id_, &conv2_};
@@ -170,28 +261,65 @@ class OneByOneKxk final : public Branch<S> {
   double initial_scale() const override { return init_.scale; }
 
  private:
-  Tensor<S> effective_conv1() const {
-    Tensor<S> c1 = conv1_.value;
-    if (identity_)
-      for (std::int64_t j = 0; j < c1.size(); ++j) c1[j] += id_.value[j];
-    return c1;
+  struct Dims {
+    std::int64_t O, Ig, kk, Tg, G, Og;
+  };
+  Dims dims(const Shape& ks) const {
+    const std::int64_t O = ks[0], Ig = ks[1], kk = ks[2] * ks[3], Tg = conv2_.value.dim(1), G = T_ / Tg;
+    return {O, Ig, kk, Tg, G, O / G};
   }
-  template <class F>
-  void each_group(const Shape& ks, F&& f) const {
-    const std::int64_t O = ks[0], Ig = ks[1], kk = ks[2] * ks[3], Tg = conv2_.value.dim(1), G = T_ / Tg,
-                       Og = O / G;
-    for (std::int64_t o = 0; o < O; ++o) f(o, o / Og, Tg, Ig, kk);
+  static engine::GemmDims gemm_dims(std::int64_t M, std::int64_t N, std::int64_t K, std::array<std::int64_t, 3> a,
+                                    std::array<std::int64_t, 3> b, std::array<std::int64_t, 3> c, bool acc = false) {
+    engine::GemmDims g;
+    g.M = M, g.N = N, g.K = K, g.a = a, g.b = b, g.c = c, g.accumulate = acc;
+    return g;
+  }
+  // P[a*kk + hw, u] = conv2[c*Og + a, u, hw] (times v[c*Og + a] when v is given).
+  static void to_rows(const S* conv2, std::int64_t c, const Dims& d, const S* v, Tensor<S>& p) {
+    p.resize({d.Og * d.kk, d.Tg});
+    for (std::int64_t a = 0; a < d.Og; ++a) {
+      const S s = v ? v[c * d.Og + a] : S(1);
+      const S* w2 = conv2 + (c * d.Og + a) * d.Tg * d.kk;
+      for (std::int64_t u = 0; u < d.Tg; ++u)
+        for (std::int64_t hw = 0; hw < d.kk; ++hw) p[(a * d.kk + hw) * d.Tg + u] = s * w2[u * d.kk + hw];
+    }
+  }
+  // out = K (add = false), or out += v * K (add = true, v-scaled rows of conv2).
+  void product(Tensor<S>& out, const S* v, bool add) const {
+    const Dims d = dims(out.shape());
+    effective_conv1();
+    for (std::int64_t c = 0; c < d.G; ++c) {
+      to_rows(conv2_.value.data(), c, d, v, p_);
+      e_.resize({d.Og * d.kk, d.Ig});
+      engine::gemm(gemm_dims(d.Og * d.kk, d.Ig, d.Tg, {0, d.Tg, 1}, {0, d.Ig, 1}, {0, d.Ig, 1}), p_.data(),
+                   c1_.data() + c * d.Tg * d.Ig, e_.data());
+      for (std::int64_t a = 0; a < d.Og; ++a)
+        for (std::int64_t i = 0; i < d.Ig; ++i) {
+          S* k = out.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
+          const S* e = e_.data() + a * d.kk * d.Ig + i;
+          if (add)
+            for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] += e[hw * d.Ig];
+          else
+            for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] = e[hw * d.Ig];
+        }
+    }
+  }
+  // c1 = conv1 (+ id_tensor), into the reused c1_ buffer.
+  void effective_conv1() const {
+    c1_.resize(conv1_.value.shape());
+    for (std::int64_t j = 0; j < c1_.size(); ++j) c1_[j] = conv1_.value[j] + (identity_ ? id_.value[j] : S(0));
   }
 
   std::int64_t T_;
   bool identity_;
   Init init_;
   Param<S> conv1_, id_, conv2_;
+  mutable Tensor<S> c1_, p_, e_, g_;  // scratch, reused (kernel-sized)
 };
 
 /// Row 4: a 1x1 kernel `weight_<stem>_1x1` [O, Ig, 1, 1] zero-padded to the k x k centre.
 template <class S>
-class OneByOne final : public Branch<S> {
+class OneByOne final : public Branch<S>, public ScaledAdjoint<S> {
  public:
   OneByOne(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
       : w_(wname(stem, "1x1"), Tensor<S>({g.out_channels, g.in_per_group(), 1, 1})), init_(init) {
@@ -201,9 +329,21 @@ class OneByOne final : public Branch<S> {
     const auto k = out.dim(2), kk = k * k, centre = (k / 2) * k + k / 2;
     for (std::int64_t j = 0; j < w_.value.size(); ++j) out[j * kk + centre] = w_.value[j];
   }
+  void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
+    const auto Ig = w.dim(1), k = w.dim(2), kk = k * k, centre = (k / 2) * k + k / 2;
+    for (std::int64_t j = 0; j < w_.value.size(); ++j) w[j * kk + centre] += v[j / Ig] * w_.value[j];
+  }
   void kernel_backward(const Tensor<S>& dk) override {
     const auto k = dk.dim(2), kk = k * k, centre = (k / 2) * k + k / 2;
     for (std::int64_t j = 0; j < w_.grad.size(); ++j) w_.grad[j] += dk[j * kk + centre];
+  }
+  void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
+    const auto Ig = dk.dim(1), k = dk.dim(2), kk = k * k, centre = (k / 2) * k + k / 2;
+    for (std::int64_t j = 0; j < w_.grad.size(); ++j) {
+      const S g = dk[j * kk + centre];
+      w_.grad[j] += v[j / Ig] * g;
+      dv[j / Ig] += w_.value[j] * g;
+    }
   }
   ParamList<S> params() override { return {&w_}; }
   double initial_scale() const override { return init_.scale; }
@@ -218,7 +358,7 @@ class OneByOne final : public Branch<S> {
 /// reference's PW row permutation for g > 1: for o = c*Og + a,
 /// K[o, i, hw] = sum_{t<8} pw[a*g + c, i*8 + t] * dw[(c*Ig + i)*8 + t, hw].
 template <class S>
-class DepthwiseSeparable final : public Branch<S> {
+class DepthwiseSeparable final : public Branch<S>, public ScaledAdjoint<S> {
  public:
   static constexpr std::int64_t expand = 8;
   DepthwiseSeparable(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
@@ -228,43 +368,82 @@ class DepthwiseSeparable final : public Branch<S> {
     kaiming_uniform(dw_.value, init.kaiming_a, rng);
     kaiming_uniform(pw_.value, init.kaiming_a, rng);
   }
-  void kernel(Tensor<S>& out) const override {
-    visit(out.shape(), [&](std::int64_t kidx, std::int64_t pidx, std::int64_t didx, std::int64_t kk) {
-      const S p = pw_.value[pidx];
-      const S* d = dw_.value.data() + didx;
-      S* k = out.data() + kidx;
-      for (std::int64_t j = 0; j < kk; ++j) k[j] += p * d[j];
-    });
+  // Per group c, one batched GEMM over the Ig input channels i:
+  //   K[c*Og + a, i, :] (Og x kk) = PW_i (Og x 8) * DW_i (8 x kk),
+  //   PW_i[a, t] = pw[a*g + c, i*8 + t], DW_i[t, :] = dw[(c*Ig + i)*8 + t, :],
+  // every operand addressed in place through its strides.
+  void kernel(Tensor<S>& out) const override { product(out, pw_.value.data(), false); }
+  void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
+    const Dims d = dims(w.shape());
+    pwv_.resize(pw_.value.shape());
+    for (std::int64_t o = 0; o < d.O; ++o) {
+      const std::int64_t row = prow(o, d);
+      for (std::int64_t j = 0; j < d.cols; ++j) pwv_[row * d.cols + j] = v[o] * pw_.value[row * d.cols + j];
+    }
+    product(w, pwv_.data(), true);
   }
   void kernel_backward(const Tensor<S>& dk) override {
-    visit(dk.shape(), [&](std::int64_t kidx, std::int64_t pidx, std::int64_t didx, std::int64_t kk) {
-      const S p = pw_.value[pidx];
-      const S* d = dw_.value.data() + didx;
-      const S* g = dk.data() + kidx;
-      S* gd = dw_.grad.data() + didx;
-      S acc = 0;
-      for (std::int64_t j = 0; j < kk; ++j) { acc += g[j] * d[j]; gd[j] += p * g[j]; }
-      pw_.grad[pidx] += acc;
-    });
+    std::vector<S> ones(std::size_t(dk.dim(0)), S(1)), dv(std::size_t(dk.dim(0)));
+    scaled_kernel_backward(dk, ones.data(), dv.data());
+  }
+  //   G_i = dK_i * DW_i^T (Og x 8), in pw's layout -> pw.grad += v * G, dv += <pw row, G row>
+  //   dw.grad_i += (v * PW_i)^T * dK_i (8 x kk)
+  void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
+    const Dims d = dims(dk.shape());
+    gpw_.resize(pw_.value.shape());
+    pwv_.resize(pw_.value.shape());
+    for (std::int64_t c = 0; c < d.G; ++c)
+      engine::gemm(batched(d, d.Og, expand, d.kk, k_strides(d), {expand * d.kk, 1, d.kk}, pw_strides(d)),
+                   dk.data() + c * d.Og * d.Ig * d.kk, dw_.value.data() + c * d.Ig * expand * d.kk,
+                   gpw_.data() + c * d.cols);
+    for (std::int64_t o = 0; o < d.O; ++o) {
+      const std::int64_t off = prow(o, d) * d.cols;
+      dv[o] += axpy_dot(d.cols, v[o], gpw_.data() + off, pw_.value.data() + off, pw_.grad.data() + off);
+      VecMap<S>(pwv_.data() + off, d.cols) = v[o] * ConstVecMap<S>(pw_.value.data() + off, d.cols);
+    }
+    for (std::int64_t c = 0; c < d.G; ++c) {
+      const auto ps = pw_strides(d);
+      engine::gemm(batched(d, expand, d.kk, d.Og, {ps[0], ps[2], ps[1]}, k_strides(d), {expand * d.kk, d.kk, 1}, true),
+                   pwv_.data() + c * d.cols, dk.data() + c * d.Og * d.Ig * d.kk,
+                   dw_.grad.data() + c * d.Ig * expand * d.kk);
+    }
   }
   ParamList<S> params() override { return {&dw_, &pw_}; }
   double initial_scale() const override { return init_.scale; }
 
  private:
-  // Calls f(kernel offset, pw index, dw offset, k*k) for every (o, i, t).
-  template <class F>
-  void visit(const Shape& ks, F&& f) const {
-    const std::int64_t O = ks[0], Ig = ks[1], kk = ks[2] * ks[3], G = groups_, Og = O / G, cols = expand * Ig;
-    for (std::int64_t o = 0; o < O; ++o) {
-      const std::int64_t c = o / Og, a = o % Og, prow = a * G + c;
-      for (std::int64_t i = 0; i < Ig; ++i)
-        for (std::int64_t t = 0; t < expand; ++t)
-          f((o * Ig + i) * kk, prow * cols + i * expand + t, ((c * Ig + i) * expand + t) * kk, kk);
-    }
+  struct Dims {
+    std::int64_t O, Ig, kk, G, Og, cols;
+  };
+  Dims dims(const Shape& ks) const {
+    const std::int64_t O = ks[0], Ig = ks[1], kk = ks[2] * ks[3], G = groups_;
+    return {O, Ig, kk, G, O / G, expand * Ig};
   }
+  // out (+)= the kernel of the PW weights `pw` (pw's layout) and dw.
+  void product(Tensor<S>& out, const S* pw, bool add) const {
+    const Dims d = dims(out.shape());
+    for (std::int64_t c = 0; c < d.G; ++c)
+      engine::gemm(batched(d, d.Og, d.kk, expand, pw_strides(d), {expand * d.kk, d.kk, 1}, k_strides(d), add),
+                   pw + c * d.cols, dw_.value.data() + c * d.Ig * expand * d.kk, out.data() + c * d.Og * d.Ig * d.kk);
+  }
+  // The reference's PW row for output o = c*Og + a.
+  static std::int64_t prow(std::int64_t o, const Dims& d) { return (o % d.Og) * d.G + o / d.Og; }
+  // PW_i[a, t] = pw[(a*G + c)*cols + i*8 + t] (from the group's base c*cols).
+  static std::array<std::int64_t, 3> pw_strides(const Dims& d) { return {expand, d.G * d.cols, 1}; }
+  // K_i[a, hw] = K[((c*Og + a)*Ig + i)*kk + hw] (from the group's base).
+  static std::array<std::int64_t, 3> k_strides(const Dims& d) { return {d.kk, d.Ig * d.kk, 1}; }
+  static engine::GemmDims batched(const Dims& d, std::int64_t M, std::int64_t N, std::int64_t K,
+                                  std::array<std::int64_t, 3> a, std::array<std::int64_t, 3> b,
+                                  std::array<std::int64_t, 3> c, bool acc = false) {
+    engine::GemmDims g;
+    g.batch = d.Ig, g.M = M, g.N = N, g.K = K, g.a = a, g.b = b, g.c = c, g.accumulate = acc;
+    return g;
+  }
+
   Param<S> dw_, pw_;
   std::int64_t groups_;
   Init init_;
+  mutable Tensor<S> gpw_, pwv_;  // scratch, reused (pw-sized)
 };
 
 /// OREPA_1x1's second branch: `weight_or1x1_l2i_conv1` [T, I, 1, 1] then

@@ -2,16 +2,134 @@
 /// @file batch_norm.hpp
 /// BatchNorm2d with PyTorch semantics (SPEC section 6): eps 1e-5, momentum 0.1, biased
 /// batch variance for normalising, unbiased (n/(n-1)) for the running variance, and the
-/// deploy fold s = gamma / sqrt(var + eps), b = beta - mean * s. Plain loops over NCHW
-/// planes, statistics accumulated in double.
+/// deploy fold s = gamma / sqrt(var + eps), b = beta - mean * s.
+///
+/// For float the training forward and backward run oneDNN batch-normalisation primitives
+/// (JIT, multi-threaded), created once per input shape; BnKernels exposes the same
+/// primitives for any memory layout, so the fused training pipeline (conv.hpp) runs BN on
+/// the convolution's blocked output directly. Other scalars (double, for gradient checks)
+/// run plain loops over NCHW planes with statistics accumulated in double.
 
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
 #include <string>
+#include <unordered_map>
 
 #include "orepa/core/param.hpp"
+#include "orepa/engine/onednn.hpp"
 
 namespace orepa::engine {
+
+/// oneDNN batch-normalisation primitives (scale and shift, no fused ReLU) for one data
+/// descriptor and epsilon: training forward (batch statistics out), forward with given
+/// statistics (to recompute a training forward's output), and backward. Every argument
+/// is a raw float pointer: the data pointers must hold memory in `data`'s layout, the
+/// per-channel ones C floats. Created once, executed with no allocation.
+class BnKernels {
+ public:
+  BnKernels(const memory::desc& data, double eps) {
+    using namespace dnnl;
+    const auto C = data.dims()[1];
+    const memory::desc c_md({C}, memory::data_type::f32, tag::x);
+    primitive_attr attr;
+    attr.set_scratchpad_mode(scratchpad_mode::user);
+    const auto flags = normalization_flags::use_scale | normalization_flags::use_shift;
+    const float e = float(eps);
+    batch_normalization_forward::primitive_desc train_pd(
+        batch_normalization_forward::desc(prop_kind::forward_training, data, e, flags), attr, cpu_engine());
+    batch_normalization_forward::primitive_desc stats_pd(
+        batch_normalization_forward::desc(prop_kind::forward_inference, data, e,
+                                          flags | normalization_flags::use_global_stats),
+        attr, cpu_engine());
+    batch_normalization_backward::primitive_desc bwd_pd(
+        batch_normalization_backward::desc(prop_kind::backward, data, data, e, flags), attr, cpu_engine(), train_pd);
+    train_ = batch_normalization_forward(train_pd);
+    stats_ = batch_normalization_forward(stats_pd);
+    bwd_ = batch_normalization_backward(bwd_pd);
+    auto wrap = [&](const memory::desc& d) { return memory(d, cpu_engine(), DNNL_MEMORY_NONE); };
+    src_ = wrap(data), dst_ = wrap(data), diff_dst_ = wrap(data), diff_src_ = wrap(data);
+    mean_ = wrap(c_md), var_ = wrap(c_md), scale_ = wrap(c_md), shift_ = wrap(c_md);
+    diff_scale_ = wrap(c_md), diff_shift_ = wrap(c_md);
+    auto biggest = train_pd.scratchpad_desc();
+    for (const auto& d : {stats_pd.scratchpad_desc(), bwd_pd.scratchpad_desc()})
+      if (d.get_size() > biggest.get_size()) biggest = d;
+    scratch_ = allocate(biggest);
+    fwd_args_ = {{DNNL_ARG_SRC, src_},   {DNNL_ARG_DST, dst_},     {DNNL_ARG_MEAN, mean_},
+                 {DNNL_ARG_VARIANCE, var_}, {DNNL_ARG_SCALE, scale_}, {DNNL_ARG_SHIFT, shift_},
+                 {DNNL_ARG_SCRATCHPAD, scratch_}};
+    // The backward lists SHIFT as a required argument although it does not use it (STYLE 2.4).
+    bwd_args_ = {{DNNL_ARG_SRC, src_},           {DNNL_ARG_DIFF_DST, diff_dst_}, {DNNL_ARG_MEAN, mean_},
+                 {DNNL_ARG_VARIANCE, var_},      {DNNL_ARG_SCALE, scale_},       {DNNL_ARG_SHIFT, shift_},
+                 {DNNL_ARG_DIFF_SRC, diff_src_}, {DNNL_ARG_DIFF_SCALE, diff_scale_},
+                 {DNNL_ARG_DIFF_SHIFT, diff_shift_}, {DNNL_ARG_SCRATCHPAD, scratch_}};
+  }
+  BnKernels(const BnKernels&) = delete;
+  BnKernels& operator=(const BnKernels&) = delete;
+
+  /// dst = BN(src) with the batch statistics, which are written to mean / var (biased).
+  void forward_train(const float* src, float* dst, float* mean, float* var, const float* gamma, const float* beta) {
+    bind_fwd(src, dst, mean, var, gamma, beta);
+    train_.execute(thread_stream(), fwd_args_);
+    thread_stream().wait();
+  }
+  /// dst = BN(src) with the given statistics (e.g. those of the last training forward).
+  void forward_with_stats(const float* src, float* dst, const float* mean, const float* var, const float* gamma,
+                          const float* beta) {
+    bind_fwd(src, dst, mean, var, gamma, beta);
+    stats_.execute(thread_stream(), fwd_args_);
+    thread_stream().wait();
+  }
+  /// diff_src = dL/dsrc and dgamma, dbeta (overwritten) from diff_dst, for the training
+  /// forward of `src` whose statistics were mean / var. diff_src may alias diff_dst.
+  void backward(const float* src, const float* diff_dst, float* diff_src, const float* mean, const float* var,
+                const float* gamma, const float* beta, float* dgamma, float* dbeta) {
+    set(src_, src), set(diff_dst_, diff_dst), set(diff_src_, diff_src);
+    set(mean_, mean), set(var_, var), set(scale_, gamma), set(shift_, beta);
+    set(diff_scale_, dgamma), set(diff_shift_, dbeta);
+    bwd_.execute(thread_stream(), bwd_args_);
+    thread_stream().wait();
+  }
+
+ private:
+  static void set(memory& m, const float* p) { m.set_data_handle(const_cast<float*>(p)); }
+  void bind_fwd(const float* src, float* dst, const float* mean, const float* var, const float* gamma,
+                const float* beta) {
+    set(src_, src), set(dst_, dst), set(mean_, mean), set(var_, var), set(scale_, gamma), set(shift_, beta);
+  }
+
+  dnnl::batch_normalization_forward train_, stats_;
+  dnnl::batch_normalization_backward bwd_;
+  memory src_, dst_, diff_dst_, diff_src_, mean_, var_, scale_, shift_, diff_scale_, diff_shift_, scratch_;
+  std::unordered_map<int, memory> fwd_args_, bwd_args_;
+};
+
+/// A unique_ptr that is dropped, not shared, when its owner is copied: for per-object
+/// caches of primitives and buffers (a copy rebuilds its own lazily).
+template <class T>
+class CacheSlot {
+ public:
+  CacheSlot() = default;
+  CacheSlot(const CacheSlot&) {}
+  CacheSlot& operator=(const CacheSlot&) {
+    p_.reset();
+    return *this;
+  }
+  CacheSlot(CacheSlot&&) noexcept = default;
+  CacheSlot& operator=(CacheSlot&&) noexcept = default;
+  T* get() const { return p_.get(); }
+  T& emplace(std::unique_ptr<T> p) {
+    p_ = std::move(p);
+    return *p_;
+  }
+  void reset() { p_.reset(); }
+
+ private:
+  std::unique_ptr<T> p_;
+};
 
 /// Per-channel batch normalisation of NCHW tensors with running statistics.
 template <class S>
@@ -38,30 +156,63 @@ class BatchNorm {
     if (n < 2)
       throw state_error(detail::cat("BatchNorm (", prefix_, "): training needs more than one value per channel, got input ",
                                     shape_str(y.shape())));
-    mean_.resize({C});
-    invstd_.resize({C});
     z.resize(y.shape());
+    stat_mean_.resize({C});
+    stat_var_.resize({C});
+    if constexpr (std::is_same_v<S, float>) {
+      guarded([&] { return "BatchNorm (" + prefix_ + ") training forward on " + shape_str(y.shape()); }, [&] {
+        kernels(y.shape()).forward_train(y.data(), z.data(), stat_mean_.data(), stat_var_.data(), weight.value.data(),
+                                         bias.value.data());
+      });
+    } else {
+      for (std::int64_t c = 0; c < C; ++c) {
+        double sum = 0, sq = 0;
+        for (std::int64_t b = 0; b < N; ++b) {
+          const S* p = y.data() + (b * C + c) * P;
+          for (std::int64_t j = 0; j < P; ++j) sum += double(p[j]);
+        }
+        const double m = sum / double(n);
+        for (std::int64_t b = 0; b < N; ++b) {
+          const S* p = y.data() + (b * C + c) * P;
+          for (std::int64_t j = 0; j < P; ++j) { double d = double(p[j]) - m; sq += d * d; }
+        }
+        stat_mean_[c] = S(m);
+        stat_var_[c] = S(sq / double(n));
+      }
+    }
+    set_batch_statistics(stat_mean_.data(), stat_var_.data(), n);
+    if constexpr (!std::is_same_v<S, float>)
+      for (std::int64_t c = 0; c < C; ++c) apply(y, z, c, mean_[c], invstd_[c]);
+  }
+
+  /// Records the batch statistics of a training forward computed elsewhere (the fused
+  /// pipeline): `mean` and biased `var` of `n` values per channel. Remembers them for
+  /// backward and affine(), updates the running statistics and num_batches_tracked.
+  void set_batch_statistics(const S* mean, const S* var, std::int64_t n) {
+    const std::int64_t C = channels();
+    mean_.resize({C});
+    var_.resize({C});
+    invstd_.resize({C});
     for (std::int64_t c = 0; c < C; ++c) {
-      double sum = 0, sq = 0;
-      for (std::int64_t b = 0; b < N; ++b) {
-        const S* p = y.data() + (b * C + c) * P;
-        for (std::int64_t j = 0; j < P; ++j) sum += double(p[j]);
-      }
-      const double m = sum / double(n);
-      for (std::int64_t b = 0; b < N; ++b) {
-        const S* p = y.data() + (b * C + c) * P;
-        for (std::int64_t j = 0; j < P; ++j) { double d = double(p[j]) - m; sq += d * d; }
-      }
-      const double var = sq / double(n);
-      mean_[c] = S(m);
-      invstd_[c] = S(1.0 / std::sqrt(var + eps));
+      const double m = double(mean[c]), v = double(var[c]);
+      mean_[c] = mean[c];
+      var_[c] = var[c];
+      invstd_[c] = S(1.0 / std::sqrt(v + eps));
       running_mean.value[c] = S((1 - momentum) * double(running_mean.value[c]) + momentum * m);
-      running_var.value[c] =
-          S((1 - momentum) * double(running_var.value[c]) + momentum * var * double(n) / double(n - 1));
-      apply(y, z, c, mean_[c], invstd_[c]);
+      running_var.value[c] = S((1 - momentum) * double(running_var.value[c]) + momentum * v * double(n) / double(n - 1));
     }
     ++num_batches_tracked;
     has_batch_stats_ = true;
+  }
+  /// Batch mean and biased variance of the last training forward (empty before one).
+  const Tensor<S>& batch_mean() const { return mean_; }
+  const Tensor<S>& batch_var() const { return var_; }
+  /// Adds dL/dgamma and dL/dbeta computed elsewhere (the fused pipeline) to the gradients.
+  void accumulate_grads(const S* dgamma, const S* dbeta) {
+    for (std::int64_t c = 0; c < channels(); ++c) {
+      weight.grad[c] += dgamma[c];
+      bias.grad[c] += dbeta[c];
+    }
   }
 
   /// Eval forward with the running statistics.
@@ -82,8 +233,18 @@ class BatchNorm {
     if (!has_batch_stats_) throw state_error("BatchNorm (" + prefix_ + "): backward before forward_train");
     dz.expect_shape(y.shape(), "BatchNorm::backward grad_output");
     const std::int64_t N = y.dim(0), C = y.dim(1), P = y.dim(2) * y.dim(3);
-    const double n = double(N * P);
     dy.resize(y.shape());
+    if constexpr (std::is_same_v<S, float>) {
+      dgamma_.resize({C});
+      dbeta_.resize({C});
+      guarded([&] { return "BatchNorm (" + prefix_ + ") backward on " + shape_str(y.shape()); }, [&] {
+        kernels(y.shape()).backward(y.data(), dz.data(), dy.data(), mean_.data(), var_.data(), weight.value.data(),
+                                    bias.value.data(), dgamma_.data(), dbeta_.data());
+      });
+      accumulate_grads(dgamma_.data(), dbeta_.data());
+      return;
+    }
+    const double n = double(N * P);
     for (std::int64_t c = 0; c < C; ++c) {
       double sdz = 0, sdzx = 0;
       const double m = mean_[c], is = invstd_[c];
@@ -117,6 +278,9 @@ class BatchNorm {
     }
   }
 
+  /// oneDNN primitive sets created by this BN (float only; one per input shape and eps).
+  std::int64_t primitive_creations() const { return creations_; }
+
   Param<S> weight, bias, running_mean, running_var;
   std::int64_t num_batches_tracked = 0;
   double eps = 1e-5;
@@ -138,9 +302,29 @@ class BatchNorm {
     }
   }
 
+  // NCHW primitives per (N, H, W, eps bits); rebuilt lazily by a copy.
+  using Key = std::array<std::int64_t, 4>;
+  using KernelMap = std::map<Key, std::unique_ptr<BnKernels>>;
+  BnKernels& kernels(const Shape& ys) {
+    KernelMap* map = cache_.get();
+    if (!map) map = &cache_.emplace(std::make_unique<KernelMap>());
+    std::int64_t eps_bits = 0;
+    const double e = eps;
+    std::memcpy(&eps_bits, &e, sizeof e);
+    const Key key{ys[0], ys[2], ys[3], eps_bits};
+    auto it = map->find(key);
+    if (it != map->end()) return *it->second;
+    auto k = std::make_unique<BnKernels>(nchw_desc(ys), eps);
+    ++creations_;
+    return *map->emplace(key, std::move(k)).first->second;
+  }
+
   std::string prefix_;
-  Tensor<S> mean_, invstd_;
+  Tensor<S> mean_, var_, invstd_;            // statistics of the last training forward
+  Tensor<S> stat_mean_, stat_var_, dgamma_, dbeta_;  // scratch (reused)
   bool has_batch_stats_ = false;
+  CacheSlot<KernelMap> cache_;
+  std::int64_t creations_ = 0;
 };
 
 }  // namespace orepa::engine

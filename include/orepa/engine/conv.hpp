@@ -5,13 +5,22 @@
 /// chosen layout differs from NCHW/OIHW), created once per input shape and then reused;
 /// for any other scalar (double, used by gradient checks) it runs the reference loops.
 ///
+/// FusedConvBnAct: the whole training pipeline of a squeezed block for float with a
+/// built-in activation, conv -> BN -> activation and back, with the activations kept in
+/// the layout oneDNN prefers between the block's input and output (reorders only there).
+///
 /// Thread safety: an engine object is not safe to use from two threads at once (it owns
 /// the reorder buffers and scratchpad of its cached primitives).
 
 #include <array>
 #include <map>
 #include <memory>
+#include <cstring>
+#include <unordered_map>
+#include <utility>
 
+#include "orepa/core/activation.hpp"
+#include "orepa/engine/batch_norm.hpp"
 #include "orepa/engine/onednn.hpp"
 #include "orepa/engine/reference_conv.hpp"
 
@@ -59,7 +68,7 @@ class ConvEngine<float> {
     auto& e = entry(x.shape());
     w.expect_shape(g_.weight_shape(), "ConvEngine::forward weight");
     y.resize(e.y_shape);
-    guarded(describe(g_, x.shape()), [&] {
+    guarded([&] { return describe(g_, x.shape()); }, [&] {
       e.fwd.execute(thread_stream(), {{DNNL_ARG_SRC, e.fwd_x.in(x.data())},
                                       {DNNL_ARG_WEIGHTS, e.fwd_w.in(w.data())},
                                       {DNNL_ARG_DST, e.fwd_y.out(y.data())},
@@ -73,7 +82,7 @@ class ConvEngine<float> {
     auto& e = entry(x_shape);
     dy.expect_shape(e.y_shape, "ConvEngine::backward_data grad_output");
     dx.resize(x_shape);
-    guarded(describe(g_, x_shape) + " (backward data)", [&] {
+    guarded([&] { return describe(g_, x_shape) + " (backward data)"; }, [&] {
       e.bwd_data.execute(thread_stream(), {{DNNL_ARG_DIFF_DST, e.bd_dy.in(dy.data())},
                                            {DNNL_ARG_WEIGHTS, e.bd_w.in(w.data())},
                                            {DNNL_ARG_DIFF_SRC, e.bd_dx.out(dx.data())},
@@ -87,7 +96,7 @@ class ConvEngine<float> {
     auto& e = entry(x.shape());
     dy.expect_shape(e.y_shape, "ConvEngine::backward_weights grad_output");
     dw.resize(g_.weight_shape());
-    guarded(describe(g_, x.shape()) + " (backward weights)", [&] {
+    guarded([&] { return describe(g_, x.shape()) + " (backward weights)"; }, [&] {
       e.bwd_weights.execute(thread_stream(), {{DNNL_ARG_SRC, e.bw_x.in(x.data())},
                                               {DNNL_ARG_DIFF_DST, e.bw_dy.in(dy.data())},
                                               {DNNL_ARG_DIFF_WEIGHTS, e.bw_dw.out(dw.data())},
@@ -161,6 +170,262 @@ class ConvEngine<float> {
 
   ConvGeometry g_;
   std::map<std::array<std::int64_t, 3>, std::unique_ptr<Entry>> cache_;
+  std::int64_t creations_ = 0;
+};
+
+/// A copy between two internal layouts of the same tensor, created once: when the
+/// layouts are equal it passes the memory through, otherwise it owns a buffer in the
+/// target layout and the reorder into it.
+class Relayout {
+ public:
+  Relayout() = default;
+  Relayout(const memory::desc& from, const memory::desc& to) {
+    if (from != to) {
+      buf_ = allocate(to);
+      to_ = dnnl::reorder(memory(from, cpu_engine(), DNNL_MEMORY_NONE), buf_);
+    }
+  }
+  /// `m` in the target layout (a reorder runs only if the layouts differ).
+  const memory& operator()(const memory& m) {
+    if (!buf_) return m;
+    to_.execute(thread_stream(), const_cast<memory&>(m), buf_);
+    return buf_;
+  }
+  /// Bytes of the owned buffer (0 when passing through).
+  std::int64_t bytes() const { return buf_ ? std::int64_t(buf_.get_desc().get_size()) : 0; }
+
+ private:
+  memory buf_;
+  dnnl::reorder to_;
+};
+
+/// The training pipeline of a squeezed block, float with a built-in activation:
+///
+///     forward:  x -> [reorder] -> conv(W) -> y -> BN(batch stats) -> z -> act -> [reorder] -> out
+///     backward: dout -> [reorder] -> act' (z recomputed from y) -> BN' -> dy -> conv' -> [reorder] -> dx, dW
+///
+/// Every activation between the brackets stays in the layout the forward convolution
+/// chose (nChw8c on AVX2), so a step reorders activations four times (x, out, dout, dx),
+/// not at every primitive. The reordered input is kept as the input of backward-weights
+/// (no second reorder, no plain copy), y as the input of BN's backward; the
+/// pre-activation z is recomputed from y and the batch statistics instead of being kept.
+/// BN and the activation run as oneDNN primitives (JIT, multi-threaded) on that layout.
+///
+/// Per input shape, created once and reused: the primitives, the saved buffers, one work
+/// buffer, the reorders and the scratchpad. No allocation in the steady state.
+class FusedConvBnAct {
+ public:
+  /// `act` must be identity, relu or silu (custom activations cannot run in oneDNN).
+  FusedConvBnAct(ConvGeometry g, ActivationKind act) : g_(g), act_(act) {
+    g_.validate("FusedConvBnAct", false);
+    if (act_ == ActivationKind::custom) throw config_error("FusedConvBnAct: needs a built-in activation");
+  }
+  /// A copy has the geometry and activation but no primitives or saved state (rebuilt lazily).
+  FusedConvBnAct(const FusedConvBnAct& o) : g_(o.g_), act_(o.act_) {}
+  FusedConvBnAct& operator=(const FusedConvBnAct& o) {
+    if (this != &o) g_ = o.g_, act_ = o.act_, cache_.reset(), last_ = nullptr;
+    return *this;
+  }
+  FusedConvBnAct(FusedConvBnAct&& o) noexcept
+      : g_(o.g_), act_(o.act_), cache_(std::move(o.cache_)), last_(std::exchange(o.last_, nullptr)), creations_(o.creations_) {}
+  FusedConvBnAct& operator=(FusedConvBnAct&& o) noexcept {
+    g_ = o.g_, act_ = o.act_, cache_ = std::move(o.cache_), last_ = std::exchange(o.last_, nullptr);
+    creations_ = o.creations_;
+    return *this;
+  }
+
+  const ConvGeometry& geometry() const { return g_; }
+
+  /// out = act(BN(conv(x, w))) with the batch statistics, written to mean / var (biased,
+  /// C floats each); gamma / beta are BN's C scales and shifts. Saves what backward needs.
+  void forward(const Tensor<float>& x, const Tensor<float>& w, const float* gamma, const float* beta, double eps,
+               Tensor<float>& out, float* mean, float* var) {
+    w.expect_shape(g_.weight_shape(), "FusedConvBnAct::forward weight");
+    Entry& e = entry(x.shape(), eps);
+    out.resize(e.y_shape);
+    guarded([&] { return describe(g_, x.shape()) + " (fused training forward)"; }, [&] {
+      auto& s = thread_stream();
+      e.x_user.set_data_handle(const_cast<float*>(x.data()));
+      e.x_in.execute(s, e.x_user, e.x_saved);  // always a copy: the caller may change x before backward
+      e.w_user.set_data_handle(const_cast<float*>(w.data()));
+      e.w_in.execute(s, e.w_user, e.w_saved);  // kernel-sized; kept for backward-data
+      e.fwd.execute(s, e.fwd_args);
+      s.wait();
+      e.bn->forward_train(ptr(e.y), ptr(e.z), mean, var, gamma, beta);
+      if (e.has_act) e.act_fwd.execute(s, e.act_fwd_args);  // in place on z
+      e.out_user.set_data_handle(out.data());
+      e.out_copy.execute(s, e.z, e.out_user);
+      s.wait();
+    });
+    last_ = &e;
+  }
+
+  /// From dL/dout of the last forward: dx (NCHW, resized), dw (OIHW, resized, overwritten)
+  /// and dgamma / dbeta (C floats, overwritten). mean / var are the statistics that
+  /// forward wrote; gamma / beta BN's current scales and shifts.
+  void backward(const Tensor<float>& dout, const float* gamma, const float* beta, const float* mean, const float* var,
+                Tensor<float>& dx, Tensor<float>& dw, float* dgamma, float* dbeta) {
+    if (!last_) throw state_error("FusedConvBnAct::backward: call forward first");
+    Entry& e = *last_;
+    dout.expect_shape(e.y_shape, "FusedConvBnAct::backward grad_output");
+    dx.resize(e.x_shape);
+    dw.resize(g_.weight_shape());
+    guarded([&] { return describe(g_, e.x_shape) + " (fused training backward)"; }, [&] {
+      auto& s = thread_stream();
+      const memory& dout_b = e.dout_port.in(dout.data());
+      // dz = dL/d(pre-activation), in the `dz` buffer; the identity passes dout through.
+      const float* dz = ptr(dout_b);
+      if (e.has_act) {
+        e.bn->forward_with_stats(ptr(e.y), ptr(e.z), mean, var, gamma, beta);  // z again
+        e.act_bwd_args[DNNL_ARG_DIFF_DST] = dout_b;
+        e.act_bwd.execute(s, e.act_bwd_args);
+        s.wait();
+        dz = ptr(e.dz);
+      }
+      // dy into the z buffer (z is not needed any more).
+      e.bn->backward(ptr(e.y), dz, ptr(e.z), mean, var, gamma, beta, dgamma, dbeta);
+      e.bwd_data_args[DNNL_ARG_DIFF_DST] = e.dy_for_data(e.z);
+      e.bwd_data_args[DNNL_ARG_WEIGHTS] = e.w_for_data(e.w_saved);
+      e.bwd_data_args[DNNL_ARG_DIFF_SRC] = e.dx_port.out(dx.data());
+      e.bwd_data.execute(s, e.bwd_data_args);
+      e.dx_port.finish();
+      e.bwd_w_args[DNNL_ARG_SRC] = e.x_for_weights(e.x_saved);
+      e.bwd_w_args[DNNL_ARG_DIFF_DST] = e.dy_for_weights(e.z);
+      e.bwd_w_args[DNNL_ARG_DIFF_WEIGHTS] = e.dw_port.out(dw.data());
+      e.bwd_weights.execute(s, e.bwd_w_args);
+      e.dw_port.finish();
+      s.wait();
+    });
+  }
+
+  /// Input shapes for which the pipeline was built (each builds three convolution
+  /// primitives, the BN and activation primitives and the reorders).
+  std::int64_t primitive_creations() const { return creations_; }
+  /// Bytes of the buffers kept from forward to backward for the last forward's shape:
+  /// the reordered input, the conv output and the reordered kernel.
+  std::int64_t bytes_saved_for_backward() const {
+    if (!last_) return 0;
+    return std::int64_t(last_->x_saved.get_desc().get_size() + last_->y.get_desc().get_size() +
+                        last_->w_saved.get_desc().get_size());
+  }
+
+ private:
+  static float* ptr(const memory& m) { return static_cast<float*>(m.get_data_handle()); }
+
+  struct Entry {
+    Shape x_shape, y_shape;
+    dnnl::convolution_forward fwd;
+    dnnl::convolution_backward_data bwd_data;
+    dnnl::convolution_backward_weights bwd_weights;
+    dnnl::eltwise_forward act_fwd;
+    dnnl::eltwise_backward act_bwd;
+    bool has_act = false;
+    std::unique_ptr<BnKernels> bn;
+    memory x_user, x_saved, w_user, w_saved, y, z, dz, out_user, scratch;
+    dnnl::reorder x_in, w_in, out_copy;
+    Port dout_port, dx_port, dw_port;
+    Relayout dy_for_data, dy_for_weights, x_for_weights, w_for_data;
+    std::unordered_map<int, memory> fwd_args, act_fwd_args, act_bwd_args, bwd_data_args, bwd_w_args;
+  };
+
+  Entry& entry(const Shape& xs, double eps) {
+    const Shape ys = g_.output_shape(xs, "FusedConvBnAct");
+    std::int64_t eps_bits = 0;
+    std::memcpy(&eps_bits, &eps, sizeof eps);
+    const std::array<std::int64_t, 4> key{xs[0], xs[2], xs[3], eps_bits};
+    Map* map = cache_.get();
+    if (!map) map = &cache_.emplace(std::make_unique<Map>());
+    auto it = map->find(key);
+    if (it != map->end()) return *it->second;
+    auto e = std::make_unique<Entry>();
+    guarded(describe(g_, xs) + " (creating the fused training primitives)", [&] { build(*e, xs, ys, eps); });
+    ++creations_;
+    return *map->emplace(key, std::move(e)).first->second;
+  }
+
+  void build(Entry& e, const Shape& xs, const Shape& ys, double eps) {
+    using namespace dnnl;
+    e.x_shape = xs;
+    e.y_shape = ys;
+    auto any = [](const Shape& s) { return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, tag::any); };
+    const auto x_md = nchw_desc(xs), y_md = nchw_desc(ys), w_md = weights_desc(g_, tag::oihw);
+    primitive_attr attr;
+    attr.set_scratchpad_mode(scratchpad_mode::user);
+    convolution_forward::primitive_desc fpd(
+        convolution_forward::desc(prop_kind::forward_training, algorithm::convolution_direct, any(xs),
+                                  weights_desc(g_), any(ys), strides_of(g_), dilates_of(g_), padding_of(g_),
+                                  padding_of(g_)),
+        attr, cpu_engine());
+    convolution_backward_data::primitive_desc dpd(
+        convolution_backward_data::desc(algorithm::convolution_direct, any(xs), weights_desc(g_), any(ys),
+                                        strides_of(g_), dilates_of(g_), padding_of(g_), padding_of(g_)),
+        attr, cpu_engine(), fpd);
+    convolution_backward_weights::primitive_desc wpd(
+        convolution_backward_weights::desc(algorithm::convolution_direct, any(xs), weights_desc(g_), any(ys),
+                                           strides_of(g_), dilates_of(g_), padding_of(g_), padding_of(g_)),
+        attr, cpu_engine(), fpd);
+    e.fwd = convolution_forward(fpd);
+    e.bwd_data = convolution_backward_data(dpd);
+    e.bwd_weights = convolution_backward_weights(wpd);
+    const auto src_md = fpd.src_desc(), dst_md = fpd.dst_desc();
+    // Saved and work buffers, all in the forward's layouts.
+    e.x_user = memory(x_md, cpu_engine(), DNNL_MEMORY_NONE);
+    e.x_saved = allocate(src_md);
+    e.x_in = reorder(e.x_user, e.x_saved);
+    e.y = allocate(dst_md);
+    e.z = allocate(dst_md);
+    e.out_user = memory(y_md, cpu_engine(), DNNL_MEMORY_NONE);
+    e.out_copy = reorder(e.z, e.out_user);  // a plain copy when dst is NCHW already
+    e.w_user = memory(w_md, cpu_engine(), DNNL_MEMORY_NONE);
+    e.w_saved = allocate(fpd.weights_desc());
+    e.w_in = reorder(e.w_user, e.w_saved);
+    e.bn = std::make_unique<BnKernels>(dst_md, eps);
+    // Backward: the layouts the backward primitives want, reordered only if they differ.
+    e.dout_port = Port(y_md, dst_md);
+    e.dx_port = Port(x_md, dpd.diff_src_desc());
+    e.dw_port = Port(w_md, wpd.diff_weights_desc());
+    e.dy_for_data = Relayout(dst_md, dpd.diff_dst_desc());
+    e.dy_for_weights = Relayout(dst_md, wpd.diff_dst_desc());
+    e.x_for_weights = Relayout(src_md, wpd.src_desc());
+    auto biggest = fpd.scratchpad_desc();
+    for (const auto& d : {dpd.scratchpad_desc(), wpd.scratchpad_desc()})
+      if (d.get_size() > biggest.get_size()) biggest = d;
+    e.has_act = act_ != ActivationKind::identity;
+    if (e.has_act) {
+      const auto alg = act_ == ActivationKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_swish;
+      const float alpha = act_ == ActivationKind::relu ? 0.f : 1.f;
+      eltwise_forward::primitive_desc afpd(eltwise_forward::desc(prop_kind::forward_training, alg, dst_md, alpha, 0.f),
+                                           attr, cpu_engine());
+      eltwise_backward::primitive_desc abpd(eltwise_backward::desc(alg, dst_md, dst_md, alpha, 0.f), attr,
+                                            cpu_engine(), afpd);
+      e.act_fwd = eltwise_forward(afpd);
+      e.act_bwd = eltwise_backward(abpd);
+      for (const auto& d : {afpd.scratchpad_desc(), abpd.scratchpad_desc()})
+        if (d.get_size() > biggest.get_size()) biggest = d;
+      e.dz = allocate(dst_md);
+    }
+    e.scratch = allocate(biggest);
+    // Argument maps built once; a call only swaps the entries that change.
+    e.fwd_args = {{DNNL_ARG_SRC, e.x_saved}, {DNNL_ARG_WEIGHTS, e.w_saved}, {DNNL_ARG_DST, e.y},
+                  {DNNL_ARG_SCRATCHPAD, e.scratch}};
+    if (e.has_act) {
+      e.act_fwd_args = {{DNNL_ARG_SRC, e.z}, {DNNL_ARG_DST, e.z}, {DNNL_ARG_SCRATCHPAD, e.scratch}};  // in place
+      e.act_bwd_args = {{DNNL_ARG_SRC, e.z}, {DNNL_ARG_DIFF_DST, memory()}, {DNNL_ARG_DIFF_SRC, e.dz},
+                        {DNNL_ARG_SCRATCHPAD, e.scratch}};
+    }
+    e.bwd_data_args = {{DNNL_ARG_DIFF_DST, memory()}, {DNNL_ARG_WEIGHTS, memory()}, {DNNL_ARG_DIFF_SRC, memory()},
+                       {DNNL_ARG_SCRATCHPAD, e.scratch}};
+    e.bwd_w_args = {{DNNL_ARG_SRC, memory()}, {DNNL_ARG_DIFF_DST, memory()}, {DNNL_ARG_DIFF_WEIGHTS, memory()},
+                    {DNNL_ARG_SCRATCHPAD, e.scratch}};
+    // Backward-data reads the forward's reordered kernel (relaid out only if it wants another layout).
+    e.w_for_data = Relayout(fpd.weights_desc(), dpd.weights_desc());
+  }
+
+  using Map = std::map<std::array<std::int64_t, 4>, std::unique_ptr<Entry>>;
+  ConvGeometry g_;
+  ActivationKind act_;
+  CacheSlot<Map> cache_;
+  Entry* last_ = nullptr;
   std::int64_t creations_ = 0;
 };
 

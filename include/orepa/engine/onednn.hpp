@@ -8,7 +8,14 @@
 #include <oneapi/dnnl/dnnl.hpp>
 #include <oneapi/dnnl/dnnl_version.h>
 
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
 #include <string>
+#include <type_traits>
+#include <unordered_map>
 
 #include "orepa/core/conv_geometry.hpp"
 
@@ -21,6 +28,13 @@ namespace orepa::engine {
 using dnnl::memory;
 using tag = dnnl::memory::format_tag;
 
+/// \cond DO_NOT_DOCUMENT_THIS
+inline std::atomic<std::int64_t>& detail_memory_allocations() {
+  static std::atomic<std::int64_t> n{0};
+  return n;
+}
+/// \endcond
+
 /// The process-wide CPU engine.
 inline dnnl::engine& cpu_engine() {
   static dnnl::engine e(dnnl::engine::kind::cpu, 0);
@@ -31,6 +45,18 @@ inline dnnl::engine& cpu_engine() {
 inline dnnl::stream& thread_stream() {
   thread_local dnnl::stream s(cpu_engine());
   return s;
+}
+
+/// Number of oneDNN buffers orepa has allocated in this process (reorder buffers,
+/// scratchpads, reordered weights, blocked activations). Every orepa allocation of a
+/// dnnl::memory goes through allocate(), so a steady state that allocates nothing keeps
+/// this constant (tests/test_performance_invariants.cpp checks it).
+inline std::int64_t memory_allocations() { return detail_memory_allocations().load(); }
+
+/// A dnnl::memory owning a fresh buffer for `d` on the CPU engine (counted).
+inline memory allocate(const memory::desc& d) {
+  detail_memory_allocations().fetch_add(1, std::memory_order_relaxed);
+  return memory(d, cpu_engine());
 }
 
 /// Plain NCHW float descriptor of `s`.
@@ -55,12 +81,17 @@ inline std::string describe(const ConvGeometry& g, const Shape& x) {
 }
 
 /// Runs `f`, turning a dnnl::error into an engine_error that says what was attempted.
-template <class F>
-auto guarded(const std::string& what, F&& f) -> decltype(f()) {
+/// `what` is a string, or a callable returning one (built only when something fails, so
+/// hot paths do no string work).
+template <class W, class F>
+auto guarded(W&& what, F&& f) -> decltype(f()) {
   try {
     return f();
   } catch (const dnnl::error& e) {
-    throw engine_error(detail::cat("oneDNN failed (status ", int(e.status), ": ", e.what(), ") in ", what));
+    std::string w;
+    if constexpr (std::is_invocable_v<W>) w = what();
+    else w = what;
+    throw engine_error(detail::cat("oneDNN failed (status ", int(e.status), ": ", e.what(), ") in ", w));
   }
 }
 
@@ -72,12 +103,15 @@ class Port {
   Port() = default;
   Port(const memory::desc& user, const memory::desc& prim) : user_(user, cpu_engine(), DNNL_MEMORY_NONE) {
     if (user != prim) {
-      internal_ = memory(prim, cpu_engine());
+      internal_ = allocate(prim);
       to_prim_ = dnnl::reorder(user_, internal_);
       to_user_ = dnnl::reorder(internal_, user_);
     }
   }
+  /// True when the primitive's layout differs from the user's (the port copies).
   bool reorders() const { return bool(internal_); }
+  /// The buffer in the primitive's layout (empty when the port does not reorder).
+  const memory& internal() const { return internal_; }
   /// The primitive's input memory holding the contents of `user`.
   memory& in(const float* user) {
     user_.set_data_handle(const_cast<float*>(user));
@@ -99,5 +133,122 @@ class Port {
   memory user_, internal_;
   dnnl::reorder to_prim_, to_user_;
 };
+
+/// A strided, batched matrix product C[b] = A[b] * B[b] (+ C[b] when `accumulate`),
+/// A[b] M x K, B[b] K x N, C[b] M x N. Element (b, r, c) of X lives at
+/// X + b * X_strides[0] + r * X_strides[1] + c * X_strides[2], so transposed or
+/// interleaved operands are described by their strides, without copies.
+struct GemmDims {
+  std::int64_t batch = 1, M = 0, N = 0, K = 0;
+  std::array<std::int64_t, 3> a{}, b{}, c{};
+  bool accumulate = false;
+};
+
+/// \cond DO_NOT_DOCUMENT_THIS
+inline std::atomic<std::int64_t>& detail_gemm_creations() {
+  static std::atomic<std::int64_t> n{0};
+  return n;
+}
+struct GemmEntry {
+  dnnl::matmul prim;
+  memory a, b, c, scratch;
+  std::unordered_map<int, memory> args;
+};
+/// \endcond
+
+/// oneDNN matmul primitives created by gemm() so far, in all threads (one per distinct
+/// GemmDims and thread; a steady state creates none).
+inline std::int64_t gemm_creations() { return detail_gemm_creations().load(); }
+
+/// Runs `d` on float data with a oneDNN matmul (JIT, multi-threaded), created once per
+/// distinct GemmDims in each thread and kept in a thread-local cache.
+inline void gemm(const GemmDims& d, const float* A, const float* B, float* C) {
+  using Key = std::array<std::int64_t, 14>;
+  thread_local std::map<Key, std::unique_ptr<GemmEntry>> cache;
+  const Key key{d.batch, d.M, d.N, d.K, d.a[0], d.a[1], d.a[2], d.b[0], d.b[1], d.b[2], d.c[0], d.c[1], d.c[2],
+                d.accumulate ? 1 : 0};
+  auto it = cache.find(key);
+  if (it == cache.end()) {
+    auto e = guarded("creating a matmul", [&] {
+      using dt = memory::data_type;
+      auto e = std::make_unique<GemmEntry>();
+      // A single matrix may give batch stride 0; oneDNN wants a real one.
+      auto bs = [&](std::int64_t s, std::int64_t size) { return d.batch == 1 ? size : s; };
+      const memory::desc a_md({d.batch, d.M, d.K}, dt::f32, {bs(d.a[0], d.M * d.K), d.a[1], d.a[2]});
+      const memory::desc b_md({d.batch, d.K, d.N}, dt::f32, {bs(d.b[0], d.K * d.N), d.b[1], d.b[2]});
+      const memory::desc c_md({d.batch, d.M, d.N}, dt::f32, {bs(d.c[0], d.M * d.N), d.c[1], d.c[2]});
+      dnnl::primitive_attr attr;
+      attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+      if (d.accumulate) {
+        dnnl::post_ops ops;
+        ops.append_sum(1.f);
+        attr.set_post_ops(ops);
+      }
+      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(a_md, b_md, c_md), attr, cpu_engine());
+      e->prim = dnnl::matmul(pd);
+      e->a = memory(a_md, cpu_engine(), DNNL_MEMORY_NONE);
+      e->b = memory(b_md, cpu_engine(), DNNL_MEMORY_NONE);
+      e->c = memory(c_md, cpu_engine(), DNNL_MEMORY_NONE);
+      e->scratch = allocate(pd.scratchpad_desc());
+      e->args = {{DNNL_ARG_SRC, e->a}, {DNNL_ARG_WEIGHTS, e->b}, {DNNL_ARG_DST, e->c}, {DNNL_ARG_SCRATCHPAD, e->scratch}};
+      return e;
+    });
+    detail_gemm_creations().fetch_add(1, std::memory_order_relaxed);
+    it = cache.emplace(key, std::move(e)).first;
+  }
+  GemmEntry& e = *it->second;
+  e.a.set_data_handle(const_cast<float*>(A));
+  e.b.set_data_handle(const_cast<float*>(B));
+  e.c.set_data_handle(C);
+  guarded("a matmul", [&] {
+    e.prim.execute(thread_stream(), e.args);
+    thread_stream().wait();
+  });
+}
+
+/// The same product for any other scalar (double for gradient checks) with Eigen.
+template <class S>
+void gemm(const GemmDims& d, const S* A, const S* B, S* C) {
+  using Stride = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
+  using CMap = Eigen::Map<const RowMatrix<S>, 0, Stride>;
+  using MMap = Eigen::Map<RowMatrix<S>, 0, Stride>;
+  for (std::int64_t b = 0; b < d.batch; ++b) {
+    CMap a(A + b * d.a[0], d.M, d.K, Stride(d.a[1], d.a[2]));
+    CMap bb(B + b * d.b[0], d.K, d.N, Stride(d.b[1], d.b[2]));
+    MMap c(C + b * d.c[0], d.M, d.N, Stride(d.c[1], d.c[2]));
+    if (d.accumulate) c.noalias() += a * bb;
+    else c.noalias() = a * bb;
+  }
+}
+
+/// Element shape of a 4-D memory descriptor.
+inline Shape shape_of(const memory::desc& d) {
+  const auto dims = d.dims();
+  return Shape(dims.begin(), dims.end());
+}
+
+/// Copies an NCHW float tensor into `dst` (any layout of the same shape) with a reorder
+/// created for the call: for boundaries of a blocked-layout pipeline, not inner loops.
+inline void to_layout(const Tensor<float>& x, memory& dst) {
+  if (shape_of(dst.get_desc()) != x.shape())
+    throw shape_error(detail::cat("to_layout: tensor ", shape_str(x.shape()), " does not fit memory of shape ",
+                                  shape_str(shape_of(dst.get_desc()))));
+  guarded("to_layout", [&] {
+    memory src(nchw_desc(x.shape()), cpu_engine(), const_cast<float*>(x.data()));
+    dnnl::reorder(src, dst).execute(thread_stream(), src, dst);
+    thread_stream().wait();
+  });
+}
+
+/// Copies `src` (any 4-D float layout) into the NCHW tensor `y` (resized); a reorder is
+/// created for the call, as in to_layout.
+inline void from_layout(const memory& src, Tensor<float>& y) {
+  y.resize(shape_of(src.get_desc()));
+  guarded("from_layout", [&] {
+    memory dst(nchw_desc(y.shape()), cpu_engine(), y.data());
+    dnnl::reorder(src, dst).execute(thread_stream(), const_cast<memory&>(src), dst);
+    thread_stream().wait();
+  });
+}
 
 }  // namespace orepa::engine

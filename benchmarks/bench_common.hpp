@@ -1,0 +1,30 @@
+#pragma once
+// Shared helpers of the orepa benchmarks: random inputs and the shape tables.
+#include <benchmark/benchmark.h>
+
+#include <string>
+#include <vector>
+
+#include <orepa/orepa.hpp>
+
+namespace orepa::bench {
+
+/// A tensor of `shape` with U(-1, 1) values from a fixed seed.
+inline Tensor<float> random_tensor(const Shape& shape, std::uint64_t seed = 1) {
+  Tensor<float> t(shape);
+  Rng rng(seed);
+  fill_uniform(t, 1.0, rng);
+  return t;
+}
+
+/// Forward FLOPs of a convolution (2 per multiply-add) for input `x`.
+inline double conv_flops(const ConvGeometry& g, const Shape& x) {
+  const Shape y = g.output_shape(x, "conv_flops");
+  return 2.0 * double(y[0]) * double(y[1]) * double(y[2]) * double(y[3]) * double(g.in_per_group()) *
+         double(g.kernel * g.kernel);
+}
+
+/// Bytes of `n` floats.
+inline double float_bytes(std::int64_t n) { return double(n) * double(sizeof(float)); }
+
+}  // namespace orepa::bench

@@ -1,0 +1,186 @@
+// Deployed-inference benchmarks on YOLOv5s-like layers, bias + SiLU fused, against a bare
+// oneDNN convolution primitive of the same shape (the yardstick: layouts chosen by the
+// primitive, weights and inputs already in them, everything created before timing).
+//
+//   deploy/<layer>/n<b>          DeployedConv::forward on NCHW tensors (the plain API)
+//   deploy_blocked/<layer>/n<b>  DeployedConv::forward on dnnl::memory already in the
+//                                primitive's layout (the blocked API, no reorders)
+//   raw_onednn/<layer>/n<b>      bare primitive, src/dst/weights format_tag::any
+//   raw_onednn_nchw/<layer>/n<b> bare primitive with src/dst fixed to NCHW (what a plain
+//                                layout costs without any reorder)
+//   deploy_chain/<api>/n<b>      stem_k6 -> c32_64_s2 -> c64 -> c64_k1 as four DeployedConvs
+//                                with NCHW tensors between them (api = nchw) or as one
+//                                DeployedChain keeping activations blocked (api = blocked)
+// Counter gflops: forward FLOPs (2 per multiply-add) per second.
+#include <cmath>
+
+#include <orepa/deploy/deployed_conv.hpp>
+
+#include "bench_common.hpp"
+
+namespace orepa::bench {
+namespace {
+
+struct Layer {
+  const char* name;
+  ConvGeometry g;
+  std::int64_t hw;
+};
+// {in, out, k, stride, padding, dilation, groups}
+const Layer kLayers[] = {
+    {"stem_k6", {3, 32, 6, 2, 2, 1, 1}, 640},   {"c32_64_s2", {32, 64, 3, 2, 1, 1, 1}, 320},
+    {"c64", {64, 64, 3, 1, 1, 1, 1}, 160},      {"c128", {128, 128, 3, 1, 1, 1, 1}, 80},
+    {"c256", {256, 256, 3, 1, 1, 1, 1}, 40},    {"c512", {512, 512, 3, 1, 1, 1, 1}, 20},
+    {"c64_k1", {64, 64, 1, 1, 0, 1, 1}, 160},
+};
+constexpr std::int64_t kBatches[] = {1, 8};
+
+Shape input_shape(const Layer& l, std::int64_t n) { return {n, l.g.in_channels, l.hw, l.hw}; }
+
+DeployedConv<float, SiLU> make_deployed(const ConvGeometry& g, std::uint64_t seed = 5) {
+  const double bound = 1.0 / std::sqrt(double(g.in_per_group() * g.kernel * g.kernel));
+  Tensor<float> w(g.weight_shape()), b({g.out_channels});
+  Rng rng(seed);
+  fill_uniform(w, bound, rng);
+  fill_uniform(b, 0.1, rng);
+  return DeployedConv<float, SiLU>(g, std::move(w), std::move(b));
+}
+
+void set_flops(benchmark::State& state, const ConvGeometry& g, const Shape& x) {
+  state.counters["gflops"] = benchmark::Counter(conv_flops(g, x) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void deploy_plain(benchmark::State& state, Layer l, std::int64_t n) {
+  const auto conv = make_deployed(l.g);
+  const auto x = random_tensor(input_shape(l, n));
+  Tensor<float> y;
+  conv.forward(x, y);  // warm-up: primitive, weights reorder, context
+  for (auto _ : state) {
+    conv.forward(x, y);
+    benchmark::DoNotOptimize(y.data());
+  }
+  set_flops(state, l.g, x.shape());
+}
+
+void deploy_blocked(benchmark::State& state, Layer l, std::int64_t n) {
+  const auto conv = make_deployed(l.g);
+  const auto xs = input_shape(l, n);
+  const auto x = random_tensor(xs);
+  dnnl::memory src = engine::allocate(conv.src_desc(xs)), dst = engine::allocate(conv.dst_desc(xs));
+  engine::to_layout(x, src);
+  conv.forward(src, dst);
+  for (auto _ : state) {
+    conv.forward(src, dst);
+    benchmark::DoNotOptimize(dst.get_data_handle());
+  }
+  set_flops(state, l.g, xs);
+}
+
+// The yardstick: a oneDNN convolution with nothing around it.
+void raw_onednn(benchmark::State& state, Layer l, std::int64_t n, bool plain) {
+  using namespace dnnl;
+  using tag = memory::format_tag;
+  auto& eng = engine::cpu_engine();
+  stream s(eng);
+  const ConvGeometry& g = l.g;
+  const Shape xs = input_shape(l, n), ys = g.output_shape(xs, "raw_onednn");
+  const tag act = plain ? tag::nchw : tag::any;
+  auto md = [](const Shape& sh, tag t) { return memory::desc(memory::dims(sh.begin(), sh.end()), memory::data_type::f32, t); };
+  post_ops ops;
+  ops.append_eltwise(1.f, algorithm::eltwise_swish, 1.f, 0.f);
+  primitive_attr attr;
+  attr.set_post_ops(ops);
+  attr.set_scratchpad_mode(scratchpad_mode::user);
+  const memory::dims k{g.out_channels, g.in_channels, g.kernel, g.kernel};
+  convolution_forward::primitive_desc pd(
+      convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, md(xs, act),
+                                memory::desc(k, memory::data_type::f32, tag::any),
+                                memory::desc({g.out_channels}, memory::data_type::f32, tag::x), md(ys, act),
+                                {g.stride, g.stride}, {0, 0}, {g.padding, g.padding}, {g.padding, g.padding}),
+      attr, eng);
+  convolution_forward prim(pd);
+  // Fill weights, bias and input through reorders from plain buffers, outside the loop.
+  const auto xplain = random_tensor(xs);
+  Tensor<float> wplain(g.weight_shape(), 0.01f), bplain({g.out_channels}, 0.1f);
+  memory src(pd.src_desc(), eng), wts(pd.weights_desc(), eng), bias(pd.bias_desc(), eng), dst(pd.dst_desc(), eng),
+      scratch(pd.scratchpad_desc(), eng);
+  memory xu(md(xs, tag::nchw), eng, const_cast<float*>(xplain.data())), wu(memory::desc(k, memory::data_type::f32, tag::oihw), eng, wplain.data());
+  reorder(xu, src).execute(s, xu, src);
+  reorder(wu, wts).execute(s, wu, wts);
+  std::copy(bplain.begin(), bplain.end(), static_cast<float*>(bias.get_data_handle()));
+  s.wait();
+  const std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wts}, {DNNL_ARG_BIAS, bias},
+                                             {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}};
+  prim.execute(s, args);
+  s.wait();
+  for (auto _ : state) {
+    prim.execute(s, args);
+    s.wait();
+  }
+  state.SetLabel(pd.impl_info_str());
+  set_flops(state, g, xs);
+}
+
+// stem_k6 -> c32_64_s2 -> c64 -> c64_k1 (640 -> 320 -> 160 -> 160 -> 160).
+void deploy_chain(benchmark::State& state, bool blocked, std::int64_t n) {
+  std::vector<DeployedConv<float, SiLU>> convs;
+  double flops = 0;
+  Shape xs{n, 3, 640, 640}, s = xs;
+  for (int i : {0, 1, 2, 6}) {
+    convs.push_back(make_deployed(kLayers[i].g, 10 + std::uint64_t(i)));
+    flops += conv_flops(kLayers[i].g, s);
+    s = kLayers[i].g.output_shape(s, "deploy_chain");
+  }
+  const auto x = random_tensor(xs);
+  if (blocked) {
+    DeployedChain<SiLU> chain(std::move(convs));
+    Tensor<float> y;
+    chain.forward(x, y);
+    for (auto _ : state) {
+      chain.forward(x, y);
+      benchmark::DoNotOptimize(y.data());
+    }
+  } else {
+    std::vector<Tensor<float>> acts(convs.size());
+    auto run = [&] {
+      const Tensor<float>* in = &x;
+      for (std::size_t i = 0; i < convs.size(); ++i) {
+        convs[i].forward(*in, acts[i]);
+        in = &acts[i];
+      }
+    };
+    run();
+    for (auto _ : state) {
+      run();
+      benchmark::DoNotOptimize(acts.back().data());
+    }
+  }
+  state.counters["gflops"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+const bool registered = [] {
+  for (auto n : kBatches)
+    for (const auto& l : kLayers) {
+      const std::string tail = std::string(l.name) + "/n" + std::to_string(n);
+      benchmark::RegisterBenchmark(("deploy/" + tail).c_str(), deploy_plain, l, n)->UseRealTime()->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("deploy_blocked/" + tail).c_str(), deploy_blocked, l, n)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("raw_onednn/" + tail).c_str(), raw_onednn, l, n, false)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("raw_onednn_nchw/" + tail).c_str(), raw_onednn, l, n, true)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+  for (auto n : kBatches)
+    for (bool blocked : {false, true})
+      benchmark::RegisterBenchmark(("deploy_chain/" + std::string(blocked ? "blocked" : "nchw") + "/n" + std::to_string(n)).c_str(),
+                                   deploy_chain, blocked, n)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+  return true;
+}();
+
+}  // namespace
+}  // namespace orepa::bench

@@ -1,0 +1,197 @@
+// Training-step benchmarks: forward_train + backward of one block, batch 8, for the
+// plain ConvBN baseline, OREPA (squeeze + ONE conv), DBB (every branch on the
+// activations) and RepVGGBlock_OREPA; plus the squeeze and its adjoint on their own.
+//
+// Names: train_step/<Block>/<shape>, squeeze/<Block>/<shape>, squeeze_backward/<Block>/<shape>
+// with <shape> = c<channels>_h<size>_n<batch> (C -> C, 3x3, stride 1, padding 1).
+// train_step/ConvBN_fused/<shape> is ConvBN's math on OREPA's fused training engine (an
+// online block with one free kernel), to separate the squeeze's cost from the engine's.
+// Counters: bytes_saved_for_backward (activation-sized buffers the block keeps between
+// forward_train and backward, plus the kernel and BN statistics), saved_vs_ConvBN (the
+// same over ConvBN's for this shape), squeeze_share (OREPA blocks: squeeze + adjoint
+// time over the step time, measured right after the step loop).
+#include <chrono>
+
+#include <orepa/blocks/conv_bn.hpp>
+#include <orepa/blocks/dbb.hpp>
+#include <orepa/blocks/orepa.hpp>
+#include <orepa/blocks/repvgg.hpp>
+
+#include "bench_common.hpp"
+
+namespace orepa::bench {
+namespace {
+
+struct TrainShape {
+  const char* name;
+  std::int64_t c, h, n;
+};
+constexpr TrainShape kTrainShapes[] = {{"c64_h56_n8", 64, 56, 8}, {"c128_h28_n8", 128, 28, 8}};
+
+ConvOptions options_of(const TrainShape& s) { return ConvOptions(s.c, s.c, 3).seed(7); }
+std::int64_t act_numel(const TrainShape& s) { return s.n * s.c * s.h * s.h; }
+
+// --- bytes saved for backward -------------------------------------------------------
+// OREPA blocks report it themselves; for the baselines it follows the buffers their
+// headers document (all shapes here are C -> C, stride 1, so every activation has the
+// size A of the input; a "padded" one is (H+2)^2 / H^2 of that).
+
+double convbn_saved(const TrainShape& s) {
+  // x_ (input copy), the conv output (BN input) and pre_ (pre-activation), BN mean/invstd.
+  return float_bytes(3 * act_numel(s) + 2 * s.c);
+}
+double dbb_saved(const TrainShape& s) {
+  const std::int64_t A = act_numel(s), P = s.n * s.c * (s.h + 2) * (s.h + 2);
+  // x_, pre_; origin conv out; 1x1 conv out; avg: 1x1 out, padded BN out, pool out;
+  // 1x1_kxk: conv1 out, padded BN out, conv2 out; six BNs' mean/invstd (z_ of BN-and-pad
+  // is scratch, not counted).
+  return float_bytes(8 * A + 2 * P + 6 * 2 * s.c);
+}
+
+struct ConvBNCase {
+  using Block = ConvBN<float, SiLU>;
+  static constexpr const char* name = "ConvBN";
+  static Block make(const TrainShape& s) { return Block(options_of(s)); }
+  static double saved(Block&, const TrainShape& s) { return convbn_saved(s); }
+};
+struct OrepaCase {
+  using Block = OREPA<float, SiLU>;
+  static constexpr const char* name = "OREPA";
+  static Block make(const TrainShape& s) { return Block(options_of(s)); }
+  static double saved(Block& b, const TrainShape&) { return double(b.bytes_saved_for_backward()); }
+  static SqueezedBlock<float, SiLU>& squeezer(Block& b) { return b; }
+};
+// ConvBN on OREPA's training engine: an online block whose only branch is a free k x k
+// kernel (scale 1), i.e. conv -> BN -> SiLU through engine::FusedConvBnAct. The same
+// math as ConvBN; the OREPA / ConvBN_fused ratio is the squeeze's own cost.
+struct FusedConvBNCase {
+  using Block = OnlineBlock<float, SiLU>;
+  static constexpr const char* name = "ConvBN_fused";
+  static Block make(const TrainShape& s) {
+    const ConvGeometry g = options_of(s).geometry();
+    Rng rng(7);
+    BranchList<float> list;
+    list.push_back(std::make_unique<branches::Origin<float>>(g, "conv", branches::Init{1.0, 2.2360679774997896964}, rng));
+    OnlineBlockConfig cfg;
+    cfg.type_name = "ConvBN_fused";
+    return Block(g, std::move(list), cfg);
+  }
+  static double saved(Block& b, const TrainShape&) { return double(b.bytes_saved_for_backward()); }
+};
+struct DbbCase {
+  using Block = DBB<float, SiLU>;
+  static constexpr const char* name = "DBB";
+  static Block make(const TrainShape& s) { return Block(options_of(s)); }
+  static double saved(Block&, const TrainShape& s) { return dbb_saved(s); }
+};
+struct RepVGGCase {
+  using Block = RepVGGBlock_OREPA<float, SiLU>;
+  static constexpr const char* name = "RepVGGBlock_OREPA";
+  static Block make(const TrainShape& s) { return Block(options_of(s)); }
+  static double saved(Block& b, const TrainShape& s) {
+    // dense part (reports itself) + rbr_1x1 (a ConvBN) + the identity BN's input copy and
+    // the summed pre-activation, plus the identity BN's statistics.
+    return double(b.dense().bytes_saved_for_backward()) + convbn_saved(s) + float_bytes(2 * act_numel(s) + 2 * s.c);
+  }
+  static SqueezedBlock<float, Identity>& squeezer(Block& b) { return b.dense(); }
+};
+
+template <class Case>
+void train_step(benchmark::State& state, TrainShape s) {
+  auto block = Case::make(s);
+  const auto x = random_tensor({s.n, s.c, s.h, s.h}, 1);
+  const auto dy = random_tensor({s.n, s.c, s.h, s.h}, 2);
+  block.forward_train(x);  // warm-up: primitives and buffers are created here
+  block.backward(dy);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(block.forward_train(x).data());
+    benchmark::DoNotOptimize(block.backward(dy).data());
+    benchmark::ClobberMemory();
+  }
+  const double saved = Case::saved(block, s);
+  state.counters["bytes_saved_for_backward"] = saved;
+  state.counters["saved_vs_ConvBN"] = saved / convbn_saved(s);
+  // Conv FLOPs of ONE kxk conv's forward + backward-data + backward-weights, the work a
+  // plain ConvBN does; a block's "effective" GFLOP/s against that yardstick.
+  const double flops = 3 * conv_flops(options_of(s).geometry(), x.shape());
+  state.counters["conv_gflops"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  if constexpr (std::is_same_v<Case, OrepaCase> || std::is_same_v<Case, RepVGGCase>) {
+    // Squeeze share, timed right after the step loop on the same block.
+    auto& sq = Case::squeezer(block);
+    Tensor<float> w, dw = random_tensor(sq.geometry().weight_shape(), 3);
+    const int reps = 20;
+    using clock = std::chrono::steady_clock;
+    const auto t0 = clock::now();
+    for (int r = 0; r < reps; ++r) {
+      sq.squeeze_into(w);
+      sq.squeeze_backward(dw);
+    }
+    const double squeeze_s = std::chrono::duration<double>(clock::now() - t0).count() / reps;
+    const auto t1 = clock::now();
+    for (int r = 0; r < 3; ++r) {
+      block.forward_train(x);
+      block.backward(dy);
+    }
+    const double step_s = std::chrono::duration<double>(clock::now() - t1).count() / 3;
+    state.counters["squeeze_share"] = squeeze_s / step_s;
+  }
+}
+
+template <class Case>
+void squeeze_fwd(benchmark::State& state, TrainShape s) {
+  auto block = Case::make(s);
+  auto& sq = Case::squeezer(block);
+  Tensor<float> w;
+  sq.squeeze_into(w);
+  for (auto _ : state) {
+    sq.squeeze_into(w);
+    benchmark::DoNotOptimize(w.data());
+    benchmark::ClobberMemory();
+  }
+}
+
+template <class Case>
+void squeeze_bwd(benchmark::State& state, TrainShape s) {
+  auto block = Case::make(s);
+  auto& sq = Case::squeezer(block);
+  const auto dw = random_tensor(sq.geometry().weight_shape(), 3);
+  sq.squeeze_backward(dw);
+  for (auto _ : state) {
+    sq.squeeze_backward(dw);
+    benchmark::ClobberMemory();
+  }
+}
+
+template <class Case>
+void register_train(const TrainShape& s) {
+  const std::string tail = std::string(Case::name) + "/" + s.name;
+  benchmark::RegisterBenchmark(("train_step/" + tail).c_str(), train_step<Case>, s)
+      ->UseRealTime()
+      ->Unit(benchmark::kMillisecond);
+}
+template <class Case>
+void register_squeeze(const TrainShape& s) {
+  const std::string tail = std::string(Case::name) + "/" + s.name;
+  benchmark::RegisterBenchmark(("squeeze/" + tail).c_str(), squeeze_fwd<Case>, s)->UseRealTime()->Unit(benchmark::kMicrosecond);
+  benchmark::RegisterBenchmark(("squeeze_backward/" + tail).c_str(), squeeze_bwd<Case>, s)
+      ->UseRealTime()
+      ->Unit(benchmark::kMicrosecond);
+}
+
+const bool registered = [] {
+  for (const auto& s : kTrainShapes) {
+    register_train<ConvBNCase>(s);
+    register_train<FusedConvBNCase>(s);
+    register_train<OrepaCase>(s);
+    register_train<DbbCase>(s);
+    register_train<RepVGGCase>(s);
+  }
+  for (const auto& s : kTrainShapes) {
+    register_squeeze<OrepaCase>(s);
+    register_squeeze<RepVGGCase>(s);
+  }
+  return true;
+}();
+
+}  // namespace
+}  // namespace orepa::bench
