@@ -4,11 +4,10 @@
 //
 // Names: train_step/<Block>/<shape>, squeeze/<Block>/<shape>, squeeze_backward/<Block>/<shape>
 // with <shape> = c<channels>_h<size>_n<batch> (C -> C, 3x3, stride 1, padding 1).
-// train_step/ConvBN_fused/<shape> is ConvBN's math on OREPA's fused training engine (an
-// online block with one free kernel), to separate the squeeze's cost from the engine's.
+// ConvBN and OREPA train on the same conv + BN + activation engine (ConvBN is a
+// SqueezedBlock whose squeeze is the identity), so OREPA / ConvBN is the squeeze's cost.
 // Counters: bytes_saved_for_backward (activation-sized buffers the block keeps between
-// forward_train and backward, plus the kernel and BN statistics), saved_vs_ConvBN (the
-// same over ConvBN's for this shape), squeeze_share (OREPA blocks: squeeze + adjoint
+// forward_train and backward, plus the kernel and BN statistics), squeeze_share (OREPA blocks: squeeze + adjoint
 // time over the step time, measured right after the step loop).
 #include <chrono>
 
@@ -36,10 +35,6 @@ std::int64_t act_numel(const TrainShape& s) { return s.n * s.c * s.h * s.h; }
 // headers document (all shapes here are C -> C, stride 1, so every activation has the
 // size A of the input; a "padded" one is (H+2)^2 / H^2 of that).
 
-double convbn_saved(const TrainShape& s) {
-  // x_ (input copy), the conv output (BN input) and pre_ (pre-activation), BN mean/invstd.
-  return float_bytes(3 * act_numel(s) + 2 * s.c);
-}
 double dbb_saved(const TrainShape& s) {
   const std::int64_t A = act_numel(s), P = s.n * s.c * (s.h + 2) * (s.h + 2);
   // x_, pre_; origin conv out; 1x1 conv out; avg: 1x1 out, padded BN out, pool out;
@@ -52,7 +47,7 @@ struct ConvBNCase {
   using Block = ConvBN<float, SiLU>;
   static constexpr const char* name = "ConvBN";
   static Block make(const TrainShape& s) { return Block(options_of(s)); }
-  static double saved(Block&, const TrainShape& s) { return convbn_saved(s); }
+  static double saved(Block& b, const TrainShape&) { return double(b.bytes_saved_for_backward()); }
 };
 struct OrepaCase {
   using Block = OREPA<float, SiLU>;
@@ -60,23 +55,6 @@ struct OrepaCase {
   static Block make(const TrainShape& s) { return Block(options_of(s)); }
   static double saved(Block& b, const TrainShape&) { return double(b.bytes_saved_for_backward()); }
   static SqueezedBlock<float, SiLU>& squeezer(Block& b) { return b; }
-};
-// ConvBN on OREPA's training engine: an online block whose only branch is a free k x k
-// kernel (scale 1), i.e. conv -> BN -> SiLU through engine::FusedConvBnAct. The same
-// math as ConvBN; the OREPA / ConvBN_fused ratio is the squeeze's own cost.
-struct FusedConvBNCase {
-  using Block = OnlineBlock<float, SiLU>;
-  static constexpr const char* name = "ConvBN_fused";
-  static Block make(const TrainShape& s) {
-    const ConvGeometry g = options_of(s).geometry();
-    Rng rng(7);
-    BranchList<float> list;
-    list.push_back(std::make_unique<branches::Origin<float>>(g, "conv", branches::Init{1.0, 2.2360679774997896964}, rng));
-    OnlineBlockConfig cfg;
-    cfg.type_name = "ConvBN_fused";
-    return Block(g, std::move(list), cfg);
-  }
-  static double saved(Block& b, const TrainShape&) { return double(b.bytes_saved_for_backward()); }
 };
 struct DbbCase {
   using Block = DBB<float, SiLU>;
@@ -91,7 +69,8 @@ struct RepVGGCase {
   static double saved(Block& b, const TrainShape& s) {
     // dense part (reports itself) + rbr_1x1 (a ConvBN) + the identity BN's input copy and
     // the summed pre-activation, plus the identity BN's statistics.
-    return double(b.dense().bytes_saved_for_backward()) + convbn_saved(s) + float_bytes(2 * act_numel(s) + 2 * s.c);
+    return double(b.dense().bytes_saved_for_backward() + b.conv1x1().bytes_saved_for_backward()) +
+           float_bytes(2 * act_numel(s) + 2 * s.c);
   }
   static SqueezedBlock<float, Identity>& squeezer(Block& b) { return b.dense(); }
 };
@@ -110,7 +89,6 @@ void train_step(benchmark::State& state, TrainShape s) {
   }
   const double saved = Case::saved(block, s);
   state.counters["bytes_saved_for_backward"] = saved;
-  state.counters["saved_vs_ConvBN"] = saved / convbn_saved(s);
   // Conv FLOPs of ONE kxk conv's forward + backward-data + backward-weights, the work a
   // plain ConvBN does; a block's "effective" GFLOP/s against that yardstick.
   const double flops = 3 * conv_flops(options_of(s).geometry(), x.shape());
@@ -181,7 +159,6 @@ void register_squeeze(const TrainShape& s) {
 const bool registered = [] {
   for (const auto& s : kTrainShapes) {
     register_train<ConvBNCase>(s);
-    register_train<FusedConvBNCase>(s);
     register_train<OrepaCase>(s);
     register_train<DbbCase>(s);
     register_train<RepVGGCase>(s);

@@ -13,7 +13,10 @@
 namespace orepa {
 
 /// YOLO's autopad: the padding that keeps the size at stride 1, d*(k-1)/2.
-inline std::int64_t autopad(std::int64_t k, std::int64_t d = 1) { return d * (k - 1) / 2; }
+/// Throws config_error when d * (k - 1) overflows (a hostile dilation).
+inline std::int64_t autopad(std::int64_t k, std::int64_t d = 1) {
+  return checked_mul(d, k - 1, "yolo_conv: dilation * (kernel_size - 1)") / 2;
+}
 
 /// An OREPA-family block for a c1 -> c2 k x k conv with stride s (groups g, dilation d),
 /// padded with autopad. k must be odd (OREPA blocks are centred; use ConvBN for YOLOv5's
