@@ -1,0 +1,662 @@
+// Reliability (docs/reliability.md): hostile and degenerate input gives the documented
+// exception and leaves the block exactly as it was; NaN/Inf propagate like in PyTorch;
+// absurd sizes are rejected before anything is allocated; the deployed conv is safe to
+// call from several threads; a writer killed midway never replaces the previous file.
+// The suite is also run under ASan + UBSan + LSan (scripts/test.sh), which is what makes
+// "nothing crashes" and "nothing is allocated" checks meaningful.
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <limits>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "test_util.hpp"
+
+using namespace orepa;
+using test::random_tensor;
+namespace fs = std::filesystem;
+
+namespace {
+
+using Block = SqueezedBlock<float, SiLU>;
+using Bytes = std::vector<unsigned char>;
+
+const float kNaN = std::numeric_limits<float>::quiet_NaN();
+const float kInf = std::numeric_limits<float>::infinity();
+
+/// Every tensor of a block (values and gradients, as raw bytes so NaN compares too) and
+/// every BN's num_batches_tracked.
+struct Snapshot {
+  std::vector<std::string> names;
+  std::vector<Shape> shapes;
+  std::vector<std::string> values, grads;
+  std::vector<std::int64_t> batches;
+};
+
+std::string bytes_of(const Tensor<float>& t) {
+  return std::string(reinterpret_cast<const char*>(t.data()), std::size_t(t.size()) * sizeof(float));
+}
+
+template <class B>
+Snapshot snapshot(B& b) {
+  Snapshot s;
+  for (auto* p : b.parameters()) {
+    s.names.push_back(p->name);
+    s.shapes.push_back(p->value.shape());
+    s.values.push_back(bytes_of(p->value));
+    s.grads.push_back(bytes_of(p->grad));
+  }
+  for (auto* bn : b.batch_norms()) s.batches.push_back(bn->num_batches_tracked);
+  return s;
+}
+
+/// Expects two snapshots to be identical bit for bit, naming the first tensor that differs.
+void expect_unchanged(const Snapshot& before, const Snapshot& after, const std::string& what) {
+  ASSERT_EQ(before.names, after.names) << what;
+  for (std::size_t j = 0; j < before.names.size(); ++j) {
+    EXPECT_EQ(before.shapes[j], after.shapes[j]) << what << ": shape of " << before.names[j];
+    EXPECT_TRUE(before.values[j] == after.values[j]) << what << ": value of " << before.names[j] << " changed";
+    EXPECT_TRUE(before.grads[j] == after.grads[j]) << what << ": gradient of " << before.names[j] << " changed";
+  }
+  EXPECT_EQ(before.batches, after.batches) << what << ": num_batches_tracked changed";
+}
+
+/// Expects `f` to throw exactly error type E whose message contains `needle`.
+template <class E, class F>
+void expect_error(F&& f, const std::string& needle, const std::string& what) {
+  try {
+    f();
+    ADD_FAILURE() << what << ": no exception";
+  } catch (const E& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos)
+        << what << ": '" << needle << "' not in: " << e.what();
+  } catch (const std::exception& e) {
+    ADD_FAILURE() << what << ": wrong exception type: " << e.what();
+  }
+}
+
+/// One block of each family type, all 4 -> 8 channels with their default (same-size) padding.
+struct BlockCase {
+  const char* name;
+  std::function<std::unique_ptr<Block>()> make;
+};
+std::vector<BlockCase> block_cases() {
+  return {
+      {"OREPA", [] { return std::unique_ptr<Block>(new OREPA<float, SiLU>(OrepaOptions(4, 8, 3).groups(2).seed(1))); }},
+      {"OREPA_1x1", [] { return std::unique_ptr<Block>(new OREPA_1x1<float, SiLU>(ConvOptions(4, 8, 1).seed(2))); }},
+      {"OREPA_LargeConv",
+       [] { return std::unique_ptr<Block>(new OREPA_LargeConv<float, SiLU>(ConvOptions(4, 8, 5).seed(3))); }},
+      {"yolo_conv", [] { return yolo_conv<float, SiLU>(4, 8, 3, 2, 1, 1, 4); }},
+  };
+}
+
+std::string tmp_dir() {
+  std::string tmpl = (fs::temp_directory_path() / "orepa_rel_XXXXXX").string();
+  if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+  return tmpl;
+}
+
+Bytes read_all(const fs::path& path) {
+  std::ifstream f(path, std::ios::binary);
+  return Bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+}
+
+}  // namespace
+
+// ---- hostile and degenerate input --------------------------------------------------------
+
+// Each bad call throws its documented error before touching any state: parameters, BN
+// running statistics, gradients and the saved activations of the last good forward (the
+// following backward gives exactly what it would have given without the bad calls).
+TEST(ReliabilityHostile, BadTrainingInputThrowsAndLeavesEveryBlockUnchanged) {
+  for (const auto& c : block_cases()) {
+    SCOPED_TRACE(c.name);
+    auto block = c.make();
+    Rng rng(10);
+    test::randomise(*block, rng);
+    const auto x = random_tensor<float>({2, 4, 9, 9}, rng);
+    const Tensor<float> y = block->forward_train(x);
+    const auto dy = random_tensor<float>(y.shape(), rng);
+    block->zero_grad();
+    const Snapshot before = snapshot(*block);
+
+    expect_error<shape_error>([&] { block->forward_train(Tensor<float>({2, 3, 9, 9})); }, "input must be [N, 4, H, W]",
+                              "wrong input channels (train)");
+    expect_error<shape_error>([&] { (void)block->forward_eval(Tensor<float>({2, 5, 9, 9})); },
+                              "input must be [N, 4, H, W]", "wrong input channels (eval)");
+    expect_error<shape_error>([&] { block->forward_train(Tensor<float>({4, 9, 9})); }, "got [4, 9, 9]", "rank 3 input");
+    expect_error<shape_error>([&] { block->forward_train(Tensor<float>()); }, "got [0]", "empty tensor");
+    expect_error<shape_error>([&] { block->forward_train(Tensor<float>({0, 4, 9, 9})); }, "batch must be >= 1",
+                              "empty batch");
+    // One value per channel: BN has no batch variance. Eval is fine with it.
+    expect_error<state_error>([&] { block->forward_train(Tensor<float>({1, 4, 1, 1}, 1.0f)); },
+                              "more than one value per channel", "one value per channel");
+    expect_error<shape_error>([&] { block->backward(Tensor<float>({2, 8, 1, 1})); }, "grad_output",
+                              "wrong gradient shape");
+    expect_unchanged(before, snapshot(*block), "after the rejected calls");
+
+    // The last good forward is still the one backward differentiates.
+    const Tensor<float> dx = block->backward(dy);
+    auto fresh = c.make();
+    Rng rng2(10);
+    test::randomise(*fresh, rng2);
+    fresh->forward_train(x);
+    fresh->zero_grad();
+    EXPECT_EQ(max_abs_diff(dx, fresh->backward(dy)), 0.0);
+    EXPECT_EQ(block->forward_eval(Tensor<float>({1, 4, 1, 1}, 1.0f)).dim(1), 8);  // eval accepts N*H*W = 1
+  }
+}
+
+TEST(ReliabilityHostile, InputSmallerThanTheKernelIsAShapeErrorEverywhere) {
+  OREPA<float, SiLU> k5(OrepaOptions(4, 4, 5).padding(0));
+  OREPA<float, SiLU> dilated(OrepaOptions(4, 4, 3).padding(0).dilation(3));  // spans 7 pixels
+  OREPA_LargeConv<float, SiLU> large(ConvOptions(4, 4, 7).padding(0));
+  Rng rng(2);
+  for (auto* b : std::vector<Block*>{&k5, &dilated, &large}) {
+    SCOPED_TRACE(b->type_name());
+    test::randomise(*b, rng);
+    const Snapshot before = snapshot(*b);
+    const auto deployed = b->deploy();
+    const auto x = random_tensor<float>({2, 4, 6, 4}, rng);  // 6x4 < span in width at least
+    expect_error<shape_error>([&] { b->forward_train(x); }, "is smaller than the", "train");
+    expect_error<shape_error>([&] { (void)b->forward_eval(x); }, "is smaller than the", "eval");
+    expect_error<shape_error>([&] { (void)deployed.forward(x); }, "is smaller than the", "deployed");
+    expect_unchanged(before, snapshot(*b), "after input smaller than the kernel");
+    EXPECT_EQ(deployed.primitive_creations(), 0);
+  }
+}
+
+TEST(ReliabilityHostile, DeployedConvRejectsWrongShapesAndKeepsWorking) {
+  OREPA<float, SiLU> block(OrepaOptions(4, 8, 3).padding(0).seed(5));
+  Rng rng(6);
+  test::randomise(block, rng);
+  const auto deployed = block.deploy();
+  const auto x = random_tensor<float>({2, 4, 8, 8}, rng);
+  const Tensor<float> y = deployed.forward(x);
+  const Tensor<float> w = deployed.weight(), b = deployed.bias();
+  const auto creations = deployed.primitive_creations();
+  Tensor<float> out({1}, 42.0f);
+
+  expect_error<shape_error>([&] { (void)deployed.forward(Tensor<float>({2, 3, 8, 8})); }, "input must be [N, 4, H, W]",
+                            "wrong channels");
+  expect_error<shape_error>([&] { (void)deployed.forward(Tensor<float>({4, 8, 8})); }, "input must be", "rank 3");
+  expect_error<shape_error>([&] { (void)deployed.forward(Tensor<float>({0, 4, 8, 8})); }, "batch must be >= 1",
+                            "empty batch");
+  expect_error<shape_error>([&] { (void)deployed.forward(Tensor<float>({1, 4, 2, 8})); }, "smaller than the 3x3",
+                            "smaller than the kernel");
+  expect_error<shape_error>([&] { deployed.forward(Tensor<float>({2, 5, 8, 8}), out); }, "input must be",
+                            "wrong channels into a buffer");
+  EXPECT_EQ(out.shape(), (Shape{1}));  // the output buffer is untouched
+  EXPECT_EQ(out[0], 42.0f);
+  // The raw-pointer form checks the shape it is told before touching either pointer.
+  expect_error<shape_error>([&] { deployed.forward(nullptr, Shape{1, 4, 1 << 20, -5}, nullptr); },
+                            "height and width", "negative width");
+
+  EXPECT_EQ(deployed.primitive_creations(), creations);  // no primitive for a rejected shape
+  EXPECT_EQ(max_abs_diff(deployed.weight(), w), 0.0);
+  EXPECT_EQ(max_abs_diff(deployed.bias(), b), 0.0);
+  EXPECT_EQ(max_abs_diff(deployed.forward(x), y), 0.0);
+}
+
+// NaN and Inf are not checked for (that would cost a pass over every tensor); they
+// propagate as in PyTorch. In eval and deploy a non-finite input pixel makes exactly the
+// outputs whose receptive field contains it non-finite, in every output channel, and the
+// other images of the batch are untouched.
+TEST(ReliabilityNonFinite, NaNAndInfPropagateThroughEvalAndDeployLikePyTorch) {
+  OREPA<float, SiLU> block(OrepaOptions(4, 6, 3).seed(3));  // k3, padding 1, stride 1
+  Rng rng(3);
+  test::randomise(block, rng);
+  const auto deployed = block.deploy();
+  const auto x = random_tensor<float>({3, 4, 7, 7}, rng);
+  const Tensor<float> clean_eval = block.forward_eval(x), clean_deployed = deployed.forward(x);
+  const std::int64_t ph = 2, pw = 5;  // poisoned pixel of image 1, channel 2
+  for (float poison : {kNaN, kInf, -kInf}) {
+    SCOPED_TRACE(poison);
+    Tensor<float> xp = x;
+    xp(1, 2, ph, pw) = poison;
+    const Tensor<float> e = block.forward_eval(xp), d = deployed.forward(xp);
+    for (const Tensor<float>* which : {&e, &d}) {
+      const Tensor<float>& out = *which;
+      const Tensor<float>& clean = which == &e ? clean_eval : clean_deployed;
+      for (std::int64_t n = 0; n < 3; ++n)
+        for (std::int64_t o = 0; o < 6; ++o)
+          for (std::int64_t h = 0; h < 7; ++h)
+            for (std::int64_t w = 0; w < 7; ++w) {
+              const bool hit = n == 1 && std::abs(h - ph) <= 1 && std::abs(w - pw) <= 1;
+              const float v = out(n, o, h, w);
+              if (hit) EXPECT_FALSE(std::isfinite(v)) << "(" << n << ", " << o << ", " << h << ", " << w << ")";
+              else EXPECT_EQ(v, clean(n, o, h, w)) << "(" << n << ", " << o << ", " << h << ", " << w << ")";
+            }
+    }
+  }
+}
+
+// In training, one NaN poisons the batch statistics: every output, every gradient and the
+// running statistics become NaN, as in PyTorch. Nothing throws or crashes; reloading a
+// saved state dict restores the block.
+TEST(ReliabilityNonFinite, NaNInATrainingBatchPoisonsStatisticsLikePyTorchWithoutCrashing) {
+  OREPA<float, SiLU> block(OrepaOptions(4, 6, 3).seed(4));
+  Rng rng(4);
+  test::randomise(block, rng);
+  io::SafetensorsWriter saved;
+  io::save_state_dict(block, saved);
+  const Snapshot before = snapshot(block);
+
+  auto x = random_tensor<float>({2, 4, 6, 6}, rng);
+  x(0, 1, 3, 3) = kNaN;
+  const Tensor<float>& y = block.forward_train(x);
+  for (float v : y) EXPECT_TRUE(std::isnan(v));
+  const Tensor<float>& dx = block.backward(random_tensor<float>(y.shape(), rng));
+  EXPECT_EQ(dx.shape(), x.shape());
+  for (float v : block.param("weight_orepa_origin").grad) EXPECT_TRUE(std::isnan(v));
+  for (float v : block.bn().running_mean.value) EXPECT_TRUE(std::isnan(v));
+  for (float v : block.bn().running_var.value) EXPECT_TRUE(std::isnan(v));
+  EXPECT_EQ(block.bn().num_batches_tracked, before.batches[0] + 1);
+
+  x(0, 1, 3, 3) = kInf;  // +Inf: the conv gives +Inf and -Inf in one channel, so the mean is NaN
+  EXPECT_NO_THROW(block.forward_train(x));
+
+  io::load_state_dict(block, io::SafetensorsFile::from_bytes(saved.to_bytes()));
+  block.zero_grad();
+  expect_unchanged(before, snapshot(block), "after reloading the state dict");
+}
+
+TEST(ReliabilityHostile, StateDictThatDoesNotFitIsRejectedAndTheBlockIsUnchanged) {
+  OREPA<float, SiLU> src(OrepaOptions(4, 8, 3).seed(7));
+  Rng rng(7);
+  test::randomise(src, rng);
+  src.bn().num_batches_tracked = 12;
+  OREPA<float, SiLU> dst(OrepaOptions(4, 8, 3).seed(8));
+  test::randomise(dst, rng);
+  dst.bn().num_batches_tracked = 3;
+  const Snapshot before = snapshot(dst);
+
+  // Writes src's state dict with `edit` applied to each tensor (return false to drop it).
+  auto file_with = [&](const std::function<bool(io::SafetensorsWriter&, Param<float>&)>& edit) {
+    io::SafetensorsWriter w;
+    for (auto* p : src.parameters())
+      if (edit(w, *p)) w.add(p->name, p->value);
+    w.add_int64("bn.num_batches_tracked", {}, {12});
+    return w.to_bytes();
+  };
+  const Bytes missing = file_with([](auto&, Param<float>& p) { return p.name != "weight_orepa_prior"; });
+  const Bytes extra = file_with([](io::SafetensorsWriter& w, Param<float>& p) {
+    if (p.name == "vector") w.add("vector_extra", p.value);
+    return true;
+  });
+  const Bytes misshaped = file_with([](io::SafetensorsWriter& w, Param<float>& p) {
+    if (p.name != "bn.running_var") return true;
+    w.add(p.name, Tensor<float>({8, 1}));
+    return false;
+  });
+  // Right names and shapes, but a dtype that cannot be converted: found only while
+  // converting, which happens before anything is assigned.
+  const Bytes f8_dtype = file_with([](io::SafetensorsWriter& w, Param<float>& p) {
+    if (p.name != "weight_orepa_1x1_kxk_conv2") return true;
+    const std::vector<unsigned char> raw(std::size_t(p.value.size()), 0x38);  // F8: one byte per element
+    w.add_raw(io::TensorEntry{p.name, io::DType::F8_E4M3, p.value.shape(), raw.data(), raw.size()});
+    return false;
+  });
+  io::SafetensorsWriter half_count;  // num_batches_tracked of 1.5
+  for (auto* p : src.parameters()) half_count.add(p->name, p->value);
+  half_count.add("bn.num_batches_tracked", Tensor<float>(Shape{}, 1.5f));
+  Bytes truncated = file_with([](auto&, auto&) { return true; });
+  truncated.resize(truncated.size() - 3);
+
+  struct Case {
+    const char* what;
+    Bytes bytes;
+    const char* needle;
+  };
+  const std::vector<Case> cases = {
+      {"missing", missing, "1 missing: weight_orepa_prior [8, 3, 3]"},
+      {"extra", extra, "1 unexpected: vector_extra"},
+      {"mis-shaped", misshaped, "bn.running_var (expected [8], got [8, 1])"},
+      {"F8 dtype", f8_dtype, "reading dtype F8_E4M3 as floating point is not supported"},
+      {"fractional num_batches_tracked", half_count.to_bytes(), "value is not an integer"},
+  };
+  for (const auto& c : cases) {
+    expect_error<format_error>(
+        [&] { io::load_state_dict(dst, io::SafetensorsFile::from_bytes(c.bytes, "ckpt.safetensors")); }, c.needle,
+        c.what);
+    expect_unchanged(before, snapshot(dst), c.what);
+  }
+  expect_error<format_error>([&] { (void)io::SafetensorsFile::from_bytes(truncated, "ckpt.safetensors"); },
+                             "ckpt.safetensors", "truncated file");
+  // Tolerated on request: the extra tensor is ignored and the rest loads.
+  io::load_state_dict(dst, io::SafetensorsFile::from_bytes(extra), "", io::Unexpected::ignore);
+  EXPECT_EQ(dst.bn().num_batches_tracked, 12);
+  for (auto* p : dst.parameters()) EXPECT_EQ(max_abs_diff(p->value, src.param(p->name).value), 0.0) << p->name;
+}
+
+// Sizes that cannot be allocated are config_error from the size arithmetic itself, never
+// std::bad_alloc or an allocator abort (under ASan an attempt at terabytes would abort).
+TEST(ReliabilityHostile, AbsurdSizesAreRejectedBeforeAllocating) {
+  const std::int64_t c31 = std::int64_t(1) << 31, e40 = std::int64_t(1) << 40;
+  expect_error<config_error>([&] { Tensor<float> t(Shape{e40}); }, "byte limit", "2^40-element tensor");
+  expect_error<config_error>([&] { Tensor<double> t(Shape{e40, e40}); }, "overflows", "2^80 elements");
+  Tensor<float> t({2, 3}, 1.5f);
+  expect_error<config_error>([&] { t.reset({e40}); }, "byte limit", "reset to 2^40");
+  expect_error<config_error>([&] { t.resize({e40, e40}); }, "overflows", "resize to 2^80");
+  EXPECT_EQ(t.shape(), (Shape{2, 3}));  // unchanged
+  for (float v : t) EXPECT_EQ(v, 1.5f);
+
+  // Blocks with 2^31 channels: the kernel shape overflows int64 or exceeds the byte limit.
+  expect_error<config_error>([&] { OREPA<float, SiLU> b(OrepaOptions(c31, c31, 3)); }, "overflows",
+                             "OREPA 2^31 -> 2^31");
+  expect_error<config_error>([&] { OREPA<float, SiLU> b(OrepaOptions(c31, 16, 3)); }, "byte limit",
+                             "OREPA 2^31 -> 16");
+  expect_error<config_error>([&] { OREPA<float, SiLU> b(OrepaOptions(16, c31, 3)); }, "byte limit",
+                             "OREPA 16 -> 2^31");
+  expect_error<config_error>([&] { OREPA_1x1<float, SiLU> b(ConvOptions(c31, c31, 1)); }, "byte limit",
+                             "OREPA_1x1 2^31 -> 2^31");
+  expect_error<config_error>([&] { OREPA_LargeConv<float, SiLU> b(ConvOptions(c31, 8, 7)); }, "byte limit",
+                             "OREPA_LargeConv 2^31 -> 8");
+  expect_error<config_error>([&] { (void)yolo_conv<float, SiLU>(c31, c31, 3); }, "overflows", "yolo_conv 2^31");
+
+  // Geometry values beyond max_conv_param (2^16) or whose arithmetic would overflow.
+  expect_error<config_error>([&] { OREPA<float, SiLU> b(OrepaOptions(4, 4, 3).padding(std::int64_t(1) << 35)); },
+                             "padding must be <= 65536", "padding 2^35");
+  expect_error<config_error>([&] { OREPA<float, SiLU> b(OrepaOptions(4, 4, 3).dilation(std::int64_t(1) << 62)); },
+                             "dilation must be <= 65536", "dilation 2^62");
+  expect_error<config_error>([&] { OREPA<float, SiLU> b(OrepaOptions(4, 4, 3).stride(std::int64_t(1) << 40)); },
+                             "stride must be <= 65536", "stride 2^40");
+  expect_error<config_error>([&] { OREPA<float, SiLU> b(OrepaOptions(4, 4, 262145).padding(0).dilation(65536)); },
+                             "kernel span", "dilated span above 2^34");
+  ConvGeometry g;
+  g.in_channels = g.out_channels = 4, g.kernel = 3, g.padding = 1;
+  expect_error<shape_error>([&] { (void)g.output_shape({1, 4, std::numeric_limits<std::int64_t>::max(), 8}, "x"); },
+                            "height and width", "INT64_MAX input height");
+  expect_error<config_error>([&] { (void)g.output_shape({e40, 4, 1 << 20, 1 << 20}, "x"); }, "overflows",
+                             "output element count overflows");
+
+  // A safetensors header may claim anything; the claim is checked against the bytes.
+  const std::string text = R"({"t":{"dtype":"F32","shape":[1099511627776],"data_offsets":[0,4]}})";
+  Bytes file;
+  for (int i = 0; i < 8; ++i) file.push_back(static_cast<unsigned char>(text.size() >> (8 * i)));
+  file.insert(file.end(), text.begin(), text.end());
+  file.insert(file.end(), 4, 0);
+  expect_error<format_error>([&] { (void)io::SafetensorsFile::from_bytes(file, "huge.safetensors"); },
+                             "needs 4398046511104 bytes", "header claiming 2^40 floats");
+}
+
+// Regression inputs from fuzz/fuzz_block_config.
+
+// Padding 2^31 was accepted; the output shape of the next forward, [3, 4, 2^32 + 5, 2^32 + 5],
+// then overflowed int64 in SqueezedBlock::forward_train (N * OH * OW): UBSan signed overflow.
+// Now such a padding is rejected up front, and output_shape checks the output's size.
+TEST(ReliabilityFuzzRegression, Padding2p31IsRejectedAndHugeOutputsAreConfigErrors) {
+  expect_error<config_error>(
+      [] { OREPA_1x1<float, SiLU> b(ConvOptions(4, 4, 1).padding(std::int64_t(1) << 31)); }, "padding must be <=",
+      "padding 2^31");
+  // The largest padding accepted still cannot produce an output no tensor can hold: the
+  // size is checked before oneDNN builds anything and the block is unchanged.
+  OREPA_1x1<float, SiLU> wide(ConvOptions(4, 4, 1).padding(std::int64_t(1) << 16));
+  const Snapshot before = snapshot(wide);
+  const Tensor<float> x({3, 4, 5, 5}, 0.5f);
+  expect_error<config_error>([&] { wide.forward_train(x); }, "byte tensor limit", "forward_train");
+  expect_error<config_error>([&] { (void)wide.forward_eval(x); }, "byte tensor limit", "forward_eval");
+  expect_error<config_error>([&] { (void)wide.deploy().forward(x); }, "byte tensor limit", "deployed forward");
+  EXPECT_EQ(wide.primitive_creations(), 0);
+  expect_unchanged(before, snapshot(wide), "after the rejected forwards");
+  ConvGeometry g;  // the same check catches int64 overflow of the element count
+  g.in_channels = g.out_channels = 4, g.padding = std::int64_t(1) << 16;
+  expect_error<config_error>([&] { (void)g.output_shape({std::int64_t(1) << 40, 4, 5, 5}, "x"); }, "overflows",
+                             "element count overflow");
+}
+
+// A 1x1 OREPA<float, ReLU> (10 -> 9, stride 2, padding 4) with dilation 2^31 was accepted
+// (dilation does not matter for a 1x1 kernel) and oneDNN's JIT kernel then read out of
+// bounds (SEGV in JIT code under ASan; a dilation of 2^31 - 1 crashes the deployed conv
+// even without sanitizers). Stride, padding and dilation are now capped at 2^16.
+TEST(ReliabilityFuzzRegression, Dilation2p31On1x1IsAConfigError) {
+  for (std::int64_t d : {std::int64_t(1) << 31, (std::int64_t(1) << 31) - 1, (std::int64_t(1) << 16) + 1}) {
+    SCOPED_TRACE(d);
+    expect_error<config_error>(
+        [&] { OREPA<float, ReLU> b(OrepaOptions(10, 9, 1).stride(2).dilation(d).padding(4).internal_channels(6)); },
+        "dilation must be <= 65536", "OREPA");
+    ConvGeometry g;
+    g.in_channels = 10, g.out_channels = 9, g.stride = 2, g.dilation = d, g.padding = 4;
+    expect_error<config_error>(
+        [&] { DeployedConv<float, ReLU> c(g, Tensor<float>({9, 10, 1, 1}), Tensor<float>({9})); },
+        "dilation must be <= 65536", "DeployedConv");
+  }
+  // The cap itself is fine and gives the dense result (dilation is irrelevant for 1x1).
+  OREPA<float, ReLU> capped(OrepaOptions(10, 9, 1).stride(2).dilation(65536).padding(4).seed(1));
+  OREPA<float, ReLU> dense(OrepaOptions(10, 9, 1).stride(2).padding(4).seed(1));
+  Rng rng(9);
+  const auto x = random_tensor<float>({2, 10, 20, 20}, rng);
+  EXPECT_LE(max_abs_diff(capped.deploy().forward(x), dense.deploy().forward(x)), 1e-6);
+  EXPECT_LE(max_abs_diff(capped.forward_train(x), dense.forward_train(x)), 1e-5);
+}
+
+// yolo_conv(4, 5, 9, 3, 1, 2^62) computed autopad(k, d) = d * (k - 1) / 2 before any check:
+// signed overflow (UBSan at yolo.hpp:16). autopad now multiplies with checked_mul.
+TEST(ReliabilityFuzzRegression, YoloConvHugeDilationIsAConfigError) {
+  expect_error<config_error>([] { (void)yolo_conv<float, SiLU>(4, 5, 9, 3, 1, std::int64_t(1) << 62); }, "dilation",
+                             "yolo_conv dilation 2^62");
+  expect_error<config_error>([] { (void)yolo_conv<float, SiLU>(4, 5, 9, 3, 1, std::int64_t(1) << 20); },
+                             "must be <= 65536", "yolo_conv dilation 2^20 (autopad 2^22)");
+}
+
+// ---- concurrency -------------------------------------------------------------------------
+
+// 4 threads x 200 calls on a shared deployed block, inputs of four shapes interleaved, both
+// forward forms; every output must match the single-threaded one. The threads start
+// together on a copy without primitives, so they also race to create them.
+TEST(ReliabilityConcurrency, DeployedForwardFromFourThreadsMatchesSingleThreaded) {
+  OREPA<float, SiLU> block(OrepaOptions(8, 16, 3).groups(2).seed(11));
+  Rng rng(12);
+  test::randomise(block, rng);
+  const Shape shapes[] = {{1, 8, 12, 12}, {2, 8, 9, 7}, {3, 8, 16, 16}, {1, 8, 5, 21}};
+  std::vector<Tensor<float>> inputs, expected;
+  const auto reference = block.deploy();
+  for (int rep = 0; rep < 2; ++rep)
+    for (const auto& s : shapes) {
+      inputs.push_back(random_tensor<float>(s, rng));
+      expected.push_back(reference.forward(inputs.back()));
+    }
+  std::vector<double> scale;  // max(1, max |expected|) per input: the comparison is relative
+  for (const auto& e : expected) scale.push_back(std::max(1.0, max_abs_diff(e, Tensor<float>(e.shape()))));
+  const auto shared = block.deploy();  // cold: no primitive yet
+
+  constexpr int kThreads = 4, kCalls = 200;
+  std::vector<double> worst(kThreads, 0.0);
+  std::vector<int> bit_mismatches(kThreads, 0), errors(kThreads, 0);
+  std::atomic<int> ready{0};
+  std::vector<std::thread> pool;
+  for (int t = 0; t < kThreads; ++t)
+    pool.emplace_back([&, t] {
+      ++ready;
+      while (ready.load() < kThreads) std::this_thread::yield();  // start together
+      Tensor<float> buffer;
+      for (int i = 0; i < kCalls; ++i) {
+        const std::size_t k = std::size_t(t * 5 + i * 3) % inputs.size();
+        try {
+          Tensor<float> y;
+          if (i % 2) y = shared.forward(inputs[k]);
+          else shared.forward(inputs[k], buffer), y = buffer;
+          worst[std::size_t(t)] = std::max(worst[std::size_t(t)], max_abs_diff(y, expected[k]) / scale[k]);
+          const std::size_t bytes = sizeof(float) * std::size_t(y.size());
+          bit_mismatches[std::size_t(t)] += std::memcmp(y.data(), expected[k].data(), bytes) != 0;
+        } catch (const std::exception&) {
+          ++errors[std::size_t(t)];
+        }
+      }
+    });
+  for (auto& th : pool) th.join();
+  for (int t = 0; t < kThreads; ++t) {
+    EXPECT_EQ(errors[std::size_t(t)], 0) << "thread " << t;
+    EXPECT_LE(worst[std::size_t(t)], 1e-6) << "thread " << t;
+    // Same primitive, same data: oneDNN is deterministic here, so expect exact equality.
+    EXPECT_EQ(bit_mismatches[std::size_t(t)], 0) << "thread " << t;
+  }
+  EXPECT_EQ(shared.primitive_creations(), 4);  // one per shape, even when created concurrently
+}
+
+// Distinct training blocks may be trained from distinct threads (the engine, the
+// per-thread streams and oneDNN's primitive cache are shared safely); the results equal a
+// single-threaded run.
+TEST(ReliabilityConcurrency, SeparateTrainingBlocksInSeparateThreadsAreIndependent) {
+  auto train = [](std::uint64_t seed) {
+    OREPA<float, SiLU> b(OrepaOptions(4, 8, 3).seed(seed));
+    Rng rng(seed);
+    for (int step = 0; step < 4; ++step) {
+      const auto x = random_tensor<float>({2, 4, 10, 10}, rng);
+      const auto& y = b.forward_train(x);
+      b.backward(random_tensor<float>(y.shape(), rng));
+    }
+    return snapshot(b);
+  };
+  std::vector<Snapshot> alone, together(4);
+  for (int t = 0; t < 4; ++t) alone.push_back(train(std::uint64_t(t)));
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 4; ++t) pool.emplace_back([&, t] { together[std::size_t(t)] = train(std::uint64_t(t)); });
+  for (auto& th : pool) th.join();
+  for (std::size_t t = 0; t < 4; ++t) expect_unchanged(alone[t], together[t], "thread " + std::to_string(t));
+}
+
+// SafetensorsFile's const methods (names, entry, get, get_int) may run concurrently.
+TEST(ReliabilityConcurrency, SafetensorsFileConstMethodsFromFourThreads) {
+  const auto file = io::SafetensorsFile::open(test::data_path("orepa_k3_g2.safetensors"));
+  std::vector<std::string> names = file.names();
+  std::vector<Tensor<float>> expected;
+  for (const auto& n : names) expected.push_back(file.get<float>(n));
+  std::vector<int> mismatches(4, 0);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 4; ++t)
+    pool.emplace_back([&, t] {
+      for (int rep = 0; rep < 20; ++rep)
+        for (std::size_t j = 0; j < names.size(); ++j) {
+          const auto v = file.get<float>(names[(j + std::size_t(t)) % names.size()]);
+          mismatches[std::size_t(t)] += max_abs_diff(v, expected[(j + std::size_t(t)) % names.size()]) != 0.0;
+          mismatches[std::size_t(t)] += file.names() != names;
+        }
+    });
+  for (auto& th : pool) th.join();
+  for (int t = 0; t < 4; ++t) EXPECT_EQ(mismatches[std::size_t(t)], 0) << "thread " << t;
+}
+
+// ---- nothing lost: interrupted writes ----------------------------------------------------
+
+namespace {
+
+/// A private folder with an existing checkpoint `model.safetensors`.
+class ReliabilityFiles : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = tmp_dir();
+    path_ = (dir_ / "model.safetensors").string();
+    io::SafetensorsWriter w;
+    w.add("w", Tensor<float>({4}, std::vector<float>{1, 2, 3, 4}));
+    w.add_int64("n", {}, {9});
+    w.write(path_);
+    old_ = read_all(path_);
+    // 16 MiB of data, written with one write() per call: large enough to stop midway.
+    big_.add("big", Tensor<float>({std::int64_t(1) << 22}, 0.5f));
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::vector<fs::path> temporaries() const {
+    std::vector<fs::path> r;
+    for (const auto& e : fs::directory_iterator(dir_))
+      if (e.path().filename().string().find(".tmp.") != std::string::npos) r.push_back(e.path());
+    return r;
+  }
+  void expect_old_file_intact() const {
+    EXPECT_EQ(read_all(path_), old_);
+    const auto f = io::SafetensorsFile::open(path_);
+    EXPECT_EQ(f.names(), (std::vector<std::string>{"w", "n"}));
+    EXPECT_EQ(f.get<float>("w")[3], 4.0f);
+    EXPECT_EQ(f.get_int("n"), 9);
+  }
+
+  /// Forks a child that caps its file size at `limit` bytes, sets the SIGXFSZ action with
+  /// `configure` and runs big_.write(path_); returns its pid. Output is flushed first so
+  /// nothing buffered is written twice.
+  pid_t spawn_writer(rlim_t limit, void (*configure)()) {
+    std::fflush(nullptr);
+    const pid_t pid = ::fork();
+    if (pid != 0) return pid;
+    const struct rlimit rl{limit, limit};
+    ::setrlimit(RLIMIT_FSIZE, &rl);
+    configure();
+    try {
+      big_.write(path_);
+    } catch (const format_error& e) {
+      ::_exit(std::strstr(e.what(), "write failed") ? 10 : 11);
+    } catch (...) {
+      ::_exit(12);
+    }
+    ::_exit(0);
+  }
+
+  fs::path dir_;
+  std::string path_;
+  Bytes old_;
+  io::SafetensorsWriter big_;
+};
+
+}  // namespace
+
+// The writer stops itself at 1 MiB of its temporary file (its SIGXFSZ handler raises
+// SIGSTOP, so it is stopped mid-write, deterministically) and is then killed with SIGKILL.
+// The old file must be intact and readable; the partial temporary file is left behind
+// (a killed process cannot clean up) but never took the checkpoint's name.
+TEST_F(ReliabilityFiles, WriterKilledMidwayLeavesThePreviousFileIntact) {
+  constexpr rlim_t limit = 1 << 20;
+  const pid_t pid = spawn_writer(limit, [] {
+    struct sigaction sa {};
+    sa.sa_handler = [](int) { ::raise(SIGSTOP); };
+    ::sigaction(SIGXFSZ, &sa, nullptr);
+  });
+  ASSERT_GT(pid, 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, WUNTRACED), pid);
+  ASSERT_TRUE(WIFSTOPPED(status)) << "the writer was not stopped midway; wait status " << status;
+  const auto partial = temporaries();
+  ASSERT_EQ(partial.size(), 1u);
+  EXPECT_EQ(fs::file_size(partial[0]), limit);  // midway: 1 MiB of 16 MiB written
+  expect_old_file_intact();                      // while the writer is stopped mid-write
+
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL) << "wait status " << status;
+  expect_old_file_intact();
+  EXPECT_EQ(temporaries(), partial);
+
+  // A later write replaces the file completely.
+  fs::remove(partial[0]);
+  big_.write(path_);
+  const auto f = io::SafetensorsFile::open(path_);
+  EXPECT_EQ(f.names(), std::vector<std::string>{"big"});
+  EXPECT_EQ(f.entry("big").nbytes, std::size_t(4) << 22);
+  EXPECT_TRUE(temporaries().empty());
+}
+
+// The same file-size limit with SIGXFSZ ignored makes write() fail with EFBIG midway: the
+// writer reports format_error ("write failed"), removes its temporary file and leaves the
+// old file as it was.
+TEST_F(ReliabilityFiles, WriteFailingMidwayLeavesThePreviousFileIntactAndNoTemporary) {
+  const pid_t pid = spawn_writer(1 << 20, [] { ::signal(SIGXFSZ, SIG_IGN); });
+  ASSERT_GT(pid, 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "wait status " << status;
+  EXPECT_EQ(WEXITSTATUS(status), 10) << "10: format_error 'write failed'; 0: the write succeeded; 11/12: other error";
+  expect_old_file_intact();
+  EXPECT_TRUE(temporaries().empty());
+}
