@@ -41,6 +41,7 @@ class OnlineBlock : public SqueezedBlock<S, Act> {
     }
   }
 
+  /// The branches, one per row of the scaling matrix.
   const BranchList<S>& branches() const { return branches_; }
   /// The branch-scaling matrix `vector` [rows, O].
   Param<S>& scales() { return vector_; }

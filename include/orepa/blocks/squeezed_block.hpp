@@ -32,7 +32,9 @@ template <class S, class Act = Identity>
 class SqueezedBlock {
  public:
   virtual ~SqueezedBlock() = default;
+  /// Move constructor.
   SqueezedBlock(SqueezedBlock&&) noexcept = default;
+  /// Move assignment.
   SqueezedBlock& operator=(SqueezedBlock&&) noexcept = default;
 
   /// The block's convolution geometry.
@@ -41,8 +43,11 @@ class SqueezedBlock {
   const std::string& type_name() const { return type_name_; }
   /// False in weight_only mode (no BN: the block only yields its kernel).
   bool has_bn() const { return has_bn_; }
+  /// The block's BatchNorm; throws config_error in weight_only mode.
   engine::BatchNorm<S>& bn() { require_bn("bn()"); return bn_; }
+  /// The block's BatchNorm (read-only); throws config_error in weight_only mode.
   const engine::BatchNorm<S>& bn() const { require_bn("bn()"); return bn_; }
+  /// The activation applied after BN.
   const Act& activation() const { return act_; }
 
   /// Writes the squeezed kernel [O, I/g, k, k] into `w` (buffer reused).

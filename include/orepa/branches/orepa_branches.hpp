@@ -22,6 +22,7 @@ namespace orepa::branches {
 /// Vectorisable row kernels (Eigen reorders the sums, which plain loops may not).
 template <class S>
 using VecMap = Eigen::Map<Eigen::Matrix<S, Eigen::Dynamic, 1>>;
+/// Read-only Eigen column-vector map over values of type `S`.
 template <class S>
 using ConstVecMap = Eigen::Map<const Eigen::Matrix<S, Eigen::Dynamic, 1>>;
 /// grad += v * g over n values; returns <theta, g>.
@@ -62,6 +63,7 @@ inline std::string wname(const std::string& stem, const char* what) { return "we
 template <class S>
 class Origin final : public Branch<S>, public ScaledAdjoint<S> {
  public:
+  /// Kaiming-initialised origin kernel [O, Ig, k, k] named after `stem`.
   Origin(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
       : w_(wname(stem, "origin"), Tensor<S>(g.weight_shape())), init_(init) {
     kaiming_uniform(w_.value, init.kaiming_a, rng);
@@ -142,6 +144,7 @@ class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
   double initial_scale() const override { return init_.scale; }
 
  protected:
+  /// For subclasses: a kaiming-initialised 1x1 conv [O, Ig, 1, 1] named `conv_name` and the fixed `filter` buffer named `filter_name`.
   OneByOneThenFilter(const ConvGeometry& g, std::string conv_name, std::string filter_name, Tensor<S> filter,
                      Init init, Rng& rng)
       : conv_(std::move(conv_name), Tensor<S>({g.out_channels, g.in_per_group(), 1, 1})),
@@ -149,8 +152,14 @@ class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
         init_(init) {
     kaiming_uniform(conv_.value, init.kaiming_a, rng);
   }
+  /// The 1x1 conv [O, Ig, 1, 1].
   Param<S> conv_, filter_;
+  /// \var orepa::branches::OneByOneThenFilter::filter_
+  /// The fixed filter buffer [rows, k, k] (or [k, k] for the average).
+  //
+  /// Initialisation settings (its initial scale is reported by initial_scale()).
   Init init_;
+  /// Scratch: one output's unscaled gradient.
   Tensor<S> g_;  // scratch: one output's unscaled gradient
 };
 
@@ -158,6 +167,7 @@ class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
 template <class S>
 class Avg final : public OneByOneThenFilter<S> {
  public:
+  /// Average branch for `g`, parameters named after `stem`.
   Avg(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
       : OneByOneThenFilter<S>(g, wname(stem, "avg_conv"), wname(stem, "avg_avg"),
                               Tensor<S>({g.kernel, g.kernel}, S(1.0 / double(g.kernel * g.kernel))), init, rng) {}
@@ -182,6 +192,7 @@ Tensor<S> frequency_prior(std::int64_t O, std::int64_t k) {
 template <class S>
 class Prior final : public OneByOneThenFilter<S> {
  public:
+  /// Frequency-prior branch for `g`, parameters named after `stem`.
   Prior(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
       : OneByOneThenFilter<S>(g, wname(stem, "pfir_conv"), wname(stem, "prior"),
                               frequency_prior<S>(g.out_channels, g.kernel), init, rng) {}
@@ -195,6 +206,7 @@ class Prior final : public OneByOneThenFilter<S> {
 template <class S>
 class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
  public:
+  /// Branch with `internal` channels T (a positive multiple of groups, else config_error).
   OneByOneKxk(const ConvGeometry& g, const std::string& stem, std::int64_t internal, bool identity_init, Init init,
               Rng& rng)
       : T_(internal), identity_(identity_init), init_(init) {
@@ -212,6 +224,7 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
     conv2_ = Param<S>(wname(stem, "1x1_kxk_conv2"), Tensor<S>({g.out_channels, T_ / g.groups, g.kernel, g.kernel}));
     kaiming_uniform(conv2_.value, init.kaiming_a, rng);
   }
+  /// The number T of internal channels.
   std::int64_t internal_channels() const { return T_; }
 
   // Per group c the branch is one GEMM over the Og*kk (a, hw) rows:
@@ -321,6 +334,7 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
 template <class S>
 class OneByOne final : public Branch<S>, public ScaledAdjoint<S> {
  public:
+  /// Kaiming-initialised 1x1 kernel [O, Ig, 1, 1] named after `stem`.
   OneByOne(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
       : w_(wname(stem, "1x1"), Tensor<S>({g.out_channels, g.in_per_group(), 1, 1})), init_(init) {
     kaiming_uniform(w_.value, init.kaiming_a, rng);
@@ -360,7 +374,9 @@ class OneByOne final : public Branch<S>, public ScaledAdjoint<S> {
 template <class S>
 class DepthwiseSeparable final : public Branch<S>, public ScaledAdjoint<S> {
  public:
+  /// Depthwise expansion factor (8 DW channels per input channel).
   static constexpr std::int64_t expand = 8;
+  /// Kaiming-initialised DW and PW kernels named after `stem`.
   DepthwiseSeparable(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
       : dw_(wname(stem, "gconv_dw"), Tensor<S>({expand * g.in_channels, 1, g.kernel, g.kernel})),
         pw_(wname(stem, "gconv_pw"), Tensor<S>({g.out_channels, expand * g.in_per_group(), 1, 1})),
@@ -452,6 +468,7 @@ class DepthwiseSeparable final : public Branch<S>, public ScaledAdjoint<S> {
 template <class S>
 class LowRankIdentity final : public Branch<S> {
  public:
+  /// Low-rank identity branch for `g` (parameter names fixed by the reference).
   LowRankIdentity(const ConvGeometry& g, Init init, Rng& rng) : init_(init) {
     const auto O = g.out_channels, I = g.in_channels;
     const bool up = O > I;

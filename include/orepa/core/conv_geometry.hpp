@@ -24,9 +24,11 @@ struct ConvGeometry {
   std::int64_t in_channels = 0;   ///< I
   std::int64_t out_channels = 0;  ///< O
   std::int64_t kernel = 1;        ///< k (square, k x k)
+  /// s, the stride in both directions
   std::int64_t stride = 1;
   std::int64_t padding = 0;       ///< zero padding on every side
   std::int64_t dilation = 1;      ///< PyTorch convention: 1 = dense
+  /// g, the number of groups (divides I and O)
   std::int64_t groups = 1;
 
   /// Throws config_error naming the first invalid field. `odd_kernel` adds the OREPA rule.
@@ -54,7 +56,9 @@ struct ConvGeometry {
       throw config_error(detail::cat(who, ": groups ", groups, " must divide out_channels ", out_channels));
     checked_numel({out_channels, in_channels / groups, kernel, kernel}, who);
   }
+  /// Input channels per group, I/g.
   std::int64_t in_per_group() const { return in_channels / groups; }
+  /// Output channels per group, O/g.
   std::int64_t out_per_group() const { return out_channels / groups; }
   /// Kernel shape [O, I/g, k, k].
   Shape weight_shape() const { return {out_channels, in_per_group(), kernel, kernel}; }
@@ -87,6 +91,7 @@ struct ConvGeometry {
                                      " exceeds the ", max_tensor_bytes, "-byte tensor limit"));
     return y;
   }
+  /// True when every field equals the other geometry's.
   bool operator==(const ConvGeometry& o) const {
     return in_channels == o.in_channels && out_channels == o.out_channels && kernel == o.kernel &&
            stride == o.stride && padding == o.padding && dilation == o.dilation && groups == o.groups;

@@ -1,6 +1,6 @@
 #pragma once
 /// @file tensor.hpp
-/// Tensor<S>: an owning, dense, row-major (C order) array with a run-time shape, used
+/// `Tensor<S>`: an owning, dense, row-major (C order) array with a run-time shape, used
 /// for NCHW activations and OIHW kernels. Sizes are computed with overflow checks and a
 /// cap on the byte count so a hostile shape is rejected before anything is allocated.
 
@@ -62,8 +62,10 @@ inline std::int64_t checked_numel(const Shape& shape, const char* what = "tensor
 /// Row-major dynamic Eigen matrix and maps over raw memory (for products on tensor slices).
 template <class S>
 using RowMatrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+/// Mutable Eigen map of a row-major matrix over `S` data (no copy).
 template <class S>
 using MatMap = Eigen::Map<RowMatrix<S>>;
+/// Read-only Eigen map of a row-major matrix over const `S` data (no copy).
 template <class S>
 using ConstMatMap = Eigen::Map<const RowMatrix<S>>;
 
@@ -71,6 +73,7 @@ using ConstMatMap = Eigen::Map<const RowMatrix<S>>;
 template <class S>
 class Tensor {
  public:
+  /// The element type `S`.
   using Scalar = S;
 
   /// Empty tensor of shape [0].
@@ -85,26 +88,40 @@ class Tensor {
       throw shape_error(detail::cat("Tensor: shape ", shape_str(shape_), " needs ",
                                     checked_numel(shape_), " values, got ", data_.size()));
   }
+  /// Tensor of `shape` (brace list, e.g. {N, C, H, W}) filled with `fill`; throws like the Shape constructor.
   Tensor(std::initializer_list<std::int64_t> shape, S fill = S(0)) : Tensor(Shape(shape), fill) {}
 
+  /// The extents, one per dimension.
   const Shape& shape() const { return shape_; }
+  /// Number of dimensions.
   int rank() const { return static_cast<int>(shape_.size()); }
+  /// Extent of dimension `i`; throws std::out_of_range for a bad `i`.
   std::int64_t dim(int i) const { return shape_.at(static_cast<std::size_t>(i)); }
+  /// Number of elements.
   std::int64_t size() const { return static_cast<std::int64_t>(data_.size()); }
+  /// True when the tensor holds no elements.
   bool empty() const { return data_.empty(); }
+  /// Pointer to the first element (row-major storage).
   S* data() { return data_.data(); }
+  /// Read-only pointer to the first element (row-major storage).
   const S* data() const { return data_.data(); }
+  /// Element `i` of the flat row-major storage; unchecked.
   S& operator[](std::int64_t i) {
     OREPA_ASSERT(i >= 0 && i < size());
     return data_[static_cast<std::size_t>(i)];
   }
+  /// Read-only element `i` of the flat row-major storage; unchecked.
   const S& operator[](std::int64_t i) const {
     OREPA_ASSERT(i >= 0 && i < size());
     return data_[static_cast<std::size_t>(i)];
   }
+  /// Iterator to the first element.
   auto begin() { return data_.begin(); }
+  /// Iterator past the last element.
   auto end() { return data_.end(); }
+  /// Read-only iterator to the first element.
   auto begin() const { return data_.begin(); }
+  /// Read-only iterator past the last element.
   auto end() const { return data_.end(); }
 
   /// Element of a rank-4 tensor (NCHW / OIHW); unchecked.
@@ -112,6 +129,7 @@ class Tensor {
     OREPA_ASSERT(rank() == 4);
     return data_[static_cast<std::size_t>(((a * shape_[1] + b) * shape_[2] + c) * shape_[3] + d)];
   }
+  /// Read-only element of a rank-4 tensor (NCHW / OIHW); unchecked.
   const S& operator()(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t d) const {
     OREPA_ASSERT(rank() == 4);
     return data_[static_cast<std::size_t>(((a * shape_[1] + b) * shape_[2] + c) * shape_[3] + d)];
@@ -121,6 +139,7 @@ class Tensor {
     OREPA_ASSERT(rank() == 2);
     return data_[static_cast<std::size_t>(a * shape_[1] + b)];
   }
+  /// Read-only element of a rank-2 tensor; unchecked.
   const S& operator()(std::int64_t a, std::int64_t b) const {
     OREPA_ASSERT(rank() == 2);
     return data_[static_cast<std::size_t>(a * shape_[1] + b)];
@@ -159,6 +178,7 @@ class Tensor {
     check_matrix(rows, cols);
     return MatMap<S>(data(), rows, cols);
   }
+  /// The data as a read-only rows x cols row-major matrix (rows * cols must equal size()).
   ConstMatMap<S> matrix(std::int64_t rows, std::int64_t cols) const {
     check_matrix(rows, cols);
     return ConstMatMap<S>(data(), rows, cols);

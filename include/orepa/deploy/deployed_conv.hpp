@@ -53,17 +53,24 @@ class DeployedConv {
     weight_.expect_shape(g_.weight_shape(), "DeployedConv weight");
     bias_.expect_shape({g_.out_channels}, "DeployedConv bias");
   }
+  /// Copies weights, bias, activation and layout; primitives are rebuilt lazily.
   DeployedConv(const DeployedConv& o) : DeployedConv(o.g_, o.weight_, o.bias_, o.act_) { layout_ = o.layout_; }
+  /// Move constructor.
   DeployedConv(DeployedConv&&) noexcept = default;
+  /// Copy-and-swap assignment.
   DeployedConv& operator=(DeployedConv o) noexcept {
     std::swap(g_, o.g_); std::swap(weight_, o.weight_); std::swap(bias_, o.bias_);
     std::swap(act_, o.act_); std::swap(layout_, o.layout_); std::swap(state_, o.state_);
     return *this;
   }
 
+  /// The convolution geometry.
   const ConvGeometry& geometry() const { return g_; }
+  /// The fused kernel [O, I/g, k, k].
   const Tensor<S>& weight() const { return weight_; }
+  /// The fused bias [O].
   const Tensor<S>& bias() const { return bias_; }
+  /// The activation applied after the bias.
   const Act& activation() const { return act_; }
 
   /// The activation layout policy of the NCHW-tensor forward (default automatic).
@@ -74,6 +81,7 @@ class DeployedConv {
     layout_ = l;
     return *this;
   }
+  /// The activation layout policy.
   DeployLayout layout() const { return layout_; }
 
   /// y = act(conv(x) + bias) for x [N, I, H, W].
@@ -317,6 +325,7 @@ class DeployedChain {
     }
     give(x.shape(), std::move(ws));
   }
+  /// y = convs[L-1](... convs[0](x)) for an NCHW x [N, I, H, W]; returns y.
   Tensor<float> forward(const Tensor<float>& x) const {
     Tensor<float> y;
     forward(x, y);

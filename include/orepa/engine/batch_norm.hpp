@@ -31,6 +31,7 @@ namespace orepa::engine {
 /// per-channel ones C floats. Created once, executed with no allocation.
 class BnKernels {
  public:
+  /// Creates the primitives for `data` (N, C, H, W in any layout) and epsilon `eps`.
   BnKernels(const memory::desc& data, double eps) {
     using namespace dnnl;
     const auto C = data.dims()[1];
@@ -113,18 +114,25 @@ template <class T>
 class CacheSlot {
  public:
   CacheSlot() = default;
+  /// A copy starts empty.
   CacheSlot(const CacheSlot&) {}
+  /// Assigning drops the held object.
   CacheSlot& operator=(const CacheSlot&) {
     p_.reset();
     return *this;
   }
+  /// Move constructor (takes the held object).
   CacheSlot(CacheSlot&&) noexcept = default;
+  /// Move assignment (takes the held object).
   CacheSlot& operator=(CacheSlot&&) noexcept = default;
+  /// The held object, or nullptr.
   T* get() const { return p_.get(); }
+  /// Holds `p` and returns a reference to it.
   T& emplace(std::unique_ptr<T> p) {
     p_ = std::move(p);
     return *p_;
   }
+  /// Drops the held object.
   void reset() { p_.reset(); }
 
  private:
@@ -144,8 +152,11 @@ class BatchNorm {
         running_var(prefix + "running_var", Tensor<S>({channels}, S(1)), ParamKind::buffer),
         prefix_(std::move(prefix)) {}
 
+  /// Number of channels C.
   std::int64_t channels() const { return weight.value.size(); }
+  /// State-dict prefix of the tensors.
   const std::string& prefix() const { return prefix_; }
+  /// The trainable and buffer tensors: weight, bias, running_mean, running_var.
   ParamList<S> params() { return {&weight, &bias, &running_mean, &running_var}; }
 
   /// Training forward: normalises `y` with its batch statistics into `z`, remembers them
@@ -206,6 +217,7 @@ class BatchNorm {
   }
   /// Batch mean and biased variance of the last training forward (empty before one).
   const Tensor<S>& batch_mean() const { return mean_; }
+  /// Batch biased variance of the last training forward (empty before one).
   const Tensor<S>& batch_var() const { return var_; }
   /// Adds dL/dgamma and dL/dbeta computed elsewhere (the fused pipeline) to the gradients.
   void accumulate_grads(const S* dgamma, const S* dbeta) {
@@ -281,9 +293,22 @@ class BatchNorm {
   /// oneDNN primitive sets created by this BN (float only; one per input shape and eps).
   std::int64_t primitive_creations() const { return creations_; }
 
+  /// gamma, the per-channel scale [C].
   Param<S> weight, bias, running_mean, running_var;
+  /// \var orepa::engine::BatchNorm::bias
+  /// beta, the per-channel shift [C].
+  //
+  /// \var orepa::engine::BatchNorm::running_mean
+  /// Running mean [C] (a buffer).
+  //
+  /// \var orepa::engine::BatchNorm::running_var
+  /// Running unbiased variance [C] (a buffer).
+  //
+  /// Number of training forwards done.
   std::int64_t num_batches_tracked = 0;
+  /// Epsilon added to the variance.
   double eps = 1e-5;
+  /// Running-statistics update factor.
   double momentum = 0.1;
 
  private:

@@ -1,6 +1,6 @@
 #pragma once
 /// @file conv.hpp
-/// ConvEngine<S>: the one convolution of a block, forward and both backward passes.
+/// `ConvEngine<S>`: the one convolution of a block, forward and both backward passes.
 /// For float it runs oneDNN primitives (layouts chosen by oneDNN, reorders only where the
 /// chosen layout differs from NCHW/OIHW), created once per input shape and then reused;
 /// for any other scalar (double, used by gradient checks) it runs the reference loops.
@@ -30,7 +30,9 @@ namespace orepa::engine {
 template <class S>
 class ConvEngine {
  public:
+  /// Engine for geometry `g`; throws config_error if it is invalid.
   explicit ConvEngine(ConvGeometry g) : g_(g) { g_.validate("ConvEngine", false); }
+  /// The convolution geometry.
   const ConvGeometry& geometry() const { return g_; }
   /// y = conv(x, w); y is resized to the output shape.
   void forward(const Tensor<S>& x, const Tensor<S>& w, Tensor<S>& y) { y = reference::conv2d(x, w, g_); }
@@ -53,17 +55,24 @@ class ConvEngine {
 template <>
 class ConvEngine<float> {
  public:
+  /// Engine for geometry `g`; throws config_error if it is invalid.
   explicit ConvEngine(ConvGeometry g) : g_(g) { g_.validate("ConvEngine", false); }
+  /// Copies the geometry; the primitives are per object and rebuilt lazily.
   ConvEngine(const ConvEngine& o) : g_(o.g_) {}  // primitives are per object, rebuilt lazily
+  /// Copies the geometry and drops the cached primitives.
   ConvEngine& operator=(const ConvEngine& o) {
     if (this != &o) { g_ = o.g_; cache_.clear(); }
     return *this;
   }
+  /// Move constructor.
   ConvEngine(ConvEngine&&) = default;
+  /// Move assignment.
   ConvEngine& operator=(ConvEngine&&) = default;
 
+  /// The convolution geometry.
   const ConvGeometry& geometry() const { return g_; }
 
+  /// y = conv(x, w) for x [N, I, H, W] and w [O, I/g, k, k]; y is resized to [N, O, OH, OW]. Throws shape_error / engine_error.
   void forward(const Tensor<float>& x, const Tensor<float>& w, Tensor<float>& y) {
     auto& e = entry(x.shape());
     w.expect_shape(g_.weight_shape(), "ConvEngine::forward weight");
@@ -78,6 +87,7 @@ class ConvEngine<float> {
     });
   }
 
+  /// dx = dL/dx for an input shaped like `x_shape` from dy [N, O, OH, OW]. Throws shape_error / engine_error.
   void backward_data(const Tensor<float>& dy, const Tensor<float>& w, const Shape& x_shape, Tensor<float>& dx) {
     auto& e = entry(x_shape);
     dy.expect_shape(e.y_shape, "ConvEngine::backward_data grad_output");
@@ -92,6 +102,7 @@ class ConvEngine<float> {
     });
   }
 
+  /// dw = dL/dw [O, I/g, k, k] (overwritten, not accumulated). Throws shape_error / engine_error.
   void backward_weights(const Tensor<float>& x, const Tensor<float>& dy, Tensor<float>& dw) {
     auto& e = entry(x.shape());
     dy.expect_shape(e.y_shape, "ConvEngine::backward_weights grad_output");
@@ -179,6 +190,7 @@ class ConvEngine<float> {
 class Relayout {
  public:
   Relayout() = default;
+  /// Reorder from layout `from` to layout `to` (a pass-through when equal).
   Relayout(const memory::desc& from, const memory::desc& to) {
     if (from != to) {
       buf_ = allocate(to);
@@ -222,18 +234,22 @@ class FusedConvBnAct {
   }
   /// A copy has the geometry and activation but no primitives or saved state (rebuilt lazily).
   FusedConvBnAct(const FusedConvBnAct& o) : g_(o.g_), act_(o.act_) {}
+  /// Copies geometry and activation, dropping primitives and saved state.
   FusedConvBnAct& operator=(const FusedConvBnAct& o) {
     if (this != &o) g_ = o.g_, act_ = o.act_, cache_.reset(), last_ = nullptr;
     return *this;
   }
+  /// Move constructor (takes the primitives and saved state).
   FusedConvBnAct(FusedConvBnAct&& o) noexcept
       : g_(o.g_), act_(o.act_), cache_(std::move(o.cache_)), last_(std::exchange(o.last_, nullptr)), creations_(o.creations_) {}
+  /// Move assignment (takes the primitives and saved state).
   FusedConvBnAct& operator=(FusedConvBnAct&& o) noexcept {
     g_ = o.g_, act_ = o.act_, cache_ = std::move(o.cache_), last_ = std::exchange(o.last_, nullptr);
     creations_ = o.creations_;
     return *this;
   }
 
+  /// The convolution geometry.
   const ConvGeometry& geometry() const { return g_; }
 
   /// out = act(BN(conv(x, w))) with the batch statistics, written to mean / var (biased,

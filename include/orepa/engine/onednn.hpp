@@ -26,6 +26,7 @@
 namespace orepa::engine {
 
 using dnnl::memory;
+/// oneDNN memory format tag.
 using tag = dnnl::memory::format_tag;
 
 /// \cond DO_NOT_DOCUMENT_THIS
@@ -70,8 +71,11 @@ inline memory::desc weights_desc(const ConvGeometry& g, tag t = tag::any) {
   return memory::desc({g.groups, O / g.groups, Ig, k, k}, memory::data_type::f32,
                       t == tag::any ? t : tag::goihw);
 }
+/// oneDNN strides {s, s} of `g`.
 inline memory::dims strides_of(const ConvGeometry& g) { return {g.stride, g.stride}; }
+/// oneDNN dilations {d-1, d-1} of `g` (0 = dense).
 inline memory::dims dilates_of(const ConvGeometry& g) { return {g.dilation - 1, g.dilation - 1}; }  // 0 = dense
+/// oneDNN padding {p, p} of `g`.
 inline memory::dims padding_of(const ConvGeometry& g) { return {g.padding, g.padding}; }
 
 /// "conv I->O k3 s1 p1 d1 g1 on [N, I, H, W]" for error messages.
@@ -101,6 +105,7 @@ auto guarded(W&& what, F&& f) -> decltype(f()) {
 class Port {
  public:
   Port() = default;
+  /// Port from the user's layout `user` to the primitive's layout `prim`.
   Port(const memory::desc& user, const memory::desc& prim) : user_(user, cpu_engine(), DNNL_MEMORY_NONE) {
     if (user != prim) {
       internal_ = allocate(prim);
@@ -139,8 +144,26 @@ class Port {
 /// X + b * X_strides[0] + r * X_strides[1] + c * X_strides[2], so transposed or
 /// interleaved operands are described by their strides, without copies.
 struct GemmDims {
+  /// Number of matrix products in the batch.
   std::int64_t batch = 1, M = 0, N = 0, K = 0;
+  /// \var orepa::engine::GemmDims::M
+  /// Rows of A and C.
+  //
+  /// \var orepa::engine::GemmDims::N
+  /// Columns of B and C.
+  //
+  /// \var orepa::engine::GemmDims::K
+  /// Columns of A, rows of B.
+  //
+  /// Element strides (batch, row, column) of A.
   std::array<std::int64_t, 3> a{}, b{}, c{};
+  /// \var orepa::engine::GemmDims::b
+  /// Element strides (batch, row, column) of B.
+  //
+  /// \var orepa::engine::GemmDims::c
+  /// Element strides (batch, row, column) of C.
+  //
+  /// Add to C instead of overwriting it.
   bool accumulate = false;
 };
 

@@ -149,10 +149,15 @@ inline std::size_t dtype_size(DType d) { return detail::info(d).size; }
 /// A view of one stored tensor; `data` points into the file's mapping or owned buffer and
 /// stays valid as long as the SafetensorsFile (moves included) is alive.
 struct TensorEntry {
+  /// Tensor name in the file.
   std::string name;
+  /// Element type.
   DType dtype = DType::F32;
+  /// Extents.
   Shape shape;
+  /// First byte of the data.
   const unsigned char* data = nullptr;
+  /// Size of the data in bytes.
   std::size_t nbytes = 0;
 };
 
@@ -199,7 +204,9 @@ class SafetensorsFile {
     return f;
   }
 
+  /// Move constructor (entry pointers stay valid).
   SafetensorsFile(SafetensorsFile&&) noexcept = default;
+  /// Move assignment (entry pointers stay valid).
   SafetensorsFile& operator=(SafetensorsFile&&) noexcept = default;
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
