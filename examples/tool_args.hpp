@@ -127,6 +127,7 @@ inline ConvertArgs parse_convert_args(const std::vector<std::string>& args) {
   if (pos.size() != 2)
     throw config_error(detail::cat("orepa-convert: expected 2 arguments IN.safetensors OUT.safetensors, got ",
                                    pos.size(), " (see --help)"));
+  if (pos[0].empty() || pos[1].empty()) throw config_error("orepa-convert: IN and OUT must not be empty paths");
   c.in = pos[0];
   c.out = pos[1];
   return c;

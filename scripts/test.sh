@@ -60,7 +60,7 @@ CC=clang-14 CXX=clang++-14 cmake -S . -B build-fuzz -DCMAKE_BUILD_TYPE=RelWithDe
   -DOREPA_BUILD_TESTS=OFF -DOREPA_BUILD_EXAMPLES=OFF -DOREPA_BUILD_BENCHMARKS=OFF -DOREPA_INSTALL=OFF >/dev/null
 cmake --build build-fuzz -j"$jobs"
 seconds=${OREPA_FUZZ_SECONDS:-60}
-for target in fuzz_safetensors fuzz_block_config; do
+for target in fuzz_safetensors fuzz_block_config fuzz_tool_args; do
   stage "fuzzing $target for $seconds s"
   # New inputs go to the first (scratch) corpus folder; the committed seeds stay untouched.
   work="build-fuzz/corpus/$target" log="build-fuzz/$target.log"

@@ -153,6 +153,7 @@ TEST(Tools, BadInputFailsWithAMessageAndTouchesNothing) {
   EXPECT_EQ(same.status, 1) << same.output;
   EXPECT_EQ(fs::file_size(dir / "in.safetensors"), before);
   EXPECT_EQ(run("orepa-convert", "one-argument").status, 1);
+  EXPECT_EQ(run("orepa-convert", "'' ''").status, 1);  // found by fuzz_tool_args
   EXPECT_EQ(run("orepa-convert", "--help").status, 0);
   auto help = run("orepa-run", "--help");
   EXPECT_EQ(help.status, 0);

@@ -663,10 +663,12 @@ class DBB {
   /// The deploy kernel [O, I/g, k, k] and bias [O]: every branch folded with its own BN
   /// (1x1-then-k x k pairs merged per group, the 1x1 branch centred), summed.
   std::pair<Tensor<S>, Tensor<S>> folded() const {
-    auto [w, b] = origin_.folded();
-    auto add = [&](const std::pair<Tensor<S>, Tensor<S>>& kb) {
-      detail::baseline::add_into(w, kb.first);
-      detail::baseline::add_into(b, kb.second);
+    std::pair<Tensor<S>, Tensor<S>> sum = origin_.folded();
+    auto& [w, b] = sum;
+    // Captures `sum`, not the bindings: lambdas may not capture structured bindings in C++17.
+    auto add = [&sum](const std::pair<Tensor<S>, Tensor<S>>& kb) {
+      detail::baseline::add_into(sum.first, kb.first);
+      detail::baseline::add_into(sum.second, kb.second);
     };
     if (one_) {
       auto kb = one_->folded();

@@ -1,0 +1,32 @@
+// Fuzz target: the command-line parsing of orepa-run and orepa-convert
+// (examples/tool_args.hpp). The input is split at NUL bytes into argv words; both parsers
+// must either accept them or throw one of orepa's errors, and an accepted orepa-run
+// command must satisfy the parser's own guarantees.
+#include <string>
+#include <vector>
+
+#include "../examples/tool_args.hpp"
+#include "fuzz_common.hpp"
+
+extern "C" int LLVMFuzzerTestOneInput(const unsigned char* data, std::size_t size) {
+  std::vector<std::string> args(1);
+  for (std::size_t i = 0; i < size && args.size() <= 64; ++i) {
+    if (data[i] == 0) args.emplace_back();
+    else args.back() += char(data[i]);
+  }
+  orepa::fuzz::run_accepting_orepa_errors([&] {
+    const auto r = orepa::tools::parse_run_args(args);
+    if (r.help) return;
+    if (r.weights.empty() || r.input.empty() || r.output.empty())
+      orepa::fuzz::finding("orepa-run accepted a command without --weights/--input/--output");
+    if (r.mode != "eval" && r.mode != "deploy" && r.mode != "train")
+      orepa::fuzz::finding("orepa-run accepted --mode", r.mode.c_str());
+    if (r.settings.stride < 1 || r.settings.dilation < 1 || r.settings.padding < -1 || r.settings.groups < 0)
+      orepa::fuzz::finding("orepa-run accepted an out-of-range integer flag");
+  });
+  orepa::fuzz::run_accepting_orepa_errors([&] {
+    const auto c = orepa::tools::parse_convert_args(args);
+    if (!c.help && (c.in.empty() || c.out.empty())) orepa::fuzz::finding("orepa-convert accepted an empty path");
+  });
+  return 0;
+}
