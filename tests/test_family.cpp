@@ -183,7 +183,7 @@ TEST(RepVGG, PathsDeployAndGradients) {
   test::randomise(with_id, rng);
   auto x = random_tensor<double>({2, 4, 7, 7}, rng);
   Tensor<double> sum = with_id.dense().forward_eval(x), one = with_id.conv1x1().forward_eval(x);
-  const auto& idbn = with_id.batch_norms().back();
+  auto* idbn = with_id.batch_norms().back();  // a pointer: the vector itself is a temporary
   Tensor<double> id;
   idbn->forward_eval(x, id);
   for (std::int64_t j = 0; j < sum.size(); ++j) sum[j] = std::max(0.0, sum[j] + one[j] + id[j]);
