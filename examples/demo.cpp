@@ -15,6 +15,8 @@
 #include <orepa/orepa.hpp>
 #include <orepa/nn/yolo.hpp>
 
+#include "tool_args.hpp"  // tools::parse_int, the checked integer-flag parser
+
 #include <unistd.h>  // isatty
 
 #include <algorithm>
@@ -63,18 +65,6 @@ the held-out accuracy is below 90%.
 )";
 }
 
-std::int64_t parse_int(const std::string& flag, const std::string& v, std::int64_t lo, std::int64_t hi) {
-  std::size_t used = 0;
-  long long x = 0;
-  try {
-    x = std::stoll(v, &used, 10);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (v.empty() || used != v.size() || x < lo || x > hi)
-    throw config_error(detail::cat(flag, ": expected an integer in [", lo, ", ", hi, "], got '", v, "'"));
-  return x;
-}
 
 // Returns false when --help was given (usage printed).
 bool parse_args(int argc, char** argv, Args& a) {
@@ -86,10 +76,10 @@ bool parse_args(int argc, char** argv, Args& a) {
     }
     if (i + 1 >= argc) throw config_error(detail::cat(flag, ": unknown flag or missing value (see --help)"));
     const std::string v = argv[++i];
-    if (flag == "--steps") a.steps = parse_int(flag, v, 1, 10'000'000);
-    else if (flag == "--batch") a.batch = parse_int(flag, v, 2, 4096);
-    else if (flag == "--width") a.width = parse_int(flag, v, 2, 1024);
-    else if (flag == "--seed") a.seed = std::uint64_t(parse_int(flag, v, 0, 1'000'000'000));
+    if (flag == "--steps") a.steps = tools::parse_int(flag, v, 1, 10'000'000);
+    else if (flag == "--batch") a.batch = tools::parse_int(flag, v, 2, 4096);
+    else if (flag == "--width") a.width = tools::parse_int(flag, v, 2, 1024);
+    else if (flag == "--seed") a.seed = std::uint64_t(tools::parse_int(flag, v, 0, 1'000'000'000));
     else if (flag == "--svg") a.svg = v;
     else throw config_error(detail::cat("unknown flag '", flag, "' (see --help)"));
   }

@@ -15,6 +15,7 @@
 #include <array>
 #include <map>
 #include <memory>
+#include <tuple>
 #include <cstring>
 #include <unordered_map>
 #include <utility>
@@ -25,6 +26,31 @@
 #include "orepa/engine/reference_conv.hpp"
 
 namespace orepa::engine {
+
+/// The three primitive descriptors of a training convolution (forward_training,
+/// backward-data and backward-weights with the forward as hint), layouts left to oneDNN
+/// (`any`), user-managed scratchpad. Shared by ConvEngine<float> and FusedConvBnAct.
+inline std::tuple<dnnl::convolution_forward::primitive_desc, dnnl::convolution_backward_data::primitive_desc,
+                  dnnl::convolution_backward_weights::primitive_desc>
+training_conv_pds(const ConvGeometry& g, const Shape& xs, const Shape& ys) {
+  using namespace dnnl;
+  auto any = [](const Shape& s) { return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, tag::any); };
+  primitive_attr attr;
+  attr.set_scratchpad_mode(scratchpad_mode::user);
+  convolution_forward::primitive_desc fpd(
+      convolution_forward::desc(prop_kind::forward_training, algorithm::convolution_direct, any(xs), weights_desc(g),
+                                any(ys), strides_of(g), dilates_of(g), padding_of(g), padding_of(g)),
+      attr, cpu_engine());
+  convolution_backward_data::primitive_desc dpd(
+      convolution_backward_data::desc(algorithm::convolution_direct, any(xs), weights_desc(g), any(ys),
+                                      strides_of(g), dilates_of(g), padding_of(g), padding_of(g)),
+      attr, cpu_engine(), fpd);
+  convolution_backward_weights::primitive_desc wpd(
+      convolution_backward_weights::desc(algorithm::convolution_direct, any(xs), weights_desc(g), any(ys),
+                                         strides_of(g), dilates_of(g), padding_of(g), padding_of(g)),
+      attr, cpu_engine(), fpd);
+  return {fpd, dpd, wpd};
+}
 
 /// Reference (naive) convolution engine for any scalar type.
 template <class S>
@@ -144,23 +170,8 @@ class ConvEngine<float> {
   void build(Entry& e, const Shape& xs, const Shape& ys) {
     using namespace dnnl;
     e.y_shape = ys;
-    auto any = [](const Shape& s) { return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, tag::any); };
     const auto x_md = nchw_desc(xs), y_md = nchw_desc(ys), w_md = weights_desc(g_, tag::oihw);
-    primitive_attr attr;
-    attr.set_scratchpad_mode(scratchpad_mode::user);
-    convolution_forward::primitive_desc fpd(
-        convolution_forward::desc(prop_kind::forward_training, algorithm::convolution_direct, any(xs),
-                                  weights_desc(g_), any(ys), strides_of(g_), dilates_of(g_), padding_of(g_),
-                                  padding_of(g_)),
-        attr, cpu_engine());
-    convolution_backward_data::primitive_desc dpd(
-        convolution_backward_data::desc(algorithm::convolution_direct, any(xs), weights_desc(g_), any(ys),
-                                        strides_of(g_), dilates_of(g_), padding_of(g_), padding_of(g_)),
-        attr, cpu_engine(), fpd);
-    convolution_backward_weights::primitive_desc wpd(
-        convolution_backward_weights::desc(algorithm::convolution_direct, any(xs), weights_desc(g_), any(ys),
-                                           strides_of(g_), dilates_of(g_), padding_of(g_), padding_of(g_)),
-        attr, cpu_engine(), fpd);
+    const auto [fpd, dpd, wpd] = training_conv_pds(g_, xs, ys);
     e.fwd = convolution_forward(fpd);
     e.bwd_data = convolution_backward_data(dpd);
     e.bwd_weights = convolution_backward_weights(wpd);
@@ -363,23 +374,8 @@ class FusedConvBnAct {
     using namespace dnnl;
     e.x_shape = xs;
     e.y_shape = ys;
-    auto any = [](const Shape& s) { return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, tag::any); };
     const auto x_md = nchw_desc(xs), y_md = nchw_desc(ys), w_md = weights_desc(g_, tag::oihw);
-    primitive_attr attr;
-    attr.set_scratchpad_mode(scratchpad_mode::user);
-    convolution_forward::primitive_desc fpd(
-        convolution_forward::desc(prop_kind::forward_training, algorithm::convolution_direct, any(xs),
-                                  weights_desc(g_), any(ys), strides_of(g_), dilates_of(g_), padding_of(g_),
-                                  padding_of(g_)),
-        attr, cpu_engine());
-    convolution_backward_data::primitive_desc dpd(
-        convolution_backward_data::desc(algorithm::convolution_direct, any(xs), weights_desc(g_), any(ys),
-                                        strides_of(g_), dilates_of(g_), padding_of(g_), padding_of(g_)),
-        attr, cpu_engine(), fpd);
-    convolution_backward_weights::primitive_desc wpd(
-        convolution_backward_weights::desc(algorithm::convolution_direct, any(xs), weights_desc(g_), any(ys),
-                                           strides_of(g_), dilates_of(g_), padding_of(g_), padding_of(g_)),
-        attr, cpu_engine(), fpd);
+    const auto [fpd, dpd, wpd] = training_conv_pds(g_, xs, ys);
     e.fwd = convolution_forward(fpd);
     e.bwd_data = convolution_backward_data(dpd);
     e.bwd_weights = convolution_backward_weights(wpd);
@@ -408,6 +404,8 @@ class FusedConvBnAct {
       if (d.get_size() > biggest.get_size()) biggest = d;
     e.has_act = act_ != ActivationKind::identity;
     if (e.has_act) {
+      primitive_attr attr;  // the activation primitives share the entry's scratchpad too
+      attr.set_scratchpad_mode(scratchpad_mode::user);
       const auto alg = act_ == ActivationKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_swish;
       const float alpha = act_ == ActivationKind::relu ? 0.f : 1.f;
       eltwise_forward::primitive_desc afpd(eltwise_forward::desc(prop_kind::forward_training, alg, dst_md, alpha, 0.f),
