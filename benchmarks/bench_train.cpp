@@ -27,7 +27,11 @@ struct TrainShape {
 };
 constexpr TrainShape kTrainShapes[] = {{"c64_h56_n8", 64, 56, 8}, {"c128_h28_n8", 128, 28, 8}};
 
-ConvOptions options_of(const TrainShape& s) { return ConvOptions(s.c, s.c, 3).seed(7); }
+// The block's own options type (OrepaOptions, DbbOptions, ...) for a C -> C 3x3 shape.
+template <class Block>
+typename Block::Options options_of(const TrainShape& s) {
+  return typename Block::Options(s.c, s.c, 3).seed(7);
+}
 std::int64_t act_numel(const TrainShape& s) { return s.n * s.c * s.h * s.h; }
 
 // --- bytes saved for backward -------------------------------------------------------
@@ -46,26 +50,26 @@ double dbb_saved(const TrainShape& s) {
 struct ConvBNCase {
   using Block = ConvBN<float, SiLU>;
   static constexpr const char* name = "ConvBN";
-  static Block make(const TrainShape& s) { return Block(options_of(s)); }
+  static Block make(const TrainShape& s) { return Block(options_of<Block>(s)); }
   static double saved(Block& b, const TrainShape&) { return double(b.bytes_saved_for_backward()); }
 };
 struct OrepaCase {
   using Block = OREPA<float, SiLU>;
   static constexpr const char* name = "OREPA";
-  static Block make(const TrainShape& s) { return Block(options_of(s)); }
+  static Block make(const TrainShape& s) { return Block(options_of<Block>(s)); }
   static double saved(Block& b, const TrainShape&) { return double(b.bytes_saved_for_backward()); }
   static SqueezedBlock<float, SiLU>& squeezer(Block& b) { return b; }
 };
 struct DbbCase {
   using Block = DBB<float, SiLU>;
   static constexpr const char* name = "DBB";
-  static Block make(const TrainShape& s) { return Block(options_of(s)); }
+  static Block make(const TrainShape& s) { return Block(options_of<Block>(s)); }
   static double saved(Block&, const TrainShape& s) { return dbb_saved(s); }
 };
 struct RepVGGCase {
   using Block = RepVGGBlock_OREPA<float, SiLU>;
   static constexpr const char* name = "RepVGGBlock_OREPA";
-  static Block make(const TrainShape& s) { return Block(options_of(s)); }
+  static Block make(const TrainShape& s) { return Block(options_of<Block>(s)); }
   static double saved(Block& b, const TrainShape& s) {
     // dense part (reports itself) + rbr_1x1 (a ConvBN) + the identity BN's input copy and
     // the summed pre-activation, plus the identity BN's statistics.
@@ -91,7 +95,7 @@ void train_step(benchmark::State& state, TrainShape s) {
   state.counters["bytes_saved_for_backward"] = saved;
   // Conv FLOPs of ONE kxk conv's forward + backward-data + backward-weights, the work a
   // plain ConvBN does; a block's "effective" GFLOP/s against that yardstick.
-  const double flops = 3 * conv_flops(options_of(s).geometry(), x.shape());
+  const double flops = 3 * conv_flops(options_of<ConvBN<float>>(s).geometry(), x.shape());
   state.counters["conv_gflops"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   if constexpr (std::is_same_v<Case, OrepaCase> || std::is_same_v<Case, RepVGGCase>) {
     // Squeeze share, timed right after the step loop on the same block.

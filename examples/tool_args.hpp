@@ -35,13 +35,16 @@ Runs one training-time block of a PyTorch OREPA checkpoint and writes what it co
   --block     OREPA, OREPA_1x1, OREPA_LargeConv, RepVGGBlock_OREPA, ConvBN or DBB;
               detected from the tensor names when absent
   --prefix    name prefix of the block's tensors (default: none)
-  --stride, --padding (default k/2), --dilation (default 1), --groups (default: from
-              the shapes where they tell, else 1), --activation (default identity)
+  --stride (default 1), --padding (default autopad: dilation * (k - 1) / 2),
+              --dilation (default 1), --groups (default: from the shapes where they
+              tell, else 1), --activation (default identity); a flag that contradicts
+              the tensors is an error (e.g. --stride 1 for a RepVGG block without
+              rbr_identity but with equal channels; such a block needs --stride)
   --grad-output  (train) safetensors file with tensor `grad_output`: runs backward of
               sum(output * grad_output) and writes grad.input and grad.<name> for every
               trainable parameter
-Channels and the kernel size come from the tensor shapes. Exit status 0 on success,
-1 with a message on stderr on any error.
+Channels, the kernel size and which optional branches the block has come from the
+tensors. Exit status 0 on success, 1 with a message on stderr on any error.
 )";
 }
 

@@ -251,7 +251,6 @@ TEST(ConvBN, FloatTrainingStepMatchesDouble) {
 TEST(ConvBN, BadInputAndConfigurationThrow) {
   EXPECT_THROW(ConvBN<float>(ConvOptions(8, 16, 3).groups(3)), config_error);
   EXPECT_THROW(ConvBN<float>(ConvOptions(8, 16, 3).stride(0)), config_error);
-  EXPECT_THROW(ConvBN<float>(ConvOptions(8, 16, 3).weight_only(true)), config_error);
   ConvBN<float> b(ConvOptions(8, 16, 3));
   EXPECT_THROW(b.forward_train(Tensor<float>({2, 4, 8, 8})), shape_error);
   EXPECT_THROW(b.forward_train(Tensor<float>({1, 8, 1, 1})), state_error);
@@ -263,7 +262,7 @@ TEST(ConvBN, BadInputAndConfigurationThrow) {
 // ------------------------------------------------------------------------------------- DBB
 
 TEST(DBB, NamesShapesAndInitOfBothVariants) {
-  DBB<double> narrow(ConvOptions(4, 6, 3).groups(2));
+  DBB<double> narrow(DbbOptions(4, 6, 3).groups(2));
   EXPECT_TRUE(narrow.has_1x1_branch());
   EXPECT_EQ(narrow.internal_channels(), 4);
   std::vector<std::string> names;
@@ -292,7 +291,7 @@ TEST(DBB, NamesShapesAndInitOfBothVariants) {
   EXPECT_EQ(bn_prefixes, (std::vector<std::string>{"dbb_origin.bn.", "dbb_avg.bn.bn.", "dbb_avg.avgbn.", "dbb_1x1.bn.",
                                                    "dbb_1x1_kxk.bn1.bn.", "dbb_1x1_kxk.bn2."}));
 
-  DBB<double> depthwise(ConvOptions(4, 4, 3).groups(4));
+  DBB<double> depthwise(DbbOptions(4, 4, 3).groups(4));
   EXPECT_FALSE(depthwise.has_1x1_branch());
   EXPECT_EQ(depthwise.internal_channels(), 8);
   names.clear();
@@ -309,7 +308,7 @@ TEST(DBB, NamesShapesAndInitOfBothVariants) {
   EXPECT_THROW(depthwise.batch_norm("dbb_1x1.bn."), config_error);
 
   // internal_channels overrides T; T != I gives a plain conv1.
-  DBB<float> wide(ConvOptions(4, 6, 3).internal_channels(6));
+  DBB<float> wide(DbbOptions(4, 6, 3).internal_channels(6));
   EXPECT_EQ(wide.param("dbb_1x1_kxk.conv1.weight").value.shape(), (Shape{6, 4, 1, 1}));
 }
 
@@ -375,7 +374,7 @@ Tensor<double> dbb_eval_by_hand(DBB<double, Act>& b, const Tensor<double>& x) {
 }
 
 template <class Act>
-void dbb_train_forward_check(const ConvOptions& opts, std::int64_t h) {
+void dbb_train_forward_check(const DbbOptions& opts, std::int64_t h) {
   DBB<double, Act> b(opts);
   Rng rng(2);
   test::randomise(b, rng);
@@ -396,10 +395,10 @@ void dbb_train_forward_check(const ConvOptions& opts, std::int64_t h) {
 }
 
 TEST(DBB, TrainForwardMatchesIndependentBranchSum) {
-  dbb_train_forward_check<Identity>(ConvOptions(4, 6, 3).groups(2).seed(1), 6);       // g < O, idconv1
-  dbb_train_forward_check<SiLU>(ConvOptions(3, 4, 3).stride(2).seed(2), 7);           // g = 1, stride 2
-  dbb_train_forward_check<ReLU>(ConvOptions(4, 4, 3).groups(4).stride(2).seed(3), 7); // depthwise, conv1 (2I)
-  dbb_train_forward_check<Identity>(ConvOptions(2, 4, 5).seed(4), 6);                 // k = 5
+  dbb_train_forward_check<Identity>(DbbOptions(4, 6, 3).groups(2).seed(1), 6);       // g < O, idconv1
+  dbb_train_forward_check<SiLU>(DbbOptions(3, 4, 3).stride(2).seed(2), 7);           // g = 1, stride 2
+  dbb_train_forward_check<ReLU>(DbbOptions(4, 4, 3).groups(4).stride(2).seed(3), 7); // depthwise, conv1 (2I)
+  dbb_train_forward_check<Identity>(DbbOptions(2, 4, 5).seed(4), 6);                 // k = 5
 }
 
 struct DbbCase {
@@ -409,7 +408,7 @@ class DbbDeploy : public ::testing::TestWithParam<DbbCase> {};
 
 template <class Act>
 void dbb_eval_equals_deploy(const DbbCase& c) {
-  const auto opts = ConvOptions(c.i, c.o, c.k).stride(c.s).groups(c.g).seed(5);
+  const auto opts = DbbOptions(c.i, c.o, c.k).stride(c.s).groups(c.g).seed(5);
   DBB<double, Act> d(opts);
   Rng rng(5);
   test::randomise(d, rng);
@@ -465,7 +464,7 @@ class DbbGradient : public ::testing::TestWithParam<DbbGradCase> {};
 
 template <class Act>
 void dbb_gradient_check(const DbbGradCase& c) {
-  DBB<double, Act> block(ConvOptions(c.i, c.o, c.k).stride(c.s).groups(c.g).seed(4));
+  DBB<double, Act> block(DbbOptions(c.i, c.o, c.k).stride(c.s).groups(c.g).seed(4));
   Rng rng(8);
   test::randomise(block, rng);
   const auto padded = padded_bns(block);
@@ -510,7 +509,7 @@ INSTANTIATE_TEST_SUITE_P(Configs, DbbGradient,
 
 TEST(DBB, FloatTrainingStepMatchesDoubleAndReusesPrimitives) {
   {
-    const auto opts = ConvOptions(4, 6, 3).groups(2).stride(2);
+    const auto opts = DbbOptions(4, 6, 3).groups(2).stride(2);
     DBB<float, SiLU> f(opts);
     DBB<double, SiLU> d(opts);
     float_matches_double(f, d, {2, 4, 9, 9}, "DBB g=2");
@@ -522,7 +521,7 @@ TEST(DBB, FloatTrainingStepMatchesDoubleAndReusesPrimitives) {
     EXPECT_EQ(f.primitive_creations(), 6);
   }
   {
-    const auto opts = ConvOptions(4, 4, 5).groups(4);
+    const auto opts = DbbOptions(4, 4, 5).groups(4);
     DBB<float, ReLU> f(opts);
     DBB<double, ReLU> d(opts);
     float_matches_double(f, d, {2, 4, 8, 8}, "DBB depthwise");
@@ -531,7 +530,7 @@ TEST(DBB, FloatTrainingStepMatchesDoubleAndReusesPrimitives) {
 }
 
 TEST(DBB, GradientsAccumulateUntilZeroed) {
-  DBB<float, ReLU> block(ConvOptions(4, 8, 3));
+  DBB<float, ReLU> block(DbbOptions(4, 8, 3));
   Rng rng(1);
   auto x = random_tensor<float>({2, 4, 6, 6}, rng);
   auto g = random_tensor<float>({2, 8, 6, 6}, rng);
@@ -556,22 +555,21 @@ TEST(DBB, GradientsAccumulateUntilZeroed) {
 }
 
 TEST(DBB, BadConfigurationThrows) {
-  EXPECT_THROW(DBB<float>(ConvOptions(8, 16, 4)), config_error);                // even kernel
-  EXPECT_THROW(DBB<float>(ConvOptions(8, 16, 3).padding(0)), config_error);     // padding != k/2
-  EXPECT_THROW(DBB<float>(ConvOptions(8, 16, 5).padding(1)), config_error);
-  EXPECT_THROW(DBB<float>(ConvOptions(8, 16, 3).groups(3)), config_error);      // groups not dividing
-  EXPECT_THROW(DBB<float>(ConvOptions(6, 8, 3).groups(4)), config_error);
-  EXPECT_THROW(DBB<float>(ConvOptions(8, 16, 3).dilation(2)), config_error);
-  EXPECT_THROW(DBB<float>(ConvOptions(8, 4, 3).groups(4)), config_error);       // g >= O needs I == O
-  EXPECT_THROW(DBB<float>(ConvOptions(8, 16, 3).groups(2).internal_channels(5)), config_error);
-  EXPECT_THROW(DBB<float>(ConvOptions(8, 16, 3).weight_only(true)), config_error);
+  EXPECT_THROW(DBB<float>(DbbOptions(8, 16, 4)), config_error);                // even kernel
+  EXPECT_THROW(DBB<float>(DbbOptions(8, 16, 3).padding(0)), config_error);     // padding != k/2
+  EXPECT_THROW(DBB<float>(DbbOptions(8, 16, 5).padding(1)), config_error);
+  EXPECT_THROW(DBB<float>(DbbOptions(8, 16, 3).groups(3)), config_error);      // groups not dividing
+  EXPECT_THROW(DBB<float>(DbbOptions(6, 8, 3).groups(4)), config_error);
+  EXPECT_THROW(DBB<float>(DbbOptions(8, 16, 3).dilation(2)), config_error);
+  EXPECT_THROW(DBB<float>(DbbOptions(8, 4, 3).groups(4)), config_error);       // g >= O needs I == O
+  EXPECT_THROW(DBB<float>(DbbOptions(8, 16, 3).groups(2).internal_channels(5)), config_error);
   try {
-    DBB<float>(ConvOptions(8, 16, 3).padding(2));
+    DBB<float>(DbbOptions(8, 16, 3).padding(2));
     FAIL();
   } catch (const config_error& e) {
     EXPECT_NE(std::string(e.what()).find("padding must be kernel_size / 2 = 1, got 2"), std::string::npos) << e.what();
   }
-  DBB<float> b(ConvOptions(4, 4, 3));
+  DBB<float> b(DbbOptions(4, 4, 3));
   EXPECT_THROW(b.forward_train(Tensor<float>({2, 3, 8, 8})), shape_error);
   EXPECT_THROW(b.forward_train(Tensor<float>({1, 4, 1, 1})), state_error);
   EXPECT_THROW(b.backward(Tensor<float>({2, 4, 8, 8})), state_error);

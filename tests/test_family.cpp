@@ -99,18 +99,18 @@ TEST(LargeConv, NamesGradientsDeployAndGroups) {
 }
 
 TEST(YoloConv, PicksTheReferenceBlockByKernelSize) {
-  auto c1 = yolo_conv<float>(8, 16, 1);
-  auto c3 = yolo_conv<float>(8, 16, 3, 2);
-  auto c7 = yolo_conv<float>(3, 16, 7, 2);
+  auto c1 = yolo_conv<float>(ConvOptions(8, 16, 1));
+  auto c3 = yolo_conv<float>(ConvOptions(8, 16, 3).stride(2));
+  auto c7 = yolo_conv<float>(ConvOptions(3, 16, 7).stride(2));
   EXPECT_EQ(c1->type_name(), "OREPA_1x1");
   EXPECT_EQ(c3->type_name(), "OREPA");
   EXPECT_EQ(c7->type_name(), "OREPA_LargeConv");
   EXPECT_EQ(c3->geometry().padding, 1);
   EXPECT_EQ(c7->geometry().padding, 3);
-  EXPECT_EQ(yolo_conv<float>(8, 8, 3, 1, 1, 2)->geometry().padding, 2);  // autopad with dilation
+  EXPECT_EQ(yolo_conv<float>(ConvOptions(8, 8, 3).dilation(2))->geometry().padding, 2);  // autopad with dilation
   Tensor<float> x({2, 3, 32, 32}, 0.5f);
   EXPECT_EQ(c7->forward_train(x).shape(), (Shape{2, 16, 16, 16}));
-  EXPECT_THROW(yolo_conv<float>(3, 32, 6, 2), config_error);
+  EXPECT_THROW(yolo_conv<float>(ConvOptions(3, 32, 6).stride(2)), config_error);
 }
 
 namespace {
@@ -166,14 +166,14 @@ TEST(CustomBlock, UserBranchSqueezesAndTrains) {
 }
 
 TEST(RepVGG, PathsDeployAndGradients) {
-  RepVGGBlock_OREPA<double, ReLU> with_id(ConvOptions(4, 4, 3));
+  RepVGGBlock_OREPA<double, ReLU> with_id(RepVGGOptions(4, 4, 3));
   EXPECT_TRUE(with_id.has_identity());
   EXPECT_EQ(with_id.param("rbr_dense.vector").value.shape(), (Shape{6, 4}));
   for (std::int64_t o = 0; o < 4; ++o) EXPECT_EQ(with_id.param("rbr_dense.vector").value(5, o), 0.0);
   EXPECT_EQ(with_id.param("rbr_dense.weight_rbr_gconv_pw").value.shape(), (Shape{4, 32, 1, 1}));
   EXPECT_EQ(with_id.param("rbr_1x1.conv.weight").value.shape(), (Shape{4, 4, 1, 1}));
   EXPECT_EQ(with_id.param("rbr_identity.running_var").value.shape(), (Shape{4}));
-  RepVGGBlock_OREPA<double, SiLU> strided(ConvOptions(4, 6, 3).stride(2));
+  RepVGGBlock_OREPA<double, SiLU> strided(RepVGGOptions(4, 6, 3).stride(2));
   EXPECT_FALSE(strided.has_identity());
   EXPECT_EQ(strided.param("rbr_dense.vector").value.shape(), (Shape{5, 6}));
   gradient_check(with_id, 4, 6, 3);
@@ -189,11 +189,11 @@ TEST(RepVGG, PathsDeployAndGradients) {
   for (std::int64_t j = 0; j < sum.size(); ++j) sum[j] = std::max(0.0, sum[j] + one[j] + id[j]);
   test::expect_close(with_id.forward_eval(x), sum, 1e-12, "RepVGG eval vs three paths");
   test::expect_close(with_id.deploy().forward(x), sum, 1e-10, "RepVGG deploy vs three paths");
-  RepVGGBlock_OREPA<float, ReLU> f(ConvOptions(8, 8, 3));
+  RepVGGBlock_OREPA<float, ReLU> f(RepVGGOptions(8, 8, 3));
   Rng r2(6);
   test::randomise(f, r2);
   auto xf = random_tensor<float>({2, 8, 9, 9}, r2);
   test::expect_close(f.deploy().forward(xf), f.forward_eval(xf), 1e-5, "RepVGG float deploy vs eval");
-  EXPECT_THROW(RepVGGBlock_OREPA<float>(ConvOptions(4, 4, 5)), config_error);
-  EXPECT_THROW(RepVGGBlock_OREPA<float>(ConvOptions(4, 4, 3).groups(2)), config_error);
+  EXPECT_THROW(RepVGGBlock_OREPA<float>(RepVGGOptions(4, 4, 5)), config_error);
+  EXPECT_THROW(RepVGGBlock_OREPA<float>(RepVGGOptions(4, 4, 3).groups(2)), config_error);
 }

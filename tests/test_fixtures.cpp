@@ -17,10 +17,11 @@ nlohmann::json case_config(const std::string& name) {
   return nlohmann::json::parse(f);
 }
 
-ConvOptions case_options(const nlohmann::json& c) {
-  return ConvOptions(c["in_channels"], c["out_channels"], c["kernel_size"])
+template <class Options = ConvOptions>
+Options case_options(const nlohmann::json& c) {
+  return Options(c["in_channels"], c["out_channels"], c["kernel_size"])
       .stride(c["stride"])
-      .padding(c["padding"])
+      .padding(c["padding"].get<std::int64_t>())
       .dilation(c["dilation"])
       .groups(c["groups"]);
 }
@@ -64,14 +65,14 @@ void check_case(Block& block, const std::string& name) {
 TEST(Fixtures, OrepaK3Basic) {
   const auto c = case_config("orepa_k3_basic");
   ASSERT_EQ(c["activation"], "relu");
-  OREPA<float, ReLU> block(case_options(c));
+  OREPA<float, ReLU> block(case_options<OrepaOptions>(c));
   check_case(block, "orepa_k3_basic");
 }
 
 TEST(Fixtures, OrepaK3Groups2) {
   const auto c = case_config("orepa_k3_g2");
   ASSERT_EQ(c["activation"], "identity");
-  OREPA<float> block(case_options(c));
+  OREPA<float> block(case_options<OrepaOptions>(c));
   check_case(block, "orepa_k3_g2");
 }
 
@@ -92,7 +93,7 @@ TEST(Fixtures, LargeConvK5) {
 TEST(Fixtures, RepVGGWithIdentity) {
   const auto c = case_config("repvgg_id");
   ASSERT_EQ(c["activation"], "relu");
-  RepVGGBlock_OREPA<float, ReLU> block(case_options(c));
+  RepVGGBlock_OREPA<float, ReLU> block(case_options<RepVGGOptions>(c));
   ASSERT_TRUE(block.has_identity());
   check_case(block, "repvgg_id");
 }

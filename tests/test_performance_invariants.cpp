@@ -107,7 +107,7 @@ TEST(PerformanceInvariants, ConvBNTrainingStepAllocatesNothingAfterWarmUp) {
 }
 
 TEST(PerformanceInvariants, RepVGGTrainingStepCreatesNoPrimitiveOrOneDnnBufferAfterWarmUp) {
-  RepVGGBlock_OREPA<float, SiLU> block(ConvOptions(16, 16, 3).seed(1));
+  RepVGGBlock_OREPA<float, SiLU> block(RepVGGOptions(16, 16, 3).seed(1));
   expect_steady_training(block, {2, 16, 24, 24}, false);
 }
 
@@ -115,12 +115,12 @@ TEST(PerformanceInvariants, RepVGGTrainingStepCreatesNoPrimitiveOrOneDnnBufferAf
 // (`x_ = identity_ ? x : Tensor<S>()` materialises a copy of x, then moves it into x_;
 // resizing x_ and copying into it keeps the buffer). Run with --gtest_also_run_disabled_tests.
 TEST(PerformanceInvariants, RepVGGTrainingStepAllocatesNoHeapBufferAfterWarmUp) {
-  RepVGGBlock_OREPA<float, SiLU> block(ConvOptions(16, 16, 3).seed(1));
+  RepVGGBlock_OREPA<float, SiLU> block(RepVGGOptions(16, 16, 3).seed(1));
   expect_steady_training(block, {2, 16, 24, 24});
 }
 
 TEST(PerformanceInvariants, DBBTrainingStepAllocatesNothingAfterWarmUp) {
-  DBB<float, SiLU> block(ConvOptions(16, 16, 3).seed(1));
+  DBB<float, SiLU> block(DbbOptions(16, 16, 3).seed(1));
   expect_steady_training(block, {2, 16, 24, 24});
 }
 

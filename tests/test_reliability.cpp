@@ -99,7 +99,7 @@ std::vector<BlockCase> block_cases() {
       {"OREPA_1x1", [] { return std::unique_ptr<Block>(new OREPA_1x1<float, SiLU>(ConvOptions(4, 8, 1).seed(2))); }},
       {"OREPA_LargeConv",
        [] { return std::unique_ptr<Block>(new OREPA_LargeConv<float, SiLU>(ConvOptions(4, 8, 5).seed(3))); }},
-      {"yolo_conv", [] { return yolo_conv<float, SiLU>(4, 8, 3, 2, 1, 1, 4); }},
+      {"yolo_conv", [] { return yolo_conv<float, SiLU>(ConvOptions(4, 8, 3).stride(2).seed(4)); }},
   };
 }
 
@@ -365,7 +365,7 @@ TEST(ReliabilityHostile, AbsurdSizesAreRejectedBeforeAllocating) {
                              "OREPA_1x1 2^31 -> 2^31");
   expect_error<config_error>([&] { OREPA_LargeConv<float, SiLU> b(ConvOptions(c31, 8, 7)); }, "byte limit",
                              "OREPA_LargeConv 2^31 -> 8");
-  expect_error<config_error>([&] { (void)yolo_conv<float, SiLU>(c31, c31, 3); }, "overflows", "yolo_conv 2^31");
+  expect_error<config_error>([&] { (void)yolo_conv<float, SiLU>(ConvOptions(c31, c31, 3)); }, "overflows", "yolo_conv 2^31");
 
   // Geometry values beyond max_conv_param (2^16) or whose arithmetic would overflow.
   expect_error<config_error>([&] { OREPA<float, SiLU> b(OrepaOptions(4, 4, 3).padding(std::int64_t(1) << 35)); },
@@ -444,12 +444,13 @@ TEST(ReliabilityFuzzRegression, Dilation2p31On1x1IsAConfigError) {
 }
 
 // yolo_conv(4, 5, 9, 3, 1, 2^62) computed autopad(k, d) = d * (k - 1) / 2 before any check:
-// signed overflow (UBSan at yolo.hpp:16). autopad now multiplies with checked_mul.
+// signed overflow (UBSan at yolo.hpp:16). Autopad (ConvOptionsBase::autopad) now leaves an
+// out-of-range dilation to the validation.
 TEST(ReliabilityFuzzRegression, YoloConvHugeDilationIsAConfigError) {
-  expect_error<config_error>([] { (void)yolo_conv<float, SiLU>(4, 5, 9, 3, 1, std::int64_t(1) << 62); }, "dilation",
+  expect_error<config_error>([] { (void)yolo_conv<float, SiLU>(ConvOptions(4, 5, 9).stride(3).dilation(std::int64_t(1) << 62)); }, "dilation",
                              "yolo_conv dilation 2^62");
-  expect_error<config_error>([] { (void)yolo_conv<float, SiLU>(4, 5, 9, 3, 1, std::int64_t(1) << 20); },
-                             "must be <= 65536", "yolo_conv dilation 2^20 (autopad 2^22)");
+  expect_error<config_error>([] { (void)yolo_conv<float, SiLU>(ConvOptions(4, 5, 9).stride(3).dilation(std::int64_t(1) << 20)); },
+                             "must be <= 65536", "yolo_conv dilation 2^20");
 }
 
 // ---- concurrency -------------------------------------------------------------------------

@@ -1,11 +1,7 @@
 // orepa-convert and orepa-run end to end: on every reference case, on a checkpoint with
 // several blocks under prefixes plus unrelated tensors, and on bad input.
 #include <nlohmann/json.hpp>
-#include <sys/wait.h>
-#include <unistd.h>
 
-#include <cstdlib>
-#include <filesystem>
 #include <fstream>
 
 #include "orepa/io/checkpoint.hpp"
@@ -15,34 +11,8 @@ using namespace orepa;
 namespace fs = std::filesystem;
 
 #ifdef OREPA_TOOLS_DIR
-namespace {
-
-struct Run {
-  int status;
-  std::string output;
-};
-// Runs a tool with its output captured.
-Run run(const std::string& tool, const std::string& args) {
-  const fs::path log = fs::temp_directory_path() / ("orepa_tool_" + std::to_string(::getpid()) + ".log");
-  const std::string cmd = std::string(OREPA_TOOLS_DIR) + "/" + tool + " " + args + " > " + log.string() + " 2>&1";
-  const int raw = std::system(cmd.c_str());
-  std::ifstream f(log);
-  std::string out((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  fs::remove(log);
-  return {WIFEXITED(raw) ? WEXITSTATUS(raw) : -1, out};
-}
-
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "orepa-tools-XXXXXX").string();
-    path = ::mkdtemp(tmpl.data());
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string operator/(const std::string& n) const { return (path / n).string(); }
-};
-
-}  // namespace
+using test::run;
+using test::TempDir;
 
 class ToolsOnFixture : public ::testing::TestWithParam<std::string> {};
 
@@ -105,8 +75,8 @@ INSTANTIATE_TEST_SUITE_P(Cases, ToolsOnFixture,
 TEST(Tools, ConvertsEveryOutermostBlockAndCopiesTheRest) {
   Rng rng(3);
   OREPA<float> a(OrepaOptions(4, 8, 3));
-  RepVGGBlock_OREPA<float> b(ConvOptions(8, 8, 3));
-  DBB<float> d(ConvOptions(8, 8, 3).groups(2));
+  RepVGGBlock_OREPA<float> b(RepVGGOptions(8, 8, 3));
+  DBB<float> d(DbbOptions(8, 8, 3).groups(2));
   OREPA_LargeConv<float> l(ConvOptions(3, 4, 5));
   ConvBN<float> cb(ConvOptions(8, 16, 1));
   test::randomise(a, rng), test::randomise(b, rng), test::randomise(d, rng), test::randomise(l, rng),
@@ -139,6 +109,58 @@ TEST(Tools, ConvertsEveryOutermostBlockAndCopiesTheRest) {
   EXPECT_EQ(out.get_int("step"), 1234);
   EXPECT_EQ(out.metadata().at("format"), "pt");
   EXPECT_NE(r.output.find("model.3.  "), std::string::npos) << r.output;
+}
+
+// The reference's own converted network (tests/data/repvgg_stage, computed by PyTorch):
+// RepVGG blocks at stride 2 with equal widths (no identity path, 5-row vector), at
+// stride 1 (identity path) and at stride 2 widening, plus a linear head.
+TEST(Tools, ConvertsTheReferenceRepVGGStageIncludingStride2SameWidthBlocks) {
+  TempDir dir;
+  const std::string in = test::data_path("repvgg_stage.safetensors");
+  auto r = run("orepa-convert", in + " " + (dir / "out.safetensors"));
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto out = io::SafetensorsFile::open(dir / "out.safetensors");
+  const auto want = io::SafetensorsFile::open(test::data_path("repvgg_stage.expected.safetensors"));
+  EXPECT_EQ(out.names().size(), want.names().size()) << "exactly the reference's deployed tensors";
+  for (const auto& n : want.names()) {
+    ASSERT_TRUE(out.contains(n)) << n;
+    test::expect_close(out.get<float>(n), want.get<float>(n), 1e-4, n);
+  }
+  EXPECT_NE(r.output.find("stage1.0."), std::string::npos) << r.output;
+}
+
+// Settings a checkpoint cannot hold are only needed to run; given ones must agree with
+// the tensors, and the error names them.
+TEST(Tools, RunRejectsAStrideTheRepVGGTensorsContradict) {
+  TempDir dir;
+  const std::string in = test::data_path("repvgg_stage.safetensors");
+  io::SafetensorsWriter x;
+  x.add("input", Tensor<float>({1, 8, 6, 6}, 0.25f));
+  x.write(dir / "x.safetensors");
+  auto run_block = [&](const std::string& prefix, const std::string& flags) {
+    return run("orepa-run", "--weights " + in + " --input " + (dir / "x.safetensors") + " --output " +
+                                (dir / "y.safetensors") + " --mode eval --prefix " + prefix + " " + flags);
+  };
+  // stage1.0: 8 -> 8 without rbr_identity: trained at stride 2.
+  auto stride1 = run_block("stage1.0.", "--stride 1");
+  EXPECT_EQ(stride1.status, 1);
+  for (const char* part : {"stage1.0.rbr_identity.*", "5-row", "stage1.0.rbr_dense.vector", "got 1"})
+    EXPECT_NE(stride1.output.find(part), std::string::npos) << part << " in: " << stride1.output;
+  auto unknown = run_block("stage1.0.", "");
+  EXPECT_EQ(unknown.status, 1);
+  EXPECT_NE(unknown.output.find("give the stride it was trained with"), std::string::npos) << unknown.output;
+  auto ok = run_block("stage1.0.", "--stride 2 --activation relu");
+  EXPECT_EQ(ok.status, 0) << ok.output;
+  EXPECT_EQ(io::SafetensorsFile::open(dir / "y.safetensors").entry("output").shape, (Shape{1, 8, 3, 3}));
+  // stage1.1: with rbr_identity: stride 1 only.
+  auto stride2 = run_block("stage1.1.", "--stride 2");
+  EXPECT_EQ(stride2.status, 1);
+  EXPECT_NE(stride2.output.find("stage1.1.rbr_identity.*"), std::string::npos) << stride2.output;
+  EXPECT_EQ(run_block("stage1.1.", "").status, 0);
+  // Groups the shapes imply cannot be overridden.
+  auto groups = run_block("stage1.1.", "--groups 2");
+  EXPECT_EQ(groups.status, 1);
+  EXPECT_NE(groups.output.find("imply groups 1"), std::string::npos) << groups.output;
 }
 
 TEST(Tools, BadInputFailsWithAMessageAndTouchesNothing) {

@@ -1,9 +1,15 @@
 #pragma once
 // Shared helpers for the tests: random tensors, tolerances, finite differences.
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <iterator>
 #include <string>
 
 #include "orepa/orepa.hpp"
@@ -97,5 +103,37 @@ void check_block_gradients(Block& block, Tensor<double> x, Rng& rng,
 
 /// Path of a committed test data file.
 inline std::string data_path(const std::string& name) { return std::string(OREPA_TEST_DATA_DIR) + "/" + name; }
+
+/// A fresh temporary directory, removed with everything in it at scope exit.
+struct TempDir {
+  std::filesystem::path path;
+  TempDir() {
+    std::string tmpl = (std::filesystem::temp_directory_path() / "orepa-test-XXXXXX").string();
+    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
+    path = tmpl;
+  }
+  ~TempDir() { std::filesystem::remove_all(path); }
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  /// Path of `name` inside the directory.
+  std::string operator/(const std::string& name) const { return (path / name).string(); }
+};
+
+#ifdef OREPA_TOOLS_DIR
+/// Exit status and combined stdout + stderr of one tool run.
+struct Run {
+  int status;
+  std::string output;
+};
+/// Runs `tool` (orepa-convert, orepa-run) with shell-quoted `args`, output captured.
+inline Run run(const std::string& tool, const std::string& args) {
+  TempDir dir;
+  const std::string log = dir / "log";
+  const std::string cmd = std::string(OREPA_TOOLS_DIR) + "/" + tool + " " + args + " > " + log + " 2>&1";
+  const int raw = std::system(cmd.c_str());
+  std::ifstream f(log);
+  return {WIFEXITED(raw) ? WEXITSTATUS(raw) : -1, std::string(std::istreambuf_iterator<char>(f), {})};
+}
+#endif
 
 }  // namespace orepa::test

@@ -30,13 +30,14 @@ inline constexpr double torch_default_conv_a = 2.2360679774997896964;
 template <class S = float, class Act = Identity>
 class ConvBN : public SqueezedBlock<S, Act> {
  public:
-  /// Builds the block from `opts` (padding -1 = k/2; `seed` drives the conv init).
-  /// `prefix` is prepended to every tensor name (`prefix + "conv.weight"`, BN prefix
-  /// `prefix + "bn."`) for a ConvBN nested in another block, e.g. RepVGG's "rbr_1x1.".
-  /// Throws config_error on an invalid geometry; `internal_channels` and `weight_only`
-  /// are OREPA options and must stay at their defaults.
+  /// The options type the block is built from.
+  using Options = ConvOptions;
+  /// Builds the block from `opts` (`seed` drives the conv init). `prefix` is prepended to
+  /// every tensor name (`prefix + "conv.weight"`, BN prefix `prefix + "bn."`) for a ConvBN
+  /// nested in another block, e.g. RepVGG's "rbr_1x1.". Throws config_error on an
+  /// invalid geometry.
   explicit ConvBN(const ConvOptions& opts, Act act = {}, const std::string& prefix = "")
-      : SqueezedBlock<S, Act>(checked(opts), "ConvBN", true, prefix + "bn.", act, /*odd_kernel=*/false),
+      : SqueezedBlock<S, Act>(opts.geometry(), "ConvBN", true, prefix + "bn.", act, /*odd_kernel=*/false),
         weight_(prefix + "conv.weight", Tensor<S>(this->geometry().weight_shape())) {
     Rng rng(opts.seed());
     kaiming_uniform(weight_.value, torch_default_conv_a, rng);
@@ -56,12 +57,6 @@ class ConvBN : public SqueezedBlock<S, Act> {
   ParamList<S> kernel_parameters() override { return {&weight_}; }
 
  private:
-  static ConvGeometry checked(const ConvOptions& opts) {
-    if (opts.internal_channels() != 0 || opts.weight_only())
-      throw config_error("ConvBN: internal_channels and weight_only are OREPA options; leave them unset");
-    return opts.geometry();
-  }
-
   Param<S> weight_;
 };
 

@@ -24,7 +24,7 @@
 ///   count_include_pad) -> `dbb_avg.avgbn.*`; dbb_1x1_kxk has internal width T = 2I and a
 ///   plain `dbb_1x1_kxk.conv1.weight` [2I, Ig, 1, 1] (then bn1 over 2I channels, conv2
 ///   [O, 2I/g, k, k]).
-/// ConvOptions::internal_channels (0 = the rule above) overrides T as the reference's
+/// DbbOptions::internal_channels (0 = the rule above) overrides T as the reference's
 /// internal_channels_1x1_3x3 does: T == I gives idconv1, any other T a plain conv1.
 ///
 /// BN-and-pad: BN(x) padded by k/2 on every side with, per channel, the value
@@ -534,10 +534,12 @@ class Dbb1x1KxkBranch {
 template <class S = float, class Act = Identity>
 class DBB {
  public:
-  /// Builds the block from `opts` (padding -1 = k/2; `seed` drives the conv init).
+  /// The options type the block is built from.
+  using Options = DbbOptions;
+  /// Builds the block from `opts` (`seed` drives the conv init).
   /// Throws config_error on an invalid geometry, an even kernel, padding != k/2,
   /// dilation != 1, g >= O with I != O, or internal channels not divisible by groups.
-  explicit DBB(const ConvOptions& opts, Act act = {}) : DBB(checked(opts), opts, act, Rng(opts.seed())) {}
+  explicit DBB(const DbbOptions& opts, Act act = {}) : DBB(checked(opts), act, Rng(opts.seed())) {}
   /// Move constructor (DBB is move-only).
   DBB(DBB&&) noexcept = default;
   /// Move assignment.
@@ -696,8 +698,7 @@ class DBB {
     ConvGeometry g;
     std::int64_t T;
   };
-  static Checked checked(const ConvOptions& opts) {
-    if (opts.weight_only()) throw config_error("DBB: weight_only is an OREPA option; leave it unset");
+  static Checked checked(const DbbOptions& opts) {
     const ConvGeometry g = opts.geometry();
     g.validate("DBB");  // channels, odd kernel, stride, groups dividing both channel counts
     if (g.padding != g.kernel / 2)
@@ -716,7 +717,7 @@ class DBB {
     return {g, T};
   }
   // Members are initialised in declaration order, which is the reference's init order.
-  DBB(const Checked& c, const ConvOptions&, Act act, Rng&& rng)
+  DBB(const Checked& c, Act act, Rng&& rng)
       : g_(c.g),
         T_(c.T),
         act_(act),

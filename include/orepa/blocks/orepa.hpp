@@ -37,8 +37,9 @@ BranchList<S> make_orepa_branches(const ConvGeometry& g, std::int64_t internal_c
 template <class S = float, class Act = Identity>
 class OREPA : public OnlineBlock<S, Act> {
  public:
-  /// Builds the block from `opts` (padding -1 = k/2; `seed` drives the reference
-  /// initialisation, see make_orepa_branches()). Throws config_error on an invalid
+  /// The options type the block is built from.
+  using Options = OrepaOptions;
+  /// Builds the block from `opts` (`seed` drives the reference initialisation, see make_orepa_branches()). Throws config_error on an invalid
   /// geometry (even kernel, groups not dividing the channels, ...).
   explicit OREPA(const OrepaOptions& opts, Act act = {}) : OREPA(opts, opts.geometry(), act) {}
 

@@ -16,6 +16,8 @@ namespace orepa {
 template <class S = float, class Act = Identity>
 class OREPA_1x1 : public OnlineBlock<S, Act> {
  public:
+  /// The options type the block is built from.
+  using Options = ConvOptions;
   /// Builds the block from `opts` (`seed` drives the initialisation). Throws
   /// config_error unless kernel_size is 1 and groups is 1, or on an invalid geometry.
   explicit OREPA_1x1(const ConvOptions& opts, Act act = {})

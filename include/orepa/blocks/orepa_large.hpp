@@ -25,6 +25,8 @@ namespace orepa {
 template <class S = float, class Act = Identity>
 class OREPA_LargeConv : public SqueezedBlock<S, Act> {
  public:
+  /// The options type the block is built from.
+  using Options = ConvOptions;
   /// Builds the block from `opts`: (k-1)/2 weight-only 3x3 OREPA layers, layer j seeded
   /// with `seed + j`. Throws config_error unless kernel_size is odd and >= 3 and groups
   /// is 1, or on an invalid geometry.
@@ -34,7 +36,7 @@ class OREPA_LargeConv : public SqueezedBlock<S, Act> {
     const std::int64_t L = (g.kernel - 1) / 2;
     layers_.reserve(std::size_t(L));
     for (std::int64_t j = 0; j < L; ++j) {
-      auto o = j == 0 ? OrepaOptions(g.in_channels, g.out_channels, 3) : OrepaOptions(g.out_channels, g.out_channels, 3);
+      auto o = OrepaOptions(j == 0 ? g.in_channels : g.out_channels, g.out_channels, 3);
       layers_.emplace_back(o.weight_only(true).seed(opts.seed() + std::uint64_t(j)));
       for (auto* p : layers_.back().parameters()) p->name = "weight" + std::to_string(j) + "." + p->name;
     }

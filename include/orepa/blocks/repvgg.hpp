@@ -4,9 +4,11 @@
 ///  - `rbr_dense.`: OREPA_3x3_RepVGG, an online block (squeezed on every forward) with
 ///    the rows origin, avg, prior, 1x1->kxk (T = I, idconv1 + id_tensor), DW-separable
 ///    (`weight_rbr_*`, `rbr_dense.vector`, `rbr_dense.bn.*`), no activation of its own;
-///    `vector` has 6 rows when I == O and stride 1 (the 6th never used, kept 0), else 5;
+///    `vector` has 6 rows when the block has the identity path (the 6th never used, kept
+///    0), else 5;
 ///  - `rbr_1x1.`: ConvBN 1x1 with the block's stride and groups, padding 0;
-///  - `rbr_identity.`: BN over the input, present only when I == O and stride 1.
+///  - `rbr_identity.`: BN over the input, by the reference rule present only when I == O
+///    and stride 1 (RepVGGOptions::identity overrides the rule, e.g. for a checkpoint).
 /// k = 3, padding 1, dilation 1 as the reference asserts; groups must be 1 (the
 /// reference's DW-separable row only works for g = 1). Default activation ReLU.
 /// Deploy folds each path with its own BN (the 1x1 zero-padded to the centre, the
@@ -25,19 +27,22 @@ namespace orepa {
 template <class S = float, class Act = ReLU>
 class RepVGGBlock_OREPA {
  public:
+  /// The options type the block is built from.
+  using Options = RepVGGOptions;
   /// Builds the block from `opts` (`seed` for the dense part, `seed + 1` for the 1x1).
-  /// Throws config_error unless kernel_size 3, padding 1 (or -1), dilation 1 and groups 1,
-  /// or on an invalid geometry.
-  explicit RepVGGBlock_OREPA(const ConvOptions& opts, Act act = {})
+  /// Throws config_error unless kernel_size 3, padding 1 (or absent), dilation 1 and
+  /// groups 1, for an identity path with in_channels != out_channels, for internal
+  /// channels < 0, or on an invalid geometry.
+  explicit RepVGGBlock_OREPA(const RepVGGOptions& opts, Act act = {})
       : g_(checked(opts)),
         act_(act),
-        dense_(g_, dense_branches(g_, opts.seed()),
-               {"RepVGGBlock_OREPA.rbr_dense", false, has_identity(g_) ? 6 : 5, "rbr_dense.bn."}),
+        dense_(g_, dense_branches(g_, opts), {"RepVGGBlock_OREPA.rbr_dense", false, with_identity(opts) ? 6 : 5,
+                                              "rbr_dense.bn."}),
         one_(ConvOptions(g_.in_channels, g_.out_channels, 1).stride(g_.stride).padding(0).groups(g_.groups)
                  .seed(opts.seed() + 1),
              Identity{}, "rbr_1x1.") {
     for (auto* p : dense_.kernel_parameters()) p->name = "rbr_dense." + p->name;
-    if (has_identity(g_)) identity_.emplace(g_.in_channels, "rbr_identity.");
+    if (with_identity(opts)) identity_.emplace(g_.in_channels, "rbr_identity.");
   }
 
   /// The block's (and the deployed conv's) 3x3 geometry.
@@ -46,7 +51,7 @@ class RepVGGBlock_OREPA {
   OnlineBlock<S, Identity>& dense() { return dense_; }
   /// The 1x1 ConvBN path (`rbr_1x1.`).
   ConvBN<S, Identity>& conv1x1() { return one_; }
-  /// True when the block has the identity BN path (I == O and stride 1).
+  /// True when the block has the identity BN path `rbr_identity`.
   bool has_identity() const { return identity_.has_value(); }
 
   /// The dense part's squeezed 3x3 kernel (what the reference calls weight_gen()).
@@ -153,10 +158,19 @@ class RepVGGBlock_OREPA {
   }
 
  private:
-  static bool has_identity(const ConvGeometry& g) { return g.in_channels == g.out_channels && g.stride == 1; }
-  static ConvGeometry checked(const ConvOptions& opts) {
+  // The identity path: as asked, else the reference rule (I == O and stride 1).
+  static bool with_identity(const RepVGGOptions& opts) {
+    return opts.identity().value_or(opts.in_channels() == opts.out_channels() && opts.stride() == 1);
+  }
+  static ConvGeometry checked(const RepVGGOptions& opts) {
     auto g = opts.geometry();
     g.validate("RepVGGBlock_OREPA");
+    if (with_identity(opts) && g.in_channels != g.out_channels)
+      throw config_error(detail::cat("RepVGGBlock_OREPA: the identity path needs in_channels == out_channels, got ",
+                                     g.in_channels, " and ", g.out_channels));
+    if (opts.internal_channels() < 0)
+      throw config_error(detail::cat("RepVGGBlock_OREPA: internal_channels must be >= 0 (0: in_channels), got ",
+                                     opts.internal_channels()));
     if (g.kernel != 3 || g.padding != 1 || g.dilation != 1)
       throw config_error(detail::cat("RepVGGBlock_OREPA: needs kernel_size 3, padding 1, dilation 1 (as the "
                                      "reference), got k", g.kernel, " p", g.padding, " d", g.dilation));
@@ -165,14 +179,15 @@ class RepVGGBlock_OREPA {
                                      "supports g = 1 only), got ", g.groups));
     return g;
   }
-  static BranchList<S> dense_branches(const ConvGeometry& g, std::uint64_t seed) {
+  static BranchList<S> dense_branches(const ConvGeometry& g, const RepVGGOptions& opts) {
     using namespace branches;
-    Rng rng(seed);
+    const std::int64_t T = opts.internal_channels() > 0 ? opts.internal_channels() : g.in_channels;
+    Rng rng(opts.seed());
     BranchList<S> list;
     list.push_back(std::make_unique<Origin<S>>(g, "rbr", Init{0.25, 1.0}, rng));
     list.push_back(std::make_unique<Avg<S>>(g, "rbr", Init{0.25, 1.0}, rng));
     list.push_back(std::make_unique<Prior<S>>(g, "rbr", Init{0.0, 1.0}, rng));
-    list.push_back(std::make_unique<OneByOneKxk<S>>(g, "rbr", g.in_channels, true, Init{0.5, 1.0}, rng));
+    list.push_back(std::make_unique<OneByOneKxk<S>>(g, "rbr", T, T == g.in_channels, Init{0.5, 1.0}, rng));
     list.push_back(std::make_unique<DepthwiseSeparable<S>>(g, "rbr", Init{0.5, 1.0}, rng));
     return list;
   }

@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <memory>
+#include <optional>
+#include <set>
 
 #include "orepa/blocks/conv_bn.hpp"
 #include "orepa/blocks/dbb.hpp"
@@ -99,15 +101,24 @@ inline std::vector<DetectedBlock> detect_blocks(const SafetensorsFile& file) {
   return outer;
 }
 
-/// The settings a checkpoint cannot tell: stride, padding (-1: k/2), dilation, groups
-/// (0: inferred from the shapes where they determine it, else 1), activation.
+/// The settings a checkpoint cannot hold: they matter only to run a forward pass, never to
+/// convert. Absent ones take the blocks' defaults (stride 1, autopad, dilation 1; groups
+/// from the tensor shapes where they tell, else 1). Given ones are checked against what
+/// the tensors show (a RepVGG block without identity path but with in == out channels was
+/// trained with stride > 1; groups implied by the shapes).
 struct BlockSettings {
-  std::int64_t stride = 1;                               ///< conv stride
-  std::int64_t padding = -1;                             ///< zero padding; -1 = kernel_size / 2
-  std::int64_t dilation = 1;                             ///< conv dilation
-  std::int64_t groups = 0;                               ///< 0 = inferred from the shapes (else 1)
+  std::optional<std::int64_t> stride;                    ///< conv stride
+  std::optional<std::int64_t> padding;                   ///< zero padding
+  std::optional<std::int64_t> dilation;                  ///< conv dilation
+  std::optional<std::int64_t> groups;                    ///< conv groups
   ActivationKind activation = ActivationKind::identity;  ///< identity, relu or silu (not custom)
 };
+
+/// What a loaded block is for: `forward` needs every setting a forward pass depends on
+/// (an absent one that the tensors show must differ from its default is an error),
+/// `convert` only needs the structure (the deployed kernel and bias do not depend on
+/// stride, padding or dilation).
+enum class LoadPurpose { forward, convert };
 
 /// A float block of any type behind one interface (what the tools need).
 class AnyBlock {
@@ -186,86 +197,142 @@ inline const TensorEntry& need(const SafetensorsFile& f, const std::string& name
 }
 }  // namespace detail
 
-/// Rebuilds the block of type `type` stored under `prefix` (geometry from the tensor
-/// shapes, the rest from `settings`) and loads its tensors (strictly: every expected
-/// tensor present with its shape; other tensors under the prefix are ignored).
+/// The tensor-name namespaces a block of type `t` owns under its prefix: every tensor in
+/// them belongs to the block, so one the block does not expect is an error (a converter
+/// would otherwise leave a training-time tensor behind).
+inline std::vector<std::string> owned_namespaces(BlockType t) {
+  switch (t) {
+    case BlockType::OREPA: return {"weight_orepa_", "id_tensor", "vector", "bn."};
+    case BlockType::OREPA_1x1: return {"weight_or1x1_", "vector", "bn."};
+    case BlockType::OREPA_LargeConv: return {"weight", "bn."};  // weight0., weight1., ...
+    case BlockType::RepVGGBlock_OREPA: return {"rbr_dense.", "rbr_1x1.", "rbr_identity."};
+    case BlockType::ConvBN: return {"conv.", "bn."};
+    case BlockType::DBB: return {"dbb_origin.", "dbb_1x1.", "dbb_avg.", "dbb_1x1_kxk."};
+  }
+  return {};
+}
+
+/// Rebuilds the block of type `type` stored under `prefix` and loads its tensors.
+///
+/// The structure comes from the tensors alone: channels, kernel size and groups from the
+/// shapes; which optional parts the block has from the tensors present (RepVGG's
+/// `rbr_identity` and the rows of its `vector`, DBB's identity-based or plain 1x1 and its
+/// `dbb_1x1` branch, the internal channels of the 1x1 -> k x k rows, OREPA_LargeConv's
+/// depth). `settings` supply what a checkpoint cannot hold; see BlockSettings and
+/// LoadPurpose. Loading is strict: every expected tensor present with its shape, and no
+/// unexpected tensor in the block's own namespaces (owned_namespaces(); tensors of other
+/// modules under the prefix are left alone). Throws format_error for tensors that do not
+/// make a block and config_error for settings that contradict them, naming both.
 inline std::unique_ptr<AnyBlock> load_block(const SafetensorsFile& f, const std::string& prefix, BlockType type,
-                                            const BlockSettings& settings = {}) {
+                                            const BlockSettings& settings = {},
+                                            LoadPurpose purpose = LoadPurpose::forward) {
   using detail::need;
-  auto opts = [&](std::int64_t in, std::int64_t out, std::int64_t k, std::int64_t groups) {
-    if (settings.groups > 0 && settings.groups != groups && groups > 0)
-      throw config_error(orepa::detail::cat("groups: the checkpoint's shapes under '", prefix, "' imply ", groups,
-                                            ", got --groups ", settings.groups));
-    return ConvOptions(in, out, k)
-        .stride(settings.stride)
-        .padding(settings.padding)
-        .dilation(settings.dilation)
-        .groups(groups > 0 ? groups : (settings.groups > 0 ? settings.groups : 1));
+  const std::string where = "'" + prefix + "' (" + to_string(type) + ") in " + f.label();
+  auto shape = [&](const std::string& name, std::size_t rank) { return need(f, prefix + name, rank).shape; };
+  // Groups from the shapes: `whole` channels seen per group as `per_group`.
+  auto groups_of = [&](std::int64_t whole, std::int64_t per_group, const char* what) {
+    if (per_group <= 0 || whole <= 0 || whole % per_group != 0)
+      throw format_error(orepa::detail::cat(f.label(), ": inconsistent channels under '", prefix, "' (", what, ": ",
+                                            whole, " vs ", per_group, " per group)"));
+    const std::int64_t g = whole / per_group;
+    if (settings.groups && *settings.groups != g)
+      throw config_error(orepa::detail::cat("groups: the tensors under ", where, " imply groups ", g, " (", what,
+                                            "), got ", *settings.groups));
+    return g;
   };
-  // I / Ig from the depthwise weight [8I, 1, k, k] and the origin [O, Ig, k, k].
-  auto groups_from = [&](std::int64_t I, std::int64_t Ig, const std::string& what) {
-    if (Ig <= 0 || I % Ig != 0)
-      throw format_error(orepa::detail::cat(f.label(), ": inconsistent channels under '", prefix, "' (", what, ")"));
-    return I / Ig;
+  // The shared options: channels and kernel from the tensors, the rest from `settings`.
+  auto base = [&](std::int64_t in, std::int64_t out, std::int64_t k, std::int64_t g) {
+    ConvOptions o(in, out, k);
+    o.groups(g).padding(settings.padding);
+    if (settings.stride) o.stride(*settings.stride);
+    if (settings.dilation) o.dilation(*settings.dilation);
+    return o;
   };
-  // Wraps block class B<float, Act> built from `c` with the run-time activation.
-  auto make = [&](auto tag, const ConvOptions& c) {
+  // Wraps block class B<float, Act> built from options `c` with the run-time activation.
+  auto make = [&](auto tag, const auto& c) {
     using Tag = decltype(tag);
     return detail::with_activation(settings.activation, [&](auto act) -> std::unique_ptr<AnyBlock> {
       using B = typename Tag::template type<decltype(act)>;
       return std::make_unique<detail::AnyBlockOf<B>>(type, B(c, act));
     });
   };
-  auto dim = [&](const std::string& name, std::size_t axis) { return need(f, prefix + name, 4).shape[axis]; };
   std::unique_ptr<AnyBlock> block;
   switch (type) {
     case BlockType::OREPA: {
-      const auto& o = need(f, prefix + "weight_orepa_origin", 4).shape;
-      const auto I = dim("weight_orepa_gconv_dw", 0) / 8;
-      const auto T = dim("weight_orepa_1x1_kxk_idconv1", 0);
+      const auto o = shape("weight_orepa_origin", 4);
+      const auto I = shape("weight_orepa_gconv_dw", 4)[0] / 8;
+      const auto T = shape("weight_orepa_1x1_kxk_idconv1", 4)[0];
       block = make(detail::Tag<OREPA>{},
-                   opts(I, o[0], o[2], groups_from(I, o[1], "origin vs gconv_dw")).internal_channels(T));
+                   OrepaOptions(base(I, o[0], o[2], groups_of(I, o[1], "gconv_dw vs origin"))).internal_channels(T));
       break;
     }
     case BlockType::OREPA_1x1: {
-      const auto& o = need(f, prefix + "weight_or1x1_origin", 4).shape;
-      block = make(detail::Tag<OREPA_1x1>{}, opts(o[1], o[0], o[2], 1));
+      const auto o = shape("weight_or1x1_origin", 4);
+      block = make(detail::Tag<OREPA_1x1>{}, base(o[1], o[0], o[2], groups_of(o[1], o[1], "origin")));
       break;
     }
     case BlockType::OREPA_LargeConv: {
-      const auto& o = need(f, prefix + "weight0.weight_orepa_origin", 4).shape;
-      const auto I = dim("weight0.weight_orepa_gconv_dw", 0) / 8;
+      const auto o = shape("weight0.weight_orepa_origin", 4);
+      const auto I = shape("weight0.weight_orepa_gconv_dw", 4)[0] / 8;
       std::int64_t L = 1;
       while (f.contains(prefix + "weight" + std::to_string(L) + ".weight_orepa_origin")) ++L;
       block = make(detail::Tag<OREPA_LargeConv>{},
-                   opts(I, o[0], 2 * L + 1, groups_from(I, o[1], "weight0 origin vs gconv_dw")));
+                   base(I, o[0], 2 * L + 1, groups_of(I, o[1], "weight0 gconv_dw vs origin")));
       break;
     }
     case BlockType::RepVGGBlock_OREPA: {
-      const auto& o = need(f, prefix + "rbr_dense.weight_rbr_origin", 4).shape;
-      const auto I = dim("rbr_dense.weight_rbr_gconv_dw", 0) / 8;
-      block = make(detail::Tag<RepVGGBlock_OREPA>{}, opts(I, o[0], o[2], groups_from(I, o[1], "origin vs gconv_dw")));
+      const auto o = shape("rbr_dense.weight_rbr_origin", 4);
+      const auto I = shape("rbr_dense.weight_rbr_gconv_dw", 4)[0] / 8;
+      const bool identity = f.contains(prefix + "rbr_identity.weight") || f.contains(prefix + "rbr_identity.bias") ||
+                            f.contains(prefix + "rbr_identity.running_mean") ||
+                            f.contains(prefix + "rbr_identity.running_var");
+      const auto rows = shape("rbr_dense.vector", 2)[0];
+      if (rows != (identity ? 6 : 5))
+        throw format_error(orepa::detail::cat(f.label(), ": '", prefix, "rbr_dense.vector' has ", rows,
+                                              " rows, but a block ", identity ? "with" : "without", " '", prefix,
+                                              "rbr_identity.*' tensors has ", identity ? 6 : 5));
+      const bool same_width = I == o[0];
+      if (settings.stride && identity && *settings.stride != 1)
+        throw config_error(orepa::detail::cat("stride: ", where, " has the identity path '", prefix,
+                                              "rbr_identity.*', which the reference builds at stride 1 only; got ",
+                                              *settings.stride));
+      if (same_width && !identity && settings.stride.value_or(purpose == LoadPurpose::forward ? 1 : 0) == 1)
+        throw config_error(orepa::detail::cat(
+            "stride: ", where, " has ", I, " input and output channels but no '", prefix, "rbr_identity.*' tensors and a ",
+            rows, "-row '", prefix, "rbr_dense.vector': it was trained with a stride > 1; ",
+            settings.stride ? "got 1" : "give the stride it was trained with"));
+      std::int64_t T = I;  // the identity-based 1x1, or a free conv1 of any width
+      if (f.contains(prefix + "rbr_dense.weight_rbr_1x1_kxk_conv1")) T = shape("rbr_dense.weight_rbr_1x1_kxk_conv1", 4)[0];
+      const auto opts = RepVGGOptions(base(I, o[0], o[2], groups_of(I, o[1], "gconv_dw vs origin")))
+                            .identity(identity)
+                            .internal_channels(T);
+      block = make(detail::Tag<RepVGGBlock_OREPA>{}, opts);
       break;
     }
-    case BlockType::ConvBN: {  // groups cannot be read off a plain conv weight: --groups (default 1)
-      const auto& o = need(f, prefix + "conv.weight", 4).shape;
-      const auto g = settings.groups > 0 ? settings.groups : 1;
-      block = make(detail::Tag<ConvBN>{}, opts(checked_mul(o[1], g, "in_channels"), o[0], o[2], g));
+    case BlockType::ConvBN: {  // groups cannot be read off a plain conv weight: settings.groups (default 1)
+      const auto o = shape("conv.weight", 4);
+      const auto g = settings.groups.value_or(1);
+      block = make(detail::Tag<ConvBN>{}, base(checked_mul(o[1], g, "in_channels"), o[0], o[2], g));
       break;
     }
     case BlockType::DBB: {
-      const auto& o = need(f, prefix + "dbb_origin.conv.weight", 4).shape;
-      // I: the identity-based 1x1 is [I, Ig]; without it and without dbb_1x1 (g >= O) I == O;
-      // otherwise from --groups.
-      std::int64_t I, T;
-      if (f.contains(prefix + "dbb_1x1_kxk.idconv1.weight")) {
-        I = T = dim("dbb_1x1_kxk.idconv1.weight", 0);
-      } else {
-        T = dim("dbb_1x1_kxk.conv1.weight", 0);
-        I = f.contains(prefix + "dbb_1x1.conv.weight") ? checked_mul(o[1], settings.groups > 0 ? settings.groups : 1)
-                                                       : o[0];
-      }
-      block = make(detail::Tag<DBB>{}, opts(I, o[0], o[2], groups_from(I, o[1], "origin vs 1x1_kxk")).internal_channels(T));
+      const auto o = shape("dbb_origin.conv.weight", 4);
+      // T from the 1x1 of dbb_1x1_kxk (identity-based exactly when T == I), groups from
+      // the k x k conv after it ([O, T/g, k, k]), I from the origin's I/g.
+      const bool id_based = f.contains(prefix + "dbb_1x1_kxk.idconv1.weight");
+      const auto T = shape(id_based ? "dbb_1x1_kxk.idconv1.weight" : "dbb_1x1_kxk.conv1.weight", 4)[0];
+      const auto g = groups_of(T, shape("dbb_1x1_kxk.conv2.weight", 4)[1], "dbb_1x1_kxk conv1 vs conv2");
+      const auto I = checked_mul(o[1], g, "in_channels");
+      if (id_based != (T == I))
+        throw format_error(orepa::detail::cat(f.label(), ": '", prefix, "dbb_1x1_kxk.", id_based ? "idconv1" : "conv1",
+                                              ".weight' has ", T, " output channels for ", I,
+                                              " input channels; the identity-based idconv1 exists exactly when they agree"));
+      const bool has_1x1 = f.contains(prefix + "dbb_1x1.conv.weight");
+      if (has_1x1 != (g < o[0]))
+        throw format_error(orepa::detail::cat(f.label(), ": under '", prefix, "' the shapes give groups ", g, " and ",
+                                              o[0], " output channels, so the block ", g < o[0] ? "needs" : "has no",
+                                              " 'dbb_1x1.*' branch, but it is ", has_1x1 ? "there" : "missing"));
+      block = make(detail::Tag<DBB>{}, DbbOptions(base(I, o[0], o[2], g)).internal_channels(T));
       break;
     }
   }
@@ -275,6 +342,22 @@ inline std::unique_ptr<AnyBlock> load_block(const SafetensorsFile& f, const std:
     std::vector<engine::BatchNorm<float>*> batch_norms() { return b.batch_norms(); }
   } view{*block};
   load_state_dict(view, f, prefix, Unexpected::ignore);
+  std::set<std::string> expected;
+  for (auto* p : block->parameters()) expected.insert(prefix + p->name);
+  for (auto* bn : block->batch_norms()) expected.insert(prefix + bn->prefix() + "num_batches_tracked");
+  std::vector<std::string> stray;
+  for (const auto& name : f.names())
+    for (const auto& ns : owned_namespaces(type))
+      if (name.compare(0, prefix.size() + ns.size(), prefix + ns) == 0 && !expected.count(name)) {
+        stray.push_back(name);
+        break;
+      }
+  if (!stray.empty()) {
+    std::string list;
+    for (const auto& n : stray) list += (list.empty() ? "" : ", ") + n;
+    throw format_error(orepa::detail::cat(f.label(), ": ", stray.size(), " tensor(s) under ", where,
+                                          " do not belong to the block it forms: ", list));
+  }
   return block;
 }
 

@@ -163,6 +163,10 @@ struct SGDOptions {
   OREPA_OPTION(double, weight_decay) = 0.0;
   /// Nesterov momentum (needs momentum > 0 and dampening 0).
   OREPA_OPTION(bool, nesterov) = false;
+
+ public:
+  /// This object (what the setters return).
+  SGDOptions& self() { return *this; }
 };
 
 /// Stochastic gradient descent, torch.optim.SGD's update for each parameter p, grad g:
@@ -244,6 +248,10 @@ struct AdamWOptions {
   OREPA_OPTION(double, eps) = 1e-8;
   /// Decoupled weight decay (default of groups without their own; default 0.01).
   OREPA_OPTION(double, weight_decay) = 1e-2;
+
+ public:
+  /// This object (what the setters return).
+  AdamWOptions& self() { return *this; }
 };
 
 /// AdamW, torch.optim.AdamW's update (amsgrad off) at step t = 1, 2, ...:

@@ -212,7 +212,7 @@ struct OrepaConvMaker {
   static constexpr const char* name = "OREPA";
   /// The c1 -> c2 k x k stride-s block, autopadded, initialised from `seed`.
   ConvUnit<S> operator()(std::int64_t c1, std::int64_t c2, std::int64_t k, std::int64_t s, std::uint64_t seed) const {
-    return ConvUnit<S>(yolo_conv<S, Act>(c1, c2, k, s, 1, 1, seed, act));
+    return ConvUnit<S>(yolo_conv<S, Act>(ConvOptions(c1, c2, k).stride(s).seed(seed), act));
   }
   Act act{};  ///< the blocks' activation
 };
@@ -223,11 +223,11 @@ template <class S = float, class Act = SiLU>
 struct DbbConvMaker {
   /// Family name for reports.
   static constexpr const char* name = "DBB";
-  /// The c1 -> c2 k x k stride-s block (padding k/2), initialised from `seed`.
+  /// The c1 -> c2 k x k stride-s block (autopad), initialised from `seed`.
   ConvUnit<S> operator()(std::int64_t c1, std::int64_t c2, std::int64_t k, std::int64_t s, std::uint64_t seed) const {
     const auto opts = ConvOptions(c1, c2, k).stride(s).seed(seed);
     if (k == 1) return ConvUnit<S>(ConvBN<S, Act>(opts, act));
-    return ConvUnit<S>(DBB<S, Act>(opts, act));
+    return ConvUnit<S>(DBB<S, Act>(DbbOptions(opts), act));
   }
   Act act{};  ///< the blocks' activation
 };
