@@ -37,18 +37,13 @@ struct Config {
 
 template <class Act>
 std::unique_ptr<SqueezedBlock<float, Act>> make_block(const Config& c) {
-  const auto opts = ConvOptions(c.in, c.out, c.kernel)
-                        .stride(c.stride)
-                        .groups(c.groups)
-                        .dilation(c.dilation)
-                        .padding(c.padding)
-                        .internal_channels(c.internal)
-                        .seed(c.seed);
+  auto opts = ConvOptions(c.in, c.out, c.kernel).stride(c.stride).groups(c.groups).dilation(c.dilation).seed(c.seed);
+  if (c.padding != -1) opts.padding(c.padding);  // -1: autopad
   switch (c.kind) {
-    case 0: return std::make_unique<OREPA<float, Act>>(opts);
+    case 0: return std::make_unique<OREPA<float, Act>>(OrepaOptions(opts).internal_channels(c.internal));
     case 1: return std::make_unique<OREPA_1x1<float, Act>>(opts);
     case 2: return std::make_unique<OREPA_LargeConv<float, Act>>(opts);
-    default: return yolo_conv<float, Act>(c.in, c.out, c.kernel, c.stride, c.groups, c.dilation, c.seed);
+    default: return yolo_conv<float, Act>(opts);
   }
 }
 
@@ -113,7 +108,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   c.stride = pick(0, 4);
   c.groups = pick(0, 8);
   c.dilation = pick(0, 3);
-  c.padding = pick(-2, 4);  // -1 = kernel_size / 2
+  c.padding = pick(-2, 4);  // -1 = autopad
   c.internal = pick(0, 8);  // 0 = the reference rule
   c.n = pick(0, 3);
   c.h = pick(0, 24);

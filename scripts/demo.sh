@@ -4,6 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash cmake/install_deps.sh
-cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DOREPA_BUILD_TESTS=OFF -DOREPA_BUILD_BENCHMARKS=OFF >/dev/null
+bash scripts/configure.sh demo build
 cmake --build build -j"$(nproc)" --target demo
 ./build/examples/demo "$@"
