@@ -59,7 +59,7 @@ void deploy_plain(benchmark::State& state, Layer l, std::int64_t n) {
     conv.forward(x, y);
     benchmark::DoNotOptimize(y.data());
   }
-  set_flops(state, l.g, x.shape());
+  set_flops(state, l.g, x.sizes());
 }
 
 void deploy_blocked(benchmark::State& state, Layer l, std::int64_t n) {

@@ -95,7 +95,7 @@ void train_step(benchmark::State& state, TrainShape s) {
   state.counters["bytes_saved_for_backward"] = saved;
   // Conv FLOPs of ONE kxk conv's forward + backward-data + backward-weights, the work a
   // plain ConvBN does; a block's "effective" GFLOP/s against that yardstick.
-  const double flops = 3 * conv_flops(options_of<ConvBN<float>>(s).geometry(), x.shape());
+  const double flops = 3 * conv_flops(options_of<ConvBN<float>>(s).geometry(), x.sizes());
   state.counters["conv_gflops"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
   if constexpr (std::is_same_v<Case, OrepaCase> || std::is_same_v<Case, RepVGGCase>) {
     // Squeeze share, timed right after the step loop on the same block.

@@ -21,13 +21,13 @@ int main() try {
   auto t0 = clock::now();
   const Tensor<float>& y = block.forward_train(x);
   auto t1 = clock::now();
-  Tensor<float> grad(y.shape(), 1.0f / float(y.size()));  // d mean(y) / dy
+  Tensor<float> grad(y.sizes(), 1.0f / float(y.numel()));  // d mean(y) / dy
   block.backward(grad);
   auto t2 = clock::now();
   float lr = 0.1f;
   for (auto* p : block.parameters())
     if (p->trainable())
-      for (std::int64_t j = 0; j < p->value.size(); ++j) p->value[j] -= lr * p->grad[j];
+      for (std::int64_t j = 0; j < p->value.numel(); ++j) p->value[j] -= lr * p->grad[j];
 
   // Eval (running statistics) vs the deployed single convolution.
   auto t3 = clock::now();
@@ -39,7 +39,7 @@ int main() try {
   const Tensor<float> dep = deployed.forward(x);
   auto t6 = clock::now();
 
-  std::printf("OREPA 32->64 k3 SiLU on %s\n", shape_str(x.shape()).c_str());
+  std::printf("OREPA 32->64 k3 SiLU on %s\n", shape_str(x.sizes()).c_str());
   std::printf("  train forward  %8.2f ms (squeeze + one conv + BN + SiLU)\n", ms(t1 - t0));
   std::printf("  train backward %8.2f ms (into %zu tensors)\n", ms(t2 - t1), block.parameters().size());
   std::printf("  eval forward   %8.2f ms\n", ms(t4 - t3));

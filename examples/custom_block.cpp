@@ -19,7 +19,7 @@ class Asymmetric final : public Branch<float> {
   }
   // K[o, i, c, w] += hor[o, i, w]; K[o, i, h, c] += ver[o, i, h] (c = centre).
   void kernel(Tensor<float>& out) const override {
-    const auto k = out.dim(2), c = k / 2, planes = out.dim(0) * out.dim(1);
+    const auto k = out.size(2), c = k / 2, planes = out.size(0) * out.size(1);
     for (std::int64_t p = 0; p < planes; ++p)
       for (std::int64_t j = 0; j < k; ++j) {
         out[p * k * k + c * k + j] += hor_.value[p * k + j];
@@ -28,7 +28,7 @@ class Asymmetric final : public Branch<float> {
   }
   // The adjoint reads the same cells back.
   void kernel_backward(const Tensor<float>& dk) override {
-    const auto k = dk.dim(2), c = k / 2, planes = dk.dim(0) * dk.dim(1);
+    const auto k = dk.size(2), c = k / 2, planes = dk.size(0) * dk.size(1);
     for (std::int64_t p = 0; p < planes; ++p)
       for (std::int64_t j = 0; j < k; ++j) {
         hor_.grad[p * k + j] += dk[p * k * k + c * k + j];
@@ -62,23 +62,23 @@ int main(int argc, char** argv) try {
     fill_uniform(x, 1.0, rng);
     const Tensor<float> want = teacher.forward(x);
     const Tensor<float>& y = block.forward_train(x);
-    Tensor<float> grad(y.shape());
+    Tensor<float> grad(y.sizes());
     double loss = 0;
-    for (std::int64_t j = 0; j < y.size(); ++j) {
+    for (std::int64_t j = 0; j < y.numel(); ++j) {
       const double d = y[j] - want[j];
-      loss += d * d / double(y.size());
-      grad[j] = float(2 * d / double(y.size()));
+      loss += d * d / double(y.numel());
+      grad[j] = float(2 * d / double(y.numel()));
     }
     block.zero_grad();
     block.backward(grad);
     for (auto* p : block.parameters())
       if (p->trainable())
-        for (std::int64_t j = 0; j < p->value.size(); ++j) p->value[j] -= lr * p->grad[j];
+        for (std::int64_t j = 0; j < p->value.numel(); ++j) p->value[j] -= lr * p->grad[j];
     if (step == 0) first = loss;
     last = loss;
   }
   std::printf("custom block with %zu branches (vector %s): mse %.4f -> %.4f after %d steps\n",
-              block.branches().size(), shape_str(block.scales().value.shape()).c_str(), first, last, steps);
+              block.branches().size(), shape_str(block.scales().value.sizes()).c_str(), first, last, steps);
   fill_uniform(x, 1.0, rng);
   const double err = max_abs_diff(block.forward_eval(x), block.deploy().forward(x));
   std::printf("max |eval - deploy| = %.3g\n", err);

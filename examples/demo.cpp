@@ -140,7 +140,7 @@ void describe(Sequential<float>& net) {
 std::int64_t trainable_parameters(Sequential<float>& net) {
   std::int64_t n = 0;
   for (auto* p : net.parameters())
-    if (p->trainable()) n += p->value.size();
+    if (p->trainable()) n += p->value.numel();
   return n;
 }
 
@@ -153,7 +153,7 @@ std::int64_t deployed_parameters(Sequential<float>& net) {
     if (l.type() == typeid(ConvUnit<float>)) n += net.get<ConvUnit<float>>(i).deploy().num_parameters();
     else if (l.type() == typeid(C3<float, Maker>)) n += net.get<C3<float, Maker>>(i).deploy().num_parameters();
     else
-      for (auto* p : net.layer(i).parameters()) n += p->trainable() ? p->value.size() : 0;
+      for (auto* p : net.layer(i).parameters()) n += p->trainable() ? p->value.numel() : 0;
   }
   return n;
 }

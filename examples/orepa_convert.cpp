@@ -32,7 +32,7 @@ int main(int argc, char** argv) try {
     out.add(stem + ".weight", w);
     out.add(stem + ".bias", bias);
     std::printf("%-24s %-18s -> %s.weight %s, .bias %s\n", d.prefix.empty() ? "(root)" : d.prefix.c_str(),
-                io::to_string(d.type), stem.c_str(), shape_str(w.shape()).c_str(), shape_str(bias.shape()).c_str());
+                io::to_string(d.type), stem.c_str(), shape_str(w.sizes()).c_str(), shape_str(bias.sizes()).c_str());
   }
   std::size_t copied = 0;
   for (const auto& name : in.names())

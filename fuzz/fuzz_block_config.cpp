@@ -59,37 +59,37 @@ void run(const Config& c) {
   Rng rng(c.seed);
   Tensor<float> x({c.n, c.in, c.h, c.w});
   fill_uniform(x, 1.0, rng);
-  if (c.poison && x.size() > 0) {
+  if (c.poison && x.numel() > 0) {
     const float bad[] = {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
                          -std::numeric_limits<float>::infinity()};
-    x[std::int64_t(rng.below(std::uint64_t(x.size())))] = bad[c.poison - 1];
+    x[std::int64_t(rng.below(std::uint64_t(x.numel())))] = bad[c.poison - 1];
   }
   const bool finite = c.poison == 0;
 
   // shape_error when the input is smaller than the kernel, config_error when the output is too large.
-  const Shape expected = block->geometry().output_shape(x.shape(), "fuzz");
+  const Shape expected = block->geometry().output_shape(x.sizes(), "fuzz");
   // The library accepts outputs up to max_tensor_bytes (16 GiB), far above libFuzzer's 2 GiB
   // memory limit; such outputs (only the extreme padding reaches them, e.g. 65535 x 65535
   // from padding 2^16) are legitimate, so they end here once output_shape accepted them.
   if (checked_numel(expected) > (std::int64_t(1) << 22)) return;
   const Tensor<float>& y = block->forward_train(x);  // state_error for one value per channel
-  fuzz::require(y.shape() == expected, "forward_train output shape");
+  fuzz::require(y.sizes() == expected, "forward_train output shape");
   fuzz::require(!finite || all_finite(y), "forward_train produced a non-finite value from finite input");
 
-  Tensor<float> dy(y.shape());
+  Tensor<float> dy(y.sizes());
   fill_uniform(dy, 1.0, rng);
   const Tensor<float>& dx = block->backward(dy);
-  fuzz::require(dx.shape() == x.shape(), "backward input-gradient shape");
+  fuzz::require(dx.sizes() == x.sizes(), "backward input-gradient shape");
   fuzz::require(!finite || all_finite(dx), "backward produced a non-finite input gradient");
   for (auto* p : block->parameters())
     if (p->trainable()) fuzz::require(!finite || all_finite(p->grad), "backward produced a non-finite gradient");
 
   const Tensor<float> e = block->forward_eval(x);
   const Tensor<float> d = block->deploy().forward(x);
-  fuzz::require(e.shape() == expected && d.shape() == expected, "eval / deployed output shape");
+  fuzz::require(e.sizes() == expected && d.sizes() == expected, "eval / deployed output shape");
   if (finite) {
     fuzz::require(all_finite(e) && all_finite(d), "eval / deployed output not finite");
-    for (std::int64_t j = 0; j < e.size(); ++j)
+    for (std::int64_t j = 0; j < e.numel(); ++j)
       fuzz::require(std::fabs(e[j] - d[j]) <= 1e-3f * (1.0f + std::fabs(e[j])), "deployed output differs from eval");
   }
 }

@@ -64,7 +64,7 @@ std::vector<unsigned char> build_file(const std::string& text) {
     } else {
       const bool variance = name.find("running_var") != std::string::npos;
       Tensor<float> t(shape);
-      for (std::int64_t j = 0; j < t.size(); ++j)
+      for (std::int64_t j = 0; j < t.numel(); ++j)
         t[j] = variance ? 0.5f + float(j % 7) * 0.1f : float((j * 37 + std::int64_t(count) * 11) % 19 - 9) / 9.0f;
       w.add(name, t);
     }
@@ -78,8 +78,8 @@ void load_and_fold(const io::SafetensorsFile& f, const std::string& prefix, io::
     fuzz::run_accepting_orepa_errors([&] {
       auto block = io::load_block(f, prefix, type, {}, purpose);
       auto [w, b] = block->folded();
-      fuzz::require(w.shape() == block->geometry().weight_shape(), "folded kernel shape != geometry");
-      fuzz::require(b.shape() == Shape{block->geometry().out_channels}, "folded bias shape != out_channels");
+      fuzz::require(w.sizes() == block->geometry().weight_shape(), "folded kernel shape != geometry");
+      fuzz::require(b.sizes() == Shape{block->geometry().out_channels}, "folded bias shape != out_channels");
     });
 }
 

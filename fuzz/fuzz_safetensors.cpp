@@ -25,8 +25,8 @@ template <class S>
 void decode_as(const SafetensorsFile& f, const TensorEntry& e) {
   fuzz::run_accepting_orepa_errors([&] {
     const Tensor<S> t = f.get<S>(e.name);
-    fuzz::require(t.shape() == e.shape, "get<S> returned another shape than the entry's");
-    fuzz::require(std::uint64_t(t.size()) * dtype_size(e.dtype) == e.nbytes, "get<S> element count != nbytes / size");
+    fuzz::require(t.sizes() == e.shape, "get<S> returned another shape than the entry's");
+    fuzz::require(std::uint64_t(t.numel()) * dtype_size(e.dtype) == e.nbytes, "get<S> element count != nbytes / size");
   });
 }
 

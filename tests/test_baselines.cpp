@@ -22,9 +22,9 @@ struct RefBN {
       : gamma(bn.weight.value), beta(bn.bias.value), rm(bn.running_mean.value), rv(bn.running_var.value) {}
 
   Tensor<double> train(const Tensor<double>& y) {
-    const auto N = y.dim(0), C = y.dim(1), H = y.dim(2), W = y.dim(3);
+    const auto N = y.size(0), C = y.size(1), H = y.size(2), W = y.size(3);
     const double n = double(N * H * W);
-    Tensor<double> z(y.shape());
+    Tensor<double> z(y.sizes());
     for (std::int64_t c = 0; c < C; ++c) {
       double mean = 0, var = 0;
       for (std::int64_t b = 0; b < N; ++b)
@@ -45,9 +45,9 @@ struct RefBN {
     return z;
   }
   Tensor<double> eval(const Tensor<double>& y) const {
-    Tensor<double> z(y.shape());
-    const auto C = y.dim(1), P = y.dim(2) * y.dim(3);
-    for (std::int64_t j = 0; j < y.size(); ++j) {
+    Tensor<double> z(y.sizes());
+    const auto C = y.size(1), P = y.size(2) * y.size(3);
+    for (std::int64_t j = 0; j < y.numel(); ++j) {
       const auto c = (j / P) % C;
       z[j] = (y[j] - rm[c]) / std::sqrt(rv[c] + kEps) * gamma[c] + beta[c];
     }
@@ -59,7 +59,7 @@ struct RefBN {
 
 // Pads z by p on every side with bn.border(c) in channel c.
 Tensor<double> pad_with_border(const Tensor<double>& z, std::int64_t p, const RefBN& bn) {
-  const auto N = z.dim(0), C = z.dim(1), H = z.dim(2), W = z.dim(3);
+  const auto N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
   Tensor<double> out({N, C, H + 2 * p, W + 2 * p});
   for (std::int64_t b = 0; b < N; ++b)
     for (std::int64_t c = 0; c < C; ++c)
@@ -73,7 +73,7 @@ Tensor<double> pad_with_border(const Tensor<double>& z, std::int64_t p, const Re
 
 // k x k average pool with zero padding p counted in the divisor (count_include_pad).
 Tensor<double> avg_pool(const Tensor<double>& x, std::int64_t k, std::int64_t s, std::int64_t p) {
-  const auto N = x.dim(0), C = x.dim(1), H = x.dim(2), W = x.dim(3);
+  const auto N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const auto OH = (H + 2 * p - k) / s + 1, OW = (W + 2 * p - k) / s + 1;
   Tensor<double> y({N, C, OH, OW});
   for (std::int64_t b = 0; b < N; ++b)
@@ -98,8 +98,8 @@ ConvGeometry geom(std::int64_t i, std::int64_t o, std::int64_t k, std::int64_t s
 }
 
 void add_into(Tensor<double>& acc, const Tensor<double>& y) {
-  ASSERT_EQ(acc.shape(), y.shape());
-  for (std::int64_t j = 0; j < y.size(); ++j) acc[j] += y[j];
+  ASSERT_EQ(acc.sizes(), y.sizes());
+  for (std::int64_t j = 0; j < y.numel(); ++j) acc[j] += y[j];
 }
 
 template <class Act>
@@ -126,7 +126,7 @@ TEST(ConvBN, NamesShapesAndInit) {
   for (auto* p : b.parameters()) names.push_back(p->name);
   EXPECT_EQ(names, (std::vector<std::string>{"conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}));
   const auto& w = b.param("conv.weight").value;
-  EXPECT_EQ(w.shape(), (Shape{8, 3, 3, 3}));
+  EXPECT_EQ(w.sizes(), (Shape{8, 3, 3, 3}));
   // PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 3*3*3.
   const double bound = 1 / std::sqrt(27.0);
   double m = 0;
@@ -146,7 +146,7 @@ TEST(ConvBN, NamesShapesAndInit) {
   // Nested in another block: every name under a prefix.
   ConvBN<float> nested(ConvOptions(6, 8, 1), Identity{}, "rbr_1x1.");
   EXPECT_EQ(nested.parameters()[0]->name, "rbr_1x1.conv.weight");
-  EXPECT_EQ(nested.param("rbr_1x1.bn.running_var").value.shape(), (Shape{8}));
+  EXPECT_EQ(nested.param("rbr_1x1.bn.running_var").value.sizes(), (Shape{8}));
   EXPECT_EQ(nested.batch_norms()[0]->prefix(), "rbr_1x1.bn.");
 }
 
@@ -226,7 +226,7 @@ void float_matches_double(Block32& f, Block64& d, const Shape& xs, const std::st
     f.parameters()[j]->value = d.parameters()[j]->value.template cast<float>();
   const auto x = random_tensor<double>(xs, rng);
   const auto yd = d.forward_train(x);
-  const auto gout = random_tensor<double>(yd.shape(), rng);
+  const auto gout = random_tensor<double>(yd.sizes(), rng);
   const auto yf = f.forward_train(x.cast<float>());
   test::expect_close(yf, yd, 1e-4, what + " output");
   d.zero_grad();
@@ -277,12 +277,12 @@ TEST(DBB, NamesShapesAndInitOfBothVariants) {
                             std::vector<std::string>{"dbb_1x1_kxk.conv2.weight"}, bn("dbb_1x1_kxk.bn2.")})
     want.insert(want.end(), group.begin(), group.end());
   EXPECT_EQ(names, want);
-  EXPECT_EQ(narrow.param("dbb_origin.conv.weight").value.shape(), (Shape{6, 2, 3, 3}));
-  EXPECT_EQ(narrow.param("dbb_avg.conv.weight").value.shape(), (Shape{6, 2, 1, 1}));
-  EXPECT_EQ(narrow.param("dbb_1x1.conv.weight").value.shape(), (Shape{6, 2, 1, 1}));
-  EXPECT_EQ(narrow.param("dbb_1x1_kxk.idconv1.weight").value.shape(), (Shape{4, 2, 1, 1}));
-  EXPECT_EQ(narrow.param("dbb_1x1_kxk.bn1.bn.weight").value.shape(), (Shape{4}));
-  EXPECT_EQ(narrow.param("dbb_1x1_kxk.conv2.weight").value.shape(), (Shape{6, 2, 3, 3}));
+  EXPECT_EQ(narrow.param("dbb_origin.conv.weight").value.sizes(), (Shape{6, 2, 3, 3}));
+  EXPECT_EQ(narrow.param("dbb_avg.conv.weight").value.sizes(), (Shape{6, 2, 1, 1}));
+  EXPECT_EQ(narrow.param("dbb_1x1.conv.weight").value.sizes(), (Shape{6, 2, 1, 1}));
+  EXPECT_EQ(narrow.param("dbb_1x1_kxk.idconv1.weight").value.sizes(), (Shape{4, 2, 1, 1}));
+  EXPECT_EQ(narrow.param("dbb_1x1_kxk.bn1.bn.weight").value.sizes(), (Shape{4}));
+  EXPECT_EQ(narrow.param("dbb_1x1_kxk.conv2.weight").value.sizes(), (Shape{6, 2, 3, 3}));
   for (auto v : narrow.param("dbb_1x1_kxk.idconv1.weight").value) EXPECT_EQ(v, 0.0);  // reference: zeros
   // PyTorch default conv init bound 1/sqrt(fan_in) for the origin (fan_in 2*3*3).
   for (auto v : narrow.param("dbb_origin.conv.weight").value) EXPECT_LE(std::abs(v), 1 / std::sqrt(18.0));
@@ -302,14 +302,14 @@ TEST(DBB, NamesShapesAndInitOfBothVariants) {
                             bn("dbb_1x1_kxk.bn2.")})
     want.insert(want.end(), group.begin(), group.end());
   EXPECT_EQ(names, want);
-  EXPECT_EQ(depthwise.param("dbb_1x1_kxk.conv1.weight").value.shape(), (Shape{8, 1, 1, 1}));
-  EXPECT_EQ(depthwise.param("dbb_1x1_kxk.conv2.weight").value.shape(), (Shape{4, 2, 3, 3}));
+  EXPECT_EQ(depthwise.param("dbb_1x1_kxk.conv1.weight").value.sizes(), (Shape{8, 1, 1, 1}));
+  EXPECT_EQ(depthwise.param("dbb_1x1_kxk.conv2.weight").value.sizes(), (Shape{4, 2, 3, 3}));
   EXPECT_EQ(depthwise.batch_norms().size(), 4u);
   EXPECT_THROW(depthwise.batch_norm("dbb_1x1.bn."), config_error);
 
   // internal_channels overrides T; T != I gives a plain conv1.
   DBB<float> wide(DbbOptions(4, 6, 3).internal_channels(6));
-  EXPECT_EQ(wide.param("dbb_1x1_kxk.conv1.weight").value.shape(), (Shape{6, 4, 1, 1}));
+  EXPECT_EQ(wide.param("dbb_1x1_kxk.conv1.weight").value.sizes(), (Shape{6, 4, 1, 1}));
 }
 
 // Expected DBB training forward, written from reference::conv2d and RefBN; `refs` gets the
@@ -548,7 +548,7 @@ TEST(DBB, GradientsAccumulateUntilZeroed) {
   block.forward_train(x);
   block.backward(g);
   const auto& twice = block.param("dbb_1x1_kxk.idconv1.weight").grad;
-  for (std::int64_t j = 0; j < once.size(); ++j) EXPECT_NEAR(twice[j], 2 * once[j], 1e-3 * (1 + std::abs(once[j])));
+  for (std::int64_t j = 0; j < once.numel(); ++j) EXPECT_NEAR(twice[j], 2 * once[j], 1e-3 * (1 + std::abs(once[j])));
   block.zero_grad();
   for (auto* p : block.parameters())
     for (auto v : p->grad) EXPECT_EQ(v, 0.0f) << p->name;

@@ -7,7 +7,7 @@ using test::random_tensor;
 
 TEST(Tensor, ShapeChecksAndErrors) {
   Tensor<float> t({2, 3, 4, 5});
-  EXPECT_EQ(t.size(), 120);
+  EXPECT_EQ(t.numel(), 120);
   t(1, 2, 3, 4) = 7;
   EXPECT_EQ(t[119], 7);
   EXPECT_THROW(Tensor<float>({2, -1}), shape_error);
@@ -68,8 +68,8 @@ TEST_P(ConvEngineVsReference, ForwardAndBothBackwardsMatchNaiveDouble) {
   auto x = random_tensor<double>({c.n, c.i, c.h, c.w}, rng);
   auto w = random_tensor<double>(g.weight_shape(), rng);
   auto y_ref = reference::conv2d(x, w, g);
-  auto dy = random_tensor<double>(y_ref.shape(), rng);
-  auto dx_ref = reference::conv2d_backward_data(dy, w, g, x.shape());
+  auto dy = random_tensor<double>(y_ref.sizes(), rng);
+  auto dx_ref = reference::conv2d_backward_data(dy, w, g, x.sizes());
   auto dw_ref = reference::conv2d_backward_weights(x, dy, g);
 
   engine::ConvEngine<float> eng(g);
@@ -77,7 +77,7 @@ TEST_P(ConvEngineVsReference, ForwardAndBothBackwardsMatchNaiveDouble) {
   const auto xf = x.cast<float>(), wf = w.cast<float>(), dyf = dy.cast<float>();
   for (int rep = 0; rep < 2; ++rep) {  // the second pass reuses the cached primitives
     eng.forward(xf, wf, y);
-    eng.backward_data(dyf, wf, x.shape(), dx);
+    eng.backward_data(dyf, wf, x.sizes(), dx);
     eng.backward_weights(xf, dyf, dw);
   }
   EXPECT_EQ(eng.primitive_creations(), 1);
@@ -100,7 +100,7 @@ TEST(ReferenceConv, HandComputed) {
   Tensor<double> x({1, 1, 2, 2}, std::vector<double>{1, 2, 3, 4});
   Tensor<double> w({1, 1, 2, 2}, 1.0);
   auto y = reference::conv2d(x, w, g);
-  EXPECT_EQ(y.shape(), (Shape{1, 1, 3, 3}));
+  EXPECT_EQ(y.sizes(), (Shape{1, 1, 3, 3}));
   const std::vector<double> want{1, 3, 2, 4, 10, 6, 3, 7, 4};
   for (int j = 0; j < 9; ++j) EXPECT_DOUBLE_EQ(y[j], want[j]);
 }

@@ -15,10 +15,10 @@ void gradient_check(Block& block, std::int64_t in_channels, std::int64_t h, std:
 }
 
 Tensor<double> flipped(const Tensor<double>& w) {  // both spatial axes
-  Tensor<double> r(w.shape());
-  const auto k = w.dim(2);
-  for (std::int64_t a = 0; a < w.dim(0); ++a)
-    for (std::int64_t b = 0; b < w.dim(1); ++b)
+  Tensor<double> r(w.sizes());
+  const auto k = w.size(2);
+  for (std::int64_t a = 0; a < w.size(0); ++a)
+    for (std::int64_t b = 0; b < w.size(1); ++b)
       for (std::int64_t i = 0; i < k; ++i)
         for (std::int64_t j = 0; j < k; ++j) r(a, b, i, j) = w(a, b, k - 1 - i, k - 1 - j);
   return r;
@@ -32,9 +32,9 @@ TEST(Orepa1x1, SqueezeIsOriginPlusLowRankProduct) {
     const auto& c1 = block.param("weight_or1x1_l2i_conv1").value;
     const auto& c2 = block.param("weight_or1x1_l2i_conv2").value;
     const std::int64_t T = o > i ? i : o;
-    EXPECT_EQ(c1.shape(), (Shape{T, i, 1, 1}));
+    EXPECT_EQ(c1.sizes(), (Shape{T, i, 1, 1}));
     const auto& eye = o > i ? c1 : c2;
-    for (std::int64_t t = 0; t < T; ++t) EXPECT_EQ(eye[t * eye.dim(1) + t], 1.0);
+    for (std::int64_t t = 0; t < T; ++t) EXPECT_EQ(eye[t * eye.size(1) + t], 1.0);
     Rng rng(3);
     test::randomise(block, rng);
     const auto& v = block.param("vector").value;
@@ -85,9 +85,9 @@ TEST(LargeConv, ComposedKernelEqualsSequentialLayersWithFlips) {
 TEST(LargeConv, NamesGradientsDeployAndGroups) {
   OREPA_LargeConv<double, ReLU> block(ConvOptions(2, 3, 7).stride(2));
   EXPECT_EQ(block.layers().size(), 3u);
-  EXPECT_EQ(block.param("weight0.weight_orepa_origin").value.shape(), (Shape{3, 2, 3, 3}));
-  EXPECT_EQ(block.param("weight2.weight_orepa_gconv_pw").value.shape(), (Shape{3, 24, 1, 1}));
-  EXPECT_EQ(block.param("bn.weight").value.shape(), (Shape{3}));
+  EXPECT_EQ(block.param("weight0.weight_orepa_origin").value.sizes(), (Shape{3, 2, 3, 3}));
+  EXPECT_EQ(block.param("weight2.weight_orepa_gconv_pw").value.sizes(), (Shape{3, 24, 1, 1}));
+  EXPECT_EQ(block.param("bn.weight").value.sizes(), (Shape{3}));
   gradient_check(block, 2, 9, 7);
   OREPA_LargeConv<float, SiLU> f(ConvOptions(3, 8, 5));
   Rng rng(1);
@@ -109,7 +109,7 @@ TEST(YoloConv, PicksTheReferenceBlockByKernelSize) {
   EXPECT_EQ(c7->geometry().padding, 3);
   EXPECT_EQ(yolo_conv<float>(ConvOptions(8, 8, 3).dilation(2))->geometry().padding, 2);  // autopad with dilation
   Tensor<float> x({2, 3, 32, 32}, 0.5f);
-  EXPECT_EQ(c7->forward_train(x).shape(), (Shape{2, 16, 16, 16}));
+  EXPECT_EQ(c7->forward_train(x).sizes(), (Shape{2, 16, 16, 16}));
   EXPECT_THROW(yolo_conv<float>(ConvOptions(3, 32, 6).stride(2)), config_error);
 }
 
@@ -120,14 +120,14 @@ class PlusStencil final : public Branch<double> {
  public:
   PlusStencil(const ConvGeometry& g) : w_("weight_plus", Tensor<double>({g.out_channels, g.in_per_group()})) {}
   void kernel(Tensor<double>& out) const override {
-    const auto k = out.dim(2), c = k / 2;
-    for (std::int64_t p = 0; p < w_.value.size(); ++p)
+    const auto k = out.size(2), c = k / 2;
+    for (std::int64_t p = 0; p < w_.value.numel(); ++p)
       for (auto [h, w] : {std::pair{c, c}, {c - 1, c}, {c + 1, c}, {c, c - 1}, {c, c + 1}})
         out[p * k * k + h * k + w] += w_.value[p];
   }
   void kernel_backward(const Tensor<double>& dk) override {
-    const auto k = dk.dim(2), c = k / 2;
-    for (std::int64_t p = 0; p < w_.value.size(); ++p)
+    const auto k = dk.size(2), c = k / 2;
+    for (std::int64_t p = 0; p < w_.value.numel(); ++p)
       for (auto [h, w] : {std::pair{c, c}, {c - 1, c}, {c + 1, c}, {c, c - 1}, {c, c + 1}})
         w_.grad[p] += dk[p * k * k + h * k + w];
   }
@@ -145,7 +145,7 @@ TEST(CustomBlock, UserBranchSqueezesAndTrains) {
   BranchList<double> list = make_orepa_branches<double>(g, 0, rng);
   list.push_back(std::make_unique<PlusStencil>(g));
   OnlineBlock<double, SiLU> block(g, std::move(list), {"OREPA+plus"});
-  EXPECT_EQ(block.scales().value.shape(), (Shape{7, 4}));
+  EXPECT_EQ(block.scales().value.sizes(), (Shape{7, 4}));
   Rng r2(4);
   test::randomise(block, r2);
   // Squeeze = the six OREPA rows + v6 * plus stencil.
@@ -168,14 +168,14 @@ TEST(CustomBlock, UserBranchSqueezesAndTrains) {
 TEST(RepVGG, PathsDeployAndGradients) {
   RepVGGBlock_OREPA<double, ReLU> with_id(RepVGGOptions(4, 4, 3));
   EXPECT_TRUE(with_id.has_identity());
-  EXPECT_EQ(with_id.param("rbr_dense.vector").value.shape(), (Shape{6, 4}));
+  EXPECT_EQ(with_id.param("rbr_dense.vector").value.sizes(), (Shape{6, 4}));
   for (std::int64_t o = 0; o < 4; ++o) EXPECT_EQ(with_id.param("rbr_dense.vector").value(5, o), 0.0);
-  EXPECT_EQ(with_id.param("rbr_dense.weight_rbr_gconv_pw").value.shape(), (Shape{4, 32, 1, 1}));
-  EXPECT_EQ(with_id.param("rbr_1x1.conv.weight").value.shape(), (Shape{4, 4, 1, 1}));
-  EXPECT_EQ(with_id.param("rbr_identity.running_var").value.shape(), (Shape{4}));
+  EXPECT_EQ(with_id.param("rbr_dense.weight_rbr_gconv_pw").value.sizes(), (Shape{4, 32, 1, 1}));
+  EXPECT_EQ(with_id.param("rbr_1x1.conv.weight").value.sizes(), (Shape{4, 4, 1, 1}));
+  EXPECT_EQ(with_id.param("rbr_identity.running_var").value.sizes(), (Shape{4}));
   RepVGGBlock_OREPA<double, SiLU> strided(RepVGGOptions(4, 6, 3).stride(2));
   EXPECT_FALSE(strided.has_identity());
-  EXPECT_EQ(strided.param("rbr_dense.vector").value.shape(), (Shape{5, 6}));
+  EXPECT_EQ(strided.param("rbr_dense.vector").value.sizes(), (Shape{5, 6}));
   gradient_check(with_id, 4, 6, 3);
   gradient_check(strided, 4, 7, 4);
   // Eval = explicit sum of the three paths; deploy = eval.
@@ -186,7 +186,7 @@ TEST(RepVGG, PathsDeployAndGradients) {
   auto* idbn = with_id.batch_norms().back();  // a pointer: the vector itself is a temporary
   Tensor<double> id;
   idbn->forward_eval(x, id);
-  for (std::int64_t j = 0; j < sum.size(); ++j) sum[j] = std::max(0.0, sum[j] + one[j] + id[j]);
+  for (std::int64_t j = 0; j < sum.numel(); ++j) sum[j] = std::max(0.0, sum[j] + one[j] + id[j]);
   test::expect_close(with_id.forward_eval(x), sum, 1e-12, "RepVGG eval vs three paths");
   test::expect_close(with_id.deploy().forward(x), sum, 1e-10, "RepVGG deploy vs three paths");
   RepVGGBlock_OREPA<float, ReLU> f(RepVGGOptions(8, 8, 3));

@@ -28,8 +28,8 @@ Tensor<double> random_tensor_nn(const Shape& shape, Rng& rng, double bound = 1.0
 
 /// Central differences of `loss` w.r.t. every element of `t` (h = 1e-6).
 Tensor<double> numeric_gradient(Tensor<double>& t, const std::function<double()>& loss, double h = 1e-6) {
-  Tensor<double> g(t.shape());
-  for (std::int64_t j = 0; j < t.size(); ++j) {
+  Tensor<double> g(t.sizes());
+  for (std::int64_t j = 0; j < t.numel(); ++j) {
     const double keep = t[j];
     t[j] = keep + h;
     const double up = loss();
@@ -43,9 +43,9 @@ Tensor<double> numeric_gradient(Tensor<double>& t, const std::function<double()>
 
 /// ||a - n|| / max(||a||, ||n||): the whole-tensor relative error of a gradient.
 double relative_error(const Tensor<double>& a, const Tensor<double>& n) {
-  EXPECT_EQ(a.shape(), n.shape());
+  EXPECT_EQ(a.sizes(), n.sizes());
   double d = 0, na = 0, nn = 0;
-  for (std::int64_t j = 0; j < a.size(); ++j) {
+  for (std::int64_t j = 0; j < a.numel(); ++j) {
     d += (a[j] - n[j]) * (a[j] - n[j]);
     na += a[j] * a[j];
     nn += n[j] * n[j];
@@ -57,7 +57,7 @@ double relative_error(const Tensor<double>& a, const Tensor<double>& n) {
 /// sum(w .* y): a loss whose gradient w.r.t. y is `w`.
 double weighted_sum(const Tensor<double>& y, const Tensor<double>& w) {
   double s = 0;
-  for (std::int64_t j = 0; j < y.size(); ++j) s += y[j] * w[j];
+  for (std::int64_t j = 0; j < y.numel(); ++j) s += y[j] * w[j];
   return s;
 }
 
@@ -87,7 +87,7 @@ TEST(NnGrad, GlobalAvgPool) {
   Tensor<double> x = random_tensor_nn({2, 3, 4, 5}, rng), w = random_tensor_nn({2, 3}, rng);
   GlobalAvgPool<double> pool;
   const auto& y = pool.forward_train(x);
-  ASSERT_EQ(y.shape(), Shape({2, 3}));
+  ASSERT_EQ(y.sizes(), Shape({2, 3}));
   double mean = 0;
   for (std::int64_t j = 0; j < 20; ++j) mean += x[20 + j];  // plane (0, 1)
   EXPECT_NEAR(y(0, 1), mean / 20, 1e-15);
@@ -111,7 +111,7 @@ TEST(NnGrad, LinearInputWeightBias) {
   const Tensor<double> once = lin.weight().grad;
   lin.forward_train(x);
   lin.backward(w);
-  for (std::int64_t j = 0; j < once.size(); ++j) EXPECT_NEAR(lin.weight().grad[j], 2 * once[j], 1e-14);
+  for (std::int64_t j = 0; j < once.numel(); ++j) EXPECT_NEAR(lin.weight().grad[j], 2 * once[j], 1e-14);
   lin.zero_grad();
   for (auto v : lin.bias().grad) EXPECT_EQ(v, 0.0);
 }
@@ -121,7 +121,7 @@ TEST(NnGrad, LinearInitialisationLikeTorch) {
   const double bound = 1.0 / 8.0;
   for (auto v : lin.weight().value) EXPECT_LE(std::abs(v), bound);
   for (auto v : lin.bias().value) EXPECT_LE(std::abs(v), bound);
-  EXPECT_EQ(lin.weight().value.shape(), Shape({10, 64}));
+  EXPECT_EQ(lin.weight().value.sizes(), Shape({10, 64}));
   EXPECT_EQ(lin.weight().name, "weight");
   EXPECT_EQ(lin.weight().kind, ParamKind::kernel);
   EXPECT_EQ(lin.bias().name, "bias");
@@ -150,7 +150,7 @@ TEST(NnGrad, SoftmaxCrossEntropyLogits) {
   EXPECT_LT(relative_error(dz, numeric_gradient(z, f)), kGradTol);
   // grad_loss scales the gradient.
   const Tensor<double> dz2 = ce.backward(2.5);
-  for (std::int64_t j = 0; j < dz.size(); ++j) EXPECT_NEAR(dz2[j], 2.5 * dz[j], 1e-15);
+  for (std::int64_t j = 0; j < dz.numel(); ++j) EXPECT_NEAR(dz2[j], 2.5 * dz[j], 1e-15);
 }
 
 TEST(NnGrad, SoftmaxCrossEntropyIsStableForHugeLogits) {
@@ -255,7 +255,7 @@ TEST(NnSequential, NestedChainsAndErrors) {
   EXPECT_EQ(outer.named_parameters().back().first, "1.bias");  // inner names stay relative
   Rng rng(9);
   Tensor<double> x = random_tensor_nn({2, 1, 6, 6}, rng);
-  EXPECT_EQ(outer.forward_train(x).shape(), Shape({2, 2}));
+  EXPECT_EQ(outer.forward_train(x).sizes(), Shape({2, 2}));
   auto chain = outer.deploy();
   EXPECT_TRUE(chain.deployed(1));  // a Sequential has deploy() too
   EXPECT_LE(max_abs_diff(chain.forward(x), outer.forward_eval(x)), 1e-12);
@@ -323,7 +323,7 @@ struct Quadratic {
   void set_grads() {
     for (auto* p : {&w, &b, &s}) {
       p->zero_grad();
-      for (std::int64_t j = 0; j < p->value.size(); ++j) p->grad[j] = a[j] * (p->value[j] - c[j]);
+      for (std::int64_t j = 0; j < p->value.numel(); ++j) p->grad[j] = a[j] * (p->value[j] - c[j]);
     }
   }
 };
@@ -497,14 +497,14 @@ TEST(NnSchedule, StepDecay) {
 
 TEST(NnSynthetic, BarsAreDeterministicBalancedAndBatchable) {
   auto a = make_bars_dataset<float>(40, 11), b = make_bars_dataset<float>(40, 11), c = make_bars_dataset<float>(40, 12);
-  EXPECT_EQ(a.images.shape(), Shape({40, 1, 16, 16}));
+  EXPECT_EQ(a.images.sizes(), Shape({40, 1, 16, 16}));
   EXPECT_EQ(max_abs_diff(a.images, b.images), 0.0);
   EXPECT_GT(max_abs_diff(a.images, c.images), 0.0);
   std::vector<int> count(4, 0);
   for (int l : a.labels) ++count[std::size_t(l)];
   EXPECT_EQ(count, std::vector<int>(4, 10));
   auto [x, y] = a.batch({5, 2});
-  EXPECT_EQ(x.shape(), Shape({2, 1, 16, 16}));
+  EXPECT_EQ(x.sizes(), Shape({2, 1, 16, 16}));
   EXPECT_EQ(y, (std::vector<int>{a.labels[5], a.labels[2]}));
   EXPECT_EQ(x(1, 0, 3, 4), a.images(2, 0, 3, 4));
   EXPECT_EQ(a.slice(38, 10).second.size(), 2u);

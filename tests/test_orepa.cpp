@@ -9,18 +9,18 @@ namespace {
 
 // Scales output channel o of y by v(row, o).
 void scale_channels(Tensor<double>& y, const Tensor<double>& v, std::int64_t row) {
-  const auto C = y.dim(1), P = y.dim(2) * y.dim(3);
-  for (std::int64_t j = 0; j < y.size(); ++j) y[j] *= v(row, (j / P) % C);
+  const auto C = y.size(1), P = y.size(2) * y.size(3);
+  for (std::int64_t j = 0; j < y.numel(); ++j) y[j] *= v(row, (j / P) % C);
 }
 void add_into(Tensor<double>& acc, const Tensor<double>& y) {
-  ASSERT_EQ(acc.shape(), y.shape());
-  for (std::int64_t j = 0; j < y.size(); ++j) acc[j] += y[j];
+  ASSERT_EQ(acc.sizes(), y.sizes());
+  for (std::int64_t j = 0; j < y.numel(); ++j) acc[j] += y[j];
 }
 
 // A per-channel fixed k x k filter F[c] applied depthwise (groups = channels), i.e. the
 // average pool or the frequency-prior filter as a layer of its own.
 Tensor<double> depthwise_filter(const Tensor<double>& y, const Tensor<double>& filters, const ConvGeometry& g) {
-  const auto C = y.dim(1), k = g.kernel, rows = filters.size() / (k * k);
+  const auto C = y.size(1), k = g.kernel, rows = filters.numel() / (k * k);
   ConvGeometry dg = g;
   dg.in_channels = dg.out_channels = dg.groups = C;
   Tensor<double> w({C, 1, k, k});
@@ -52,10 +52,10 @@ Tensor<double> explicit_branches(OREPA<double>& b, const Tensor<double>& x) {
   {  // row 3: identity-based 1x1 (T channels), then k x k
     Tensor<double> c1 = P("weight_orepa_1x1_kxk_idconv1");
     const auto& id = P("id_tensor");
-    for (std::int64_t j = 0; j < c1.size(); ++j) c1[j] += id[j];
+    for (std::int64_t j = 0; j < c1.numel(); ++j) c1[j] += id[j];
     ConvGeometry g1 = one, g2 = g;
-    g1.out_channels = c1.dim(0);
-    g2.in_channels = c1.dim(0);
+    g1.out_channels = c1.size(0);
+    g2.in_channels = c1.size(0);
     auto y = reference::conv2d(reference::conv2d(x, c1, g1), P("weight_orepa_1x1_kxk_conv2"), g2);
     scale_channels(y, v, 3);
     add_into(sum, y);
@@ -73,8 +73,8 @@ Tensor<double> explicit_branches(OREPA<double>& b, const Tensor<double>& x) {
     gd.out_channels = 8 * g.in_channels, gd.groups = g.in_channels;
     auto dw_out = reference::conv2d(x, P("weight_orepa_gconv_dw"), gd);
     const auto& pw = P("weight_orepa_gconv_pw");
-    Tensor<double> pw_perm(pw.shape());
-    const auto Og = g.out_per_group(), cols = pw.dim(1);
+    Tensor<double> pw_perm(pw.sizes());
+    const auto Og = g.out_per_group(), cols = pw.size(1);
     for (std::int64_t c = 0; c < g.groups; ++c)
       for (std::int64_t a = 0; a < Og; ++a)
         for (std::int64_t j = 0; j < cols; ++j) pw_perm[(c * Og + a) * cols + j] = pw[(a * g.groups + c) * cols + j];
@@ -108,8 +108,8 @@ TEST_P(OrepaSqueeze, EqualsExplicitMultiBranchNetwork) {
   // Eval forward = BN(running stats) of the branch sum (activation identity here).
   const auto& bn = block.bn();
   Tensor<double> want = branches;
-  const auto P = want.dim(2) * want.dim(3);
-  for (std::int64_t j = 0; j < want.size(); ++j) {
+  const auto P = want.size(2) * want.size(3);
+  for (std::int64_t j = 0; j < want.numel(); ++j) {
     const auto ch = (j / P) % c.o;
     want[j] = (want[j] - bn.running_mean.value[ch]) / std::sqrt(bn.running_var.value[ch] + 1e-5) *
                   bn.weight.value[ch] + bn.bias.value[ch];
@@ -132,11 +132,11 @@ INSTANTIATE_TEST_SUITE_P(Configs, OrepaSqueeze,
 
 TEST(Orepa, InternalChannelsRuleAndBuffers) {
   OREPA<float> small(OrepaOptions(8, 16, 3).groups(4));
-  EXPECT_EQ(small.param("weight_orepa_1x1_kxk_idconv1").value.shape(), (Shape{8, 2, 1, 1}));
+  EXPECT_EQ(small.param("weight_orepa_1x1_kxk_idconv1").value.sizes(), (Shape{8, 2, 1, 1}));
   OREPA<float> wide(OrepaOptions(8, 16, 3).groups(8));
-  EXPECT_EQ(wide.param("weight_orepa_1x1_kxk_idconv1").value.shape(), (Shape{16, 1, 1, 1}));
+  EXPECT_EQ(wide.param("weight_orepa_1x1_kxk_idconv1").value.sizes(), (Shape{16, 1, 1, 1}));
   OREPA<float> custom(OrepaOptions(8, 16, 3).internal_channels(4).groups(2));
-  EXPECT_EQ(custom.param("weight_orepa_1x1_kxk_conv2").value.shape(), (Shape{16, 2, 3, 3}));
+  EXPECT_EQ(custom.param("weight_orepa_1x1_kxk_conv2").value.sizes(), (Shape{16, 2, 3, 3}));
   // id_tensor[t, t mod Ig] = 1
   const auto& id = wide.param("id_tensor").value;
   for (std::int64_t t = 0; t < 16; ++t) EXPECT_EQ(id[t], 1.0f);
@@ -262,7 +262,7 @@ TEST(Orepa, GradientsAccumulateUntilZeroed) {
   block.forward_train(x);
   block.backward(g);
   const auto& twice = block.param("weight_orepa_origin").grad;
-  for (std::int64_t j = 0; j < once.size(); ++j) EXPECT_NEAR(twice[j], 2 * once[j], 1e-4 * (1 + std::abs(once[j])));
+  for (std::int64_t j = 0; j < once.numel(); ++j) EXPECT_NEAR(twice[j], 2 * once[j], 1e-4 * (1 + std::abs(once[j])));
   block.zero_grad();
   for (auto v : block.param("weight_orepa_origin").grad) EXPECT_EQ(v, 0.0f);
 }
@@ -301,7 +301,7 @@ TEST(Orepa, BadInputAndConfigurationThrow) {
   OREPA<float> wo(OrepaOptions(8, 16, 3).weight_only(true));
   EXPECT_THROW(wo.forward_train(Tensor<float>({2, 8, 5, 5})), state_error);
   EXPECT_THROW(wo.deploy(), state_error);
-  EXPECT_EQ(wo.squeeze().shape(), (Shape{16, 8, 3, 3}));
+  EXPECT_EQ(wo.squeeze().sizes(), (Shape{16, 8, 3, 3}));
   EXPECT_THROW(block.param("nope"), config_error);
   auto d = block.deploy();
   EXPECT_THROW(d.forward(Tensor<float>({1, 3, 8, 8})), shape_error);

@@ -47,7 +47,7 @@ struct Snapshot {
 };
 
 std::string bytes_of(const Tensor<float>& t) {
-  return std::string(reinterpret_cast<const char*>(t.data()), std::size_t(t.size()) * sizeof(float));
+  return std::string(reinterpret_cast<const char*>(t.data()), std::size_t(t.numel()) * sizeof(float));
 }
 
 template <class B>
@@ -55,7 +55,7 @@ Snapshot snapshot(B& b) {
   Snapshot s;
   for (auto* p : b.parameters()) {
     s.names.push_back(p->name);
-    s.shapes.push_back(p->value.shape());
+    s.shapes.push_back(p->value.sizes());
     s.values.push_back(bytes_of(p->value));
     s.grads.push_back(bytes_of(p->grad));
   }
@@ -129,7 +129,7 @@ TEST(ReliabilityHostile, BadTrainingInputThrowsAndLeavesEveryBlockUnchanged) {
     test::randomise(*block, rng);
     const auto x = random_tensor<float>({2, 4, 9, 9}, rng);
     const Tensor<float> y = block->forward_train(x);
-    const auto dy = random_tensor<float>(y.shape(), rng);
+    const auto dy = random_tensor<float>(y.sizes(), rng);
     block->zero_grad();
     const Snapshot before = snapshot(*block);
 
@@ -156,7 +156,7 @@ TEST(ReliabilityHostile, BadTrainingInputThrowsAndLeavesEveryBlockUnchanged) {
     fresh->forward_train(x);
     fresh->zero_grad();
     EXPECT_EQ(max_abs_diff(dx, fresh->backward(dy)), 0.0);
-    EXPECT_EQ(block->forward_eval(Tensor<float>({1, 4, 1, 1}, 1.0f)).dim(1), 8);  // eval accepts N*H*W = 1
+    EXPECT_EQ(block->forward_eval(Tensor<float>({1, 4, 1, 1}, 1.0f)).size(1), 8);  // eval accepts N*H*W = 1
   }
 }
 
@@ -199,7 +199,7 @@ TEST(ReliabilityHostile, DeployedConvRejectsWrongShapesAndKeepsWorking) {
                             "smaller than the kernel");
   expect_error<shape_error>([&] { deployed.forward(Tensor<float>({2, 5, 8, 8}), out); }, "input must be",
                             "wrong channels into a buffer");
-  EXPECT_EQ(out.shape(), (Shape{1}));  // the output buffer is untouched
+  EXPECT_EQ(out.sizes(), (Shape{1}));  // the output buffer is untouched
   EXPECT_EQ(out[0], 42.0f);
   // The raw-pointer form checks the shape it is told before touching either pointer.
   expect_error<shape_error>([&] { deployed.forward(nullptr, Shape{1, 4, 1 << 20, -5}, nullptr); },
@@ -259,8 +259,8 @@ TEST(ReliabilityNonFinite, NaNInATrainingBatchPoisonsStatisticsLikePyTorchWithou
   x(0, 1, 3, 3) = kNaN;
   const Tensor<float>& y = block.forward_train(x);
   for (float v : y) EXPECT_TRUE(std::isnan(v));
-  const Tensor<float>& dx = block.backward(random_tensor<float>(y.shape(), rng));
-  EXPECT_EQ(dx.shape(), x.shape());
+  const Tensor<float>& dx = block.backward(random_tensor<float>(y.sizes(), rng));
+  EXPECT_EQ(dx.sizes(), x.sizes());
   for (float v : block.param("weight_orepa_origin").grad) EXPECT_TRUE(std::isnan(v));
   for (float v : block.bn().running_mean.value) EXPECT_TRUE(std::isnan(v));
   for (float v : block.bn().running_var.value) EXPECT_TRUE(std::isnan(v));
@@ -306,8 +306,8 @@ TEST(ReliabilityHostile, StateDictThatDoesNotFitIsRejectedAndTheBlockIsUnchanged
   // converting, which happens before anything is assigned.
   const Bytes f8_dtype = file_with([](io::SafetensorsWriter& w, Param<float>& p) {
     if (p.name != "weight_orepa_1x1_kxk_conv2") return true;
-    const std::vector<unsigned char> raw(std::size_t(p.value.size()), 0x38);  // F8: one byte per element
-    w.add_raw(io::TensorEntry{p.name, io::DType::F8_E4M3, p.value.shape(), raw.data(), raw.size()});
+    const std::vector<unsigned char> raw(std::size_t(p.value.numel()), 0x38);  // F8: one byte per element
+    w.add_raw(io::TensorEntry{p.name, io::DType::F8_E4M3, p.value.sizes(), raw.data(), raw.size()});
     return false;
   });
   io::SafetensorsWriter half_count;  // num_batches_tracked of 1.5
@@ -351,7 +351,7 @@ TEST(ReliabilityHostile, AbsurdSizesAreRejectedBeforeAllocating) {
   Tensor<float> t({2, 3}, 1.5f);
   expect_error<config_error>([&] { t.reset({e40}); }, "byte limit", "reset to 2^40");
   expect_error<config_error>([&] { t.resize({e40, e40}); }, "overflows", "resize to 2^80");
-  EXPECT_EQ(t.shape(), (Shape{2, 3}));  // unchanged
+  EXPECT_EQ(t.sizes(), (Shape{2, 3}));  // unchanged
   for (float v : t) EXPECT_EQ(v, 1.5f);
 
   // Blocks with 2^31 channels: the kernel shape overflows int64 or exceeds the byte limit.
@@ -471,7 +471,7 @@ TEST(ReliabilityConcurrency, DeployedForwardFromFourThreadsMatchesSingleThreaded
       expected.push_back(reference.forward(inputs.back()));
     }
   std::vector<double> scale;  // max(1, max |expected|) per input: the comparison is relative
-  for (const auto& e : expected) scale.push_back(std::max(1.0, max_abs_diff(e, Tensor<float>(e.shape()))));
+  for (const auto& e : expected) scale.push_back(std::max(1.0, max_abs_diff(e, Tensor<float>(e.sizes()))));
   const auto shared = block.deploy();  // cold: no primitive yet
 
   constexpr int kThreads = 4, kCalls = 200;
@@ -491,7 +491,7 @@ TEST(ReliabilityConcurrency, DeployedForwardFromFourThreadsMatchesSingleThreaded
           if (i % 2) y = shared.forward(inputs[k]);
           else shared.forward(inputs[k], buffer), y = buffer;
           worst[std::size_t(t)] = std::max(worst[std::size_t(t)], max_abs_diff(y, expected[k]) / scale[k]);
-          const std::size_t bytes = sizeof(float) * std::size_t(y.size());
+          const std::size_t bytes = sizeof(float) * std::size_t(y.numel());
           bit_mismatches[std::size_t(t)] += std::memcmp(y.data(), expected[k].data(), bytes) != 0;
         } catch (const std::exception&) {
           ++errors[std::size_t(t)];
@@ -518,7 +518,7 @@ TEST(ReliabilityConcurrency, SeparateTrainingBlocksInSeparateThreadsAreIndepende
     for (int step = 0; step < 4; ++step) {
       const auto x = random_tensor<float>({2, 4, 10, 10}, rng);
       const auto& y = b.forward_train(x);
-      b.backward(random_tensor<float>(y.shape(), rng));
+      b.backward(random_tensor<float>(y.sizes(), rng));
     }
     return snapshot(b);
   };

@@ -103,11 +103,11 @@ TEST(Safetensors, RoundTripF32F64Exact) {
   EXPECT_EQ(r.names(), (std::vector<std::string>{"d", "f", "d_as_f32"}));  // header order = add order
   EXPECT_EQ(r.entry("d").dtype, DType::F64);
   auto d2 = r.get<double>("d");
-  EXPECT_EQ(d2.shape(), d.shape());
-  for (std::int64_t i = 0; i < d.size(); ++i) EXPECT_EQ(d2[i], d[i]) << i;
+  EXPECT_EQ(d2.sizes(), d.sizes());
+  for (std::int64_t i = 0; i < d.numel(); ++i) EXPECT_EQ(d2[i], d[i]) << i;
   EXPECT_TRUE(std::signbit(d2[3]));
   auto f2 = r.get<float>("f");
-  for (std::int64_t i = 0; i < f.size(); ++i) EXPECT_EQ(f2[i], f[i]) << i;
+  for (std::int64_t i = 0; i < f.numel(); ++i) EXPECT_EQ(f2[i], f[i]) << i;
   auto f3 = r.get<double>("d_as_f32");
   EXPECT_EQ(f3[0], double(0.1f));
 }
@@ -197,13 +197,13 @@ TEST(Safetensors, Int64ScalarMetadataEmptyAndRank0) {
   EXPECT_EQ(ints[0], -1.0);
   EXPECT_THROW(r.get_int("ints"), format_error);  // not a single element
   auto empty = r.get<float>("empty");
-  EXPECT_EQ(empty.shape(), (Shape{0, 3}));
-  EXPECT_EQ(empty.size(), 0);
+  EXPECT_EQ(empty.sizes(), (Shape{0, 3}));
+  EXPECT_EQ(empty.numel(), 0);
   EXPECT_EQ(r.entry("empty").nbytes, 0u);
-  EXPECT_EQ(r.get<float>("empty16").shape(), (Shape{4, 0}));
+  EXPECT_EQ(r.get<float>("empty16").sizes(), (Shape{4, 0}));
   auto s = r.get<float>("scalar");
-  EXPECT_EQ(s.rank(), 0);
-  EXPECT_EQ(s.size(), 1);
+  EXPECT_EQ(s.dim(), 0);
+  EXPECT_EQ(s.numel(), 1);
   EXPECT_EQ(s[0], 2.5f);
   EXPECT_THROW(r.get_int("scalar"), format_error);  // 2.5 is not an integer
 }
@@ -265,12 +265,12 @@ TEST(Safetensors, ReadsCommittedFixture) {
   EXPECT_EQ(w[0], -0.26973995566368103f);
   EXPECT_EQ(w[1], -0.11503373831510544f);
   EXPECT_EQ(w(1, 2, 1, 2), 0.2482844740152359f);
-  EXPECT_EQ(w[w.size() - 1], 0.39841702580451965f);
+  EXPECT_EQ(w[w.numel() - 1], 0.39841702580451965f);
   double sum = 0;
   for (float v : w) sum += v;  // same order and precision as the Python sum
   EXPECT_DOUBLE_EQ(sum, -5.104283211872826);
   auto g = f.get<double>("grad_output");
-  EXPECT_EQ(g.shape(), (Shape{2, 16, 10, 10}));
+  EXPECT_EQ(g.sizes(), (Shape{2, 16, 10, 10}));
   sum = 0;
   for (double v : g) sum += v;
   EXPECT_DOUBLE_EQ(sum, -66.12176559737418);

@@ -73,7 +73,7 @@ TEST(NnTraining, OrepaClassifierLearnsBarsAndDeploysExactly) {
   for (std::int64_t begin = 0; begin < test.size(); begin += 128) {
     auto [x, y] = test.slice(begin, 128);
     const Tensor<float> eval = net.forward_eval(x), dep = deployed.forward(x);
-    ASSERT_EQ(dep.shape(), eval.shape());
+    ASSERT_EQ(dep.sizes(), eval.sizes());
     const auto pe = argmax_rows(eval), pd = argmax_rows(dep);
     for (std::size_t n = 0; n < y.size(); ++n) {
       correct += pe[n] == y[n];
@@ -81,7 +81,7 @@ TEST(NnTraining, OrepaClassifierLearnsBarsAndDeploysExactly) {
       EXPECT_EQ(pd[n], pe[n]) << "test image " << begin + std::int64_t(n);
       // Per image: max |deployed - eval| relative to max(1, max |eval logit|).
       double diff = 0, scale = 1;
-      for (std::int64_t k = 0; k < eval.dim(1); ++k) {
+      for (std::int64_t k = 0; k < eval.size(1); ++k) {
         diff = std::max(diff, std::abs(double(dep(std::int64_t(n), k)) - double(eval(std::int64_t(n), k))));
         scale = std::max(scale, std::abs(double(eval(std::int64_t(n), k))));
       }

@@ -39,7 +39,7 @@ void randomise(Block& b, Rng& rng) {
 /// Asserts max |a - e| <= rel * max(1, max |e|), the fixture tolerance.
 template <class A, class E>
 void expect_close(const Tensor<A>& a, const Tensor<E>& e, double rel, const std::string& what) {
-  ASSERT_EQ(a.shape(), e.shape()) << what;
+  ASSERT_EQ(a.sizes(), e.sizes()) << what;
   double emax = 0;
   for (auto v : e) emax = std::max(emax, std::abs(double(v)));
   const double err = max_abs_diff(a, e), tol = rel * std::max(1.0, emax);
@@ -64,7 +64,7 @@ template <class S>
 double check_grad(Tensor<S>& value, const Tensor<S>& analytic, const std::function<double()>& loss,
                   const std::string& what, double tol = 1e-5, std::int64_t samples = 12) {
   double worst = 0;
-  const std::int64_t n = value.size(), stride = std::max<std::int64_t>(1, n / samples);
+  const std::int64_t n = value.numel(), stride = std::max<std::int64_t>(1, n / samples);
   for (std::int64_t j = 0; j < n; j += stride) {
     const double num = numeric_grad(value, j, loss), ana = double(analytic[j]);
     const double err = std::abs(num - ana) / std::max(1.0, std::abs(num));
@@ -83,14 +83,14 @@ void check_block_gradients(Block& block, Tensor<double> x, Rng& rng,
                            const std::function<void()>& before_forward = [] {}) {
   before_forward();
   const auto& y0 = block.forward_train(x);
-  const auto gout = random_tensor<double>(y0.shape(), rng);
+  const auto gout = random_tensor<double>(y0.sizes(), rng);
   block.zero_grad();
   const Tensor<double> dx = block.backward(gout);
   auto loss = [&] {
     before_forward();
     const auto& y = block.forward_train(x);
     double l = 0;
-    for (std::int64_t j = 0; j < y.size(); ++j) l += y[j] * gout[j];
+    for (std::int64_t j = 0; j < y.numel(); ++j) l += y[j] * gout[j];
     return l;
   };
   double worst = check_grad(x, dx, loss, "input");

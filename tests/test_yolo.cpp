@@ -29,19 +29,19 @@ void gradient_check(Module& module, const Shape& x_shape, std::uint64_t seed, co
   Rng rng(seed);
   randomise(module, rng);  // every tensor non-trivial (e.g. OREPA's zero-initialised ones)
   Tensor<double> x = random_tensor<double>(x_shape, rng);
-  const Shape y_shape = module.forward_train(x).shape();
+  const Shape y_shape = module.forward_train(x).sizes();
   const Tensor<double> r = random_tensor<double>(y_shape, rng);
   auto loss = [&]() {
     const Tensor<double>& y = module.forward_train(x);
     double l = 0;
-    for (std::int64_t j = 0; j < y.size(); ++j) l += y[j] * r[j];
+    for (std::int64_t j = 0; j < y.numel(); ++j) l += y[j] * r[j];
     return l;
   };
 
   module.zero_grad();
   module.forward_train(x);
   const Tensor<double> dx = module.backward(r);  // copy: the buffer is the module's
-  ASSERT_EQ(dx.shape(), x.shape()) << what;
+  ASSERT_EQ(dx.sizes(), x.sizes()) << what;
   check_grad(x, dx, loss, what + " input", 1e-5, 16);
 
   std::int64_t checked = 0;
@@ -79,7 +79,7 @@ TEST(Yolo, ConcatAndSplitChannelsRoundTrip) {
   const Tensor<float> a = random_tensor<float>({2, 3, 4, 5}, rng), b = random_tensor<float>({2, 2, 4, 5}, rng);
   Tensor<float> cat, a2, b2;
   concat_channels(a, b, cat);
-  ASSERT_EQ(cat.shape(), (Shape{2, 5, 4, 5}));
+  ASSERT_EQ(cat.sizes(), (Shape{2, 5, 4, 5}));
   EXPECT_EQ(cat(1, 2, 3, 4), a(1, 2, 3, 4));
   EXPECT_EQ(cat(1, 3, 0, 1), b(1, 0, 0, 1));
   EXPECT_EQ(cat(0, 4, 2, 2), b(0, 1, 2, 2));
@@ -156,7 +156,7 @@ TEST(Yolo, ModulesDeployInsideSequential) {
   for (int i = 0; i < 2; ++i) {
     const Tensor<float> x = random_tensor<float>({4, 3, 12, 12}, rng);
     net.zero_grad();
-    net.backward(Tensor<float>(net.forward_train(x).shape(), 0.1f));
+    net.backward(Tensor<float>(net.forward_train(x).sizes(), 0.1f));
   }
   const auto chain = net.deploy();
   ASSERT_EQ(chain.size(), 5u);

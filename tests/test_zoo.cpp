@@ -42,10 +42,10 @@ ZooBlock zoo_block(std::string prefix, io::BlockType type, Block block) {
       const auto x = input(rng);
       const auto& y = b->forward_train(x);
       b->zero_grad();
-      b->backward(test::random_tensor<float>(y.shape(), rng));
+      b->backward(test::random_tensor<float>(y.sizes(), rng));
       for (auto* p : b->parameters())
         if (p->trainable())
-          for (std::int64_t j = 0; j < p->value.size(); ++j) p->value[j] -= 0.05f * p->grad[j];
+          for (std::int64_t j = 0; j < p->value.numel(); ++j) p->value[j] -= 0.05f * p->grad[j];
     }
   };
   z.save = [b, prefix](io::SafetensorsWriter& w) { io::save_state_dict(*b, w, prefix); };

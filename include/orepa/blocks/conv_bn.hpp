@@ -45,13 +45,13 @@ class ConvBN : public SqueezedBlock<S, Act> {
 
   /// The kernel is `conv.weight` itself.
   void squeeze_into(Tensor<S>& w) const override {
-    w.resize(weight_.value.shape());
+    w.resize(weight_.value.sizes());
     std::copy(weight_.value.begin(), weight_.value.end(), w.begin());
   }
   /// dL/d(conv.weight) is dL/dW.
   void squeeze_backward(const Tensor<S>& grad_w) override {
-    grad_w.expect_shape(weight_.value.shape(), "ConvBN::squeeze_backward grad_weight");
-    for (std::int64_t j = 0; j < grad_w.size(); ++j) weight_.grad[j] += grad_w[j];
+    grad_w.expect_shape(weight_.value.sizes(), "ConvBN::squeeze_backward grad_weight");
+    for (std::int64_t j = 0; j < grad_w.numel(); ++j) weight_.grad[j] += grad_w[j];
   }
   /// `conv.weight` (then SqueezedBlock adds the BN tensors).
   ParamList<S> kernel_parameters() override { return {&weight_}; }

@@ -116,10 +116,10 @@ class BaselineConv {
   /// when `dx` is non-null, writes dL/dx into it.
   void backward(const Tensor<S>& x, const Tensor<S>& dy, Tensor<S>* dx) {
     engine_.backward_weights(x, dy, dw_);
-    if (weight.grad.shape() != dw_.shape())  // only if someone replaced the weight with another shape
-      weight.grad.expect_shape(dw_.shape(), weight.name + " gradient");
-    for (std::int64_t j = 0; j < dw_.size(); ++j) weight.grad[j] += dw_[j];
-    if (dx) engine_.backward_data(dy, identity_ ? k_ : weight.value, x.shape(), *dx);
+    if (weight.grad.sizes() != dw_.sizes())  // only if someone replaced the weight with another shape
+      weight.grad.expect_shape(dw_.sizes(), weight.name + " gradient");
+    for (std::int64_t j = 0; j < dw_.numel(); ++j) weight.grad[j] += dw_[j];
+    if (dx) engine_.backward_data(dy, identity_ ? k_ : weight.value, x.sizes(), *dx);
   }
 
   /// Primitive sets its engine has created (one per input shape).
@@ -134,10 +134,10 @@ class BaselineConv {
     return k_;
   }
   void kernel_into(Tensor<S>& k) const {
-    k.resize(weight.value.shape());
+    k.resize(weight.value.sizes());
     std::copy(weight.value.begin(), weight.value.end(), k.begin());
     if (!identity_) return;
-    const std::int64_t C = k.dim(0), Cg = k.dim(1);
+    const std::int64_t C = k.size(0), Cg = k.size(1);
     for (std::int64_t t = 0; t < C; ++t) k[t * Cg + t % Cg] += S(1);
   }
 
@@ -152,11 +152,11 @@ template <class S>
 std::pair<Tensor<S>, Tensor<S>> fold_bn(Tensor<S> kernel, const engine::BatchNorm<S>& bn) {
   Tensor<S> scale, shift;
   bn.fold(scale, shift);
-  const std::int64_t O = kernel.dim(0), per_o = kernel.size() / O;
+  const std::int64_t O = kernel.size(0), per_o = kernel.numel() / O;
   if (O != bn.channels())
-    throw shape_error(detail::cat("fold_bn (", bn.prefix(), "): kernel ", shape_str(kernel.shape()),
+    throw shape_error(detail::cat("fold_bn (", bn.prefix(), "): kernel ", shape_str(kernel.sizes()),
                                   " has ", O, " output channels, BN has ", bn.channels()));
-  for (std::int64_t j = 0; j < kernel.size(); ++j) kernel[j] *= scale[j / per_o];
+  for (std::int64_t j = 0; j < kernel.numel(); ++j) kernel[j] *= scale[j / per_o];
   return {std::move(kernel), std::move(shift)};
 }
 
@@ -206,8 +206,8 @@ class ConvBNPath {
 /// dL/d(pre-activation) = grad_out * act'(pre), into `d` (resized).
 template <class S, class Act>
 void activation_backward(const Act& act, const Tensor<S>& pre, const Tensor<S>& grad_out, Tensor<S>& d) {
-  d.resize(pre.shape());
-  for (std::int64_t j = 0; j < pre.size(); ++j) d[j] = grad_out[j] * act.derivative(pre[j]);
+  d.resize(pre.sizes());
+  for (std::int64_t j = 0; j < pre.numel(); ++j) d[j] = grad_out[j] * act.derivative(pre[j]);
 }
 
 
@@ -215,8 +215,8 @@ void activation_backward(const Act& act, const Tensor<S>& pre, const Tensor<S>& 
 /// Adds `b` into `a` element-wise (same shape).
 template <class S>
 void add_into(Tensor<S>& a, const Tensor<S>& b) {
-  a.expect_shape(b.shape(), "add_into");
-  for (std::int64_t j = 0; j < a.size(); ++j) a[j] += b[j];
+  a.expect_shape(b.sizes(), "add_into");
+  for (std::int64_t j = 0; j < a.numel(); ++j) a[j] += b[j];
 }
 
 /// DBB's BN-and-pad layer: BN, then a border of `pad` pixels filled per channel with
@@ -247,11 +247,11 @@ class BNAndPad {
   /// accumulating dL/dgamma and dL/dbeta. The border is a detached constant, so only the
   /// interior of `dout` is used.
   void backward(const Tensor<S>& y, const Tensor<S>& dout, Tensor<S>& dy) {
-    const std::int64_t N = y.dim(0), C = y.dim(1), H = y.dim(2), W = y.dim(3);
+    const std::int64_t N = y.size(0), C = y.size(1), H = y.size(2), W = y.size(3);
     const std::int64_t PH = H + 2 * pad_, PW = W + 2 * pad_;
-    if (dout.rank() != 4 || dout.dim(0) != N || dout.dim(1) != C || dout.dim(2) != PH || dout.dim(3) != PW)
+    if (dout.dim() != 4 || dout.size(0) != N || dout.size(1) != C || dout.size(2) != PH || dout.size(3) != PW)
       dout.expect_shape({N, C, PH, PW}, bn.prefix() + " BN-and-pad grad_output");  // throws, naming both shapes
-    dz_.resize(y.shape());
+    dz_.resize(y.sizes());
     for (std::int64_t nc = 0; nc < N * C; ++nc)
       for (std::int64_t h = 0; h < H; ++h) {
         const S* src = dout.data() + (nc * PH + h + pad_) * PW + pad_;
@@ -269,7 +269,7 @@ class BNAndPad {
 
  private:
   void pad_into(const Tensor<S>& z, Tensor<S>& out) const {
-    const std::int64_t N = z.dim(0), C = z.dim(1), H = z.dim(2), W = z.dim(3);
+    const std::int64_t N = z.size(0), C = z.size(1), H = z.size(2), W = z.size(3);
     const std::int64_t PH = H + 2 * pad_, PW = W + 2 * pad_;
     out.resize({N, C, PH, PW});
     for (std::int64_t c = 0; c < C; ++c) {
@@ -339,9 +339,9 @@ Tensor<S> avg_pool_kernel(std::int64_t channels, std::int64_t k, std::int64_t gr
 template <class S>
 std::pair<Tensor<S>, Tensor<S>> merge_1x1_kxk(const Tensor<S>& k1, const Tensor<S>& b1, const Tensor<S>& k2,
                                               const Tensor<S>& b2, std::int64_t groups) {
-  const std::int64_t T = k1.dim(0), Ig = k1.dim(1), O = k2.dim(0), Tg = k2.dim(1), kh = k2.dim(2), kw = k2.dim(3);
-  if (k1.dim(2) != 1 || k1.dim(3) != 1 || T != Tg * groups || O % groups != 0)
-    throw shape_error(detail::cat("merge_1x1_kxk: kernels ", shape_str(k1.shape()), " and ", shape_str(k2.shape()),
+  const std::int64_t T = k1.size(0), Ig = k1.size(1), O = k2.size(0), Tg = k2.size(1), kh = k2.size(2), kw = k2.size(3);
+  if (k1.size(2) != 1 || k1.size(3) != 1 || T != Tg * groups || O % groups != 0)
+    throw shape_error(detail::cat("merge_1x1_kxk: kernels ", shape_str(k1.sizes()), " and ", shape_str(k2.sizes()),
                                   " do not chain with groups ", groups));
   const std::int64_t Og = O / groups, area = kh * kw;
   Tensor<S> K({O, Ig, kh, kw});
@@ -363,7 +363,7 @@ std::pair<Tensor<S>, Tensor<S>> merge_1x1_kxk(const Tensor<S>& k1, const Tensor<
 /// A 1x1 kernel [O, Ig, 1, 1] zero-padded to the centre of a k x k one.
 template <class S>
 Tensor<S> pad_to_centre(const Tensor<S>& k1, std::int64_t k) {
-  const std::int64_t O = k1.dim(0), Ig = k1.dim(1);
+  const std::int64_t O = k1.size(0), Ig = k1.size(1);
   Tensor<S> K({O, Ig, k, k});
   for (std::int64_t j = 0; j < O * Ig; ++j) K[j * k * k + (k / 2) * k + k / 2] = k1[j];
   return K;
@@ -413,8 +413,8 @@ class DbbAvgBranch {
   /// parameter gradients and writes its share of dL/dx into dx.
   void backward(const Tensor<S>& x, const Tensor<S>& dz, Tensor<S>& dx) {
     avgbn.backward(q_, dz, dq_);
-    if (!conv) return pool.backward(dq_, x.shape(), dx);
-    pool.backward(dq_, p_.shape(), dp_);
+    if (!conv) return pool.backward(dq_, x.sizes(), dx);
+    pool.backward(dq_, p_.sizes(), dp_);
     bnpad->backward(c_, dp_, dc_);
     conv->backward(x, dc_, &dx);
   }
@@ -561,11 +561,11 @@ class DBB {
   /// output buffer, valid until the next forward_train. x is [N, I, H, W] with more
   /// than one output value per channel.
   const Tensor<S>& forward_train(const Tensor<S>& x) {
-    const Shape ys = g_.output_shape(x.shape(), "DBB::forward_train");
+    const Shape ys = g_.output_shape(x.sizes(), "DBB::forward_train");
     if (ys[0] * ys[2] * ys[3] < 2)
       throw state_error(detail::cat("DBB::forward_train: BN needs more than one value per channel; input ",
-                                    shape_str(x.shape()), " gives output ", shape_str(ys)));
-    x_.resize(x.shape());  // every branch's first conv needs the input again in backward
+                                    shape_str(x.sizes()), " gives output ", shape_str(ys)));
+    x_.resize(x.sizes());  // every branch's first conv needs the input again in backward
     std::copy(x.begin(), x.end(), x_.begin());
     // Summed in the reference's order: origin, 1x1, avg, 1x1_kxk.
     origin_.forward_train(x_, pre_);
@@ -577,8 +577,8 @@ class DBB {
     detail::baseline::add_into(pre_, branch_);
     kxk_.forward_train(x_, branch_);
     detail::baseline::add_into(pre_, branch_);
-    out_.resize(pre_.shape());
-    for (std::int64_t j = 0; j < pre_.size(); ++j) out_[j] = act_(pre_[j]);
+    out_.resize(pre_.sizes());
+    for (std::int64_t j = 0; j < pre_.numel(); ++j) out_[j] = act_(pre_[j]);
     has_forward_ = true;
     return out_;
   }
@@ -586,7 +586,7 @@ class DBB {
   /// Eval forward, branch by branch with the running statistics (no state change); equal
   /// to deploy().forward(x) up to round-off.
   Tensor<S> forward_eval(const Tensor<S>& x) const {
-    g_.output_shape(x.shape(), "DBB::forward_eval");
+    g_.output_shape(x.sizes(), "DBB::forward_eval");
     Tensor<S> pre, branch;
     origin_.forward_eval(x, pre);
     if (one_) {
@@ -606,7 +606,7 @@ class DBB {
   /// block's buffer).
   const Tensor<S>& backward(const Tensor<S>& grad_out) {
     if (!has_forward_) throw state_error("DBB::backward: call forward_train first");
-    grad_out.expect_shape(out_.shape(), "DBB::backward grad_output");
+    grad_out.expect_shape(out_.sizes(), "DBB::backward grad_output");
     detail::baseline::activation_backward(act_, pre_, grad_out, dpre_);
     origin_.backward(x_, dpre_, dx_);
     if (one_) {

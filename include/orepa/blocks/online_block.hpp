@@ -51,7 +51,7 @@ class OnlineBlock : public SqueezedBlock<S, Act> {
   void squeeze_into(Tensor<S>& w) const override {
     const auto shape = this->geometry().weight_shape();
     w.reset(shape);
-    const std::int64_t O = shape[0], per_o = w.size() / O;
+    const std::int64_t O = shape[0], per_o = w.numel() / O;
     for (std::size_t r = 0; r < branches_.size(); ++r) {
       const S* v = vector_.value.data() + std::int64_t(r) * O;
       if (auto* fast = dynamic_cast<const branches::ScaledAdjoint<S>*>(branches_[r].get())) {
@@ -75,7 +75,7 @@ class OnlineBlock : public SqueezedBlock<S, Act> {
   void squeeze_backward(const Tensor<S>& grad_w) override {
     const auto shape = this->geometry().weight_shape();
     grad_w.expect_shape(shape, this->type_name() + "::squeeze_backward grad_weight");
-    const std::int64_t O = shape[0], per_o = grad_w.size() / O;
+    const std::int64_t O = shape[0], per_o = grad_w.numel() / O;
     for (std::size_t r = 0; r < branches_.size(); ++r) {
       const S* v = vector_.value.data() + std::int64_t(r) * O;
       S* dv = vector_.grad.data() + std::int64_t(r) * O;

@@ -69,7 +69,7 @@ class OREPA_LargeConv : public SqueezedBlock<S, Act> {
     for (std::size_t j = layers_.size() - 1; j >= 1; --j) {
       const auto& kin = inputs[j - 1];
       layers_[j].squeeze_backward(reference::conv2d_backward_weights(kin, dk, step_geometry()));
-      dk = reference::conv2d_backward_data(dk, weights[j], step_geometry(), kin.shape());
+      dk = reference::conv2d_backward_data(dk, weights[j], step_geometry(), kin.sizes());
     }
     layers_[0].squeeze_backward(transposed01(dk));
   }
@@ -103,8 +103,8 @@ class OREPA_LargeConv : public SqueezedBlock<S, Act> {
   }
   // [a, b, h, w] -> [b, a, h, w].
   static Tensor<S> transposed01(const Tensor<S>& t) {
-    const auto A = t.dim(0), B = t.dim(1), hw = t.dim(2) * t.dim(3);
-    Tensor<S> r({B, A, t.dim(2), t.dim(3)});
+    const auto A = t.size(0), B = t.size(1), hw = t.size(2) * t.size(3);
+    Tensor<S> r({B, A, t.size(2), t.size(3)});
     for (std::int64_t a = 0; a < A; ++a)
       for (std::int64_t b = 0; b < B; ++b)
         std::copy_n(t.data() + (a * B + b) * hw, hw, r.data() + (b * A + a) * hw);

@@ -59,17 +59,17 @@ class RepVGGBlock_OREPA {
 
   /// Training forward: each path with batch statistics, summed, activated.
   const Tensor<S>& forward_train(const Tensor<S>& x) {
-    g_.output_shape(x.shape(), "RepVGGBlock_OREPA::forward_train");
+    g_.output_shape(x.sizes(), "RepVGGBlock_OREPA::forward_train");
     sum_ = dense_.forward_train(x);
     add(sum_, one_.forward_train(x));
     if (identity_) {
       identity_->forward_train(x, id_out_);
       add(sum_, id_out_);
     }
-    out_.resize(sum_.shape());
-    for (std::int64_t j = 0; j < sum_.size(); ++j) out_[j] = act_(sum_[j]);
+    out_.resize(sum_.sizes());
+    for (std::int64_t j = 0; j < sum_.numel(); ++j) out_[j] = act_(sum_[j]);
     if (identity_) {  // only the identity BN's backward needs the input here (buffer reused)
-      x_.resize(x.shape());
+      x_.resize(x.sizes());
       std::copy(x.begin(), x.end(), x_.begin());
     }
     has_forward_ = true;
@@ -78,7 +78,7 @@ class RepVGGBlock_OREPA {
 
   /// Eval forward with running statistics.
   Tensor<S> forward_eval(const Tensor<S>& x) const {
-    g_.output_shape(x.shape(), "RepVGGBlock_OREPA::forward_eval");
+    g_.output_shape(x.sizes(), "RepVGGBlock_OREPA::forward_eval");
     Tensor<S> sum = dense_.forward_eval(x);
     add(sum, one_.forward_eval(x));
     if (identity_) {
@@ -93,9 +93,9 @@ class RepVGGBlock_OREPA {
   /// Backward of the last forward_train; returns dL/dx.
   const Tensor<S>& backward(const Tensor<S>& grad_out) {
     if (!has_forward_) throw state_error("RepVGGBlock_OREPA::backward: call forward_train first");
-    grad_out.expect_shape(out_.shape(), "RepVGGBlock_OREPA::backward grad_output");
-    dsum_.resize(sum_.shape());
-    for (std::int64_t j = 0; j < sum_.size(); ++j) dsum_[j] = grad_out[j] * act_.derivative(sum_[j]);
+    grad_out.expect_shape(out_.sizes(), "RepVGGBlock_OREPA::backward grad_output");
+    dsum_.resize(sum_.sizes());
+    for (std::int64_t j = 0; j < sum_.numel(); ++j) dsum_[j] = grad_out[j] * act_.derivative(sum_[j]);
     dx_ = dense_.backward(dsum_);
     add(dx_, one_.backward(dsum_));
     if (identity_) {
@@ -192,7 +192,7 @@ class RepVGGBlock_OREPA {
     return list;
   }
   static void add(Tensor<S>& acc, const Tensor<S>& y) {
-    for (std::int64_t j = 0; j < y.size(); ++j) acc[j] += y[j];
+    for (std::int64_t j = 0; j < y.numel(); ++j) acc[j] += y[j];
   }
 
   ConvGeometry g_;

@@ -69,10 +69,10 @@ class SqueezedBlock {
   /// next forward_train. x is [N, I, H, W] with more than one output value per channel.
   const Tensor<S>& forward_train(const Tensor<S>& x) {
     require_bn("forward_train");
-    const Shape ys = g_.output_shape(x.shape(), (type_name_ + "::forward_train").c_str());
+    const Shape ys = g_.output_shape(x.sizes(), (type_name_ + "::forward_train").c_str());
     if (ys[0] * ys[2] * ys[3] < 2)
       throw state_error(detail::cat(type_name_, "::forward_train: BN needs more than one value per channel; input ",
-                                    shape_str(x.shape()), " gives output ", shape_str(ys)));
+                                    shape_str(x.sizes()), " gives output ", shape_str(ys)));
     squeeze_into(w_);
     if constexpr (kFused) {
       const std::int64_t C = g_.out_channels;
@@ -81,7 +81,7 @@ class SqueezedBlock {
                       stats_.data() + C);
       bn_.set_batch_statistics(stats_.data(), stats_.data() + C, ys[0] * ys[2] * ys[3]);
     } else {
-      x_.resize(x.shape());
+      x_.resize(x.sizes());
       std::copy(x.begin(), x.end(), x_.begin());
       conv_.forward(x_, w_, y_);
       bn_.forward_train(y_, out_);
@@ -94,7 +94,7 @@ class SqueezedBlock {
   /// Eval forward with BN's running statistics (no state change).
   Tensor<S> forward_eval(const Tensor<S>& x) const {
     require_bn("forward_eval");
-    g_.output_shape(x.shape(), (type_name_ + "::forward_eval").c_str());
+    g_.output_shape(x.sizes(), (type_name_ + "::forward_eval").c_str());
     Tensor<S> y, z;
     conv_.forward(x, squeeze(), y);
     bn_.forward_eval(y, z);
@@ -106,7 +106,7 @@ class SqueezedBlock {
   /// gradient (until zero_grad) and returns dL/dx (the block's buffer).
   const Tensor<S>& backward(const Tensor<S>& grad_out) {
     if (!has_forward_) throw state_error(type_name_ + "::backward: call forward_train first");
-    grad_out.expect_shape(out_.shape(), type_name_ + "::backward grad_output");
+    grad_out.expect_shape(out_.sizes(), type_name_ + "::backward grad_output");
     if constexpr (kFused) {
       const std::int64_t C = g_.out_channels;
       grads_.resize({2 * C});
@@ -116,14 +116,14 @@ class SqueezedBlock {
       squeeze_backward(dw_);
       return dx_;
     }
-    dz_.resize(y_.shape());
-    const std::int64_t N = y_.dim(0), C = y_.dim(1), P = y_.dim(2) * y_.dim(3);
+    dz_.resize(y_.sizes());
+    const std::int64_t N = y_.size(0), C = y_.size(1), P = y_.size(2) * y_.size(3);
     for (std::int64_t b = 0; b < N; ++b)
       for (std::int64_t c = 0; c < C; ++c)
         for (std::int64_t j = (b * C + c) * P, e = j + P; j < e; ++j)
           dz_[j] = grad_out[j] * act_.derivative(bn_.affine(y_[j], c));
     bn_.backward(y_, dz_, dz_);
-    conv_.backward_data(dz_, w_, x_.shape(), dx_);
+    conv_.backward_data(dz_, w_, x_.sizes(), dx_);
     conv_.backward_weights(x_, dz_, dw_);
     squeeze_backward(dw_);
     return dx_;
@@ -161,8 +161,8 @@ class SqueezedBlock {
     require_bn("deploy");
     Tensor<S> w = squeeze(), scale, shift;
     bn_.fold(scale, shift);
-    const std::int64_t per_o = w.size() / g_.out_channels;
-    for (std::int64_t j = 0; j < w.size(); ++j) w[j] *= scale[j / per_o];
+    const std::int64_t per_o = w.numel() / g_.out_channels;
+    for (std::int64_t j = 0; j < w.numel(); ++j) w[j] *= scale[j / per_o];
     return {std::move(w), std::move(shift)};
   }
   /// The deployed single convolution (folded kernel + bias, activation fused).
@@ -184,9 +184,9 @@ class SqueezedBlock {
   std::int64_t bytes_saved_for_backward() const {
     if (!has_forward_) return 0;
     const std::int64_t stats = std::int64_t(sizeof(S)) * 2 * g_.out_channels;
-    const std::int64_t w = std::int64_t(sizeof(S)) * w_.size();
+    const std::int64_t w = std::int64_t(sizeof(S)) * w_.numel();
     const std::int64_t acts = kFused ? fused_.bytes_saved_for_backward()
-                                     : std::int64_t(sizeof(S)) * (x_.size() + y_.size());
+                                     : std::int64_t(sizeof(S)) * (x_.numel() + y_.numel());
     return acts + w + stats + extra_bytes_saved_for_backward();
   }
 

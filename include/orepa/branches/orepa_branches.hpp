@@ -70,7 +70,7 @@ class Origin final : public Branch<S>, public ScaledAdjoint<S> {
   }
   void kernel(Tensor<S>& out) const override { std::copy(w_.value.begin(), w_.value.end(), out.begin()); }
   void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
-    const std::int64_t O = w.dim(0), per = w.size() / O;
+    const std::int64_t O = w.size(0), per = w.numel() / O;
     for (std::int64_t o = 0; o < O; ++o) {
       const S* k = w_.value.data() + o * per;
       S* d = w.data() + o * per;
@@ -78,10 +78,10 @@ class Origin final : public Branch<S>, public ScaledAdjoint<S> {
     }
   }
   void kernel_backward(const Tensor<S>& dk) override {
-    for (std::int64_t j = 0; j < dk.size(); ++j) w_.grad[j] += dk[j];
+    for (std::int64_t j = 0; j < dk.numel(); ++j) w_.grad[j] += dk[j];
   }
   void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
-    const std::int64_t O = dk.dim(0), per = dk.size() / O;
+    const std::int64_t O = dk.size(0), per = dk.numel() / O;
     for (std::int64_t o = 0; o < O; ++o)
       dv[o] += axpy_dot(per, v[o], dk.data() + o * per, w_.value.data() + o * per, w_.grad.data() + o * per);
   }
@@ -100,7 +100,7 @@ template <class S>
 class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
  public:
   void kernel(Tensor<S>& out) const override {
-    const auto O = out.dim(0), Ig = out.dim(1), kk = out.dim(2) * out.dim(3), rows = filter_.value.size() / kk;
+    const auto O = out.size(0), Ig = out.size(1), kk = out.size(2) * out.size(3), rows = filter_.value.numel() / kk;
     for (std::int64_t o = 0; o < O; ++o)
       for (std::int64_t i = 0; i < Ig; ++i) {
         const S c = conv_.value[o * Ig + i];
@@ -110,7 +110,7 @@ class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
       }
   }
   void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
-    const auto O = w.dim(0), Ig = w.dim(1), kk = w.dim(2) * w.dim(3), rows = filter_.value.size() / kk;
+    const auto O = w.size(0), Ig = w.size(1), kk = w.size(2) * w.size(3), rows = filter_.value.numel() / kk;
     for (std::int64_t o = 0; o < O; ++o)
       for (std::int64_t i = 0; i < Ig; ++i) {
         const S c = v[o] * conv_.value[o * Ig + i];
@@ -120,7 +120,7 @@ class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
       }
   }
   void kernel_backward(const Tensor<S>& dk) override {
-    const auto O = dk.dim(0), Ig = dk.dim(1), kk = dk.dim(2) * dk.dim(3), rows = filter_.value.size() / kk;
+    const auto O = dk.size(0), Ig = dk.size(1), kk = dk.size(2) * dk.size(3), rows = filter_.value.numel() / kk;
     for (std::int64_t o = 0; o < O; ++o)
       for (std::int64_t i = 0; i < Ig; ++i) {
         const S* f = filter_.value.data() + (o % rows) * kk;
@@ -131,7 +131,7 @@ class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
       }
   }
   void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
-    const auto O = dk.dim(0), Ig = dk.dim(1), kk = dk.dim(2) * dk.dim(3), rows = filter_.value.size() / kk;
+    const auto O = dk.size(0), Ig = dk.size(1), kk = dk.size(2) * dk.size(3), rows = filter_.value.numel() / kk;
     g_.resize({Ig});
     for (std::int64_t o = 0; o < O; ++o) {
       // g[i] = sum_hw dK[o, i, hw] * F[o, hw]: one matrix-vector product per output.
@@ -234,14 +234,14 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
   void kernel(Tensor<S>& out) const override { product(out, nullptr, false); }
   void add_scaled_kernel(Tensor<S>& w, const S* v) const override { product(w, v, true); }
   void kernel_backward(const Tensor<S>& dk) override {
-    std::vector<S> ones(std::size_t(dk.dim(0)), S(1)), dv(std::size_t(dk.dim(0)));
+    std::vector<S> ones(std::size_t(dk.size(0)), S(1)), dv(std::size_t(dk.size(0)));
     scaled_kernel_backward(dk, ones.data(), dv.data());
   }
   // With dE[a*kk + hw, i] = dW[c*Og + a, i, hw]:
   //   G^T = c1_c * dE^T [Tg x Og*kk] -> conv2.grad += v * G, dv += <conv2, G>
   //   dc1_c += (v * P)^T * dE        [Tg x Ig]
   void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
-    const Dims d = dims(dk.shape());
+    const Dims d = dims(dk.sizes());
     effective_conv1();
     for (std::int64_t c = 0; c < d.G; ++c) {
       e_.resize({d.Og * d.kk, d.Ig});
@@ -278,7 +278,7 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
     std::int64_t O, Ig, kk, Tg, G, Og;
   };
   Dims dims(const Shape& ks) const {
-    const std::int64_t O = ks[0], Ig = ks[1], kk = ks[2] * ks[3], Tg = conv2_.value.dim(1), G = T_ / Tg;
+    const std::int64_t O = ks[0], Ig = ks[1], kk = ks[2] * ks[3], Tg = conv2_.value.size(1), G = T_ / Tg;
     return {O, Ig, kk, Tg, G, O / G};
   }
   static engine::GemmDims gemm_dims(std::int64_t M, std::int64_t N, std::int64_t K, std::array<std::int64_t, 3> a,
@@ -299,7 +299,7 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
   }
   // out = K (add = false), or out += v * K (add = true, v-scaled rows of conv2).
   void product(Tensor<S>& out, const S* v, bool add) const {
-    const Dims d = dims(out.shape());
+    const Dims d = dims(out.sizes());
     effective_conv1();
     for (std::int64_t c = 0; c < d.G; ++c) {
       to_rows(conv2_.value.data(), c, d, v, p_);
@@ -319,8 +319,8 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
   }
   // c1 = conv1 (+ id_tensor), into the reused c1_ buffer.
   void effective_conv1() const {
-    c1_.resize(conv1_.value.shape());
-    for (std::int64_t j = 0; j < c1_.size(); ++j) c1_[j] = conv1_.value[j] + (identity_ ? id_.value[j] : S(0));
+    c1_.resize(conv1_.value.sizes());
+    for (std::int64_t j = 0; j < c1_.numel(); ++j) c1_[j] = conv1_.value[j] + (identity_ ? id_.value[j] : S(0));
   }
 
   std::int64_t T_;
@@ -340,20 +340,20 @@ class OneByOne final : public Branch<S>, public ScaledAdjoint<S> {
     kaiming_uniform(w_.value, init.kaiming_a, rng);
   }
   void kernel(Tensor<S>& out) const override {
-    const auto k = out.dim(2), kk = k * k, centre = (k / 2) * k + k / 2;
-    for (std::int64_t j = 0; j < w_.value.size(); ++j) out[j * kk + centre] = w_.value[j];
+    const auto k = out.size(2), kk = k * k, centre = (k / 2) * k + k / 2;
+    for (std::int64_t j = 0; j < w_.value.numel(); ++j) out[j * kk + centre] = w_.value[j];
   }
   void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
-    const auto Ig = w.dim(1), k = w.dim(2), kk = k * k, centre = (k / 2) * k + k / 2;
-    for (std::int64_t j = 0; j < w_.value.size(); ++j) w[j * kk + centre] += v[j / Ig] * w_.value[j];
+    const auto Ig = w.size(1), k = w.size(2), kk = k * k, centre = (k / 2) * k + k / 2;
+    for (std::int64_t j = 0; j < w_.value.numel(); ++j) w[j * kk + centre] += v[j / Ig] * w_.value[j];
   }
   void kernel_backward(const Tensor<S>& dk) override {
-    const auto k = dk.dim(2), kk = k * k, centre = (k / 2) * k + k / 2;
-    for (std::int64_t j = 0; j < w_.grad.size(); ++j) w_.grad[j] += dk[j * kk + centre];
+    const auto k = dk.size(2), kk = k * k, centre = (k / 2) * k + k / 2;
+    for (std::int64_t j = 0; j < w_.grad.numel(); ++j) w_.grad[j] += dk[j * kk + centre];
   }
   void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
-    const auto Ig = dk.dim(1), k = dk.dim(2), kk = k * k, centre = (k / 2) * k + k / 2;
-    for (std::int64_t j = 0; j < w_.grad.size(); ++j) {
+    const auto Ig = dk.size(1), k = dk.size(2), kk = k * k, centre = (k / 2) * k + k / 2;
+    for (std::int64_t j = 0; j < w_.grad.numel(); ++j) {
       const S g = dk[j * kk + centre];
       w_.grad[j] += v[j / Ig] * g;
       dv[j / Ig] += w_.value[j] * g;
@@ -390,8 +390,8 @@ class DepthwiseSeparable final : public Branch<S>, public ScaledAdjoint<S> {
   // every operand addressed in place through its strides.
   void kernel(Tensor<S>& out) const override { product(out, pw_.value.data(), false); }
   void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
-    const Dims d = dims(w.shape());
-    pwv_.resize(pw_.value.shape());
+    const Dims d = dims(w.sizes());
+    pwv_.resize(pw_.value.sizes());
     for (std::int64_t o = 0; o < d.O; ++o) {
       const std::int64_t row = prow(o, d);
       for (std::int64_t j = 0; j < d.cols; ++j) pwv_[row * d.cols + j] = v[o] * pw_.value[row * d.cols + j];
@@ -399,15 +399,15 @@ class DepthwiseSeparable final : public Branch<S>, public ScaledAdjoint<S> {
     product(w, pwv_.data(), true);
   }
   void kernel_backward(const Tensor<S>& dk) override {
-    std::vector<S> ones(std::size_t(dk.dim(0)), S(1)), dv(std::size_t(dk.dim(0)));
+    std::vector<S> ones(std::size_t(dk.size(0)), S(1)), dv(std::size_t(dk.size(0)));
     scaled_kernel_backward(dk, ones.data(), dv.data());
   }
   //   G_i = dK_i * DW_i^T (Og x 8), in pw's layout -> pw.grad += v * G, dv += <pw row, G row>
   //   dw.grad_i += (v * PW_i)^T * dK_i (8 x kk)
   void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
-    const Dims d = dims(dk.shape());
-    gpw_.resize(pw_.value.shape());
-    pwv_.resize(pw_.value.shape());
+    const Dims d = dims(dk.sizes());
+    gpw_.resize(pw_.value.sizes());
+    pwv_.resize(pw_.value.sizes());
     for (std::int64_t c = 0; c < d.G; ++c)
       engine::gemm(batched(d, d.Og, expand, d.kk, k_strides(d), {expand * d.kk, 1, d.kk}, pw_strides(d)),
                    dk.data() + c * d.Og * d.Ig * d.kk, dw_.value.data() + c * d.Ig * expand * d.kk,
@@ -437,7 +437,7 @@ class DepthwiseSeparable final : public Branch<S>, public ScaledAdjoint<S> {
   }
   // out (+)= the kernel of the PW weights `pw` (pw's layout) and dw.
   void product(Tensor<S>& out, const S* pw, bool add) const {
-    const Dims d = dims(out.shape());
+    const Dims d = dims(out.sizes());
     for (std::int64_t c = 0; c < d.G; ++c)
       engine::gemm(batched(d, d.Og, d.kk, expand, pw_strides(d), {expand * d.kk, d.kk, 1}, k_strides(d), add),
                    pw + c * d.cols, dw_.value.data() + c * d.Ig * expand * d.kk, out.data() + c * d.Og * d.Ig * d.kk);
@@ -477,14 +477,14 @@ class LowRankIdentity final : public Branch<S> {
     c2_ = Param<S>("weight_or1x1_l2i_conv2", Tensor<S>({O, T, 1, 1}));
     auto& eye = up ? c1_.value : c2_.value;
     kaiming_uniform(up ? c2_.value : c1_.value, init.kaiming_a, rng);
-    for (std::int64_t t = 0; t < T; ++t) eye[t * eye.dim(1) + t] = S(1);
+    for (std::int64_t t = 0; t < T; ++t) eye[t * eye.size(1) + t] = S(1);
   }
   void kernel(Tensor<S>& out) const override {
-    const auto O = c2_.value.dim(0), T = c1_.value.dim(0), I = c1_.value.dim(1);
+    const auto O = c2_.value.size(0), T = c1_.value.size(0), I = c1_.value.size(1);
     out.matrix(O, I).noalias() = c2_.value.matrix(O, T) * c1_.value.matrix(T, I);
   }
   void kernel_backward(const Tensor<S>& dk) override {
-    const auto O = c2_.value.dim(0), T = c1_.value.dim(0), I = c1_.value.dim(1);
+    const auto O = c2_.value.size(0), T = c1_.value.size(0), I = c1_.value.size(1);
     c2_.grad.matrix(O, T).noalias() += dk.matrix(O, I) * c1_.value.matrix(T, I).transpose();
     c1_.grad.matrix(T, I).noalias() += c2_.value.matrix(O, T).transpose() * dk.matrix(O, I);
   }

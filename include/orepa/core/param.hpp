@@ -35,7 +35,7 @@ struct Param {
   /// allocated with `v`'s shape (zero-filled).
   Param(std::string n, Tensor<S> v, ParamKind k = ParamKind::kernel)
       : name(std::move(n)), value(std::move(v)), kind(k) {
-    if (kind != ParamKind::buffer) grad = Tensor<S>(value.shape());
+    if (kind != ParamKind::buffer) grad = Tensor<S>(value.sizes());
   }
   /// True unless this is a buffer.
   bool trainable() const { return kind != ParamKind::buffer; }

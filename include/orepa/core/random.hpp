@@ -44,7 +44,7 @@ void fill_uniform(Tensor<S>& t, double bound, Rng& rng) {
 template <class S>
 void kaiming_uniform(Tensor<S>& t, double a, Rng& rng) {
   std::int64_t fan_in = 1;
-  for (int i = 1; i < t.rank(); ++i) fan_in *= t.dim(i);
+  for (int i = 1; i < t.dim(); ++i) fan_in *= t.size(i);
   if (fan_in <= 0) return;
   fill_uniform(t, std::sqrt(6.0 / ((1.0 + a * a) * double(fan_in))), rng);
 }

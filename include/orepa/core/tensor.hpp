@@ -1,11 +1,16 @@
 #pragma once
 /// @file tensor.hpp
 /// `Tensor<S>`: an owning, dense, row-major (C order) array with a run-time shape, used
-/// for NCHW activations and OIHW kernels. Sizes are computed with overflow checks and a
-/// cap on the byte count so a hostile shape is rejected before anything is allocated.
+/// for NCHW activations and OIHW kernels; `TensorView<S>` / `ConstTensorView<S>`: the same
+/// over memory someone else owns (a raw buffer, an Eigen matrix, a Tensor). Names follow
+/// PyTorch: `sizes()` and `size(i)` are extents, `numel()` the element count, `dim()` the
+/// rank. Sizes are computed with overflow checks and a cap on the byte count so a hostile
+/// shape is rejected before anything is allocated.
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <initializer_list>
 #include <limits>
 #include <string>
@@ -92,13 +97,13 @@ class Tensor {
   Tensor(std::initializer_list<std::int64_t> shape, S fill = S(0)) : Tensor(Shape(shape), fill) {}
 
   /// The extents, one per dimension.
-  const Shape& shape() const { return shape_; }
-  /// Number of dimensions.
-  int rank() const { return static_cast<int>(shape_.size()); }
+  const Shape& sizes() const { return shape_; }
   /// Extent of dimension `i`; throws std::out_of_range for a bad `i`.
-  std::int64_t dim(int i) const { return shape_.at(static_cast<std::size_t>(i)); }
+  std::int64_t size(int i) const { return shape_.at(static_cast<std::size_t>(i)); }
+  /// Number of dimensions.
+  int dim() const { return static_cast<int>(shape_.size()); }
   /// Number of elements.
-  std::int64_t size() const { return static_cast<std::int64_t>(data_.size()); }
+  std::int64_t numel() const { return static_cast<std::int64_t>(data_.size()); }
   /// True when the tensor holds no elements.
   bool empty() const { return data_.empty(); }
   /// Pointer to the first element (row-major storage).
@@ -107,12 +112,12 @@ class Tensor {
   const S* data() const { return data_.data(); }
   /// Element `i` of the flat row-major storage; unchecked.
   S& operator[](std::int64_t i) {
-    OREPA_ASSERT(i >= 0 && i < size());
+    OREPA_ASSERT(i >= 0 && i < numel());
     return data_[static_cast<std::size_t>(i)];
   }
   /// Read-only element `i` of the flat row-major storage; unchecked.
   const S& operator[](std::int64_t i) const {
-    OREPA_ASSERT(i >= 0 && i < size());
+    OREPA_ASSERT(i >= 0 && i < numel());
     return data_[static_cast<std::size_t>(i)];
   }
   /// Iterator to the first element.
@@ -126,22 +131,22 @@ class Tensor {
 
   /// Element of a rank-4 tensor (NCHW / OIHW); unchecked.
   S& operator()(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t d) {
-    OREPA_ASSERT(rank() == 4);
+    OREPA_ASSERT(dim() == 4);
     return data_[static_cast<std::size_t>(((a * shape_[1] + b) * shape_[2] + c) * shape_[3] + d)];
   }
   /// Read-only element of a rank-4 tensor (NCHW / OIHW); unchecked.
   const S& operator()(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t d) const {
-    OREPA_ASSERT(rank() == 4);
+    OREPA_ASSERT(dim() == 4);
     return data_[static_cast<std::size_t>(((a * shape_[1] + b) * shape_[2] + c) * shape_[3] + d)];
   }
   /// Element of a rank-2 tensor; unchecked.
   S& operator()(std::int64_t a, std::int64_t b) {
-    OREPA_ASSERT(rank() == 2);
+    OREPA_ASSERT(dim() == 2);
     return data_[static_cast<std::size_t>(a * shape_[1] + b)];
   }
   /// Read-only element of a rank-2 tensor; unchecked.
   const S& operator()(std::int64_t a, std::int64_t b) const {
-    OREPA_ASSERT(rank() == 2);
+    OREPA_ASSERT(dim() == 2);
     return data_[static_cast<std::size_t>(a * shape_[1] + b)];
   }
 
@@ -164,7 +169,7 @@ class Tensor {
   }
   /// Same data, new shape with the same element count.
   Tensor reshaped(Shape shape) const {
-    if (checked_numel(shape) != size())
+    if (checked_numel(shape) != numel())
       throw shape_error(detail::cat("reshape: ", shape_str(shape_), " cannot become ", shape_str(shape)));
     return Tensor(std::move(shape), data_);
   }
@@ -173,12 +178,12 @@ class Tensor {
   Tensor<U> cast() const {
     return Tensor<U>(shape_, std::vector<U>(data_.begin(), data_.end()));
   }
-  /// The data as a rows x cols row-major matrix (rows * cols must equal size()).
+  /// The data as a rows x cols row-major matrix (rows * cols must equal numel()).
   MatMap<S> matrix(std::int64_t rows, std::int64_t cols) {
     check_matrix(rows, cols);
     return MatMap<S>(data(), rows, cols);
   }
-  /// The data as a read-only rows x cols row-major matrix (rows * cols must equal size()).
+  /// The data as a read-only rows x cols row-major matrix (rows * cols must equal numel()).
   ConstMatMap<S> matrix(std::int64_t rows, std::int64_t cols) const {
     check_matrix(rows, cols);
     return ConstMatMap<S>(data(), rows, cols);
@@ -200,7 +205,7 @@ class Tensor {
     return n;
   }
   void check_matrix(std::int64_t rows, std::int64_t cols) const {
-    if (rows < 0 || cols < 0 || rows * cols != size())
+    if (rows < 0 || cols < 0 || rows * cols != numel())
       throw shape_error(detail::cat("matrix view ", rows, "x", cols, " of tensor ", shape_str(shape_)));
   }
 
@@ -208,14 +213,114 @@ class Tensor {
   std::vector<S> data_;
 };
 
+/// A dense row-major tensor over memory it does not own: a pointer and the extents.
+/// `T` is the element type, const for a read-only view (`ConstTensorView<S>`). Views are
+/// cheap to copy; the memory must outlive them. Every forward, backward and deploy entry
+/// point takes views, so a caller's buffer (raw, an Eigen matrix, a Tensor) is used in
+/// place; a Tensor converts to a view implicitly.
+template <class T>
+class TensorView {
+ public:
+  /// The scalar type without const.
+  using Scalar = std::remove_const_t<T>;
+
+  /// An empty view (no data, shape [0]).
+  TensorView() : sizes_{0} {}
+  /// A view of `sizes` elements at `data` (row-major). Throws shape_error for a negative
+  /// extent and config_error for an element count over the tensor limit; a null `data`
+  /// is only accepted for zero elements.
+  TensorView(T* data, Shape sizes) : data_(data), sizes_(std::move(sizes)) {
+    const auto n = checked_numel(sizes_, "tensor view");
+    if (n > max_tensor_bytes / static_cast<std::int64_t>(sizeof(Scalar)))
+      throw config_error(detail::cat("tensor view of shape ", shape_str(sizes_), " exceeds the ", max_tensor_bytes,
+                                     "-byte tensor limit"));
+    if (!data_ && n != 0) throw shape_error(detail::cat("tensor view of shape ", shape_str(sizes_), ": null data"));
+  }
+  /// A view of a whole tensor.
+  TensorView(Tensor<Scalar>& t) : data_(t.data()), sizes_(t.sizes()) {}  // NOLINT: implicit on purpose
+  /// A read-only view of a whole tensor.
+  template <class U = T, std::enable_if_t<std::is_const_v<U>, int> = 0>
+  TensorView(const Tensor<Scalar>& t) : data_(t.data()), sizes_(t.sizes()) {}  // NOLINT: implicit on purpose
+  /// A mutable view as a read-only one.
+  template <class U = T, std::enable_if_t<std::is_const_v<U>, int> = 0>
+  TensorView(const TensorView<Scalar>& v) : data_(v.data()), sizes_(v.sizes()) {}  // NOLINT: implicit on purpose
+
+  /// Pointer to the first element.
+  T* data() const { return data_; }
+  /// The extents, one per dimension.
+  const Shape& sizes() const { return sizes_; }
+  /// Extent of dimension `i`; throws std::out_of_range for a bad `i`.
+  std::int64_t size(int i) const { return sizes_.at(static_cast<std::size_t>(i)); }
+  /// Number of dimensions.
+  int dim() const { return static_cast<int>(sizes_.size()); }
+  /// Number of elements.
+  std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (auto d : sizes_) n *= d;
+    return n;
+  }
+  /// True when the view holds no elements.
+  bool empty() const { return numel() == 0; }
+  /// Element `i` of the flat row-major storage; unchecked.
+  T& operator[](std::int64_t i) const {
+    OREPA_ASSERT(i >= 0 && i < numel());
+    return data_[i];
+  }
+  /// Pointer to the first element (for range-for).
+  T* begin() const { return data_; }
+  /// Pointer past the last element.
+  T* end() const { return data_ + numel(); }
+  /// The same memory with another shape of the same element count.
+  TensorView reshaped(Shape sizes) const {
+    if (checked_numel(sizes) != numel())
+      throw shape_error(detail::cat("reshape: ", shape_str(sizes_), " cannot become ", shape_str(sizes)));
+    return TensorView(data_, std::move(sizes));
+  }
+  /// Checks the shape equals `expected`; throws shape_error naming `what` otherwise.
+  void expect_shape(const Shape& expected, const std::string& what) const {
+    if (sizes_ != expected)
+      throw shape_error(detail::cat(what, ": expected shape ", shape_str(expected), ", got ", shape_str(sizes_)));
+  }
+
+ private:
+  T* data_ = nullptr;
+  Shape sizes_;
+};
+
+/// A read-only view.
+template <class S>
+using ConstTensorView = TensorView<const S>;
+
+/// A view of `sizes` elements at `data` (row-major), e.g. `view(buffer.data(), {N, C, H, W})`.
+template <class T>
+TensorView<T> view(T* data, Shape sizes) {
+  return TensorView<T>(data, std::move(sizes));
+}
+/// A view of the coefficients of an Eigen matrix or Eigen::Map (anything with data()) as
+/// a tensor of `sizes`: read-only for a const object or a map of const data. The object
+/// must be dense and row-major unless it is a vector (shape_error otherwise), and hold as
+/// many coefficients as `sizes` has elements.
+template <class E, class D = std::decay_t<E>, class = std::enable_if_t<std::is_base_of_v<Eigen::DenseBase<D>, D>>>
+auto view(E&& m, Shape sizes) {
+  const bool vector = m.rows() <= 1 || m.cols() <= 1;
+  if (!vector && !D::IsRowMajor)
+    throw shape_error("view: the Eigen matrix is column-major; tensors are row-major (use Eigen::RowMajor)");
+  if (!vector && (m.innerStride() != 1 || m.outerStride() != m.innerSize()))
+    throw shape_error("view: the Eigen matrix is not dense (it has strides)");
+  if (vector && m.size() > 1 && m.innerStride() != 1) throw shape_error("view: the Eigen vector is strided");
+  if (checked_numel(sizes) != std::int64_t(m.size()))
+    throw shape_error(detail::cat("view: ", m.size(), " Eigen coefficients cannot be viewed as ", shape_str(sizes)));
+  return view(m.data(), std::move(sizes));
+}
+
 /// Largest absolute difference between two tensors of the same shape.
 template <class A, class B>
 double max_abs_diff(const Tensor<A>& a, const Tensor<B>& b) {
-  if (a.shape() != b.shape())
-    throw shape_error(detail::cat("max_abs_diff: shapes ", shape_str(a.shape()), " and ",
-                                  shape_str(b.shape()), " differ"));
+  if (a.sizes() != b.sizes())
+    throw shape_error(detail::cat("max_abs_diff: shapes ", shape_str(a.sizes()), " and ",
+                                  shape_str(b.sizes()), " differ"));
   double m = 0;
-  for (std::int64_t i = 0; i < a.size(); ++i) {
+  for (std::int64_t i = 0; i < a.numel(); ++i) {
     double d = std::abs(double(a[i]) - double(b[i]));
     if (!(d <= m)) m = d;  // NaN propagates as the maximum
   }

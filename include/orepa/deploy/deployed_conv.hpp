@@ -92,8 +92,8 @@ class DeployedConv {
   }
   /// Same, writing into `y` (resized; its buffer is reused when large enough).
   void forward(const Tensor<S>& x, Tensor<S>& y) const {
-    y.resize(g_.output_shape(x.shape(), "DeployedConv::forward"));
-    forward(x.data(), x.shape(), y.data());
+    y.resize(g_.output_shape(x.sizes(), "DeployedConv::forward"));
+    forward(x.data(), x.sizes(), y.data());
   }
   /// Raw-pointer form: x is NCHW of shape `x_shape`, y must hold the output shape.
   void forward(const S* x, const Shape& x_shape, S* y) const {
@@ -106,7 +106,7 @@ class DeployedConv {
       Tensor<S> xt(x_shape, std::vector<S>(x, x + checked_numel(x_shape)));
       auto out = reference::conv2d(xt, weight_, g_, bias_);
       std::copy(out.begin(), out.end(), y);
-      apply_act(y, out.size());
+      apply_act(y, out.numel());
     }
   }
 
@@ -313,8 +313,8 @@ class DeployedChain {
 
   /// y = convs[L-1](... convs[0](x)) for an NCHW x; y is NCHW (resized).
   void forward(const Tensor<float>& x, Tensor<float>& y) const {
-    y.resize(output_shape(x.shape()));
-    auto ws = take(x.shape());
+    y.resize(output_shape(x.sizes()));
+    auto ws = take(x.sizes());
     ws->in.set_data_handle(const_cast<float*>(x.data()));
     ws->out.set_data_handle(y.data());
     const std::size_t L = convs_.size();
@@ -323,7 +323,7 @@ class DeployedChain {
       const dnnl::memory& dst = i + 1 == L ? ws->out : ws->mids[i];
       convs_[i].forward(src, dst);
     }
-    give(x.shape(), std::move(ws));
+    give(x.sizes(), std::move(ws));
   }
   /// y = convs[L-1](... convs[0](x)) for an NCHW x [N, I, H, W]; returns y.
   Tensor<float> forward(const Tensor<float>& x) const {

@@ -153,7 +153,7 @@ class BatchNorm {
         prefix_(std::move(prefix)) {}
 
   /// Number of channels C.
-  std::int64_t channels() const { return weight.value.size(); }
+  std::int64_t channels() const { return weight.value.numel(); }
   /// State-dict prefix of the tensors.
   const std::string& prefix() const { return prefix_; }
   /// The trainable and buffer tensors: weight, bias, running_mean, running_var.
@@ -163,16 +163,16 @@ class BatchNorm {
   /// for backward and updates the running statistics. Needs more than one value per channel.
   void forward_train(const Tensor<S>& y, Tensor<S>& z) {
     check(y, "BatchNorm::forward_train");
-    const std::int64_t N = y.dim(0), C = y.dim(1), P = y.dim(2) * y.dim(3), n = N * P;
+    const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3), n = N * P;
     if (n < 2)
       throw state_error(detail::cat("BatchNorm (", prefix_, "): training needs more than one value per channel, got input ",
-                                    shape_str(y.shape())));
-    z.resize(y.shape());
+                                    shape_str(y.sizes())));
+    z.resize(y.sizes());
     stat_mean_.resize({C});
     stat_var_.resize({C});
     if constexpr (std::is_same_v<S, float>) {
-      guarded([&] { return "BatchNorm (" + prefix_ + ") training forward on " + shape_str(y.shape()); }, [&] {
-        kernels(y.shape()).forward_train(y.data(), z.data(), stat_mean_.data(), stat_var_.data(), weight.value.data(),
+      guarded([&] { return "BatchNorm (" + prefix_ + ") training forward on " + shape_str(y.sizes()); }, [&] {
+        kernels(y.sizes()).forward_train(y.data(), z.data(), stat_mean_.data(), stat_var_.data(), weight.value.data(),
                                          bias.value.data());
       });
     } else {
@@ -230,8 +230,8 @@ class BatchNorm {
   /// Eval forward with the running statistics.
   void forward_eval(const Tensor<S>& y, Tensor<S>& z) const {
     check(y, "BatchNorm::forward_eval");
-    z.resize(y.shape());
-    for (std::int64_t c = 0; c < y.dim(1); ++c)
+    z.resize(y.sizes());
+    for (std::int64_t c = 0; c < y.size(1); ++c)
       apply(y, z, c, running_mean.value[c], S(1.0 / std::sqrt(double(running_var.value[c]) + eps)));
   }
 
@@ -243,14 +243,14 @@ class BatchNorm {
   /// accumulating dL/dgamma and dL/dbeta. `dz` may alias `dy`.
   void backward(const Tensor<S>& y, const Tensor<S>& dz, Tensor<S>& dy) {
     if (!has_batch_stats_) throw state_error("BatchNorm (" + prefix_ + "): backward before forward_train");
-    dz.expect_shape(y.shape(), "BatchNorm::backward grad_output");
-    const std::int64_t N = y.dim(0), C = y.dim(1), P = y.dim(2) * y.dim(3);
-    dy.resize(y.shape());
+    dz.expect_shape(y.sizes(), "BatchNorm::backward grad_output");
+    const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
+    dy.resize(y.sizes());
     if constexpr (std::is_same_v<S, float>) {
       dgamma_.resize({C});
       dbeta_.resize({C});
-      guarded([&] { return "BatchNorm (" + prefix_ + ") backward on " + shape_str(y.shape()); }, [&] {
-        kernels(y.shape()).backward(y.data(), dz.data(), dy.data(), mean_.data(), var_.data(), weight.value.data(),
+      guarded([&] { return "BatchNorm (" + prefix_ + ") backward on " + shape_str(y.sizes()); }, [&] {
+        kernels(y.sizes()).backward(y.data(), dz.data(), dy.data(), mean_.data(), var_.data(), weight.value.data(),
                                     bias.value.data(), dgamma_.data(), dbeta_.data());
       });
       accumulate_grads(dgamma_.data(), dbeta_.data());
@@ -313,12 +313,12 @@ class BatchNorm {
 
  private:
   void check(const Tensor<S>& y, const char* who) const {
-    if (y.rank() != 4 || y.dim(1) != channels())
+    if (y.dim() != 4 || y.size(1) != channels())
       throw shape_error(detail::cat(who, " (", prefix_, "): expected [N, ", channels(), ", H, W], got ",
-                                    shape_str(y.shape())));
+                                    shape_str(y.sizes())));
   }
   void apply(const Tensor<S>& y, Tensor<S>& z, std::int64_t c, S mean, S invstd) const {
-    const std::int64_t N = y.dim(0), C = y.dim(1), P = y.dim(2) * y.dim(3);
+    const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
     const S a = invstd * weight.value[c], b = bias.value[c] - mean * a;
     for (std::int64_t bn = 0; bn < N; ++bn) {
       const S* p = y.data() + (bn * C + c) * P;

@@ -100,10 +100,10 @@ class ConvEngine<float> {
 
   /// y = conv(x, w) for x [N, I, H, W] and w [O, I/g, k, k]; y is resized to [N, O, OH, OW]. Throws shape_error / engine_error.
   void forward(const Tensor<float>& x, const Tensor<float>& w, Tensor<float>& y) {
-    auto& e = entry(x.shape());
+    auto& e = entry(x.sizes());
     w.expect_shape(g_.weight_shape(), "ConvEngine::forward weight");
     y.resize(e.y_shape);
-    guarded([&] { return describe(g_, x.shape()); }, [&] {
+    guarded([&] { return describe(g_, x.sizes()); }, [&] {
       e.fwd.execute(thread_stream(), {{DNNL_ARG_SRC, e.fwd_x.in(x.data())},
                                       {DNNL_ARG_WEIGHTS, e.fwd_w.in(w.data())},
                                       {DNNL_ARG_DST, e.fwd_y.out(y.data())},
@@ -130,10 +130,10 @@ class ConvEngine<float> {
 
   /// dw = dL/dw [O, I/g, k, k] (overwritten, not accumulated). Throws shape_error / engine_error.
   void backward_weights(const Tensor<float>& x, const Tensor<float>& dy, Tensor<float>& dw) {
-    auto& e = entry(x.shape());
+    auto& e = entry(x.sizes());
     dy.expect_shape(e.y_shape, "ConvEngine::backward_weights grad_output");
     dw.resize(g_.weight_shape());
-    guarded([&] { return describe(g_, x.shape()) + " (backward weights)"; }, [&] {
+    guarded([&] { return describe(g_, x.sizes()) + " (backward weights)"; }, [&] {
       e.bwd_weights.execute(thread_stream(), {{DNNL_ARG_SRC, e.bw_x.in(x.data())},
                                               {DNNL_ARG_DIFF_DST, e.bw_dy.in(dy.data())},
                                               {DNNL_ARG_DIFF_WEIGHTS, e.bw_dw.out(dw.data())},
@@ -268,9 +268,9 @@ class FusedConvBnAct {
   void forward(const Tensor<float>& x, const Tensor<float>& w, const float* gamma, const float* beta, double eps,
                Tensor<float>& out, float* mean, float* var) {
     w.expect_shape(g_.weight_shape(), "FusedConvBnAct::forward weight");
-    Entry& e = entry(x.shape(), eps);
+    Entry& e = entry(x.sizes(), eps);
     out.resize(e.y_shape);
-    guarded([&] { return describe(g_, x.shape()) + " (fused training forward)"; }, [&] {
+    guarded([&] { return describe(g_, x.sizes()) + " (fused training forward)"; }, [&] {
       auto& s = thread_stream();
       e.x_user.set_data_handle(const_cast<float*>(x.data()));
       e.x_in.execute(s, e.x_user, e.x_saved);  // always a copy: the caller may change x before backward

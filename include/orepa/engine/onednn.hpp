@@ -253,11 +253,11 @@ inline Shape shape_of(const memory::desc& d) {
 /// Copies an NCHW float tensor into `dst` (any layout of the same shape) with a reorder
 /// created for the call: for boundaries of a blocked-layout pipeline, not inner loops.
 inline void to_layout(const Tensor<float>& x, memory& dst) {
-  if (shape_of(dst.get_desc()) != x.shape())
-    throw shape_error(detail::cat("to_layout: tensor ", shape_str(x.shape()), " does not fit memory of shape ",
+  if (shape_of(dst.get_desc()) != x.sizes())
+    throw shape_error(detail::cat("to_layout: tensor ", shape_str(x.sizes()), " does not fit memory of shape ",
                                   shape_str(shape_of(dst.get_desc()))));
   guarded("to_layout", [&] {
-    memory src(nchw_desc(x.shape()), cpu_engine(), const_cast<float*>(x.data()));
+    memory src(nchw_desc(x.sizes()), cpu_engine(), const_cast<float*>(x.data()));
     dnnl::reorder(src, dst).execute(thread_stream(), src, dst);
     thread_stream().wait();
   });
@@ -268,7 +268,7 @@ inline void to_layout(const Tensor<float>& x, memory& dst) {
 inline void from_layout(const memory& src, Tensor<float>& y) {
   y.resize(shape_of(src.get_desc()));
   guarded("from_layout", [&] {
-    memory dst(nchw_desc(y.shape()), cpu_engine(), y.data());
+    memory dst(nchw_desc(y.sizes()), cpu_engine(), y.data());
     dnnl::reorder(src, dst).execute(thread_stream(), const_cast<memory&>(src), dst);
     thread_stream().wait();
   });

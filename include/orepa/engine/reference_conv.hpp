@@ -45,13 +45,13 @@ Tensor<S> conv2d(const Tensor<S>& x, const Tensor<S>& w, const ConvGeometry& g,
                  const Tensor<S>& bias = Tensor<S>()) {
   g.validate("reference::conv2d", false);
   w.expect_shape(g.weight_shape(), "reference::conv2d weight");
-  Tensor<S> y(g.output_shape(x.shape(), "reference::conv2d"));
+  Tensor<S> y(g.output_shape(x.sizes(), "reference::conv2d"));
   if (!bias.empty()) {
     bias.expect_shape({g.out_channels}, "reference::conv2d bias");
-    const std::int64_t plane = y.dim(2) * y.dim(3);
-    for (std::int64_t j = 0; j < y.size(); ++j) y[j] = bias[(j / plane) % g.out_channels];
+    const std::int64_t plane = y.size(2) * y.size(3);
+    for (std::int64_t j = 0; j < y.numel(); ++j) y[j] = bias[(j / plane) % g.out_channels];
   }
-  detail_ref::for_each_tap(g, x.shape(), y.shape(),
+  detail_ref::for_each_tap(g, x.sizes(), y.sizes(),
                            [&](std::int64_t yi, std::int64_t xi, std::int64_t wi) { y[yi] += x[xi] * w[wi]; });
   return y;
 }
@@ -63,7 +63,7 @@ Tensor<S> conv2d_backward_data(const Tensor<S>& dy, const Tensor<S>& w, const Co
   dy.expect_shape(g.output_shape(x_shape, "reference::conv2d_backward_data"),
                   "reference::conv2d_backward_data grad_output");
   Tensor<S> dx(x_shape);
-  detail_ref::for_each_tap(g, x_shape, dy.shape(),
+  detail_ref::for_each_tap(g, x_shape, dy.sizes(),
                            [&](std::int64_t yi, std::int64_t xi, std::int64_t wi) { dx[xi] += dy[yi] * w[wi]; });
   return dx;
 }
@@ -71,10 +71,10 @@ Tensor<S> conv2d_backward_data(const Tensor<S>& dy, const Tensor<S>& w, const Co
 /// dL/dw given the input and dL/dy.
 template <class S>
 Tensor<S> conv2d_backward_weights(const Tensor<S>& x, const Tensor<S>& dy, const ConvGeometry& g) {
-  dy.expect_shape(g.output_shape(x.shape(), "reference::conv2d_backward_weights"),
+  dy.expect_shape(g.output_shape(x.sizes(), "reference::conv2d_backward_weights"),
                   "reference::conv2d_backward_weights grad_output");
   Tensor<S> dw(g.weight_shape());
-  detail_ref::for_each_tap(g, x.shape(), dy.shape(),
+  detail_ref::for_each_tap(g, x.sizes(), dy.sizes(),
                            [&](std::int64_t yi, std::int64_t xi, std::int64_t wi) { dw[wi] += dy[yi] * x[xi]; });
   return dw;
 }

@@ -412,7 +412,7 @@ class SafetensorsWriter {
     if (as != DType::F32 && as != DType::F64 && as != DType::F16 && as != DType::BF16)
       throw config_error(orepa::detail::cat("SafetensorsWriter: tensor '", name, "': writing dtype ",
                                             to_string(as), " from a Tensor is not supported"));
-    Item it = start(name, as, t.shape());
+    Item it = start(name, as, t.sizes());
     for (const S& s : t) {
       const double x = static_cast<double>(s);
       if (as == DType::F32) detail::store_le(it.bytes, static_cast<float>(x));

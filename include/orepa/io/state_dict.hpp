@@ -35,9 +35,9 @@ void load_state_dict(Block& block, const SafetensorsFile& file, const std::strin
     const std::string name = prefix + p->name;
     expected.insert(name);
     if (!file.contains(name)) {
-      missing.push_back(name + " " + shape_str(p->value.shape()));
-    } else if (file.entry(name).shape != p->value.shape()) {
-      misshaped.push_back(name + " (expected " + shape_str(p->value.shape()) + ", got " +
+      missing.push_back(name + " " + shape_str(p->value.sizes()));
+    } else if (file.entry(name).shape != p->value.sizes()) {
+      misshaped.push_back(name + " (expected " + shape_str(p->value.sizes()) + ", got " +
                           shape_str(file.entry(name).shape) + ")");
     }
   }

@@ -31,7 +31,7 @@ class GlobalAvgPool {
   const Tensor<S>& forward_train(const Tensor<S>& x) {
     check_input(x, "GlobalAvgPool::forward_train input");
     pool(x, y_);
-    in_shape_ = x.shape();
+    in_shape_ = x.sizes();
     has_forward_ = true;
     return y_;
   }
@@ -59,12 +59,12 @@ class GlobalAvgPool {
 
  private:
   static void check_input(const Tensor<S>& x, const char* what) {
-    if (x.rank() != 4 || x.dim(0) < 1 || x.dim(2) * x.dim(3) < 1)
+    if (x.dim() != 4 || x.size(0) < 1 || x.size(2) * x.size(3) < 1)
       throw shape_error(detail::cat(what, ": expected shape [N, C, H, W] with N >= 1 and H * W >= 1, got ",
-                                    shape_str(x.shape())));
+                                    shape_str(x.sizes())));
   }
   static void pool(const Tensor<S>& x, Tensor<S>& y) {
-    const std::int64_t N = x.dim(0), C = x.dim(1), P = x.dim(2) * x.dim(3);
+    const std::int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
     y.resize({N, C});
     // Sum in double: planes can be large and float sums drift with their length.
     for (std::int64_t nc = 0; nc < N * C; ++nc) {
@@ -100,9 +100,9 @@ class Linear {
   }
 
   /// Input features (columns of the weight).
-  std::int64_t in_features() const { return weight_.value.dim(1); }
+  std::int64_t in_features() const { return weight_.value.size(1); }
   /// Output features (rows of the weight).
-  std::int64_t out_features() const { return weight_.value.dim(0); }
+  std::int64_t out_features() const { return weight_.value.size(0); }
   /// The weight [out, in] with its gradient.
   Param<S>& weight() { return weight_; }
   /// Read-only weight [out, in].
@@ -116,7 +116,7 @@ class Linear {
   const Tensor<S>& forward_train(const Tensor<S>& x) {
     check_input(x, "Linear::forward_train input");
     // Copy: the caller's tensor (often another layer's buffer) may change before backward.
-    x_.resize(x.shape());
+    x_.resize(x.sizes());
     std::copy(x.begin(), x.end(), x_.begin());
     affine(x_, y_);
     has_forward_ = true;
@@ -132,7 +132,7 @@ class Linear {
   /// Accumulates dL/dW += dy^T x and dL/db += sum_n dy, returns dL/dx = dy W.
   const Tensor<S>& backward(const Tensor<S>& grad_out) {
     if (!has_forward_) throw state_error("Linear::backward: call forward_train first");
-    const std::int64_t N = x_.dim(0), I = in_features(), O = out_features();
+    const std::int64_t N = x_.size(0), I = in_features(), O = out_features();
     grad_out.expect_shape({N, O}, "Linear::backward grad_output");
     const auto dy = grad_out.matrix(N, O);
     weight_.grad.matrix(O, I).noalias() += dy.transpose() * x_.matrix(N, I);
@@ -151,12 +151,12 @@ class Linear {
 
  private:
   void check_input(const Tensor<S>& x, const char* what) const {
-    if (x.rank() != 2 || x.dim(0) < 1 || x.dim(1) != in_features())
+    if (x.dim() != 2 || x.size(0) < 1 || x.size(1) != in_features())
       throw shape_error(detail::cat(what, ": expected shape [N, ", in_features(), "] with N >= 1, got ",
-                                    shape_str(x.shape())));
+                                    shape_str(x.sizes())));
   }
   void affine(const Tensor<S>& x, Tensor<S>& y) const {
-    const std::int64_t N = x.dim(0), I = in_features(), O = out_features();
+    const std::int64_t N = x.size(0), I = in_features(), O = out_features();
     y.resize({N, O});
     auto Y = y.matrix(N, O);
     Y.noalias() = x.matrix(N, I) * weight_.value.matrix(O, I).transpose();
@@ -192,9 +192,9 @@ class SoftmaxCrossEntropy {
   /// (dL_total/dloss; 1 when the loss is the objective).
   const Tensor<S>& backward(S grad_loss = S(1)) {
     if (!has_forward_) throw state_error("SoftmaxCrossEntropy::backward: call forward_train first");
-    const std::int64_t N = prob_.dim(0), K = prob_.dim(1);
+    const std::int64_t N = prob_.size(0), K = prob_.size(1);
     const S k = grad_loss / S(N);
-    grad_.resize(prob_.shape());
+    grad_.resize(prob_.sizes());
     for (std::int64_t n = 0; n < N; ++n)
       for (std::int64_t c = 0; c < K; ++c) grad_(n, c) = k * (prob_(n, c) - (c == labels_[std::size_t(n)] ? S(1) : S(0)));
     return grad_;
@@ -208,20 +208,20 @@ class SoftmaxCrossEntropy {
 
  private:
   static void check(const Tensor<S>& logits, const std::vector<int>& labels, const char* who) {
-    if (logits.rank() != 2 || logits.dim(0) < 1 || logits.dim(1) < 1)
+    if (logits.dim() != 2 || logits.size(0) < 1 || logits.size(1) < 1)
       throw shape_error(detail::cat(who, " logits: expected shape [N, K] with N, K >= 1, got ",
-                                    shape_str(logits.shape())));
-    if (std::int64_t(labels.size()) != logits.dim(0))
-      throw shape_error(detail::cat(who, " labels: expected ", logits.dim(0), " labels (one per row of logits ",
-                                    shape_str(logits.shape()), "), got ", labels.size()));
+                                    shape_str(logits.sizes())));
+    if (std::int64_t(labels.size()) != logits.size(0))
+      throw shape_error(detail::cat(who, " labels: expected ", logits.size(0), " labels (one per row of logits ",
+                                    shape_str(logits.sizes()), "), got ", labels.size()));
     for (std::size_t n = 0; n < labels.size(); ++n)
-      if (labels[n] < 0 || labels[n] >= logits.dim(1))
+      if (labels[n] < 0 || labels[n] >= logits.size(1))
         throw config_error(detail::cat(who, " labels: label ", labels[n], " at index ", n, " is outside [0, ",
-                                       logits.dim(1), ")"));
+                                       logits.size(1), ")"));
   }
   static S compute(const Tensor<S>& z, const std::vector<int>& labels, Tensor<S>* prob) {
-    const std::int64_t N = z.dim(0), K = z.dim(1);
-    if (prob) prob->resize(z.shape());
+    const std::int64_t N = z.size(0), K = z.size(1);
+    if (prob) prob->resize(z.sizes());
     double total = 0;
     for (std::int64_t n = 0; n < N; ++n) {
       const S* row = z.data() + n * K;
@@ -246,10 +246,10 @@ class SoftmaxCrossEntropy {
 /// Index of the largest logit of every row of `logits` [N, K] (the predicted class).
 template <class S>
 std::vector<int> argmax_rows(const Tensor<S>& logits) {
-  if (logits.rank() != 2 || logits.dim(1) < 1)
+  if (logits.dim() != 2 || logits.size(1) < 1)
     throw shape_error(detail::cat("argmax_rows logits: expected shape [N, K] with K >= 1, got ",
-                                  shape_str(logits.shape())));
-  const std::int64_t N = logits.dim(0), K = logits.dim(1);
+                                  shape_str(logits.sizes())));
+  const std::int64_t N = logits.size(0), K = logits.size(1);
   std::vector<int> out(static_cast<std::size_t>(N));
   for (std::int64_t n = 0; n < N; ++n) {
     const S* row = logits.data() + n * K;

@@ -120,15 +120,15 @@ class Optimizer {
   void check_grads() const {
     for (auto& g : groups_)
       for (auto* p : g.params)
-        if (p->grad.shape() != p->value.shape())
+        if (p->grad.sizes() != p->value.sizes())
           throw state_error(detail::cat(who_, "::step: gradient of '", p->name, "' has shape ",
-                                        shape_str(p->grad.shape()), ", value has ", shape_str(p->value.shape())));
+                                        shape_str(p->grad.sizes()), ", value has ", shape_str(p->value.sizes())));
   }
   /// One zero tensor per parameter, shaped like it (optimizer state).
   std::vector<std::vector<Tensor<S>>> zeros_like_params() const {
     std::vector<std::vector<Tensor<S>>> s(groups_.size());
     for (std::size_t i = 0; i < groups_.size(); ++i)
-      for (auto* p : groups_[i].params) s[i].emplace_back(p->value.shape());
+      for (auto* p : groups_[i].params) s[i].emplace_back(p->value.sizes());
     return s;
   }
 
@@ -204,7 +204,7 @@ class SGD : public Optimizer<S> {
         S* w = p.value.data();
         const S* gr = p.grad.data();
         S* b = use_momentum ? buf_[gi][pi].data() : nullptr;
-        for (std::int64_t j = 0, n = p.value.size(); j < n; ++j) {
+        for (std::int64_t j = 0, n = p.value.numel(); j < n; ++j) {
           S d = gr[j];
           if (wd != 0) d += wd * w[j];
           if (use_momentum) {
@@ -295,7 +295,7 @@ class AdamW : public Optimizer<S> {
         const S* gr = p.grad.data();
         S* m = m_[gi][pi].data();
         S* v = v_[gi][pi].data();
-        for (std::int64_t j = 0, n = p.value.size(); j < n; ++j) {
+        for (std::int64_t j = 0, n = p.value.numel(); j < n; ++j) {
           w[j] *= decay;  // decoupled: the decay never enters the moments
           m[j] = b1 * m[j] + (S(1) - b1) * gr[j];
           v[j] = b2 * v[j] + (S(1) - b2) * gr[j] * gr[j];

@@ -33,7 +33,7 @@ struct ImageDataset {
   /// The images and labels of samples `indices`, in that order (a minibatch).
   /// Throws config_error on an index outside [0, size()).
   std::pair<Tensor<S>, std::vector<int>> batch(const std::vector<std::int64_t>& indices) const {
-    Shape s = images.shape();
+    Shape s = images.sizes();
     const std::int64_t per = s[1] * s[2] * s[3];
     s[0] = std::int64_t(indices.size());
     std::pair<Tensor<S>, std::vector<int>> out{Tensor<S>(s), {}};

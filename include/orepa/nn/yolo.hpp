@@ -63,10 +63,10 @@ inline std::uint64_t child_seed(std::uint64_t seed, std::uint64_t index) {
 /// x += y element-wise (same shape; `what` names the sum in the error).
 template <class S>
 void add_inplace(Tensor<S>& x, const Tensor<S>& y, const char* what) {
-  x.expect_shape(y.shape(), what);
+  x.expect_shape(y.sizes(), what);
   S* a = x.data();
   const S* b = y.data();
-  for (std::int64_t j = 0, n = x.size(); j < n; ++j) a[j] += b[j];
+  for (std::int64_t j = 0, n = x.numel(); j < n; ++j) a[j] += b[j];
 }
 
 /// Throws config_error unless v >= 1.
@@ -80,12 +80,12 @@ inline void require_positive(const char* who, const char* what, std::int64_t v) 
 /// `out` [N, Ca + Cb, H, W] (resized, buffer reused). Throws shape_error unless N, H, W agree.
 template <class S>
 void concat_channels(const Tensor<S>& a, const Tensor<S>& b, Tensor<S>& out) {
-  if (a.rank() != 4 || b.rank() != 4 || a.dim(0) != b.dim(0) || a.dim(2) != b.dim(2) || a.dim(3) != b.dim(3))
+  if (a.dim() != 4 || b.dim() != 4 || a.size(0) != b.size(0) || a.size(2) != b.size(2) || a.size(3) != b.size(3))
     throw shape_error(detail::cat("concat_channels: expected [N, Ca, H, W] and [N, Cb, H, W] with equal N, H, W, got ",
-                                  shape_str(a.shape()), " and ", shape_str(b.shape())));
-  const std::int64_t N = a.dim(0), per_a = a.size() / std::max<std::int64_t>(N, 1),
-                     per_b = b.size() / std::max<std::int64_t>(N, 1);
-  out.resize({N, a.dim(1) + b.dim(1), a.dim(2), a.dim(3)});
+                                  shape_str(a.sizes()), " and ", shape_str(b.sizes())));
+  const std::int64_t N = a.size(0), per_a = a.numel() / std::max<std::int64_t>(N, 1),
+                     per_b = b.numel() / std::max<std::int64_t>(N, 1);
+  out.resize({N, a.size(1) + b.size(1), a.size(2), a.size(3)});
   // Per sample, the channels of a then those of b are contiguous NCHW runs.
   for (std::int64_t n = 0; n < N; ++n) {
     S* dst = out.data() + n * (per_a + per_b);
@@ -98,12 +98,12 @@ void concat_channels(const Tensor<S>& a, const Tensor<S>& b, Tensor<S>& out) {
 /// (`a`) and the other C - ca (`b`). Throws shape_error unless 0 < ca < C.
 template <class S>
 void split_channels(const Tensor<S>& g, std::int64_t ca, Tensor<S>& a, Tensor<S>& b) {
-  if (g.rank() != 4 || ca < 1 || ca >= g.dim(1))
+  if (g.dim() != 4 || ca < 1 || ca >= g.size(1))
     throw shape_error(detail::cat("split_channels: expected [N, C, H, W] with 0 < ", ca, " < C, got ",
-                                  shape_str(g.shape())));
-  const std::int64_t N = g.dim(0), P = g.dim(2) * g.dim(3), per_a = ca * P, per_b = (g.dim(1) - ca) * P;
-  a.resize({N, ca, g.dim(2), g.dim(3)});
-  b.resize({N, g.dim(1) - ca, g.dim(2), g.dim(3)});
+                                  shape_str(g.sizes())));
+  const std::int64_t N = g.size(0), P = g.size(2) * g.size(3), per_a = ca * P, per_b = (g.size(1) - ca) * P;
+  a.resize({N, ca, g.size(2), g.size(3)});
+  b.resize({N, g.size(1) - ca, g.size(2), g.size(3)});
   for (std::int64_t n = 0; n < N; ++n) {
     const S* src = g.data() + n * (per_a + per_b);
     std::copy_n(src, per_a, a.data() + n * per_a);
@@ -136,7 +136,7 @@ class DeployedUnit {
   struct Model final : Concept {
     explicit Model(D x) : d(std::move(x)) {}
     Tensor<S> forward(const Tensor<S>& x) const override { return d.forward(x); }
-    std::int64_t num_parameters() const override { return d.weight().size() + d.bias().size(); }
+    std::int64_t num_parameters() const override { return d.weight().numel() + d.bias().numel(); }
     D d;
   };
   std::shared_ptr<const Concept> impl_;
@@ -300,7 +300,7 @@ class Bottleneck {
   const Tensor<S>& forward_train(const Tensor<S>& x) {
     const Tensor<S>& y = cv2_.forward_train(cv1_.forward_train(x));
     if (!add_) return y;
-    out_.resize(y.shape());
+    out_.resize(y.sizes());
     std::copy(y.begin(), y.end(), out_.begin());
     detail::yolo::add_inplace(out_, x, "Bottleneck residual");
     return out_;
@@ -316,7 +316,7 @@ class Bottleneck {
   const Tensor<S>& backward(const Tensor<S>& grad_out) {
     const Tensor<S>& g = cv1_.backward(cv2_.backward(grad_out));
     if (!add_) return g;
-    dx_.resize(g.shape());
+    dx_.resize(g.sizes());
     std::copy(g.begin(), g.end(), dx_.begin());
     detail::yolo::add_inplace(dx_, grad_out, "Bottleneck::backward residual");
     return dx_;
@@ -445,7 +445,7 @@ class C3 {
     const Tensor<S>* g = &da_;
     for (auto it = m_.rbegin(); it != m_.rend(); ++it) g = &it->backward(*g);
     const Tensor<S>& dx1 = cv1_.backward(*g);
-    dx_.resize(dx1.shape());
+    dx_.resize(dx1.sizes());
     std::copy(dx1.begin(), dx1.end(), dx_.begin());
     detail::yolo::add_inplace(dx_, cv2_.backward(db_), "C3::backward");
     return dx_;
