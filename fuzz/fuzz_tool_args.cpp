@@ -2,6 +2,8 @@
 // (examples/tool_args.hpp). The input is split at NUL bytes into argv words; both parsers
 // must either accept them or throw one of orepa's errors, and an accepted orepa-run
 // command must satisfy the parser's own guarantees.
+#include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -21,7 +23,9 @@ extern "C" int LLVMFuzzerTestOneInput(const unsigned char* data, std::size_t siz
       orepa::fuzz::finding("orepa-run accepted a command without --weights/--input/--output");
     if (r.mode != "eval" && r.mode != "deploy" && r.mode != "train")
       orepa::fuzz::finding("orepa-run accepted --mode", r.mode.c_str());
-    if (r.settings.stride < 1 || r.settings.dilation < 1 || r.settings.padding < -1 || r.settings.groups < 0)
+    auto below = [](const std::optional<std::int64_t>& v, std::int64_t lo) { return v && *v < lo; };
+    const auto& s = r.settings;
+    if (below(s.stride, 1) || below(s.dilation, 1) || below(s.padding, 0) || below(s.groups, 1))
       orepa::fuzz::finding("orepa-run accepted an out-of-range integer flag");
   });
   orepa::fuzz::run_accepting_orepa_errors([&] {
