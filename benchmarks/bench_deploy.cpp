@@ -3,7 +3,7 @@
 // primitive, weights and inputs already in them, everything created before timing).
 //
 //   deploy/<layer>/n<b>          DeployedConv::forward on NCHW tensors (the plain API)
-//   deploy_blocked/<layer>/n<b>  DeployedConv::forward on dnnl::memory already in the
+//   deploy_blocked/<layer>/n<b>  forward(DeployedConv, dnnl::memory...) already in the
 //                                primitive's layout (the blocked API, no reorders)
 //   raw_onednn/<layer>/n<b>      bare primitive, src/dst/weights format_tag::any
 //   raw_onednn_nchw/<layer>/n<b> bare primitive with src/dst fixed to NCHW (what a plain
@@ -14,7 +14,7 @@
 // Counter gflops: forward FLOPs (2 per multiply-add) per second.
 #include <cmath>
 
-#include <orepa/deploy/deployed_conv.hpp>
+#include <orepa/deploy/onednn_interop.hpp>
 
 #include "bench_common.hpp"
 
@@ -37,13 +37,13 @@ constexpr std::int64_t kBatches[] = {1, 8};
 
 Shape input_shape(const Layer& l, std::int64_t n) { return {n, l.g.in_channels, l.hw, l.hw}; }
 
-DeployedConv<float, SiLU> make_deployed(const ConvGeometry& g, std::uint64_t seed = 5) {
+DeployedConv<float> make_deployed(const ConvGeometry& g, std::uint64_t seed = 5) {
   const double bound = 1.0 / std::sqrt(double(g.in_per_group() * g.kernel * g.kernel));
   Tensor<float> w(g.weight_shape()), b({g.out_channels});
   Rng rng(seed);
   fill_uniform(w, bound, rng);
   fill_uniform(b, 0.1, rng);
-  return DeployedConv<float, SiLU>(g, std::move(w), std::move(b));
+  return DeployedConv<float>(g, std::move(w), std::move(b), SiLU{});
 }
 
 void set_flops(benchmark::State& state, const ConvGeometry& g, const Shape& x) {
@@ -66,11 +66,11 @@ void deploy_blocked(benchmark::State& state, Layer l, std::int64_t n) {
   const auto conv = make_deployed(l.g);
   const auto xs = input_shape(l, n);
   const auto x = random_tensor(xs);
-  dnnl::memory src = engine::allocate(conv.src_desc(xs)), dst = engine::allocate(conv.dst_desc(xs));
+  dnnl::memory src = engine::allocate(src_desc(conv, xs)), dst = engine::allocate(dst_desc(conv, xs));
   engine::to_layout(x, src);
-  conv.forward(src, dst);
+  forward(conv, src, dst);
   for (auto _ : state) {
-    conv.forward(src, dst);
+    forward(conv, src, dst);
     benchmark::DoNotOptimize(dst.get_data_handle());
   }
   set_flops(state, l.g, xs);
@@ -123,7 +123,7 @@ void raw_onednn(benchmark::State& state, Layer l, std::int64_t n, bool plain) {
 
 // stem_k6 -> c32_64_s2 -> c64 -> c64_k1 (640 -> 320 -> 160 -> 160 -> 160).
 void deploy_chain(benchmark::State& state, bool blocked, std::int64_t n) {
-  std::vector<DeployedConv<float, SiLU>> convs;
+  std::vector<DeployedConv<float>> convs;
   double flops = 0;
   Shape xs{n, 3, 640, 640}, s = xs;
   for (int i : {0, 1, 2, 6}) {
@@ -133,7 +133,7 @@ void deploy_chain(benchmark::State& state, bool blocked, std::int64_t n) {
   }
   const auto x = random_tensor(xs);
   if (blocked) {
-    DeployedChain<SiLU> chain(std::move(convs));
+    DeployedChain chain(std::move(convs));
     Tensor<float> y;
     chain.forward(x, y);
     for (auto _ : state) {

@@ -32,56 +32,35 @@ template <class Block>
 typename Block::Options options_of(const TrainShape& s) {
   return typename Block::Options(s.c, s.c, 3).seed(7);
 }
-std::int64_t act_numel(const TrainShape& s) { return s.n * s.c * s.h * s.h; }
 
-// --- bytes saved for backward -------------------------------------------------------
-// OREPA blocks report it themselves; for the baselines it follows the buffers their
-// headers document (all shapes here are C -> C, stride 1, so every activation has the
-// size A of the input; a "padded" one is (H+2)^2 / H^2 of that).
-
-double dbb_saved(const TrainShape& s) {
-  const std::int64_t A = act_numel(s), P = s.n * s.c * (s.h + 2) * (s.h + 2);
-  // x_, pre_; origin conv out; 1x1 conv out; avg: 1x1 out, padded BN out, pool out;
-  // 1x1_kxk: conv1 out, padded BN out, conv2 out; six BNs' mean/invstd (z_ of BN-and-pad
-  // is scratch, not counted).
-  return float_bytes(8 * A + 2 * P + 6 * 2 * s.c);
-}
-
+// Every block reports its own bytes_saved_for_backward (activation-sized buffers kept
+// between forward_train and backward, plus kernels and BN statistics).
 struct ConvBNCase {
   using Block = ConvBN<float, SiLU>;
   static constexpr const char* name = "ConvBN";
-  static Block make(const TrainShape& s) { return Block(options_of<Block>(s)); }
-  static double saved(Block& b, const TrainShape&) { return double(b.bytes_saved_for_backward()); }
 };
 struct OrepaCase {
   using Block = OREPA<float, SiLU>;
   static constexpr const char* name = "OREPA";
-  static Block make(const TrainShape& s) { return Block(options_of<Block>(s)); }
-  static double saved(Block& b, const TrainShape&) { return double(b.bytes_saved_for_backward()); }
-  static SqueezedBlock<float, SiLU>& squeezer(Block& b) { return b; }
+  static BranchSum<float>& squeezer(Block& b) { return b.source(); }
 };
 struct DbbCase {
   using Block = DBB<float, SiLU>;
   static constexpr const char* name = "DBB";
-  static Block make(const TrainShape& s) { return Block(options_of<Block>(s)); }
-  static double saved(Block&, const TrainShape& s) { return dbb_saved(s); }
 };
 struct RepVGGCase {
   using Block = RepVGGBlock_OREPA<float, SiLU>;
   static constexpr const char* name = "RepVGGBlock_OREPA";
-  static Block make(const TrainShape& s) { return Block(options_of<Block>(s)); }
-  static double saved(Block& b, const TrainShape& s) {
-    // dense part (reports itself) + rbr_1x1 (a ConvBN) + the identity BN's input copy and
-    // the summed pre-activation, plus the identity BN's statistics.
-    return double(b.dense().bytes_saved_for_backward() + b.conv1x1().bytes_saved_for_backward()) +
-           float_bytes(2 * act_numel(s) + 2 * s.c);
-  }
-  static SqueezedBlock<float, Identity>& squeezer(Block& b) { return b.dense(); }
+  static BranchSum<float>& squeezer(Block& b) { return b.dense().source(); }
 };
+template <class Case>
+typename Case::Block make(const TrainShape& s) {
+  return typename Case::Block(options_of<typename Case::Block>(s));
+}
 
 template <class Case>
 void train_step(benchmark::State& state, TrainShape s) {
-  auto block = Case::make(s);
+  auto block = make<Case>(s);
   const auto x = random_tensor({s.n, s.c, s.h, s.h}, 1);
   const auto dy = random_tensor({s.n, s.c, s.h, s.h}, 2);
   block.forward_train(x);  // warm-up: primitives and buffers are created here
@@ -91,8 +70,7 @@ void train_step(benchmark::State& state, TrainShape s) {
     benchmark::DoNotOptimize(block.backward(dy).data());
     benchmark::ClobberMemory();
   }
-  const double saved = Case::saved(block, s);
-  state.counters["bytes_saved_for_backward"] = saved;
+  state.counters["bytes_saved_for_backward"] = double(block.bytes_saved_for_backward());
   // Conv FLOPs of ONE kxk conv's forward + backward-data + backward-weights, the work a
   // plain ConvBN does; a block's "effective" GFLOP/s against that yardstick.
   const double flops = 3 * conv_flops(options_of<ConvBN<float>>(s).geometry(), x.sizes());
@@ -100,7 +78,7 @@ void train_step(benchmark::State& state, TrainShape s) {
   if constexpr (std::is_same_v<Case, OrepaCase> || std::is_same_v<Case, RepVGGCase>) {
     // Squeeze share, timed right after the step loop on the same block.
     auto& sq = Case::squeezer(block);
-    Tensor<float> w, dw = random_tensor(sq.geometry().weight_shape(), 3);
+    Tensor<float> w, dw = random_tensor(block.geometry().weight_shape(), 3);
     const int reps = 20;
     using clock = std::chrono::steady_clock;
     const auto t0 = clock::now();
@@ -121,7 +99,7 @@ void train_step(benchmark::State& state, TrainShape s) {
 
 template <class Case>
 void squeeze_fwd(benchmark::State& state, TrainShape s) {
-  auto block = Case::make(s);
+  auto block = make<Case>(s);
   auto& sq = Case::squeezer(block);
   Tensor<float> w;
   sq.squeeze_into(w);
@@ -134,9 +112,9 @@ void squeeze_fwd(benchmark::State& state, TrainShape s) {
 
 template <class Case>
 void squeeze_bwd(benchmark::State& state, TrainShape s) {
-  auto block = Case::make(s);
+  auto block = make<Case>(s);
   auto& sq = Case::squeezer(block);
-  const auto dw = random_tensor(sq.geometry().weight_shape(), 3);
+  const auto dw = random_tensor(block.geometry().weight_shape(), 3);
   sq.squeeze_backward(dw);
   for (auto _ : state) {
     sq.squeeze_backward(dw);

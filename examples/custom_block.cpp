@@ -5,20 +5,22 @@
 #include <orepa/orepa.hpp>
 
 #include <cstdio>
+#include <string>
 
 using namespace orepa;
 
-// A branch is a linear map from its parameters to a [O, Ig, k, k] kernel plus its adjoint.
-class Asymmetric final : public Branch<float> {
+// A branch is a linear map from its parameters to a [O, Ig, k, k] kernel plus its adjoint;
+// SimpleBranch derives the scaled squeeze and its adjoint from the two.
+class Asymmetric final : public SimpleBranch<float> {
  public:
   Asymmetric(const ConvGeometry& g, Rng& rng)
-      : hor_("weight_acb_hor", Tensor<float>({g.out_channels, g.in_per_group(), 1, g.kernel})),
-        ver_("weight_acb_ver", Tensor<float>({g.out_channels, g.in_per_group(), g.kernel, 1})) {
+      : hor_(Tensor<float>({g.out_channels, g.in_per_group(), 1, g.kernel})),
+        ver_(Tensor<float>({g.out_channels, g.in_per_group(), g.kernel, 1})) {
     kaiming_uniform(hor_.value, 1.0, rng);
     kaiming_uniform(ver_.value, 1.0, rng);
   }
   // K[o, i, c, w] += hor[o, i, w]; K[o, i, h, c] += ver[o, i, h] (c = centre).
-  void kernel(Tensor<float>& out) const override {
+  void kernel(TensorView<float> out) const override {
     const auto k = out.size(2), c = k / 2, planes = out.size(0) * out.size(1);
     for (std::int64_t p = 0; p < planes; ++p)
       for (std::int64_t j = 0; j < k; ++j) {
@@ -27,7 +29,7 @@ class Asymmetric final : public Branch<float> {
       }
   }
   // The adjoint reads the same cells back.
-  void kernel_backward(const Tensor<float>& dk) override {
+  void kernel_backward(ConstTensorView<float> dk) override {
     const auto k = dk.size(2), c = k / 2, planes = dk.size(0) * dk.size(1);
     for (std::int64_t p = 0; p < planes; ++p)
       for (std::int64_t j = 0; j < k; ++j) {
@@ -35,7 +37,11 @@ class Asymmetric final : public Branch<float> {
         ver_.grad[p * k + j] += dk[p * k * k + j * k + c];
       }
   }
-  ParamList<float> params() override { return {&hor_, &ver_}; }
+  // Its tensors under their state-dict names.
+  void collect_tensors(NamedParams<float>& out, const std::string& prefix) override {
+    out.emplace_back(prefix + "weight_acb_hor", &hor_);
+    out.emplace_back(prefix + "weight_acb_ver", &ver_);
+  }
   double initial_scale() const override { return 0.5; }
 
  private:
@@ -49,12 +55,12 @@ int main(int argc, char** argv) try {
   Rng rng(1);
   BranchList<float> branches = make_orepa_branches<float>(g, 0, rng);  // the six OREPA rows
   branches.push_back(std::make_unique<Asymmetric>(g, rng));            // row 6: ours
-  OnlineBlock<float, SiLU> block(g, std::move(branches), {"OREPA+ACB"});
+  OnlineBlock<float, SiLU> block(g, std::move(branches), "OREPA+ACB");
 
   // Task: imitate a fixed random convolution followed by SiLU.
   Tensor<float> target_w(g.weight_shape());
   fill_uniform(target_w, 0.3, rng);
-  DeployedConv<float, SiLU> teacher(g, target_w, Tensor<float>({g.out_channels}));
+  DeployedConv<float> teacher(g, target_w, Tensor<float>({g.out_channels}), SiLU{});
   Tensor<float> x({16, 4, 12, 12});
   double first = 0, last = 0;
   const float lr = 0.05f;
@@ -72,8 +78,7 @@ int main(int argc, char** argv) try {
     block.zero_grad();
     block.backward(grad);
     for (auto* p : block.parameters())
-      if (p->trainable())
-        for (std::int64_t j = 0; j < p->value.numel(); ++j) p->value[j] -= lr * p->grad[j];
+      for (std::int64_t j = 0; j < p->value.numel(); ++j) p->value[j] -= lr * p->grad[j];
     if (step == 0) first = loss;
     last = loss;
   }

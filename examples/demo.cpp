@@ -94,43 +94,38 @@ constexpr std::int64_t kImageSize = 32;
 // the task take a few hundred steps instead of a few dozen.
 constexpr double kNoise = 0.5;
 
-// YOLOv5's backbone pattern at toy scale, every block from `Maker`:
+// YOLOv5's backbone pattern at toy scale, every block from `maker`:
 //   Conv(1, w, 3, 2) -> Conv(w, 2w, 3, 2) -> C3(2w, 2w) -> Conv(2w, 4w, 3, 2) -> C3(4w, 4w)
 //   -> GlobalAvgPool -> Linear(4w, classes)
 // A 3x3 stride-2 stem rather than a 7x7 OREPA_LargeConv keeps the demo fast on 2 cores.
-template <class Maker>
-Sequential<float> build_classifier(std::int64_t w, int classes, std::uint64_t seed, const Maker& maker = Maker()) {
+Sequential<float> build_classifier(std::int64_t w, int classes, std::uint64_t seed, const BlockMaker<float>& maker) {
   Sequential<float> net;
-  net.add(maker(1, w, 3, 2, seed + 1));
-  net.add(maker(w, 2 * w, 3, 2, seed + 2));
-  net.add(C3<float, Maker>(2 * w, 2 * w, 1, true, 0.5, seed + 3, maker));
-  net.add(maker(2 * w, 4 * w, 3, 2, seed + 4));
-  net.add(C3<float, Maker>(4 * w, 4 * w, 1, true, 0.5, seed + 5, maker));
+  net.add(maker(ConvOptions(1, w, 3).stride(2).seed(seed + 1)));
+  net.add(maker(ConvOptions(w, 2 * w, 3).stride(2).seed(seed + 2)));
+  net.add(C3<float>(2 * w, 2 * w, 1, true, 0.5, seed + 3, maker));
+  net.add(maker(ConvOptions(2 * w, 4 * w, 3).stride(2).seed(seed + 4)));
+  net.add(C3<float>(4 * w, 4 * w, 1, true, 0.5, seed + 5, maker));
   net.add(GlobalAvgPool<float>());
   net.add(Linear<float>(4 * w, classes, seed + 6));
   return net;
 }
 
 // One line per layer: what the network is made of.
-template <class Maker>
 void describe(Sequential<float>& net) {
   for (std::size_t i = 0; i < net.size(); ++i) {
-    const Layer<float>& l = net.layer(i);
+    AnyBlock<float>& l = net.layer(i);
     std::string what;
-    if (l.type() == typeid(ConvUnit<float>)) {
-      const auto& c = net.get<ConvUnit<float>>(i);
-      const auto& g = c.geometry();
+    if (l.is_conv()) {
+      const auto& g = l.geometry();
       what = detail::cat("Conv ", g.in_channels, "->", g.out_channels, " k", g.kernel, " s", g.stride, "  [",
-                         c.type_name(), "]");
-    } else if (l.type() == typeid(C3<float, Maker>)) {
-      auto& c = net.get<C3<float, Maker>>(i);
-      what = detail::cat("C3 ", c.cv1().geometry().in_channels, "->", c.cv3().geometry().out_channels,
-                         ", 1 Bottleneck  [1x1 ", c.cv1().type_name(), ", 3x3 ", c.m()[0].cv2().type_name(), "]");
-    } else if (l.type() == typeid(GlobalAvgPool<float>)) {
-      what = "GlobalAvgPool";
+                         l.type_name(), "]");
+    } else if (auto* c = l.target<C3<float>>()) {
+      what = detail::cat("C3 ", c->cv1().geometry().in_channels, "->", c->cv3().geometry().out_channels,
+                         ", 1 Bottleneck  [1x1 ", c->cv1().type_name(), ", 3x3 ", c->m()[0].cv2().type_name(), "]");
+    } else if (auto* lin = l.target<Linear<float>>()) {
+      what = detail::cat("Linear ", lin->in_features(), "->", lin->out_features());
     } else {
-      const auto& lin = net.get<Linear<float>>(i);
-      what = detail::cat("Linear ", lin.in_features(), "->", lin.out_features());
+      what = l.type_name();
     }
     std::printf("  %zu  %s\n", i, what.c_str());
   }
@@ -139,22 +134,7 @@ void describe(Sequential<float>& net) {
 // Trainable elements (buffers such as running statistics and OREPA's fixed prior excluded).
 std::int64_t trainable_parameters(Sequential<float>& net) {
   std::int64_t n = 0;
-  for (auto* p : net.parameters())
-    if (p->trainable()) n += p->value.numel();
-  return n;
-}
-
-// Weights and biases of the deployed form: one kernel + bias per block, plus the head.
-template <class Maker>
-std::int64_t deployed_parameters(Sequential<float>& net) {
-  std::int64_t n = 0;
-  for (std::size_t i = 0; i < net.size(); ++i) {
-    const Layer<float>& l = net.layer(i);
-    if (l.type() == typeid(ConvUnit<float>)) n += net.get<ConvUnit<float>>(i).deploy().num_parameters();
-    else if (l.type() == typeid(C3<float, Maker>)) n += net.get<C3<float, Maker>>(i).deploy().num_parameters();
-    else
-      for (auto* p : net.layer(i).parameters()) n += p->trainable() ? p->value.numel() : 0;
-  }
+  for (auto* p : net.parameters()) n += p->value.numel();
   return n;
 }
 
@@ -202,9 +182,9 @@ struct TimedNet {
 // change in the machine's load hits all three alike.
 std::vector<TimedNet> time_families(const Args& a, const Tensor<float>& x, const std::vector<int>& y, int reps) {
   std::vector<TimedNet> nets;
-  nets.emplace_back("OREPA", build_classifier<OrepaConvMaker<float>>(a.width, 4, a.seed));
-  nets.emplace_back("DBB", build_classifier<DbbConvMaker<float>>(a.width, 4, a.seed));
-  nets.emplace_back("ConvBN", build_classifier<ConvBNMaker<float>>(a.width, 4, a.seed));
+  nets.emplace_back("OREPA", build_classifier(a.width, 4, a.seed, orepa_maker<float>()));
+  nets.emplace_back("DBB", build_classifier(a.width, 4, a.seed, dbb_maker<float>()));
+  nets.emplace_back("ConvBN", build_classifier(a.width, 4, a.seed, maker_of<ConvBN, float>()));
   for (auto& n : nets) n.step(x, y), n.step(x, y);
   for (int r = 0; r < reps; ++r)
     for (std::size_t k = 0; k < nets.size(); ++k) {
@@ -398,7 +378,6 @@ int main(int argc, char** argv) try {
   Args args;
   if (!parse_args(argc, argv, args)) return 0;
   const auto t_start = Clock::now();
-  using Orepa = OrepaConvMaker<float>;
 
   // Data: 32x32 single-channel images of one bar each, 4 orientation classes. Images
   // cost nothing to make, so every epoch trains on fresh ones (no over-fitting to a fixed
@@ -409,12 +388,12 @@ int main(int argc, char** argv) try {
   ImageDataset<float> train;
   std::int64_t epoch = 0;
 
-  Sequential<float> net = build_classifier<Orepa>(args.width, test.num_classes, args.seed);
+  Sequential<float> net = build_classifier(args.width, test.num_classes, args.seed, orepa_maker<float>());
   std::printf("OREPA demo: YOLOv5-style classifier on %lldx%lld bar images (4 orientations; %lld fresh training\n"
               "images per epoch, %lld held-out)\n",
               static_cast<long long>(kImageSize), static_cast<long long>(kImageSize),
               static_cast<long long>(epoch_images), static_cast<long long>(test.size()));
-  describe<Orepa>(net);
+  describe(net);
 
   // Training: SGD + Nesterov, cosine schedule with warm-up, shuffled epochs.
   const double base_lr = 0.1;
@@ -509,7 +488,7 @@ int main(int argc, char** argv) try {
   const double orepa_ms = median(timed[0].ms), dbb_ms = median(timed[1].ms), convbn_ms = median(timed[2].ms);
   const std::int64_t orepa_params = trainable_parameters(timed[0].net), dbb_params = trainable_parameters(timed[1].net),
                      convbn_params = trainable_parameters(timed[2].net);
-  const std::int64_t deployed_params = deployed_parameters<Orepa>(net);
+  const std::int64_t deployed_params = deployed.num_parameters();
   const Tensor<float>& probe_x = held_out_probe.first;
   std::vector<double> eval_times, deploy_times;  // interleaved, after one warm-up each
   (void)net.forward_eval(probe_x);

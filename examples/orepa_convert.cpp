@@ -25,9 +25,9 @@ int main(int argc, char** argv) try {
   out.set_metadata(in.metadata());
   std::set<std::string> consumed;
   for (const auto& d : blocks) {
-    auto block = io::load_block(in, d.prefix, d.type, {}, io::LoadPurpose::convert);
-    for (auto& n : io::training_tensor_names(*block, d.prefix)) consumed.insert(n);
-    auto [w, bias] = block->folded();
+    const auto block = io::load_block(in, d.prefix, d.type, {}, io::LoadPurpose::convert);
+    for (auto& n : io::training_tensor_names(block, d.prefix)) consumed.insert(n);
+    auto [w, bias] = block.folded();
     const std::string stem = d.prefix + io::deployed_stem(d.type);
     out.add(stem + ".weight", w);
     out.add(stem + ".bias", bias);

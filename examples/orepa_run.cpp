@@ -29,21 +29,22 @@ int main(int argc, char** argv) try {
   const Tensor<float> x = io::SafetensorsFile::open(args.input).get<float>("input");
 
   io::SafetensorsWriter out;
-  if (args.mode == "eval") out.add("output", block->forward_eval(x));
-  if (args.mode == "deploy") out.add("output", block->forward_deploy(x));
+  if (args.mode == "eval") out.add("output", block.forward_eval(x));
+  if (args.mode == "deploy") out.add("output", block.deploy().forward(x));
   if (args.mode == "train") {
-    const Tensor<float>& y = block->forward_train(x);
+    const Tensor<float>& y = block.forward_train(x);
     out.add("output", y);
-    for (auto* bn : block->batch_norms()) {
-      out.add(bn->prefix() + "running_mean", bn->running_mean.value);
-      out.add(bn->prefix() + "running_var", bn->running_var.value);
+    Tensors<float> t;
+    block.collect_tensors(t, "");
+    for (auto& [prefix, bn] : t.batch_norms) {
+      out.add(prefix + "running_mean", bn->running_mean.value);
+      out.add(prefix + "running_var", bn->running_var.value);
     }
     if (!args.grad_output.empty()) {
       const Tensor<float> g = io::SafetensorsFile::open(args.grad_output).get<float>("grad_output");
-      block->zero_grad();
-      out.add("grad.input", block->backward(g));
-      for (auto* p : block->parameters())
-        if (p->trainable()) out.add("grad." + p->name, p->grad);
+      block.zero_grad();
+      out.add("grad.input", block.backward(g));
+      for (auto& [name, p] : block.named_parameters()) out.add("grad." + name, p->grad);
     }
   }
   out.write(args.output);

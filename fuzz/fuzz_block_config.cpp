@@ -36,13 +36,13 @@ struct Config {
 };
 
 template <class Act>
-std::unique_ptr<SqueezedBlock<float, Act>> make_block(const Config& c) {
+AnyBlock<float> make_block(const Config& c) {
   auto opts = ConvOptions(c.in, c.out, c.kernel).stride(c.stride).groups(c.groups).dilation(c.dilation).seed(c.seed);
   if (c.padding != -1) opts.padding(c.padding);  // -1: autopad
   switch (c.kind) {
-    case 0: return std::make_unique<OREPA<float, Act>>(OrepaOptions(opts).internal_channels(c.internal));
-    case 1: return std::make_unique<OREPA_1x1<float, Act>>(opts);
-    case 2: return std::make_unique<OREPA_LargeConv<float, Act>>(opts);
+    case 0: return OREPA<float, Act>(OrepaOptions(opts).internal_channels(c.internal));
+    case 1: return OREPA_1x1<float, Act>(opts);
+    case 2: return OREPA_LargeConv<float, Act>(opts);
     default: return yolo_conv<float, Act>(opts);
   }
 }
@@ -67,25 +67,24 @@ void run(const Config& c) {
   const bool finite = c.poison == 0;
 
   // shape_error when the input is smaller than the kernel, config_error when the output is too large.
-  const Shape expected = block->geometry().output_shape(x.sizes(), "fuzz");
+  const Shape expected = block.geometry().output_shape(x.sizes(), "fuzz");
   // The library accepts outputs up to max_tensor_bytes (16 GiB), far above libFuzzer's 2 GiB
   // memory limit; such outputs (only the extreme padding reaches them, e.g. 65535 x 65535
   // from padding 2^16) are legitimate, so they end here once output_shape accepted them.
   if (checked_numel(expected) > (std::int64_t(1) << 22)) return;
-  const Tensor<float>& y = block->forward_train(x);  // state_error for one value per channel
+  const Tensor<float>& y = block.forward_train(x);  // state_error for one value per channel
   fuzz::require(y.sizes() == expected, "forward_train output shape");
   fuzz::require(!finite || all_finite(y), "forward_train produced a non-finite value from finite input");
 
   Tensor<float> dy(y.sizes());
   fill_uniform(dy, 1.0, rng);
-  const Tensor<float>& dx = block->backward(dy);
+  const Tensor<float>& dx = block.backward(dy);
   fuzz::require(dx.sizes() == x.sizes(), "backward input-gradient shape");
   fuzz::require(!finite || all_finite(dx), "backward produced a non-finite input gradient");
-  for (auto* p : block->parameters())
-    if (p->trainable()) fuzz::require(!finite || all_finite(p->grad), "backward produced a non-finite gradient");
+  for (auto* p : block.parameters()) fuzz::require(!finite || all_finite(p->grad), "backward produced a non-finite gradient");
 
-  const Tensor<float> e = block->forward_eval(x);
-  const Tensor<float> d = block->deploy().forward(x);
+  const Tensor<float> e = block.forward_eval(x);
+  const Tensor<float> d = block.deploy().forward(x);
   fuzz::require(e.sizes() == expected && d.sizes() == expected, "eval / deployed output shape");
   if (finite) {
     fuzz::require(all_finite(e) && all_finite(d), "eval / deployed output not finite");

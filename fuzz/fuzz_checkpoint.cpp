@@ -77,9 +77,9 @@ void load_and_fold(const io::SafetensorsFile& f, const std::string& prefix, io::
   for (auto purpose : {io::LoadPurpose::convert, io::LoadPurpose::forward})
     fuzz::run_accepting_orepa_errors([&] {
       auto block = io::load_block(f, prefix, type, {}, purpose);
-      auto [w, b] = block->folded();
-      fuzz::require(w.sizes() == block->geometry().weight_shape(), "folded kernel shape != geometry");
-      fuzz::require(b.sizes() == Shape{block->geometry().out_channels}, "folded bias shape != out_channels");
+      auto [w, b] = block.folded();
+      fuzz::require(w.sizes() == block.geometry().weight_shape(), "folded kernel shape != geometry");
+      fuzz::require(b.sizes() == Shape{block.geometry().out_channels}, "folded bias shape != out_channels");
     });
 }
 

@@ -4,6 +4,10 @@
 // (reference) training steps, finite-difference gradients, names, bad configurations.
 #include "test_util.hpp"
 
+#include <string>
+#include <utility>
+#include <vector>
+
 #include "orepa/blocks/conv_bn.hpp"
 #include "orepa/blocks/dbb.hpp"
 
@@ -18,7 +22,7 @@ constexpr double kEps = 1e-5;
 // update (training) or the running statistics (eval). Starts from a block BN's values.
 struct RefBN {
   Tensor<double> gamma, beta, rm, rv;
-  explicit RefBN(const engine::BatchNorm<double>& bn)
+  explicit RefBN(const BatchNorm2d<double>& bn)
       : gamma(bn.weight.value), beta(bn.bias.value), rm(bn.running_mean.value), rv(bn.running_var.value) {}
 
   Tensor<double> train(const Tensor<double>& y) {
@@ -110,9 +114,24 @@ Tensor<double> activate(Tensor<double> t) {
 
 // Which BNs of a DBB are BN-and-pad layers.
 template <class Block>
-std::vector<engine::BatchNorm<double>*> padded_bns(Block& b) {
-  std::vector<engine::BatchNorm<double>*> r{&b.batch_norm("dbb_1x1_kxk.bn1.bn.")};
-  if (b.has_1x1_branch()) r.push_back(&b.batch_norm("dbb_avg.bn.bn."));
+std::vector<BatchNorm2d<double>*> padded_bns(Block& b) {
+  std::vector<BatchNorm2d<double>*> r{&test::batch_norm(b, "dbb_1x1_kxk.bn1.bn.")};
+  if (b.has_1x1_branch()) r.push_back(&test::batch_norm(b, "dbb_avg.bn.bn."));
+  return r;
+}
+
+// The names of a block's parameters and of its buffers.
+template <class Block>
+std::pair<std::vector<std::string>, std::vector<std::string>> names_of(Block& b) {
+  std::pair<std::vector<std::string>, std::vector<std::string>> r;
+  for (auto& [n, p] : b.named_parameters()) r.first.push_back(n);
+  for (auto& [n, p] : b.named_buffers()) r.second.push_back(n);
+  return r;
+}
+// `all` split into the running statistics (buffers) and the rest (parameters).
+std::pair<std::vector<std::string>, std::vector<std::string>> split_buffers(const std::vector<std::string>& all) {
+  std::pair<std::vector<std::string>, std::vector<std::string>> r;
+  for (const auto& n : all) (n.find("running_") == std::string::npos ? r.first : r.second).push_back(n);
   return r;
 }
 
@@ -122,9 +141,7 @@ std::vector<engine::BatchNorm<double>*> padded_bns(Block& b) {
 
 TEST(ConvBN, NamesShapesAndInit) {
   ConvBN<double> b(ConvOptions(6, 8, 3).groups(2).seed(7));
-  std::vector<std::string> names;
-  for (auto* p : b.parameters()) names.push_back(p->name);
-  EXPECT_EQ(names, (std::vector<std::string>{"conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}));
+  EXPECT_EQ(names_of(b), split_buffers({"conv.weight", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"}));
   const auto& w = b.param("conv.weight").value;
   EXPECT_EQ(w.sizes(), (Shape{8, 3, 3, 3}));
   // PyTorch's default conv init: U(-1/sqrt(fan_in), 1/sqrt(fan_in)), fan_in = 3*3*3.
@@ -135,19 +152,17 @@ TEST(ConvBN, NamesShapesAndInit) {
   EXPECT_GT(m, 0.8 * bound);
   for (auto v : b.param("bn.weight").value) EXPECT_EQ(v, 1.0);
   for (auto v : b.param("bn.running_var").value) EXPECT_EQ(v, 1.0);
-  EXPECT_EQ(b.batch_norms().size(), 1u);
-  EXPECT_EQ(b.batch_norms()[0]->prefix(), "bn.");
+  EXPECT_EQ(test::bn_prefixes(b), std::vector<std::string>{"bn."});
   EXPECT_EQ(max_abs_diff(b.squeeze(), w), 0.0);
   EXPECT_EQ(b.geometry().padding, 1);
   EXPECT_THROW(b.param("conv.bias"), config_error);
   ConvBN<double> same(ConvOptions(6, 8, 3).groups(2).seed(7)), other(ConvOptions(6, 8, 3).groups(2).seed(8));
   EXPECT_EQ(max_abs_diff(same.squeeze(), w), 0.0);
   EXPECT_GT(max_abs_diff(other.squeeze(), w), 0.0);
-  // Nested in another block: every name under a prefix.
-  ConvBN<float> nested(ConvOptions(6, 8, 1), Identity{}, "rbr_1x1.");
-  EXPECT_EQ(nested.parameters()[0]->name, "rbr_1x1.conv.weight");
-  EXPECT_EQ(nested.param("rbr_1x1.bn.running_var").value.sizes(), (Shape{8}));
-  EXPECT_EQ(nested.batch_norms()[0]->prefix(), "rbr_1x1.bn.");
+  // Listed as part of another block: every name under a prefix.
+  ConvBN<float> nested(ConvOptions(6, 8, 1));
+  EXPECT_EQ(nested.named_parameters("rbr_1x1.")[0].first, "rbr_1x1.conv.weight");
+  EXPECT_EQ(nested.named_buffers("rbr_1x1.").back().first, "rbr_1x1.bn.running_var");
 }
 
 template <class Act>
@@ -164,7 +179,7 @@ void convbn_eval_and_deploy(const ConvOptions& opts, std::int64_t h) {
   test::expect_close(b.deploy().forward(x), want, 1e-12, std::string("ConvBN double deploy, ") + Act::name);
   // float: same parameters, deployed through oneDNN.
   ConvBN<float, Act> f(opts);
-  for (std::size_t j = 0; j < b.parameters().size(); ++j) f.parameters()[j]->value = b.parameters()[j]->value.template cast<float>();
+  test::copy_tensors(b, f);
   const auto xf = x.template cast<float>();
   test::expect_close(f.deploy().forward(xf), f.forward_eval(xf), 1e-5, std::string("ConvBN float deploy, ") + Act::name);
   test::expect_close(f.forward_eval(xf), want, 1e-5, std::string("ConvBN float eval, ") + Act::name);
@@ -222,8 +237,7 @@ template <class Block32, class Block64>
 void float_matches_double(Block32& f, Block64& d, const Shape& xs, const std::string& what) {
   Rng rng(21);
   test::randomise(d, rng);
-  for (std::size_t j = 0; j < d.parameters().size(); ++j)
-    f.parameters()[j]->value = d.parameters()[j]->value.template cast<float>();
+  test::copy_tensors(d, f);
   const auto x = random_tensor<double>(xs, rng);
   const auto yd = d.forward_train(x);
   const auto gout = random_tensor<double>(yd.sizes(), rng);
@@ -232,12 +246,11 @@ void float_matches_double(Block32& f, Block64& d, const Shape& xs, const std::st
   d.zero_grad();
   f.zero_grad();
   test::expect_close(f.backward(gout.template cast<float>()), d.backward(gout), 1e-3, what + " dx");
-  for (std::size_t j = 0; j < d.parameters().size(); ++j) {
-    auto* pd = d.parameters()[j];
-    auto* pf = f.parameters()[j];
-    if (pd->trainable()) test::expect_close(pf->grad, pd->grad, 1e-3, what + " grad " + pd->name);
-    else test::expect_close(pf->value, pd->value, 1e-5, what + " buffer " + pd->name);
-  }
+  const auto dp = d.named_parameters(), fp = f.named_parameters(), db = d.named_buffers(), fb = f.named_buffers();
+  for (std::size_t j = 0; j < dp.size(); ++j)
+    test::expect_close(fp[j].second->grad, dp[j].second->grad, 1e-3, what + " grad " + dp[j].first);
+  for (std::size_t j = 0; j < db.size(); ++j)
+    test::expect_close(fb[j].second->value, db[j].second->value, 1e-5, what + " buffer " + db[j].first);
 }
 
 TEST(ConvBN, FloatTrainingStepMatchesDouble) {
@@ -265,8 +278,6 @@ TEST(DBB, NamesShapesAndInitOfBothVariants) {
   DBB<double> narrow(DbbOptions(4, 6, 3).groups(2));
   EXPECT_TRUE(narrow.has_1x1_branch());
   EXPECT_EQ(narrow.internal_channels(), 4);
-  std::vector<std::string> names;
-  for (auto* p : narrow.parameters()) names.push_back(p->name);
   auto bn = [](const std::string& p) {
     return std::vector<std::string>{p + "weight", p + "bias", p + "running_mean", p + "running_var"};
   };
@@ -276,7 +287,7 @@ TEST(DBB, NamesShapesAndInitOfBothVariants) {
                             std::vector<std::string>{"dbb_1x1_kxk.idconv1.weight"}, bn("dbb_1x1_kxk.bn1.bn."),
                             std::vector<std::string>{"dbb_1x1_kxk.conv2.weight"}, bn("dbb_1x1_kxk.bn2.")})
     want.insert(want.end(), group.begin(), group.end());
-  EXPECT_EQ(names, want);
+  EXPECT_EQ(names_of(narrow), split_buffers(want));
   EXPECT_EQ(narrow.param("dbb_origin.conv.weight").value.sizes(), (Shape{6, 2, 3, 3}));
   EXPECT_EQ(narrow.param("dbb_avg.conv.weight").value.sizes(), (Shape{6, 2, 1, 1}));
   EXPECT_EQ(narrow.param("dbb_1x1.conv.weight").value.sizes(), (Shape{6, 2, 1, 1}));
@@ -286,26 +297,22 @@ TEST(DBB, NamesShapesAndInitOfBothVariants) {
   for (auto v : narrow.param("dbb_1x1_kxk.idconv1.weight").value) EXPECT_EQ(v, 0.0);  // reference: zeros
   // PyTorch default conv init bound 1/sqrt(fan_in) for the origin (fan_in 2*3*3).
   for (auto v : narrow.param("dbb_origin.conv.weight").value) EXPECT_LE(std::abs(v), 1 / std::sqrt(18.0));
-  std::vector<std::string> bn_prefixes;
-  for (auto* b : narrow.batch_norms()) bn_prefixes.push_back(b->prefix());
-  EXPECT_EQ(bn_prefixes, (std::vector<std::string>{"dbb_origin.bn.", "dbb_avg.bn.bn.", "dbb_avg.avgbn.", "dbb_1x1.bn.",
+  EXPECT_EQ(test::bn_prefixes(narrow), (std::vector<std::string>{"dbb_origin.bn.", "dbb_avg.bn.bn.", "dbb_avg.avgbn.", "dbb_1x1.bn.",
                                                    "dbb_1x1_kxk.bn1.bn.", "dbb_1x1_kxk.bn2."}));
 
   DBB<double> depthwise(DbbOptions(4, 4, 3).groups(4));
   EXPECT_FALSE(depthwise.has_1x1_branch());
   EXPECT_EQ(depthwise.internal_channels(), 8);
-  names.clear();
-  for (auto* p : depthwise.parameters()) names.push_back(p->name);
   want = {"dbb_origin.conv.weight"};
   for (const auto& group : {bn("dbb_origin.bn."), bn("dbb_avg.avgbn."), std::vector<std::string>{"dbb_1x1_kxk.conv1.weight"},
                             bn("dbb_1x1_kxk.bn1.bn."), std::vector<std::string>{"dbb_1x1_kxk.conv2.weight"},
                             bn("dbb_1x1_kxk.bn2.")})
     want.insert(want.end(), group.begin(), group.end());
-  EXPECT_EQ(names, want);
+  EXPECT_EQ(names_of(depthwise), split_buffers(want));
   EXPECT_EQ(depthwise.param("dbb_1x1_kxk.conv1.weight").value.sizes(), (Shape{8, 1, 1, 1}));
   EXPECT_EQ(depthwise.param("dbb_1x1_kxk.conv2.weight").value.sizes(), (Shape{4, 2, 3, 3}));
   EXPECT_EQ(depthwise.batch_norms().size(), 4u);
-  EXPECT_THROW(depthwise.batch_norm("dbb_1x1.bn."), config_error);
+  EXPECT_THROW(test::batch_norm(depthwise, "dbb_1x1.bn."), config_error);
 
   // internal_channels overrides T; T != I gives a plain conv1.
   DBB<float> wide(DbbOptions(4, 6, 3).internal_channels(6));
@@ -320,7 +327,7 @@ Tensor<double> dbb_train_by_hand(DBB<double, Act>& b, const Tensor<double>& x, s
   const auto I = g.in_channels, O = g.out_channels, k = g.kernel, s = g.stride, p = g.padding, G = g.groups;
   const auto T = b.internal_channels();
   auto W = [&](const std::string& n) -> const Tensor<double>& { return b.param(n).value; };
-  auto ref = [&](const std::string& prefix) { return RefBN(b.batch_norm(prefix)); };
+  auto ref = [&](const std::string& prefix) { return RefBN(test::batch_norm(b, prefix)); };
 
   RefBN origin_bn = ref("dbb_origin.bn."), avgbn = ref("dbb_avg.avgbn."), bn1 = ref("dbb_1x1_kxk.bn1.bn."),
         bn2 = ref("dbb_1x1_kxk.bn2.");
@@ -353,7 +360,7 @@ Tensor<double> dbb_eval_by_hand(DBB<double, Act>& b, const Tensor<double>& x) {
   const auto I = g.in_channels, O = g.out_channels, k = g.kernel, s = g.stride, p = g.padding, G = g.groups;
   const auto T = b.internal_channels();
   auto W = [&](const std::string& n) -> const Tensor<double>& { return b.param(n).value; };
-  auto ref = [&](const std::string& prefix) { return RefBN(b.batch_norm(prefix)); };
+  auto ref = [&](const std::string& prefix) { return RefBN(test::batch_norm(b, prefix)); };
   Tensor<double> sum = ref("dbb_origin.bn.").eval(reference::conv2d(x, W("dbb_origin.conv.weight"), g));
   if (b.has_1x1_branch()) {
     add_into(sum, ref("dbb_1x1.bn.").eval(reference::conv2d(x, W("dbb_1x1.conv.weight"), geom(I, O, 1, s, 0, G))));
@@ -384,11 +391,12 @@ void dbb_train_forward_check(const DbbOptions& opts, std::int64_t h) {
   test::expect_close(b.forward_train(x), want, 1e-10, std::string("DBB train forward, ") + Act::name);
   // Every BN's running statistics updated once (n/(n-1) for the variance).
   const auto bns = b.batch_norms();
+  const auto prefixes = test::bn_prefixes(b);
   ASSERT_EQ(bns.size(), refs.size());
   for (std::size_t j = 0; j < bns.size(); ++j) {
-    test::expect_close(bns[j]->running_mean.value, refs[j].rm, 1e-12, bns[j]->prefix() + "running_mean");
-    test::expect_close(bns[j]->running_var.value, refs[j].rv, 1e-12, bns[j]->prefix() + "running_var");
-    EXPECT_EQ(bns[j]->num_batches_tracked, 1) << bns[j]->prefix();
+    test::expect_close(bns[j]->running_mean.value, refs[j].rm, 1e-12, prefixes[j] + "running_mean");
+    test::expect_close(bns[j]->running_var.value, refs[j].rv, 1e-12, prefixes[j] + "running_var");
+    EXPECT_EQ(bns[j]->num_batches_tracked, 1) << prefixes[j];
   }
   // Eval afterwards: branch by branch with the updated running statistics.
   test::expect_close(b.forward_eval(x), activate<Act>(dbb_eval_by_hand(b, x)), 1e-10, "DBB eval forward");
@@ -417,7 +425,7 @@ void dbb_eval_equals_deploy(const DbbCase& c) {
   const auto eval = d.forward_eval(x);
   test::expect_close(d.deploy().forward(x), eval, 1e-10, std::string("double deploy vs eval, ") + Act::name);
   DBB<float, Act> f(opts);
-  for (std::size_t j = 0; j < d.parameters().size(); ++j) f.parameters()[j]->value = d.parameters()[j]->value.template cast<float>();
+  test::copy_tensors(d, f);
   const auto xf = x.cast<float>();
   const auto ef = f.forward_eval(xf);
   test::expect_close(ef, eval, 1e-5, "float eval vs double eval");
@@ -513,19 +521,21 @@ TEST(DBB, FloatTrainingStepMatchesDoubleAndReusesPrimitives) {
     DBB<float, SiLU> f(opts);
     DBB<double, SiLU> d(opts);
     float_matches_double(f, d, {2, 4, 9, 9}, "DBB g=2");
-    EXPECT_EQ(f.primitive_creations(), 6);  // one per engine: origin, 1x1, avg conv, pool, conv1, conv2
+    // One set per stage: origin, 1x1 and conv2 (+ bn2) trunks, avg conv, pool, conv1, and
+    // the three NCHW BNs (BN-and-pad twice, avgbn).
+    EXPECT_EQ(f.primitive_creations(), 9);
     for (int step = 0; step < 2; ++step) {
       f.forward_train(Tensor<float>({2, 4, 9, 9}, 0.5f));
       f.backward(Tensor<float>({2, 6, 5, 5}, 1.0f));
     }
-    EXPECT_EQ(f.primitive_creations(), 6);
+    EXPECT_EQ(f.primitive_creations(), 9);
   }
   {
     const auto opts = DbbOptions(4, 4, 5).groups(4);
     DBB<float, ReLU> f(opts);
     DBB<double, ReLU> d(opts);
     float_matches_double(f, d, {2, 4, 8, 8}, "DBB depthwise");
-    EXPECT_EQ(f.primitive_creations(), 4);  // origin, pool, conv1, conv2
+    EXPECT_EQ(f.primitive_creations(), 6);  // origin and conv2 trunks, pool, conv1, BN-and-pad, avgbn
   }
 }
 
@@ -550,8 +560,8 @@ TEST(DBB, GradientsAccumulateUntilZeroed) {
   const auto& twice = block.param("dbb_1x1_kxk.idconv1.weight").grad;
   for (std::int64_t j = 0; j < once.numel(); ++j) EXPECT_NEAR(twice[j], 2 * once[j], 1e-3 * (1 + std::abs(once[j])));
   block.zero_grad();
-  for (auto* p : block.parameters())
-    for (auto v : p->grad) EXPECT_EQ(v, 0.0f) << p->name;
+  for (auto& [n, p] : block.named_parameters())
+    for (auto v : p->grad) EXPECT_EQ(v, 0.0f) << n;
 }
 
 TEST(DBB, BadConfigurationThrows) {

@@ -1,5 +1,7 @@
 // OREPA_1x1, OREPA_LargeConv and user-defined blocks: squeeze against explicit
 // computations, finite-difference gradients, eval vs deploy, configuration errors.
+#include <string>
+
 #include "test_util.hpp"
 
 using namespace orepa;
@@ -102,36 +104,39 @@ TEST(YoloConv, PicksTheReferenceBlockByKernelSize) {
   auto c1 = yolo_conv<float>(ConvOptions(8, 16, 1));
   auto c3 = yolo_conv<float>(ConvOptions(8, 16, 3).stride(2));
   auto c7 = yolo_conv<float>(ConvOptions(3, 16, 7).stride(2));
-  EXPECT_EQ(c1->type_name(), "OREPA_1x1");
-  EXPECT_EQ(c3->type_name(), "OREPA");
-  EXPECT_EQ(c7->type_name(), "OREPA_LargeConv");
-  EXPECT_EQ(c3->geometry().padding, 1);
-  EXPECT_EQ(c7->geometry().padding, 3);
-  EXPECT_EQ(yolo_conv<float>(ConvOptions(8, 8, 3).dilation(2))->geometry().padding, 2);  // autopad with dilation
+  EXPECT_EQ(c1.type_name(), "OREPA_1x1");
+  EXPECT_EQ(c3.type_name(), "OREPA");
+  EXPECT_EQ(c7.type_name(), "OREPA_LargeConv");
+  EXPECT_NE((c3.target<OREPA<float, SiLU>>()), nullptr);
+  EXPECT_EQ(c3.geometry().padding, 1);
+  EXPECT_EQ(c7.geometry().padding, 3);
+  EXPECT_EQ(yolo_conv<float>(ConvOptions(8, 8, 3).dilation(2)).geometry().padding, 2);  // autopad with dilation
   Tensor<float> x({2, 3, 32, 32}, 0.5f);
-  EXPECT_EQ(c7->forward_train(x).sizes(), (Shape{2, 16, 16, 16}));
+  EXPECT_EQ(c7.forward_train(x).sizes(), (Shape{2, 16, 16, 16}));
   EXPECT_THROW(yolo_conv<float>(ConvOptions(3, 32, 6).stride(2)), config_error);
 }
 
 namespace {
 // A user branch defined outside the library: a learnable per-(o, i) centre tap times a
 // fixed "plus" stencil.
-class PlusStencil final : public Branch<double> {
+class PlusStencil final : public SimpleBranch<double> {
  public:
-  PlusStencil(const ConvGeometry& g) : w_("weight_plus", Tensor<double>({g.out_channels, g.in_per_group()})) {}
-  void kernel(Tensor<double>& out) const override {
+  PlusStencil(const ConvGeometry& g) : w_(Tensor<double>({g.out_channels, g.in_per_group()})) {}
+  void kernel(TensorView<double> out) const override {
     const auto k = out.size(2), c = k / 2;
     for (std::int64_t p = 0; p < w_.value.numel(); ++p)
       for (auto [h, w] : {std::pair{c, c}, {c - 1, c}, {c + 1, c}, {c, c - 1}, {c, c + 1}})
         out[p * k * k + h * k + w] += w_.value[p];
   }
-  void kernel_backward(const Tensor<double>& dk) override {
+  void kernel_backward(ConstTensorView<double> dk) override {
     const auto k = dk.size(2), c = k / 2;
     for (std::int64_t p = 0; p < w_.value.numel(); ++p)
       for (auto [h, w] : {std::pair{c, c}, {c - 1, c}, {c + 1, c}, {c, c - 1}, {c, c + 1}})
         w_.grad[p] += dk[p * k * k + h * k + w];
   }
-  ParamList<double> params() override { return {&w_}; }
+  void collect_tensors(NamedParams<double>& out, const std::string& prefix) override {
+    out.emplace_back(prefix + "weight_plus", &w_);
+  }
   double initial_scale() const override { return 1.0; }
 
  private:
@@ -144,13 +149,14 @@ TEST(CustomBlock, UserBranchSqueezesAndTrains) {
   Rng rng(2);
   BranchList<double> list = make_orepa_branches<double>(g, 0, rng);
   list.push_back(std::make_unique<PlusStencil>(g));
-  OnlineBlock<double, SiLU> block(g, std::move(list), {"OREPA+plus"});
+  OnlineBlock<double, SiLU> block(g, std::move(list), "OREPA+plus");
   EXPECT_EQ(block.scales().value.sizes(), (Shape{7, 4}));
   Rng r2(4);
   test::randomise(block, r2);
   // Squeeze = the six OREPA rows + v6 * plus stencil.
   OREPA<double> plain(OrepaOptions(3, 4, 3));
-  for (auto* p : plain.parameters()) p->value = block.param(p->name).value;
+  for (auto& [n, p] : plain.named_parameters()) p->value = block.param(n).value;
+  for (auto& [n, p] : plain.named_buffers()) p->value = block.param(n).value;
   plain.param("vector").value = Tensor<double>({6, 4});
   for (std::int64_t j = 0; j < 24; ++j) plain.param("vector").value[j] = block.scales().value[j];
   auto w = block.squeeze(), w6 = plain.squeeze();
@@ -182,10 +188,17 @@ TEST(RepVGG, PathsDeployAndGradients) {
   Rng rng(5);
   test::randomise(with_id, rng);
   auto x = random_tensor<double>({2, 4, 7, 7}, rng);
-  Tensor<double> sum = with_id.dense().forward_eval(x), one = with_id.conv1x1().forward_eval(x);
-  auto* idbn = with_id.batch_norms().back();  // a pointer: the vector itself is a temporary
-  Tensor<double> id;
-  idbn->forward_eval(x, id);
+  // The paths by hand: conv(x, dense kernel) -> BN, conv1x1 -> BN, BN(x).
+  auto bn_eval = [](const BatchNorm2d<double>& bn, const Tensor<double>& y) {
+    Tensor<double> z;
+    bn.forward_eval(y, z);
+    return z;
+  };
+  const auto bns = with_id.batch_norms();
+  const auto g1 = ConvGeometry{4, 4, 1, 1, 0, 1, 1};
+  Tensor<double> sum = bn_eval(*bns[0], reference::conv2d(x, with_id.squeeze(), with_id.geometry())),
+                 one = bn_eval(*bns[1], reference::conv2d(x, with_id.param("rbr_1x1.conv.weight").value, g1)),
+                 id = bn_eval(*bns[2], x);
   for (std::int64_t j = 0; j < sum.numel(); ++j) sum[j] = std::max(0.0, sum[j] + one[j] + id[j]);
   test::expect_close(with_id.forward_eval(x), sum, 1e-12, "RepVGG eval vs three paths");
   test::expect_close(with_id.deploy().forward(x), sum, 1e-10, "RepVGG deploy vs three paths");

@@ -44,15 +44,14 @@ void check_case(Block& block, const std::string& name) {
 
   block.zero_grad();
   test::expect_close(block.forward_train(x), want.get<float>("output_train"), tol, name + " output_train");
-  for (auto* bn : block.batch_norms())
-    for (auto* stat : {&bn->running_mean, &bn->running_var})
-      test::expect_close(stat->value, want.get<float>("after." + stat->name), tol, name + " after." + stat->name);
+  for (auto& [n, stat] : block.named_buffers())
+    if (n.find("running_") != std::string::npos)
+      test::expect_close(stat->value, want.get<float>("after." + n), tol, name + " after." + n);
   test::expect_close(block.backward(in.get<float>("grad_output")), want.get<float>("grad.input"), tol, name + " grad.input");
   int grads = 0;
-  for (auto* p : block.parameters()) {
-    if (!p->trainable()) continue;
-    ASSERT_TRUE(want.contains("grad." + p->name)) << "no expected gradient for " << p->name;
-    test::expect_close(p->grad, want.get<float>("grad." + p->name), tol, name + " grad." + p->name);
+  for (auto& [n, p] : block.named_parameters()) {
+    ASSERT_TRUE(want.contains("grad." + n)) << "no expected gradient for " << n;
+    test::expect_close(p->grad, want.get<float>("grad." + n), tol, name + " grad." + n);
     ++grads;
   }
   int expected_grads = 0;
@@ -111,17 +110,51 @@ TEST(StateDict, SaveLoadRoundTripUnderPrefix) {
   OREPA_LargeConv<float, SiLU> b(ConvOptions(3, 4, 5).seed(2));
   io::load_state_dict(b, file, "model.0.");
   EXPECT_EQ(b.bn().num_batches_tracked, 17);
-  for (auto* p : b.parameters()) EXPECT_EQ(max_abs_diff(p->value, a.param(p->name).value), 0.0) << p->name;
+  for (auto& [n, p] : b.named_parameters()) EXPECT_EQ(max_abs_diff(p->value, a.param(n).value), 0.0) << n;
+  for (auto& [n, p] : b.named_buffers()) EXPECT_EQ(max_abs_diff(p->value, a.param(n).value), 0.0) << n;
+}
+
+TEST(StateDict, BlockStateDictRoundTripIsStrictAndAllOrNothing) {
+  DBB<double, SiLU> a(DbbOptions(4, 6, 3).groups(2).seed(1));
+  Rng rng(4);
+  test::randomise(a, rng);
+  a.forward_train(test::random_tensor<double>({2, 4, 6, 6}, rng));  // counters and running statistics move
+  const StateDict<double> sd = a.state_dict();
+  EXPECT_EQ(sd.count("dbb_origin.bn.num_batches_tracked"), 1);
+  EXPECT_TRUE(sd.contains("dbb_1x1_kxk.bn1.bn.running_var"));
+  DBB<double, SiLU> b(DbbOptions(4, 6, 3).groups(2).seed(2));
+  b.load_state_dict(sd);
+  for (const auto& n : sd.names())
+    if (!sd.is_count(n)) {
+      EXPECT_EQ(max_abs_diff(b.param(n).value, sd.tensor(n)), 0.0) << n;
+    }
+  const auto x = test::random_tensor<double>({2, 4, 6, 6}, rng);
+  EXPECT_EQ(max_abs_diff(a.forward_eval(x), b.forward_eval(x)), 0.0);
+  // One wrong shape anywhere: nothing is loaded.
+  StateDict<double> bad;
+  for (const auto& n : sd.names()) {
+    if (sd.is_count(n)) bad.insert_count(n, sd.count(n));
+    else bad.insert(n, n == "dbb_avg.avgbn.bias" ? Tensor<double>({5}) : Tensor<double>(sd.tensor(n).sizes(), 0.25));
+  }
+  DBB<double, SiLU> c(DbbOptions(4, 6, 3).groups(2).seed(3));
+  const auto before = c.state_dict();
+  EXPECT_THROW(c.load_state_dict(bad), format_error);
+  for (const auto& n : before.names())
+    if (!before.is_count(n)) {
+      EXPECT_EQ(max_abs_diff(c.param(n).value, before.tensor(n)), 0.0) << n;
+    }
 }
 
 TEST(StateDict, ReportsEveryMissingUnexpectedAndMisshapedTensorAndLeavesTheBlockUnchanged) {
   OREPA<float> src(OrepaOptions(4, 8, 3));
   io::SafetensorsWriter w;
-  for (auto* p : src.parameters()) {
-    if (p->name == "vector") continue;                                         // missing
-    if (p->name == "bn.bias") w.add(p->name, Tensor<float>({7}));               // mis-shaped
-    else w.add(p->name, p->value);
-  }
+  const auto params = src.named_parameters(), buffers = src.named_buffers();
+  for (const auto* list : {&params, &buffers})
+    for (auto& [n, p] : *list) {
+      if (n == "vector") continue;                                    // missing
+      if (n == "bn.bias") w.add(n, Tensor<float>({7}));               // mis-shaped
+      else w.add(n, p->value);
+    }
   w.add("surprise", Tensor<float>({1}));                                       // unexpected
   auto file = io::SafetensorsFile::from_bytes(w.to_bytes(), "ckpt.safetensors");
   OREPA<float> dst(OrepaOptions(4, 8, 3).seed(5));

@@ -122,9 +122,9 @@ TEST(NnGrad, LinearInitialisationLikeTorch) {
   for (auto v : lin.weight().value) EXPECT_LE(std::abs(v), bound);
   for (auto v : lin.bias().value) EXPECT_LE(std::abs(v), bound);
   EXPECT_EQ(lin.weight().value.sizes(), Shape({10, 64}));
-  EXPECT_EQ(lin.weight().name, "weight");
+  EXPECT_EQ(&lin.param("weight"), &lin.weight());
   EXPECT_EQ(lin.weight().kind, ParamKind::kernel);
-  EXPECT_EQ(lin.bias().name, "bias");
+  EXPECT_EQ(&lin.param("bias"), &lin.bias());
   EXPECT_EQ(lin.bias().kind, ParamKind::bias);
   Linear<float> same(64, 10, 3), other(64, 10, 4);
   EXPECT_EQ(max_abs_diff(lin.weight().value, same.weight().value), 0.0);
@@ -174,8 +174,7 @@ TEST(NnGrad, SequentialOrepaPoolLinearLoss) {
   net.add(Linear<double>(4, 3, 6));
   // Randomise every trainable tensor so zero-initialised ones (idconv1, the prior's
   // scale row) take part in the check.
-  for (auto* p : block.parameters())
-    if (p->trainable()) fill_uniform(p->value, 0.5, rng);
+  for (auto* p : block.parameters()) fill_uniform(p->value, 0.5, rng);
   Tensor<double> x = random_tensor_nn({3, 2, 5, 5}, rng);
   const std::vector<int> labels{2, 0, 1};
   SoftmaxCrossEntropy<double> ce;
@@ -198,14 +197,13 @@ TEST(NnGrad, SequentialOrepaPoolLinearLoss) {
 // ---------------------------------------------------------------------------------------
 // Sequential structure and deployment
 
-// The detection traits Sequential relies on.
-static_assert(is_layer<float, OREPA<float, ReLU>>::value);
-static_assert(is_layer<float, GlobalAvgPool<float>>::value && is_layer<float, Linear<float>>::value);
-static_assert(is_layer<float, Sequential<float>>::value);
-static_assert(!is_layer<double, Linear<float>>::value && !is_layer<float, int>::value);
-static_assert(!is_layer<float, SoftmaxCrossEntropy<float>>::value);  // needs labels: not a chain layer
-static_assert(has_deploy<float, OREPA<float, SiLU>>::value && has_deploy<float, Sequential<float>>::value);
-static_assert(!has_deploy<float, Linear<float>>::value && !has_deploy<float, GlobalAvgPool<float>>::value);
+// The layer concept Sequential relies on (blocks/block.hpp).
+static_assert(is_layer<OREPA<float, ReLU>, float>::value);
+static_assert(is_layer<GlobalAvgPool<float>, float>::value && is_layer<Linear<float>, float>::value);
+static_assert(is_layer<Sequential<float>, float>::value && is_layer<AnyBlock<float>, float>::value);
+static_assert(!is_layer<Linear<float>, double>::value && !is_layer<int, float>::value);
+static_assert(!is_layer<SoftmaxCrossEntropy<float>, float>::value);  // needs labels: not a chain layer
+static_assert(!is_block<Linear<float>, float>::value && !is_block<Sequential<float>, float>::value);
 
 TEST(NnSequential, NamesGetAndDeploy) {
   Rng rng(8);
@@ -220,6 +218,7 @@ TEST(NnSequential, NamesGetAndDeploy) {
   EXPECT_EQ(named.front().first, "0.weight_orepa_origin");
   EXPECT_EQ(named.back().first, "3.bias");
   EXPECT_EQ(named.size(), net.parameters().size());
+  EXPECT_EQ(net.named_buffers().front().first, "0.weight_orepa_avg_avg");
   using Block1 = OREPA<double, SiLU>;
   EXPECT_EQ(&net.param("1.vector"), &net.get<Block1>(1).scales());
   EXPECT_EQ(&net.param("3.weight"), &net.get<Linear<double>>(3).weight());
@@ -233,10 +232,9 @@ TEST(NnSequential, NamesGetAndDeploy) {
   const Tensor<double> eval = net.forward_eval(x);
   InferenceChain<double> chain = net.deploy();
   ASSERT_EQ(chain.size(), 4u);
-  EXPECT_TRUE(chain.deployed(0));
-  EXPECT_TRUE(chain.deployed(1));
-  EXPECT_FALSE(chain.deployed(2));
-  EXPECT_FALSE(chain.deployed(3));
+  EXPECT_NE(chain.stage(0).target<DeployedConv<double>>(), nullptr);  // blocks deploy to one conv
+  EXPECT_NE(chain.stage(1).target<DeployedConv<double>>(), nullptr);
+  EXPECT_EQ(chain.stage(3).target<DeployedConv<double>>(), nullptr);
   EXPECT_LE(max_abs_diff(chain.forward(x), eval), 1e-12);
 
   // The chain is a snapshot: later changes to the network do not reach it.
@@ -252,12 +250,12 @@ TEST(NnSequential, NestedChainsAndErrors) {
   Sequential<double> outer;
   outer.add(OREPA<double>(OrepaOptions(1, 3, 3)));
   outer.add(std::move(inner));
-  EXPECT_EQ(outer.named_parameters().back().first, "1.bias");  // inner names stay relative
+  EXPECT_EQ(outer.named_parameters().back().first, "1.1.bias");  // names compose, as in PyTorch
   Rng rng(9);
   Tensor<double> x = random_tensor_nn({2, 1, 6, 6}, rng);
   EXPECT_EQ(outer.forward_train(x).sizes(), Shape({2, 2}));
   auto chain = outer.deploy();
-  EXPECT_TRUE(chain.deployed(1));  // a Sequential has deploy() too
+  EXPECT_NE(chain.stage(1).target<InferenceChain<double>>(), nullptr);  // a Sequential deploys too
   EXPECT_LE(max_abs_diff(chain.forward(x), outer.forward_eval(x)), 1e-12);
 
   Sequential<float> empty;
@@ -313,10 +311,10 @@ namespace {
 /// Quadratic loss 0.5 * sum a_j (p_j - c_j)^2 on two parameters plus a buffer; the
 /// gradient a (p - c) is written by hand before every step.
 struct Quadratic {
-  Param<double> w{"w", Tensor<double>({3}, std::vector<double>{1.0, -2.0, 0.5}), ParamKind::kernel};
-  Param<double> b{"b", Tensor<double>({2}, std::vector<double>{0.3, -0.7}), ParamKind::bias};
-  Param<double> s{"s", Tensor<double>({2}, std::vector<double>{1.5, 0.25}), ParamKind::scale};
-  Param<double> buf{"buf", Tensor<double>({2}, std::vector<double>{4.0, 5.0}), ParamKind::buffer};
+  Param<double> w{Tensor<double>({3}, std::vector<double>{1.0, -2.0, 0.5}), ParamKind::kernel};
+  Param<double> b{Tensor<double>({2}, std::vector<double>{0.3, -0.7}), ParamKind::bias};
+  Param<double> s{Tensor<double>({2}, std::vector<double>{1.5, 0.25}), ParamKind::scale};
+  Param<double> buf{Tensor<double>({2}, std::vector<double>{4.0, 5.0}), ParamKind::buffer};
   static constexpr double a[3] = {1.0, 3.0, 0.5}, c[3] = {0.2, 1.0, -1.0};
 
   ParamList<double> params() { return {&w, &b, &s, &buf}; }
@@ -449,7 +447,7 @@ TEST(NnOptim, ConfigurationErrors) {
   EXPECT_THROW(AdamW<double>(q.params(), AdamWOptions().betas({0.9, 1.0})), config_error);
   std::vector<ParamGroup<double>> dup{{{&q.w}}, {{&q.w, &q.b}}};
   auto m = message_of<config_error>([&] { SGD<double>(dup, SGDOptions(0.1)); });
-  EXPECT_TRUE(contains(m, "'w'") && contains(m, "more than one group")) << m;
+  EXPECT_TRUE(contains(m, "parameter 0 of group 1") && contains(m, "earlier group")) << m;
   SGD<double> opt(q.params(), SGDOptions(0.1));
   EXPECT_THROW(opt.set_lr(-1.0), config_error);
   EXPECT_THROW(opt.set_lr(3, 0.1), config_error);

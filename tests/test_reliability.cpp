@@ -31,7 +31,7 @@ namespace fs = std::filesystem;
 
 namespace {
 
-using Block = SqueezedBlock<float, SiLU>;
+using Block = AnyBlock<float>;
 using Bytes = std::vector<unsigned char>;
 
 const float kNaN = std::numeric_limits<float>::quiet_NaN();
@@ -53,12 +53,14 @@ std::string bytes_of(const Tensor<float>& t) {
 template <class B>
 Snapshot snapshot(B& b) {
   Snapshot s;
-  for (auto* p : b.parameters()) {
-    s.names.push_back(p->name);
-    s.shapes.push_back(p->value.sizes());
-    s.values.push_back(bytes_of(p->value));
-    s.grads.push_back(bytes_of(p->grad));
-  }
+  const auto params = b.named_parameters(), buffers = b.named_buffers();
+  for (const auto* list : {&params, &buffers})
+    for (auto& [n, p] : *list) {
+      s.names.push_back(n);
+      s.shapes.push_back(p->value.sizes());
+      s.values.push_back(bytes_of(p->value));
+      s.grads.push_back(bytes_of(p->grad));
+    }
   for (auto* bn : b.batch_norms()) s.batches.push_back(bn->num_batches_tracked);
   return s;
 }
@@ -91,15 +93,17 @@ void expect_error(F&& f, const std::string& needle, const std::string& what) {
 /// One block of each family type, all 4 -> 8 channels with their default (same-size) padding.
 struct BlockCase {
   const char* name;
-  std::function<std::unique_ptr<Block>()> make;
+  std::function<Block()> make;
 };
 std::vector<BlockCase> block_cases() {
   return {
-      {"OREPA", [] { return std::unique_ptr<Block>(new OREPA<float, SiLU>(OrepaOptions(4, 8, 3).groups(2).seed(1))); }},
-      {"OREPA_1x1", [] { return std::unique_ptr<Block>(new OREPA_1x1<float, SiLU>(ConvOptions(4, 8, 1).seed(2))); }},
-      {"OREPA_LargeConv",
-       [] { return std::unique_ptr<Block>(new OREPA_LargeConv<float, SiLU>(ConvOptions(4, 8, 5).seed(3))); }},
+      {"OREPA", [] { return Block(OREPA<float, SiLU>(OrepaOptions(4, 8, 3).groups(2).seed(1))); }},
+      {"OREPA_1x1", [] { return Block(OREPA_1x1<float, SiLU>(ConvOptions(4, 8, 1).seed(2))); }},
+      {"OREPA_LargeConv", [] { return Block(OREPA_LargeConv<float, SiLU>(ConvOptions(4, 8, 5).seed(3))); }},
       {"yolo_conv", [] { return yolo_conv<float, SiLU>(ConvOptions(4, 8, 3).stride(2).seed(4)); }},
+      {"RepVGGBlock_OREPA", [] { return Block(RepVGGBlock_OREPA<float, SiLU>(RepVGGOptions(4, 8, 3).seed(5))); }},
+      {"DBB", [] { return Block(DBB<float, SiLU>(DbbOptions(4, 8, 3).groups(2).seed(6))); }},
+      {"ConvBN", [] { return Block(ConvBN<float, SiLU>(ConvOptions(4, 8, 3).seed(7))); }},
   };
 }
 
@@ -126,56 +130,57 @@ TEST(ReliabilityHostile, BadTrainingInputThrowsAndLeavesEveryBlockUnchanged) {
     SCOPED_TRACE(c.name);
     auto block = c.make();
     Rng rng(10);
-    test::randomise(*block, rng);
+    test::randomise(block, rng);
     const auto x = random_tensor<float>({2, 4, 9, 9}, rng);
-    const Tensor<float> y = block->forward_train(x);
+    const Tensor<float> y = block.forward_train(x);
     const auto dy = random_tensor<float>(y.sizes(), rng);
-    block->zero_grad();
-    const Snapshot before = snapshot(*block);
+    block.zero_grad();
+    const Snapshot before = snapshot(block);
 
-    expect_error<shape_error>([&] { block->forward_train(Tensor<float>({2, 3, 9, 9})); }, "input must be [N, 4, H, W]",
+    expect_error<shape_error>([&] { block.forward_train(Tensor<float>({2, 3, 9, 9})); }, "input must be [N, 4, H, W]",
                               "wrong input channels (train)");
-    expect_error<shape_error>([&] { (void)block->forward_eval(Tensor<float>({2, 5, 9, 9})); },
+    expect_error<shape_error>([&] { (void)block.forward_eval(Tensor<float>({2, 5, 9, 9})); },
                               "input must be [N, 4, H, W]", "wrong input channels (eval)");
-    expect_error<shape_error>([&] { block->forward_train(Tensor<float>({4, 9, 9})); }, "got [4, 9, 9]", "rank 3 input");
-    expect_error<shape_error>([&] { block->forward_train(Tensor<float>()); }, "got [0]", "empty tensor");
-    expect_error<shape_error>([&] { block->forward_train(Tensor<float>({0, 4, 9, 9})); }, "batch must be >= 1",
+    expect_error<shape_error>([&] { block.forward_train(Tensor<float>({4, 9, 9})); }, "got [4, 9, 9]", "rank 3 input");
+    expect_error<shape_error>([&] { block.forward_train(Tensor<float>()); }, "got [0]", "empty tensor");
+    expect_error<shape_error>([&] { block.forward_train(Tensor<float>({0, 4, 9, 9})); }, "batch must be >= 1",
                               "empty batch");
     // One value per channel: BN has no batch variance. Eval is fine with it.
-    expect_error<state_error>([&] { block->forward_train(Tensor<float>({1, 4, 1, 1}, 1.0f)); },
+    expect_error<state_error>([&] { block.forward_train(Tensor<float>({1, 4, 1, 1}, 1.0f)); },
                               "more than one value per channel", "one value per channel");
-    expect_error<shape_error>([&] { block->backward(Tensor<float>({2, 8, 1, 1})); }, "grad_output",
+    expect_error<shape_error>([&] { block.backward(Tensor<float>({2, 8, 1, 1})); }, "grad_output",
                               "wrong gradient shape");
-    expect_unchanged(before, snapshot(*block), "after the rejected calls");
+    expect_unchanged(before, snapshot(block), "after the rejected calls");
 
     // The last good forward is still the one backward differentiates.
-    const Tensor<float> dx = block->backward(dy);
+    const Tensor<float> dx = block.backward(dy);
     auto fresh = c.make();
     Rng rng2(10);
-    test::randomise(*fresh, rng2);
-    fresh->forward_train(x);
-    fresh->zero_grad();
-    EXPECT_EQ(max_abs_diff(dx, fresh->backward(dy)), 0.0);
-    EXPECT_EQ(block->forward_eval(Tensor<float>({1, 4, 1, 1}, 1.0f)).size(1), 8);  // eval accepts N*H*W = 1
+    test::randomise(fresh, rng2);
+    fresh.forward_train(x);
+    fresh.zero_grad();
+    EXPECT_EQ(max_abs_diff(dx, fresh.backward(dy)), 0.0);
+    EXPECT_EQ(block.forward_eval(Tensor<float>({1, 4, 1, 1}, 1.0f)).size(1), 8);  // eval accepts N*H*W = 1
   }
 }
 
 TEST(ReliabilityHostile, InputSmallerThanTheKernelIsAShapeErrorEverywhere) {
-  OREPA<float, SiLU> k5(OrepaOptions(4, 4, 5).padding(0));
-  OREPA<float, SiLU> dilated(OrepaOptions(4, 4, 3).padding(0).dilation(3));  // spans 7 pixels
-  OREPA_LargeConv<float, SiLU> large(ConvOptions(4, 4, 7).padding(0));
+  std::vector<Block> blocks;
+  blocks.emplace_back(OREPA<float, SiLU>(OrepaOptions(4, 4, 5).padding(0)));
+  blocks.emplace_back(OREPA<float, SiLU>(OrepaOptions(4, 4, 3).padding(0).dilation(3)));  // spans 7 pixels
+  blocks.emplace_back(OREPA_LargeConv<float, SiLU>(ConvOptions(4, 4, 7).padding(0)));
   Rng rng(2);
-  for (auto* b : std::vector<Block*>{&k5, &dilated, &large}) {
-    SCOPED_TRACE(b->type_name());
-    test::randomise(*b, rng);
-    const Snapshot before = snapshot(*b);
-    const auto deployed = b->deploy();
+  for (auto& b : blocks) {
+    SCOPED_TRACE(b.type_name());
+    test::randomise(b, rng);
+    const Snapshot before = snapshot(b);
+    const auto deployed = b.deploy();
     const auto x = random_tensor<float>({2, 4, 6, 4}, rng);  // 6x4 < span in width at least
-    expect_error<shape_error>([&] { b->forward_train(x); }, "is smaller than the", "train");
-    expect_error<shape_error>([&] { (void)b->forward_eval(x); }, "is smaller than the", "eval");
+    expect_error<shape_error>([&] { b.forward_train(x); }, "is smaller than the", "train");
+    expect_error<shape_error>([&] { (void)b.forward_eval(x); }, "is smaller than the", "eval");
     expect_error<shape_error>([&] { (void)deployed.forward(x); }, "is smaller than the", "deployed");
-    expect_unchanged(before, snapshot(*b), "after input smaller than the kernel");
-    EXPECT_EQ(deployed.primitive_creations(), 0);
+    expect_unchanged(before, snapshot(b), "after input smaller than the kernel");
+    EXPECT_EQ(deployed.target<DeployedConv<float>>()->primitive_creations(), 0);
   }
 }
 
@@ -201,9 +206,13 @@ TEST(ReliabilityHostile, DeployedConvRejectsWrongShapesAndKeepsWorking) {
                             "wrong channels into a buffer");
   EXPECT_EQ(out.sizes(), (Shape{1}));  // the output buffer is untouched
   EXPECT_EQ(out[0], 42.0f);
-  // The raw-pointer form checks the shape it is told before touching either pointer.
-  expect_error<shape_error>([&] { deployed.forward(nullptr, Shape{1, 4, 1 << 20, -5}, nullptr); },
-                            "height and width", "negative width");
+  // A view of a caller's buffer is checked before anything is written into it.
+  Tensor<float> small_out({2, 8, 5, 5}, 7.0f);
+  expect_error<shape_error>([&] { deployed.forward(x, TensorView<float>(small_out)); }, "output",
+                            "wrong output view");
+  for (float v : small_out) EXPECT_EQ(v, 7.0f);
+  expect_error<shape_error>([&] { (void)view(static_cast<const float*>(nullptr), Shape{1, 4, 1 << 20, -5}); },
+                            "negative extent", "negative width");
 
   EXPECT_EQ(deployed.primitive_creations(), creations);  // no primitive for a rejected shape
   EXPECT_EQ(max_abs_diff(deployed.weight(), w), 0.0);
@@ -285,35 +294,38 @@ TEST(ReliabilityHostile, StateDictThatDoesNotFitIsRejectedAndTheBlockIsUnchanged
   const Snapshot before = snapshot(dst);
 
   // Writes src's state dict with `edit` applied to each tensor (return false to drop it).
-  auto file_with = [&](const std::function<bool(io::SafetensorsWriter&, Param<float>&)>& edit) {
+  const auto sd = src.state_dict();
+  using Edit = std::function<bool(io::SafetensorsWriter&, const std::string&, const Tensor<float>&)>;
+  auto file_with = [&](const Edit& edit) {
     io::SafetensorsWriter w;
-    for (auto* p : src.parameters())
-      if (edit(w, *p)) w.add(p->name, p->value);
+    for (const auto& n : sd.names())
+      if (!sd.is_count(n) && edit(w, n, sd.tensor(n))) w.add(n, sd.tensor(n));
     w.add_int64("bn.num_batches_tracked", {}, {12});
     return w.to_bytes();
   };
-  const Bytes missing = file_with([](auto&, Param<float>& p) { return p.name != "weight_orepa_prior"; });
-  const Bytes extra = file_with([](io::SafetensorsWriter& w, Param<float>& p) {
-    if (p.name == "vector") w.add("vector_extra", p.value);
+  const Bytes missing = file_with([](auto&, const std::string& n, auto&) { return n != "weight_orepa_prior"; });
+  const Bytes extra = file_with([](io::SafetensorsWriter& w, const std::string& n, const Tensor<float>& t) {
+    if (n == "vector") w.add("vector_extra", t);
     return true;
   });
-  const Bytes misshaped = file_with([](io::SafetensorsWriter& w, Param<float>& p) {
-    if (p.name != "bn.running_var") return true;
-    w.add(p.name, Tensor<float>({8, 1}));
+  const Bytes misshaped = file_with([](io::SafetensorsWriter& w, const std::string& n, const Tensor<float>&) {
+    if (n != "bn.running_var") return true;
+    w.add(n, Tensor<float>({8, 1}));
     return false;
   });
   // Right names and shapes, but a dtype that cannot be converted: found only while
   // converting, which happens before anything is assigned.
-  const Bytes f8_dtype = file_with([](io::SafetensorsWriter& w, Param<float>& p) {
-    if (p.name != "weight_orepa_1x1_kxk_conv2") return true;
-    const std::vector<unsigned char> raw(std::size_t(p.value.numel()), 0x38);  // F8: one byte per element
-    w.add_raw(io::TensorEntry{p.name, io::DType::F8_E4M3, p.value.sizes(), raw.data(), raw.size()});
+  const Bytes f8_dtype = file_with([](io::SafetensorsWriter& w, const std::string& n, const Tensor<float>& t) {
+    if (n != "weight_orepa_1x1_kxk_conv2") return true;
+    const std::vector<unsigned char> raw(std::size_t(t.numel()), 0x38);  // F8: one byte per element
+    w.add_raw(io::TensorEntry{n, io::DType::F8_E4M3, t.sizes(), raw.data(), raw.size()});
     return false;
   });
   io::SafetensorsWriter half_count;  // num_batches_tracked of 1.5
-  for (auto* p : src.parameters()) half_count.add(p->name, p->value);
+  for (const auto& n : sd.names())
+    if (!sd.is_count(n)) half_count.add(n, sd.tensor(n));
   half_count.add("bn.num_batches_tracked", Tensor<float>(Shape{}, 1.5f));
-  Bytes truncated = file_with([](auto&, auto&) { return true; });
+  Bytes truncated = file_with([](auto&, auto&, auto&) { return true; });
   truncated.resize(truncated.size() - 3);
 
   struct Case {
@@ -339,7 +351,10 @@ TEST(ReliabilityHostile, StateDictThatDoesNotFitIsRejectedAndTheBlockIsUnchanged
   // Tolerated on request: the extra tensor is ignored and the rest loads.
   io::load_state_dict(dst, io::SafetensorsFile::from_bytes(extra), "", io::Unexpected::ignore);
   EXPECT_EQ(dst.bn().num_batches_tracked, 12);
-  for (auto* p : dst.parameters()) EXPECT_EQ(max_abs_diff(p->value, src.param(p->name).value), 0.0) << p->name;
+  for (const auto& n : sd.names())
+    if (!sd.is_count(n)) {
+      EXPECT_EQ(max_abs_diff(dst.param(n).value, sd.tensor(n)), 0.0) << n;
+    }
 }
 
 // Sizes that cannot be allocated are config_error from the size arithmetic itself, never
@@ -396,7 +411,7 @@ TEST(ReliabilityHostile, AbsurdSizesAreRejectedBeforeAllocating) {
 // Regression inputs from fuzz/fuzz_block_config.
 
 // Padding 2^31 was accepted; the output shape of the next forward, [3, 4, 2^32 + 5, 2^32 + 5],
-// then overflowed int64 in SqueezedBlock::forward_train (N * OH * OW): UBSan signed overflow.
+// then overflowed int64 in the block's forward_train (N * OH * OW): UBSan signed overflow.
 // Now such a padding is rejected up front, and output_shape checks the output's size.
 TEST(ReliabilityFuzzRegression, Padding2p31IsRejectedAndHugeOutputsAreConfigErrors) {
   expect_error<config_error>(
@@ -431,7 +446,7 @@ TEST(ReliabilityFuzzRegression, Dilation2p31On1x1IsAConfigError) {
     ConvGeometry g;
     g.in_channels = 10, g.out_channels = 9, g.stride = 2, g.dilation = d, g.padding = 4;
     expect_error<config_error>(
-        [&] { DeployedConv<float, ReLU> c(g, Tensor<float>({9, 10, 1, 1}), Tensor<float>({9})); },
+        [&] { DeployedConv<float> c(g, Tensor<float>({9, 10, 1, 1}), Tensor<float>({9}), ReLU{}); },
         "dilation must be <= 65536", "DeployedConv");
   }
   // The cap itself is fine and gives the dense result (dilation is irrelevant for 1x1).

@@ -23,17 +23,47 @@ Tensor<S> random_tensor(const Shape& shape, Rng& rng, double bound = 1.0) {
   return t;
 }
 
-/// Randomises every tensor of a block (so zero-initialised ones such as idconv1 and the
-/// zero prior scale take part in the checks) and its BN running statistics.
+/// Randomises every trainable tensor of a block (so zero-initialised ones such as idconv1
+/// and the zero prior scale take part in the checks) and its BN running statistics.
 template <class Block>
 void randomise(Block& b, Rng& rng) {
-  for (auto* p : b.parameters()) {
-    if (p->name.find("running_var") != std::string::npos) {
-      for (auto& v : p->value) v = static_cast<std::decay_t<decltype(v)>>(rng.uniform(0.5, 1.5));
-    } else if (p->trainable() || p->name.find("running_mean") != std::string::npos) {
-      fill_uniform(p->value, 0.5, rng);
-    }
+  for (auto* p : b.parameters()) fill_uniform(p->value, 0.5, rng);
+  for (auto* bn : b.batch_norms()) {
+    fill_uniform(bn->running_mean.value, 0.5, rng);
+    for (auto& v : bn->running_var.value) v = static_cast<std::decay_t<decltype(v)>>(rng.uniform(0.5, 1.5));
   }
+}
+
+/// The BatchNorm of `block` whose tensors are `prefix` + "weight", ...; config_error if absent.
+template <class Block>
+auto& batch_norm(Block& block, const std::string& prefix) {
+  Tensors<typename decltype(block.state_dict())::Scalar> t;
+  block.collect_tensors(t, "");
+  for (auto& [p, bn] : t.batch_norms)
+    if (p == prefix) return *bn;
+  throw config_error("no BatchNorm with prefix '" + prefix + "'");
+}
+
+/// The name prefixes of the block's BatchNorms ("bn.", "rbr_identity.", ...), in order.
+template <class Block>
+std::vector<std::string> bn_prefixes(Block& block) {
+  Tensors<typename decltype(block.state_dict())::Scalar> t;
+  block.collect_tensors(t, "");
+  std::vector<std::string> r;
+  for (auto& [p, bn] : t.batch_norms) r.push_back(p);
+  return r;
+}
+
+/// Copies every parameter and buffer of `from` into `to` (the same block type built with
+/// another scalar), converting the values.
+template <class From, class To>
+void copy_tensors(From& from, To& to) {
+  const auto fp = from.parameters(), tp = to.parameters(), fb = from.buffers(), tb = to.buffers();
+  ASSERT_EQ(fp.size(), tp.size());
+  ASSERT_EQ(fb.size(), tb.size());
+  using T = typename decltype(to.state_dict())::Scalar;
+  for (std::size_t j = 0; j < fp.size(); ++j) tp[j]->value = fp[j]->value.template cast<T>();
+  for (std::size_t j = 0; j < fb.size(); ++j) tb[j]->value = fb[j]->value.template cast<T>();
 }
 
 /// Asserts max |a - e| <= rel * max(1, max |e|), the fixture tolerance.
@@ -94,9 +124,8 @@ void check_block_gradients(Block& block, Tensor<double> x, Rng& rng,
     return l;
   };
   double worst = check_grad(x, dx, loss, "input");
-  for (auto* p : block.parameters())
-    if (p->trainable()) worst = std::max(worst, check_grad(p->value, p->grad, loss, p->name));
-    else EXPECT_TRUE(p->grad.empty()) << p->name << " is a buffer and must get no gradient";
+  for (auto& [name, p] : block.named_parameters()) worst = std::max(worst, check_grad(p->value, p->grad, loss, name));
+  for (auto& [name, p] : block.named_buffers()) EXPECT_TRUE(p->grad.empty()) << name << " is a buffer and must get no gradient";
   ::testing::Test::RecordProperty("worst_fd_relative_error", std::to_string(worst));
   std::printf("  worst finite-difference relative error: %.2e\n", worst);
 }

@@ -1,7 +1,7 @@
 // Tests of the YOLOv5 modules in include/orepa/nn/yolo.hpp: channel concat / split,
 // finite-difference gradient checks (double) of Bottleneck and C3 built from OREPA
-// blocks, deploy == eval (float) for C3 built from OREPA, DBB and ConvBN blocks, inside
-// a Sequential too, and the configuration errors.
+// blocks, deploy == eval (float) for C3 built from every block type, inside a Sequential
+// too, and the configuration errors.
 #include <gtest/gtest.h>
 
 #include <functional>
@@ -46,7 +46,6 @@ void gradient_check(Module& module, const Shape& x_shape, std::uint64_t seed, co
 
   std::int64_t checked = 0;
   for (auto& [name, p] : module.named_parameters()) {
-    if (!p->trainable()) continue;
     const Tensor<double> analytic = p->grad;  // the numeric loss never runs backward, but be safe
     check_grad(p->value, analytic, loss, what + " " + name, 1e-5, 6);
     ++checked;
@@ -93,29 +92,29 @@ TEST(Yolo, ConcatAndSplitChannelsRoundTrip) {
 
 TEST(Yolo, BottleneckGradientsMatchFiniteDifferences) {
   // With the residual (c1 == c2): cv1 is OREPA_1x1, cv2 an OREPA 3x3 block.
-  Bottleneck<double, OrepaConvMaker<double>> with(4, 4, true, 0.5, /*seed=*/3);
+  Bottleneck<double> with(4, 4, true, 0.5, /*seed=*/3, orepa_maker<double>());
   ASSERT_TRUE(with.has_residual());
   EXPECT_EQ(with.cv1().type_name(), "OREPA_1x1");
   EXPECT_EQ(with.cv2().type_name(), "OREPA");
   gradient_check(with, {2, 4, 5, 5}, 11, "Bottleneck(4, 4, shortcut)");
   // Without (c1 != c2).
-  Bottleneck<double, OrepaConvMaker<double>> without(3, 4, true, 0.5, /*seed=*/4);
+  Bottleneck<double> without(3, 4, true, 0.5, /*seed=*/4, orepa_maker<double>());
   ASSERT_FALSE(without.has_residual());
   gradient_check(without, {2, 3, 5, 5}, 12, "Bottleneck(3, 4)");
 }
 
 TEST(Yolo, C3GradientsMatchFiniteDifferences) {
-  C3<double, OrepaConvMaker<double>> c3(4, 4, /*n=*/2, true, 0.5, /*seed=*/5);
+  C3<double> c3(4, 4, /*n=*/2, true, 0.5, /*seed=*/5, orepa_maker<double>());
   EXPECT_EQ(c3.m().size(), 2u);
   EXPECT_TRUE(c3.m()[0].has_residual());
   gradient_check(c3, {2, 4, 4, 4}, 13, "C3(4, 4, n=2)");
-  C3<double, OrepaConvMaker<double>> narrow(3, 4, /*n=*/1, false, 0.5, /*seed=*/6);
+  C3<double> narrow(3, 4, /*n=*/1, false, 0.5, /*seed=*/6, orepa_maker<double>());
   EXPECT_FALSE(narrow.m()[0].has_residual());
   gradient_check(narrow, {2, 3, 4, 4}, 14, "C3(3, 4, no shortcut)");
 }
 
 TEST(Yolo, C3NamedParametersFollowYoloV5Paths) {
-  C3<double, OrepaConvMaker<double>> c3(4, 8, /*n=*/2);
+  C3<double> c3(4, 8, /*n=*/2, true, 0.5, 0, orepa_maker<double>());
   std::vector<std::string> names;
   for (auto& [name, p] : c3.named_parameters("model.2.")) names.push_back(name);
   EXPECT_EQ(c3.parameters().size(), names.size());
@@ -129,25 +128,63 @@ TEST(Yolo, C3NamedParametersFollowYoloV5Paths) {
 }
 
 TEST(Yolo, C3DeployEqualsEvalOrepa) {
-  C3<float, OrepaConvMaker<float>> c3(8, 16, /*n=*/2, true, 0.5, /*seed=*/7);
+  C3<float> c3(8, 16, /*n=*/2, true, 0.5, /*seed=*/7, orepa_maker<float>());
   eval_equals_deploy(c3, {4, 8, 9, 9}, 21, "C3 OREPA");
 }
 
 TEST(Yolo, C3DeployEqualsEvalDbb) {
-  C3<float, DbbConvMaker<float>> c3(8, 8, /*n=*/1, true, 0.5, /*seed=*/8);
+  C3<float> c3(8, 8, /*n=*/1, true, 0.5, /*seed=*/8, dbb_maker<float>());
   EXPECT_EQ(c3.m()[0].cv2().type_name(), "DBB");
   EXPECT_EQ(c3.cv1().type_name(), "ConvBN");
   eval_equals_deploy(c3, {4, 8, 7, 7}, 22, "C3 DBB");
 }
 
-TEST(Yolo, C3DeployEqualsEvalConvBN) {
-  C3<float, ConvBNMaker<float>> c3(6, 8, /*n=*/1, false, 0.5, /*seed=*/9);
-  eval_equals_deploy(c3, {4, 6, 6, 6}, 23, "C3 ConvBN");
+namespace {
+// A maker of `Block` wherever its kernel rule allows (OREPA_1x1: 1x1 only; RepVGG and
+// OREPA_LargeConv: 3x3), ConvBN elsewhere.
+template <template <class, class> class Block>
+BlockMaker<float> maker_where_it_fits() {
+  return [](const ConvOptions& opts) -> AnyBlock<float> {
+    using B = Block<float, SiLU>;
+    try {
+      return B(typename B::Options(opts));
+    } catch (const config_error&) {
+      return ConvBN<float, SiLU>(opts);
+    }
+  };
+}
+
+// One C3 of `Block`: a training step (SGD), then deployed vs eval.
+template <template <class, class> class Block>
+void c3_of(const std::string& type) {
+  C3<float> c3(8, 8, /*n=*/1, true, 0.5, /*seed=*/11, maker_where_it_fits<Block>());
+  int blocks = 0;
+  for (auto* b : {&c3.cv1(), &c3.cv2(), &c3.cv3(), &c3.m()[0].cv1(), &c3.m()[0].cv2()})
+    blocks += b->type_name() == type;
+  EXPECT_GT(blocks, 0) << "a C3 of " << type << " holds one";
+  Rng rng(12);
+  const auto x = random_tensor<float>({4, 8, 7, 7}, rng);
+  c3.zero_grad();
+  c3.backward(random_tensor<float>(c3.forward_train(x).sizes(), rng));
+  for (auto* p : c3.parameters())
+    for (std::int64_t j = 0; j < p->value.numel(); ++j) p->value[j] -= 0.05f * p->grad[j];
+  const Tensor<float> eval = c3.forward_eval(x);
+  expect_close(c3.deploy().forward(x), eval, 1e-4, "C3 of " + type + ": deploy vs eval");
+}
+}  // namespace
+
+TEST(Yolo, C3OfEveryBlockTypeTrainsAndDeploys) {
+  c3_of<OREPA>("OREPA");
+  c3_of<OREPA_1x1>("OREPA_1x1");
+  c3_of<OREPA_LargeConv>("OREPA_LargeConv");
+  c3_of<RepVGGBlock_OREPA>("RepVGGBlock_OREPA");
+  c3_of<ConvBN>("ConvBN");
+  c3_of<DBB>("DBB");
 }
 
 TEST(Yolo, ModulesDeployInsideSequential) {
   Sequential<float> net;
-  net.add(OrepaConvMaker<float>()(3, 8, 3, 2, 1));
+  net.add(orepa_maker<float>()(ConvOptions(3, 8, 3).stride(2).seed(1)));
   net.add(C3<float>(8, 8, 1, true, 0.5, 2));
   net.add(Bottleneck<float>(8, 8, true, 0.5, 3));
   net.add(GlobalAvgPool<float>());
@@ -160,7 +197,9 @@ TEST(Yolo, ModulesDeployInsideSequential) {
   }
   const auto chain = net.deploy();
   ASSERT_EQ(chain.size(), 5u);
-  for (std::size_t i = 0; i < 3; ++i) EXPECT_TRUE(chain.deployed(i)) << i;
+  EXPECT_NE(chain.stage(0).target<DeployedConv<float>>(), nullptr);
+  EXPECT_NE(chain.stage(1).target<DeployedC3<float>>(), nullptr);
+  EXPECT_NE(chain.stage(2).target<DeployedBottleneck<float>>(), nullptr);
   const Tensor<float> x = random_tensor<float>({4, 3, 12, 12}, rng);
   expect_close(chain.forward(x), net.forward_eval(x), 1e-4, "Sequential of YOLO modules");
   EXPECT_GT(net.get<C3<float>>(1).deploy().num_parameters(), 0);

@@ -10,7 +10,7 @@
 ///
 /// | block | options |
 /// |---|---|
-/// | OREPA | OrepaOptions: + internal_channels, weight_only |
+/// | OREPA | OrepaOptions: + internal_channels |
 /// | RepVGGBlock_OREPA | RepVGGOptions: + internal_channels, identity |
 /// | DBB | DbbOptions: + internal_channels |
 /// | OREPA_1x1, OREPA_LargeConv, ConvBN | ConvOptions |
@@ -105,20 +105,16 @@ struct ConvOptions : ConvOptionsBase<ConvOptions> {
   using ConvOptionsBase<ConvOptions>::ConvOptionsBase;
 };
 
-/// Options of OREPA: the geometry plus the 1x1 -> k x k branch's width and weight_only.
+/// Options of OREPA: the geometry plus the 1x1 -> k x k branch's width.
 struct OrepaOptions : ConvOptionsBase<OrepaOptions> {
   using ConvOptionsBase<OrepaOptions>::ConvOptionsBase;
 
   /// @fn internal_channels(const std::int64_t&)
   /// @brief Sets internal_channels() (0: the reference rule); returns the options for chaining.
-  /// @fn weight_only(const bool&)
-  /// @brief Sets weight_only(); returns the options for chaining.
 
   /// Internal channels T of the 1x1 -> k x k branch; 0 (default) means the reference
   /// rule (T = I when groups <= 4, else 2 I).
   OREPA_OPTION(std::int64_t, internal_channels) = 0;
-  /// No BN: the block only yields its squeezed kernel (OREPA_LargeConv's inner layers).
-  OREPA_OPTION(bool, weight_only) = false;
 };
 
 /// Options of RepVGGBlock_OREPA: the geometry plus the structure of its paths. Both

@@ -5,7 +5,7 @@
 /// into one kernel, then BN and the activation. State-dict names as in the reference:
 /// weight_orepa_*, id_tensor, vector [6, O], bn.*.
 
-#include "orepa/blocks/online_block.hpp"
+#include "orepa/blocks/conv_block.hpp"
 #include "orepa/blocks/options.hpp"
 #include "orepa/branches/orepa_branches.hpp"
 
@@ -17,7 +17,8 @@ inline std::int64_t default_internal_channels(std::int64_t in_channels, std::int
 }
 
 /// The six OREPA branches for geometry `g` in `vector` row order, reference-initialised
-/// (kaiming_uniform a = 0, idconv1 zero, scales 0.25, 0.25, 0, 0.5, 1, 0.5).
+/// (kaiming_uniform a = 0, idconv1 zero, scales 0.25, 0.25, 0, 0.5, 1, 0.5); T internal
+/// channels in the 1x1 -> k x k row (0: the reference rule).
 template <class S>
 BranchList<S> make_orepa_branches(const ConvGeometry& g, std::int64_t internal_channels, Rng& rng) {
   using namespace branches;
@@ -33,20 +34,22 @@ BranchList<S> make_orepa_branches(const ConvGeometry& g, std::int64_t internal_c
 }
 
 /// The OREPA k x k block, `OREPA<float, SiLU> b(OrepaOptions(16, 32, 3).stride(2));`.
-/// Any odd k, groups, stride, padding and dilation; weight_only(true) drops BN.
+/// Any odd k, groups, stride, padding and dilation.
 template <class S = float, class Act = Identity>
 class OREPA : public OnlineBlock<S, Act> {
  public:
   /// The options type the block is built from.
   using Options = OrepaOptions;
-  /// Builds the block from `opts` (`seed` drives the reference initialisation, see make_orepa_branches()). Throws config_error on an invalid
-  /// geometry (even kernel, groups not dividing the channels, ...).
-  explicit OREPA(const OrepaOptions& opts, Act act = {}) : OREPA(opts, opts.geometry(), act) {}
+  /// Builds the block from `opts` (`seed` drives the reference initialisation, see
+  /// make_orepa_branches()). Throws config_error on an invalid geometry (even kernel,
+  /// groups not dividing the channels, ...) or internal channels not a positive multiple
+  /// of groups.
+  explicit OREPA(const OrepaOptions& opts, Act act = {})
+      : OnlineBlock<S, Act>(opts.geometry(), branches_for(opts), "OREPA", act) {}
 
  private:
-  OREPA(const OrepaOptions& opts, const ConvGeometry& g, Act act)
-      : OnlineBlock<S, Act>(g, branches_for(opts, g), {"OREPA", opts.weight_only(), 6, "bn."}, act) {}
-  static BranchList<S> branches_for(const OrepaOptions& opts, const ConvGeometry& g) {
+  static BranchList<S> branches_for(const OrepaOptions& opts) {
+    const auto g = opts.geometry();
     g.validate("OREPA");
     Rng rng(opts.seed());
     return make_orepa_branches<S>(g, opts.internal_channels(), rng);

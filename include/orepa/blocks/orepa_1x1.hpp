@@ -6,7 +6,7 @@
 /// (scale 0.5; T = I and conv1 = identity when O > I, else T = O and conv2 = identity).
 /// kaiming_uniform a = 1 for the random ones; `vector` [2, O]; bn.*. Groups must be 1.
 
-#include "orepa/blocks/online_block.hpp"
+#include "orepa/blocks/conv_block.hpp"
 #include "orepa/blocks/options.hpp"
 #include "orepa/branches/orepa_branches.hpp"
 
@@ -21,20 +21,16 @@ class OREPA_1x1 : public OnlineBlock<S, Act> {
   /// Builds the block from `opts` (`seed` drives the initialisation). Throws
   /// config_error unless kernel_size is 1 and groups is 1, or on an invalid geometry.
   explicit OREPA_1x1(const ConvOptions& opts, Act act = {})
-      : OnlineBlock<S, Act>(checked(opts), branches_for(opts), {"OREPA_1x1", false, 2, "bn."}, act) {}
+      : OnlineBlock<S, Act>(opts.geometry(), branches_for(opts), "OREPA_1x1", act) {}
 
  private:
-  static ConvGeometry checked(const ConvOptions& opts) {
+  static BranchList<S> branches_for(const ConvOptions& opts) {
     if (opts.kernel_size() != 1)
       throw config_error(detail::cat("OREPA_1x1: kernel_size must be 1, got ", opts.kernel_size()));
     if (opts.groups() != 1)
       throw config_error(detail::cat("OREPA_1x1: groups must be 1 (as in the reference), got ", opts.groups()));
-    auto g = opts.geometry();
+    const auto g = opts.geometry();
     g.validate("OREPA_1x1");
-    return g;
-  }
-  static BranchList<S> branches_for(const ConvOptions& opts) {
-    const auto g = checked(opts);
     Rng rng(opts.seed());
     BranchList<S> list;
     list.push_back(std::make_unique<branches::Origin<S>>(g, "or1x1", branches::Init{1.0, 1.0}, rng));

@@ -5,17 +5,17 @@
 /// `weight_rbr_origin`, "or1x1" gives `weight_or1x1_origin`.
 /// Kernels are [O, Ig, k, k] row-major; "hw" below is the flattened k*k spatial index.
 ///
-/// Besides the Branch interface every branch here implements ScaledAdjoint, which the
-/// online block uses to run the adjoint of the whole squeeze without forming the branch
-/// kernels again. The two branches with real arithmetic (1x1 -> k x k and the
-/// DW-separable one) run their products as a few dense GEMMs (oneDNN matmul for float,
-/// Eigen otherwise) instead of per-element loops.
+/// Every branch here is linear in parameters with one row per output channel, so its
+/// adjoint needs no kernel formed again: dv[o] = <dW[o], K[o]> = <theta[o], g[o]> with g
+/// the unscaled adjoint. The branches with real arithmetic (1x1 -> k x k, DW-separable,
+/// the low-rank 1x1 pair) run their products as a few dense GEMMs through the GemmFn the
+/// block passes in (oneDNN's matmul for float, Eigen otherwise).
 
+#include <array>
 #include <cmath>
 #include <vector>
 
 #include "orepa/branches/branch.hpp"
-#include "orepa/engine/onednn.hpp"
 
 namespace orepa::branches {
 
@@ -33,23 +33,6 @@ S axpy_dot(std::int64_t n, S v, const S* g, const S* theta, S* grad) {
   return ConstVecMap<S>(theta, n).dot(gm);
 }
 
-/// The squeeze adjoint of a branch with its scale folded in: the block scales output
-/// channel o of the branch kernel K by v[o], so for dL/dW it needs dL/dtheta for the
-/// kernel gradient v[o] * dW[o] and dL/dv[o] = <dW[o], K[o]>. Every branch here is linear
-/// in a parameter with one row per output channel, so <dW[o], K[o]> = <theta[o], g[o]>
-/// with g the unscaled adjoint: no kernel needs to be formed in backward.
-template <class S>
-class ScaledAdjoint {
- public:
-  virtual ~ScaledAdjoint() = default;
-  /// w[o] += v[o] * K[o] (w [O, Ig, k, k]): the branch's share of the squeeze in one pass,
-  /// without a zeroed temporary kernel.
-  virtual void add_scaled_kernel(Tensor<S>& w, const S* v) const = 0;
-  /// Accumulates this branch's parameter gradients for the kernel gradient v[o] * grad_w[o]
-  /// and adds <grad_w[o], K[o]> to dv[o] (grad_w [O, Ig, k, k]; v, dv O values).
-  virtual void scaled_kernel_backward(const Tensor<S>& grad_w, const S* v, S* dv) = 0;
-};
-
 /// Initial branch scale and kaiming slope, which differ between the reference blocks.
 struct Init {
   double scale = 1.0;      ///< initial row of `vector`
@@ -59,37 +42,42 @@ struct Init {
 /// "weight_<stem>_<what>", the reference's parameter naming.
 inline std::string wname(const std::string& stem, const char* what) { return "weight_" + stem + "_" + what; }
 
+/// GemmDims from its fields (batch 1 unless given).
+inline GemmDims gemm_dims(std::int64_t M, std::int64_t N, std::int64_t K, std::array<std::int64_t, 3> a,
+                          std::array<std::int64_t, 3> b, std::array<std::int64_t, 3> c, bool accumulate = false,
+                          std::int64_t batch = 1) {
+  GemmDims g;
+  g.batch = batch, g.M = M, g.N = N, g.K = K, g.a = a, g.b = b, g.c = c, g.accumulate = accumulate;
+  return g;
+}
+
 /// Row 0: a free k x k kernel, `weight_<stem>_origin` [O, Ig, k, k].
 template <class S>
-class Origin final : public Branch<S>, public ScaledAdjoint<S> {
+class Origin final : public Branch<S> {
  public:
   /// Kaiming-initialised origin kernel [O, Ig, k, k] named after `stem`.
-  Origin(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
-      : w_(wname(stem, "origin"), Tensor<S>(g.weight_shape())), init_(init) {
+  Origin(const ConvGeometry& g, std::string stem, Init init, Rng& rng)
+      : w_(Tensor<S>(g.weight_shape())), stem_(std::move(stem)), init_(init) {
     kaiming_uniform(w_.value, init.kaiming_a, rng);
   }
-  void kernel(Tensor<S>& out) const override { std::copy(w_.value.begin(), w_.value.end(), out.begin()); }
-  void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
+  void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S>) const override {
     const std::int64_t O = w.size(0), per = w.numel() / O;
-    for (std::int64_t o = 0; o < O; ++o) {
-      const S* k = w_.value.data() + o * per;
-      S* d = w.data() + o * per;
-      for (std::int64_t j = 0; j < per; ++j) d[j] += v[o] * k[j];
-    }
+    for (std::int64_t o = 0; o < O; ++o)
+      VecMap<S>(w.data() + o * per, per) += v[o] * ConstVecMap<S>(w_.value.data() + o * per, per);
   }
-  void kernel_backward(const Tensor<S>& dk) override {
-    for (std::int64_t j = 0; j < dk.numel(); ++j) w_.grad[j] += dk[j];
-  }
-  void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
+  void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S>) override {
     const std::int64_t O = dk.size(0), per = dk.numel() / O;
     for (std::int64_t o = 0; o < O; ++o)
       dv[o] += axpy_dot(per, v[o], dk.data() + o * per, w_.value.data() + o * per, w_.grad.data() + o * per);
   }
-  ParamList<S> params() override { return {&w_}; }
+  void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
+    out.emplace_back(prefix + wname(stem_, "origin"), &w_);
+  }
   double initial_scale() const override { return init_.scale; }
 
  private:
   Param<S> w_;
+  std::string stem_;
   Init init_;
 };
 
@@ -97,19 +85,9 @@ class Origin final : public Branch<S>, public ScaledAdjoint<S> {
 /// K[o, i, hw] = conv[o, i] * F[o mod rows(F), hw]. With one filter row shared by all
 /// outputs this is the average branch (row 1), with O rows the frequency prior (row 2).
 template <class S>
-class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
+class OneByOneThenFilter : public Branch<S> {
  public:
-  void kernel(Tensor<S>& out) const override {
-    const auto O = out.size(0), Ig = out.size(1), kk = out.size(2) * out.size(3), rows = filter_.value.numel() / kk;
-    for (std::int64_t o = 0; o < O; ++o)
-      for (std::int64_t i = 0; i < Ig; ++i) {
-        const S c = conv_.value[o * Ig + i];
-        const S* f = filter_.value.data() + (o % rows) * kk;
-        S* k = out.data() + (o * Ig + i) * kk;
-        for (std::int64_t j = 0; j < kk; ++j) k[j] = c * f[j];
-      }
-  }
-  void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
+  void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S>) const override {
     const auto O = w.size(0), Ig = w.size(1), kk = w.size(2) * w.size(3), rows = filter_.value.numel() / kk;
     for (std::int64_t o = 0; o < O; ++o)
       for (std::int64_t i = 0; i < Ig; ++i) {
@@ -119,18 +97,7 @@ class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
         for (std::int64_t j = 0; j < kk; ++j) k[j] += c * f[j];
       }
   }
-  void kernel_backward(const Tensor<S>& dk) override {
-    const auto O = dk.size(0), Ig = dk.size(1), kk = dk.size(2) * dk.size(3), rows = filter_.value.numel() / kk;
-    for (std::int64_t o = 0; o < O; ++o)
-      for (std::int64_t i = 0; i < Ig; ++i) {
-        const S* f = filter_.value.data() + (o % rows) * kk;
-        const S* d = dk.data() + (o * Ig + i) * kk;
-        S acc = 0;
-        for (std::int64_t j = 0; j < kk; ++j) acc += d[j] * f[j];
-        conv_.grad[o * Ig + i] += acc;
-      }
-  }
-  void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
+  void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S>) override {
     const auto O = dk.size(0), Ig = dk.size(1), kk = dk.size(2) * dk.size(3), rows = filter_.value.numel() / kk;
     g_.resize({Ig});
     for (std::int64_t o = 0; o < O; ++o) {
@@ -140,26 +107,29 @@ class OneByOneThenFilter : public Branch<S>, public ScaledAdjoint<S> {
       dv[o] += axpy_dot(Ig, v[o], g_.data(), conv_.value.data() + o * Ig, conv_.grad.data() + o * Ig);
     }
   }
-  ParamList<S> params() override { return {&conv_, &filter_}; }
+  void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
+    out.emplace_back(prefix + conv_name_, &conv_);
+    out.emplace_back(prefix + filter_name_, &filter_);
+  }
   double initial_scale() const override { return init_.scale; }
 
  protected:
-  /// For subclasses: a kaiming-initialised 1x1 conv [O, Ig, 1, 1] named `conv_name` and the fixed `filter` buffer named `filter_name`.
+  /// For subclasses: a kaiming-initialised 1x1 conv [O, Ig, 1, 1] named `conv_name` and
+  /// the fixed `filter` buffer ([rows, k, k], or [k, k] for one shared row) named `filter_name`.
   OneByOneThenFilter(const ConvGeometry& g, std::string conv_name, std::string filter_name, Tensor<S> filter,
                      Init init, Rng& rng)
-      : conv_(std::move(conv_name), Tensor<S>({g.out_channels, g.in_per_group(), 1, 1})),
-        filter_(std::move(filter_name), std::move(filter), ParamKind::buffer),
+      : conv_(Tensor<S>({g.out_channels, g.in_per_group(), 1, 1})),
+        filter_(std::move(filter), ParamKind::buffer),
+        conv_name_(std::move(conv_name)),
+        filter_name_(std::move(filter_name)),
         init_(init) {
     kaiming_uniform(conv_.value, init.kaiming_a, rng);
   }
-  /// The 1x1 conv [O, Ig, 1, 1].
+
+ private:
   Param<S> conv_, filter_;
-  /// \var orepa::branches::OneByOneThenFilter::filter_
-  /// The fixed filter buffer [rows, k, k] (or [k, k] for the average).
-  //
-  /// Initialisation settings (its initial scale is reported by initial_scale()).
+  std::string conv_name_, filter_name_;
   Init init_;
-  /// Scratch: one output's unscaled gradient.
   Tensor<S> g_;  // scratch: one output's unscaled gradient
 };
 
@@ -171,7 +141,6 @@ class Avg final : public OneByOneThenFilter<S> {
   Avg(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
       : OneByOneThenFilter<S>(g, wname(stem, "avg_conv"), wname(stem, "avg_avg"),
                               Tensor<S>({g.kernel, g.kernel}, S(1.0 / double(g.kernel * g.kernel))), init, rng) {}
-  // avg_avg [k, k] is read as one filter row shared by every output channel.
 };
 
 /// The reference frequency prior generalised to any odd k (SPEC section 1):
@@ -204,43 +173,52 @@ class Prior final : public OneByOneThenFilter<S> {
 /// The k x k part is `weight_<stem>_1x1_kxk_conv2` [O, T/g, k, k]. Per group c:
 /// K[c*Og+a, i, hw] = sum_{u<T/g} conv2[c*Og+a, u, hw] * c1[c*T/g+u, i].
 template <class S>
-class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
+class OneByOneKxk final : public Branch<S> {
  public:
   /// Branch with `internal` channels T (a positive multiple of groups, else config_error).
-  OneByOneKxk(const ConvGeometry& g, const std::string& stem, std::int64_t internal, bool identity_init, Init init,
-              Rng& rng)
-      : T_(internal), identity_(identity_init), init_(init) {
+  OneByOneKxk(const ConvGeometry& g, std::string stem, std::int64_t internal, bool identity_init, Init init, Rng& rng)
+      : T_(internal), identity_(identity_init), stem_(std::move(stem)), init_(init) {
     const auto Ig = g.in_per_group();
     if (T_ < 1 || T_ % g.groups != 0)
-      throw config_error(orepa::detail::cat("OneByOneKxk: internal channels ", T_, " must be a positive multiple of groups ",
-                                     g.groups));
-    conv1_ = Param<S>(wname(stem, identity_ ? "1x1_kxk_idconv1" : "1x1_kxk_conv1"), Tensor<S>({T_, Ig, 1, 1}));
+      throw config_error(orepa::detail::cat("OneByOneKxk: internal channels ", T_,
+                                            " must be a positive multiple of groups ", g.groups));
+    conv1_ = Param<S>(Tensor<S>({T_, Ig, 1, 1}));
     if (identity_) {
-      id_ = Param<S>("id_tensor", Tensor<S>({T_, Ig, 1, 1}), ParamKind::buffer);
+      id_ = Param<S>(Tensor<S>({T_, Ig, 1, 1}), ParamKind::buffer);
       for (std::int64_t t = 0; t < T_; ++t) id_.value[t * Ig + t % Ig] = S(1);
     } else {
       kaiming_uniform(conv1_.value, init.kaiming_a, rng);
     }
-    conv2_ = Param<S>(wname(stem, "1x1_kxk_conv2"), Tensor<S>({g.out_channels, T_ / g.groups, g.kernel, g.kernel}));
+    conv2_ = Param<S>(Tensor<S>({g.out_channels, T_ / g.groups, g.kernel, g.kernel}));
     kaiming_uniform(conv2_.value, init.kaiming_a, rng);
   }
   /// The number T of internal channels.
   std::int64_t internal_channels() const { return T_; }
 
   // Per group c the branch is one GEMM over the Og*kk (a, hw) rows:
-  //   P[a*kk + hw, u] = conv2[c*Og + a, u, hw]      (a transposed copy, kernel-sized)
-  //   E = P * c1_c  [Og*kk x Ig]                    (M = Og*kk, K = Tg, N = Ig)
-  //   K[c*Og + a, i, hw] = E[a*kk + hw, i]          (copied back)
-  void kernel(Tensor<S>& out) const override { product(out, nullptr, false); }
-  void add_scaled_kernel(Tensor<S>& w, const S* v) const override { product(w, v, true); }
-  void kernel_backward(const Tensor<S>& dk) override {
-    std::vector<S> ones(std::size_t(dk.size(0)), S(1)), dv(std::size_t(dk.size(0)));
-    scaled_kernel_backward(dk, ones.data(), dv.data());
+  //   P[a*kk + hw, u] = v[c*Og + a] * conv2[c*Og + a, u, hw]   (a transposed copy, kernel-sized)
+  //   E = P * c1_c  [Og*kk x Ig]                               (M = Og*kk, K = Tg, N = Ig)
+  //   W[c*Og + a, i, hw] += E[a*kk + hw, i]                    (added back)
+  void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S> gemm) const override {
+    const Dims d = dims(w.sizes());
+    effective_conv1();
+    for (std::int64_t c = 0; c < d.G; ++c) {
+      to_rows(conv2_.value.data(), c, d, v, p_);
+      e_.resize({d.Og * d.kk, d.Ig});
+      gemm(gemm_dims(d.Og * d.kk, d.Ig, d.Tg, {0, d.Tg, 1}, {0, d.Ig, 1}, {0, d.Ig, 1}), p_.data(),
+           c1_.data() + c * d.Tg * d.Ig, e_.data());
+      for (std::int64_t a = 0; a < d.Og; ++a)
+        for (std::int64_t i = 0; i < d.Ig; ++i) {
+          S* k = w.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
+          const S* e = e_.data() + a * d.kk * d.Ig + i;
+          for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] += e[hw * d.Ig];
+        }
+    }
   }
   // With dE[a*kk + hw, i] = dW[c*Og + a, i, hw]:
   //   G^T = c1_c * dE^T [Tg x Og*kk] -> conv2.grad += v * G, dv += <conv2, G>
   //   dc1_c += (v * P)^T * dE        [Tg x Ig]
-  void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
+  void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S> gemm) override {
     const Dims d = dims(dk.sizes());
     effective_conv1();
     for (std::int64_t c = 0; c < d.G; ++c) {
@@ -252,8 +230,8 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
       // G^T = c1_c * dE^T [Tg x Og*kk]: row u holds, for each a, the kk values of
       // conv2[c*Og + a, u, :]'s gradient contiguously.
       g_.resize({d.Tg, d.Og * d.kk});
-      engine::gemm(gemm_dims(d.Tg, d.Og * d.kk, d.Ig, {0, d.Ig, 1}, {0, 1, d.Ig}, {0, d.Og * d.kk, 1}),
-                   c1_.data() + c * d.Tg * d.Ig, e_.data(), g_.data());
+      gemm(gemm_dims(d.Tg, d.Og * d.kk, d.Ig, {0, d.Ig, 1}, {0, 1, d.Ig}, {0, d.Og * d.kk, 1}),
+           c1_.data() + c * d.Tg * d.Ig, e_.data(), g_.data());
       for (std::int64_t a = 0; a < d.Og; ++a) {
         const std::int64_t o = c * d.Og + a;
         S acc = 0;
@@ -262,14 +240,15 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
                           conv2_.value.data() + (o * d.Tg + u) * d.kk, conv2_.grad.data() + (o * d.Tg + u) * d.kk);
         dv[o] += acc;
       }
-      to_rows(conv2_.value.data(), c, d, v, p_);  // v-scaled P
-      engine::gemm(gemm_dims(d.Tg, d.Ig, d.Og * d.kk, {0, 1, d.Tg}, {0, d.Ig, 1}, {0, d.Ig, 1}, true), p_.data(),
-                   e_.data(), conv1_.grad.data() + c * d.Tg * d.Ig);
+      to_rows(conv2_.value.data(), c, d, v, p_);
+      gemm(gemm_dims(d.Tg, d.Ig, d.Og * d.kk, {0, 1, d.Tg}, {0, d.Ig, 1}, {0, d.Ig, 1}, true), p_.data(), e_.data(),
+           conv1_.grad.data() + c * d.Tg * d.Ig);
     }
   }
-  ParamList<S> params() override {
-    if (identity_) return {&conv1_, &id_, &conv2_};
-    return {&conv1_, &conv2_};
+  void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
+    out.emplace_back(prefix + wname(stem_, identity_ ? "1x1_kxk_idconv1" : "1x1_kxk_conv1"), &conv1_);
+    out.emplace_back(prefix + wname(stem_, "1x1_kxk_conv2"), &conv2_);
+    if (identity_) out.emplace_back(prefix + "id_tensor", &id_);
   }
   double initial_scale() const override { return init_.scale; }
 
@@ -281,40 +260,14 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
     const std::int64_t O = ks[0], Ig = ks[1], kk = ks[2] * ks[3], Tg = conv2_.value.size(1), G = T_ / Tg;
     return {O, Ig, kk, Tg, G, O / G};
   }
-  static engine::GemmDims gemm_dims(std::int64_t M, std::int64_t N, std::int64_t K, std::array<std::int64_t, 3> a,
-                                    std::array<std::int64_t, 3> b, std::array<std::int64_t, 3> c, bool acc = false) {
-    engine::GemmDims g;
-    g.M = M, g.N = N, g.K = K, g.a = a, g.b = b, g.c = c, g.accumulate = acc;
-    return g;
-  }
-  // P[a*kk + hw, u] = conv2[c*Og + a, u, hw] (times v[c*Og + a] when v is given).
+  // P[a*kk + hw, u] = v[c*Og + a] * conv2[c*Og + a, u, hw].
   static void to_rows(const S* conv2, std::int64_t c, const Dims& d, const S* v, Tensor<S>& p) {
     p.resize({d.Og * d.kk, d.Tg});
     for (std::int64_t a = 0; a < d.Og; ++a) {
-      const S s = v ? v[c * d.Og + a] : S(1);
+      const S s = v[c * d.Og + a];
       const S* w2 = conv2 + (c * d.Og + a) * d.Tg * d.kk;
       for (std::int64_t u = 0; u < d.Tg; ++u)
         for (std::int64_t hw = 0; hw < d.kk; ++hw) p[(a * d.kk + hw) * d.Tg + u] = s * w2[u * d.kk + hw];
-    }
-  }
-  // out = K (add = false), or out += v * K (add = true, v-scaled rows of conv2).
-  void product(Tensor<S>& out, const S* v, bool add) const {
-    const Dims d = dims(out.sizes());
-    effective_conv1();
-    for (std::int64_t c = 0; c < d.G; ++c) {
-      to_rows(conv2_.value.data(), c, d, v, p_);
-      e_.resize({d.Og * d.kk, d.Ig});
-      engine::gemm(gemm_dims(d.Og * d.kk, d.Ig, d.Tg, {0, d.Tg, 1}, {0, d.Ig, 1}, {0, d.Ig, 1}), p_.data(),
-                   c1_.data() + c * d.Tg * d.Ig, e_.data());
-      for (std::int64_t a = 0; a < d.Og; ++a)
-        for (std::int64_t i = 0; i < d.Ig; ++i) {
-          S* k = out.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
-          const S* e = e_.data() + a * d.kk * d.Ig + i;
-          if (add)
-            for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] += e[hw * d.Ig];
-          else
-            for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] = e[hw * d.Ig];
-        }
     }
   }
   // c1 = conv1 (+ id_tensor), into the reused c1_ buffer.
@@ -325,6 +278,7 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
 
   std::int64_t T_;
   bool identity_;
+  std::string stem_;
   Init init_;
   Param<S> conv1_, id_, conv2_;
   mutable Tensor<S> c1_, p_, e_, g_;  // scratch, reused (kernel-sized)
@@ -332,26 +286,18 @@ class OneByOneKxk final : public Branch<S>, public ScaledAdjoint<S> {
 
 /// Row 4: a 1x1 kernel `weight_<stem>_1x1` [O, Ig, 1, 1] zero-padded to the k x k centre.
 template <class S>
-class OneByOne final : public Branch<S>, public ScaledAdjoint<S> {
+class OneByOne final : public Branch<S> {
  public:
   /// Kaiming-initialised 1x1 kernel [O, Ig, 1, 1] named after `stem`.
-  OneByOne(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
-      : w_(wname(stem, "1x1"), Tensor<S>({g.out_channels, g.in_per_group(), 1, 1})), init_(init) {
+  OneByOne(const ConvGeometry& g, std::string stem, Init init, Rng& rng)
+      : w_(Tensor<S>({g.out_channels, g.in_per_group(), 1, 1})), stem_(std::move(stem)), init_(init) {
     kaiming_uniform(w_.value, init.kaiming_a, rng);
   }
-  void kernel(Tensor<S>& out) const override {
-    const auto k = out.size(2), kk = k * k, centre = (k / 2) * k + k / 2;
-    for (std::int64_t j = 0; j < w_.value.numel(); ++j) out[j * kk + centre] = w_.value[j];
-  }
-  void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
+  void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S>) const override {
     const auto Ig = w.size(1), k = w.size(2), kk = k * k, centre = (k / 2) * k + k / 2;
     for (std::int64_t j = 0; j < w_.value.numel(); ++j) w[j * kk + centre] += v[j / Ig] * w_.value[j];
   }
-  void kernel_backward(const Tensor<S>& dk) override {
-    const auto k = dk.size(2), kk = k * k, centre = (k / 2) * k + k / 2;
-    for (std::int64_t j = 0; j < w_.grad.numel(); ++j) w_.grad[j] += dk[j * kk + centre];
-  }
-  void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
+  void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S>) override {
     const auto Ig = dk.size(1), k = dk.size(2), kk = k * k, centre = (k / 2) * k + k / 2;
     for (std::int64_t j = 0; j < w_.grad.numel(); ++j) {
       const S g = dk[j * kk + centre];
@@ -359,11 +305,14 @@ class OneByOne final : public Branch<S>, public ScaledAdjoint<S> {
       dv[j / Ig] += w_.value[j] * g;
     }
   }
-  ParamList<S> params() override { return {&w_}; }
+  void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
+    out.emplace_back(prefix + wname(stem_, "1x1"), &w_);
+  }
   double initial_scale() const override { return init_.scale; }
 
  private:
   Param<S> w_;
+  std::string stem_;
   Init init_;
 };
 
@@ -372,46 +321,44 @@ class OneByOne final : public Branch<S>, public ScaledAdjoint<S> {
 /// reference's PW row permutation for g > 1: for o = c*Og + a,
 /// K[o, i, hw] = sum_{t<8} pw[a*g + c, i*8 + t] * dw[(c*Ig + i)*8 + t, hw].
 template <class S>
-class DepthwiseSeparable final : public Branch<S>, public ScaledAdjoint<S> {
+class DepthwiseSeparable final : public Branch<S> {
  public:
   /// Depthwise expansion factor (8 DW channels per input channel).
   static constexpr std::int64_t expand = 8;
   /// Kaiming-initialised DW and PW kernels named after `stem`.
-  DepthwiseSeparable(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
-      : dw_(wname(stem, "gconv_dw"), Tensor<S>({expand * g.in_channels, 1, g.kernel, g.kernel})),
-        pw_(wname(stem, "gconv_pw"), Tensor<S>({g.out_channels, expand * g.in_per_group(), 1, 1})),
-        groups_(g.groups), init_(init) {
+  DepthwiseSeparable(const ConvGeometry& g, std::string stem, Init init, Rng& rng)
+      : dw_(Tensor<S>({expand * g.in_channels, 1, g.kernel, g.kernel})),
+        pw_(Tensor<S>({g.out_channels, expand * g.in_per_group(), 1, 1})),
+        groups_(g.groups),
+        stem_(std::move(stem)),
+        init_(init) {
     kaiming_uniform(dw_.value, init.kaiming_a, rng);
     kaiming_uniform(pw_.value, init.kaiming_a, rng);
   }
   // Per group c, one batched GEMM over the Ig input channels i:
-  //   K[c*Og + a, i, :] (Og x kk) = PW_i (Og x 8) * DW_i (8 x kk),
+  //   W[c*Og + a, i, :] (Og x kk) += (v * PW_i) (Og x 8) * DW_i (8 x kk),
   //   PW_i[a, t] = pw[a*g + c, i*8 + t], DW_i[t, :] = dw[(c*Ig + i)*8 + t, :],
   // every operand addressed in place through its strides.
-  void kernel(Tensor<S>& out) const override { product(out, pw_.value.data(), false); }
-  void add_scaled_kernel(Tensor<S>& w, const S* v) const override {
+  void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S> gemm) const override {
     const Dims d = dims(w.sizes());
     pwv_.resize(pw_.value.sizes());
     for (std::int64_t o = 0; o < d.O; ++o) {
-      const std::int64_t row = prow(o, d);
-      for (std::int64_t j = 0; j < d.cols; ++j) pwv_[row * d.cols + j] = v[o] * pw_.value[row * d.cols + j];
+      const std::int64_t off = prow(o, d) * d.cols;
+      VecMap<S>(pwv_.data() + off, d.cols) = v[o] * ConstVecMap<S>(pw_.value.data() + off, d.cols);
     }
-    product(w, pwv_.data(), true);
-  }
-  void kernel_backward(const Tensor<S>& dk) override {
-    std::vector<S> ones(std::size_t(dk.size(0)), S(1)), dv(std::size_t(dk.size(0)));
-    scaled_kernel_backward(dk, ones.data(), dv.data());
+    for (std::int64_t c = 0; c < d.G; ++c)
+      gemm(batched(d, d.Og, d.kk, expand, pw_strides(d), {expand * d.kk, d.kk, 1}, k_strides(d), true),
+           pwv_.data() + c * d.cols, dw_.value.data() + c * d.Ig * expand * d.kk, w.data() + c * d.Og * d.Ig * d.kk);
   }
   //   G_i = dK_i * DW_i^T (Og x 8), in pw's layout -> pw.grad += v * G, dv += <pw row, G row>
   //   dw.grad_i += (v * PW_i)^T * dK_i (8 x kk)
-  void scaled_kernel_backward(const Tensor<S>& dk, const S* v, S* dv) override {
+  void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S> gemm) override {
     const Dims d = dims(dk.sizes());
     gpw_.resize(pw_.value.sizes());
     pwv_.resize(pw_.value.sizes());
     for (std::int64_t c = 0; c < d.G; ++c)
-      engine::gemm(batched(d, d.Og, expand, d.kk, k_strides(d), {expand * d.kk, 1, d.kk}, pw_strides(d)),
-                   dk.data() + c * d.Og * d.Ig * d.kk, dw_.value.data() + c * d.Ig * expand * d.kk,
-                   gpw_.data() + c * d.cols);
+      gemm(batched(d, d.Og, expand, d.kk, k_strides(d), {expand * d.kk, 1, d.kk}, pw_strides(d)),
+           dk.data() + c * d.Og * d.Ig * d.kk, dw_.value.data() + c * d.Ig * expand * d.kk, gpw_.data() + c * d.cols);
     for (std::int64_t o = 0; o < d.O; ++o) {
       const std::int64_t off = prow(o, d) * d.cols;
       dv[o] += axpy_dot(d.cols, v[o], gpw_.data() + off, pw_.value.data() + off, pw_.grad.data() + off);
@@ -419,12 +366,14 @@ class DepthwiseSeparable final : public Branch<S>, public ScaledAdjoint<S> {
     }
     for (std::int64_t c = 0; c < d.G; ++c) {
       const auto ps = pw_strides(d);
-      engine::gemm(batched(d, expand, d.kk, d.Og, {ps[0], ps[2], ps[1]}, k_strides(d), {expand * d.kk, d.kk, 1}, true),
-                   pwv_.data() + c * d.cols, dk.data() + c * d.Og * d.Ig * d.kk,
-                   dw_.grad.data() + c * d.Ig * expand * d.kk);
+      gemm(batched(d, expand, d.kk, d.Og, {ps[0], ps[2], ps[1]}, k_strides(d), {expand * d.kk, d.kk, 1}, true),
+           pwv_.data() + c * d.cols, dk.data() + c * d.Og * d.Ig * d.kk, dw_.grad.data() + c * d.Ig * expand * d.kk);
     }
   }
-  ParamList<S> params() override { return {&dw_, &pw_}; }
+  void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
+    out.emplace_back(prefix + wname(stem_, "gconv_dw"), &dw_);
+    out.emplace_back(prefix + wname(stem_, "gconv_pw"), &pw_);
+  }
   double initial_scale() const override { return init_.scale; }
 
  private:
@@ -435,31 +384,23 @@ class DepthwiseSeparable final : public Branch<S>, public ScaledAdjoint<S> {
     const std::int64_t O = ks[0], Ig = ks[1], kk = ks[2] * ks[3], G = groups_;
     return {O, Ig, kk, G, O / G, expand * Ig};
   }
-  // out (+)= the kernel of the PW weights `pw` (pw's layout) and dw.
-  void product(Tensor<S>& out, const S* pw, bool add) const {
-    const Dims d = dims(out.sizes());
-    for (std::int64_t c = 0; c < d.G; ++c)
-      engine::gemm(batched(d, d.Og, d.kk, expand, pw_strides(d), {expand * d.kk, d.kk, 1}, k_strides(d), add),
-                   pw + c * d.cols, dw_.value.data() + c * d.Ig * expand * d.kk, out.data() + c * d.Og * d.Ig * d.kk);
-  }
   // The reference's PW row for output o = c*Og + a.
   static std::int64_t prow(std::int64_t o, const Dims& d) { return (o % d.Og) * d.G + o / d.Og; }
   // PW_i[a, t] = pw[(a*G + c)*cols + i*8 + t] (from the group's base c*cols).
   static std::array<std::int64_t, 3> pw_strides(const Dims& d) { return {expand, d.G * d.cols, 1}; }
   // K_i[a, hw] = K[((c*Og + a)*Ig + i)*kk + hw] (from the group's base).
   static std::array<std::int64_t, 3> k_strides(const Dims& d) { return {d.kk, d.Ig * d.kk, 1}; }
-  static engine::GemmDims batched(const Dims& d, std::int64_t M, std::int64_t N, std::int64_t K,
-                                  std::array<std::int64_t, 3> a, std::array<std::int64_t, 3> b,
-                                  std::array<std::int64_t, 3> c, bool acc = false) {
-    engine::GemmDims g;
-    g.batch = d.Ig, g.M = M, g.N = N, g.K = K, g.a = a, g.b = b, g.c = c, g.accumulate = acc;
-    return g;
+  static GemmDims batched(const Dims& d, std::int64_t M, std::int64_t N, std::int64_t K, std::array<std::int64_t, 3> a,
+                          std::array<std::int64_t, 3> b, std::array<std::int64_t, 3> c, bool acc = false) {
+    return gemm_dims(M, N, K, a, b, c, acc, d.Ig);
   }
 
   Param<S> dw_, pw_;
   std::int64_t groups_;
+  std::string stem_;
   Init init_;
-  mutable Tensor<S> gpw_, pwv_;  // scratch, reused (pw-sized)
+  mutable Tensor<S> pwv_;  // scratch: v-scaled pw (pw-sized)
+  Tensor<S> gpw_;          // scratch: pw's unscaled gradient
 };
 
 /// OREPA_1x1's second branch: `weight_or1x1_l2i_conv1` [T, I, 1, 1] then
@@ -473,27 +414,48 @@ class LowRankIdentity final : public Branch<S> {
     const auto O = g.out_channels, I = g.in_channels;
     const bool up = O > I;
     const auto T = up ? I : O;
-    c1_ = Param<S>("weight_or1x1_l2i_conv1", Tensor<S>({T, I, 1, 1}));
-    c2_ = Param<S>("weight_or1x1_l2i_conv2", Tensor<S>({O, T, 1, 1}));
+    c1_ = Param<S>(Tensor<S>({T, I, 1, 1}));
+    c2_ = Param<S>(Tensor<S>({O, T, 1, 1}));
     auto& eye = up ? c1_.value : c2_.value;
     kaiming_uniform(up ? c2_.value : c1_.value, init.kaiming_a, rng);
     for (std::int64_t t = 0; t < T; ++t) eye[t * eye.size(1) + t] = S(1);
   }
-  void kernel(Tensor<S>& out) const override {
+  // W += (v * conv2) @ conv1: one GEMM (O x T times T x I).
+  void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S> gemm) const override {
     const auto O = c2_.value.size(0), T = c1_.value.size(0), I = c1_.value.size(1);
-    out.matrix(O, I).noalias() = c2_.value.matrix(O, T) * c1_.value.matrix(T, I);
+    scaled_rows(v);
+    gemm(gemm_dims(O, I, T, {0, T, 1}, {0, I, 1}, {0, I, 1}, true), c2v_.data(), c1_.value.data(), w.data());
   }
-  void kernel_backward(const Tensor<S>& dk) override {
+  // H = dW @ conv1^T (O x T): conv2.grad += v * H, dv[o] += <conv2[o], H[o]>;
+  // conv1.grad += (v * conv2)^T @ dW (T x I).
+  void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S> gemm) override {
     const auto O = c2_.value.size(0), T = c1_.value.size(0), I = c1_.value.size(1);
-    c2_.grad.matrix(O, T).noalias() += dk.matrix(O, I) * c1_.value.matrix(T, I).transpose();
-    c1_.grad.matrix(T, I).noalias() += c2_.value.matrix(O, T).transpose() * dk.matrix(O, I);
+    h_.resize({O, T});
+    gemm(gemm_dims(O, T, I, {0, I, 1}, {0, 1, I}, {0, T, 1}), dk.data(), c1_.value.data(), h_.data());
+    for (std::int64_t o = 0; o < O; ++o)
+      dv[o] += axpy_dot(T, v[o], h_.data() + o * T, c2_.value.data() + o * T, c2_.grad.data() + o * T);
+    scaled_rows(v);
+    gemm(gemm_dims(T, I, O, {0, 1, T}, {0, I, 1}, {0, I, 1}, true), c2v_.data(), dk.data(), c1_.grad.data());
   }
-  ParamList<S> params() override { return {&c1_, &c2_}; }
+  void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
+    out.emplace_back(prefix + "weight_or1x1_l2i_conv1", &c1_);
+    out.emplace_back(prefix + "weight_or1x1_l2i_conv2", &c2_);
+  }
   double initial_scale() const override { return init_.scale; }
 
  private:
+  // c2v = v * conv2 (row o scaled by v[o]).
+  void scaled_rows(const S* v) const {
+    const auto O = c2_.value.size(0), T = c2_.value.size(1);
+    c2v_.resize({O, T});
+    for (std::int64_t o = 0; o < O; ++o)
+      VecMap<S>(c2v_.data() + o * T, T) = v[o] * ConstVecMap<S>(c2_.value.data() + o * T, T);
+  }
+
   Param<S> c1_, c2_;
   Init init_;
+  mutable Tensor<S> c2v_;  // scratch: v-scaled conv2
+  Tensor<S> h_;            // scratch: dW @ conv1^T
 };
 
 }  // namespace orepa::branches

@@ -10,6 +10,8 @@
 ///     oneDNN; user functors use ActivationKind::custom and are applied after the conv.
 
 #include <cmath>
+#include <cstdint>
+#include <functional>
 #include <string>
 
 #include "orepa/core/error.hpp"
@@ -56,6 +58,42 @@ struct SiLU {
     S s = S(1) / (S(1) + std::exp(-x));
     return s * (S(1) + x * (S(1) - s));
   }
+};
+
+/// An activation chosen at run time, what a deployed convolution applies: one of the
+/// built-ins (fused into oneDNN by the deployed conv) or any user functor, type-erased.
+/// Built from an activation object: `AnyActivation<float>(SiLU{})`.
+template <class S>
+class AnyActivation {
+ public:
+  /// The identity.
+  AnyActivation() = default;
+  /// The activation `act` (an Identity, ReLU, SiLU or user functor object).
+  template <class Act, class = decltype(Act::kind)>
+  AnyActivation(const Act& act) : kind_(Act::kind) {  // NOLINT: implicit on purpose
+    if constexpr (Act::kind == ActivationKind::custom) custom_ = [act](S x) { return act(x); };
+  }
+  /// The built-in kind, or custom.
+  ActivationKind kind() const { return kind_; }
+  /// The activation of `x`.
+  S operator()(S x) const {
+    switch (kind_) {
+      case ActivationKind::identity: return x;
+      case ActivationKind::relu: return ReLU{}(x);
+      case ActivationKind::silu: return SiLU{}(x);
+      case ActivationKind::custom: return custom_(x);
+    }
+    return x;
+  }
+  /// Applies the activation to `n` values in place.
+  void apply(S* y, std::int64_t n) const {
+    if (kind_ == ActivationKind::identity) return;
+    for (std::int64_t j = 0; j < n; ++j) y[j] = (*this)(y[j]);
+  }
+
+ private:
+  ActivationKind kind_ = ActivationKind::identity;
+  std::function<S(S)> custom_;
 };
 
 /// Parses "identity" / "relu" / "silu" (PyTorch/YOLO names; "linear" and "swish" too).

@@ -1,9 +1,13 @@
 #pragma once
 /// @file param.hpp
-/// `Param<S>`: a named tensor of a block (a trainable parameter with its gradient, or a
-/// buffer without one), named exactly as in the PyTorch reference state dict.
+/// `Param<S>`: a tensor of a block, either a trainable parameter with its gradient or a
+/// buffer without one (running statistics, fixed priors, identity tensors). A Param has
+/// no name of its own: the block that owns it names it when it lists its tensors
+/// (`named_parameters()`, `named_buffers()`), with the reference state-dict names, as
+/// PyTorch modules do.
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "orepa/core/tensor.hpp"
@@ -20,21 +24,19 @@ enum class ParamKind {
   buffer,  ///< not trained: running statistics, fixed priors, identity tensors
 };
 
-/// A named tensor. Trainable ones carry `grad` of the same shape, accumulated by
+/// A block's tensor. Trainable ones carry `grad` of the same shape, accumulated by
 /// backward until zeroed (PyTorch semantics); buffers have an empty `grad`.
 template <class S>
 struct Param {
-  std::string name;                    ///< State-dict name, e.g. "bn.weight" (blocks may add a prefix).
   Tensor<S> value;                     ///< The tensor itself.
   Tensor<S> grad;                      ///< dL/dvalue, same shape as `value`; empty for a buffer.
   ParamKind kind = ParamKind::kernel;  ///< What the tensor is for (buffer = not trained).
 
-  /// An empty, unnamed kernel parameter.
+  /// An empty kernel parameter.
   Param() = default;
-  /// Takes name `n`, value `v` and kind `k`; unless `k` is ParamKind::buffer, `grad` is
-  /// allocated with `v`'s shape (zero-filled).
-  Param(std::string n, Tensor<S> v, ParamKind k = ParamKind::kernel)
-      : name(std::move(n)), value(std::move(v)), kind(k) {
+  /// Takes value `v` and kind `k`; unless `k` is ParamKind::buffer, `grad` is allocated
+  /// with `v`'s shape (zero-filled).
+  explicit Param(Tensor<S> v, ParamKind k = ParamKind::kernel) : value(std::move(v)), kind(k) {
     if (kind != ParamKind::buffer) grad = Tensor<S>(value.sizes());
   }
   /// True unless this is a buffer.
@@ -43,8 +45,12 @@ struct Param {
   void zero_grad() { grad.zero(); }
 };
 
-/// Non-owning list of a block's named tensors, in state-dict order.
+/// Non-owning list of tensors, in state-dict order.
 template <class S>
 using ParamList = std::vector<Param<S>*>;
+
+/// Tensors with their state-dict names, in state-dict order.
+template <class S>
+using NamedParams = std::vector<std::pair<std::string, Param<S>*>>;
 
 }  // namespace orepa

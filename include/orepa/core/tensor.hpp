@@ -74,6 +74,9 @@ using MatMap = Eigen::Map<RowMatrix<S>>;
 template <class S>
 using ConstMatMap = Eigen::Map<const RowMatrix<S>>;
 
+template <class T>
+class TensorView;
+
 /// Dense row-major tensor of scalars `S` (float for the oneDNN path, double for checks).
 template <class S>
 class Tensor {
@@ -167,6 +170,9 @@ class Tensor {
     shape_ = shape;
     data_.resize(static_cast<std::size_t>(n));
   }
+  /// Becomes a copy of `v` (same shape and values), reusing the buffer when large enough.
+  /// `v` must not view this tensor's own storage.
+  void assign(const TensorView<const S>& v);
   /// Same data, new shape with the same element count.
   Tensor reshaped(Shape shape) const {
     if (checked_numel(shape) != numel())
@@ -276,6 +282,20 @@ class TensorView {
       throw shape_error(detail::cat("reshape: ", shape_str(sizes_), " cannot become ", shape_str(sizes)));
     return TensorView(data_, std::move(sizes));
   }
+  /// An owning copy.
+  Tensor<Scalar> clone() const {
+    Tensor<Scalar> t;
+    t.assign(*this);
+    return t;
+  }
+  /// The data as a rows x cols row-major Eigen matrix (rows * cols must equal numel()),
+  /// read-only for a const view.
+  Eigen::Map<std::conditional_t<std::is_const_v<T>, const RowMatrix<Scalar>, RowMatrix<Scalar>>> matrix(
+      std::int64_t rows, std::int64_t cols) const {
+    if (rows < 0 || cols < 0 || rows * cols != numel())
+      throw shape_error(detail::cat("matrix view ", rows, "x", cols, " of tensor ", shape_str(sizes_)));
+    return {data_, rows, cols};
+  }
   /// Checks the shape equals `expected`; throws shape_error naming `what` otherwise.
   void expect_shape(const Shape& expected, const std::string& what) const {
     if (sizes_ != expected)
@@ -290,6 +310,25 @@ class TensorView {
 /// A read-only view.
 template <class S>
 using ConstTensorView = TensorView<const S>;
+
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// T in a non-deduced context: lets `ConstTensorView<S>` parameters of function templates
+// take Tensors, S being deduced from another argument.
+template <class T>
+struct type_identity {
+  using type = T;
+};
+template <class T>
+using identity_t = typename type_identity<T>::type;
+}  // namespace detail
+/// \endcond
+
+template <class S>
+void Tensor<S>::assign(const TensorView<const S>& v) {
+  resize(v.sizes());
+  std::copy(v.begin(), v.end(), data_.begin());
+}
 
 /// A view of `sizes` elements at `data` (row-major), e.g. `view(buffer.data(), {N, C, H, W})`.
 template <class T>
@@ -313,9 +352,9 @@ auto view(E&& m, Shape sizes) {
   return view(m.data(), std::move(sizes));
 }
 
-/// Largest absolute difference between two tensors of the same shape.
+/// Largest absolute difference between two tensors or views of the same shape (any scalars).
 template <class A, class B>
-double max_abs_diff(const Tensor<A>& a, const Tensor<B>& b) {
+double max_abs_diff(const A& a, const B& b) {
   if (a.sizes() != b.sizes())
     throw shape_error(detail::cat("max_abs_diff: shapes ", shape_str(a.sizes()), " and ",
                                   shape_str(b.sizes()), " differ"));

@@ -1,19 +1,18 @@
 #pragma once
 /// @file deployed_conv.hpp
-/// DeployedConv<S, Act>: what a block becomes after deploy(): one folded kernel and bias
-/// and nothing else. For float it is a oneDNN inference convolution with the bias and the
-/// activation fused (ReLU as eltwise_relu, SiLU as eltwise_swish with alpha 1), whose
-/// weights are reordered once into the layout the primitive prefers; primitives are
-/// cached per input shape. Other scalars (and user activations) run the reference conv
-/// with the activation applied after it.
+/// `DeployedConv<S>`: what a block becomes after deploy(): one folded kernel and bias, an
+/// activation, and nothing else. For float it is a oneDNN inference convolution with the
+/// bias and the activation fused (ReLU as eltwise_relu, SiLU as eltwise_swish with alpha
+/// 1), whose weights are reordered once into the layout the primitive prefers; primitives
+/// are cached per input shape. Other scalars (and user activations) run the reference
+/// conv with the activation applied after it.
 ///
-/// Two ways to call it (float):
-///  - on NCHW tensors (forward(x, y)): the activations are reordered into the layout the
-///    primitive prefers and back, or the primitive runs on NCHW directly, whichever the
-///    layout policy picks for the shape (see DeployLayout);
-///  - on dnnl::memory already in the primitive's layout (src_desc() / dst_desc(), e.g.
-///    nChw8c on AVX2): no reorder at all. DeployedChain uses this to keep activations
-///    blocked between consecutive convolutions and reorders only at the chain's ends.
+/// It takes NCHW tensors or views of the caller's buffers: the activations are reordered
+/// into the layout the primitive prefers and back, or the primitive runs on NCHW
+/// directly, whichever the layout policy picks for the shape (see DeployLayout).
+/// deploy/onednn_interop.hpp adds calls on dnnl::memory already in the primitive's layout
+/// (no reorder at all); DeployedChain uses them to keep activations blocked between
+/// consecutive convolutions and reorders only at the chain's ends.
 ///
 /// Thread safety: forward() may be called from several threads at once. Each call takes
 /// an execution context (reorder buffers + scratchpad) from a per-shape pool, so no
@@ -42,13 +41,20 @@ enum class DeployLayout {
   plain,      ///< the primitive runs on NCHW src/dst directly (no activation reorder)
 };
 
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+struct DeployedConvInterop;  // deploy/onednn_interop.hpp
+}
+/// \endcond
+
 /// A deployed (re-parameterised) convolution: y = act(conv(x, weight) + bias).
-template <class S, class Act = Identity>
+template <class S>
 class DeployedConv {
  public:
-  /// `weight` [O, I/g, k, k], `bias` [O].
-  DeployedConv(const ConvGeometry& g, Tensor<S> weight, Tensor<S> bias, Act act = {})
-      : g_(g), weight_(std::move(weight)), bias_(std::move(bias)), act_(act), state_(std::make_unique<State>()) {
+  /// `weight` [O, I/g, k, k], `bias` [O], activation `act` (e.g. `SiLU{}`).
+  DeployedConv(const ConvGeometry& g, Tensor<S> weight, Tensor<S> bias, AnyActivation<S> act = {})
+      : g_(g), weight_(std::move(weight)), bias_(std::move(bias)), act_(std::move(act)),
+        state_(std::make_unique<State>()) {
     g_.validate("DeployedConv", false);
     weight_.expect_shape(g_.weight_shape(), "DeployedConv weight");
     bias_.expect_shape({g_.out_channels}, "DeployedConv bias");
@@ -59,8 +65,12 @@ class DeployedConv {
   DeployedConv(DeployedConv&&) noexcept = default;
   /// Copy-and-swap assignment.
   DeployedConv& operator=(DeployedConv o) noexcept {
-    std::swap(g_, o.g_); std::swap(weight_, o.weight_); std::swap(bias_, o.bias_);
-    std::swap(act_, o.act_); std::swap(layout_, o.layout_); std::swap(state_, o.state_);
+    std::swap(g_, o.g_);
+    std::swap(weight_, o.weight_);
+    std::swap(bias_, o.bias_);
+    std::swap(act_, o.act_);
+    std::swap(layout_, o.layout_);
+    std::swap(state_, o.state_);
     return *this;
   }
 
@@ -71,10 +81,12 @@ class DeployedConv {
   /// The fused bias [O].
   const Tensor<S>& bias() const { return bias_; }
   /// The activation applied after the bias.
-  const Act& activation() const { return act_; }
+  const AnyActivation<S>& activation() const { return act_; }
+  /// Weights plus biases.
+  std::int64_t num_parameters() const { return weight_.numel() + bias_.numel(); }
 
-  /// The activation layout policy of the NCHW-tensor forward (default automatic).
-  /// Changing it drops the cached primitives (they are rebuilt on the next call).
+  /// The activation layout policy of forward() (default automatic). Changing it drops the
+  /// cached primitives (they are rebuilt on the next call).
   DeployedConv& layout(DeployLayout l) {
     std::lock_guard<std::mutex> lock(state_->mutex);
     if (l != layout_) state_->entries.clear();
@@ -85,67 +97,29 @@ class DeployedConv {
   DeployLayout layout() const { return layout_; }
 
   /// y = act(conv(x) + bias) for x [N, I, H, W].
-  Tensor<S> forward(const Tensor<S>& x) const {
+  Tensor<S> forward(ConstTensorView<S> x) const {
     Tensor<S> y;
     forward(x, y);
     return y;
   }
   /// Same, writing into `y` (resized; its buffer is reused when large enough).
-  void forward(const Tensor<S>& x, Tensor<S>& y) const {
+  void forward(ConstTensorView<S> x, Tensor<S>& y) const {
     y.resize(g_.output_shape(x.sizes(), "DeployedConv::forward"));
-    forward(x.data(), x.sizes(), y.data());
+    forward(x, TensorView<S>(y));
   }
-  /// Raw-pointer form: x is NCHW of shape `x_shape`, y must hold the output shape.
-  void forward(const S* x, const Shape& x_shape, S* y) const {
-    const Shape ys = g_.output_shape(x_shape, "DeployedConv::forward");
+  /// Same, writing into the caller's buffer `y`, which must have the output shape.
+  void forward(ConstTensorView<S> x, TensorView<S> y) const {
+    const Shape ys = g_.output_shape(x.sizes(), "DeployedConv::forward");
+    y.expect_shape(ys, "DeployedConv::forward output");
     if constexpr (std::is_same_v<S, float>) {
-      Entry& e = entry(x_shape, false);
-      run(e, nullptr, x, nullptr, y);
-      if constexpr (Act::kind == ActivationKind::custom) apply_act(y, checked_numel(ys));
+      Entry& e = entry(x.sizes(), false);
+      run(e, nullptr, x.data(), nullptr, y.data());
+      if (act_.kind() == ActivationKind::custom) act_.apply(y.data(), y.numel());
     } else {
-      Tensor<S> xt(x_shape, std::vector<S>(x, x + checked_numel(x_shape)));
-      auto out = reference::conv2d(xt, weight_, g_, bias_);
-      std::copy(out.begin(), out.end(), y);
-      apply_act(y, out.numel());
+      auto out = reference::conv2d(x, weight_, g_, bias_);
+      std::copy(out.begin(), out.end(), y.begin());
+      act_.apply(y.data(), y.numel());
     }
-  }
-
-  /// The layout the primitive prefers for its input when called with input shape
-  /// `x_shape` (float only). Memory in this layout is used by forward(src, dst) as is.
-  dnnl::memory::desc src_desc(const Shape& x_shape) const {
-    static_assert(std::is_same_v<S, float>, "the dnnl::memory API of DeployedConv is float only");
-    g_.output_shape(x_shape, "DeployedConv::src_desc");
-    return entry(x_shape, true).pd.src_desc();
-  }
-  /// The layout the primitive writes its output in for input shape `x_shape` (float only).
-  dnnl::memory::desc dst_desc(const Shape& x_shape) const {
-    static_assert(std::is_same_v<S, float>, "the dnnl::memory API of DeployedConv is float only");
-    g_.output_shape(x_shape, "DeployedConv::dst_desc");
-    return entry(x_shape, true).pd.dst_desc();
-  }
-
-  /// y = act(conv(x) + bias) on oneDNN memory (float only). `src` must be in
-  /// src_desc(shape) or plain NCHW; `dst` in dst_desc(shape) or plain NCHW, of the
-  /// output shape. Layouts that match the primitive's are used without any copy, NCHW
-  /// ones through cached reorders. Throws shape_error for any other descriptor.
-  void forward(const dnnl::memory& src, const dnnl::memory& dst) const {
-    static_assert(std::is_same_v<S, float>, "the dnnl::memory API of DeployedConv is float only");
-    const auto sd = src.get_desc(), dd = dst.get_desc();
-    const Shape xs = engine::shape_of(sd);
-    const Shape ys = g_.output_shape(xs, "DeployedConv::forward(memory)");
-    if (engine::shape_of(dd) != ys)
-      throw shape_error(detail::cat("DeployedConv::forward(memory): dst must have shape ", shape_str(ys), ", got ",
-                                    shape_str(engine::shape_of(dd))));
-    Entry& e = entry(xs, true);
-    const bool src_direct = sd == e.pd.src_desc(), dst_direct = dd == e.pd.dst_desc();
-    if ((!src_direct && sd != e.x_md) || (!dst_direct && dd != e.y_md))
-      throw shape_error(detail::cat("DeployedConv::forward(memory): src and dst must be in the primitive's layout "
-                                    "(src_desc()/dst_desc()) or plain NCHW, for ", engine::describe(g_, xs)));
-    auto* sp = static_cast<float*>(src.get_data_handle());
-    auto* dp = static_cast<float*>(dst.get_data_handle());
-    run(e, src_direct ? &src : nullptr, sp, dst_direct ? &dst : nullptr, dp);
-    if constexpr (Act::kind == ActivationKind::custom)
-      apply_act(dp, std::int64_t(dd.get_size() / sizeof(float)));  // element-wise: any layout works
   }
 
   /// Number of oneDNN primitives created so far (one per distinct input shape and API).
@@ -155,10 +129,7 @@ class DeployedConv {
   }
 
  private:
-  void apply_act(S* y, std::int64_t n) const {
-    if constexpr (Act::kind != ActivationKind::identity)
-      for (std::int64_t j = 0; j < n; ++j) y[j] = act_(y[j]);
-  }
+  friend struct detail::DeployedConvInterop;
 
   struct Context {  // per-call mutable state, never shared by two running calls
     engine::Port src, dst;
@@ -213,16 +184,21 @@ class DeployedConv {
     c->src = engine::Port(e.x_md, e.pd.src_desc());
     c->dst = engine::Port(e.y_md, e.pd.dst_desc());
     c->scratch = engine::allocate(e.pd.scratchpad_desc());
-    c->args = {{DNNL_ARG_SRC, dnnl::memory()},   {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, e.bias},
-               {DNNL_ARG_DST, dnnl::memory()},   {DNNL_ARG_SCRATCHPAD, c->scratch}};
+    c->args = {{DNNL_ARG_SRC, dnnl::memory()}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, e.bias},
+               {DNNL_ARG_DST, dnnl::memory()}, {DNNL_ARG_SCRATCHPAD, c->scratch}};
     return c;
   }
 
   // The entry for input shape xs: the memory API always runs the primitive's preferred
-  // layouts; the NCHW API shares that entry unless the policy picks plain NCHW.
+  // layouts; the tensor API shares that entry unless the policy picks plain NCHW.
+  // Automatic = blocked: measured on every YOLOv5s-like layer of the benchmarks (AVX2 and
+  // AVX-512, batch 1 and 8), a primitive forced onto NCHW src/dst (oneDNN then falls back
+  // to im2col + GEMM) is 1.1x-6x slower than the blocked one, more than the two activation
+  // reorders cost; the small-channel stem's input is read as NCHW by the blocked
+  // primitive itself (no reorder).
   Entry& entry(const Shape& xs, bool memory_api) const {
     const DeployLayout l = memory_api ? DeployLayout::blocked : layout_;
-    const bool plain = plain_io(xs, l);
+    const bool plain = l == DeployLayout::plain;
     std::lock_guard<std::mutex> lock(state_->mutex);
     const Key key{xs[0], xs[2], xs[3], plain ? 1 : 0};
     auto it = state_->entries.find(key);
@@ -232,14 +208,6 @@ class DeployedConv {
     ++state_->creations;
     return *state_->entries.emplace(key, std::move(e)).first->second;
   }
-
-  // Automatic policy = blocked. Measured on every YOLOv5s-like layer of the benchmarks
-  // (AVX2 and AVX-512, batch 1 and 8), a primitive forced onto NCHW src/dst (oneDNN then
-  // falls back to im2col + GEMM) is 1.1x-6x slower than the blocked one, which is more
-  // than the two activation reorders cost; the small-channel stem's input is read as
-  // NCHW by the blocked primitive itself (no reorder). So reorders happen only where the
-  // primitive's layout differs from NCHW, and the plain policy stays available.
-  static bool plain_io(const Shape&, DeployLayout l) { return l == DeployLayout::plain; }
 
   std::unique_ptr<Entry> build(const Shape& xs, bool plain) const {
     using namespace dnnl;
@@ -254,8 +222,8 @@ class DeployedConv {
     primitive_attr attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);
     post_ops ops;
-    if constexpr (Act::kind == ActivationKind::relu) ops.append_eltwise(1.f, algorithm::eltwise_relu, 0.f, 0.f);
-    if constexpr (Act::kind == ActivationKind::silu) ops.append_eltwise(1.f, algorithm::eltwise_swish, 1.f, 0.f);
+    if (act_.kind() == ActivationKind::relu) ops.append_eltwise(1.f, algorithm::eltwise_relu, 0.f, 0.f);
+    if (act_.kind() == ActivationKind::silu) ops.append_eltwise(1.f, algorithm::eltwise_swish, 1.f, 0.f);
     attr.set_post_ops(ops);
     const memory::desc b_md({g_.out_channels}, memory::data_type::f32, tag::x);
     e->pd = convolution_forward::primitive_desc(
@@ -275,112 +243,8 @@ class DeployedConv {
 
   ConvGeometry g_;
   Tensor<S> weight_, bias_;
-  Act act_;
+  AnyActivation<S> act_;
   DeployLayout layout_ = DeployLayout::automatic;
-  std::unique_ptr<State> state_;
-};
-
-/// Consecutive deployed float convolutions that keep their activations in the layout the
-/// primitives prefer (blocked, e.g. nChw8c) from one to the next: the NCHW input is
-/// reordered once on the way in (or read directly, when the first primitive takes NCHW,
-/// as small-channel stems do), the output once on the way out. Intermediate buffers are
-/// created per input shape on first use and reused.
-///
-/// Thread safety: forward() may be called from several threads at once (each call takes
-/// its own set of intermediate buffers from a per-shape pool).
-template <class Act = Identity>
-class DeployedChain {
- public:
-  /// The convolutions in order; each one's output channels must be the next one's input.
-  explicit DeployedChain(std::vector<DeployedConv<float, Act>> convs)
-      : convs_(std::move(convs)), state_(std::make_unique<State>()) {
-    if (convs_.empty()) throw config_error("DeployedChain: needs at least one convolution");
-    for (std::size_t i = 1; i < convs_.size(); ++i)
-      if (convs_[i].geometry().in_channels != convs_[i - 1].geometry().out_channels)
-        throw config_error(detail::cat("DeployedChain: conv ", i, " takes ", convs_[i].geometry().in_channels,
-                                       " channels but conv ", i - 1, " gives ", convs_[i - 1].geometry().out_channels));
-  }
-
-  /// The convolutions.
-  const std::vector<DeployedConv<float, Act>>& convs() const { return convs_; }
-
-  /// Output shape for input shape `x_shape`.
-  Shape output_shape(const Shape& x_shape) const {
-    Shape s = x_shape;
-    for (const auto& c : convs_) s = c.geometry().output_shape(s, "DeployedChain");
-    return s;
-  }
-
-  /// y = convs[L-1](... convs[0](x)) for an NCHW x; y is NCHW (resized).
-  void forward(const Tensor<float>& x, Tensor<float>& y) const {
-    y.resize(output_shape(x.sizes()));
-    auto ws = take(x.sizes());
-    ws->in.set_data_handle(const_cast<float*>(x.data()));
-    ws->out.set_data_handle(y.data());
-    const std::size_t L = convs_.size();
-    for (std::size_t i = 0; i < L; ++i) {
-      const dnnl::memory& src = i == 0 ? ws->in : ws->mids[i - 1];
-      const dnnl::memory& dst = i + 1 == L ? ws->out : ws->mids[i];
-      convs_[i].forward(src, dst);
-    }
-    give(x.sizes(), std::move(ws));
-  }
-  /// y = convs[L-1](... convs[0](x)) for an NCHW x [N, I, H, W]; returns y.
-  Tensor<float> forward(const Tensor<float>& x) const {
-    Tensor<float> y;
-    forward(x, y);
-    return y;
-  }
-
-  /// Primitives created by all the convolutions so far.
-  std::int64_t primitive_creations() const {
-    std::int64_t n = 0;
-    for (const auto& c : convs_) n += c.primitive_creations();
-    return n;
-  }
-
- private:
-  struct Workspace {
-    dnnl::memory in, out;             // NCHW wrappers of the caller's buffers
-    std::vector<dnnl::memory> mids;   // conv i's output in conv i's dst layout
-  };
-  struct State {
-    std::mutex mutex;
-    std::map<Shape, std::vector<std::unique_ptr<Workspace>>> idle;
-  };
-
-  std::unique_ptr<Workspace> take(const Shape& xs) const {
-    {
-      std::lock_guard<std::mutex> lock(state_->mutex);
-      auto& pool = state_->idle[xs];
-      if (!pool.empty()) {
-        auto ws = std::move(pool.back());
-        pool.pop_back();
-        return ws;
-      }
-    }
-    return engine::guarded("DeployedChain on input " + shape_str(xs), [&] {
-      auto ws = std::make_unique<Workspace>();
-      ws->in = dnnl::memory(engine::nchw_desc(xs), engine::cpu_engine(), DNNL_MEMORY_NONE);
-      ws->out = dnnl::memory(engine::nchw_desc(output_shape(xs)), engine::cpu_engine(), DNNL_MEMORY_NONE);
-      Shape s = xs;
-      for (std::size_t i = 0; i + 1 < convs_.size(); ++i) {
-        // Conv i writes in its own preferred layout; if conv i+1 prefers another one, it
-        // must accept this one or NCHW: fall back to NCHW between them then.
-        const auto d = convs_[i].dst_desc(s);
-        s = convs_[i].geometry().output_shape(s, "DeployedChain");
-        const auto next = convs_[i + 1].src_desc(s);
-        ws->mids.push_back(engine::allocate(d == next ? d : engine::nchw_desc(s)));
-      }
-      return ws;
-    });
-  }
-  void give(const Shape& xs, std::unique_ptr<Workspace> ws) const {
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    state_->idle[xs].push_back(std::move(ws));
-  }
-
-  std::vector<DeployedConv<float, Act>> convs_;
   std::unique_ptr<State> state_;
 };
 

@@ -61,13 +61,13 @@ class ConvEngine {
   /// The convolution geometry.
   const ConvGeometry& geometry() const { return g_; }
   /// y = conv(x, w); y is resized to the output shape.
-  void forward(const Tensor<S>& x, const Tensor<S>& w, Tensor<S>& y) { y = reference::conv2d(x, w, g_); }
+  void forward(ConstTensorView<S> x, ConstTensorView<S> w, Tensor<S>& y) { y = reference::conv2d(x, w, g_); }
   /// dx = dL/dx for an input shaped like `x_shape`.
-  void backward_data(const Tensor<S>& dy, const Tensor<S>& w, const Shape& x_shape, Tensor<S>& dx) {
+  void backward_data(ConstTensorView<S> dy, ConstTensorView<S> w, const Shape& x_shape, Tensor<S>& dx) {
     dx = reference::conv2d_backward_data(dy, w, g_, x_shape);
   }
   /// dw = dL/dw (overwritten, not accumulated).
-  void backward_weights(const Tensor<S>& x, const Tensor<S>& dy, Tensor<S>& dw) {
+  void backward_weights(ConstTensorView<S> x, ConstTensorView<S> dy, Tensor<S>& dw) {
     dw = reference::conv2d_backward_weights(x, dy, g_);
   }
   /// Primitives created so far (always 0: no primitives here).
@@ -99,7 +99,7 @@ class ConvEngine<float> {
   const ConvGeometry& geometry() const { return g_; }
 
   /// y = conv(x, w) for x [N, I, H, W] and w [O, I/g, k, k]; y is resized to [N, O, OH, OW]. Throws shape_error / engine_error.
-  void forward(const Tensor<float>& x, const Tensor<float>& w, Tensor<float>& y) {
+  void forward(ConstTensorView<float> x, ConstTensorView<float> w, Tensor<float>& y) {
     auto& e = entry(x.sizes());
     w.expect_shape(g_.weight_shape(), "ConvEngine::forward weight");
     y.resize(e.y_shape);
@@ -114,7 +114,7 @@ class ConvEngine<float> {
   }
 
   /// dx = dL/dx for an input shaped like `x_shape` from dy [N, O, OH, OW]. Throws shape_error / engine_error.
-  void backward_data(const Tensor<float>& dy, const Tensor<float>& w, const Shape& x_shape, Tensor<float>& dx) {
+  void backward_data(ConstTensorView<float> dy, ConstTensorView<float> w, const Shape& x_shape, Tensor<float>& dx) {
     auto& e = entry(x_shape);
     dy.expect_shape(e.y_shape, "ConvEngine::backward_data grad_output");
     dx.resize(x_shape);
@@ -129,7 +129,7 @@ class ConvEngine<float> {
   }
 
   /// dw = dL/dw [O, I/g, k, k] (overwritten, not accumulated). Throws shape_error / engine_error.
-  void backward_weights(const Tensor<float>& x, const Tensor<float>& dy, Tensor<float>& dw) {
+  void backward_weights(ConstTensorView<float> x, ConstTensorView<float> dy, Tensor<float>& dw) {
     auto& e = entry(x.sizes());
     dy.expect_shape(e.y_shape, "ConvEngine::backward_weights grad_output");
     dw.resize(g_.weight_shape());
@@ -265,7 +265,7 @@ class FusedConvBnAct {
 
   /// out = act(BN(conv(x, w))) with the batch statistics, written to mean / var (biased,
   /// C floats each); gamma / beta are BN's C scales and shifts. Saves what backward needs.
-  void forward(const Tensor<float>& x, const Tensor<float>& w, const float* gamma, const float* beta, double eps,
+  void forward(ConstTensorView<float> x, ConstTensorView<float> w, const float* gamma, const float* beta, double eps,
                Tensor<float>& out, float* mean, float* var) {
     w.expect_shape(g_.weight_shape(), "FusedConvBnAct::forward weight");
     Entry& e = entry(x.sizes(), eps);
@@ -290,7 +290,7 @@ class FusedConvBnAct {
   /// From dL/dout of the last forward: dx (NCHW, resized), dw (OIHW, resized, overwritten)
   /// and dgamma / dbeta (C floats, overwritten). mean / var are the statistics that
   /// forward wrote; gamma / beta BN's current scales and shifts.
-  void backward(const Tensor<float>& dout, const float* gamma, const float* beta, const float* mean, const float* var,
+  void backward(ConstTensorView<float> dout, const float* gamma, const float* beta, const float* mean, const float* var,
                 Tensor<float>& dx, Tensor<float>& dw, float* dgamma, float* dbeta) {
     if (!last_) throw state_error("FusedConvBnAct::backward: call forward first");
     Entry& e = *last_;

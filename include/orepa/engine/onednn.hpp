@@ -18,6 +18,7 @@
 #include <unordered_map>
 
 #include "orepa/core/conv_geometry.hpp"
+#include "orepa/core/gemm.hpp"
 
 #if DNNL_VERSION_MAJOR != 2
 #error "orepa needs the oneDNN 2.x API (Debian bookworm's libdnnl-dev 2.6); 3.x changed every constructor"
@@ -139,34 +140,6 @@ class Port {
   dnnl::reorder to_prim_, to_user_;
 };
 
-/// A strided, batched matrix product C[b] = A[b] * B[b] (+ C[b] when `accumulate`),
-/// A[b] M x K, B[b] K x N, C[b] M x N. Element (b, r, c) of X lives at
-/// X + b * X_strides[0] + r * X_strides[1] + c * X_strides[2], so transposed or
-/// interleaved operands are described by their strides, without copies.
-struct GemmDims {
-  /// Number of matrix products in the batch.
-  std::int64_t batch = 1, M = 0, N = 0, K = 0;
-  /// \var orepa::engine::GemmDims::M
-  /// Rows of A and C.
-  //
-  /// \var orepa::engine::GemmDims::N
-  /// Columns of B and C.
-  //
-  /// \var orepa::engine::GemmDims::K
-  /// Columns of A, rows of B.
-  //
-  /// Element strides (batch, row, column) of A.
-  std::array<std::int64_t, 3> a{}, b{}, c{};
-  /// \var orepa::engine::GemmDims::b
-  /// Element strides (batch, row, column) of B.
-  //
-  /// \var orepa::engine::GemmDims::c
-  /// Element strides (batch, row, column) of C.
-  //
-  /// Add to C instead of overwriting it.
-  bool accumulate = false;
-};
-
 /// \cond DO_NOT_DOCUMENT_THIS
 inline std::atomic<std::int64_t>& detail_gemm_creations() {
   static std::atomic<std::int64_t> n{0};
@@ -229,19 +202,11 @@ inline void gemm(const GemmDims& d, const float* A, const float* B, float* C) {
   });
 }
 
-/// The same product for any other scalar (double for gradient checks) with Eigen.
+/// The fastest GemmDims runner for scalar S: the oneDNN matmul for float, Eigen otherwise.
 template <class S>
-void gemm(const GemmDims& d, const S* A, const S* B, S* C) {
-  using Stride = Eigen::Stride<Eigen::Dynamic, Eigen::Dynamic>;
-  using CMap = Eigen::Map<const RowMatrix<S>, 0, Stride>;
-  using MMap = Eigen::Map<RowMatrix<S>, 0, Stride>;
-  for (std::int64_t b = 0; b < d.batch; ++b) {
-    CMap a(A + b * d.a[0], d.M, d.K, Stride(d.a[1], d.a[2]));
-    CMap bb(B + b * d.b[0], d.K, d.N, Stride(d.b[1], d.b[2]));
-    MMap c(C + b * d.c[0], d.M, d.N, Stride(d.c[1], d.c[2]));
-    if (d.accumulate) c.noalias() += a * bb;
-    else c.noalias() = a * bb;
-  }
+GemmFn<S> fast_gemm() {
+  if constexpr (std::is_same_v<S, float>) return &gemm;
+  else return &eigen_gemm<S>;
 }
 
 /// Element shape of a 4-D memory descriptor.
@@ -252,7 +217,7 @@ inline Shape shape_of(const memory::desc& d) {
 
 /// Copies an NCHW float tensor into `dst` (any layout of the same shape) with a reorder
 /// created for the call: for boundaries of a blocked-layout pipeline, not inner loops.
-inline void to_layout(const Tensor<float>& x, memory& dst) {
+inline void to_layout(ConstTensorView<float> x, memory& dst) {
   if (shape_of(dst.get_desc()) != x.sizes())
     throw shape_error(detail::cat("to_layout: tensor ", shape_str(x.sizes()), " does not fit memory of shape ",
                                   shape_str(shape_of(dst.get_desc()))));

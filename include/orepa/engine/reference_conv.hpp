@@ -40,9 +40,10 @@ void for_each_tap(const ConvGeometry& g, const Shape& xs, const Shape& ys, F&& f
 }  // namespace detail_ref
 
 /// y = conv(x, w) (+ bias[o] when bias is non-empty). x [N,I,H,W], w [O,I/g,k,k].
-template <class S>
-Tensor<S> conv2d(const Tensor<S>& x, const Tensor<S>& w, const ConvGeometry& g,
-                 const Tensor<S>& bias = Tensor<S>()) {
+/// Tensors or views of the same scalar S for every argument.
+template <class X, class W, class S = typename X::Scalar>
+Tensor<S> conv2d(const X& x_, const W& w_, const ConvGeometry& g, orepa::detail::identity_t<ConstTensorView<S>> bias = {}) {
+  const ConstTensorView<S> x = x_, w = w_;
   g.validate("reference::conv2d", false);
   w.expect_shape(g.weight_shape(), "reference::conv2d weight");
   Tensor<S> y(g.output_shape(x.sizes(), "reference::conv2d"));
@@ -57,9 +58,9 @@ Tensor<S> conv2d(const Tensor<S>& x, const Tensor<S>& w, const ConvGeometry& g,
 }
 
 /// dL/dx given dL/dy, for an input of shape `x_shape`.
-template <class S>
-Tensor<S> conv2d_backward_data(const Tensor<S>& dy, const Tensor<S>& w, const ConvGeometry& g,
-                               const Shape& x_shape) {
+template <class D, class W, class S = typename D::Scalar>
+Tensor<S> conv2d_backward_data(const D& dy_, const W& w_, const ConvGeometry& g, const Shape& x_shape) {
+  const ConstTensorView<S> dy = dy_, w = w_;
   dy.expect_shape(g.output_shape(x_shape, "reference::conv2d_backward_data"),
                   "reference::conv2d_backward_data grad_output");
   Tensor<S> dx(x_shape);
@@ -69,8 +70,9 @@ Tensor<S> conv2d_backward_data(const Tensor<S>& dy, const Tensor<S>& w, const Co
 }
 
 /// dL/dw given the input and dL/dy.
-template <class S>
-Tensor<S> conv2d_backward_weights(const Tensor<S>& x, const Tensor<S>& dy, const ConvGeometry& g) {
+template <class X, class D, class S = typename X::Scalar>
+Tensor<S> conv2d_backward_weights(const X& x_, const D& dy_, const ConvGeometry& g) {
+  const ConstTensorView<S> x = x_, dy = dy_;
   dy.expect_shape(g.output_shape(x.sizes(), "reference::conv2d_backward_weights"),
                   "reference::conv2d_backward_weights grad_output");
   Tensor<S> dw(g.weight_shape());

@@ -1,15 +1,16 @@
 #pragma once
 /// @file checkpoint.hpp
 /// Whole checkpoints of the PyTorch reference: find every training-time block by its
-/// tensor names (outermost block only when blocks nest), rebuild it with the geometry the
-/// tensor shapes imply, and drive it through one type-erased interface (used by the
-/// orepa-convert and orepa-run tools).
+/// tensor names (outermost block only when blocks nest), rebuild it with the structure
+/// the tensors imply, and hand it over as an AnyBlock<float> (used by the orepa-convert
+/// and orepa-run tools).
 
 #include <algorithm>
 #include <memory>
 #include <optional>
 #include <set>
 
+#include "orepa/blocks/any_block.hpp"
 #include "orepa/blocks/conv_bn.hpp"
 #include "orepa/blocks/dbb.hpp"
 #include "orepa/blocks/orepa.hpp"
@@ -120,58 +121,10 @@ struct BlockSettings {
 /// stride, padding or dilation).
 enum class LoadPurpose { forward, convert };
 
-/// A float block of any type behind one interface (what the tools need).
-class AnyBlock {
- public:
-  virtual ~AnyBlock() = default;
-  /// The wrapped block's reference class.
-  virtual BlockType type() const = 0;
-  /// The block's (and the deployed conv's) geometry.
-  virtual const ConvGeometry& geometry() const = 0;
-  /// Training forward of x [N, I, H, W] (batch statistics, running statistics updated);
-  /// returns the block's output buffer, valid until the next forward_train.
-  virtual const Tensor<float>& forward_train(const Tensor<float>& x) = 0;
-  /// Eval forward with running statistics, no state change.
-  virtual Tensor<float> forward_eval(const Tensor<float>& x) const = 0;
-  /// Deploys, then runs the deployed convolution.
-  virtual Tensor<float> forward_deploy(const Tensor<float>& x) const = 0;
-  /// Backward of the last forward_train: accumulates parameter gradients and returns
-  /// dL/dx (the block's buffer); throws state_error without a forward_train.
-  virtual const Tensor<float>& backward(const Tensor<float>& grad_out) = 0;
-  /// BN-folded kernel and bias of the deployed conv.
-  virtual std::pair<Tensor<float>, Tensor<float>> folded() const = 0;
-  /// Every tensor of the block (parameters and buffers), state-dict names without the prefix.
-  virtual ParamList<float> parameters() = 0;
-  /// The block's BatchNorms (for num_batches_tracked).
-  virtual std::vector<engine::BatchNorm<float>*> batch_norms() = 0;
-  /// Zeroes every gradient of the block.
-  virtual void zero_grad() = 0;
-};
-
 namespace detail {
-template <class B>
-class AnyBlockOf final : public AnyBlock {
- public:
-  AnyBlockOf(BlockType t, B b) : type_(t), b_(std::move(b)) {}
-  BlockType type() const override { return type_; }
-  const ConvGeometry& geometry() const override { return b_.geometry(); }
-  const Tensor<float>& forward_train(const Tensor<float>& x) override { return b_.forward_train(x); }
-  Tensor<float> forward_eval(const Tensor<float>& x) const override { return b_.forward_eval(x); }
-  Tensor<float> forward_deploy(const Tensor<float>& x) const override { return b_.deploy().forward(x); }
-  const Tensor<float>& backward(const Tensor<float>& g) override { return b_.backward(g); }
-  std::pair<Tensor<float>, Tensor<float>> folded() const override { return b_.folded(); }
-  ParamList<float> parameters() override { return b_.parameters(); }
-  std::vector<engine::BatchNorm<float>*> batch_norms() override { return b_.batch_norms(); }
-  void zero_grad() override { b_.zero_grad(); }
-
- private:
-  BlockType type_;
-  B b_;
-};
-
-// Calls make<Act>() with the activation type named by `kind`.
+// Calls make(act) with the activation object named by `kind`.
 template <class F>
-std::unique_ptr<AnyBlock> with_activation(ActivationKind kind, F&& make) {
+AnyBlock<float> with_activation(ActivationKind kind, F&& make) {
   switch (kind) {
     case ActivationKind::identity: return make(Identity{});
     case ActivationKind::relu: return make(ReLU{});
@@ -197,6 +150,16 @@ inline const TensorEntry& need(const SafetensorsFile& f, const std::string& name
 }
 }  // namespace detail
 
+/// The names of the training-time tensors of a block (parameters, buffers and
+/// num_batches_tracked counters), under `prefix`.
+template <class Block>
+std::vector<std::string> training_tensor_names(const Block& b, const std::string& prefix) {
+  const auto sd = b.state_dict();
+  std::vector<std::string> names;
+  for (const auto& n : sd.names()) names.push_back(prefix + n);
+  return names;
+}
+
 /// The tensor-name namespaces a block of type `t` owns under its prefix: every tensor in
 /// them belongs to the block, so one the block does not expect is an error (a converter
 /// would otherwise leave a training-time tensor behind).
@@ -212,7 +175,7 @@ inline std::vector<std::string> owned_namespaces(BlockType t) {
   return {};
 }
 
-/// Rebuilds the block of type `type` stored under `prefix` and loads its tensors.
+/// Rebuilds the float block of type `type` stored under `prefix` and loads its tensors.
 ///
 /// The structure comes from the tensors alone: channels, kernel size and groups from the
 /// shapes; which optional parts the block has from the tensors present (RepVGG's
@@ -223,9 +186,8 @@ inline std::vector<std::string> owned_namespaces(BlockType t) {
 /// unexpected tensor in the block's own namespaces (owned_namespaces(); tensors of other
 /// modules under the prefix are left alone). Throws format_error for tensors that do not
 /// make a block and config_error for settings that contradict them, naming both.
-inline std::unique_ptr<AnyBlock> load_block(const SafetensorsFile& f, const std::string& prefix, BlockType type,
-                                            const BlockSettings& settings = {},
-                                            LoadPurpose purpose = LoadPurpose::forward) {
+inline AnyBlock<float> load_block(const SafetensorsFile& f, const std::string& prefix, BlockType type,
+                                  const BlockSettings& settings = {}, LoadPurpose purpose = LoadPurpose::forward) {
   using detail::need;
   const std::string where = "'" + prefix + "' (" + to_string(type) + ") in " + f.label();
   auto shape = [&](const std::string& name, std::size_t rank) { return need(f, prefix + name, rank).shape; };
@@ -248,15 +210,15 @@ inline std::unique_ptr<AnyBlock> load_block(const SafetensorsFile& f, const std:
     if (settings.dilation) o.dilation(*settings.dilation);
     return o;
   };
-  // Wraps block class B<float, Act> built from options `c` with the run-time activation.
+  // Block class B<float, Act> built from options `c` with the run-time activation.
   auto make = [&](auto tag, const auto& c) {
     using Tag = decltype(tag);
-    return detail::with_activation(settings.activation, [&](auto act) -> std::unique_ptr<AnyBlock> {
+    return detail::with_activation(settings.activation, [&](auto act) -> AnyBlock<float> {
       using B = typename Tag::template type<decltype(act)>;
-      return std::make_unique<detail::AnyBlockOf<B>>(type, B(c, act));
+      return B(c, act);
     });
   };
-  std::unique_ptr<AnyBlock> block;
+  std::optional<AnyBlock<float>> block;
   switch (type) {
     case BlockType::OREPA: {
       const auto o = shape("weight_orepa_origin", 4);
@@ -336,15 +298,9 @@ inline std::unique_ptr<AnyBlock> load_block(const SafetensorsFile& f, const std:
       break;
     }
   }
-  struct View {  // adapts the AnyBlock to load_state_dict's Block concept
-    AnyBlock& b;
-    ParamList<float> parameters() { return b.parameters(); }
-    std::vector<engine::BatchNorm<float>*> batch_norms() { return b.batch_norms(); }
-  } view{*block};
-  load_state_dict(view, f, prefix, Unexpected::ignore);
-  std::set<std::string> expected;
-  for (auto* p : block->parameters()) expected.insert(prefix + p->name);
-  for (auto* bn : block->batch_norms()) expected.insert(prefix + bn->prefix() + "num_batches_tracked");
+  load_state_dict(*block, f, prefix, Unexpected::ignore);
+  const auto names = training_tensor_names(*block, prefix);
+  const std::set<std::string> expected(names.begin(), names.end());
   std::vector<std::string> stray;
   for (const auto& name : f.names())
     for (const auto& ns : owned_namespaces(type))
@@ -358,16 +314,7 @@ inline std::unique_ptr<AnyBlock> load_block(const SafetensorsFile& f, const std:
     throw format_error(orepa::detail::cat(f.label(), ": ", stray.size(), " tensor(s) under ", where,
                                           " do not belong to the block it forms: ", list));
   }
-  return block;
-}
-
-/// The names of the training-time tensors of a loaded block (parameters, buffers and
-/// num_batches_tracked), under `prefix`.
-inline std::vector<std::string> training_tensor_names(AnyBlock& b, const std::string& prefix) {
-  std::vector<std::string> names;
-  for (auto* p : b.parameters()) names.push_back(prefix + p->name);
-  for (auto* bn : b.batch_norms()) names.push_back(prefix + bn->prefix() + "num_batches_tracked");
-  return names;
+  return std::move(*block);
 }
 
 }  // namespace orepa::io

@@ -1,7 +1,7 @@
 #pragma once
 /// @file layers.hpp
-/// The small non-convolutional pieces of a classifier, with the same interface as the
-/// blocks (forward_train / forward_eval / backward / parameters / zero_grad):
+/// The small non-convolutional pieces of a classifier; the first two are layers (the
+/// members of blocks/block.hpp but folded() and geometry()):
 ///   - `GlobalAvgPool<S>`: NCHW -> [N, C] (mean over each plane);
 ///   - `Linear<S>`: y = x W^T + b, PyTorch nn.Linear's layout and initialisation;
 ///   - `SoftmaxCrossEntropy<S>`: mean cross-entropy of logits against integer labels.
@@ -15,20 +15,39 @@
 
 #include <Eigen/Core>
 
+#include "orepa/blocks/module.hpp"
 #include "orepa/core/error.hpp"
-#include "orepa/core/param.hpp"
 #include "orepa/core/random.hpp"
-#include "orepa/core/tensor.hpp"
 
 namespace orepa {
+
+/// The deployed form of a layer without convolutions: a copy of it (a snapshot of its
+/// weights) running forward_eval.
+template <class Layer>
+struct EvalSnapshot {
+  Layer layer;  ///< the copied layer
+  /// layer.forward_eval(x).
+  template <class X>
+  auto forward(const X& x) const {
+    return layer.forward_eval(x);
+  }
+  /// Elements of the layer's parameters (its own copy, so reading it changes nothing).
+  std::int64_t num_parameters() const {
+    std::int64_t n = 0;
+    for (auto* p : const_cast<Layer&>(layer).parameters()) n += p->value.numel();
+    return n;
+  }
+};
 
 /// Global average pooling: [N, C, H, W] -> [N, C], y[n, c] = mean of plane (n, c).
 /// No parameters.
 template <class S>
-class GlobalAvgPool {
+class GlobalAvgPool : public ModuleTensors<GlobalAvgPool<S>, S> {
  public:
+  /// "GlobalAvgPool".
+  std::string type_name() const { return "GlobalAvgPool"; }
   /// Pools `x` into the layer's output buffer; remembers the input shape for backward.
-  const Tensor<S>& forward_train(const Tensor<S>& x) {
+  const Tensor<S>& forward_train(ConstTensorView<S> x) {
     check_input(x, "GlobalAvgPool::forward_train input");
     pool(x, y_);
     in_shape_ = x.sizes();
@@ -36,14 +55,14 @@ class GlobalAvgPool {
     return y_;
   }
   /// Same computation, no state change.
-  Tensor<S> forward_eval(const Tensor<S>& x) const {
+  Tensor<S> forward_eval(ConstTensorView<S> x) const {
     check_input(x, "GlobalAvgPool::forward_eval input");
     Tensor<S> y;
     pool(x, y);
     return y;
   }
   /// dL/dx: every element of plane (n, c) receives grad_out[n, c] / (H * W).
-  const Tensor<S>& backward(const Tensor<S>& grad_out) {
+  const Tensor<S>& backward(ConstTensorView<S> grad_out) {
     if (!has_forward_) throw state_error("GlobalAvgPool::backward: call forward_train first");
     const std::int64_t N = in_shape_[0], C = in_shape_[1], P = in_shape_[2] * in_shape_[3];
     grad_out.expect_shape({N, C}, "GlobalAvgPool::backward grad_output");
@@ -52,18 +71,18 @@ class GlobalAvgPool {
     for (std::int64_t nc = 0; nc < N * C; ++nc) std::fill_n(dx_.data() + nc * P, P, grad_out[nc] * inv);
     return dx_;
   }
-  /// No parameters.
-  ParamList<S> parameters() { return {}; }
-  /// Nothing to zero.
-  void zero_grad() {}
+  /// No tensors.
+  void collect_tensors(Tensors<S>&, const std::string&) {}
+  /// The deployed form: the same pooling.
+  EvalSnapshot<GlobalAvgPool> deploy() const { return {GlobalAvgPool()}; }
 
  private:
-  static void check_input(const Tensor<S>& x, const char* what) {
+  static void check_input(ConstTensorView<S> x, const char* what) {
     if (x.dim() != 4 || x.size(0) < 1 || x.size(2) * x.size(3) < 1)
       throw shape_error(detail::cat(what, ": expected shape [N, C, H, W] with N >= 1 and H * W >= 1, got ",
                                     shape_str(x.sizes())));
   }
-  static void pool(const Tensor<S>& x, Tensor<S>& y) {
+  static void pool(ConstTensorView<S> x, Tensor<S>& y) {
     const std::int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
     y.resize({N, C});
     // Sum in double: planes can be large and float sums drift with their length.
@@ -83,7 +102,7 @@ class GlobalAvgPool {
 /// Fully connected layer y = x W^T + b for x [N, in]: weight [out, in] ("weight",
 /// ParamKind::kernel) and bias [out] ("bias", ParamKind::bias), as torch.nn.Linear.
 template <class S>
-class Linear {
+class Linear : public ModuleTensors<Linear<S>, S> {
  public:
   /// Initialised like torch.nn.Linear from `seed`: weight by kaiming_uniform with
   /// a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)), then bias U(-1/sqrt(in), 1/sqrt(in)).
@@ -92,8 +111,8 @@ class Linear {
     if (in_features < 1 || out_features < 1)
       throw config_error(detail::cat("Linear: in_features and out_features must be >= 1, got ", in_features, " and ",
                                      out_features));
-    weight_ = Param<S>("weight", Tensor<S>({out_features, in_features}), ParamKind::kernel);
-    bias_ = Param<S>("bias", Tensor<S>({out_features}), ParamKind::bias);
+    weight_ = Param<S>(Tensor<S>({out_features, in_features}), ParamKind::kernel);
+    bias_ = Param<S>(Tensor<S>({out_features}), ParamKind::bias);
     Rng rng(seed);
     kaiming_uniform(weight_.value, std::sqrt(5.0), rng);
     fill_uniform(bias_.value, 1.0 / std::sqrt(double(in_features)), rng);
@@ -112,25 +131,26 @@ class Linear {
   /// Read-only bias [out].
   const Param<S>& bias() const { return bias_; }
 
+  /// "Linear".
+  std::string type_name() const { return "Linear"; }
+
   /// y = x W^T + b into the layer's buffer; keeps a copy of x for backward.
-  const Tensor<S>& forward_train(const Tensor<S>& x) {
+  const Tensor<S>& forward_train(ConstTensorView<S> x) {
     check_input(x, "Linear::forward_train input");
-    // Copy: the caller's tensor (often another layer's buffer) may change before backward.
-    x_.resize(x.sizes());
-    std::copy(x.begin(), x.end(), x_.begin());
+    x_.assign(x);  // the caller's tensor (often another layer's buffer) may change before backward
     affine(x_, y_);
     has_forward_ = true;
     return y_;
   }
   /// Same computation, no state change.
-  Tensor<S> forward_eval(const Tensor<S>& x) const {
+  Tensor<S> forward_eval(ConstTensorView<S> x) const {
     check_input(x, "Linear::forward_eval input");
     Tensor<S> y;
     affine(x, y);
     return y;
   }
   /// Accumulates dL/dW += dy^T x and dL/db += sum_n dy, returns dL/dx = dy W.
-  const Tensor<S>& backward(const Tensor<S>& grad_out) {
+  const Tensor<S>& backward(ConstTensorView<S> grad_out) {
     if (!has_forward_) throw state_error("Linear::backward: call forward_train first");
     const std::int64_t N = x_.size(0), I = in_features(), O = out_features();
     grad_out.expect_shape({N, O}, "Linear::backward grad_output");
@@ -141,21 +161,21 @@ class Linear {
     dx_.matrix(N, I).noalias() = dy * weight_.value.matrix(O, I);
     return dx_;
   }
-  /// {weight, bias}.
-  ParamList<S> parameters() { return {&weight_, &bias_}; }
-  /// Zeroes both gradients.
-  void zero_grad() {
-    weight_.zero_grad();
-    bias_.zero_grad();
+  /// `weight` and `bias` under `prefix`.
+  void collect_tensors(Tensors<S>& out, const std::string& prefix) {
+    out.add(prefix + "weight", weight_);
+    out.add(prefix + "bias", bias_);
   }
+  /// The deployed form: a snapshot copy running forward_eval.
+  EvalSnapshot<Linear> deploy() const { return {*this}; }
 
  private:
-  void check_input(const Tensor<S>& x, const char* what) const {
+  void check_input(ConstTensorView<S> x, const char* what) const {
     if (x.dim() != 2 || x.size(0) < 1 || x.size(1) != in_features())
       throw shape_error(detail::cat(what, ": expected shape [N, ", in_features(), "] with N >= 1, got ",
                                     shape_str(x.sizes())));
   }
-  void affine(const Tensor<S>& x, Tensor<S>& y) const {
+  void affine(ConstTensorView<S> x, Tensor<S>& y) const {
     const std::int64_t N = x.size(0), I = in_features(), O = out_features();
     y.resize({N, O});
     auto Y = y.matrix(N, O);
@@ -176,7 +196,7 @@ class SoftmaxCrossEntropy {
  public:
   /// Mean loss; keeps the softmax probabilities and the labels for backward.
   /// Throws shape_error on a logits / labels mismatch, config_error on a label outside [0, K).
-  S forward_train(const Tensor<S>& logits, const std::vector<int>& labels) {
+  S forward_train(ConstTensorView<S> logits, const std::vector<int>& labels) {
     check(logits, labels, "SoftmaxCrossEntropy::forward_train");
     const S loss = compute(logits, labels, &prob_);
     labels_ = labels;
@@ -184,7 +204,7 @@ class SoftmaxCrossEntropy {
     return loss;
   }
   /// Mean loss, no state change.
-  S forward_eval(const Tensor<S>& logits, const std::vector<int>& labels) const {
+  S forward_eval(ConstTensorView<S> logits, const std::vector<int>& labels) const {
     check(logits, labels, "SoftmaxCrossEntropy::forward_eval");
     return compute(logits, labels, nullptr);
   }
@@ -201,13 +221,9 @@ class SoftmaxCrossEntropy {
   }
   /// The softmax probabilities [N, K] of the last forward_train.
   const Tensor<S>& probabilities() const { return prob_; }
-  /// No parameters.
-  ParamList<S> parameters() { return {}; }
-  /// Nothing to zero.
-  void zero_grad() {}
 
  private:
-  static void check(const Tensor<S>& logits, const std::vector<int>& labels, const char* who) {
+  static void check(ConstTensorView<S> logits, const std::vector<int>& labels, const char* who) {
     if (logits.dim() != 2 || logits.size(0) < 1 || logits.size(1) < 1)
       throw shape_error(detail::cat(who, " logits: expected shape [N, K] with N, K >= 1, got ",
                                     shape_str(logits.sizes())));
@@ -219,7 +235,7 @@ class SoftmaxCrossEntropy {
         throw config_error(detail::cat(who, " labels: label ", labels[n], " at index ", n, " is outside [0, ",
                                        logits.size(1), ")"));
   }
-  static S compute(const Tensor<S>& z, const std::vector<int>& labels, Tensor<S>* prob) {
+  static S compute(ConstTensorView<S> z, const std::vector<int>& labels, Tensor<S>* prob) {
     const std::int64_t N = z.size(0), K = z.size(1);
     if (prob) prob->resize(z.sizes());
     double total = 0;

@@ -101,12 +101,14 @@ class Optimizer {
       check_non_negative("group lr", double(*g.lr));
       check_non_negative("group weight_decay", double(*g.weight_decay));
       ParamList<S> kept;
-      for (auto* p : g.params) {
+      for (std::size_t j = 0; j < g.params.size(); ++j) {
+        auto* p = g.params[j];
         if (!p) throw config_error(detail::cat(who_, ": group ", i, " holds a null parameter"));
         if (!p->trainable()) continue;  // buffers are never optimized
         // A tensor in two groups would be stepped twice (PyTorch rejects it too).
         if (!seen.insert(p).second)
-          throw config_error(detail::cat(who_, ": parameter '", p->name, "' appears in more than one group"));
+          throw config_error(detail::cat(who_, ": parameter ", j, " of group ", i, " (shape ",
+                                         shape_str(p->value.sizes()), ") appears in an earlier group too"));
         kept.push_back(p);
       }
       g.params = std::move(kept);
@@ -118,11 +120,13 @@ class Optimizer {
   }
   /// Throws state_error when a gradient does not match its value (checked before any update).
   void check_grads() const {
-    for (auto& g : groups_)
-      for (auto* p : g.params)
+    for (std::size_t i = 0; i < groups_.size(); ++i)
+      for (std::size_t j = 0; j < groups_[i].params.size(); ++j) {
+        const auto* p = groups_[i].params[j];
         if (p->grad.sizes() != p->value.sizes())
-          throw state_error(detail::cat(who_, "::step: gradient of '", p->name, "' has shape ",
-                                        shape_str(p->grad.sizes()), ", value has ", shape_str(p->value.sizes())));
+          throw state_error(detail::cat(who_, "::step: gradient of parameter ", j, " of group ", i, " has shape ",
+                                        shape_str(p->grad.sizes()), ", its value has ", shape_str(p->value.sizes())));
+      }
   }
   /// One zero tensor per parameter, shaped like it (optimizer state).
   std::vector<std::vector<Tensor<S>>> zeros_like_params() const {

@@ -1,0 +1,121 @@
+#pragma once
+/// @file conv_block.hpp
+/// ConvBlock<S, Act, Source>: a block made of a kernel source and one trunk,
+/// y = act(BN(conv(x, W))) with W produced by the source on every training forward and
+/// dL/dW handed back to it (OREPA, OREPA_1x1, OREPA_LargeConv, ConvBN and user
+/// OnlineBlocks are ConvBlocks). OnlineBlock<S, Act> is the ConvBlock over a branch list:
+/// a new block is a new branch list (see examples/custom_block.cpp).
+///
+/// Thread safety: not safe to use from several threads at once (training and eval
+/// forwards reuse the block's buffers). Deploy it for concurrent inference.
+
+#include <string>
+
+#include "orepa/blocks/kernel_source.hpp"
+#include "orepa/blocks/trunk.hpp"
+#include "orepa/deploy/deployed_conv.hpp"
+
+namespace orepa {
+
+/// A kernel source and a trunk: one block of the block concept (blocks/block.hpp).
+template <class S, class Act, class Source>
+class ConvBlock : public ModuleTensors<ConvBlock<S, Act, Source>, S> {
+ public:
+  /// The block called `type_name` (in messages) with geometry `g` (validated here; odd
+  /// kernel sizes only unless `any_kernel`), kernel source `source` and activation `act`.
+  ConvBlock(std::string type_name, const ConvGeometry& g, Source source, Act act = {}, bool any_kernel = false)
+      : type_name_(std::move(type_name)), g_(validated(g, type_name_, any_kernel)), source_(std::move(source)),
+        trunk_(g_, act) {}
+
+  /// The reference class name ("OREPA", "ConvBN", ...).
+  std::string type_name() const { return type_name_; }
+  /// The block's (and the deployed conv's) convolution geometry.
+  const ConvGeometry& geometry() const { return g_; }
+  /// The kernel source.
+  Source& source() { return source_; }
+  /// The kernel source, read-only.
+  const Source& source() const { return source_; }
+  /// The BatchNorm after the convolution.
+  BatchNorm2d<S>& bn() { return trunk_.bn(); }
+  /// The activation.
+  const Act& activation() const { return trunk_.activation(); }
+
+  /// The kernel W [O, I/g, k, k] the source produces now.
+  Tensor<S> squeeze() const {
+    Tensor<S> w;
+    source_.squeeze_into(w);
+    return w;
+  }
+
+  /// Training forward: squeeze, one convolution, BN with batch statistics (running
+  /// statistics updated), activation. Returns the block's output buffer, valid until the
+  /// next forward_train. x is [N, I, H, W] with more than one output value per channel.
+  const Tensor<S>& forward_train(ConstTensorView<S> x) {
+    source_.squeeze_into(w_);
+    return trunk_.forward_train(x, w_, type_name_);
+  }
+  /// Eval forward with BN's running statistics (no state change).
+  Tensor<S> forward_eval(ConstTensorView<S> x) const { return trunk_.forward_eval(x, squeeze(), type_name_); }
+  /// Backward of the last forward_train for dL/d(output): accumulates every parameter
+  /// gradient (until zero_grad) and returns dL/dx (the block's buffer).
+  const Tensor<S>& backward(ConstTensorView<S> grad_out) {
+    const Tensor<S>& dx = trunk_.backward(grad_out, type_name_);
+    source_.squeeze_backward(trunk_.grad_weight());
+    return dx;
+  }
+
+  /// The BN-folded kernel and bias (W * s[o], beta - running_mean * s) of the deployed conv.
+  Affine<S> folded() const { return trunk_.fold(squeeze()); }
+  /// The deployed single convolution (folded kernel + bias, activation fused).
+  DeployedConv<S> deploy() const {
+    auto f = folded();
+    return DeployedConv<S>(g_, std::move(f.weight), std::move(f.bias), AnyActivation<S>(trunk_.activation()));
+  }
+
+  /// The source's tensors, then BN's (`bn.*`), under `prefix`.
+  void collect_tensors(Tensors<S>& out, const std::string& prefix) {
+    source_.collect_tensors(out, prefix);
+    trunk_.collect_tensors(out, prefix);
+  }
+
+  /// Primitive sets the training engines have created (one per input shape and path).
+  std::int64_t primitive_creations() const { return trunk_.primitive_creations(); }
+  /// Bytes kept between forward_train and backward: the trunk's (input and conv output,
+  /// BN statistics) and the squeezed kernel.
+  std::int64_t bytes_saved_for_backward() const {
+    const std::int64_t t = trunk_.bytes_saved_for_backward();
+    return t ? t + std::int64_t(sizeof(S)) * w_.numel() : 0;
+  }
+
+ private:
+  static ConvGeometry validated(const ConvGeometry& g, const std::string& who, bool any_kernel) {
+    g.validate(who.c_str(), !any_kernel);
+    return g;
+  }
+
+  std::string type_name_;
+  ConvGeometry g_;
+  Source source_;
+  Trunk<S, Act> trunk_;
+  Tensor<S> w_;  // the squeezed kernel of the last forward_train
+};
+
+/// The block over a branch list: W = sum_r v[r][o] * K_r, then y = act(BN(conv(x, W))).
+template <class S, class Act = Identity>
+class OnlineBlock : public ConvBlock<S, Act, BranchSum<S>> {
+ public:
+  /// `branches` in the row order of `vector` (row r starts at branch r's
+  /// initial_scale()); `vector_rows` 0 means one row per branch. Throws config_error on
+  /// an invalid geometry, an empty list or too few vector rows.
+  OnlineBlock(const ConvGeometry& g, BranchList<S> branches, std::string type_name = "OnlineBlock", Act act = {},
+              std::int64_t vector_rows = 0)
+      : ConvBlock<S, Act, BranchSum<S>>(type_name, g, BranchSum<S>(g, std::move(branches), vector_rows, type_name),
+                                        act) {}
+
+  /// The branches, one per row of the scaling matrix.
+  const BranchList<S>& branches() const { return this->source().branches(); }
+  /// The branch-scaling matrix `vector` [rows, O].
+  Param<S>& scales() { return this->source().scales(); }
+};
+
+}  // namespace orepa

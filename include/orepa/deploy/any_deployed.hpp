@@ -1,0 +1,60 @@
+#pragma once
+/// @file any_deployed.hpp
+/// `AnyDeployed<S>`: any deployed object (a DeployedConv, a deployed YOLO module, an
+/// InferenceChain, ...) behind one type: `Tensor<S> forward(ConstTensorView<S>) const`.
+/// Copies share the same immutable object, so an AnyDeployed is cheap to copy and, like
+/// the objects it holds, safe to call from several threads.
+
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+#include <typeinfo>
+#include <utility>
+
+#include "orepa/core/tensor.hpp"
+
+namespace orepa {
+
+/// A type-erased deployed module.
+template <class S>
+class AnyDeployed {
+ public:
+  /// Holds `d` (moved in); D needs `Tensor<S> forward(ConstTensorView<S>) const`.
+  template <class D, class = std::enable_if_t<!std::is_same_v<std::decay_t<D>, AnyDeployed>>>
+  AnyDeployed(D d) : impl_(std::make_shared<const Model<D>>(std::move(d))) {}  // NOLINT: implicit on purpose
+
+  /// Runs the held object.
+  Tensor<S> forward(ConstTensorView<S> x) const { return impl_->forward(x); }
+  /// The held object's num_parameters() (weights and biases it holds), 0 if it has none.
+  std::int64_t num_parameters() const { return impl_->num_parameters(); }
+  /// The held object as a `D`, or nullptr when it is of another type.
+  template <class D>
+  const D* target() const {
+    auto* m = dynamic_cast<const Model<D>*>(impl_.get());
+    return m ? &m->d : nullptr;
+  }
+
+ private:
+  template <class D, class = void>
+  struct has_count : std::false_type {};
+  template <class D>
+  struct has_count<D, std::void_t<decltype(std::declval<const D&>().num_parameters())>> : std::true_type {};
+  struct Concept {
+    virtual ~Concept() = default;
+    virtual Tensor<S> forward(ConstTensorView<S> x) const = 0;
+    virtual std::int64_t num_parameters() const = 0;
+  };
+  template <class D>
+  struct Model final : Concept {
+    explicit Model(D x) : d(std::move(x)) {}
+    Tensor<S> forward(ConstTensorView<S> x) const override { return Tensor<S>(d.forward(x)); }
+    std::int64_t num_parameters() const override {
+      if constexpr (has_count<D>::value) return d.num_parameters();
+      else return 0;
+    }
+    D d;
+  };
+  std::shared_ptr<const Concept> impl_;
+};
+
+}  // namespace orepa

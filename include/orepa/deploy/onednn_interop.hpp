@@ -1,0 +1,172 @@
+#pragma once
+/// @file onednn_interop.hpp
+/// DeployedConv on oneDNN memory, for code that keeps activations in oneDNN's own layouts
+/// (the main headers have no dnnl:: type in a public signature; this one is for those who
+/// want them): the layouts a deployed convolution's primitive prefers, a forward on
+/// dnnl::memory in those layouts (no reorder at all), and DeployedChain, which keeps
+/// activations blocked between consecutive convolutions.
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "orepa/deploy/deployed_conv.hpp"
+
+namespace orepa {
+
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+struct DeployedConvInterop {
+  static dnnl::memory::desc src_desc(const DeployedConv<float>& c, const Shape& xs) {
+    c.g_.output_shape(xs, "src_desc(DeployedConv)");
+    return c.entry(xs, true).pd.src_desc();
+  }
+  static dnnl::memory::desc dst_desc(const DeployedConv<float>& c, const Shape& xs) {
+    c.g_.output_shape(xs, "dst_desc(DeployedConv)");
+    return c.entry(xs, true).pd.dst_desc();
+  }
+  static void forward(const DeployedConv<float>& c, const dnnl::memory& src, const dnnl::memory& dst) {
+    const auto sd = src.get_desc(), dd = dst.get_desc();
+    const Shape xs = engine::shape_of(sd);
+    const Shape ys = c.g_.output_shape(xs, "forward(DeployedConv, memory)");
+    if (engine::shape_of(dd) != ys)
+      throw shape_error(orepa::detail::cat("forward(DeployedConv, memory): dst must have shape ", shape_str(ys),
+                                           ", got ", shape_str(engine::shape_of(dd))));
+    auto& e = c.entry(xs, true);
+    const bool src_direct = sd == e.pd.src_desc(), dst_direct = dd == e.pd.dst_desc();
+    if ((!src_direct && sd != e.x_md) || (!dst_direct && dd != e.y_md))
+      throw shape_error(orepa::detail::cat("forward(DeployedConv, memory): src and dst must be in the primitive's "
+                                           "layout (src_desc()/dst_desc()) or plain NCHW, for ",
+                                           engine::describe(c.g_, xs)));
+    auto* sp = static_cast<float*>(src.get_data_handle());
+    auto* dp = static_cast<float*>(dst.get_data_handle());
+    c.run(e, src_direct ? &src : nullptr, sp, dst_direct ? &dst : nullptr, dp);
+    if (c.act_.kind() == ActivationKind::custom)  // element-wise: any layout works
+      c.act_.apply(dp, std::int64_t(dd.get_size() / sizeof(float)));
+  }
+};
+}  // namespace detail
+/// \endcond
+
+/// The layout the primitive of `conv` prefers for its input when called with input shape
+/// `x_shape`. Memory in this layout is used by forward(conv, src, dst) as is.
+inline dnnl::memory::desc src_desc(const DeployedConv<float>& conv, const Shape& x_shape) {
+  return detail::DeployedConvInterop::src_desc(conv, x_shape);
+}
+/// The layout the primitive of `conv` writes its output in for input shape `x_shape`.
+inline dnnl::memory::desc dst_desc(const DeployedConv<float>& conv, const Shape& x_shape) {
+  return detail::DeployedConvInterop::dst_desc(conv, x_shape);
+}
+/// y = act(conv(x) + bias) on oneDNN memory. `src` must be in src_desc(conv, shape) or
+/// plain NCHW, `dst` in dst_desc(conv, shape) or plain NCHW, of the output shape. Layouts
+/// that match the primitive's are used without any copy, NCHW ones through cached
+/// reorders. Throws shape_error for any other descriptor. Thread-safe like conv.forward.
+inline void forward(const DeployedConv<float>& conv, const dnnl::memory& src, const dnnl::memory& dst) {
+  detail::DeployedConvInterop::forward(conv, src, dst);
+}
+
+/// Consecutive deployed float convolutions that keep their activations in the layout the
+/// primitives prefer (blocked, e.g. nChw8c) from one to the next: the NCHW input is
+/// reordered once on the way in (or read directly, when the first primitive takes NCHW,
+/// as small-channel stems do), the output once on the way out. Intermediate buffers are
+/// created per input shape on first use and reused.
+///
+/// Thread safety: forward() may be called from several threads at once (each call takes
+/// its own set of intermediate buffers from a per-shape pool).
+class DeployedChain {
+ public:
+  /// The convolutions in order; each one's output channels must be the next one's input.
+  explicit DeployedChain(std::vector<DeployedConv<float>> convs)
+      : convs_(std::move(convs)), state_(std::make_unique<State>()) {
+    if (convs_.empty()) throw config_error("DeployedChain: needs at least one convolution");
+    for (std::size_t i = 1; i < convs_.size(); ++i)
+      if (convs_[i].geometry().in_channels != convs_[i - 1].geometry().out_channels)
+        throw config_error(detail::cat("DeployedChain: conv ", i, " takes ", convs_[i].geometry().in_channels,
+                                       " channels but conv ", i - 1, " gives ", convs_[i - 1].geometry().out_channels));
+  }
+
+  /// The convolutions.
+  const std::vector<DeployedConv<float>>& convs() const { return convs_; }
+
+  /// Output shape for input shape `x_shape`.
+  Shape output_shape(const Shape& x_shape) const {
+    Shape s = x_shape;
+    for (const auto& c : convs_) s = c.geometry().output_shape(s, "DeployedChain");
+    return s;
+  }
+
+  /// y = convs[L-1](... convs[0](x)) for an NCHW x; y is NCHW (resized).
+  void forward(ConstTensorView<float> x, Tensor<float>& y) const {
+    y.resize(output_shape(x.sizes()));
+    auto ws = take(x.sizes());
+    ws->in.set_data_handle(const_cast<float*>(x.data()));
+    ws->out.set_data_handle(y.data());
+    const std::size_t L = convs_.size();
+    for (std::size_t i = 0; i < L; ++i) {
+      const dnnl::memory& src = i == 0 ? ws->in : ws->mids[i - 1];
+      const dnnl::memory& dst = i + 1 == L ? ws->out : ws->mids[i];
+      orepa::forward(convs_[i], src, dst);
+    }
+    give(x.sizes(), std::move(ws));
+  }
+  /// y = convs[L-1](... convs[0](x)) for an NCHW x [N, I, H, W]; returns y.
+  Tensor<float> forward(ConstTensorView<float> x) const {
+    Tensor<float> y;
+    forward(x, y);
+    return y;
+  }
+
+  /// Primitives created by all the convolutions so far.
+  std::int64_t primitive_creations() const {
+    std::int64_t n = 0;
+    for (const auto& c : convs_) n += c.primitive_creations();
+    return n;
+  }
+
+ private:
+  struct Workspace {
+    dnnl::memory in, out;             // NCHW wrappers of the caller's buffers
+    std::vector<dnnl::memory> mids;   // conv i's output in conv i's dst layout
+  };
+  struct State {
+    std::mutex mutex;
+    std::map<Shape, std::vector<std::unique_ptr<Workspace>>> idle;
+  };
+
+  std::unique_ptr<Workspace> take(const Shape& xs) const {
+    {
+      std::lock_guard<std::mutex> lock(state_->mutex);
+      auto& pool = state_->idle[xs];
+      if (!pool.empty()) {
+        auto ws = std::move(pool.back());
+        pool.pop_back();
+        return ws;
+      }
+    }
+    return engine::guarded("DeployedChain on input " + shape_str(xs), [&] {
+      auto ws = std::make_unique<Workspace>();
+      ws->in = dnnl::memory(engine::nchw_desc(xs), engine::cpu_engine(), DNNL_MEMORY_NONE);
+      ws->out = dnnl::memory(engine::nchw_desc(output_shape(xs)), engine::cpu_engine(), DNNL_MEMORY_NONE);
+      Shape s = xs;
+      for (std::size_t i = 0; i + 1 < convs_.size(); ++i) {
+        // Conv i writes in its own preferred layout; if conv i+1 prefers another one, it
+        // must accept this one or NCHW: fall back to NCHW between them then.
+        const auto d = dst_desc(convs_[i], s);
+        s = convs_[i].geometry().output_shape(s, "DeployedChain");
+        const auto next = src_desc(convs_[i + 1], s);
+        ws->mids.push_back(engine::allocate(d == next ? d : engine::nchw_desc(s)));
+      }
+      return ws;
+    });
+  }
+  void give(const Shape& xs, std::unique_ptr<Workspace> ws) const {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->idle[xs].push_back(std::move(ws));
+  }
+
+  std::vector<DeployedConv<float>> convs_;
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace orepa
