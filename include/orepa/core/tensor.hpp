@@ -235,21 +235,20 @@ class TensorView {
   /// A view of `sizes` elements at `data` (row-major). Throws shape_error for a negative
   /// extent and config_error for an element count over the tensor limit; a null `data`
   /// is only accepted for zero elements.
-  TensorView(T* data, Shape sizes) : data_(data), sizes_(std::move(sizes)) {
-    const auto n = checked_numel(sizes_, "tensor view");
-    if (n > max_tensor_bytes / static_cast<std::int64_t>(sizeof(Scalar)))
+  TensorView(T* data, Shape sizes) : data_(data), sizes_(std::move(sizes)), numel_(checked_numel(sizes_, "tensor view")) {
+    if (numel_ > max_tensor_bytes / static_cast<std::int64_t>(sizeof(Scalar)))
       throw config_error(detail::cat("tensor view of shape ", shape_str(sizes_), " exceeds the ", max_tensor_bytes,
                                      "-byte tensor limit"));
-    if (!data_ && n != 0) throw shape_error(detail::cat("tensor view of shape ", shape_str(sizes_), ": null data"));
+    if (!data_ && numel_ != 0) throw shape_error(detail::cat("tensor view of shape ", shape_str(sizes_), ": null data"));
   }
   /// A view of a whole tensor.
-  TensorView(Tensor<Scalar>& t) : data_(t.data()), sizes_(t.sizes()) {}  // NOLINT: implicit on purpose
+  TensorView(Tensor<Scalar>& t) : data_(t.data()), sizes_(t.sizes()), numel_(t.numel()) {}  // NOLINT: implicit on purpose
   /// A read-only view of a whole tensor.
   template <class U = T, std::enable_if_t<std::is_const_v<U>, int> = 0>
-  TensorView(const Tensor<Scalar>& t) : data_(t.data()), sizes_(t.sizes()) {}  // NOLINT: implicit on purpose
+  TensorView(const Tensor<Scalar>& t) : data_(t.data()), sizes_(t.sizes()), numel_(t.numel()) {}  // NOLINT: implicit on purpose
   /// A mutable view as a read-only one.
   template <class U = T, std::enable_if_t<std::is_const_v<U>, int> = 0>
-  TensorView(const TensorView<Scalar>& v) : data_(v.data()), sizes_(v.sizes()) {}  // NOLINT: implicit on purpose
+  TensorView(const TensorView<Scalar>& v) : data_(v.data()), sizes_(v.sizes()), numel_(v.numel()) {}  // NOLINT: implicit on purpose
 
   /// Pointer to the first element.
   T* data() const { return data_; }
@@ -260,11 +259,7 @@ class TensorView {
   /// Number of dimensions.
   int dim() const { return static_cast<int>(sizes_.size()); }
   /// Number of elements.
-  std::int64_t numel() const {
-    std::int64_t n = 1;
-    for (auto d : sizes_) n *= d;
-    return n;
-  }
+  std::int64_t numel() const { return numel_; }
   /// True when the view holds no elements.
   bool empty() const { return numel() == 0; }
   /// Element `i` of the flat row-major storage; unchecked.
@@ -305,6 +300,7 @@ class TensorView {
  private:
   T* data_ = nullptr;
   Shape sizes_;
+  std::int64_t numel_ = 0;
 };
 
 /// A read-only view.
