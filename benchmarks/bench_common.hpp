@@ -1,7 +1,10 @@
 #pragma once
 // Shared helpers of the orepa benchmarks: random inputs and the shape tables.
 #include <benchmark/benchmark.h>
+#include <malloc.h>
 
+#include <cstdint>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -26,5 +29,26 @@ inline double conv_flops(const ConvGeometry& g, const Shape& x) {
 
 /// Bytes of `n` floats.
 inline double float_bytes(std::int64_t n) { return double(n) * double(sizeof(float)); }
+
+/// A memory figure of this process from /proc/self/status ("VmRSS", "VmHWM"), in bytes
+/// (-1 where the file is not there).
+inline std::int64_t process_memory(const std::string& field) {
+  std::ifstream f("/proc/self/status");
+  std::string key;
+  std::int64_t kib = -1;
+  while (f >> key) {
+    if (key == field + ":") {
+      f >> kib;
+      return kib * 1024;
+    }
+    std::getline(f, key);
+  }
+  return -1;
+}
+/// Resets VmHWM to the current VmRSS (Linux: writing 5 to /proc/self/clear_refs).
+inline void reset_peak_memory() { std::ofstream("/proc/self/clear_refs") << "5"; }
+/// Returns the heap's free memory to the system, so that what a measurement allocates
+/// shows in the RSS instead of reusing memory an earlier benchmark freed.
+inline void release_free_memory() { malloc_trim(0); }
 
 }  // namespace orepa::bench

@@ -3,6 +3,9 @@
 // primitive, weights and inputs already in them, everything created before timing).
 //
 //   deploy/<layer>/n<b>          DeployedConv::forward on NCHW tensors (the plain API)
+//   deploy_nhwc/<layer>/n<b>     DeployedConv::forward on channels-last (NHWC) tensors
+//   reorder_in/<layer>/n<b>      the NCHW -> primitive-layout reorder of the input alone
+//   reorder_out/<layer>/n<b>     the primitive-layout -> NCHW reorder of the output alone
 //   deploy_blocked/<layer>/n<b>  forward(DeployedConv, dnnl::memory...) already in the
 //                                primitive's layout (the blocked API, no reorders)
 //   raw_onednn/<layer>/n<b>      bare primitive, src/dst/weights format_tag::any
@@ -50,15 +53,18 @@ void set_flops(benchmark::State& state, const ConvGeometry& g, const Shape& x) {
   state.counters["gflops"] = benchmark::Counter(conv_flops(g, x) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-void deploy_plain(benchmark::State& state, Layer l, std::int64_t n) {
+void deploy_plain(benchmark::State& state, Layer l, std::int64_t n, MemoryFormat format) {
   const auto conv = make_deployed(l.g);
-  const auto x = random_tensor(input_shape(l, n));
+  const auto x = random_tensor(input_shape(l, n)).to(format);
   Tensor<float> y;
   conv.forward(x, y);  // warm-up: primitive, weights reorder, context
   for (auto _ : state) {
     conv.forward(x, y);
     benchmark::DoNotOptimize(y.data());
   }
+  // ratios.py holds deploy_nhwc to the raw primitive only where NHWC is the primitive's own layout.
+  if (format == MemoryFormat::channels_last && conv.preferred_format(x.sizes()) == MemoryFormat::channels_last)
+    state.SetLabel("nhwc");
   set_flops(state, l.g, x.sizes());
 }
 
@@ -74,6 +80,27 @@ void deploy_blocked(benchmark::State& state, Layer l, std::int64_t n) {
     benchmark::DoNotOptimize(dst.get_data_handle());
   }
   set_flops(state, l.g, xs);
+}
+
+// One activation reorder alone: NCHW into the primitive's input layout (`in`), or the
+// primitive's output layout into NCHW.
+void reorder_alone(benchmark::State& state, Layer l, std::int64_t n, bool in) {
+  const auto conv = make_deployed(l.g);
+  const Shape xs = input_shape(l, n), ys = l.g.output_shape(xs, "reorder");
+  const Shape& s = in ? xs : ys;
+  const auto blocked = in ? src_desc(conv, xs) : dst_desc(conv, xs);
+  dnnl::memory plain = engine::allocate(engine::nchw_desc(s)), other = engine::allocate(blocked);
+  dnnl::memory& from = in ? plain : other;
+  dnnl::memory& to = in ? other : plain;
+  dnnl::reorder r(from, to);
+  auto& str = engine::thread_stream();
+  r.execute(str, from, to);
+  str.wait();
+  for (auto _ : state) {
+    r.execute(str, from, to);
+    str.wait();
+  }
+  state.SetLabel(blocked == engine::nchw_desc(s) ? "same layout (a copy)" : "");
 }
 
 // The yardstick: a oneDNN convolution with nothing around it.
@@ -162,7 +189,18 @@ const bool registered = [] {
   for (auto n : kBatches)
     for (const auto& l : kLayers) {
       const std::string tail = std::string(l.name) + "/n" + std::to_string(n);
-      benchmark::RegisterBenchmark(("deploy/" + tail).c_str(), deploy_plain, l, n)->UseRealTime()->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("deploy/" + tail).c_str(), deploy_plain, l, n, MemoryFormat::contiguous)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("deploy_nhwc/" + tail).c_str(), deploy_plain, l, n, MemoryFormat::channels_last)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("reorder_in/" + tail).c_str(), reorder_alone, l, n, true)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("reorder_out/" + tail).c_str(), reorder_alone, l, n, false)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
       benchmark::RegisterBenchmark(("deploy_blocked/" + tail).c_str(), deploy_blocked, l, n)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);

@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
-"""Prints the ratio table of one orepa_bench run (Python 3 standard library only).
+"""Prints the targets and ratio tables of one orepa_bench run (Python 3 standard library only).
 
     orepa_bench --benchmark_repetitions=3 --benchmark_report_aggregates_only=true \\
-                --benchmark_format=json > run.json
+                --benchmark_enable_random_interleaving=true --benchmark_format=json > run.json
     python3 benchmarks/ratios.py run.json
 
 Uses the median aggregate when present (else the plain result) of every benchmark, so
-every ratio compares two timings of the same run.
+every ratio compares two timings of the same run. The first table lists every target
+with its value and whether it is met; rows whose benchmarks are missing from the run are
+left out.
 """
 import json
 import sys
+
+LAYERS = ("stem_k6", "c32_64_s2", "c64", "c128", "c256", "c512", "c64_k1")
+SHAPES = ("c64_h56_n8", "c128_h28_n8")
 
 
 def load(path):
@@ -23,7 +28,7 @@ def load(path):
             continue
         if kind == "median" or name not in runs:
             runs[name] = b
-    return runs
+    return runs, data.get("context", {})
 
 
 def ms(b):
@@ -31,37 +36,82 @@ def ms(b):
     return b["real_time"] * scale
 
 
+def gflops(b):
+    g = b.get("gflops", 0)
+    return g / 1e9 if g > 1e6 else g
+
+
+def targets(r):
+    """(target, where, value, limit, met) rows."""
+    rows = []
+
+    def add(target, where, value, limit):
+        rows.append((target, where, value, limit, value <= limit))
+
+    for n in (1, 8):
+        for layer in LAYERS:
+            raw = r.get(f"raw_onednn/{layer}/n{n}")
+            if not raw:
+                continue
+            nhwc = r.get(f"deploy_nhwc/{layer}/n{n}")
+            if nhwc and nhwc.get("label", "") == "nhwc":
+                add("deploy_nhwc / raw (NHWC-preferring primitives)", f"{layer} n{n}", ms(nhwc) / ms(raw), 1.05)
+            dep, rin, rout = (r.get(f"{k}/{layer}/n{n}") for k in ("deploy", "reorder_in", "reorder_out"))
+            if dep and rin and rout:
+                add("deploy_nchw / (raw + reorder_in + reorder_out)", f"{layer} n{n}",
+                    ms(dep) / (ms(raw) + ms(rin) + ms(rout)), 1.05)
+            blk = r.get(f"deploy_blocked/{layer}/n{n}")
+            if blk:
+                add("deploy_blocked / raw", f"{layer} n{n}", ms(blk) / ms(raw), 1.05)
+    for shape in SHAPES:
+        sq, sqb = r.get(f"squeeze/OREPA/{shape}"), r.get(f"squeeze_backward/OREPA/{shape}")
+        if sq and sqb and shape.startswith("c128"):
+            add("squeeze + adjoint, OREPA 128->128 k3 (ms)", shape, ms(sq) + ms(sqb), 0.6)
+        o, c = r.get(f"train_step/OREPA/{shape}"), r.get(f"train_step/ConvBN/{shape}")
+        if o and c:
+            add("OREPA step / ConvBN step", shape, ms(o) / ms(c), 1.05)
+            if "peak_step_bytes" in o and c.get("peak_step_bytes", 0) > 0:
+                add("peak memory of 3 steps, OREPA / ConvBN", shape, o["peak_step_bytes"] / c["peak_step_bytes"], 1.10)
+    return rows
+
+
 def main(path):
-    r = load(path)
-    print("| shape | OREPA/ConvBN time | DBB/OREPA time | RepVGG/ConvBN time | saved bytes OREPA/ConvBN "
-          "| DBB/ConvBN | RepVGG/ConvBN | squeeze+adjoint share of OREPA step |")
-    print("|---|---|---|---|---|---|---|---|")
-    for shape in ("c64_h56_n8", "c128_h28_n8"):
+    r, ctx = load(path)
+    print(f"run: {ctx.get('date', '?')}, {ctx.get('num_cpus', '?')} CPUs, {ctx.get('host_name', '?')}\n")
+    rows = targets(r)
+    if rows:
+        print("| target | where | value | limit | met |")
+        print("|---|---|---|---|---|")
+        for target, where, value, limit, met in rows:
+            print(f"| {target} | {where} | {value:.3g} | {limit:g} | {'met' if met else 'MISSED'} |")
+        print()
+    print("| shape | OREPA/ConvBN time | DBB/OREPA time | RepVGG/ConvBN time | peak memory OREPA/ConvBN "
+          "| saved bytes OREPA/ConvBN | squeeze+adjoint share of OREPA step |")
+    print("|---|---|---|---|---|---|---|")
+    for shape in SHAPES:
         t = {blk: r.get(f"train_step/{blk}/{shape}") for blk in ("ConvBN", "OREPA", "DBB", "RepVGGBlock_OREPA")}
         if not all(t.values()):
             continue
-        sq = r.get(f"squeeze/OREPA/{shape}")
-        sqb = r.get(f"squeeze_backward/OREPA/{shape}")
+        sq, sqb = r.get(f"squeeze/OREPA/{shape}"), r.get(f"squeeze_backward/OREPA/{shape}")
         share = f"{(ms(sq) + ms(sqb)) / ms(t['OREPA']):.1%}" if sq and sqb else "-"
-        mem = {k: v["bytes_saved_for_backward"] / t["ConvBN"]["bytes_saved_for_backward"] for k, v in t.items()}
+        peak = t["OREPA"].get("peak_step_bytes", 0) / max(t["ConvBN"].get("peak_step_bytes", 1), 1)
+        saved = t["OREPA"]["bytes_saved_for_backward"] / t["ConvBN"]["bytes_saved_for_backward"]
         print(f"| {shape} | {ms(t['OREPA']) / ms(t['ConvBN']):.2f} | {ms(t['DBB']) / ms(t['OREPA']):.2f} "
-              f"| {ms(t['RepVGGBlock_OREPA']) / ms(t['ConvBN']):.2f} | {mem['OREPA']:.2f} | {mem['DBB']:.2f} "
-              f"| {mem['RepVGGBlock_OREPA']:.2f} | {share} |")
+              f"| {ms(t['RepVGGBlock_OREPA']) / ms(t['ConvBN']):.2f} | {peak:.2f} | {saved:.2f} | {share} |")
     print()
-    print("| layer | batch | deploy/raw (NCHW API) | deploy_blocked/raw | raw GFLOP/s | deploy GFLOP/s "
-          "| deploy_blocked GFLOP/s | raw_nchw/raw |")
+    print("| layer | batch | raw GFLOP/s | deploy_nhwc/raw | deploy/raw (NCHW) | (raw+reorders)/raw "
+          "| deploy_blocked/raw | raw_nchw/raw |")
     print("|---|---|---|---|---|---|---|---|")
     for n in (1, 8):
-        for layer in ("stem_k6", "c32_64_s2", "c64", "c128", "c256", "c512", "c64_k1"):
+        for layer in LAYERS:
             raw = r.get(f"raw_onednn/{layer}/n{n}")
-            dep = r.get(f"deploy/{layer}/n{n}")
-            blk = r.get(f"deploy_blocked/{layer}/n{n}")
-            nchw = r.get(f"raw_onednn_nchw/{layer}/n{n}")
-            if not (raw and dep and blk):
+            if not raw:
                 continue
-            g = lambda b: b["gflops"] / 1e9 if b["gflops"] > 1e6 else b["gflops"]
-            print(f"| {layer} | {n} | {ms(dep) / ms(raw):.2f} | {ms(blk) / ms(raw):.2f} | {g(raw):.0f} | {g(dep):.0f} "
-                  f"| {g(blk):.0f} | {ms(nchw) / ms(raw):.2f} |" if nchw else "| - |")
+            cell = lambda k: f"{ms(r[f'{k}/{layer}/n{n}']) / ms(raw):.2f}" if f"{k}/{layer}/n{n}" in r else "-"
+            rin, rout = r.get(f"reorder_in/{layer}/n{n}"), r.get(f"reorder_out/{layer}/n{n}")
+            reo = f"{(ms(raw) + ms(rin) + ms(rout)) / ms(raw):.2f}" if rin and rout else "-"
+            print(f"| {layer} | {n} | {gflops(raw):.0f} | {cell('deploy_nhwc')} | {cell('deploy')} | {reo} "
+                  f"| {cell('deploy_blocked')} | {cell('raw_onednn_nchw')} |")
     for n in (1, 8):
         a, b = r.get(f"deploy_chain/nchw/n{n}"), r.get(f"deploy_chain/blocked/n{n}")
         if a and b:

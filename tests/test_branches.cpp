@@ -183,3 +183,26 @@ TEST(AnyBlock, HoldsBlocksAndLayersWithTheConvMembersOnlyForBlocks) {
   EXPECT_EQ(head.type_name(), "Linear");
   EXPECT_EQ(head.named_parameters("fc.").front().first, "fc.weight");
 }
+
+// Training on a channels-last input gives the NCHW outputs and gradients, for a block on
+// the fused trunk, one of paths and one of separate conv + BN.
+template <class Block>
+void channels_last_trains_like_nchw(typename Block::Options opts, const std::string& what) {
+  Block a(opts), b(opts);
+  Rng rng(41);
+  const auto x = random_tensor<double>({2, 4, 7, 6}, rng);
+  const auto& ya = a.forward_train(x);
+  test::expect_close(b.forward_train(x.to(MemoryFormat::channels_last)), ya, 1e-12, what + " output");
+  const auto g = random_tensor<double>(ya.sizes(), rng);
+  const auto& dxa = a.backward(g);
+  test::expect_close(b.backward(g.to(MemoryFormat::channels_last)), dxa, 1e-12, what + " input gradient");
+  const auto pa = a.named_parameters(), pb = b.named_parameters();
+  for (std::size_t j = 0; j < pa.size(); ++j)
+    test::expect_close(pb[j].second->grad, pa[j].second->grad, 1e-12, what + " " + pa[j].first);
+}
+
+TEST(AnyBlock, ChannelsLastInputTrainsLikeNchw) {
+  channels_last_trains_like_nchw<OREPA<double, SiLU>>(OrepaOptions(4, 6, 3).seed(2), "OREPA");
+  channels_last_trains_like_nchw<RepVGGBlock_OREPA<double>>(RepVGGOptions(4, 4, 3).seed(3), "RepVGG");
+  channels_last_trains_like_nchw<DBB<double, ReLU>>(DbbOptions(4, 6, 3).seed(4), "DBB");
+}

@@ -118,3 +118,52 @@ TEST(ConvEngine, ShapeErrorsNameTheTensor) {
   }
   EXPECT_THROW(eng.forward(Tensor<float>({1, 4, 8, 8}), Tensor<float>({8, 4, 5, 5}), y), shape_error);
 }
+
+TEST(Tensor, ChannelsLastStorageIndexingAndRoundTrip) {
+  Rng rng(3);
+  const auto x = random_tensor<float>({2, 3, 4, 5}, rng);
+  const Tensor<float> cl = x.to(MemoryFormat::channels_last);
+  EXPECT_EQ(cl.memory_format(), MemoryFormat::channels_last);
+  EXPECT_FALSE(cl.is_contiguous());
+  EXPECT_EQ(cl.sizes(), x.sizes());
+  for (std::int64_t n = 0; n < 2; ++n)
+    for (std::int64_t c = 0; c < 3; ++c)
+      for (std::int64_t h = 0; h < 4; ++h)
+        for (std::int64_t w = 0; w < 5; ++w) {
+          const float want = x[((n * 3 + c) * 4 + h) * 5 + w];
+          ASSERT_EQ(cl[((n * 4 + h) * 5 + w) * 3 + c], want);  // NHWC storage
+          ASSERT_EQ(cl(n, c, h, w), want);                      // NCHW indices
+        }
+  const auto back = cl.to(MemoryFormat::contiguous);
+  EXPECT_TRUE(back.is_contiguous());
+  EXPECT_TRUE(std::equal(back.begin(), back.end(), x.begin()));
+  EXPECT_EQ(max_abs_diff(cl, x), 0.0);  // compared by logical index
+  EXPECT_GT(max_abs_diff(Tensor<float>(x.sizes(), std::vector<float>(cl.begin(), cl.end())), x), 0.0);
+
+  const auto v = view(cl.data(), x.sizes(), MemoryFormat::channels_last);
+  EXPECT_EQ(v(1, 2, 3, 4), x(1, 2, 3, 4));
+  Tensor<float> copy;
+  copy.assign(v);
+  EXPECT_EQ(copy.memory_format(), MemoryFormat::channels_last);
+  const auto d = cl.cast<double>();
+  EXPECT_EQ(d.memory_format(), MemoryFormat::channels_last);
+  EXPECT_EQ(d(1, 0, 2, 3), double(x(1, 0, 2, 3)));
+
+  EXPECT_THROW(cl.reshaped({120}), shape_error);
+  EXPECT_THROW(v.reshaped({120}), shape_error);
+  EXPECT_THROW(Tensor<float>(Shape{2, 3}, MemoryFormat::channels_last), shape_error);
+  EXPECT_THROW(view(copy.data(), {6, 20}, MemoryFormat::channels_last), shape_error);
+  copy.reset({2, 2});
+  EXPECT_TRUE(copy.is_contiguous());
+}
+
+TEST(ReferenceConv, ChannelsLastInputGivesTheSameOutput) {
+  Rng rng(4);
+  ConvGeometry g;
+  g.in_channels = 4, g.out_channels = 6, g.kernel = 3, g.stride = 2, g.padding = 1, g.groups = 2;
+  const auto x = random_tensor<double>({2, 4, 7, 6}, rng);
+  const auto w = random_tensor<double>(g.weight_shape(), rng);
+  const auto b = random_tensor<double>({6}, rng);
+  EXPECT_EQ(max_abs_diff(reference::conv2d(x.to(MemoryFormat::channels_last), w, g, b), reference::conv2d(x, w, g, b)),
+            0.0);
+}

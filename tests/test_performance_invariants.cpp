@@ -174,6 +174,44 @@ TEST(PerformanceInvariants, DeployedForwardAllocatesNothingAfterWarmUp) {
   EXPECT_EQ(deployed.primitive_creations(), 1);  // both APIs share the primitive of the shape
 }
 
+// Channels-last (NHWC) tensors in and out give the NCHW numbers, in every pairing of
+// layouts and under both layout policies, and allocate nothing after warm-up.
+TEST(PerformanceInvariants, DeployedForwardOnChannelsLastMatchesNchwAndAllocatesNothing) {
+  OREPA<float, SiLU> block(OrepaOptions(16, 24, 3).stride(2).seed(16));
+  Rng rng(17);
+  test::randomise(block, rng);
+  const Shape xs{2, 16, 23, 21};
+  const auto x = test::random_tensor<float>(xs, rng);
+  const auto x_cl = x.to(MemoryFormat::channels_last);
+  const Tensor<float> want = block.forward_eval(x);
+  test::expect_close(block.forward_eval(x_cl), want, 1e-6, "eval forward of a channels-last input");
+
+  for (auto policy : {DeployLayout::automatic, DeployLayout::plain}) {
+    auto deployed = block.deploy();
+    deployed.layout(policy);
+    const std::string what = policy == DeployLayout::plain ? "plain policy: " : "automatic policy: ";
+    Tensor<float> y_cl;
+    deployed.forward(x_cl, y_cl);
+    EXPECT_EQ(y_cl.memory_format(), MemoryFormat::channels_last);
+    test::expect_close(y_cl, want, 1e-5, what + "NHWC in, NHWC out");
+    Tensor<float> y_nchw(want.sizes());
+    deployed.forward(x_cl, TensorView<float>(y_nchw));
+    test::expect_close(y_nchw, want, 1e-5, what + "NHWC in, NCHW out");
+    Tensor<float> y_mixed(want.sizes(), MemoryFormat::channels_last);
+    deployed.forward(x, TensorView<float>(y_mixed));
+    test::expect_close(y_mixed, want, 1e-5, what + "NCHW in, NHWC out");
+    test::expect_close(deployed.forward(x), want, 1e-5, what + "NCHW in, NCHW out");
+    // The automatic policy runs one primitive for every layout; the plain one runs one
+    // on each caller layout.
+    EXPECT_EQ(deployed.primitive_creations(), policy == DeployLayout::plain ? 2 : 1) << what;
+
+    const auto count = [&] { return deployed.primitive_creations(); };
+    const Counters before = counters(count);
+    for (int i = 0; i < 5; ++i) deployed.forward(x_cl, y_cl);
+    EXPECT_EQ(counters(count), before) << what;
+  }
+}
+
 TEST(PerformanceInvariants, DeployedChainKeepsBlockedActivationsAndAllocatesNothingAfterWarmUp) {
   Rng rng(8);
   std::vector<DeployedConv<float>> convs;

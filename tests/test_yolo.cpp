@@ -205,6 +205,36 @@ TEST(Yolo, ModulesDeployInsideSequential) {
   EXPECT_GT(net.get<C3<float>>(1).deploy().num_parameters(), 0);
 }
 
+// A channels-last input through the deployed chain of YOLO modules gives the NCHW
+// numbers and comes back channels-last; a user stage without a preferred_format() gets NCHW.
+TEST(Yolo, InferenceChainTakesChannelsLastInput) {
+  Sequential<float> net;
+  net.add(orepa_maker<float>()(ConvOptions(3, 8, 3).stride(2).seed(1)));
+  net.add(C3<float>(8, 8, 1, true, 0.5, 2));
+  net.add(Bottleneck<float>(8, 8, true, 0.5, 3));
+  Rng rng(32);
+  net.forward_train(random_tensor<float>({4, 3, 12, 12}, rng));
+  const auto chain = net.deploy();
+  const auto x = random_tensor<float>({2, 3, 12, 12}, rng);
+  const Tensor<float> want = net.forward_eval(x);
+  const Tensor<float> y = chain.forward(x.to(MemoryFormat::channels_last));
+  EXPECT_EQ(y.memory_format(), MemoryFormat::channels_last);
+  expect_close(y, want, 1e-4, "chain on NHWC");
+  expect_close(chain.forward(x), want, 1e-4, "chain on NCHW");
+  EXPECT_TRUE(chain.forward(x).is_contiguous());
+
+  struct NchwOnly {  // reads the flat storage as NCHW: must be given NCHW
+    Tensor<float> forward(ConstTensorView<float> v) const {
+      EXPECT_TRUE(v.is_contiguous());
+      return Tensor<float>(v.sizes(), std::vector<float>(v.begin(), v.end()));
+    }
+  };
+  InferenceChain<float> with_user;
+  with_user.add(chain);
+  with_user.add(NchwOnly{});
+  expect_close(with_user.forward(x.to(MemoryFormat::channels_last)), want, 1e-4, "chain then an NCHW-only stage");
+}
+
 TEST(Yolo, BadConfigurationThrows) {
   using B = Bottleneck<float>;
   using C = C3<float>;

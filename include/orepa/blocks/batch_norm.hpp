@@ -208,6 +208,7 @@ class BatchNorm2d {
   void check(ConstTensorView<S> y, const char* who) const {
     if (y.dim() != 4 || y.size(1) != channels())
       throw shape_error(detail::cat(who, ": expected [N, ", channels(), ", H, W], got ", shape_str(y.sizes())));
+    if (!y.is_contiguous()) throw shape_error(detail::cat(who, ": expected an NCHW (contiguous) tensor"));
   }
   void apply(ConstTensorView<S> y, Tensor<S>& z, std::int64_t c, S mean, S invstd) const {
     const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);

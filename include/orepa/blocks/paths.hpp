@@ -401,7 +401,7 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
     if (ys[0] * ys[2] * ys[3] < 2)
       throw state_error(detail::cat(type_name_, "::forward_train: BN needs more than one value per channel; input ",
                                     shape_str(x.sizes()), " gives output ", shape_str(ys)));
-    x_.assign(x);  // every path needs the input again in backward
+    x_.assign(x, MemoryFormat::contiguous);  // every path needs the input again in backward
     pre_.assign(paths_.front().forward_train(x_));
     for (std::size_t p = 1; p < paths_.size(); ++p) add(pre_, paths_[p].forward_train(x_));
     out_.resize(pre_.sizes());
@@ -413,6 +413,8 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
   /// deploy().forward(x) up to round-off.
   Tensor<S> forward_eval(ConstTensorView<S> x) const {
     g_.output_shape(x.sizes(), (type_name_ + "::forward_eval").c_str());
+    Tensor<S> xc;
+    x = contiguous(x, xc);
     Tensor<S> sum = paths_.front().forward_eval(x);
     for (std::size_t p = 1; p < paths_.size(); ++p) add(sum, paths_[p].forward_eval(x));
     for (auto& v : sum) v = act_(v);
@@ -423,6 +425,7 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
   const Tensor<S>& backward(ConstTensorView<S> grad_out) {
     if (!has_forward_) throw state_error(type_name_ + "::backward: call forward_train first");
     grad_out.expect_shape(out_.sizes(), type_name_ + "::backward grad_output");
+    grad_out = contiguous(grad_out, g_nchw_);
     dpre_.resize(pre_.sizes());
     for (std::int64_t j = 0; j < pre_.numel(); ++j) dpre_[j] = grad_out[j] * act_.derivative(pre_[j]);
     dx_.assign(paths_.front().backward(x_, dpre_));
@@ -476,6 +479,7 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
   std::vector<Path<S>> paths_;
   Act act_;
   Tensor<S> x_, pre_, out_, dpre_, dx_;  // saved input and pre-activation, output, gradients (reused)
+  Tensor<S> g_nchw_;                     // NCHW copy of a channels-last gradient
   bool has_forward_ = false;
 };
 

@@ -46,6 +46,7 @@ class Trunk {
   /// statistics updated), activation. Returns the trunk's output buffer, valid until the
   /// next forward_train. `who` names the block in errors.
   const Tensor<S>& forward_train(ConstTensorView<S> x, const Tensor<S>& w, const std::string& who) {
+    x = contiguous(x, x_nchw_);  // channels-last input: trained on an NCHW copy
     const Shape ys = g_.output_shape(x.sizes(), (who + "::forward_train").c_str());
     if (ys[0] * ys[2] * ys[3] < 2)
       throw state_error(detail::cat(who, "::forward_train: BN needs more than one value per channel; input ",
@@ -70,8 +71,8 @@ class Trunk {
   /// Eval forward with kernel `w` and BN's running statistics (no state change).
   Tensor<S> forward_eval(ConstTensorView<S> x, const Tensor<S>& w, const std::string& who) const {
     g_.output_shape(x.sizes(), (who + "::forward_eval").c_str());
-    Tensor<S> y, z;
-    conv_.forward(x, w, y);
+    Tensor<S> xc, y, z;
+    conv_.forward(contiguous(x, xc), w, y);
     bn_.forward_eval(y, z);
     for (auto& v : z) v = act_(v);
     return z;
@@ -82,6 +83,7 @@ class Trunk {
   const Tensor<S>& backward(ConstTensorView<S> grad_out, const std::string& who) {
     if (!has_forward_) throw state_error(who + "::backward: call forward_train first");
     grad_out.expect_shape(out_.sizes(), who + "::backward grad_output");
+    grad_out = contiguous(grad_out, g_nchw_);
     if constexpr (kFused) {
       const std::int64_t C = g_.out_channels;
       grads_.resize({2 * C});
@@ -138,6 +140,7 @@ class Trunk {
   engine::FusedConvBnAct fused_;            // training on the fused path (primitives built lazily)
   Tensor<S> x_, w_, y_, out_, dz_, dx_, dw_;  // reused: saved for backward, output, gradients
   Tensor<S> stats_, grads_;                   // fused path: BN batch mean|var, dgamma|dbeta
+  Tensor<S> x_nchw_, g_nchw_;                 // NCHW copies of channels-last arguments
   bool has_forward_ = false;
 };
 

@@ -64,6 +64,19 @@ inline std::int64_t checked_numel(const Shape& shape, const char* what = "tensor
   return n;
 }
 
+/// How the elements of a 4-D tensor [N, C, H, W] are laid out in memory, as in PyTorch:
+/// `contiguous` is NCHW (row-major in the logical order; every tensor of another rank is
+/// contiguous), `channels_last` is NHWC (the channels of a pixel next to each other).
+/// The logical shape (sizes()) is [N, C, H, W] either way.
+enum class MemoryFormat { contiguous, channels_last };
+
+/// Storage offset of element (n, c, h, w) of a 4-D tensor of `sizes` in format `f`.
+inline std::int64_t offset4(const Shape& sizes, MemoryFormat f, std::int64_t n, std::int64_t c, std::int64_t h,
+                            std::int64_t w) {
+  return f == MemoryFormat::contiguous ? ((n * sizes[1] + c) * sizes[2] + h) * sizes[3] + w
+                                       : ((n * sizes[2] + h) * sizes[3] + w) * sizes[1] + c;
+}
+
 /// Row-major dynamic Eigen matrix and maps over raw memory (for products on tensor slices).
 template <class S>
 using RowMatrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
@@ -98,6 +111,13 @@ class Tensor {
   }
   /// Tensor of `shape` (brace list, e.g. {N, C, H, W}) filled with `fill`; throws like the Shape constructor.
   Tensor(std::initializer_list<std::int64_t> shape, S fill = S(0)) : Tensor(Shape(shape), fill) {}
+  /// Zero tensor of the 4-D `shape` laid out in `format` (channels_last: NHWC storage).
+  Tensor(Shape shape, MemoryFormat format) : Tensor(std::move(shape)) { set_format(format); }
+
+  /// The memory layout of the elements (channels_last only for 4-D tensors).
+  MemoryFormat memory_format() const { return format_; }
+  /// True when the storage is row-major in the logical order (NCHW).
+  bool is_contiguous() const { return format_ == MemoryFormat::contiguous; }
 
   /// The extents, one per dimension.
   const Shape& sizes() const { return shape_; }
@@ -132,15 +152,15 @@ class Tensor {
   /// Read-only iterator past the last element.
   auto end() const { return data_.end(); }
 
-  /// Element of a rank-4 tensor (NCHW / OIHW); unchecked.
+  /// Element (n, c, h, w) of a rank-4 tensor (NCHW / OIHW indices, any memory format); unchecked.
   S& operator()(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t d) {
     OREPA_ASSERT(dim() == 4);
-    return data_[static_cast<std::size_t>(((a * shape_[1] + b) * shape_[2] + c) * shape_[3] + d)];
+    return data_[static_cast<std::size_t>(offset4(shape_, format_, a, b, c, d))];
   }
-  /// Read-only element of a rank-4 tensor (NCHW / OIHW); unchecked.
+  /// Read-only element (n, c, h, w) of a rank-4 tensor; unchecked.
   const S& operator()(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t d) const {
     OREPA_ASSERT(dim() == 4);
-    return data_[static_cast<std::size_t>(((a * shape_[1] + b) * shape_[2] + c) * shape_[3] + d)];
+    return data_[static_cast<std::size_t>(offset4(shape_, format_, a, b, c, d))];
   }
   /// Element of a rank-2 tensor; unchecked.
   S& operator()(std::int64_t a, std::int64_t b) {
@@ -157,24 +177,36 @@ class Tensor {
   void fill(S v) { std::fill(data_.begin(), data_.end(), v); }
   /// Sets every element to zero.
   void zero() { fill(S(0)); }
-  /// Re-shapes to `shape` (reallocating only when the element count grows) and zeroes it.
+  /// Re-shapes to `shape` (reallocating only when the element count grows) and zeroes it;
+  /// the layout becomes contiguous.
   void reset(const Shape& shape) {
     auto n = checked_elements(shape);
     shape_ = shape;
+    format_ = MemoryFormat::contiguous;
     data_.assign(static_cast<std::size_t>(n), S(0));
   }
-  /// Re-shapes to `shape` keeping the buffer when it is large enough; contents are
-  /// unspecified afterwards (for outputs that are about to be overwritten).
-  void resize(const Shape& shape) {
+  /// Re-shapes to `shape` in layout `format`, keeping the buffer when it is large enough;
+  /// contents are unspecified afterwards (for outputs that are about to be overwritten).
+  void resize(const Shape& shape, MemoryFormat format = MemoryFormat::contiguous) {
     auto n = checked_elements(shape);
     shape_ = shape;
+    set_format(format);
     data_.resize(static_cast<std::size_t>(n));
   }
-  /// Becomes a copy of `v` (same shape and values), reusing the buffer when large enough.
-  /// `v` must not view this tensor's own storage.
+  /// Becomes a copy of `v` (same shape, layout and values), reusing the buffer when large
+  /// enough. `v` must not view this tensor's own storage.
   void assign(const TensorView<const S>& v);
-  /// Same data, new shape with the same element count.
+  /// Becomes a copy of `v` in layout `format` (converting NCHW <-> NHWC as needed).
+  void assign(const TensorView<const S>& v, MemoryFormat format);
+  /// A copy in layout `format` (PyTorch's `x.contiguous(memory_format=...)`).
+  Tensor to(MemoryFormat format) const {
+    Tensor t;
+    t.assign(*this, format);
+    return t;
+  }
+  /// Same data, new shape with the same element count (contiguous tensors only).
   Tensor reshaped(Shape shape) const {
+    if (!is_contiguous()) throw shape_error("reshape: the tensor is channels_last; convert it with to() first");
     if (checked_numel(shape) != numel())
       throw shape_error(detail::cat("reshape: ", shape_str(shape_), " cannot become ", shape_str(shape)));
     return Tensor(std::move(shape), data_);
@@ -182,7 +214,9 @@ class Tensor {
   /// Element-wise conversion to another scalar type.
   template <class U>
   Tensor<U> cast() const {
-    return Tensor<U>(shape_, std::vector<U>(data_.begin(), data_.end()));
+    Tensor<U> t(shape_, std::vector<U>(data_.begin(), data_.end()));
+    if (!is_contiguous()) t.resize(shape_, format_);  // same storage order, same size: values kept
+    return t;
   }
   /// The data as a rows x cols row-major matrix (rows * cols must equal numel()).
   MatMap<S> matrix(std::int64_t rows, std::int64_t cols) {
@@ -214,9 +248,15 @@ class Tensor {
     if (rows < 0 || cols < 0 || rows * cols != numel())
       throw shape_error(detail::cat("matrix view ", rows, "x", cols, " of tensor ", shape_str(shape_)));
   }
+  void set_format(MemoryFormat f) {
+    if (f == MemoryFormat::channels_last && shape_.size() != 4)
+      throw shape_error(detail::cat("channels_last needs a 4-D shape, got ", shape_str(shape_)));
+    format_ = f;
+  }
 
   Shape shape_;
   std::vector<S> data_;
+  MemoryFormat format_ = MemoryFormat::contiguous;
 };
 
 /// A dense row-major tensor over memory it does not own: a pointer and the extents.
@@ -235,20 +275,27 @@ class TensorView {
   /// A view of `sizes` elements at `data` (row-major). Throws shape_error for a negative
   /// extent and config_error for an element count over the tensor limit; a null `data`
   /// is only accepted for zero elements.
-  TensorView(T* data, Shape sizes) : data_(data), sizes_(std::move(sizes)), numel_(checked_numel(sizes_, "tensor view")) {
+  /// `format` channels_last needs a 4-D shape (NHWC storage of [N, C, H, W]).
+  TensorView(T* data, Shape sizes, MemoryFormat format = MemoryFormat::contiguous)
+      : data_(data), sizes_(std::move(sizes)), numel_(checked_numel(sizes_, "tensor view")), format_(format) {
     if (numel_ > max_tensor_bytes / static_cast<std::int64_t>(sizeof(Scalar)))
       throw config_error(detail::cat("tensor view of shape ", shape_str(sizes_), " exceeds the ", max_tensor_bytes,
                                      "-byte tensor limit"));
     if (!data_ && numel_ != 0) throw shape_error(detail::cat("tensor view of shape ", shape_str(sizes_), ": null data"));
+    if (format_ == MemoryFormat::channels_last && sizes_.size() != 4)
+      throw shape_error(detail::cat("channels_last needs a 4-D shape, got ", shape_str(sizes_)));
   }
   /// A view of a whole tensor.
-  TensorView(Tensor<Scalar>& t) : data_(t.data()), sizes_(t.sizes()), numel_(t.numel()) {}  // NOLINT: implicit on purpose
+  TensorView(Tensor<Scalar>& t)  // NOLINT: implicit on purpose
+      : data_(t.data()), sizes_(t.sizes()), numel_(t.numel()), format_(t.memory_format()) {}
   /// A read-only view of a whole tensor.
   template <class U = T, std::enable_if_t<std::is_const_v<U>, int> = 0>
-  TensorView(const Tensor<Scalar>& t) : data_(t.data()), sizes_(t.sizes()), numel_(t.numel()) {}  // NOLINT: implicit on purpose
+  TensorView(const Tensor<Scalar>& t)  // NOLINT: implicit on purpose
+      : data_(t.data()), sizes_(t.sizes()), numel_(t.numel()), format_(t.memory_format()) {}
   /// A mutable view as a read-only one.
   template <class U = T, std::enable_if_t<std::is_const_v<U>, int> = 0>
-  TensorView(const TensorView<Scalar>& v) : data_(v.data()), sizes_(v.sizes()), numel_(v.numel()) {}  // NOLINT: implicit on purpose
+  TensorView(const TensorView<Scalar>& v)  // NOLINT: implicit on purpose
+      : data_(v.data()), sizes_(v.sizes()), numel_(v.numel()), format_(v.memory_format()) {}
 
   /// Pointer to the first element.
   T* data() const { return data_; }
@@ -262,6 +309,15 @@ class TensorView {
   std::int64_t numel() const { return numel_; }
   /// True when the view holds no elements.
   bool empty() const { return numel() == 0; }
+  /// The memory layout of the elements.
+  MemoryFormat memory_format() const { return format_; }
+  /// True when the storage is row-major in the logical order (NCHW).
+  bool is_contiguous() const { return format_ == MemoryFormat::contiguous; }
+  /// Element (n, c, h, w) of a rank-4 view (NCHW indices, any memory format); unchecked.
+  T& operator()(std::int64_t n, std::int64_t c, std::int64_t h, std::int64_t w) const {
+    OREPA_ASSERT(dim() == 4);
+    return data_[offset4(sizes_, format_, n, c, h, w)];
+  }
   /// Element `i` of the flat row-major storage; unchecked.
   T& operator[](std::int64_t i) const {
     OREPA_ASSERT(i >= 0 && i < numel());
@@ -271,8 +327,9 @@ class TensorView {
   T* begin() const { return data_; }
   /// Pointer past the last element.
   T* end() const { return data_ + numel(); }
-  /// The same memory with another shape of the same element count.
+  /// The same memory with another shape of the same element count (contiguous views only).
   TensorView reshaped(Shape sizes) const {
+    if (!is_contiguous()) throw shape_error("reshape: the view is channels_last");
     if (checked_numel(sizes) != numel())
       throw shape_error(detail::cat("reshape: ", shape_str(sizes_), " cannot become ", shape_str(sizes)));
     return TensorView(data_, std::move(sizes));
@@ -301,6 +358,7 @@ class TensorView {
   T* data_ = nullptr;
   Shape sizes_;
   std::int64_t numel_ = 0;
+  MemoryFormat format_ = MemoryFormat::contiguous;
 };
 
 /// A read-only view.
@@ -322,14 +380,41 @@ using identity_t = typename type_identity<T>::type;
 
 template <class S>
 void Tensor<S>::assign(const TensorView<const S>& v) {
-  resize(v.sizes());
+  resize(v.sizes(), v.memory_format());
   std::copy(v.begin(), v.end(), data_.begin());
 }
 
-/// A view of `sizes` elements at `data` (row-major), e.g. `view(buffer.data(), {N, C, H, W})`.
+template <class S>
+void Tensor<S>::assign(const TensorView<const S>& v, MemoryFormat format) {
+  if (v.memory_format() == format) return assign(v);
+  resize(v.sizes(), format);
+  const std::int64_t N = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
+  // One (n) image at a time: a C x P <-> P x C transpose.
+  for (std::int64_t n = 0; n < N; ++n) {
+    const S* src = v.data() + n * C * P;
+    S* dst = data_.data() + n * C * P;
+    if (format == MemoryFormat::channels_last)
+      for (std::int64_t c = 0; c < C; ++c)
+        for (std::int64_t p = 0; p < P; ++p) dst[p * C + c] = src[c * P + p];
+    else
+      for (std::int64_t p = 0; p < P; ++p)
+        for (std::int64_t c = 0; c < C; ++c) dst[c * P + p] = src[p * C + c];
+  }
+}
+
+/// `x` as a contiguous (NCHW) view: `x` itself when it is, else a copy kept in `scratch`.
+template <class S>
+ConstTensorView<S> contiguous(ConstTensorView<S> x, Tensor<S>& scratch) {
+  if (x.is_contiguous()) return x;
+  scratch.assign(x, MemoryFormat::contiguous);
+  return scratch;
+}
+
+/// A view of `sizes` elements at `data`, e.g. `view(buffer.data(), {N, C, H, W})`, or
+/// `view(buffer.data(), {N, C, H, W}, MemoryFormat::channels_last)` for NHWC storage.
 template <class T>
-TensorView<T> view(T* data, Shape sizes) {
-  return TensorView<T>(data, std::move(sizes));
+TensorView<T> view(T* data, Shape sizes, MemoryFormat format = MemoryFormat::contiguous) {
+  return TensorView<T>(data, std::move(sizes), format);
 }
 /// A view of the coefficients of an Eigen matrix or Eigen::Map (anything with data()) as
 /// a tensor of `sizes`: read-only for a const object or a map of const data. The object
@@ -348,17 +433,26 @@ auto view(E&& m, Shape sizes) {
   return view(m.data(), std::move(sizes));
 }
 
-/// Largest absolute difference between two tensors or views of the same shape (any scalars).
+/// Largest absolute difference between two tensors or views of the same shape (any
+/// scalars, any memory formats: elements are compared by their logical index).
 template <class A, class B>
 double max_abs_diff(const A& a, const B& b) {
   if (a.sizes() != b.sizes())
     throw shape_error(detail::cat("max_abs_diff: shapes ", shape_str(a.sizes()), " and ",
                                   shape_str(b.sizes()), " differ"));
   double m = 0;
-  for (std::int64_t i = 0; i < a.numel(); ++i) {
-    double d = std::abs(double(a[i]) - double(b[i]));
+  auto take = [&m](double d) {
     if (!(d <= m)) m = d;  // NaN propagates as the maximum
+  };
+  if (a.memory_format() == b.memory_format()) {
+    for (std::int64_t i = 0; i < a.numel(); ++i) take(std::abs(double(a[i]) - double(b[i])));
+    return m;
   }
+  const auto& s = a.sizes();
+  for (std::int64_t n = 0; n < s[0]; ++n)
+    for (std::int64_t c = 0; c < s[1]; ++c)
+      for (std::int64_t h = 0; h < s[2]; ++h)
+        for (std::int64_t w = 0; w < s[3]; ++w) take(std::abs(double(a(n, c, h, w)) - double(b(n, c, h, w))));
   return m;
 }
 

@@ -27,6 +27,13 @@ class AnyDeployed {
   Tensor<S> forward(ConstTensorView<S> x) const { return impl_->forward(x); }
   /// The held object's num_parameters() (weights and biases it holds), 0 if it has none.
   std::int64_t num_parameters() const { return impl_->num_parameters(); }
+  /// The memory format the held object prefers for input shape `x_shape`: its
+  /// preferred_format() if it has one (DeployedConv and the modules built of them), else
+  /// contiguous.
+  MemoryFormat preferred_format(const Shape& x_shape) const { return impl_->preferred_format(x_shape); }
+  /// True when the held object takes 4-D inputs in every memory format: objects that
+  /// declare a preferred_format() do; any other is given contiguous (NCHW) tensors only.
+  bool takes_any_format() const { return impl_->takes_any_format(); }
   /// The held object as a `D`, or nullptr when it is of another type.
   template <class D>
   const D* target() const {
@@ -39,10 +46,16 @@ class AnyDeployed {
   struct has_count : std::false_type {};
   template <class D>
   struct has_count<D, std::void_t<decltype(std::declval<const D&>().num_parameters())>> : std::true_type {};
+  template <class D, class = void>
+  struct has_format : std::false_type {};
+  template <class D>
+  struct has_format<D, std::void_t<decltype(std::declval<const D&>().preferred_format(Shape()))>> : std::true_type {};
   struct Concept {
     virtual ~Concept() = default;
     virtual Tensor<S> forward(ConstTensorView<S> x) const = 0;
     virtual std::int64_t num_parameters() const = 0;
+    virtual MemoryFormat preferred_format(const Shape& x_shape) const = 0;
+    virtual bool takes_any_format() const = 0;
   };
   template <class D>
   struct Model final : Concept {
@@ -52,6 +65,11 @@ class AnyDeployed {
       if constexpr (has_count<D>::value) return d.num_parameters();
       else return 0;
     }
+    MemoryFormat preferred_format(const Shape& x_shape) const override {
+      if constexpr (has_format<D>::value) return d.preferred_format(x_shape);
+      else return MemoryFormat::contiguous;
+    }
+    bool takes_any_format() const override { return has_format<D>::value; }
     D d;
   };
   std::shared_ptr<const Concept> impl_;

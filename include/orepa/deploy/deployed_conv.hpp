@@ -7,9 +7,11 @@
 /// are cached per input shape. Other scalars (and user activations) run the reference
 /// conv with the activation applied after it.
 ///
-/// It takes NCHW tensors or views of the caller's buffers: the activations are reordered
-/// into the layout the primitive prefers and back, or the primitive runs on NCHW
-/// directly, whichever the layout policy picks for the shape (see DeployLayout).
+/// It takes tensors or views of the caller's buffers, NCHW or channels-last (NHWC): the
+/// activations are reordered into the layout the primitive prefers and back only where
+/// it prefers another one (on AVX-512 it prefers NHWC, so channels-last tensors run the
+/// bare primitive), or the primitive runs on the caller's layout directly, whichever the
+/// layout policy picks for the shape (see DeployLayout).
 /// deploy/onednn_interop.hpp adds calls on dnnl::memory already in the primitive's layout
 /// (no reorder at all); DeployedChain uses them to keep activations blocked between
 /// consecutive convolutions and reorders only at the chain's ends.
@@ -96,29 +98,46 @@ class DeployedConv {
   /// The activation layout policy.
   DeployLayout layout() const { return layout_; }
 
-  /// y = act(conv(x) + bias) for x [N, I, H, W].
+  /// y = act(conv(x) + bias) for x [N, I, H, W]; y has x's memory format.
   Tensor<S> forward(ConstTensorView<S> x) const {
     Tensor<S> y;
     forward(x, y);
     return y;
   }
-  /// Same, writing into `y` (resized; its buffer is reused when large enough).
+  /// Same, writing into `y` (resized, in x's memory format; its buffer is reused when
+  /// large enough).
   void forward(ConstTensorView<S> x, Tensor<S>& y) const {
-    y.resize(g_.output_shape(x.sizes(), "DeployedConv::forward"));
+    y.resize(g_.output_shape(x.sizes(), "DeployedConv::forward"), x.memory_format());
     forward(x, TensorView<S>(y));
   }
-  /// Same, writing into the caller's buffer `y`, which must have the output shape.
+  /// Same, writing into the caller's buffer `y` (any memory format), which must have the
+  /// output shape.
   void forward(ConstTensorView<S> x, TensorView<S> y) const {
     const Shape ys = g_.output_shape(x.sizes(), "DeployedConv::forward");
     y.expect_shape(ys, "DeployedConv::forward output");
     if constexpr (std::is_same_v<S, float>) {
-      Entry& e = entry(x.sizes(), false);
-      run(e, nullptr, x.data(), nullptr, y.data());
+      Entry& e = entry(x.sizes(), x.memory_format(), false);
+      run(e, {x.memory_format(), y.memory_format()}, nullptr, x.data(), nullptr, y.data());
       if (act_.kind() == ActivationKind::custom) act_.apply(y.data(), y.numel());
     } else {
-      auto out = reference::conv2d(x, weight_, g_, bias_);
+      Tensor<S> xc, out;
+      out.assign(reference::conv2d(contiguous(x, xc), weight_, g_, bias_), y.memory_format());
       std::copy(out.begin(), out.end(), y.begin());
       act_.apply(y.data(), y.numel());
+    }
+  }
+
+  /// The plain memory format the primitive for input shape `x_shape` prefers for its
+  /// input (channels_last where it runs on NHWC, as oneDNN does on AVX-512; contiguous
+  /// otherwise, blocked layouts included): what a caller should pass to avoid reorders.
+  MemoryFormat preferred_format(const Shape& x_shape) const {
+    if constexpr (!std::is_same_v<S, float>) {
+      return MemoryFormat::contiguous;
+    } else {
+      g_.output_shape(x_shape, "DeployedConv::preferred_format");
+      const auto& e = entry(x_shape, MemoryFormat::contiguous, true);
+      return e.pd.src_desc() == engine::plain_desc(x_shape, MemoryFormat::channels_last) ? MemoryFormat::channels_last
+                                                                                        : MemoryFormat::contiguous;
     }
   }
 
@@ -136,14 +155,17 @@ class DeployedConv {
     dnnl::memory scratch;
     std::unordered_map<int, dnnl::memory> args;
   };
+  using Formats = std::pair<MemoryFormat, MemoryFormat>;  // the caller's src and dst layouts
   struct Entry {
     dnnl::convolution_forward::primitive_desc pd;
     dnnl::convolution_forward prim;
     dnnl::memory weights, bias;
-    dnnl::memory::desc x_md, y_md;  // plain NCHW descriptors of the shape
-    std::vector<std::unique_ptr<Context>> idle;
+    Shape xs, ys;
+    std::map<Formats, std::vector<std::unique_ptr<Context>>> idle;  // per pair of caller layouts
   };
-  using Key = std::array<std::int64_t, 4>;  // N, H, W, 1 if the primitive runs on plain NCHW
+  // N, H, W, and 0 when the primitive picks its layouts, 1 + format when it runs on the
+  // caller's plain layout.
+  using Key = std::array<std::int64_t, 4>;
   struct State {
     std::mutex mutex;
     std::map<Key, std::unique_ptr<Entry>> entries;
@@ -154,17 +176,19 @@ class DeployedConv {
   // the raw pointer goes through the context's NCHW port. The argument map is built once
   // per context; a call only swaps the src/dst entries (no allocation, no string work
   // unless oneDNN throws).
-  void run(Entry& e, const dnnl::memory* src_mem, const float* x, const dnnl::memory* dst_mem, float* y) const {
+  void run(Entry& e, Formats f, const dnnl::memory* src_mem, const float* x, const dnnl::memory* dst_mem,
+           float* y) const {
     std::unique_ptr<Context> ctx;
     {
       std::lock_guard<std::mutex> lock(state_->mutex);
-      if (!e.idle.empty()) {
-        ctx = std::move(e.idle.back());
-        e.idle.pop_back();
+      auto& pool = e.idle[f];
+      if (!pool.empty()) {
+        ctx = std::move(pool.back());
+        pool.pop_back();
       }
     }
     try {
-      if (!ctx) ctx = make_context(e);
+      if (!ctx) ctx = make_context(e, f);
       auto& s = engine::thread_stream();
       ctx->args[DNNL_ARG_SRC] = src_mem ? *src_mem : ctx->src.in(x);
       ctx->args[DNNL_ARG_DST] = dst_mem ? *dst_mem : ctx->dst.out(y);
@@ -173,16 +197,16 @@ class DeployedConv {
       s.wait();
     } catch (const dnnl::error& err) {
       throw engine_error(detail::cat("oneDNN failed (status ", int(err.status), ": ", err.what(), ") in ",
-                                     engine::describe(g_, engine::shape_of(e.x_md)), " (deployed forward)"));
+                                     engine::describe(g_, e.xs), " (deployed forward)"));
     }
     std::lock_guard<std::mutex> lock(state_->mutex);
-    e.idle.push_back(std::move(ctx));
+    e.idle[f].push_back(std::move(ctx));
   }
 
-  std::unique_ptr<Context> make_context(const Entry& e) const {
+  std::unique_ptr<Context> make_context(const Entry& e, Formats f) const {
     auto c = std::make_unique<Context>();
-    c->src = engine::Port(e.x_md, e.pd.src_desc());
-    c->dst = engine::Port(e.y_md, e.pd.dst_desc());
+    c->src = engine::Port(engine::plain_desc(e.xs, f.first), e.pd.src_desc());
+    c->dst = engine::Port(engine::plain_desc(e.ys, f.second), e.pd.dst_desc());
     c->scratch = engine::allocate(e.pd.scratchpad_desc());
     c->args = {{DNNL_ARG_SRC, dnnl::memory()}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, e.bias},
                {DNNL_ARG_DST, dnnl::memory()}, {DNNL_ARG_SCRATCHPAD, c->scratch}};
@@ -190,35 +214,37 @@ class DeployedConv {
   }
 
   // The entry for input shape xs: the memory API always runs the primitive's preferred
-  // layouts; the tensor API shares that entry unless the policy picks plain NCHW.
+  // layouts; the tensor API shares that entry unless the policy picks the caller's plain
+  // layout `xf` (the key then holds it).
   // Automatic = blocked: measured on every YOLOv5s-like layer of the benchmarks (AVX2 and
   // AVX-512, batch 1 and 8), a primitive forced onto NCHW src/dst (oneDNN then falls back
   // to im2col + GEMM) is 1.1x-6x slower than the blocked one, more than the two activation
   // reorders cost; the small-channel stem's input is read as NCHW by the blocked
   // primitive itself (no reorder).
-  Entry& entry(const Shape& xs, bool memory_api) const {
+  Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api) const {
     const DeployLayout l = memory_api ? DeployLayout::blocked : layout_;
     const bool plain = l == DeployLayout::plain;
     std::lock_guard<std::mutex> lock(state_->mutex);
-    const Key key{xs[0], xs[2], xs[3], plain ? 1 : 0};
+    const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : 0};
     auto it = state_->entries.find(key);
     if (it != state_->entries.end()) return *it->second;
     auto e = engine::guarded(engine::describe(g_, xs) + " (creating the deployed primitive)",
-                             [&] { return build(xs, plain); });
+                             [&] { return build(xs, plain, xf); });
     ++state_->creations;
     return *state_->entries.emplace(key, std::move(e)).first->second;
   }
 
-  std::unique_ptr<Entry> build(const Shape& xs, bool plain) const {
+  std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf) const {
     using namespace dnnl;
     using engine::tag;
     const Shape ys = g_.output_shape(xs, "DeployedConv");
     auto act_md = [&](const Shape& s) {
-      return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, plain ? tag::nchw : tag::any);
+      if (plain) return engine::plain_desc(s, xf);
+      return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, tag::any);
     };
     auto e = std::make_unique<Entry>();
-    e->x_md = engine::nchw_desc(xs);
-    e->y_md = engine::nchw_desc(ys);
+    e->xs = xs;
+    e->ys = ys;
     primitive_attr attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);
     post_ops ops;

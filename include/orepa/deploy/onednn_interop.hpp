@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <vector>
 
 #include "orepa/deploy/deployed_conv.hpp"
@@ -20,11 +21,17 @@ namespace detail {
 struct DeployedConvInterop {
   static dnnl::memory::desc src_desc(const DeployedConv<float>& c, const Shape& xs) {
     c.g_.output_shape(xs, "src_desc(DeployedConv)");
-    return c.entry(xs, true).pd.src_desc();
+    return c.entry(xs, MemoryFormat::contiguous, true).pd.src_desc();
   }
   static dnnl::memory::desc dst_desc(const DeployedConv<float>& c, const Shape& xs) {
     c.g_.output_shape(xs, "dst_desc(DeployedConv)");
-    return c.entry(xs, true).pd.dst_desc();
+    return c.entry(xs, MemoryFormat::contiguous, true).pd.dst_desc();
+  }
+  // The plain layout `d` describes, if it is one.
+  static std::optional<MemoryFormat> plain_format(const dnnl::memory::desc& d, const Shape& s) {
+    for (auto f : {MemoryFormat::contiguous, MemoryFormat::channels_last})
+      if (d == engine::plain_desc(s, f)) return f;
+    return std::nullopt;
   }
   static void forward(const DeployedConv<float>& c, const dnnl::memory& src, const dnnl::memory& dst) {
     const auto sd = src.get_desc(), dd = dst.get_desc();
@@ -33,15 +40,17 @@ struct DeployedConvInterop {
     if (engine::shape_of(dd) != ys)
       throw shape_error(orepa::detail::cat("forward(DeployedConv, memory): dst must have shape ", shape_str(ys),
                                            ", got ", shape_str(engine::shape_of(dd))));
-    auto& e = c.entry(xs, true);
+    auto& e = c.entry(xs, MemoryFormat::contiguous, true);
     const bool src_direct = sd == e.pd.src_desc(), dst_direct = dd == e.pd.dst_desc();
-    if ((!src_direct && sd != e.x_md) || (!dst_direct && dd != e.y_md))
+    const auto sf = plain_format(sd, xs), df = plain_format(dd, ys);
+    if ((!src_direct && !sf) || (!dst_direct && !df))
       throw shape_error(orepa::detail::cat("forward(DeployedConv, memory): src and dst must be in the primitive's "
-                                           "layout (src_desc()/dst_desc()) or plain NCHW, for ",
+                                           "layout (src_desc()/dst_desc()) or plain NCHW / NHWC, for ",
                                            engine::describe(c.g_, xs)));
     auto* sp = static_cast<float*>(src.get_data_handle());
     auto* dp = static_cast<float*>(dst.get_data_handle());
-    c.run(e, src_direct ? &src : nullptr, sp, dst_direct ? &dst : nullptr, dp);
+    const DeployedConv<float>::Formats f{sf.value_or(MemoryFormat::contiguous), df.value_or(MemoryFormat::contiguous)};
+    c.run(e, f, src_direct ? &src : nullptr, sp, dst_direct ? &dst : nullptr, dp);
     if (c.act_.kind() == ActivationKind::custom)  // element-wise: any layout works
       c.act_.apply(dp, std::int64_t(dd.get_size() / sizeof(float)));
   }
@@ -67,10 +76,10 @@ inline void forward(const DeployedConv<float>& conv, const dnnl::memory& src, co
 }
 
 /// Consecutive deployed float convolutions that keep their activations in the layout the
-/// primitives prefer (blocked, e.g. nChw8c) from one to the next: the NCHW input is
-/// reordered once on the way in (or read directly, when the first primitive takes NCHW,
-/// as small-channel stems do), the output once on the way out. Intermediate buffers are
-/// created per input shape on first use and reused.
+/// primitives prefer (blocked nChw8c on AVX2, NHWC on AVX-512) from one to the next: the
+/// input (NCHW or NHWC) is reordered once on the way in (or read directly, when the first
+/// primitive takes its layout), the output once on the way out. Intermediate buffers are
+/// created per input shape and layout on first use and reused.
 ///
 /// Thread safety: forward() may be called from several threads at once (each call takes
 /// its own set of intermediate buffers from a per-shape pool).
@@ -96,10 +105,12 @@ class DeployedChain {
     return s;
   }
 
-  /// y = convs[L-1](... convs[0](x)) for an NCHW x; y is NCHW (resized).
+  /// y = convs[L-1](... convs[0](x)) for x NCHW or channels-last; y (resized) has x's
+  /// memory format.
   void forward(ConstTensorView<float> x, Tensor<float>& y) const {
-    y.resize(output_shape(x.sizes()));
-    auto ws = take(x.sizes());
+    y.resize(output_shape(x.sizes()), x.memory_format());
+    const Key key{x.sizes(), x.memory_format()};
+    auto ws = take(key);
     ws->in.set_data_handle(const_cast<float*>(x.data()));
     ws->out.set_data_handle(y.data());
     const std::size_t L = convs_.size();
@@ -108,9 +119,9 @@ class DeployedChain {
       const dnnl::memory& dst = i + 1 == L ? ws->out : ws->mids[i];
       orepa::forward(convs_[i], src, dst);
     }
-    give(x.sizes(), std::move(ws));
+    give(key, std::move(ws));
   }
-  /// y = convs[L-1](... convs[0](x)) for an NCHW x [N, I, H, W]; returns y.
+  /// y = convs[L-1](... convs[0](x)) for x [N, I, H, W]; returns y (in x's memory format).
   Tensor<float> forward(ConstTensorView<float> x) const {
     Tensor<float> y;
     forward(x, y);
@@ -126,18 +137,20 @@ class DeployedChain {
 
  private:
   struct Workspace {
-    dnnl::memory in, out;             // NCHW wrappers of the caller's buffers
+    dnnl::memory in, out;             // wrappers of the caller's buffers (NCHW or NHWC)
     std::vector<dnnl::memory> mids;   // conv i's output in conv i's dst layout
   };
+  using Key = std::pair<Shape, MemoryFormat>;  // input shape and the caller's layout
   struct State {
     std::mutex mutex;
-    std::map<Shape, std::vector<std::unique_ptr<Workspace>>> idle;
+    std::map<Key, std::vector<std::unique_ptr<Workspace>>> idle;
   };
 
-  std::unique_ptr<Workspace> take(const Shape& xs) const {
+  std::unique_ptr<Workspace> take(const Key& key) const {
+    const auto& [xs, format] = key;
     {
       std::lock_guard<std::mutex> lock(state_->mutex);
-      auto& pool = state_->idle[xs];
+      auto& pool = state_->idle[key];
       if (!pool.empty()) {
         auto ws = std::move(pool.back());
         pool.pop_back();
@@ -146,8 +159,8 @@ class DeployedChain {
     }
     return engine::guarded("DeployedChain on input " + shape_str(xs), [&] {
       auto ws = std::make_unique<Workspace>();
-      ws->in = dnnl::memory(engine::nchw_desc(xs), engine::cpu_engine(), DNNL_MEMORY_NONE);
-      ws->out = dnnl::memory(engine::nchw_desc(output_shape(xs)), engine::cpu_engine(), DNNL_MEMORY_NONE);
+      ws->in = dnnl::memory(engine::plain_desc(xs, format), engine::cpu_engine(), DNNL_MEMORY_NONE);
+      ws->out = dnnl::memory(engine::plain_desc(output_shape(xs), format), engine::cpu_engine(), DNNL_MEMORY_NONE);
       Shape s = xs;
       for (std::size_t i = 0; i + 1 < convs_.size(); ++i) {
         // Conv i writes in its own preferred layout; if conv i+1 prefers another one, it
@@ -160,9 +173,9 @@ class DeployedChain {
       return ws;
     });
   }
-  void give(const Shape& xs, std::unique_ptr<Workspace> ws) const {
+  void give(const Key& key, std::unique_ptr<Workspace> ws) const {
     std::lock_guard<std::mutex> lock(state_->mutex);
-    state_->idle[xs].push_back(std::move(ws));
+    state_->idle[key].push_back(std::move(ws));
   }
 
   std::vector<DeployedConv<float>> convs_;

@@ -65,6 +65,11 @@ inline memory allocate(const memory::desc& d) {
 inline memory::desc nchw_desc(const Shape& s) {
   return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, tag::nchw);
 }
+/// Float descriptor of a 4-D tensor of `s` in memory format `f` (NCHW or NHWC).
+inline memory::desc plain_desc(const Shape& s, MemoryFormat f) {
+  return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32,
+                      f == MemoryFormat::channels_last ? tag::nhwc : tag::nchw);
+}
 /// Plain OIHW (or grouped GOIHW, which has the same bytes) float descriptor of a kernel.
 inline memory::desc weights_desc(const ConvGeometry& g, tag t = tag::any) {
   const auto O = g.out_channels, Ig = g.in_per_group(), k = g.kernel;

@@ -43,7 +43,8 @@ void for_each_tap(const ConvGeometry& g, const Shape& xs, const Shape& ys, F&& f
 /// Tensors or views of the same scalar S for every argument.
 template <class X, class W, class S = typename X::Scalar>
 Tensor<S> conv2d(const X& x_, const W& w_, const ConvGeometry& g, orepa::detail::identity_t<ConstTensorView<S>> bias = {}) {
-  const ConstTensorView<S> x = x_, w = w_;
+  Tensor<S> xc;
+  const ConstTensorView<S> x = contiguous<S>(x_, xc), w = w_;
   g.validate("reference::conv2d", false);
   w.expect_shape(g.weight_shape(), "reference::conv2d weight");
   Tensor<S> y(g.output_shape(x.sizes(), "reference::conv2d"));
@@ -60,7 +61,8 @@ Tensor<S> conv2d(const X& x_, const W& w_, const ConvGeometry& g, orepa::detail:
 /// dL/dx given dL/dy, for an input of shape `x_shape`.
 template <class D, class W, class S = typename D::Scalar>
 Tensor<S> conv2d_backward_data(const D& dy_, const W& w_, const ConvGeometry& g, const Shape& x_shape) {
-  const ConstTensorView<S> dy = dy_, w = w_;
+  Tensor<S> dyc;
+  const ConstTensorView<S> dy = contiguous<S>(dy_, dyc), w = w_;
   dy.expect_shape(g.output_shape(x_shape, "reference::conv2d_backward_data"),
                   "reference::conv2d_backward_data grad_output");
   Tensor<S> dx(x_shape);
@@ -72,7 +74,8 @@ Tensor<S> conv2d_backward_data(const D& dy_, const W& w_, const ConvGeometry& g,
 /// dL/dw given the input and dL/dy.
 template <class X, class D, class S = typename X::Scalar>
 Tensor<S> conv2d_backward_weights(const X& x_, const D& dy_, const ConvGeometry& g) {
-  const ConstTensorView<S> x = x_, dy = dy_;
+  Tensor<S> xc, dyc;
+  const ConstTensorView<S> x = contiguous<S>(x_, xc), dy = contiguous<S>(dy_, dyc);
   dy.expect_shape(g.output_shape(x.sizes(), "reference::conv2d_backward_weights"),
                   "reference::conv2d_backward_weights grad_output");
   Tensor<S> dw(g.weight_shape());

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -31,6 +32,11 @@ struct EvalSnapshot {
   auto forward(const X& x) const {
     return layer.forward_eval(x);
   }
+  /// The layer's preferred_format(x_shape): a layer that has one reads every memory format.
+  template <class L = Layer>
+  auto preferred_format(const Shape& x_shape) const -> decltype(std::declval<const L&>().preferred_format(x_shape)) {
+    return layer.preferred_format(x_shape);
+  }
   /// Elements of the layer's parameters (its own copy, so reading it changes nothing).
   std::int64_t num_parameters() const {
     std::int64_t n = 0;
@@ -49,7 +55,7 @@ class GlobalAvgPool : public ModuleTensors<GlobalAvgPool<S>, S> {
   /// Pools `x` into the layer's output buffer; remembers the input shape for backward.
   const Tensor<S>& forward_train(ConstTensorView<S> x) {
     check_input(x, "GlobalAvgPool::forward_train input");
-    pool(x, y_);
+    pool(x, y_);  // any memory format
     in_shape_ = x.sizes();
     has_forward_ = true;
     return y_;
@@ -61,7 +67,10 @@ class GlobalAvgPool : public ModuleTensors<GlobalAvgPool<S>, S> {
     pool(x, y);
     return y;
   }
-  /// dL/dx: every element of plane (n, c) receives grad_out[n, c] / (H * W).
+  /// Contiguous, though every memory format is read as it is (the pooling has no
+  /// preference worth a conversion).
+  MemoryFormat preferred_format(const Shape&) const { return MemoryFormat::contiguous; }
+  /// dL/dx (NCHW): every element of plane (n, c) receives grad_out[n, c] / (H * W).
   const Tensor<S>& backward(ConstTensorView<S> grad_out) {
     if (!has_forward_) throw state_error("GlobalAvgPool::backward: call forward_train first");
     const std::int64_t N = in_shape_[0], C = in_shape_[1], P = in_shape_[2] * in_shape_[3];
@@ -86,11 +95,23 @@ class GlobalAvgPool : public ModuleTensors<GlobalAvgPool<S>, S> {
     const std::int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3);
     y.resize({N, C});
     // Sum in double: planes can be large and float sums drift with their length.
-    for (std::int64_t nc = 0; nc < N * C; ++nc) {
-      const S* p = x.data() + nc * P;
-      double s = 0;
-      for (std::int64_t j = 0; j < P; ++j) s += double(p[j]);
-      y[nc] = S(s / double(P));
+    if (x.is_contiguous()) {
+      for (std::int64_t nc = 0; nc < N * C; ++nc) {
+        const S* p = x.data() + nc * P;
+        double s = 0;
+        for (std::int64_t j = 0; j < P; ++j) s += double(p[j]);
+        y[nc] = S(s / double(P));
+      }
+      return;
+    }
+    std::vector<double> sums(static_cast<std::size_t>(C));
+    for (std::int64_t n = 0; n < N; ++n) {  // channels-last: the C channels of a pixel are adjacent
+      std::fill(sums.begin(), sums.end(), 0.0);
+      for (std::int64_t j = 0; j < P; ++j) {
+        const S* px = x.data() + (n * P + j) * C;
+        for (std::int64_t c = 0; c < C; ++c) sums[std::size_t(c)] += double(px[c]);
+      }
+      for (std::int64_t c = 0; c < C; ++c) y[n * C + c] = S(sums[std::size_t(c)] / double(P));
     }
   }
 

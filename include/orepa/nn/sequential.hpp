@@ -25,7 +25,11 @@ namespace orepa {
 
 /// The deployed form of a Sequential: one deployed stage per layer (blocks as their
 /// DeployedConv). Independent of the Sequential's later training (stages are snapshots).
-/// Safe to call from several threads when every stage is (the library's are).
+/// Activations pass between stages in the plain layout the first stage's primitive
+/// prefers (channels-last where oneDNN runs convolutions on NHWC, as on AVX-512), so
+/// consecutive deployed convolutions run without reorders; a stage that does not declare
+/// a preferred_format() (see AnyDeployed::takes_any_format) gets NCHW. The output comes
+/// back in the input's layout. Safe to call from several threads when every stage is (the library's are).
 template <class S>
 class InferenceChain {
  public:
@@ -36,9 +40,19 @@ class InferenceChain {
   /// Runs every stage in order.
   Tensor<S> forward(ConstTensorView<S> x) const {
     if (stages_.empty()) return x.clone();
-    Tensor<S> y = stages_.front().forward(x);
-    for (std::size_t i = 1; i < stages_.size(); ++i) y = stages_[i].forward(y);
+    Tensor<S> in;
+    const ConstTensorView<S> first = x.dim() == 4 ? in_format(x, preferred_format(x.sizes()), in) : x;
+    Tensor<S> y = stages_.front().forward(first);
+    for (std::size_t i = 1; i < stages_.size(); ++i) {
+      if (y.dim() == 4 && !y.is_contiguous() && !stages_[i].takes_any_format()) y = y.to(MemoryFormat::contiguous);
+      y = stages_[i].forward(y);
+    }
+    if (y.dim() == 4 && y.memory_format() != x.memory_format()) return y.to(x.memory_format());
     return y;
+  }
+  /// The layout the first stage prefers for input shape `x_shape`.
+  MemoryFormat preferred_format(const Shape& x_shape) const {
+    return stages_.empty() ? MemoryFormat::contiguous : stages_.front().preferred_format(x_shape);
   }
   /// Number of stages (one per layer of the Sequential).
   std::size_t size() const { return stages_.size(); }
@@ -52,6 +66,13 @@ class InferenceChain {
   }
 
  private:
+  // `x` in layout `f`: itself, or a converted copy kept in `scratch`.
+  static ConstTensorView<S> in_format(ConstTensorView<S> x, MemoryFormat f, Tensor<S>& scratch) {
+    if (x.memory_format() == f) return x;
+    scratch.assign(x, f);
+    return scratch;
+  }
+
   std::vector<AnyDeployed<S>> stages_;
 };
 

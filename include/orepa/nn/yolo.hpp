@@ -38,10 +38,16 @@ inline std::uint64_t child_seed(std::uint64_t seed, std::uint64_t index) {
   return z ^ (z >> 31);
 }
 
-/// x += y element-wise (same shape; `what` names the sum in the error); y a tensor or view.
+/// x += y element-wise (same shape; `what` names the sum in the error); y a tensor or view,
+/// converted to x's memory format when it has another.
 template <class S, class Y>
 void add_inplace(Tensor<S>& x, const Y& y_, const char* what) {
-  const ConstTensorView<S> y = y_;
+  Tensor<S> converted;
+  ConstTensorView<S> y = y_;
+  if (y.memory_format() != x.memory_format() && y.sizes() == x.sizes()) {
+    converted.assign(y, x.memory_format());
+    y = converted;
+  }
   x.expect_shape(y.sizes(), what);
   S* a = x.data();
   const S* b = y.data();
@@ -56,21 +62,26 @@ inline void require_positive(const char* who, const char* what, std::int64_t v) 
 }  // namespace detail::yolo
 
 /// Channel concatenation (torch.cat(dim = 1)): a [N, Ca, H, W] and b [N, Cb, H, W] into
-/// `out` [N, Ca + Cb, H, W] (resized, buffer reused). Throws shape_error unless N, H, W agree.
+/// `out` [N, Ca + Cb, H, W] (resized, buffer reused). Both channels-last gives a
+/// channels-last `out`; otherwise both are read as NCHW and `out` is NCHW. Throws
+/// shape_error unless N, H, W agree.
 template <class S>
 void concat_channels(detail::identity_t<ConstTensorView<S>> a, detail::identity_t<ConstTensorView<S>> b,
                      Tensor<S>& out) {
   if (a.dim() != 4 || b.dim() != 4 || a.size(0) != b.size(0) || a.size(2) != b.size(2) || a.size(3) != b.size(3))
     throw shape_error(detail::cat("concat_channels: expected [N, Ca, H, W] and [N, Cb, H, W] with equal N, H, W, got ",
                                   shape_str(a.sizes()), " and ", shape_str(b.sizes())));
-  const std::int64_t N = a.size(0), per_a = a.numel() / std::max<std::int64_t>(N, 1),
-                     per_b = b.numel() / std::max<std::int64_t>(N, 1);
-  out.resize({N, a.size(1) + b.size(1), a.size(2), a.size(3)});
-  // Per sample, the channels of a then those of b are contiguous NCHW runs.
-  for (std::int64_t n = 0; n < N; ++n) {
-    S* dst = out.data() + n * (per_a + per_b);
-    std::copy_n(a.data() + n * per_a, per_a, dst);
-    std::copy_n(b.data() + n * per_b, per_b, dst + per_a);
+  const bool nhwc = !a.is_contiguous() && !b.is_contiguous();
+  Tensor<S> ac, bc;
+  if (!nhwc) a = contiguous(a, ac), b = contiguous(b, bc);
+  const std::int64_t N = a.size(0), Ca = a.size(1), Cb = b.size(1), P = a.size(2) * a.size(3);
+  out.resize({N, Ca + Cb, a.size(2), a.size(3)}, nhwc ? MemoryFormat::channels_last : MemoryFormat::contiguous);
+  // The runs that stay together: a sample's NCHW planes, or a pixel's NHWC channels.
+  const std::int64_t runs = nhwc ? N * P : N, ra = nhwc ? Ca : Ca * P, rb = nhwc ? Cb : Cb * P;
+  for (std::int64_t r = 0; r < runs; ++r) {
+    S* dst = out.data() + r * (ra + rb);
+    std::copy_n(a.data() + r * ra, ra, dst);
+    std::copy_n(b.data() + r * rb, rb, dst + ra);
   }
 }
 
@@ -81,6 +92,8 @@ void split_channels(detail::identity_t<ConstTensorView<S>> g, std::int64_t ca, T
   if (g.dim() != 4 || ca < 1 || ca >= g.size(1))
     throw shape_error(detail::cat("split_channels: expected [N, C, H, W] with 0 < ", ca, " < C, got ",
                                   shape_str(g.sizes())));
+  Tensor<S> gc;
+  g = contiguous(g, gc);
   const std::int64_t N = g.size(0), P = g.size(2) * g.size(3), per_a = ca * P, per_b = (g.size(1) - ca) * P;
   a.resize({N, ca, g.size(2), g.size(3)});
   b.resize({N, g.size(1) - ca, g.size(2), g.size(3)});
@@ -106,6 +119,8 @@ class DeployedBottleneck {
   }
   /// Weights plus biases of both convolutions.
   std::int64_t num_parameters() const { return cv1_.num_parameters() + cv2_.num_parameters(); }
+  /// The layout cv1 prefers for input shape `x_shape`.
+  MemoryFormat preferred_format(const Shape& x_shape) const { return cv1_.preferred_format(x_shape); }
 
  private:
   AnyDeployed<S> cv1_, cv2_;
@@ -204,6 +219,8 @@ class DeployedC3 {
     for (const auto& b : m_) n += b.num_parameters();
     return n;
   }
+  /// The layout cv1 prefers for input shape `x_shape`.
+  MemoryFormat preferred_format(const Shape& x_shape) const { return cv1_.preferred_format(x_shape); }
 
  private:
   AnyDeployed<S> cv1_, cv2_, cv3_;
