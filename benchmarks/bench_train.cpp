@@ -4,11 +4,12 @@
 //
 // Names: train_step/<Block>/<shape>, squeeze/<Block>/<shape>, squeeze_backward/<Block>/<shape>
 // with <shape> = c<channels>_h<size>_n<batch> (C -> C, 3x3, stride 1, padding 1).
-// ConvBN and OREPA train on the same conv + BN + activation engine (ConvBN is a
-// SqueezedBlock whose squeeze is the identity), so OREPA / ConvBN is the squeeze's cost.
+// ConvBN and OREPA train on the same Trunk (conv + BN + activation); ConvBN's kernel
+// source is a plain weight, so OREPA / ConvBN is the squeeze's cost.
 // Counters: bytes_saved_for_backward (activation-sized buffers the block keeps between
-// forward_train and backward, plus the kernel and BN statistics), squeeze_share (OREPA blocks: squeeze + adjoint
-// time over the step time, measured right after the step loop).
+// forward_train and backward, plus the kernel and BN statistics), peak_step_bytes (the
+// process's peak memory over a fresh block's first three steps), squeeze_share (OREPA
+// blocks: squeeze + adjoint time over the step time, measured right after the step loop).
 #include <chrono>
 
 #include <orepa/blocks/conv_bn.hpp>

@@ -167,3 +167,27 @@ TEST(ReferenceConv, ChannelsLastInputGivesTheSameOutput) {
   EXPECT_EQ(max_abs_diff(reference::conv2d(x.to(MemoryFormat::channels_last), w, g, b), reference::conv2d(x, w, g, b)),
             0.0);
 }
+
+TEST(ParallelRanges, CoverEveryItemOnceWithTheSameSplitEveryTime) {
+  for (std::int64_t n : {1, 2, 3, 7, 128}) {
+    std::vector<int> hits(static_cast<std::size_t>(n), 0), owner(hits.size(), -1), again(hits.size(), -1);
+    parallel_ranges(n, [&](std::int64_t b, std::int64_t e, int t) {
+      for (std::int64_t i = b; i < e; ++i) ++hits[std::size_t(i)], owner[std::size_t(i)] = t;
+    });
+    parallel_ranges(n, [&](std::int64_t b, std::int64_t e, int t) {
+      for (std::int64_t i = b; i < e; ++i) again[std::size_t(i)] = t;
+    });
+    for (std::size_t i = 0; i < hits.size(); ++i) {
+      EXPECT_EQ(hits[i], 1) << "n " << n << " item " << i;
+      EXPECT_EQ(owner[i], again[i]) << "n " << n << " item " << i;
+      EXPECT_LT(owner[i], range_threads(n));
+      if (i > 0) {
+        EXPECT_GE(owner[i], owner[i - 1]) << "ranges are contiguous, in thread order";
+      }
+    }
+  }
+  EXPECT_THROW(parallel_ranges(8, [](std::int64_t b, std::int64_t, int) {
+                 if (b == 0) throw config_error("thrown by the first range");
+               }),
+               config_error);
+}

@@ -7,6 +7,7 @@
 #include "orepa/core/activation.hpp"
 #include "orepa/core/error.hpp"
 #include "orepa/core/gemm.hpp"
+#include "orepa/core/parallel.hpp"
 #include "orepa/core/param.hpp"
 #include "orepa/core/random.hpp"
 #include "orepa/core/state_dict.hpp"

@@ -13,12 +13,14 @@
 /// - PlainKernel: a free weight (ConvBN, DBB's convolutions), optionally identity-based
 ///   (DBB's idconv1: W = weight + id, id never stored).
 
+#include <algorithm>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "orepa/blocks/module.hpp"
 #include "orepa/branches/branch.hpp"
+#include "orepa/core/parallel.hpp"
 #include "orepa/engine/onednn.hpp"
 #include "orepa/engine/reference_conv.hpp"
 
@@ -59,8 +61,10 @@ class BranchSum {
   }
   /// W into `w` (resized to [O, I/g, k, k], buffer reused).
   void squeeze_into(Tensor<S>& w) const {
-    w.reset(g_.weight_shape());
-    const std::int64_t O = g_.out_channels;
+    w.resize(g_.weight_shape());
+    const std::int64_t O = g_.out_channels, per = w.numel() / O;
+    // Zeroed by the threads that fill the rows (parallel_ranges gives every branch the same split).
+    parallel_ranges(O, [&](std::int64_t o0, std::int64_t o1, int) { std::fill(w.data() + o0 * per, w.data() + o1 * per, S(0)); });
     for (std::size_t r = 0; r < branches_.size(); ++r)
       branches_[r]->add_scaled_kernel(w, vector_.value.data() + std::int64_t(r) * O, gemm_);
   }

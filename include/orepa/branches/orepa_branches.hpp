@@ -10,12 +10,20 @@
 /// the unscaled adjoint. The branches with real arithmetic (1x1 -> k x k, DW-separable,
 /// the low-rank 1x1 pair) run their products as a few dense GEMMs through the GemmFn the
 /// block passes in (oneDNN's matmul for float, Eigen otherwise).
+///
+/// Every loop runs over the output channels o with parallel_ranges (core/parallel.hpp):
+/// each thread owns the same rows W[o0, o1) in every branch and in both directions, and
+/// runs its own GEMMs on them (oneDNN runs a matmul called from a parallel region on the
+/// calling thread). Gradients of tensors shared by all rows (the 1x1 of the 1x1 -> k x k
+/// branch, the depthwise kernel, the low-rank conv1) are summed per thread and reduced.
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <vector>
 
 #include "orepa/branches/branch.hpp"
+#include "orepa/core/parallel.hpp"
 
 namespace orepa::branches {
 
@@ -28,9 +36,38 @@ using ConstVecMap = Eigen::Map<const Eigen::Matrix<S, Eigen::Dynamic, 1>>;
 /// grad += v * g over n values; returns <theta, g>.
 template <class S>
 S axpy_dot(std::int64_t n, S v, const S* g, const S* theta, S* grad) {
+  if (n <= 16) {  // a kernel row (k*k values): Eigen's set-up would cost more than the work
+    S dot = 0;
+    for (std::int64_t j = 0; j < n; ++j) {
+      grad[j] += v * g[j];
+      dot += theta[j] * g[j];
+    }
+    return dot;
+  }
   ConstVecMap<S> gm(g, n);
   VecMap<S>(grad, n) += v * gm;
   return ConstVecMap<S>(theta, n).dot(gm);
+}
+
+/// One scratch tensor per thread of parallel_ranges.
+template <class S>
+class PerThread {
+ public:
+  /// Makes room for every thread parallel_ranges may use (call outside parallel regions).
+  void reserve() {
+    if (t_.size() < std::size_t(max_range_threads())) t_.resize(std::size_t(max_range_threads()));
+  }
+  /// Thread t's tensor.
+  Tensor<S>& operator[](int t) { return t_[std::size_t(t)]; }
+
+ private:
+  std::vector<Tensor<S>> t_;
+};
+
+/// grad += the sum of the first `threads` partial gradients (each grad-shaped).
+template <class S>
+void reduce_into(Tensor<S>& grad, PerThread<S>& partial, int threads) {
+  for (int t = 0; t < threads; ++t) VecMap<S>(grad.data(), grad.numel()) += ConstVecMap<S>(partial[t].data(), grad.numel());
 }
 
 /// Initial branch scale and kaiming slope, which differ between the reference blocks.
@@ -62,13 +99,17 @@ class Origin final : public Branch<S> {
   }
   void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S>) const override {
     const std::int64_t O = w.size(0), per = w.numel() / O;
-    for (std::int64_t o = 0; o < O; ++o)
-      VecMap<S>(w.data() + o * per, per) += v[o] * ConstVecMap<S>(w_.value.data() + o * per, per);
+    parallel_ranges(O, [&](std::int64_t o0, std::int64_t o1, int) {
+      for (std::int64_t o = o0; o < o1; ++o)
+        VecMap<S>(w.data() + o * per, per) += v[o] * ConstVecMap<S>(w_.value.data() + o * per, per);
+    });
   }
   void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S>) override {
     const std::int64_t O = dk.size(0), per = dk.numel() / O;
-    for (std::int64_t o = 0; o < O; ++o)
-      dv[o] += axpy_dot(per, v[o], dk.data() + o * per, w_.value.data() + o * per, w_.grad.data() + o * per);
+    parallel_ranges(O, [&](std::int64_t o0, std::int64_t o1, int) {
+      for (std::int64_t o = o0; o < o1; ++o)
+        dv[o] += axpy_dot(per, v[o], dk.data() + o * per, w_.value.data() + o * per, w_.grad.data() + o * per);
+    });
   }
   void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
     out.emplace_back(prefix + wname(stem_, "origin"), &w_);
@@ -89,23 +130,29 @@ class OneByOneThenFilter : public Branch<S> {
  public:
   void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S>) const override {
     const auto O = w.size(0), Ig = w.size(1), kk = w.size(2) * w.size(3), rows = filter_.value.numel() / kk;
-    for (std::int64_t o = 0; o < O; ++o)
-      for (std::int64_t i = 0; i < Ig; ++i) {
-        const S c = v[o] * conv_.value[o * Ig + i];
-        const S* f = filter_.value.data() + (o % rows) * kk;
-        S* k = w.data() + (o * Ig + i) * kk;
-        for (std::int64_t j = 0; j < kk; ++j) k[j] += c * f[j];
-      }
+    parallel_ranges(O, [&](std::int64_t o0, std::int64_t o1, int) {
+      for (std::int64_t o = o0; o < o1; ++o)
+        for (std::int64_t i = 0; i < Ig; ++i) {
+          const S c = v[o] * conv_.value[o * Ig + i];
+          const S* f = filter_.value.data() + (o % rows) * kk;
+          S* k = w.data() + (o * Ig + i) * kk;
+          for (std::int64_t j = 0; j < kk; ++j) k[j] += c * f[j];
+        }
+    });
   }
   void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S>) override {
     const auto O = dk.size(0), Ig = dk.size(1), kk = dk.size(2) * dk.size(3), rows = filter_.value.numel() / kk;
-    g_.resize({Ig});
-    for (std::int64_t o = 0; o < O; ++o) {
-      // g[i] = sum_hw dK[o, i, hw] * F[o, hw]: one matrix-vector product per output.
-      VecMap<S>(g_.data(), Ig).noalias() =
-          ConstMatMap<S>(dk.data() + o * Ig * kk, Ig, kk) * ConstVecMap<S>(filter_.value.data() + (o % rows) * kk, kk);
-      dv[o] += axpy_dot(Ig, v[o], g_.data(), conv_.value.data() + o * Ig, conv_.grad.data() + o * Ig);
-    }
+    g_.reserve();
+    parallel_ranges(O, [&](std::int64_t o0, std::int64_t o1, int t) {
+      Tensor<S>& g = g_[t];
+      g.resize({Ig});
+      for (std::int64_t o = o0; o < o1; ++o) {
+        // g[i] = sum_hw dK[o, i, hw] * F[o, hw]: one matrix-vector product per output.
+        VecMap<S>(g.data(), Ig).noalias() =
+            ConstMatMap<S>(dk.data() + o * Ig * kk, Ig, kk) * ConstVecMap<S>(filter_.value.data() + (o % rows) * kk, kk);
+        dv[o] += axpy_dot(Ig, v[o], g.data(), conv_.value.data() + o * Ig, conv_.grad.data() + o * Ig);
+      }
+    });
   }
   void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
     out.emplace_back(prefix + conv_name_, &conv_);
@@ -130,7 +177,7 @@ class OneByOneThenFilter : public Branch<S> {
   Param<S> conv_, filter_;
   std::string conv_name_, filter_name_;
   Init init_;
-  Tensor<S> g_;  // scratch: one output's unscaled gradient
+  PerThread<S> g_;  // scratch: one output's unscaled gradient
 };
 
 /// Row 1: 1x1 conv `weight_<stem>_avg_conv` then the k x k average `weight_<stem>_avg_avg` [k, k].
@@ -195,55 +242,77 @@ class OneByOneKxk final : public Branch<S> {
   /// The number T of internal channels.
   std::int64_t internal_channels() const { return T_; }
 
-  // Per group c the branch is one GEMM over the Og*kk (a, hw) rows:
+  // Per group c the branch is one GEMM over the Og*kk (a, hw) rows, each thread taking
+  // the rows of its outputs:
   //   P[a*kk + hw, u] = v[c*Og + a] * conv2[c*Og + a, u, hw]   (a transposed copy, kernel-sized)
   //   E = P * c1_c  [Og*kk x Ig]                               (M = Og*kk, K = Tg, N = Ig)
   //   W[c*Og + a, i, hw] += E[a*kk + hw, i]                    (added back)
   void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S> gemm) const override {
     const Dims d = dims(w.sizes());
     effective_conv1();
-    for (std::int64_t c = 0; c < d.G; ++c) {
-      to_rows(conv2_.value.data(), c, d, v, p_);
-      e_.resize({d.Og * d.kk, d.Ig});
-      gemm(gemm_dims(d.Og * d.kk, d.Ig, d.Tg, {0, d.Tg, 1}, {0, d.Ig, 1}, {0, d.Ig, 1}), p_.data(),
-           c1_.data() + c * d.Tg * d.Ig, e_.data());
-      for (std::int64_t a = 0; a < d.Og; ++a)
-        for (std::int64_t i = 0; i < d.Ig; ++i) {
-          S* k = w.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
-          const S* e = e_.data() + a * d.kk * d.Ig + i;
-          for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] += e[hw * d.Ig];
-        }
-    }
+    p_.reserve();
+    e_.reserve();
+    parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
+      for_each_group(d, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
+        const std::int64_t rows = (a1 - a0) * d.kk;
+        to_rows(c, a0, a1, d, v, p_[t]);
+        Tensor<S>& e = e_[t];
+        e.resize({rows, d.Ig});
+        gemm(gemm_dims(rows, d.Ig, d.Tg, {0, d.Tg, 1}, {0, d.Ig, 1}, {0, d.Ig, 1}), p_[t].data(),
+             c1_.data() + c * d.Tg * d.Ig, e.data());
+        for (std::int64_t a = a0; a < a1; ++a)
+          for (std::int64_t i = 0; i < d.Ig; ++i) {
+            S* k = w.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
+            const S* er = e.data() + (a - a0) * d.kk * d.Ig + i;
+            for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] += er[hw * d.Ig];
+          }
+      });
+    });
   }
-  // With dE[a*kk + hw, i] = dW[c*Og + a, i, hw]:
-  //   G^T = c1_c * dE^T [Tg x Og*kk] -> conv2.grad += v * G, dv += <conv2, G>
-  //   dc1_c += (v * P)^T * dE        [Tg x Ig]
+  // With dE[a*kk + hw, i] = dW[c*Og + a, i, hw] (each thread its rows):
+  //   G^T = c1_c * dE^T [Tg x rows] -> conv2.grad += v * G, dv += <conv2, G>
+  //   dc1_c += (v * P)^T * dE        [Tg x Ig], summed per thread, then reduced
   void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S> gemm) override {
     const Dims d = dims(dk.sizes());
     effective_conv1();
-    for (std::int64_t c = 0; c < d.G; ++c) {
-      e_.resize({d.Og * d.kk, d.Ig});
-      for (std::int64_t a = 0; a < d.Og; ++a)
-        for (std::int64_t i = 0; i < d.Ig; ++i)
-          for (std::int64_t hw = 0; hw < d.kk; ++hw)
-            e_[(a * d.kk + hw) * d.Ig + i] = dk[((c * d.Og + a) * d.Ig + i) * d.kk + hw];
-      // G^T = c1_c * dE^T [Tg x Og*kk]: row u holds, for each a, the kk values of
-      // conv2[c*Og + a, u, :]'s gradient contiguously.
-      g_.resize({d.Tg, d.Og * d.kk});
-      gemm(gemm_dims(d.Tg, d.Og * d.kk, d.Ig, {0, d.Ig, 1}, {0, 1, d.Ig}, {0, d.Og * d.kk, 1}),
-           c1_.data() + c * d.Tg * d.Ig, e_.data(), g_.data());
-      for (std::int64_t a = 0; a < d.Og; ++a) {
-        const std::int64_t o = c * d.Og + a;
-        S acc = 0;
-        for (std::int64_t u = 0; u < d.Tg; ++u)
-          acc += axpy_dot(d.kk, v[o], g_.data() + u * d.Og * d.kk + a * d.kk,
-                          conv2_.value.data() + (o * d.Tg + u) * d.kk, conv2_.grad.data() + (o * d.Tg + u) * d.kk);
-        dv[o] += acc;
-      }
-      to_rows(conv2_.value.data(), c, d, v, p_);
-      gemm(gemm_dims(d.Tg, d.Ig, d.Og * d.kk, {0, 1, d.Tg}, {0, d.Ig, 1}, {0, d.Ig, 1}, true), p_.data(), e_.data(),
-           conv1_.grad.data() + c * d.Tg * d.Ig);
-    }
+    p_.reserve();
+    e_.reserve();
+    g_.reserve();
+    dc1_.reserve();
+    const int threads = range_threads(d.O);
+    parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
+      Tensor<S>& dc1 = dc1_[t];
+      dc1.reset(conv1_.value.sizes());
+      for_each_group(d, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
+        const std::int64_t rows = (a1 - a0) * d.kk;
+        Tensor<S>& e = e_[t];
+        e.resize({rows, d.Ig});
+        for (std::int64_t a = a0; a < a1; ++a)
+          for (std::int64_t i = 0; i < d.Ig; ++i) {
+            const S* k = dk.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
+            S* er = e.data() + (a - a0) * d.kk * d.Ig + i;
+            for (std::int64_t hw = 0; hw < d.kk; ++hw) er[hw * d.Ig] = k[hw];
+          }
+        // G^T = c1_c * dE^T [Tg x rows]: row u holds, for each a, the kk values of
+        // conv2[c*Og + a, u, :]'s gradient contiguously.
+        Tensor<S>& g = g_[t];
+        g.resize({d.Tg, rows});
+        gemm(gemm_dims(d.Tg, rows, d.Ig, {0, d.Ig, 1}, {0, 1, d.Ig}, {0, rows, 1}), c1_.data() + c * d.Tg * d.Ig,
+             e.data(), g.data());
+        for (std::int64_t a = a0; a < a1; ++a) {
+          const std::int64_t o = c * d.Og + a;
+          S acc = 0;
+          for (std::int64_t u = 0; u < d.Tg; ++u)
+            acc += axpy_dot(d.kk, v[o], g.data() + u * rows + (a - a0) * d.kk, conv2_.value.data() + (o * d.Tg + u) * d.kk,
+                            conv2_.grad.data() + (o * d.Tg + u) * d.kk);
+          dv[o] += acc;
+        }
+        to_rows(c, a0, a1, d, v, p_[t]);
+        gemm(gemm_dims(d.Tg, d.Ig, rows, {0, 1, d.Tg}, {0, d.Ig, 1}, {0, d.Ig, 1}, true), p_[t].data(), e.data(),
+             dc1.data() + c * d.Tg * d.Ig);
+      });
+    });
+    reduce_into(conv1_.grad, dc1_, threads);
   }
   void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
     out.emplace_back(prefix + wname(stem_, identity_ ? "1x1_kxk_idconv1" : "1x1_kxk_conv1"), &conv1_);
@@ -260,14 +329,22 @@ class OneByOneKxk final : public Branch<S> {
     const std::int64_t O = ks[0], Ig = ks[1], kk = ks[2] * ks[3], Tg = conv2_.value.size(1), G = T_ / Tg;
     return {O, Ig, kk, Tg, G, O / G};
   }
-  // P[a*kk + hw, u] = v[c*Og + a] * conv2[c*Og + a, u, hw].
-  static void to_rows(const S* conv2, std::int64_t c, const Dims& d, const S* v, Tensor<S>& p) {
-    p.resize({d.Og * d.kk, d.Tg});
-    for (std::int64_t a = 0; a < d.Og; ++a) {
+  // Calls f(c, a0, a1) for each group c holding outputs of [o0, o1): its outputs
+  // c*Og + a, a in [a0, a1).
+  template <class F>
+  static void for_each_group(const Dims& d, std::int64_t o0, std::int64_t o1, F&& f) {
+    for (std::int64_t c = o0 / d.Og; c * d.Og < o1; ++c)
+      f(c, std::max(o0, c * d.Og) - c * d.Og, std::min(o1, (c + 1) * d.Og) - c * d.Og);
+  }
+  // P[(a - a0)*kk + hw, u] = v[c*Og + a] * conv2[c*Og + a, u, hw] for a in [a0, a1).
+  void to_rows(std::int64_t c, std::int64_t a0, std::int64_t a1, const Dims& d, const S* v, Tensor<S>& p) const {
+    p.resize({(a1 - a0) * d.kk, d.Tg});
+    for (std::int64_t a = a0; a < a1; ++a) {
       const S s = v[c * d.Og + a];
-      const S* w2 = conv2 + (c * d.Og + a) * d.Tg * d.kk;
+      const S* w2 = conv2_.value.data() + (c * d.Og + a) * d.Tg * d.kk;
+      S* pr = p.data() + (a - a0) * d.kk * d.Tg;
       for (std::int64_t u = 0; u < d.Tg; ++u)
-        for (std::int64_t hw = 0; hw < d.kk; ++hw) p[(a * d.kk + hw) * d.Tg + u] = s * w2[u * d.kk + hw];
+        for (std::int64_t hw = 0; hw < d.kk; ++hw) pr[hw * d.Tg + u] = s * w2[u * d.kk + hw];
     }
   }
   // c1 = conv1 (+ id_tensor), into the reused c1_ buffer.
@@ -281,7 +358,9 @@ class OneByOneKxk final : public Branch<S> {
   std::string stem_;
   Init init_;
   Param<S> conv1_, id_, conv2_;
-  mutable Tensor<S> c1_, p_, e_, g_;  // scratch, reused (kernel-sized)
+  mutable Tensor<S> c1_;                    // conv1 (+ id_tensor)
+  mutable PerThread<S> p_, e_;              // per thread: its rows of P and of E / dE
+  PerThread<S> g_, dc1_;                    // per thread: G^T of its rows, its part of dconv1
 };
 
 /// Row 4: a 1x1 kernel `weight_<stem>_1x1` [O, Ig, 1, 1] zero-padded to the k x k centre.
@@ -295,15 +374,23 @@ class OneByOne final : public Branch<S> {
   }
   void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S>) const override {
     const auto Ig = w.size(1), k = w.size(2), kk = k * k, centre = (k / 2) * k + k / 2;
-    for (std::int64_t j = 0; j < w_.value.numel(); ++j) w[j * kk + centre] += v[j / Ig] * w_.value[j];
+    parallel_ranges(w.size(0), [&](std::int64_t o0, std::int64_t o1, int) {
+      for (std::int64_t j = o0 * Ig; j < o1 * Ig; ++j) w[j * kk + centre] += v[j / Ig] * w_.value[j];
+    });
   }
   void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S>) override {
     const auto Ig = dk.size(1), k = dk.size(2), kk = k * k, centre = (k / 2) * k + k / 2;
-    for (std::int64_t j = 0; j < w_.grad.numel(); ++j) {
-      const S g = dk[j * kk + centre];
-      w_.grad[j] += v[j / Ig] * g;
-      dv[j / Ig] += w_.value[j] * g;
-    }
+    parallel_ranges(dk.size(0), [&](std::int64_t o0, std::int64_t o1, int) {
+      for (std::int64_t o = o0; o < o1; ++o) {
+        S acc = 0;
+        for (std::int64_t j = o * Ig; j < (o + 1) * Ig; ++j) {
+          const S g = dk[j * kk + centre];
+          w_.grad[j] += v[o] * g;
+          acc += w_.value[j] * g;
+        }
+        dv[o] += acc;
+      }
+    });
   }
   void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
     out.emplace_back(prefix + wname(stem_, "1x1"), &w_);
@@ -335,40 +422,72 @@ class DepthwiseSeparable final : public Branch<S> {
     kaiming_uniform(dw_.value, init.kaiming_a, rng);
     kaiming_uniform(pw_.value, init.kaiming_a, rng);
   }
-  // Per group c, one batched GEMM over the Ig input channels i:
-  //   W[c*Og + a, i, :] (Og x kk) += (v * PW_i) (Og x 8) * DW_i (8 x kk),
-  //   PW_i[a, t] = pw[a*g + c, i*8 + t], DW_i[t, :] = dw[(c*Ig + i)*8 + t, :],
-  // every operand addressed in place through its strides.
+  // For o = c*Og + a and input i, with D_i = dw[(c*Ig + i)*8 + t, :] (8 x kk) and
+  // A_i[a, t] = v[o] * pw[a*g + c, i*8 + t] (the reference's PW row of o):
+  //   W[o, i, :] += A_i[a, :] * D_i
+  // Each thread copies A and its rows of dW into [i][a][.] order, where every operand of
+  // the batched GEMM over i is dense (oneDNN then runs its fast kernel), and copies back;
+  // the copies move runs of 8 or kk floats.
   void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S> gemm) const override {
     const Dims d = dims(w.sizes());
-    pwv_.resize(pw_.value.sizes());
-    for (std::int64_t o = 0; o < d.O; ++o) {
-      const std::int64_t off = prow(o, d) * d.cols;
-      VecMap<S>(pwv_.data() + off, d.cols) = v[o] * ConstVecMap<S>(pw_.value.data() + off, d.cols);
-    }
-    for (std::int64_t c = 0; c < d.G; ++c)
-      gemm(batched(d, d.Og, d.kk, expand, pw_strides(d), {expand * d.kk, d.kk, 1}, k_strides(d), true),
-           pwv_.data() + c * d.cols, dw_.value.data() + c * d.Ig * expand * d.kk, w.data() + c * d.Og * d.Ig * d.kk);
+    a_.reserve();
+    e_.reserve();
+    parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
+      for_groups(d, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
+        const std::int64_t n = a1 - a0;
+        scaled_rows(c, a0, a1, d, v, a_[t]);
+        e_[t].resize({d.Ig, n, d.kk});
+        gemm(gemm_dims(n, d.kk, expand, {n * expand, expand, 1}, {expand * d.kk, d.kk, 1}, {n * d.kk, d.kk, 1}, false,
+                       d.Ig),
+             a_[t].data(), dw_.value.data() + c * d.Ig * expand * d.kk, e_[t].data());
+        for_tiles(a0, a1, d.Ig, [&](std::int64_t a, std::int64_t i) {
+          S* k = w.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
+          const S* e = e_[t].data() + (i * n + a - a0) * d.kk;
+          for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] += e[hw];
+        });
+      });
+    });
   }
-  //   G_i = dK_i * DW_i^T (Og x 8), in pw's layout -> pw.grad += v * G, dv += <pw row, G row>
-  //   dw.grad_i += (v * PW_i)^T * dK_i (8 x kk)
+  // With dE_i[a, :] = dW[o, i, :]:
+  //   G_i = dE_i * D_i^T (n x 8)      -> pw.grad[row of o, i*8 + t] += v[o] * G_i[a, t], dv[o] += <pw, G>
+  //   dw.grad_i += A_i^T * dE_i (8 x kk), summed per thread, then reduced
   void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S> gemm) override {
     const Dims d = dims(dk.sizes());
-    gpw_.resize(pw_.value.sizes());
-    pwv_.resize(pw_.value.sizes());
-    for (std::int64_t c = 0; c < d.G; ++c)
-      gemm(batched(d, d.Og, expand, d.kk, k_strides(d), {expand * d.kk, 1, d.kk}, pw_strides(d)),
-           dk.data() + c * d.Og * d.Ig * d.kk, dw_.value.data() + c * d.Ig * expand * d.kk, gpw_.data() + c * d.cols);
-    for (std::int64_t o = 0; o < d.O; ++o) {
-      const std::int64_t off = prow(o, d) * d.cols;
-      dv[o] += axpy_dot(d.cols, v[o], gpw_.data() + off, pw_.value.data() + off, pw_.grad.data() + off);
-      VecMap<S>(pwv_.data() + off, d.cols) = v[o] * ConstVecMap<S>(pw_.value.data() + off, d.cols);
-    }
-    for (std::int64_t c = 0; c < d.G; ++c) {
-      const auto ps = pw_strides(d);
-      gemm(batched(d, expand, d.kk, d.Og, {ps[0], ps[2], ps[1]}, k_strides(d), {expand * d.kk, d.kk, 1}, true),
-           pwv_.data() + c * d.cols, dk.data() + c * d.Og * d.Ig * d.kk, dw_.grad.data() + c * d.Ig * expand * d.kk);
-    }
+    a_.reserve();
+    e_.reserve();
+    g_.reserve();
+    ddw_.reserve();
+    const int threads = range_threads(d.O);
+    parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
+      Tensor<S>& ddw = ddw_[t];
+      ddw.reset(dw_.value.sizes());
+      for_groups(d, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
+        const std::int64_t n = a1 - a0;
+        Tensor<S>&e = e_[t], &g = g_[t];
+        e.resize({d.Ig, n, d.kk});
+        for_tiles(a0, a1, d.Ig, [&](std::int64_t a, std::int64_t i) {
+          std::copy_n(dk.data() + ((c * d.Og + a) * d.Ig + i) * d.kk, d.kk, e.data() + (i * n + a - a0) * d.kk);
+        });
+        const S* dw = dw_.value.data() + c * d.Ig * expand * d.kk;
+        g.resize({d.Ig, n, expand});
+        gemm(gemm_dims(n, expand, d.kk, {n * d.kk, d.kk, 1}, {expand * d.kk, 1, d.kk}, {n * expand, expand, 1}, false,
+                       d.Ig),
+             e.data(), dw, g.data());
+        for (std::int64_t a = a0; a < a1; ++a) {
+          const std::int64_t o = c * d.Og + a, p = prow(o, d) * d.cols;
+          S acc = 0;
+          for (std::int64_t i = 0; i < d.Ig; ++i)
+            acc += axpy_dot(expand, v[o], g.data() + (i * n + a - a0) * expand, pw_.value.data() + p + i * expand,
+                            pw_.grad.data() + p + i * expand);
+          dv[o] += acc;
+        }
+        scaled_rows(c, a0, a1, d, v, a_[t]);
+        gemm(gemm_dims(expand, d.kk, n, {n * expand, 1, expand}, {n * d.kk, d.kk, 1}, {expand * d.kk, d.kk, 1}, true,
+                       d.Ig),
+             a_[t].data(), e.data(), ddw.data() + c * d.Ig * expand * d.kk);
+      });
+    });
+    reduce_into(dw_.grad, ddw_, threads);
   }
   void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
     out.emplace_back(prefix + wname(stem_, "gconv_dw"), &dw_);
@@ -386,21 +505,40 @@ class DepthwiseSeparable final : public Branch<S> {
   }
   // The reference's PW row for output o = c*Og + a.
   static std::int64_t prow(std::int64_t o, const Dims& d) { return (o % d.Og) * d.G + o / d.Og; }
-  // PW_i[a, t] = pw[(a*G + c)*cols + i*8 + t] (from the group's base c*cols).
-  static std::array<std::int64_t, 3> pw_strides(const Dims& d) { return {expand, d.G * d.cols, 1}; }
-  // K_i[a, hw] = K[((c*Og + a)*Ig + i)*kk + hw] (from the group's base).
-  static std::array<std::int64_t, 3> k_strides(const Dims& d) { return {d.kk, d.Ig * d.kk, 1}; }
-  static GemmDims batched(const Dims& d, std::int64_t M, std::int64_t N, std::int64_t K, std::array<std::int64_t, 3> a,
-                          std::array<std::int64_t, 3> b, std::array<std::int64_t, 3> c, bool acc = false) {
-    return gemm_dims(M, N, K, a, b, c, acc, d.Ig);
+  // Calls f(c, a0, a1) for each group c holding outputs of [o0, o1): c*Og + a, a in [a0, a1).
+  template <class F>
+  static void for_groups(const Dims& d, std::int64_t o0, std::int64_t o1, F&& f) {
+    for (std::int64_t c = o0 / d.Og; c * d.Og < o1; ++c)
+      f(c, std::max(o0, c * d.Og) - c * d.Og, std::min(o1, (c + 1) * d.Og) - c * d.Og);
+  }
+  // A[i][a - a0][t] = v[o] * pw[row of o, i*8 + t], o = c*Og + a, a in [a0, a1).
+  void scaled_rows(std::int64_t c, std::int64_t a0, std::int64_t a1, const Dims& d, const S* v, Tensor<S>& A) const {
+    const std::int64_t n = a1 - a0;
+    A.resize({d.Ig, n, expand});
+    for_tiles(a0, a1, d.Ig, [&](std::int64_t a, std::int64_t i) {
+      const std::int64_t o = c * d.Og + a;
+      const S* pw = pw_.value.data() + prow(o, d) * d.cols + i * expand;
+      S* r = A.data() + (i * n + a - a0) * expand;
+      for (std::int64_t t = 0; t < expand; ++t) r[t] = v[o] * pw[t];
+    });
+  }
+  // f(a, i) for a in [a0, a1), i in [0, I), a few rows a at a time: the [i][a][.] side
+  // is then written or read in runs of several rows, not with a stride of whole rows
+  // (4 KiB at 128 channels, which maps every access to the same cache set).
+  template <class F>
+  static void for_tiles(std::int64_t a0, std::int64_t a1, std::int64_t I, F&& f) {
+    constexpr std::int64_t tile = 8;
+    for (std::int64_t b = a0; b < a1; b += tile)
+      for (std::int64_t i = 0; i < I; ++i)
+        for (std::int64_t a = b; a < std::min(a1, b + tile); ++a) f(a, i);
   }
 
   Param<S> dw_, pw_;
   std::int64_t groups_;
   std::string stem_;
   Init init_;
-  mutable Tensor<S> pwv_;  // scratch: v-scaled pw (pw-sized)
-  Tensor<S> gpw_;          // scratch: pw's unscaled gradient
+  mutable PerThread<S> a_, e_;  // per thread: A and E / dE of its rows, in [i][a][.] order
+  PerThread<S> g_, ddw_;        // per thread: G of its rows, its part of dw's gradient
 };
 
 /// OREPA_1x1's second branch: `weight_or1x1_l2i_conv1` [T, I, 1, 1] then
@@ -420,22 +558,35 @@ class LowRankIdentity final : public Branch<S> {
     kaiming_uniform(up ? c2_.value : c1_.value, init.kaiming_a, rng);
     for (std::int64_t t = 0; t < T; ++t) eye[t * eye.size(1) + t] = S(1);
   }
-  // W += (v * conv2) @ conv1: one GEMM (O x T times T x I).
+  // W += (v * conv2) @ conv1: one GEMM (O x T times T x I), each thread its rows.
   void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S> gemm) const override {
     const auto O = c2_.value.size(0), T = c1_.value.size(0), I = c1_.value.size(1);
-    scaled_rows(v);
-    gemm(gemm_dims(O, I, T, {0, T, 1}, {0, I, 1}, {0, I, 1}, true), c2v_.data(), c1_.value.data(), w.data());
+    c2v_.resize({O, T});
+    parallel_ranges(O, [&](std::int64_t o0, std::int64_t o1, int) {
+      scale_rows(v, o0, o1);
+      gemm(gemm_dims(o1 - o0, I, T, {0, T, 1}, {0, I, 1}, {0, I, 1}, true), c2v_.data() + o0 * T, c1_.value.data(),
+           w.data() + o0 * I);
+    });
   }
   // H = dW @ conv1^T (O x T): conv2.grad += v * H, dv[o] += <conv2[o], H[o]>;
-  // conv1.grad += (v * conv2)^T @ dW (T x I).
+  // conv1.grad += (v * conv2)^T @ dW (T x I), summed per thread, then reduced.
   void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S> gemm) override {
     const auto O = c2_.value.size(0), T = c1_.value.size(0), I = c1_.value.size(1);
     h_.resize({O, T});
-    gemm(gemm_dims(O, T, I, {0, I, 1}, {0, 1, I}, {0, T, 1}), dk.data(), c1_.value.data(), h_.data());
-    for (std::int64_t o = 0; o < O; ++o)
-      dv[o] += axpy_dot(T, v[o], h_.data() + o * T, c2_.value.data() + o * T, c2_.grad.data() + o * T);
-    scaled_rows(v);
-    gemm(gemm_dims(T, I, O, {0, 1, T}, {0, I, 1}, {0, I, 1}, true), c2v_.data(), dk.data(), c1_.grad.data());
+    c2v_.resize({O, T});
+    dc1_.reserve();
+    const int threads = range_threads(O);
+    parallel_ranges(O, [&](std::int64_t o0, std::int64_t o1, int t) {
+      gemm(gemm_dims(o1 - o0, T, I, {0, I, 1}, {0, 1, I}, {0, T, 1}), dk.data() + o0 * I, c1_.value.data(),
+           h_.data() + o0 * T);
+      for (std::int64_t o = o0; o < o1; ++o)
+        dv[o] += axpy_dot(T, v[o], h_.data() + o * T, c2_.value.data() + o * T, c2_.grad.data() + o * T);
+      scale_rows(v, o0, o1);
+      dc1_[t].resize(c1_.value.sizes());
+      gemm(gemm_dims(T, I, o1 - o0, {0, 1, T}, {0, I, 1}, {0, I, 1}), c2v_.data() + o0 * T, dk.data() + o0 * I,
+           dc1_[t].data());
+    });
+    reduce_into(c1_.grad, dc1_, threads);
   }
   void collect_tensors(NamedParams<S>& out, const std::string& prefix) override {
     out.emplace_back(prefix + "weight_or1x1_l2i_conv1", &c1_);
@@ -444,11 +595,10 @@ class LowRankIdentity final : public Branch<S> {
   double initial_scale() const override { return init_.scale; }
 
  private:
-  // c2v = v * conv2 (row o scaled by v[o]).
-  void scaled_rows(const S* v) const {
-    const auto O = c2_.value.size(0), T = c2_.value.size(1);
-    c2v_.resize({O, T});
-    for (std::int64_t o = 0; o < O; ++o)
+  // Rows [o0, o1) of c2v = v * conv2 (row o scaled by v[o]).
+  void scale_rows(const S* v, std::int64_t o0, std::int64_t o1) const {
+    const auto T = c2_.value.size(1);
+    for (std::int64_t o = o0; o < o1; ++o)
       VecMap<S>(c2v_.data() + o * T, T) = v[o] * ConstVecMap<S>(c2_.value.data() + o * T, T);
   }
 
@@ -456,6 +606,7 @@ class LowRankIdentity final : public Branch<S> {
   Init init_;
   mutable Tensor<S> c2v_;  // scratch: v-scaled conv2
   Tensor<S> h_;            // scratch: dW @ conv1^T
+  PerThread<S> dc1_;       // per thread: its part of conv1's gradient
 };
 
 }  // namespace orepa::branches
