@@ -70,6 +70,26 @@ void reduce_into(Tensor<S>& grad, PerThread<S>& partial, int threads) {
   for (int t = 0; t < threads; ++t) VecMap<S>(grad.data(), grad.numel()) += ConstVecMap<S>(partial[t].data(), grad.numel());
 }
 
+/// Calls f(c, a0, a1) for each group c (of `per_group` outputs) holding outputs of
+/// [o0, o1): outputs c*per_group + a, a in [a0, a1).
+template <class F>
+void for_groups(std::int64_t per_group, std::int64_t o0, std::int64_t o1, F&& f) {
+  for (std::int64_t c = o0 / per_group; c * per_group < o1; ++c)
+    f(c, std::max(o0, c * per_group) - c * per_group, std::min(o1, (c + 1) * per_group) - c * per_group);
+}
+
+/// f(a, x) for a in [a0, a1), x in [0, X), a few rows a at a time. The branches copy
+/// kernel rows [a][x][.] to and from [x][a][.] order, where their GEMMs are dense; tiled,
+/// the [x][a][.] side moves in runs of several rows instead of with a stride of whole
+/// rows (4 KiB at 128 channels, which maps every access to the same cache set).
+template <class F>
+void for_tiles(std::int64_t a0, std::int64_t a1, std::int64_t X, F&& f) {
+  constexpr std::int64_t tile = 8;
+  for (std::int64_t b = a0; b < a1; b += tile)
+    for (std::int64_t x = 0; x < X; ++x)
+      for (std::int64_t a = b; a < std::min(a1, b + tile); ++a) f(a, x);
+}
+
 /// Initial branch scale and kaiming slope, which differ between the reference blocks.
 struct Init {
   double scale = 1.0;      ///< initial row of `vector`
@@ -242,40 +262,39 @@ class OneByOneKxk final : public Branch<S> {
   /// The number T of internal channels.
   std::int64_t internal_channels() const { return T_; }
 
-  // Per group c the branch is one GEMM over the Og*kk (a, hw) rows, each thread taking
-  // the rows of its outputs:
-  //   P[a*kk + hw, u] = v[c*Og + a] * conv2[c*Og + a, u, hw]   (a transposed copy, kernel-sized)
-  //   E = P * c1_c  [Og*kk x Ig]                               (M = Og*kk, K = Tg, N = Ig)
-  //   W[c*Og + a, i, hw] += E[a*kk + hw, i]                    (added back)
+  // Per group c, each thread taking its outputs o = c*Og + a, a in [a0, a1) (n of them),
+  // one GEMM in [x][a][hw] order, where the copies move runs of kk values:
+  //   B[u][a][hw] = v[o] * conv2[o, u, hw]
+  //   C = c1_c^T * B  [Ig x n*kk]      (M = Ig, K = Tg, N = n*kk)
+  //   W[o, i, :] += C[i][a][:]
   void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S> gemm) const override {
     const Dims d = dims(w.sizes());
     effective_conv1();
-    p_.reserve();
+    b_.reserve();
     e_.reserve();
     parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
-      for_each_group(d, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
-        const std::int64_t rows = (a1 - a0) * d.kk;
-        to_rows(c, a0, a1, d, v, p_[t]);
+      for_groups(d.Og, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
+        const std::int64_t nk = (a1 - a0) * d.kk;
+        scaled_conv2(c, a0, a1, d, v, b_[t]);
         Tensor<S>& e = e_[t];
-        e.resize({rows, d.Ig});
-        gemm(gemm_dims(rows, d.Ig, d.Tg, {0, d.Tg, 1}, {0, d.Ig, 1}, {0, d.Ig, 1}), p_[t].data(),
-             c1_.data() + c * d.Tg * d.Ig, e.data());
-        for (std::int64_t a = a0; a < a1; ++a)
-          for (std::int64_t i = 0; i < d.Ig; ++i) {
-            S* k = w.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
-            const S* er = e.data() + (a - a0) * d.kk * d.Ig + i;
-            for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] += er[hw * d.Ig];
-          }
+        e.resize({d.Ig, nk});
+        gemm(gemm_dims(d.Ig, nk, d.Tg, {0, 1, d.Ig}, {0, nk, 1}, {0, nk, 1}), c1_.data() + c * d.Tg * d.Ig,
+             b_[t].data(), e.data());
+        for_tiles(a0, a1, d.Ig, [&](std::int64_t a, std::int64_t i) {
+          S* k = w.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
+          const S* er = e.data() + i * nk + (a - a0) * d.kk;
+          for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] += er[hw];
+        });
       });
     });
   }
-  // With dE[a*kk + hw, i] = dW[c*Og + a, i, hw] (each thread its rows):
-  //   G^T = c1_c * dE^T [Tg x rows] -> conv2.grad += v * G, dv += <conv2, G>
-  //   dc1_c += (v * P)^T * dE        [Tg x Ig], summed per thread, then reduced
+  // With dE[i][a][hw] = dW[o, i, hw] (each thread its outputs):
+  //   G = c1_c * dE  [Tg x n*kk]   -> conv2.grad[o, u, :] += v[o] * G[u][a][:], dv[o] += <conv2[o], G>
+  //   dc1_c += B * dE^T  [Tg x Ig], summed per thread, then reduced
   void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S> gemm) override {
     const Dims d = dims(dk.sizes());
     effective_conv1();
-    p_.reserve();
+    b_.reserve();
     e_.reserve();
     g_.reserve();
     dc1_.reserve();
@@ -283,32 +302,26 @@ class OneByOneKxk final : public Branch<S> {
     parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
       Tensor<S>& dc1 = dc1_[t];
       dc1.reset(conv1_.value.sizes());
-      for_each_group(d, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
-        const std::int64_t rows = (a1 - a0) * d.kk;
-        Tensor<S>& e = e_[t];
-        e.resize({rows, d.Ig});
-        for (std::int64_t a = a0; a < a1; ++a)
-          for (std::int64_t i = 0; i < d.Ig; ++i) {
-            const S* k = dk.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
-            S* er = e.data() + (a - a0) * d.kk * d.Ig + i;
-            for (std::int64_t hw = 0; hw < d.kk; ++hw) er[hw * d.Ig] = k[hw];
-          }
-        // G^T = c1_c * dE^T [Tg x rows]: row u holds, for each a, the kk values of
-        // conv2[c*Og + a, u, :]'s gradient contiguously.
-        Tensor<S>& g = g_[t];
-        g.resize({d.Tg, rows});
-        gemm(gemm_dims(d.Tg, rows, d.Ig, {0, d.Ig, 1}, {0, 1, d.Ig}, {0, rows, 1}), c1_.data() + c * d.Tg * d.Ig,
-             e.data(), g.data());
+      for_groups(d.Og, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
+        const std::int64_t nk = (a1 - a0) * d.kk;
+        Tensor<S>&e = e_[t], &g = g_[t];
+        e.resize({d.Ig, nk});
+        for_tiles(a0, a1, d.Ig, [&](std::int64_t a, std::int64_t i) {
+          std::copy_n(dk.data() + ((c * d.Og + a) * d.Ig + i) * d.kk, d.kk, e.data() + i * nk + (a - a0) * d.kk);
+        });
+        g.resize({d.Tg, nk});
+        gemm(gemm_dims(d.Tg, nk, d.Ig, {0, d.Ig, 1}, {0, nk, 1}, {0, nk, 1}), c1_.data() + c * d.Tg * d.Ig, e.data(),
+             g.data());
         for (std::int64_t a = a0; a < a1; ++a) {
           const std::int64_t o = c * d.Og + a;
           S acc = 0;
           for (std::int64_t u = 0; u < d.Tg; ++u)
-            acc += axpy_dot(d.kk, v[o], g.data() + u * rows + (a - a0) * d.kk, conv2_.value.data() + (o * d.Tg + u) * d.kk,
+            acc += axpy_dot(d.kk, v[o], g.data() + u * nk + (a - a0) * d.kk, conv2_.value.data() + (o * d.Tg + u) * d.kk,
                             conv2_.grad.data() + (o * d.Tg + u) * d.kk);
           dv[o] += acc;
         }
-        to_rows(c, a0, a1, d, v, p_[t]);
-        gemm(gemm_dims(d.Tg, d.Ig, rows, {0, 1, d.Tg}, {0, d.Ig, 1}, {0, d.Ig, 1}, true), p_[t].data(), e.data(),
+        scaled_conv2(c, a0, a1, d, v, b_[t]);
+        gemm(gemm_dims(d.Tg, d.Ig, nk, {0, nk, 1}, {0, 1, nk}, {0, d.Ig, 1}, true), b_[t].data(), e.data(),
              dc1.data() + c * d.Tg * d.Ig);
       });
     });
@@ -329,23 +342,16 @@ class OneByOneKxk final : public Branch<S> {
     const std::int64_t O = ks[0], Ig = ks[1], kk = ks[2] * ks[3], Tg = conv2_.value.size(1), G = T_ / Tg;
     return {O, Ig, kk, Tg, G, O / G};
   }
-  // Calls f(c, a0, a1) for each group c holding outputs of [o0, o1): its outputs
-  // c*Og + a, a in [a0, a1).
-  template <class F>
-  static void for_each_group(const Dims& d, std::int64_t o0, std::int64_t o1, F&& f) {
-    for (std::int64_t c = o0 / d.Og; c * d.Og < o1; ++c)
-      f(c, std::max(o0, c * d.Og) - c * d.Og, std::min(o1, (c + 1) * d.Og) - c * d.Og);
-  }
-  // P[(a - a0)*kk + hw, u] = v[c*Og + a] * conv2[c*Og + a, u, hw] for a in [a0, a1).
-  void to_rows(std::int64_t c, std::int64_t a0, std::int64_t a1, const Dims& d, const S* v, Tensor<S>& p) const {
-    p.resize({(a1 - a0) * d.kk, d.Tg});
-    for (std::int64_t a = a0; a < a1; ++a) {
-      const S s = v[c * d.Og + a];
-      const S* w2 = conv2_.value.data() + (c * d.Og + a) * d.Tg * d.kk;
-      S* pr = p.data() + (a - a0) * d.kk * d.Tg;
-      for (std::int64_t u = 0; u < d.Tg; ++u)
-        for (std::int64_t hw = 0; hw < d.kk; ++hw) pr[hw * d.Tg + u] = s * w2[u * d.kk + hw];
-    }
+  // B[u][a - a0][hw] = v[o] * conv2[o, u, hw], o = c*Og + a, a in [a0, a1).
+  void scaled_conv2(std::int64_t c, std::int64_t a0, std::int64_t a1, const Dims& d, const S* v, Tensor<S>& B) const {
+    const std::int64_t n = a1 - a0;
+    B.resize({d.Tg, n * d.kk});
+    for_tiles(a0, a1, d.Tg, [&](std::int64_t a, std::int64_t u) {
+      const std::int64_t o = c * d.Og + a;
+      const S* w2 = conv2_.value.data() + (o * d.Tg + u) * d.kk;
+      S* r = B.data() + (u * n + a - a0) * d.kk;
+      for (std::int64_t hw = 0; hw < d.kk; ++hw) r[hw] = v[o] * w2[hw];
+    });
   }
   // c1 = conv1 (+ id_tensor), into the reused c1_ buffer.
   void effective_conv1() const {
@@ -358,9 +364,9 @@ class OneByOneKxk final : public Branch<S> {
   std::string stem_;
   Init init_;
   Param<S> conv1_, id_, conv2_;
-  mutable Tensor<S> c1_;                    // conv1 (+ id_tensor)
-  mutable PerThread<S> p_, e_;              // per thread: its rows of P and of E / dE
-  PerThread<S> g_, dc1_;                    // per thread: G^T of its rows, its part of dconv1
+  mutable Tensor<S> c1_;        // conv1 (+ id_tensor)
+  mutable PerThread<S> b_, e_;  // per thread: B and C / dE of its outputs
+  PerThread<S> g_, dc1_;        // per thread: G of its outputs, its part of dconv1
 };
 
 /// Row 4: a 1x1 kernel `weight_<stem>_1x1` [O, Ig, 1, 1] zero-padded to the k x k centre.
@@ -433,7 +439,7 @@ class DepthwiseSeparable final : public Branch<S> {
     a_.reserve();
     e_.reserve();
     parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
-      for_groups(d, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
+      for_groups(d.Og, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
         const std::int64_t n = a1 - a0;
         scaled_rows(c, a0, a1, d, v, a_[t]);
         e_[t].resize({d.Ig, n, d.kk});
@@ -461,7 +467,7 @@ class DepthwiseSeparable final : public Branch<S> {
     parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
       Tensor<S>& ddw = ddw_[t];
       ddw.reset(dw_.value.sizes());
-      for_groups(d, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
+      for_groups(d.Og, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
         const std::int64_t n = a1 - a0;
         Tensor<S>&e = e_[t], &g = g_[t];
         e.resize({d.Ig, n, d.kk});
@@ -505,12 +511,6 @@ class DepthwiseSeparable final : public Branch<S> {
   }
   // The reference's PW row for output o = c*Og + a.
   static std::int64_t prow(std::int64_t o, const Dims& d) { return (o % d.Og) * d.G + o / d.Og; }
-  // Calls f(c, a0, a1) for each group c holding outputs of [o0, o1): c*Og + a, a in [a0, a1).
-  template <class F>
-  static void for_groups(const Dims& d, std::int64_t o0, std::int64_t o1, F&& f) {
-    for (std::int64_t c = o0 / d.Og; c * d.Og < o1; ++c)
-      f(c, std::max(o0, c * d.Og) - c * d.Og, std::min(o1, (c + 1) * d.Og) - c * d.Og);
-  }
   // A[i][a - a0][t] = v[o] * pw[row of o, i*8 + t], o = c*Og + a, a in [a0, a1).
   void scaled_rows(std::int64_t c, std::int64_t a0, std::int64_t a1, const Dims& d, const S* v, Tensor<S>& A) const {
     const std::int64_t n = a1 - a0;
@@ -521,16 +521,6 @@ class DepthwiseSeparable final : public Branch<S> {
       S* r = A.data() + (i * n + a - a0) * expand;
       for (std::int64_t t = 0; t < expand; ++t) r[t] = v[o] * pw[t];
     });
-  }
-  // f(a, i) for a in [a0, a1), i in [0, I), a few rows a at a time: the [i][a][.] side
-  // is then written or read in runs of several rows, not with a stride of whole rows
-  // (4 KiB at 128 channels, which maps every access to the same cache set).
-  template <class F>
-  static void for_tiles(std::int64_t a0, std::int64_t a1, std::int64_t I, F&& f) {
-    constexpr std::int64_t tile = 8;
-    for (std::int64_t b = a0; b < a1; b += tile)
-      for (std::int64_t i = 0; i < I; ++i)
-        for (std::int64_t a = b; a < std::min(a1, b + tile); ++a) f(a, i);
   }
 
   Param<S> dw_, pw_;
