@@ -49,7 +49,8 @@ S axpy_dot(std::int64_t n, S v, const S* g, const S* theta, S* grad) {
   return ConstVecMap<S>(theta, n).dot(gm);
 }
 
-/// One scratch tensor per thread of parallel_ranges.
+/// One tensor per thread of parallel_ranges, readable by every thread afterwards (the
+/// partial gradients that reduce_into() sums).
 template <class S>
 class PerThread {
  public:
@@ -63,6 +64,16 @@ class PerThread {
  private:
   std::vector<Tensor<S>> t_;
 };
+
+/// Scratch tensor `slot` of the calling thread, shared by every branch of every block:
+/// what a branch leaves there is overwritten by the next branch, so it is used only within
+/// one call. Per-block scratch would grow with the depth of the network; this is one set
+/// per thread, as large as the largest branch needs.
+template <class S>
+Tensor<S>& thread_scratch(int slot) {
+  thread_local std::array<Tensor<S>, 3> scratch;
+  return scratch[std::size_t(slot)];
+}
 
 /// grad += the sum of the first `threads` partial gradients (each grad-shaped).
 template <class S>
@@ -162,9 +173,8 @@ class OneByOneThenFilter : public Branch<S> {
   }
   void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S>) override {
     const auto O = dk.size(0), Ig = dk.size(1), kk = dk.size(2) * dk.size(3), rows = filter_.value.numel() / kk;
-    g_.reserve();
-    parallel_ranges(O, [&](std::int64_t o0, std::int64_t o1, int t) {
-      Tensor<S>& g = g_[t];
+    parallel_ranges(O, [&](std::int64_t o0, std::int64_t o1, int) {
+      Tensor<S>& g = thread_scratch<S>(0);
       g.resize({Ig});
       for (std::int64_t o = o0; o < o1; ++o) {
         // g[i] = sum_hw dK[o, i, hw] * F[o, hw]: one matrix-vector product per output.
@@ -197,7 +207,6 @@ class OneByOneThenFilter : public Branch<S> {
   Param<S> conv_, filter_;
   std::string conv_name_, filter_name_;
   Init init_;
-  PerThread<S> g_;  // scratch: one output's unscaled gradient
 };
 
 /// Row 1: 1x1 conv `weight_<stem>_avg_conv` then the k x k average `weight_<stem>_avg_avg` [k, k].
@@ -270,16 +279,14 @@ class OneByOneKxk final : public Branch<S> {
   void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S> gemm) const override {
     const Dims d = dims(w.sizes());
     effective_conv1();
-    b_.reserve();
-    e_.reserve();
-    parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
+    parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int) {
+      Tensor<S>&b = thread_scratch<S>(0), &e = thread_scratch<S>(1);
       for_groups(d.Og, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
         const std::int64_t nk = (a1 - a0) * d.kk;
-        scaled_conv2(c, a0, a1, d, v, b_[t]);
-        Tensor<S>& e = e_[t];
+        scaled_conv2(c, a0, a1, d, v, b);
         e.resize({d.Ig, nk});
-        gemm(gemm_dims(d.Ig, nk, d.Tg, {0, 1, d.Ig}, {0, nk, 1}, {0, nk, 1}), c1_.data() + c * d.Tg * d.Ig,
-             b_[t].data(), e.data());
+        gemm(gemm_dims(d.Ig, nk, d.Tg, {0, 1, d.Ig}, {0, nk, 1}, {0, nk, 1}), c1_.data() + c * d.Tg * d.Ig, b.data(),
+             e.data());
         for_tiles(a0, a1, d.Ig, [&](std::int64_t a, std::int64_t i) {
           S* k = w.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
           const S* er = e.data() + i * nk + (a - a0) * d.kk;
@@ -294,17 +301,14 @@ class OneByOneKxk final : public Branch<S> {
   void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S> gemm) override {
     const Dims d = dims(dk.sizes());
     effective_conv1();
-    b_.reserve();
-    e_.reserve();
-    g_.reserve();
     dc1_.reserve();
     const int threads = range_threads(d.O);
     parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
       Tensor<S>& dc1 = dc1_[t];
       dc1.reset(conv1_.value.sizes());
+      Tensor<S>&b = thread_scratch<S>(0), &e = thread_scratch<S>(1), &g = thread_scratch<S>(2);
       for_groups(d.Og, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
         const std::int64_t nk = (a1 - a0) * d.kk;
-        Tensor<S>&e = e_[t], &g = g_[t];
         e.resize({d.Ig, nk});
         for_tiles(a0, a1, d.Ig, [&](std::int64_t a, std::int64_t i) {
           std::copy_n(dk.data() + ((c * d.Og + a) * d.Ig + i) * d.kk, d.kk, e.data() + i * nk + (a - a0) * d.kk);
@@ -320,8 +324,8 @@ class OneByOneKxk final : public Branch<S> {
                             conv2_.grad.data() + (o * d.Tg + u) * d.kk);
           dv[o] += acc;
         }
-        scaled_conv2(c, a0, a1, d, v, b_[t]);
-        gemm(gemm_dims(d.Tg, d.Ig, nk, {0, nk, 1}, {0, 1, nk}, {0, d.Ig, 1}, true), b_[t].data(), e.data(),
+        scaled_conv2(c, a0, a1, d, v, b);
+        gemm(gemm_dims(d.Tg, d.Ig, nk, {0, nk, 1}, {0, 1, nk}, {0, d.Ig, 1}, true), b.data(), e.data(),
              dc1.data() + c * d.Tg * d.Ig);
       });
     });
@@ -364,9 +368,8 @@ class OneByOneKxk final : public Branch<S> {
   std::string stem_;
   Init init_;
   Param<S> conv1_, id_, conv2_;
-  mutable Tensor<S> c1_;        // conv1 (+ id_tensor)
-  mutable PerThread<S> b_, e_;  // per thread: B and C / dE of its outputs
-  PerThread<S> g_, dc1_;        // per thread: G of its outputs, its part of dconv1
+  mutable Tensor<S> c1_;  // conv1 (+ id_tensor)
+  PerThread<S> dc1_;      // per thread: its part of dconv1
 };
 
 /// Row 4: a 1x1 kernel `weight_<stem>_1x1` [O, Ig, 1, 1] zero-padded to the k x k centre.
@@ -436,19 +439,18 @@ class DepthwiseSeparable final : public Branch<S> {
   // the copies move runs of 8 or kk floats.
   void add_scaled_kernel(TensorView<S> w, const S* v, GemmFn<S> gemm) const override {
     const Dims d = dims(w.sizes());
-    a_.reserve();
-    e_.reserve();
-    parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
+    parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int) {
+      Tensor<S>&A = thread_scratch<S>(0), &E = thread_scratch<S>(1);
       for_groups(d.Og, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
         const std::int64_t n = a1 - a0;
-        scaled_rows(c, a0, a1, d, v, a_[t]);
-        e_[t].resize({d.Ig, n, d.kk});
+        scaled_rows(c, a0, a1, d, v, A);
+        E.resize({d.Ig, n, d.kk});
         gemm(gemm_dims(n, d.kk, expand, {n * expand, expand, 1}, {expand * d.kk, d.kk, 1}, {n * d.kk, d.kk, 1}, false,
                        d.Ig),
-             a_[t].data(), dw_.value.data() + c * d.Ig * expand * d.kk, e_[t].data());
+             A.data(), dw_.value.data() + c * d.Ig * expand * d.kk, E.data());
         for_tiles(a0, a1, d.Ig, [&](std::int64_t a, std::int64_t i) {
           S* k = w.data() + ((c * d.Og + a) * d.Ig + i) * d.kk;
-          const S* e = e_[t].data() + (i * n + a - a0) * d.kk;
+          const S* e = E.data() + (i * n + a - a0) * d.kk;
           for (std::int64_t hw = 0; hw < d.kk; ++hw) k[hw] += e[hw];
         });
       });
@@ -459,17 +461,14 @@ class DepthwiseSeparable final : public Branch<S> {
   //   dw.grad_i += A_i^T * dE_i (8 x kk), summed per thread, then reduced
   void scaled_kernel_backward(ConstTensorView<S> dk, const S* v, S* dv, GemmFn<S> gemm) override {
     const Dims d = dims(dk.sizes());
-    a_.reserve();
-    e_.reserve();
-    g_.reserve();
     ddw_.reserve();
     const int threads = range_threads(d.O);
     parallel_ranges(d.O, [&](std::int64_t o0, std::int64_t o1, int t) {
       Tensor<S>& ddw = ddw_[t];
       ddw.reset(dw_.value.sizes());
+      Tensor<S>&A = thread_scratch<S>(0), &e = thread_scratch<S>(1), &g = thread_scratch<S>(2);
       for_groups(d.Og, o0, o1, [&](std::int64_t c, std::int64_t a0, std::int64_t a1) {
         const std::int64_t n = a1 - a0;
-        Tensor<S>&e = e_[t], &g = g_[t];
         e.resize({d.Ig, n, d.kk});
         for_tiles(a0, a1, d.Ig, [&](std::int64_t a, std::int64_t i) {
           std::copy_n(dk.data() + ((c * d.Og + a) * d.Ig + i) * d.kk, d.kk, e.data() + (i * n + a - a0) * d.kk);
@@ -487,10 +486,10 @@ class DepthwiseSeparable final : public Branch<S> {
                             pw_.grad.data() + p + i * expand);
           dv[o] += acc;
         }
-        scaled_rows(c, a0, a1, d, v, a_[t]);
+        scaled_rows(c, a0, a1, d, v, A);
         gemm(gemm_dims(expand, d.kk, n, {n * expand, 1, expand}, {n * d.kk, d.kk, 1}, {expand * d.kk, d.kk, 1}, true,
                        d.Ig),
-             a_[t].data(), e.data(), ddw.data() + c * d.Ig * expand * d.kk);
+             A.data(), e.data(), ddw.data() + c * d.Ig * expand * d.kk);
       });
     });
     reduce_into(dw_.grad, ddw_, threads);
@@ -527,8 +526,7 @@ class DepthwiseSeparable final : public Branch<S> {
   std::int64_t groups_;
   std::string stem_;
   Init init_;
-  mutable PerThread<S> a_, e_;  // per thread: A and E / dE of its rows, in [i][a][.] order
-  PerThread<S> g_, ddw_;        // per thread: G of its rows, its part of dw's gradient
+  PerThread<S> ddw_;  // per thread: its part of dw's gradient
 };
 
 /// OREPA_1x1's second branch: `weight_or1x1_l2i_conv1` [T, I, 1, 1] then
