@@ -71,6 +71,13 @@ class ConvBlock : public ModuleTensors<ConvBlock<S, Act, Source>, S> {
     auto f = folded();
     return DeployedConv<S>(g_, std::move(f.weight), std::move(f.bias), AnyActivation<S>(trunk_.activation()));
   }
+  /// The deployed convolution in `o`'s precision (int8 takes the calibrated range of
+  /// layer "", the block's own).
+  DeployedConv<S> deploy(const DeployOptions& o) const {
+    auto d = deploy();
+    d.apply(o, "");
+    return d;
+  }
 
   /// The source's tensors, then BN's (`bn.*`), under `prefix`.
   void collect_tensors(Tensors<S>& out, const std::string& prefix) {

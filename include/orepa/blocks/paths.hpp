@@ -448,6 +448,13 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
     auto f = folded();
     return DeployedConv<S>(g_, std::move(f.weight), std::move(f.bias), AnyActivation<S>(act_));
   }
+  /// The deployed convolution in `o`'s precision (int8 takes the calibrated range of
+  /// layer "", the block's own).
+  DeployedConv<S> deploy(const DeployOptions& o) const {
+    auto d = deploy();
+    d.apply(o, "");
+    return d;
+  }
 
   /// Every path's tensors under `prefix`, in path order.
   void collect_tensors(Tensors<S>& out, const std::string& prefix) {

@@ -4,9 +4,17 @@
 /// InferenceChain, ...) behind one type: `Tensor<S> forward(ConstTensorView<S>) const`.
 /// Copies share the same immutable object, so an AnyDeployed is cheap to copy and, like
 /// the objects it holds, safe to call from several threads.
+///
+/// The deployed convolutions inside a held object are reachable by name (visit_convs)
+/// and replaceable (map_convs) when the object offers those members, as DeployedConv,
+/// InferenceChain and the deployed YOLO modules do: the names are the tensor-name
+/// prefixes of the training-time network ("3.", "2.cv1.", "2.m.0.cv2."), which is how a
+/// Calibration addresses layers.
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <string>
 #include <type_traits>
 #include <typeinfo>
 #include <utility>
@@ -14,6 +22,17 @@
 #include "orepa/core/tensor.hpp"
 
 namespace orepa {
+
+template <class S>
+class DeployedConv;
+template <class S>
+class AnyDeployed;
+/// Called with each deployed convolution's name and the convolution.
+template <class S>
+using ConvVisitor = std::function<void(const std::string&, const DeployedConv<S>&)>;
+/// Gives the replacement of a deployed convolution, from its name and itself.
+template <class S>
+using ConvMapper = std::function<AnyDeployed<S>(const std::string&, const DeployedConv<S>&)>;
 
 /// A type-erased deployed module.
 template <class S>
@@ -34,6 +53,14 @@ class AnyDeployed {
   /// True when the held object takes 4-D inputs in every memory format: objects that
   /// declare a preferred_format() do; any other is given contiguous (NCHW) tensors only.
   bool takes_any_format() const { return impl_->takes_any_format(); }
+  /// Calls `f` on every deployed convolution inside, named `prefix` + its path.
+  void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const { impl_->visit_convs(prefix, f); }
+  /// A copy in which every deployed convolution inside is replaced by f(name, conv);
+  /// an object without convolutions (or without map_convs) is returned as is.
+  AnyDeployed map_convs(const std::string& prefix, const ConvMapper<S>& f) const {
+    if (auto m = impl_->map_convs(prefix, f)) return *m;
+    return *this;
+  }
   /// The held object as a `D`, or nullptr when it is of another type.
   template <class D>
   const D* target() const {
@@ -50,12 +77,19 @@ class AnyDeployed {
   struct has_format : std::false_type {};
   template <class D>
   struct has_format<D, std::void_t<decltype(std::declval<const D&>().preferred_format(Shape()))>> : std::true_type {};
+  template <class D, class = void>
+  struct has_convs : std::false_type {};
+  template <class D>
+  struct has_convs<D, std::void_t<decltype(std::declval<const D&>().map_convs(std::string(), ConvMapper<S>()))>>
+      : std::true_type {};
   struct Concept {
     virtual ~Concept() = default;
     virtual Tensor<S> forward(ConstTensorView<S> x) const = 0;
     virtual std::int64_t num_parameters() const = 0;
     virtual MemoryFormat preferred_format(const Shape& x_shape) const = 0;
     virtual bool takes_any_format() const = 0;
+    virtual void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const = 0;
+    virtual std::unique_ptr<AnyDeployed> map_convs(const std::string& prefix, const ConvMapper<S>& f) const = 0;
   };
   template <class D>
   struct Model final : Concept {
@@ -70,6 +104,13 @@ class AnyDeployed {
       else return MemoryFormat::contiguous;
     }
     bool takes_any_format() const override { return has_format<D>::value; }
+    void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const override {
+      if constexpr (has_convs<D>::value) d.visit_convs(prefix, f);
+    }
+    std::unique_ptr<AnyDeployed> map_convs(const std::string& prefix, const ConvMapper<S>& f) const override {
+      if constexpr (has_convs<D>::value) return std::make_unique<AnyDeployed>(d.map_convs(prefix, f));
+      else return nullptr;
+    }
     D d;
   };
   std::shared_ptr<const Concept> impl_;

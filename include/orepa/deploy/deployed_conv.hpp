@@ -21,6 +21,12 @@
 /// mutable buffer is shared between concurrent calls; after warm-up no call allocates
 /// oneDNN memory or creates a primitive (engine::memory_allocations() and
 /// primitive_creations() stay constant).
+///
+/// Precision (deploy/precision.hpp): fp32 by default; bf16 or int8 (with the input range
+/// from a calibration) through precision(). The caller's tensors stay float either way:
+/// the input is converted (quantized) on its way into the primitive, whose output is float.
+/// Where oneDNN has no kernel for the precision on this CPU, creating the primitive throws
+/// engine_error naming the ISA; nothing falls back to fp32 silently.
 
 #include <array>
 #include <map>
@@ -31,6 +37,8 @@
 #include <vector>
 
 #include "orepa/core/activation.hpp"
+#include "orepa/deploy/any_deployed.hpp"
+#include "orepa/deploy/precision.hpp"
 #include "orepa/engine/onednn.hpp"
 #include "orepa/engine/reference_conv.hpp"
 
@@ -49,6 +57,38 @@ struct DeployedConvInterop;  // deploy/onednn_interop.hpp
 }
 /// \endcond
 
+/// Sees every float tensor-API forward of a DeployedConv on the thread that installed it
+/// (ScopedConvObserver): how a Calibrator records each layer's input and the error report
+/// compares each layer with its reduced-precision twin, through any module.
+class ConvObserver {
+ public:
+  virtual ~ConvObserver() = default;
+  /// Called after `conv` computed `y` from `x`.
+  virtual void seen(const DeployedConv<float>& conv, ConstTensorView<float> x, ConstTensorView<float> y) = 0;
+};
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+inline ConvObserver*& thread_conv_observer() {
+  thread_local ConvObserver* o = nullptr;
+  return o;
+}
+}  // namespace detail
+/// \endcond
+/// Installs an observer on this thread for its lifetime (nests: the previous one returns).
+class ScopedConvObserver {
+ public:
+  /// Installs `o` (nullptr: none, e.g. while an observer runs convolutions itself).
+  explicit ScopedConvObserver(ConvObserver* o) : previous_(detail::thread_conv_observer()) {
+    detail::thread_conv_observer() = o;
+  }
+  ~ScopedConvObserver() { detail::thread_conv_observer() = previous_; }
+  ScopedConvObserver(const ScopedConvObserver&) = delete;
+  ScopedConvObserver& operator=(const ScopedConvObserver&) = delete;
+
+ private:
+  ConvObserver* previous_;
+};
+
 /// A deployed (re-parameterised) convolution: y = act(conv(x, weight) + bias).
 template <class S>
 class DeployedConv {
@@ -62,7 +102,11 @@ class DeployedConv {
     bias_.expect_shape({g_.out_channels}, "DeployedConv bias");
   }
   /// Copies weights, bias, activation and layout; primitives are rebuilt lazily.
-  DeployedConv(const DeployedConv& o) : DeployedConv(o.g_, o.weight_, o.bias_, o.act_) { layout_ = o.layout_; }
+  DeployedConv(const DeployedConv& o) : DeployedConv(o.g_, o.weight_, o.bias_, o.act_) {
+    layout_ = o.layout_;
+    precision_ = o.precision_;
+    range_ = o.range_;
+  }
   /// Move constructor.
   DeployedConv(DeployedConv&&) noexcept = default;
   /// Copy-and-swap assignment.
@@ -72,6 +116,8 @@ class DeployedConv {
     std::swap(bias_, o.bias_);
     std::swap(act_, o.act_);
     std::swap(layout_, o.layout_);
+    std::swap(precision_, o.precision_);
+    std::swap(range_, o.range_);
     std::swap(state_, o.state_);
     return *this;
   }
@@ -98,6 +144,53 @@ class DeployedConv {
   /// The activation layout policy.
   DeployLayout layout() const { return layout_; }
 
+  /// Runs in precision `p`; int8 quantizes the input over `input` (a calibrated range,
+  /// see Calibrator). Only float convolutions run bf16 / int8 (config_error otherwise).
+  /// Drops the cached primitives; the next forward creates them (engine_error when
+  /// oneDNN has no kernel for `p` on this CPU).
+  DeployedConv& precision(Precision p, ActivationRange input = {}) {
+    if (p != Precision::fp32 && !std::is_same_v<S, float>)
+      throw config_error(detail::cat("DeployedConv: ", precision_name(p), " deployment needs float, not this scalar"));
+    if (p == Precision::int8) QuantParams::for_range(input, false);  // validates the range
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->entries.clear();
+    precision_ = p;
+    range_ = input;
+    return *this;
+  }
+  /// Applies `o`: its precision, and for int8 the calibrated range of layer `layer`
+  /// (config_error naming the layer when the calibration lacks it).
+  DeployedConv& apply(const DeployOptions& o, const std::string& layer) {
+    return precision(o.precision(), o.precision() == Precision::int8 ? o.calibration().at(layer) : ActivationRange{});
+  }
+  /// The precision the convolution runs in.
+  Precision precision() const { return precision_; }
+  /// The input range int8 quantizes over (meaningless for other precisions).
+  ActivationRange input_range() const { return range_; }
+  /// The activation quantization int8 uses on this CPU (u8 with VNNI, s8 without).
+  QuantParams input_quantization() const { return QuantParams::for_range(range_, !engine::cpu_has_vnni()); }
+  /// The kernel as the primitive holds it, in real units: rounded to bf16, or per output
+  /// channel to s8 codes (7-bit ones without VNNI, where oneDNN halves s8 weights), or
+  /// the kernel itself for fp32. Its error against weight() is the weights' share of the
+  /// quantization error.
+  Tensor<S> effective_weight() const {
+    Tensor<S> w = weight_;
+    if constexpr (std::is_same_v<S, float>) {
+      if (precision_ == Precision::bf16)
+        for (auto& v : w) v = round_to_bf16(v);
+      if (precision_ == Precision::int8) {
+        const auto sw = weight_scales(weight_);
+        const float adjust = engine::cpu_has_vnni() ? 1.f : 0.5f;
+        const std::int64_t per = w.numel() / w.size(0);
+        for (std::int64_t j = 0; j < w.numel(); ++j) {  // as oneDNN's reorder rounds (the row maximum is a tie without VNNI)
+          const float inv = adjust / sw[std::size_t(j / per)];
+          w[j] = std::nearbyint(w[j] * inv) / inv;
+        }
+      }
+    }
+    return w;
+  }
+
   /// y = act(conv(x) + bias) for x [N, I, H, W]; y has x's memory format.
   Tensor<S> forward(ConstTensorView<S> x) const {
     Tensor<S> y;
@@ -119,6 +212,7 @@ class DeployedConv {
       Entry& e = entry(x.sizes(), x.memory_format(), false);
       run(e, {x.memory_format(), y.memory_format()}, nullptr, x.data(), nullptr, y.data());
       if (act_.kind() == ActivationKind::custom) act_.apply(y.data(), y.numel());
+      if (auto* o = detail::thread_conv_observer()) o->seen(*this, x, y);
     } else {
       Tensor<S> xc, out;
       out.assign(reference::conv2d(contiguous(x, xc), weight_, g_, bias_), y.memory_format());
@@ -136,10 +230,17 @@ class DeployedConv {
     } else {
       g_.output_shape(x_shape, "DeployedConv::preferred_format");
       const auto& e = entry(x_shape, MemoryFormat::contiguous, true);
-      return e.pd.src_desc() == engine::plain_desc(x_shape, MemoryFormat::channels_last) ? MemoryFormat::channels_last
-                                                                                        : MemoryFormat::contiguous;
+      const auto src = e.pd.src_desc();
+      return src == engine::plain_desc(x_shape, MemoryFormat::channels_last, src.data_type())
+                 ? MemoryFormat::channels_last
+                 : MemoryFormat::contiguous;
     }
   }
+
+  /// Calls f(prefix, *this): a deployed convolution is one layer named `prefix`.
+  void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const { f(prefix, *this); }
+  /// f(prefix, *this).
+  AnyDeployed<S> map_convs(const std::string& prefix, const ConvMapper<S>& f) const { return f(prefix, *this); }
 
   /// Number of oneDNN primitives created so far (one per distinct input shape and API).
   std::int64_t primitive_creations() const {
@@ -160,6 +261,8 @@ class DeployedConv {
     dnnl::convolution_forward::primitive_desc pd;
     dnnl::convolution_forward prim;
     dnnl::memory weights, bias;
+    Tensor<float> scaled_bias;          // int8: the bias in accumulator units
+    dnnl::primitive_attr quantize_src;  // int8: the input's scale and zero point
     Shape xs, ys;
     std::map<Formats, std::vector<std::unique_ptr<Context>>> idle;  // per pair of caller layouts
   };
@@ -205,7 +308,8 @@ class DeployedConv {
 
   std::unique_ptr<Context> make_context(const Entry& e, Formats f) const {
     auto c = std::make_unique<Context>();
-    c->src = engine::Port(engine::plain_desc(e.xs, f.first), e.pd.src_desc());
+    c->src = engine::Port(engine::plain_desc(e.xs, f.first), e.pd.src_desc(),
+                          precision_ == Precision::int8 ? &e.quantize_src : nullptr);
     c->dst = engine::Port(engine::plain_desc(e.ys, f.second), e.pd.dst_desc());
     c->scratch = engine::allocate(e.pd.scratchpad_desc());
     c->args = {{DNNL_ARG_SRC, dnnl::memory()}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, e.bias},
@@ -222,7 +326,7 @@ class DeployedConv {
   // reorders cost; the small-channel stem's input is read as NCHW by the blocked
   // primitive itself (no reorder).
   Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api) const {
-    const DeployLayout l = memory_api ? DeployLayout::blocked : layout_;
+    const DeployLayout l = memory_api || precision_ != Precision::fp32 ? DeployLayout::blocked : layout_;
     const bool plain = l == DeployLayout::plain;
     std::lock_guard<std::mutex> lock(state_->mutex);
     const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : 0};
@@ -237,33 +341,68 @@ class DeployedConv {
   std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf) const {
     using namespace dnnl;
     using engine::tag;
+    using dt = memory::data_type;
     const Shape ys = g_.output_shape(xs, "DeployedConv");
-    auto act_md = [&](const Shape& s) {
+    const dt src_type = precision_ == Precision::bf16   ? dt::bf16
+                        : precision_ == Precision::int8 ? (engine::cpu_has_vnni() ? dt::u8 : dt::s8)
+                                                        : dt::f32;
+    const dt weight_type = precision_ == Precision::bf16 ? dt::bf16 : precision_ == Precision::int8 ? dt::s8 : dt::f32;
+    auto act_md = [&](const Shape& s, dt type) {
       if (plain) return engine::plain_desc(s, xf);
-      return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, tag::any);
+      return memory::desc(memory::dims(s.begin(), s.end()), type, tag::any);
     };
     auto e = std::make_unique<Entry>();
     e->xs = xs;
     e->ys = ys;
-    primitive_attr attr;
+    primitive_attr attr, weight_attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);
+    const float* bias = bias_.data();
+    if (precision_ == Precision::int8) {
+      // oneDNN 2.6 int8: y = oscale[o] * (sum (q_x - zp) q_w + bias) before the post-ops,
+      // so oscale = sx * sw[o] and the bias is given in accumulator units.
+      const QuantParams q = input_quantization();
+      const auto sw = weight_scales(weight_);
+      std::vector<float> out_scales(sw.size()), inv_sw(sw.size());
+      e->scaled_bias.resize({g_.out_channels});
+      for (std::size_t o = 0; o < sw.size(); ++o) {
+        out_scales[o] = q.scale * sw[o];
+        inv_sw[o] = 1.f / sw[o];
+        e->scaled_bias[std::int64_t(o)] = bias_[std::int64_t(o)] / out_scales[o];
+      }
+      bias = e->scaled_bias.data();
+      attr.set_output_scales(1 << 1, out_scales);
+      attr.set_zero_points(DNNL_ARG_SRC, 0, {q.zero_point});
+      weight_attr.set_output_scales(g_.groups == 1 ? 1 << 0 : (1 << 0) | (1 << 1), inv_sw);
+      e->quantize_src.set_output_scales(0, {1.f / q.scale});
+      e->quantize_src.set_zero_points(DNNL_ARG_DST, 0, {q.zero_point});
+    }
     post_ops ops;
     if (act_.kind() == ActivationKind::relu) ops.append_eltwise(1.f, algorithm::eltwise_relu, 0.f, 0.f);
     if (act_.kind() == ActivationKind::silu) ops.append_eltwise(1.f, algorithm::eltwise_swish, 1.f, 0.f);
     attr.set_post_ops(ops);
-    const memory::desc b_md({g_.out_channels}, memory::data_type::f32, tag::x);
+    const memory::desc b_md({g_.out_channels}, dt::f32, tag::x);
     e->pd = convolution_forward::primitive_desc(
-        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, act_md(xs),
-                                  engine::weights_desc(g_), b_md, act_md(ys), engine::strides_of(g_),
-                                  engine::dilates_of(g_), engine::padding_of(g_), engine::padding_of(g_)),
-        attr, engine::cpu_engine());
+        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, act_md(xs, src_type),
+                                  engine::weights_desc(g_, tag::any, weight_type), b_md, act_md(ys, dt::f32),
+                                  engine::strides_of(g_), engine::dilates_of(g_), engine::padding_of(g_),
+                                  engine::padding_of(g_)),
+        attr, engine::cpu_engine(), /*allow_empty=*/true);
+    if (!e->pd)
+      throw engine_error(detail::cat("DeployedConv: oneDNN ", DNNL_VERSION_MAJOR, ".", DNNL_VERSION_MINOR, " has no ",
+                                     precision_name(precision_), " convolution for ", engine::describe(g_, xs),
+                                     " on this CPU (oneDNN ISA ", engine::cpu_isa_name(), "; ",
+                                     precision_ == Precision::bf16 ? "bf16 needs avx512_core, natively avx512_core_bf16"
+                                                                   : "int8 needs avx2 or newer",
+                                     ")"));
     e->prim = convolution_forward(e->pd);
-    // Weights: reorder once from OIHW into the primitive's layout; bias is used in place.
+    // Weights: reorder (and quantize) once from OIHW into the primitive's layout.
     memory plain_w(engine::weights_desc(g_, tag::oihw), engine::cpu_engine(), const_cast<float*>(weight_.data()));
     e->weights = engine::allocate(e->pd.weights_desc());
-    reorder(plain_w, e->weights).execute(engine::thread_stream(), plain_w, e->weights);
+    reorder(reorder::primitive_desc(engine::cpu_engine(), plain_w.get_desc(), engine::cpu_engine(),
+                                    e->pd.weights_desc(), weight_attr))
+        .execute(engine::thread_stream(), plain_w, e->weights);
     engine::thread_stream().wait();
-    e->bias = memory(b_md, engine::cpu_engine(), const_cast<float*>(bias_.data()));
+    e->bias = memory(b_md, engine::cpu_engine(), const_cast<float*>(bias));
     return e;
   }
 
@@ -271,6 +410,8 @@ class DeployedConv {
   Tensor<S> weight_, bias_;
   AnyActivation<S> act_;
   DeployLayout layout_ = DeployLayout::automatic;
+  Precision precision_ = Precision::fp32;
+  ActivationRange range_;
   std::unique_ptr<State> state_;
 };
 

@@ -65,17 +65,39 @@ inline memory allocate(const memory::desc& d) {
 inline memory::desc nchw_desc(const Shape& s) {
   return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, tag::nchw);
 }
-/// Float descriptor of a 4-D tensor of `s` in memory format `f` (NCHW or NHWC).
-inline memory::desc plain_desc(const Shape& s, MemoryFormat f) {
-  return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32,
-                      f == MemoryFormat::channels_last ? tag::nhwc : tag::nchw);
+/// Descriptor of a 4-D tensor of `s` in memory format `f` (NCHW or NHWC), float unless `dt`.
+inline memory::desc plain_desc(const Shape& s, MemoryFormat f, memory::data_type dt = memory::data_type::f32) {
+  return memory::desc(memory::dims(s.begin(), s.end()), dt, f == MemoryFormat::channels_last ? tag::nhwc : tag::nchw);
 }
-/// Plain OIHW (or grouped GOIHW, which has the same bytes) float descriptor of a kernel.
-inline memory::desc weights_desc(const ConvGeometry& g, tag t = tag::any) {
+/// Plain OIHW (or grouped GOIHW, which has the same bytes) descriptor of a kernel, float
+/// unless `dt`; tag::any lets the primitive choose.
+inline memory::desc weights_desc(const ConvGeometry& g, tag t = tag::any, memory::data_type dt = memory::data_type::f32) {
   const auto O = g.out_channels, Ig = g.in_per_group(), k = g.kernel;
-  if (g.groups == 1) return memory::desc({O, Ig, k, k}, memory::data_type::f32, t == tag::any ? t : tag::oihw);
-  return memory::desc({g.groups, O / g.groups, Ig, k, k}, memory::data_type::f32,
-                      t == tag::any ? t : tag::goihw);
+  if (g.groups == 1) return memory::desc({O, Ig, k, k}, dt, t == tag::any ? t : tag::oihw);
+  return memory::desc({g.groups, O / g.groups, Ig, k, k}, dt, t == tag::any ? t : tag::goihw);
+}
+
+/// The instruction set oneDNN runs on here (it honours ONEDNN_MAX_CPU_ISA), e.g.
+/// "avx512_core_bf16", for error messages and benchmark labels.
+inline std::string cpu_isa_name() {
+  using dnnl::cpu_isa;
+  const unsigned isa = unsigned(dnnl::get_effective_cpu_isa());
+  const std::pair<cpu_isa, const char*> known[] = {
+      {cpu_isa::avx512_core_amx, "avx512_core_amx"}, {cpu_isa::avx512_core_bf16, "avx512_core_bf16"},
+      {cpu_isa::avx512_core_vnni, "avx512_core_vnni"}, {cpu_isa::avx512_core, "avx512_core"},
+      {cpu_isa::avx2_vnni, "avx2_vnni"}, {cpu_isa::avx2, "avx2"}, {cpu_isa::avx, "avx"}, {cpu_isa::sse41, "sse41"}};
+  for (const auto& [i, name] : known)
+    if ((isa & unsigned(i)) == unsigned(i)) return name;
+  return "no SIMD";
+}
+/// True when oneDNN's ISA multiplies u8 x s8 without intermediate saturation (VNNI). Without
+/// it, int8 convolutions take s8 activations, for which oneDNN halves the weights instead.
+inline bool cpu_has_vnni() {
+  using dnnl::cpu_isa;
+  const unsigned isa = unsigned(dnnl::get_effective_cpu_isa());
+  for (cpu_isa i : {cpu_isa::avx512_core_vnni, cpu_isa::avx2_vnni})
+    if ((isa & unsigned(i)) == unsigned(i)) return true;
+  return false;
 }
 /// oneDNN strides {s, s} of `g`.
 inline memory::dims strides_of(const ConvGeometry& g) { return {g.stride, g.stride}; }
@@ -111,12 +133,19 @@ auto guarded(W&& what, F&& f) -> decltype(f()) {
 class Port {
  public:
   Port() = default;
-  /// Port from the user's layout `user` to the primitive's layout `prim`.
-  Port(const memory::desc& user, const memory::desc& prim) : user_(user, cpu_engine(), DNNL_MEMORY_NONE) {
+  /// Port from the user's layout `user` to the primitive's layout `prim`. A non-empty
+  /// `to_prim` attribute (scales and zero point: a quantizing input) makes the port
+  /// one-way, user to primitive.
+  Port(const memory::desc& user, const memory::desc& prim, const dnnl::primitive_attr* to_prim = nullptr)
+      : user_(user, cpu_engine(), DNNL_MEMORY_NONE) {
     if (user != prim) {
       internal_ = allocate(prim);
-      to_prim_ = dnnl::reorder(user_, internal_);
-      to_user_ = dnnl::reorder(internal_, user_);
+      if (to_prim) {
+        to_prim_ = dnnl::reorder(dnnl::reorder::primitive_desc(cpu_engine(), user, cpu_engine(), prim, *to_prim));
+      } else {
+        to_prim_ = dnnl::reorder(user_, internal_);
+        to_user_ = dnnl::reorder(internal_, user_);
+      }
     }
   }
   /// True when the primitive's layout differs from the user's (the port copies).

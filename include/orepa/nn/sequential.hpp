@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "orepa/blocks/any_block.hpp"
+#include "orepa/deploy/deployed_conv.hpp"
 
 namespace orepa {
 
@@ -58,6 +59,26 @@ class InferenceChain {
   std::size_t size() const { return stages_.size(); }
   /// Stage `i` (throws std::out_of_range for a bad `i`).
   const AnyDeployed<S>& stage(std::size_t i) const { return stages_.at(i); }
+  /// Visits the deployed convolutions of every stage; stage i's are named `prefix` + "i." ...
+  void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const {
+    for (std::size_t i = 0; i < stages_.size(); ++i) stages_[i].visit_convs(prefix + std::to_string(i) + ".", f);
+  }
+  /// The chain with every deployed convolution (in every stage and module) mapped by `f`.
+  InferenceChain map_convs(const std::string& prefix, const ConvMapper<S>& f) const {
+    InferenceChain c;
+    for (std::size_t i = 0; i < stages_.size(); ++i) c.add(stages_[i].map_convs(prefix + std::to_string(i) + ".", f));
+    return c;
+  }
+  /// The chain in `o`'s precision: every deployed convolution, in every stage and module,
+  /// runs in it (int8: over the calibrated range of its name); the other layers stay fp32.
+  InferenceChain with_options(const DeployOptions& o) const {
+    return map_convs("", [&](const std::string& name, const DeployedConv<S>& conv) {
+      DeployedConv<S> c(conv);
+      c.apply(o, name);
+      return AnyDeployed<S>(std::move(c));
+    });
+  }
+
   /// Weights and biases of every stage.
   std::int64_t num_parameters() const {
     std::int64_t n = 0;
@@ -152,6 +173,10 @@ class Sequential : public ModuleTensors<Sequential<S>, S> {
     for (const auto& l : layers_) chain.add(l.deploy());
     return chain;
   }
+  /// The inference chain in `o`'s precision (InferenceChain::with_options): every
+  /// deployed convolution, in every layer and module, runs in it, with, for int8, the
+  /// calibrated range of its name ("3." for layer 3, "2.m.0.cv1." inside a C3).
+  InferenceChain<S> deploy(const DeployOptions& o) const { return deploy().with_options(o); }
 
  private:
   std::size_t checked(std::size_t i, const char* who) const {

@@ -121,6 +121,15 @@ class DeployedBottleneck {
   std::int64_t num_parameters() const { return cv1_.num_parameters() + cv2_.num_parameters(); }
   /// The layout cv1 prefers for input shape `x_shape`.
   MemoryFormat preferred_format(const Shape& x_shape) const { return cv1_.preferred_format(x_shape); }
+  /// Visits cv1 and cv2 as `prefix` + "cv1." / "cv2." (the Bottleneck's tensor names).
+  void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const {
+    cv1_.visit_convs(prefix + "cv1.", f);
+    cv2_.visit_convs(prefix + "cv2.", f);
+  }
+  /// The Bottleneck with cv1 and cv2 mapped by `f`.
+  DeployedBottleneck map_convs(const std::string& prefix, const ConvMapper<S>& f) const {
+    return DeployedBottleneck(cv1_.map_convs(prefix + "cv1.", f), cv2_.map_convs(prefix + "cv2.", f), add_);
+  }
 
  private:
   AnyDeployed<S> cv1_, cv2_;
@@ -221,6 +230,20 @@ class DeployedC3 {
   }
   /// The layout cv1 prefers for input shape `x_shape`.
   MemoryFormat preferred_format(const Shape& x_shape) const { return cv1_.preferred_format(x_shape); }
+  /// Visits cv1, m.i.cv1, m.i.cv2, cv2, cv3 under `prefix` (the C3's tensor names).
+  void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const {
+    cv1_.visit_convs(prefix + "cv1.", f);
+    for (std::size_t i = 0; i < m_.size(); ++i) m_[i].visit_convs(prefix + "m." + std::to_string(i) + ".", f);
+    cv2_.visit_convs(prefix + "cv2.", f);
+    cv3_.visit_convs(prefix + "cv3.", f);
+  }
+  /// The C3 with every convolution mapped by `f`.
+  DeployedC3 map_convs(const std::string& prefix, const ConvMapper<S>& f) const {
+    std::vector<DeployedBottleneck<S>> m;
+    for (std::size_t i = 0; i < m_.size(); ++i) m.push_back(m_[i].map_convs(prefix + "m." + std::to_string(i) + ".", f));
+    return DeployedC3(cv1_.map_convs(prefix + "cv1.", f), cv2_.map_convs(prefix + "cv2.", f),
+                      cv3_.map_convs(prefix + "cv3.", f), std::move(m));
+  }
 
  private:
   AnyDeployed<S> cv1_, cv2_, cv3_;

@@ -1,0 +1,340 @@
+// bf16 / int8 deployment: each deployed convolution against the reference convolution of
+// the same quantized operands, calibration against the data, the error report against
+// SQNRs computed here, and the errors a user can hit. ctest runs this suite twice: as is,
+// and with oneDNN capped at AVX2 (no VNNI, no bf16), where int8 takes s8 activations and
+// bf16 must fail with the missing ISA named.
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <sstream>
+
+#include "test_util.hpp"
+
+using namespace orepa;
+using namespace orepa::test;
+
+namespace {
+
+// A kernel whose per-output-channel magnitudes differ 16x, as folded BN makes them.
+Tensor<float> spread_kernel(const ConvGeometry& g, Rng& rng) {
+  Tensor<float> w = random_tensor<float>(g.weight_shape(), rng, 0.3);
+  const std::int64_t per = w.numel() / g.out_channels;
+  for (std::int64_t o = 0; o < g.out_channels; ++o)
+    for (std::int64_t j = 0; j < per; ++j) w[o * per + j] *= std::pow(16.f, float(o) / float(g.out_channels));
+  return w;
+}
+
+// act(conv(x, w) + b) in double through the reference convolution, as float.
+Tensor<float> reference_output(const ConvGeometry& g, const Tensor<float>& x, const Tensor<float>& w,
+                               const Tensor<float>& b, ActivationKind act) {
+  auto to_d = [](const Tensor<float>& t) {
+    Tensor<double> d(t.sizes());
+    for (std::int64_t i = 0; i < t.numel(); ++i) d[i] = t[i];
+    return d;
+  };
+  const Tensor<double> y = reference::conv2d(to_d(x), to_d(w), g, to_d(b));
+  Tensor<float> out(y.sizes());
+  for (std::int64_t i = 0; i < y.numel(); ++i) {
+    const double v = y[i];
+    out[i] = float(act == ActivationKind::relu ? std::max(v, 0.0)
+                   : act == ActivationKind::silu ? v / (1 + std::exp(-v))
+                                                 : v);
+  }
+  return out;
+}
+
+AnyActivation<float> activation(ActivationKind k) {
+  if (k == ActivationKind::relu) return AnyActivation<float>(ReLU{});
+  if (k == ActivationKind::silu) return AnyActivation<float>(SiLU{});
+  return AnyActivation<float>(Identity{});
+}
+
+struct Case {
+  ConvGeometry g;
+  ActivationKind act;
+  const char* name;
+};
+
+std::vector<Case> cases() {
+  auto geo = [](std::int64_t i, std::int64_t o, std::int64_t k, std::int64_t s, std::int64_t groups) {
+    ConvGeometry g;
+    g.in_channels = i, g.out_channels = o, g.kernel = k, g.stride = s, g.padding = k / 2, g.groups = groups;
+    return g;
+  };
+  return {{geo(16, 32, 3, 1, 1), ActivationKind::silu, "16->32 k3 SiLU"},
+          {geo(16, 32, 3, 2, 1), ActivationKind::relu, "16->32 k3 s2 ReLU"},
+          {geo(16, 16, 3, 1, 2), ActivationKind::silu, "16->16 k3 g2 SiLU"},
+          {geo(16, 16, 3, 1, 16), ActivationKind::silu, "16 depthwise k3 SiLU"},
+          {geo(16, 24, 1, 1, 1), ActivationKind::identity, "16->24 1x1 linear"}};
+}
+
+// Runs `c` in precision `p` on `x`, or skips the test (printing why) when oneDNN cannot
+// create that primitive on this CPU; the error must name the precision and the ISA.
+bool run_or_skip(const DeployedConv<float>& c, const Tensor<float>& x, Tensor<float>& y) {
+  try {
+    y = c.forward(x);
+    return true;
+  } catch (const engine_error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find(precision_name(c.precision())), std::string::npos) << what;
+    EXPECT_NE(what.find(engine::cpu_isa_name()), std::string::npos) << what;
+    std::printf("  [skip reason] %s\n", what.c_str());
+    return false;
+  }
+}
+
+}  // namespace
+
+TEST(Quantization, Int8ConvEqualsTheReferenceConvOfTheQuantizedOperands) {
+  Rng rng(3);
+  for (const auto& c : cases()) {
+    SCOPED_TRACE(c.name);
+    const Tensor<float> w = spread_kernel(c.g, rng), b = random_tensor<float>({c.g.out_channels}, rng, 0.5);
+    // Asymmetric input (as after SiLU): the zero point matters.
+    Tensor<float> x = random_tensor<float>({2, c.g.in_channels, 9, 9}, rng, 1.5);
+    for (auto& v : x) v += 0.5f;
+    DeployedConv<float> fp32(c.g, w, b, activation(c.act)), int8 = fp32;
+    int8.precision(Precision::int8, {-1.0f, 2.0f});
+    Tensor<float> y;
+    ASSERT_TRUE(run_or_skip(int8, x, y)) << "int8 convolutions exist on every x86-64 oneDNN supports";
+
+    // The operands as the primitive sees them: codes of x, per-channel s8 codes of w.
+    const QuantParams q = int8.input_quantization();
+    EXPECT_EQ(q.qmin, engine::cpu_has_vnni() ? 0 : -128);
+    Tensor<float> xq = x;
+    for (auto& v : xq) v = q.dequantize(q.quantize(v));
+    const std::vector<float> sw = weight_scales(w);
+    const float adjust = engine::cpu_has_vnni() ? 1.f : 0.5f;  // oneDNN halves s8 weights without VNNI
+    Tensor<float> wq = w;
+    const std::int64_t per = w.numel() / c.g.out_channels;
+    for (std::int64_t j = 0; j < w.numel(); ++j) {
+      const float inv = adjust / sw[std::size_t(j / per)];
+      wq[j] = std::nearbyint(w[j] * inv) / inv;
+    }
+    expect_close(int8.effective_weight(), wq, 1e-6, "effective_weight");
+    const Tensor<float> want = reference_output(c.g, xq, wq, b, c.act);
+    expect_close(y, want, 2e-5, "int8 conv vs reference conv of the quantized operands");
+    // And it is a usable approximation of fp32 (> 25 dB even with the 16x channel spread).
+    const Tensor<float> y32 = fp32.forward(x);
+    EXPECT_GT(sqnr_db(y32.data(), y.data(), y.numel()), 25.0);
+    // Channels-last tensors give the same numbers.
+    expect_close(int8.forward(x.to(MemoryFormat::channels_last)).to(MemoryFormat::contiguous), y, 1e-6,
+                 "int8 on channels-last input");
+  }
+}
+
+TEST(Quantization, Bf16ConvEqualsTheReferenceConvOfBf16RoundedOperands) {
+  Rng rng(4);
+  for (const auto& c : cases()) {
+    SCOPED_TRACE(c.name);
+    const Tensor<float> w = spread_kernel(c.g, rng), b = random_tensor<float>({c.g.out_channels}, rng, 0.5);
+    const Tensor<float> x = random_tensor<float>({2, c.g.in_channels, 9, 9}, rng, 1.5);
+    DeployedConv<float> bf16(c.g, w, b, activation(c.act));
+    bf16.precision(Precision::bf16);
+    Tensor<float> y;
+    if (!run_or_skip(bf16, x, y)) GTEST_SKIP() << "oneDNN has no bf16 convolution on ISA " << engine::cpu_isa_name();
+    Tensor<float> xr = x, wr = w;
+    for (auto& v : xr) v = round_to_bf16(v);
+    for (auto& v : wr) v = round_to_bf16(v);
+    expect_close(bf16.effective_weight(), wr, 0, "effective_weight");
+    expect_close(y, reference_output(c.g, xr, wr, b, c.act), 2e-5, "bf16 conv vs reference conv of rounded operands");
+  }
+}
+
+TEST(Quantization, WrongSettingsAreRefusedWithTheReason) {
+  ConvGeometry g;
+  g.in_channels = 4, g.out_channels = 4, g.kernel = 3, g.padding = 1;
+  DeployedConv<float> c(g, Tensor<float>(g.weight_shape(), 0.1f), Tensor<float>({4}));
+  EXPECT_THROW(c.precision(Precision::int8), config_error);  // no range: [0, 0]
+  EXPECT_THROW(c.precision(Precision::int8, {1.f, -1.f}), config_error);
+  EXPECT_THROW(c.precision(Precision::int8, {0.f, std::numeric_limits<float>::infinity()}), config_error);
+  DeployedConv<double> d(g, Tensor<double>(g.weight_shape(), 0.1), Tensor<double>({4}));
+  EXPECT_THROW(d.precision(Precision::bf16), config_error);
+  EXPECT_THROW(parse_precision("int4"), config_error);
+  EXPECT_EQ(parse_precision("bf16"), Precision::bf16);
+
+  Sequential<float> net;
+  net.add(OREPA<float, SiLU>(OrepaOptions(3, 4, 3)));
+  net.add(GlobalAvgPool<float>());
+  try {
+    net.deploy(DeployOptions().precision(Precision::int8));
+    ADD_FAILURE() << "int8 without calibration must throw";
+  } catch (const config_error& e) {
+    EXPECT_NE(std::string(e.what()).find("'0.'"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Quantization, MinMaxCalibrationIsTheDataRangeWithZero) {
+  ConvGeometry g;
+  g.in_channels = 2, g.out_channels = 2, g.kernel = 1;
+  DeployedConv<float> c(g, Tensor<float>(g.weight_shape(), 1.f), Tensor<float>({2}));
+  Calibrator cal(CalibrationMethod::minmax);
+  Tensor<float> a({1, 2, 2, 2}, 0.5f), b({1, 2, 2, 2}, 0.25f);
+  a[3] = 3.5f, b[5] = 0.125f;
+  cal.observe(c, a);
+  cal.observe(c, b);
+  const ActivationRange r = cal.calibration().at("");
+  EXPECT_EQ(r.lo, 0.f);  // all values positive: the range still holds 0
+  EXPECT_EQ(r.hi, 3.5f);
+  Tensor<float> n({1, 2, 2, 2}, -2.f);
+  cal.observe(c, n);
+  EXPECT_EQ(cal.calibration().at("").lo, -2.f);
+  n[0] = std::nanf("");
+  EXPECT_THROW(cal.observe(c, n), shape_error);
+}
+
+// At 8 bits clipping pays only for rare outliers: one value at 40 among a million in
+// [-1, 1] costs 39^2 clipped, but 1e6 * (41/255)^2 / 12 in resolution kept.
+TEST(Quantization, MseCalibrationClipsRareOutliers) {
+  ConvGeometry g;
+  g.in_channels = 1, g.out_channels = 1, g.kernel = 1;
+  DeployedConv<float> c(g, Tensor<float>(g.weight_shape(), 1.f), Tensor<float>({1}));
+  Rng rng(5);
+  Tensor<float> x = random_tensor<float>({1, 1, 1000, 1000}, rng, 1.0);
+  x[12345] = 40.f;
+  Calibrator mm(CalibrationMethod::minmax), mse(CalibrationMethod::mse, 1 << 24);
+  mm.observe(c, x);
+  mse.observe(c, x);
+  const ActivationRange full = mm.calibration().at(""), clipped = mse.calibration().at("");
+  EXPECT_EQ(full.hi, 40.f);
+  EXPECT_LT(clipped.hi, 0.5f * full.hi);
+  auto error = [&](ActivationRange r) {  // the quantization error over every value, computed directly
+    const QuantParams q = QuantParams::for_range(r, false);
+    double e = 0;
+    for (float v : x) e += (v - q.dequantize(q.quantize(v))) * (v - q.dequantize(q.quantize(v)));
+    return e;
+  };
+  EXPECT_LT(error(clipped), 0.9 * error(full)) << "clipped [" << clipped.lo << ", " << clipped.hi << "]";
+}
+
+TEST(Quantization, CalibrationRoundTripsThroughSafetensorsWithTheWeights) {
+  Calibration c;
+  c.set("0.", {-0.25f, 3.f});
+  c.set("2.", {0.f, 1.5f});
+  io::SafetensorsWriter w;
+  w.add("0.weight", Tensor<float>({2, 2, 1, 1}, 1.f));  // deployed weights may share the file
+  io::save_calibration(w, c);
+  const auto f = io::SafetensorsFile::from_bytes(w.to_bytes());
+  const Calibration back = io::load_calibration(f);
+  ASSERT_EQ(back.size(), 2u);
+  EXPECT_EQ(back.at("0.").lo, -0.25f);
+  EXPECT_EQ(back.at("0.").hi, 3.f);
+  EXPECT_EQ(back.at("2.").hi, 1.5f);
+  io::SafetensorsWriter bad;
+  bad.add("1.input_range", Tensor<float>({3}, 1.f));
+  EXPECT_THROW(io::load_calibration(io::SafetensorsFile::from_bytes(bad.to_bytes())), format_error);
+}
+
+namespace {
+// int8 (and bf16) deployment of one trained block of type B: calibrated, its report's
+// weight SQNR against one computed here, its output against fp32.
+template <class B>
+void quantize_block(B block, const std::string& type) {
+  SCOPED_TRACE(type);
+  Rng rng(6);
+  const Shape xs{4, block.geometry().in_channels, 10, 10};
+  for (int step = 0; step < 2; ++step) {  // non-trivial BN statistics
+    block.zero_grad();
+    block.backward(random_tensor<float>(block.forward_train(random_tensor<float>(xs, rng)).sizes(), rng));
+  }
+  const DeployedConv<float> fp32 = block.deploy();
+  std::vector<Tensor<float>> batches;
+  Calibrator cal;
+  for (int i = 0; i < 3; ++i) {
+    batches.push_back(random_tensor<float>(xs, rng));
+    cal.observe(fp32, batches.back());
+  }
+  const DeployedConv<float> int8 = block.deploy(DeployOptions().precision(Precision::int8).calibration(cal.calibration()));
+  EXPECT_EQ(int8.precision(), Precision::int8);
+  const QuantizationReport r = quantization_report(fp32, int8, batches);
+  ASSERT_EQ(r.layers.size(), 1u);
+  // Weight SQNR from per-channel s8 codes computed here (7-bit ones without VNNI).
+  const Tensor<float>& w = fp32.weight();
+  const std::int64_t O = w.size(0), per = w.numel() / O;
+  const double levels = engine::cpu_has_vnni() ? 127.0 : 63.5;
+  double signal = 0, noise = 0;
+  for (std::int64_t o = 0; o < O; ++o) {
+    double m = 0;
+    for (std::int64_t j = 0; j < per; ++j) m = std::max(m, std::fabs(double(w[o * per + j])));
+    for (std::int64_t j = 0; j < per; ++j) {
+      const double v = w[o * per + j], step = m > 0 ? m / levels : 1.0;
+      signal += v * v;
+      noise += (v - step * std::nearbyint(v / step)) * (v - step * std::nearbyint(v / step));
+    }
+  }
+  EXPECT_NEAR(r.layers[0].weight_sqnr_db, 10 * std::log10(signal / noise), 0.05);
+  EXPECT_GT(r.layers[0].output_sqnr_db, 25.0);
+  EXPECT_EQ(r.output_sqnr_db, r.layers[0].output_sqnr_db);
+}
+}  // namespace
+
+TEST(Quantization, EveryBlockTypeDeploysInInt8) {
+  quantize_block(OREPA<float, SiLU>(OrepaOptions(8, 16, 3)), "OREPA");
+  quantize_block(OREPA_1x1<float, SiLU>(ConvOptions(8, 16, 1)), "OREPA_1x1");
+  quantize_block(OREPA_LargeConv<float, SiLU>(ConvOptions(8, 16, 5)), "OREPA_LargeConv");
+  quantize_block(RepVGGBlock_OREPA<float, ReLU>(RepVGGOptions(8, 16, 3)), "RepVGGBlock_OREPA");
+  quantize_block(ConvBN<float, SiLU>(ConvOptions(8, 16, 3)), "ConvBN");
+  quantize_block(DBB<float, SiLU>(DbbOptions(8, 16, 3)), "DBB");
+}
+
+TEST(Quantization, SequentialReportsEveryConvInsideModulesWorstFirst) {
+  Sequential<float> net;
+  net.add(OREPA<float, SiLU>(OrepaOptions(3, 8, 3)));
+  net.add(DBB<float, SiLU>(DbbOptions(8, 8, 3)));
+  net.add(ConvBN<float, SiLU>(ConvOptions(8, 16, 3).stride(2)));
+  net.add(C3<float>(16, 16, 1, true, 0.5, 4));
+  net.add(GlobalAvgPool<float>());
+  net.add(Linear<float>(16, 4, 9));
+  Rng rng(8);
+  for (int step = 0; step < 3; ++step) {
+    net.zero_grad();
+    net.backward(random_tensor<float>(net.forward_train(random_tensor<float>({4, 3, 12, 12}, rng)).sizes(), rng));
+  }
+  const InferenceChain<float> fp32 = net.deploy();
+  std::vector<Tensor<float>> batches;
+  Calibrator cal;
+  for (int i = 0; i < 4; ++i) {
+    batches.push_back(random_tensor<float>({4, 3, 12, 12}, rng));
+    cal.observe(fp32, batches.back());
+  }
+  const Calibration calib = cal.calibration();
+  // Every convolution by its training-time tensor-name prefix, the C3's inner ones too.
+  const std::vector<std::string> names{"0.", "1.", "2.", "3.cv1.", "3.cv2.", "3.cv3.", "3.m.0.cv1.", "3.m.0.cv2."};
+  ASSERT_EQ(calib.size(), names.size());
+  for (const auto& n : names) EXPECT_TRUE(calib.contains(n)) << n;
+  for (const auto& [name, tensor] : net.named_parameters())
+    EXPECT_TRUE(name.rfind("4.", 0) == 0 || name.rfind("5.", 0) == 0 ||
+                std::any_of(names.begin(), names.end(), [&](const auto& n) { return name.rfind(n, 0) == 0; }))
+        << name << " belongs to no calibrated layer";
+  EXPECT_EQ(cal.batches("3.m.0.cv2."), 4);
+  const auto int8 = net.deploy(DeployOptions().precision(Precision::int8).calibration(calib));
+  ASSERT_EQ(int8.size(), 6u);
+  int reduced = 0;
+  int8.visit_convs("", [&](const std::string&, const DeployedConv<float>& c) { reduced += c.precision() == Precision::int8; });
+  EXPECT_EQ(reduced, 8);
+  const QuantizationReport r = quantization_report(fp32, int8, batches);
+  ASSERT_EQ(r.layers.size(), names.size());
+  for (std::size_t i = 1; i < r.layers.size(); ++i) EXPECT_LE(r.layers[i - 1].output_sqnr_db, r.layers[i].output_sqnr_db);
+  // The end-to-end SQNR, computed here from the two chains.
+  double signal = 0, noise = 0;
+  for (const auto& x : batches) {
+    const Tensor<float> a = fp32.forward(x), b = int8.forward(x);
+    for (std::int64_t i = 0; i < a.numel(); ++i) signal += double(a[i]) * a[i], noise += double(a[i] - b[i]) * (a[i] - b[i]);
+  }
+  EXPECT_NEAR(r.output_sqnr_db, 10 * std::log10(signal / noise), 1e-3);
+  EXPECT_GT(r.output_sqnr_db, 15.0);
+  std::ostringstream table;
+  r.print(table);
+  EXPECT_NE(table.str().find("end to end output SQNR"), std::string::npos);
+  for (const auto& l : r.layers) EXPECT_GT(l.output_sqnr_db, 20.0) << l.layer;
+  // A layer's row is its own error: layer "2." alone, fed the fp32 network's input to it.
+  double s2 = 0, n2 = 0;
+  for (const auto& x : batches) {
+    const Tensor<float> in = fp32.stage(1).forward(fp32.stage(0).forward(x));
+    const Tensor<float> a = fp32.stage(2).forward(in), b = int8.stage(2).forward(in);
+    for (std::int64_t i = 0; i < a.numel(); ++i) s2 += double(a[i]) * a[i], n2 += double(a[i] - b[i]) * (a[i] - b[i]);
+  }
+  const auto row = std::find_if(r.layers.begin(), r.layers.end(), [](const auto& l) { return l.layer == "2."; });
+  ASSERT_NE(row, r.layers.end());
+  EXPECT_NEAR(row->output_sqnr_db, 10 * std::log10(s2 / n2), 1e-3);
+}
