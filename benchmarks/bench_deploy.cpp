@@ -11,6 +11,10 @@
 //   raw_onednn/<layer>/n<b>      bare primitive, src/dst/weights format_tag::any
 //   raw_onednn_nchw/<layer>/n<b> bare primitive with src/dst fixed to NCHW (what a plain
 //                                layout costs without any reorder)
+//   deploy_<p>/<layer>/n<b>      p = bf16 / int8: DeployedConv in that precision on channels-last
+//                                float tensors (the input converted / quantized on the way in)
+//   deploy_<p>_blocked/<layer>/n<b>  the same on dnnl::memory already in the primitive's
+//                                (bf16 / u8) input layout: the reduced-precision primitive alone
 //   deploy_chain/<api>/n<b>      stem_k6 -> c32_64_s2 -> c64 -> c64_k1 as four DeployedConvs
 //                                with NCHW tensors between them (api = nchw) or as one
 //                                DeployedChain keeping activations blocked (api = blocked)
@@ -101,6 +105,38 @@ void reorder_alone(benchmark::State& state, Layer l, std::int64_t n, bool in) {
     str.wait();
   }
   state.SetLabel(blocked == engine::nchw_desc(s) ? "same layout (a copy)" : "");
+}
+
+// A DeployedConv in precision `p` (int8: input range [-0.3, 4], as after SiLU), on float
+// NHWC tensors or (`blocked`) on memory in the primitive's layout. Skipped, with oneDNN's
+// reason, where this CPU has no kernel for `p`.
+void deploy_reduced(benchmark::State& state, Layer l, std::int64_t n, Precision p, bool blocked) {
+  auto conv = make_deployed(l.g);
+  conv.precision(p, {-0.3f, 4.f});
+  const auto xs = input_shape(l, n);
+  try {
+    const auto x = random_tensor(xs).to(MemoryFormat::channels_last);
+    if (blocked) {
+      dnnl::memory src = engine::allocate(src_desc(conv, xs)), dst = engine::allocate(dst_desc(conv, xs));
+      std::fill_n(static_cast<unsigned char*>(src.get_data_handle()), src.get_desc().get_size(), 1);
+      forward(conv, src, dst);
+      for (auto _ : state) {
+        forward(conv, src, dst);
+        benchmark::DoNotOptimize(dst.get_data_handle());
+      }
+    } else {
+      Tensor<float> y;
+      conv.forward(x, y);
+      for (auto _ : state) {
+        conv.forward(x, y);
+        benchmark::DoNotOptimize(y.data());
+      }
+    }
+  } catch (const engine_error& e) {
+    state.SkipWithError(e.what());
+    return;
+  }
+  set_flops(state, l.g, xs);
 }
 
 // The yardstick: a oneDNN convolution with nothing around it.
@@ -210,6 +246,12 @@ const bool registered = [] {
       benchmark::RegisterBenchmark(("raw_onednn_nchw/" + tail).c_str(), raw_onednn, l, n, true)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
+      for (Precision p : {Precision::bf16, Precision::int8})
+        for (bool blocked : {false, true})
+          benchmark::RegisterBenchmark(("deploy_" + std::string(precision_name(p)) + (blocked ? "_blocked/" : "/") + tail).c_str(),
+                                       deploy_reduced, l, n, p, blocked)
+              ->UseRealTime()
+              ->Unit(benchmark::kMillisecond);
     }
   for (auto n : kBatches)
     for (bool blocked : {false, true})

@@ -24,7 +24,7 @@ def load(path):
     for b in data["benchmarks"]:
         name = b.get("run_name", b["name"]).removesuffix("/real_time")
         kind = b.get("aggregate_name")
-        if kind not in (None, "median"):
+        if kind not in (None, "median") or b.get("error_occurred"):  # skipped: no kernel on this CPU
             continue
         if kind == "median" or name not in runs:
             runs[name] = b
@@ -112,6 +112,19 @@ def main(path):
             reo = f"{(ms(raw) + ms(rin) + ms(rout)) / ms(raw):.2f}" if rin and rout else "-"
             print(f"| {layer} | {n} | {gflops(raw):.0f} | {cell('deploy_nhwc')} | {cell('deploy')} | {reo} "
                   f"| {cell('deploy_blocked')} | {cell('raw_onednn_nchw')} |")
+    reduced = [(n, layer) for n in (1, 8) for layer in LAYERS
+               if f"deploy_blocked/{layer}/n{n}" in r and (f"deploy_int8_blocked/{layer}/n{n}" in r
+                                                           or f"deploy_bf16_blocked/{layer}/n{n}" in r)]
+    if reduced:
+        print("\n| layer | batch | fp32 GFLOP/s | bf16 speed-up (primitive) | int8 speed-up (primitive) "
+              "| bf16 speed-up (NHWC float tensors) | int8 speed-up (NHWC float tensors) |")
+        print("|---|---|---|---|---|---|---|")
+        for n, layer in reduced:
+            fp = r[f"deploy_blocked/{layer}/n{n}"]
+            nhwc = r.get(f"deploy_nhwc/{layer}/n{n}")
+            up = lambda k, base: f"{ms(base) / ms(r[f'{k}/{layer}/n{n}']):.2f}" if base and f"{k}/{layer}/n{n}" in r else "-"
+            print(f"| {layer} | {n} | {gflops(fp):.0f} | {up('deploy_bf16_blocked', fp)} | {up('deploy_int8_blocked', fp)} "
+                  f"| {up('deploy_bf16', nhwc)} | {up('deploy_int8', nhwc)} |")
     for n in (1, 8):
         a, b = r.get(f"deploy_chain/nchw/n{n}"), r.get(f"deploy_chain/blocked/n{n}")
         if a and b:

@@ -6,7 +6,9 @@
 // checks that the deployed network predicts exactly what the eval forward predicts, and
 // prints parameters (training vs deployed form), the training step time of the SAME
 // network built from OREPA, DBB and plain ConvBN blocks, and the inference time of the
-// eval forward vs the deployed network. Writes the loss / accuracy curves as an SVG.
+// eval forward vs the deployed network; then the deployed network in bf16 and int8
+// (calibrated on training images): held-out accuracy, inference time and the per-layer
+// quantization error of each. Writes the loss / accuracy curves as an SVG.
 //
 //   demo [--steps N] [--batch B] [--width W] [--svg PATH] [--seed S] [--help]
 //
@@ -25,7 +27,9 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <numeric>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -480,6 +484,46 @@ int main(int argc, char** argv) try {
   std::printf("deployed vs eval: same class on %lld/%lld images, max |logit difference| %.2g (logits up to %.3g)\n",
               static_cast<long long>(agree), static_cast<long long>(test.size()), max_diff, max_logit);
 
+  // Reduced precision: int8 ranges calibrated on training images (never the held-out
+  // set), with both calibration methods; bf16 where this CPU has oneDNN kernels for it.
+  std::printf("\nreduced precision (oneDNN ISA %s): calibrating int8 on 512 training images...\n",
+              engine::cpu_isa_name().c_str());
+  std::fflush(stdout);
+  const auto calib_set = make_bars_dataset<float>(512, data_seed(999'999), kImageSize, kNoise);
+  std::vector<Tensor<float>> calib_batches;
+  for (std::int64_t b = 0; b < calib_set.size(); b += 128) calib_batches.push_back(calib_set.slice(b, 128).first);
+  Calibrator cal_mse(CalibrationMethod::mse), cal_minmax(CalibrationMethod::minmax);
+  for (const auto& b : calib_batches) cal_mse.observe(deployed, b), cal_minmax.observe(deployed, b);
+  struct Variant {
+    Precision precision;
+    std::optional<InferenceChain<float>> chain;  // empty: no oneDNN kernel on this CPU
+    std::string unavailable;
+    double accuracy = 0, ms = 0;
+    std::vector<double> times;
+  };
+  std::vector<Variant> variants(3);
+  variants[0].precision = Precision::fp32, variants[0].chain = deployed;
+  variants[1].precision = Precision::bf16, variants[2].precision = Precision::int8;
+  for (auto* v : {&variants[1], &variants[2]}) {
+    try {
+      auto c = deployed.with_options(DeployOptions().precision(v->precision).calibration(cal_minmax.calibration()));
+      (void)c.forward(calib_batches[0]);  // creates the primitives: throws where oneDNN has none
+      v->chain = std::move(c);
+    } catch (const engine_error& e) {
+      v->unavailable = e.what();
+    }
+  }
+  for (auto& v : variants) {
+    if (!v.chain) continue;
+    std::int64_t ok = 0;
+    for (std::int64_t b = 0; b < test.size(); b += 256) {
+      auto [x, y] = test.slice(b, 256);
+      const auto pred = argmax_rows(v.chain->forward(x));
+      for (std::size_t i = 0; i < y.size(); ++i) ok += pred[i] == y[i];
+    }
+    v.accuracy = double(ok) / double(test.size());
+  }
+
   // Costs: parameters, training step time per block family, inference time.
   std::printf("\nmeasuring (median of timed repetitions; the machine's other load adds noise)...\n");
   std::fflush(stdout);
@@ -490,18 +534,24 @@ int main(int argc, char** argv) try {
                      convbn_params = trainable_parameters(timed[2].net);
   const std::int64_t deployed_params = deployed.num_parameters();
   const Tensor<float>& probe_x = held_out_probe.first;
-  std::vector<double> eval_times, deploy_times;  // interleaved, after one warm-up each
+  std::vector<double> eval_times;  // interleaved with the deployed precisions, after one warm-up each
   (void)net.forward_eval(probe_x);
-  (void)deployed.forward(probe_x);
+  for (auto& v : variants)
+    if (v.chain) (void)v.chain->forward(probe_x);
   for (int r = 0; r < reps; ++r) {
     auto t0 = Clock::now();
     (void)net.forward_eval(probe_x);
     eval_times.push_back(seconds_since(t0) * 1e3);
-    t0 = Clock::now();
-    (void)deployed.forward(probe_x);
-    deploy_times.push_back(seconds_since(t0) * 1e3);
+    for (auto& v : variants) {
+      if (!v.chain) continue;
+      t0 = Clock::now();
+      (void)v.chain->forward(probe_x);
+      v.times.push_back(seconds_since(t0) * 1e3);
+    }
   }
-  const double eval_ms = median(eval_times), deploy_ms = median(deploy_times);
+  for (auto& v : variants)
+    if (v.chain) v.ms = median(v.times);
+  const double eval_ms = median(eval_times), deploy_ms = variants[0].ms;
 
   std::printf("\n%-36s %12s %12s %12s\n", "", "OREPA", "DBB", "ConvBN");
   std::printf("%-36s %12lld %12lld %12lld\n", "parameters, training form", static_cast<long long>(orepa_params),
@@ -514,6 +564,36 @@ int main(int argc, char** argv) try {
   std::printf("%-36s %12.2f\n", "inference, batch 256, eval form (ms)", eval_ms);
   std::printf("%-36s %12.2f   (%.2fx faster)\n", "inference, batch 256, deployed (ms)", deploy_ms, eval_ms / deploy_ms);
 
+  std::printf("\n%-36s %12s %12s %12s\n", "deployed network", "fp32", "bf16", "int8");
+  auto row = [&](const char* label, auto cell) {
+    std::printf("%-36s", label);
+    for (const auto& v : variants) std::printf(" %12s", v.chain ? cell(v).c_str() : "n/a");
+    std::printf("\n");
+  };
+  row("held-out accuracy (%)", [](const Variant& v) { return fmt(100 * v.accuracy, 2); });
+  row("inference, batch 256 (ms)", [](const Variant& v) { return fmt(v.ms, 2); });
+  row("  speed-up over fp32", [&](const Variant& v) { return fmt(deploy_ms / v.ms, 2) + "x"; });
+  std::optional<QuantizationReport> int8_report;
+  std::vector<std::string> sqnr(3, "-");
+  for (std::size_t i = 1; i < variants.size(); ++i) {
+    if (!variants[i].chain) {
+      std::printf("  %s: %s\n", precision_name(variants[i].precision), variants[i].unavailable.c_str());
+      continue;
+    }
+    auto r = quantization_report(deployed, *variants[i].chain, calib_batches);
+    sqnr[i] = fmt(r.output_sqnr_db, 1);
+    if (variants[i].precision == Precision::int8) int8_report = std::move(r);
+  }
+  std::printf("%-36s %12s %12s %12s\n", "output SQNR vs fp32 (dB)", sqnr[0].c_str(), sqnr[1].c_str(), sqnr[2].c_str());
+  if (int8_report) {
+    const auto mse = deployed.with_options(DeployOptions().precision(Precision::int8).calibration(cal_mse.calibration()));
+    std::printf("int8 calibration: min/max ranges %.1f dB end to end (used), MSE-optimal clip %.1f dB\n",
+                int8_report->output_sqnr_db, quantization_report(deployed, mse, calib_batches).output_sqnr_db);
+    std::printf("int8 error per layer, the worst 3 of %zu (calibration images):\n", int8_report->layers.size());
+    int8_report->print(std::cout, 3);
+    std::cout.flush();
+  }
+
   write_svg(args.svg, curves,
             detail::cat("OREPA YOLOv5-style classifier, width ", args.width, ", ", args.steps, " steps of ", batch,
                         ", held-out accuracy ", fmt(100 * accuracy, 1), "%"));
@@ -525,6 +605,11 @@ int main(int argc, char** argv) try {
   bool ok = true;
   if (agree != test.size() || !(max_diff <= 1e-3 * std::max(1.0, max_logit))) {
     std::fprintf(stderr, "demo: the deployed network disagrees with eval mode\n");
+    ok = false;
+  }
+  if (variants[2].chain && variants[2].accuracy < accuracy - 0.05 && args.steps >= 150) {
+    std::fprintf(stderr, "demo: int8 held-out accuracy %.2f%% is more than 5 points below fp32's\n",
+                 100 * variants[2].accuracy);
     ok = false;
   }
   if (accuracy < bound) {

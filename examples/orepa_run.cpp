@@ -1,6 +1,9 @@
 // orepa-run: runs one training-time block of a PyTorch checkpoint in eval, deploy or train
 // mode (with optional backward) and writes the results, to compare with PyTorch (--help).
 #include <cstdio>
+#include <iostream>
+#include <orepa/io/calibration.hpp>
+#include <orepa/nn/quantization.hpp>
 
 #include "tool_args.hpp"
 
@@ -30,7 +33,42 @@ int main(int argc, char** argv) try {
 
   io::SafetensorsWriter out;
   if (args.mode == "eval") out.add("output", block.forward_eval(x));
-  if (args.mode == "deploy") out.add("output", block.deploy().forward(x));
+  if (args.mode == "deploy") {
+    const DeployedConv<float> fp32 = *block.deploy().target<DeployedConv<float>>();
+    if (args.precision == Precision::fp32) {
+      out.add("output", fp32.forward(x));
+    } else {
+      std::vector<Tensor<float>> batches;
+      if (!args.calibration.empty()) {
+        const auto cal_file = io::SafetensorsFile::open(args.calibration);
+        for (const auto& name : cal_file.names()) {
+          Tensor<float> b = cal_file.get<float>(name);
+          if (b.dim() != 4 || b.size(1) != fp32.geometry().in_channels)
+            throw shape_error(detail::cat("--calibration: tensor '", name, "' has shape ", shape_str(b.sizes()),
+                                          "; every tensor must be an input batch [N, ", fp32.geometry().in_channels,
+                                          ", H, W]"));
+          batches.push_back(std::move(b));
+        }
+        if (batches.empty()) throw format_error("--calibration: " + args.calibration + " holds no tensor");
+      } else {
+        batches.push_back(x);
+      }
+      DeployOptions opts;
+      opts.precision(args.precision);
+      if (args.precision == Precision::int8) {
+        Calibrator cal;
+        for (const auto& b : batches) cal.observe(fp32, b);
+        opts.calibration(cal.calibration());
+        io::save_calibration(out, opts.calibration());
+      }
+      DeployedConv<float> reduced = fp32;
+      reduced.apply(opts, "");
+      out.add("output", reduced.forward(x));
+      std::printf("%s deployment of %s '%s' (oneDNN ISA %s), on %zu batch(es):\n", precision_name(args.precision),
+                  io::to_string(type), args.prefix.c_str(), engine::cpu_isa_name().c_str(), batches.size());
+      quantization_report(fp32, reduced, batches).print(std::cout);
+    }
+  }
   if (args.mode == "train") {
     const Tensor<float>& y = block.forward_train(x);
     out.add("output", y);

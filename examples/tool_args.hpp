@@ -2,6 +2,7 @@
 // Command-line parsing of the orepa-run and orepa-convert tools, kept apart from their
 // main() so the fuzz target and the tests can drive it. Errors throw orepa::config_error
 // naming the flag and the value.
+#include <orepa/deploy/precision.hpp>
 #include <orepa/io/checkpoint.hpp>
 
 #include <optional>
@@ -12,7 +13,8 @@ namespace orepa::tools {
 
 /// Arguments of orepa-run.
 struct RunArgs {
-  std::string weights, input, output, grad_output, prefix, mode;
+  std::string weights, input, output, grad_output, prefix, mode, calibration;
+  Precision precision = Precision::fp32;
   std::optional<io::BlockType> block;
   io::BlockSettings settings;
   bool help = false;
@@ -23,6 +25,7 @@ inline const char* run_usage() {
                  --mode eval|deploy|train [--block TYPE] [--prefix P]
                  [--stride S] [--padding P] [--dilation D] [--groups G]
                  [--activation identity|relu|silu] [--grad-output G.safetensors]
+                 [--precision fp32|bf16|int8] [--calibration CAL.safetensors]
 
 Runs one training-time block of a PyTorch OREPA checkpoint and writes what it computes.
   --weights   safetensors checkpoint holding the block's state dict (under --prefix)
@@ -43,6 +46,13 @@ Runs one training-time block of a PyTorch OREPA checkpoint and writes what it co
   --grad-output  (train) safetensors file with tensor `grad_output`: runs backward of
               sum(output * grad_output) and writes grad.input and grad.<name> for every
               trainable parameter
+  --precision (deploy) fp32 (default), bf16 or int8: the deployed convolution runs in
+              it; bf16 / int8 also print the quantization report (weight and output
+              SQNR against fp32) on the calibration batches, or on the input
+  --calibration  (deploy) safetensors file in which every tensor is one input batch
+              [N, C, H, W], whatever its name; required for int8, whose input range
+              is calibrated on them (min/max); the range is written to the
+              output as `input_range`
 Channels, the kernel size and which optional branches the block has come from the
 tensors. Exit status 0 on success, 1 with a message on stderr on any error.
 )";
@@ -86,6 +96,8 @@ inline RunArgs parse_run_args(const std::vector<std::string>& args) {
     else if (a == "--dilation") r.settings.dilation = parse_int(a, v, 1, 1 << 16);
     else if (a == "--groups") r.settings.groups = parse_int(a, v, 1, 1 << 24);
     else if (a == "--activation") r.settings.activation = parse_activation(v);
+    else if (a == "--precision") r.precision = parse_precision(v);
+    else if (a == "--calibration") r.calibration = v;
     else throw config_error("orepa-run: unknown option '" + a + "' (see --help)");
   }
   for (auto [flag, value] : {std::pair{"--weights", &r.weights}, {"--input", &r.input}, {"--output", &r.output},
@@ -95,6 +107,10 @@ inline RunArgs parse_run_args(const std::vector<std::string>& args) {
     throw config_error("--mode: expected eval, deploy or train, got '" + r.mode + "'");
   if (!r.grad_output.empty() && r.mode != "train")
     throw config_error("--grad-output: only meaningful with --mode train");
+  if ((r.precision != Precision::fp32 || !r.calibration.empty()) && r.mode != "deploy")
+    throw config_error("--precision / --calibration: only meaningful with --mode deploy");
+  if (r.precision == Precision::int8 && r.calibration.empty())
+    throw config_error("--precision int8 needs --calibration CAL.safetensors (input batches to calibrate on)");
   return r;
 }
 

@@ -27,6 +27,8 @@ extern "C" int LLVMFuzzerTestOneInput(const unsigned char* data, std::size_t siz
     const auto& s = r.settings;
     if (below(s.stride, 1) || below(s.dilation, 1) || below(s.padding, 0) || below(s.groups, 1))
       orepa::fuzz::finding("orepa-run accepted an out-of-range integer flag");
+    if (r.precision == orepa::Precision::int8 && (r.mode != "deploy" || r.calibration.empty()))
+      orepa::fuzz::finding("orepa-run accepted int8 without --mode deploy and --calibration");
   });
   orepa::fuzz::run_accepting_orepa_errors([&] {
     const auto c = orepa::tools::parse_convert_args(args);

@@ -163,6 +163,49 @@ TEST(Tools, RunRejectsAStrideTheRepVGGTensorsContradict) {
   EXPECT_NE(groups.output.find("imply groups 1"), std::string::npos) << groups.output;
 }
 
+// --precision int8 calibrates on every tensor of --calibration, prints the report, and its
+// output approximates fp32 deploy; wrong uses name the flag or tensor at fault.
+TEST(Tools, RunDeploysInReducedPrecisionWithAReport) {
+  TempDir dir;
+  const std::string in = test::data_path("orepa_k3_basic.safetensors");
+  const Tensor<float> x = io::SafetensorsFile::open(in).get<float>("input");
+  Tensor<float> half = x;
+  for (auto& v : half) v *= 0.5f;
+  io::SafetensorsWriter cal;  // representative data: the input and a scaled copy
+  cal.add("any_name", x);
+  cal.add("batch2", half);
+  cal.write(dir / "cal.safetensors");
+  const std::string common = "--weights " + in + " --input " + in + " --mode deploy --output ";
+  ASSERT_EQ(run("orepa-run", common + (dir / "fp32.safetensors")).status, 0);
+  auto int8 = run("orepa-run", common + (dir / "int8.safetensors") + " --precision int8 --calibration " +
+                                   (dir / "cal.safetensors"));
+  ASSERT_EQ(int8.status, 0) << int8.output;
+  for (const char* part : {"int8 deployment of OREPA", "on 2 batch(es)", "weight SQNR dB", "end to end output SQNR"})
+    EXPECT_NE(int8.output.find(part), std::string::npos) << part << " in: " << int8.output;
+  const auto fp32 = io::SafetensorsFile::open(dir / "fp32.safetensors").get<float>("output");
+  const auto got = io::SafetensorsFile::open(dir / "int8.safetensors");
+  const auto q = got.get<float>("output");
+  EXPECT_GT(sqnr_db(fp32.data(), q.data(), q.numel()), 20.0) << int8.output;
+  EXPECT_EQ(io::load_calibration(got).size(), 1u);  // the calibrated range, reusable
+
+  auto no_cal = run("orepa-run", common + (dir / "x.safetensors") + " --precision int8");
+  EXPECT_EQ(no_cal.status, 1);
+  EXPECT_NE(no_cal.output.find("needs --calibration"), std::string::npos) << no_cal.output;
+  io::SafetensorsWriter bad;
+  bad.add("flat", Tensor<float>({3, 4}, 1.f));
+  bad.write(dir / "bad.safetensors");
+  auto wrong = run("orepa-run", common + (dir / "x.safetensors") + " --precision int8 --calibration " +
+                                    (dir / "bad.safetensors"));
+  EXPECT_EQ(wrong.status, 1);
+  EXPECT_NE(wrong.output.find("tensor 'flat' has shape [3, 4]"), std::string::npos) << wrong.output;
+  auto eval = run("orepa-run", "--weights " + in + " --input " + in + " --mode eval --precision bf16 --output y");
+  EXPECT_EQ(eval.status, 1);
+  EXPECT_NE(eval.output.find("only meaningful with --mode deploy"), std::string::npos) << eval.output;
+  auto bf16 = run("orepa-run", common + (dir / "bf16.safetensors") + " --precision bf16");
+  if (bf16.status == 0) EXPECT_NE(bf16.output.find("bf16 deployment"), std::string::npos) << bf16.output;
+  else EXPECT_NE(bf16.output.find(engine::cpu_isa_name()), std::string::npos) << bf16.output;  // no bf16 kernel here
+}
+
 TEST(Tools, BadInputFailsWithAMessageAndTouchesNothing) {
   TempDir dir;
   auto missing = run("orepa-convert", (dir / "nope.safetensors") + " " + (dir / "o.safetensors"));
