@@ -8,6 +8,7 @@
 #include <limits>
 #include <sstream>
 
+#include "orepa/deploy/onednn_interop.hpp"
 #include "test_util.hpp"
 
 using namespace orepa;
@@ -337,4 +338,21 @@ TEST(Quantization, SequentialReportsEveryConvInsideModulesWorstFirst) {
   const auto row = std::find_if(r.layers.begin(), r.layers.end(), [](const auto& l) { return l.layer == "2."; });
   ASSERT_NE(row, r.layers.end());
   EXPECT_NEAR(row->output_sqnr_db, 10 * std::log10(s2 / n2), 1e-3);
+}
+
+TEST(Quantization, DeployedChainRunsReducedPrecisionConvs) {
+  Rng rng(10);
+  ConvGeometry a, b;
+  a.in_channels = 8, a.out_channels = 16, a.kernel = 3, a.padding = 1;
+  b.in_channels = 16, b.out_channels = 16, b.kernel = 3, b.stride = 2, b.padding = 1;
+  DeployedConv<float> ca(a, spread_kernel(a, rng), random_tensor<float>({16}, rng), SiLU{});
+  DeployedConv<float> cb(b, spread_kernel(b, rng), random_tensor<float>({16}, rng), SiLU{});
+  ca.precision(Precision::int8, {-1.f, 1.f});
+  cb.precision(Precision::int8, {-0.3f, 3.f});
+  const Tensor<float> x = random_tensor<float>({2, 8, 12, 12}, rng);
+  const Tensor<float> want = cb.forward(ca.forward(x));  // each conv on its own, float between
+  const DeployedChain chain({ca, cb});
+  expect_close(chain.forward(x), want, 1e-6, "DeployedChain of int8 convs");
+  expect_close(chain.forward(x.to(MemoryFormat::channels_last)).to(MemoryFormat::contiguous), want, 1e-6,
+               "DeployedChain of int8 convs, channels-last input");
 }
