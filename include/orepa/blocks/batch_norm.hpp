@@ -11,19 +11,32 @@
 /// training pipeline computes the statistics itself and hands them over through
 /// set_batch_statistics(). Other scalars (double, for gradient checks) run plain loops
 /// with statistics accumulated in double.
+///
+/// Synchronised BN: with a CrossReplicaSum installed (dist/ installs one per BN), training
+/// statistics come from all replicas of a data-parallel job: forward sums the count and
+/// the per-channel sum and sum of squares (one call per forward), backward the two
+/// per-channel sums of dL/dz (one call). Without one (the default) nothing changes.
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "orepa/blocks/module.hpp"
 #include "orepa/engine/batch_norm.hpp"
 
 namespace orepa {
+
+/// Sums `count` doubles at `data` in place across the replicas of a data-parallel job.
+/// Every replica calls it at the same point with the same count; it throws if the
+/// replicas cannot agree. The core library never calls MPI: dist/ provides the MPI one.
+using CrossReplicaSum = std::function<void(double* data, std::int64_t count)>;
 
 /// Per-channel batch normalisation of NCHW tensors with running statistics.
 template <class S>
@@ -49,10 +62,18 @@ class BatchNorm2d {
     out.batch_norms.emplace_back(prefix, this);
   }
 
+  /// Synchronises the training statistics with `sum` (see CrossReplicaSum); an empty
+  /// function restores local statistics. Kept by copies of the BN.
+  void set_cross_replica_sum(CrossReplicaSum sum) { replica_sum_ = std::move(sum); }
+  /// True when a CrossReplicaSum is installed (training statistics span all replicas).
+  bool synchronised() const { return bool(replica_sum_); }
+
   /// Training forward: normalises `y` with its batch statistics into `z`, remembers them
-  /// for backward and updates the running statistics. Needs more than one value per channel.
+  /// for backward and updates the running statistics. Needs more than one value per
+  /// channel (over all replicas when synchronised).
   void forward_train(ConstTensorView<S> y, Tensor<S>& z) {
     check(y, "BatchNorm2d::forward_train");
+    if (replica_sum_) return forward_train_synchronised(y, z);
     const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3), n = N * P;
     if (n < 2)
       throw state_error(detail::cat("BatchNorm2d: training needs more than one value per channel, got input ",
@@ -106,6 +127,7 @@ class BatchNorm2d {
       running_var.value[c] =
           S((1 - momentum) * double(running_var.value[c]) + momentum * v * double(n) / double(n - 1));
     }
+    count_ = n;
     ++num_batches_tracked;
     has_batch_stats_ = true;
   }
@@ -141,16 +163,21 @@ class BatchNorm2d {
     const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
     dy.resize(y.sizes());
     if constexpr (std::is_same_v<S, float>) {
-      dgamma_.resize({C});
-      dbeta_.resize({C});
-      engine::guarded([&] { return "BatchNorm2d backward on " + shape_str(y.sizes()); }, [&] {
-        kernels(y.sizes()).backward(y.data(), dz.data(), dy.data(), mean_.data(), var_.data(), weight.value.data(),
-                                    bias.value.data(), dgamma_.data(), dbeta_.data());
-      });
-      accumulate_grads(dgamma_.data(), dbeta_.data());
-      return;
+      if (!replica_sum_) {
+        dgamma_.resize({C});
+        dbeta_.resize({C});
+        engine::guarded([&] { return "BatchNorm2d backward on " + shape_str(y.sizes()); }, [&] {
+          kernels(y.sizes()).backward(y.data(), dz.data(), dy.data(), mean_.data(), var_.data(), weight.value.data(),
+                                      bias.value.data(), dgamma_.data(), dbeta_.data());
+        });
+        accumulate_grads(dgamma_.data(), dbeta_.data());
+        return;
+      }
     }
-    const double n = double(N * P);
+    // Per channel: sum dz and sum dz * xhat, then dy. When synchronised the sums span all
+    // replicas (dy of this replica's values needs them) while the gamma / beta gradients
+    // stay local: gradient averaging (dist/) combines those like every other gradient.
+    sums_.assign(std::size_t(2 * C), 0.0);
     for (std::int64_t c = 0; c < C; ++c) {
       double sdz = 0, sdzx = 0;
       const double m = mean_[c], is = invstd_[c];
@@ -164,6 +191,13 @@ class BatchNorm2d {
       }
       weight.grad[c] += S(sdzx);
       bias.grad[c] += S(sdz);
+      sums_[std::size_t(c)] = sdz;
+      sums_[std::size_t(C + c)] = sdzx;
+    }
+    if (replica_sum_) replica_sum_(sums_.data(), 2 * C);
+    const double n = replica_sum_ ? double(count_) : double(N * P);  // all replicas' count when synchronised
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double m = mean_[c], is = invstd_[c], sdz = sums_[std::size_t(c)], sdzx = sums_[std::size_t(C + c)];
       const double k = double(weight.value[c]) * is / n;
       for (std::int64_t b = 0; b < N; ++b) {
         const S* pz = dz.data() + (b * C + c) * P;
@@ -205,6 +239,51 @@ class BatchNorm2d {
   double momentum = 0.1;
 
  private:
+  // Synchronised training forward: count, sum and sum of squares per channel from every
+  // replica in one call, shifted by the running mean (equal on every replica) so the
+  // variance does not cancel catastrophically when the mean is large.
+  void forward_train_synchronised(ConstTensorView<S> y, Tensor<S>& z) {
+    const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
+    sums_.assign(std::size_t(1 + 2 * C), 0.0);
+    sums_[0] = double(N * P);
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double shift = double(running_mean.value[c]);
+      double sum = 0, sq = 0;
+      for (std::int64_t b = 0; b < N; ++b) {
+        const S* p = y.data() + (b * C + c) * P;
+        for (std::int64_t j = 0; j < P; ++j) {
+          const double d = double(p[j]) - shift;
+          sum += d;
+          sq += d * d;
+        }
+      }
+      sums_[std::size_t(1 + c)] = sum;
+      sums_[std::size_t(1 + C + c)] = sq;
+    }
+    replica_sum_(sums_.data(), 1 + 2 * C);
+    const auto n = std::int64_t(sums_[0]);  // the same on every replica, so all throw or none
+    if (n < 2)
+      throw state_error(detail::cat("BatchNorm2d: synchronised training needs more than one value per channel over "
+                                    "all replicas, got ", n, " (this replica's input ", shape_str(y.sizes()), ")"));
+    z.resize(y.sizes());
+    stat_mean_.resize({C});
+    stat_var_.resize({C});
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double dm = sums_[std::size_t(1 + c)] / double(n);
+      stat_mean_[c] = S(double(running_mean.value[c]) + dm);
+      stat_var_[c] = S(std::max(0.0, sums_[std::size_t(1 + C + c)] / double(n) - dm * dm));
+    }
+    if constexpr (std::is_same_v<S, float>) {
+      engine::guarded([&] { return "BatchNorm2d synchronised forward on " + shape_str(y.sizes()); }, [&] {
+        kernels(y.sizes()).forward_with_stats(y.data(), z.data(), stat_mean_.data(), stat_var_.data(),
+                                              weight.value.data(), bias.value.data());
+      });
+    }
+    set_batch_statistics(stat_mean_.data(), stat_var_.data(), n);
+    if constexpr (!std::is_same_v<S, float>)
+      for (std::int64_t c = 0; c < C; ++c) apply(y, z, c, mean_[c], invstd_[c]);
+  }
+
   void check(ConstTensorView<S> y, const char* who) const {
     if (y.dim() != 4 || y.size(1) != channels())
       throw shape_error(detail::cat(who, ": expected [N, ", channels(), ", H, W], got ", shape_str(y.sizes())));
@@ -239,6 +318,9 @@ class BatchNorm2d {
 
   Tensor<S> mean_, var_, invstd_;                    // statistics of the last training forward
   Tensor<S> stat_mean_, stat_var_, dgamma_, dbeta_;  // scratch (reused)
+  std::vector<double> sums_;                         // per-channel sums (reduced across replicas when synchronised)
+  std::int64_t count_ = 0;                           // values per channel of the last training forward (all replicas)
+  CrossReplicaSum replica_sum_;
   bool has_batch_stats_ = false;
   engine::CacheSlot<KernelMap> cache_;
   std::int64_t creations_ = 0;
