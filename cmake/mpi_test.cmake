@@ -13,6 +13,14 @@
 # 5 s before ctest's TIMEOUT, which is the backstop.
 set(OREPA_MPIEXEC_FLAGS --oversubscribe --mca pml ob1 --mca btl self,vader
     --mca btl_vader_single_copy_mechanism none --mca odls_base_sigkill_timeout 0)
+set(OREPA_MPI_TEST_ENV "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1;GTEST_COLOR=no")
+if(OREPA_SANITIZE)
+  # ASan and UBSan stay on; only leak detection is off for MPI programs: Open MPI 4.1
+  # leaves ~120 KB allocated at MPI_Finalize, mostly in its plugins, which it unloads, so
+  # LSan's stacks end in "<unknown module>" and no suppression can name them. Leaks of
+  # orepa's own code are still checked by every other test (test_sync_bn.cpp covers the BN hook).
+  string(APPEND OREPA_MPI_TEST_ENV ";ASAN_OPTIONS=detect_leaks=0:abort_on_error=1")
+endif()
 
 function(orepa_add_mpi_test)
   cmake_parse_arguments(T "" "NAME;TARGET;NP;TIMEOUT" "ARGS" ${ARGN})
@@ -27,6 +35,6 @@ function(orepa_add_mpi_test)
            COMMAND ${MPIEXEC_EXECUTABLE} ${MPIEXEC_NUMPROC_FLAG} ${T_NP} ${MPIEXEC_PREFLAGS} ${OREPA_MPIEXEC_FLAGS}
                    $<TARGET_FILE:${T_TARGET}> ${MPIEXEC_POSTFLAGS} ${T_ARGS})
   set_tests_properties(${T_NAME} PROPERTIES
-                       ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1;OMP_NUM_THREADS=1;GTEST_COLOR=no;MPIEXEC_TIMEOUT=${_inner}"
+                       ENVIRONMENT "${OREPA_MPI_TEST_ENV};MPIEXEC_TIMEOUT=${_inner}"
                        PROCESSORS ${T_NP} TIMEOUT ${T_TIMEOUT} LABELS mpi)
 endfunction()
