@@ -14,7 +14,9 @@
 // over the step time: the all-reduces plus waiting for the slower rank).
 //
 // Iteration counts are fixed (every rank must run the same number of collective steps),
-// and only rank 0 reports.
+// and only rank 0 reports. Every rank must run the cases in the same order: a case
+// whose name differs between ranks (--benchmark_enable_random_interleaving shuffles
+// each rank differently) is skipped with an error instead of deadlocking.
 #include <benchmark/benchmark.h>
 
 #include <orepa/dist/dist.hpp>
@@ -51,7 +53,19 @@ Sequential<float> demo_classifier() {
   return net;
 }
 
+// True when every rank is in the case numbered `id`.
+bool same_case_everywhere(int id) {
+  int lo = 0, hi = 0;
+  MPI_Allreduce(&id, &lo, 1, MPI_INT, MPI_MIN, MPI_COMM_WORLD);
+  MPI_Allreduce(&id, &hi, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+  return lo == hi;
+}
+
 void ddp_step(benchmark::State& state, int ranks, bool sync_bn) {
+  if (!same_case_everywhere(2 * ranks + int(sync_bn))) {
+    state.SkipWithError("the ranks run different cases (random interleaving?); every rank needs the same order");
+    return;
+  }
   int world = 1;
   MPI_Comm_size(MPI_COMM_WORLD, &world);
   if (world < ranks) {

@@ -75,8 +75,9 @@ void bn_matches_doubled_batch(double tol) {
 TEST(SyncBatchNorm, MatchesTheDoubledBatchFloat) { bn_matches_doubled_batch<float>(1e-5); }
 TEST(SyncBatchNorm, MatchesTheDoubledBatchDouble) { bn_matches_doubled_batch<double>(1e-12); }
 
-// A whole block: the trunk leaves the fused pipeline for the plain one when its BN is
-// synchronised; DBB has BNs on several paths and a BN-and-pad stage.
+// A whole block. Float with a built-in activation trains on the fused pipeline (its
+// statistics and dy correction callbacks), double and custom activations on the plain
+// path; DBB has BNs on several paths and a BN-and-pad stage.
 template <class Block>
 void block_matches_doubled_batch(Block sync, Block plain, double tol) {
   using S = typename decltype(sync.state_dict())::Scalar;
@@ -107,7 +108,10 @@ void block_matches_doubled_batch(Block sync, Block plain, double tol) {
 TEST(SyncBatchNorm, OrepaBlockMatchesTheDoubledBatch) {
   const auto o = OrepaOptions(4, 6, 3).seed(2);
   block_matches_doubled_batch(OREPA<float, ReLU>(o), OREPA<float, ReLU>(o), 1e-5);
+  block_matches_doubled_batch(OREPA<float, SiLU>(o), OREPA<float, SiLU>(o), 1e-5);
   block_matches_doubled_batch(OREPA<double, SiLU>(o), OREPA<double, SiLU>(o), 1e-12);
+  const auto c = ConvOptions(4, 6, 3).stride(2).seed(4);  // identity: dz is dout itself
+  block_matches_doubled_batch(ConvBN<float>(c), ConvBN<float>(c), 1e-5);
 }
 
 TEST(SyncBatchNorm, DbbBlockMatchesTheDoubledBatch) {

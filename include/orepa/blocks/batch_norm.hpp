@@ -15,7 +15,9 @@
 /// Synchronised BN: with a CrossReplicaSum installed (dist/ installs one per BN), training
 /// statistics come from all replicas of a data-parallel job: forward sums the count and
 /// the per-channel sum and sum of squares (one call per forward), backward the two
-/// per-channel sums of dL/dz (one call). Without one (the default) nothing changes.
+/// per-channel sums of dL/dz (one call); the fused pipeline does the same through
+/// synchronise_statistics() and synchronise_gradient_sums(). Without one (the default)
+/// nothing changes.
 
 #include <algorithm>
 #include <array>
@@ -73,9 +75,9 @@ class BatchNorm2d {
   /// channel (over all replicas when synchronised).
   void forward_train(ConstTensorView<S> y, Tensor<S>& z) {
     check(y, "BatchNorm2d::forward_train");
-    if (replica_sum_) return forward_train_synchronised(y, z);
-    const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3), n = N * P;
-    if (n < 2)
+    const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
+    std::int64_t n = N * P;
+    if (n < 2 && !replica_sum_)  // synchronised: checked on the count of all replicas
       throw state_error(detail::cat("BatchNorm2d: training needs more than one value per channel, got input ",
                                     shape_str(y.sizes())));
     z.resize(y.sizes());
@@ -105,6 +107,14 @@ class BatchNorm2d {
         stat_var_[c] = S(sq / double(n));
       }
     }
+    if (replica_sum_) {
+      n = synchronise_statistics(stat_mean_.data(), stat_var_.data(), n);
+      if constexpr (std::is_same_v<S, float>)  // normalise again, with all replicas' statistics
+        engine::guarded([&] { return "BatchNorm2d synchronised forward on " + shape_str(y.sizes()); }, [&] {
+          kernels(y.sizes()).forward_with_stats(y.data(), z.data(), stat_mean_.data(), stat_var_.data(),
+                                                weight.value.data(), bias.value.data());
+        });
+    }
     set_batch_statistics(stat_mean_.data(), stat_var_.data(), n);
     if constexpr (!std::is_same_v<S, float>)
       for (std::int64_t c = 0; c < C; ++c) apply(y, z, c, mean_[c], invstd_[c]);
@@ -131,6 +141,57 @@ class BatchNorm2d {
     ++num_batches_tracked;
     has_batch_stats_ = true;
   }
+  /// Synchronised BN (needs a CrossReplicaSum): turns this replica's batch `mean` and
+  /// biased `var` of `n` values per channel into those of all replicas, in place, with one
+  /// packed sum [count, sum, sum of squares] shifted by the running mean (equal on every
+  /// replica, so the variance does not cancel when the mean is large). Returns the count
+  /// over all replicas; throws state_error, on every replica alike, when it is below 2.
+  /// forward_train calls it; so does the fused pipeline, which computes statistics itself.
+  std::int64_t synchronise_statistics(S* mean, S* var, std::int64_t n) {
+    if (!replica_sum_) throw state_error("BatchNorm2d::synchronise_statistics: no CrossReplicaSum installed");
+    const std::int64_t C = channels();
+    sums_.assign(std::size_t(1 + 2 * C), 0.0);
+    sums_[0] = double(n);
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double d = double(mean[c]) - double(running_mean.value[c]);
+      sums_[std::size_t(1 + c)] = double(n) * d;
+      sums_[std::size_t(1 + C + c)] = double(n) * (double(var[c]) + d * d);
+    }
+    replica_sum_(sums_.data(), 1 + 2 * C);
+    const auto total = std::int64_t(sums_[0]);
+    if (total < 2)
+      throw state_error(detail::cat("BatchNorm2d: synchronised training needs more than one value per channel over "
+                                    "all replicas, got ", total));
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double d = sums_[std::size_t(1 + c)] / double(total);
+      mean[c] = S(double(running_mean.value[c]) + d);
+      var[c] = S(std::max(0.0, sums_[std::size_t(1 + C + c)] / double(total) - d * d));
+    }
+    local_count_ = n;
+    return total;
+  }
+  /// Synchronised BN on a pipeline whose BN backward ran locally (the fused pipeline): from
+  /// this replica's sums `dgamma` = sum dz * xhat and `dbeta` = sum dz (with the statistics
+  /// of all replicas) gives per channel `scale` and `shift` such that dL/dy = (the local
+  /// backward's dL/dy) + scale * xhat + shift, the local backward having used this
+  /// replica's sums and count where all replicas' belong. One packed sum.
+  void synchronise_gradient_sums(const S* dgamma, const S* dbeta, S* scale, S* shift) {
+    if (!replica_sum_) throw state_error("BatchNorm2d::synchronise_gradient_sums: no CrossReplicaSum installed");
+    const std::int64_t C = channels();
+    sums_.resize(std::size_t(2 * C));
+    for (std::int64_t c = 0; c < C; ++c) {
+      sums_[std::size_t(c)] = double(dbeta[c]);
+      sums_[std::size_t(C + c)] = double(dgamma[c]);
+    }
+    replica_sum_(sums_.data(), 2 * C);
+    const double n = double(local_count_), total = double(count_);
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double k = double(weight.value[c]) * double(invstd_[c]);
+      shift[c] = S(k * (double(dbeta[c]) / n - sums_[std::size_t(c)] / total));
+      scale[c] = S(k * (double(dgamma[c]) / n - sums_[std::size_t(C + c)] / total));
+    }
+  }
+
   /// Batch mean of the last training forward (empty before one).
   const Tensor<S>& batch_mean() const { return mean_; }
   /// Batch biased variance of the last training forward (empty before one).
@@ -239,51 +300,6 @@ class BatchNorm2d {
   double momentum = 0.1;
 
  private:
-  // Synchronised training forward: count, sum and sum of squares per channel from every
-  // replica in one call, shifted by the running mean (equal on every replica) so the
-  // variance does not cancel catastrophically when the mean is large.
-  void forward_train_synchronised(ConstTensorView<S> y, Tensor<S>& z) {
-    const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
-    sums_.assign(std::size_t(1 + 2 * C), 0.0);
-    sums_[0] = double(N * P);
-    for (std::int64_t c = 0; c < C; ++c) {
-      const double shift = double(running_mean.value[c]);
-      double sum = 0, sq = 0;
-      for (std::int64_t b = 0; b < N; ++b) {
-        const S* p = y.data() + (b * C + c) * P;
-        for (std::int64_t j = 0; j < P; ++j) {
-          const double d = double(p[j]) - shift;
-          sum += d;
-          sq += d * d;
-        }
-      }
-      sums_[std::size_t(1 + c)] = sum;
-      sums_[std::size_t(1 + C + c)] = sq;
-    }
-    replica_sum_(sums_.data(), 1 + 2 * C);
-    const auto n = std::int64_t(sums_[0]);  // the same on every replica, so all throw or none
-    if (n < 2)
-      throw state_error(detail::cat("BatchNorm2d: synchronised training needs more than one value per channel over "
-                                    "all replicas, got ", n, " (this replica's input ", shape_str(y.sizes()), ")"));
-    z.resize(y.sizes());
-    stat_mean_.resize({C});
-    stat_var_.resize({C});
-    for (std::int64_t c = 0; c < C; ++c) {
-      const double dm = sums_[std::size_t(1 + c)] / double(n);
-      stat_mean_[c] = S(double(running_mean.value[c]) + dm);
-      stat_var_[c] = S(std::max(0.0, sums_[std::size_t(1 + C + c)] / double(n) - dm * dm));
-    }
-    if constexpr (std::is_same_v<S, float>) {
-      engine::guarded([&] { return "BatchNorm2d synchronised forward on " + shape_str(y.sizes()); }, [&] {
-        kernels(y.sizes()).forward_with_stats(y.data(), z.data(), stat_mean_.data(), stat_var_.data(),
-                                              weight.value.data(), bias.value.data());
-      });
-    }
-    set_batch_statistics(stat_mean_.data(), stat_var_.data(), n);
-    if constexpr (!std::is_same_v<S, float>)
-      for (std::int64_t c = 0; c < C; ++c) apply(y, z, c, mean_[c], invstd_[c]);
-  }
-
   void check(ConstTensorView<S> y, const char* who) const {
     if (y.dim() != 4 || y.size(1) != channels())
       throw shape_error(detail::cat(who, ": expected [N, ", channels(), ", H, W], got ", shape_str(y.sizes())));
@@ -320,6 +336,7 @@ class BatchNorm2d {
   Tensor<S> stat_mean_, stat_var_, dgamma_, dbeta_;  // scratch (reused)
   std::vector<double> sums_;                         // per-channel sums (reduced across replicas when synchronised)
   std::int64_t count_ = 0;                           // values per channel of the last training forward (all replicas)
+  std::int64_t local_count_ = 0;                     // ... of this replica (synchronised)
   CrossReplicaSum replica_sum_;
   bool has_batch_stats_ = false;
   engine::CacheSlot<KernelMap> cache_;

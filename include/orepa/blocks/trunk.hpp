@@ -12,10 +12,9 @@
 /// fused pipeline engine::FusedConvBnAct: conv, BN and the activation as oneDNN
 /// primitives on the layout the convolution prefers, with reorders only at the input and
 /// output, the reordered input saved for backward-weights. Other scalars and user
-/// activations run the plain path (ConvEngine on NCHW, BatchNorm2d, element loops), and so
-/// does a trunk whose BN is synchronised across replicas (BatchNorm2d::synchronised()):
-/// the fused pipeline computes BN statistics on the convolution's blocked layout, which
-/// the cross-replica sums would have to follow.
+/// activations run the plain path (ConvEngine on NCHW, BatchNorm2d, element loops).
+/// Both honour a synchronised BN (BatchNorm2d::synchronised()): the fused pipeline hands
+/// its statistics and gradient sums to the BN to combine across replicas.
 ///
 /// Thread safety: not safe to use from several threads at once (forwards reuse buffers).
 
@@ -54,23 +53,22 @@ class Trunk {
     if (ys[0] * ys[2] * ys[3] < 2)
       throw state_error(detail::cat(who, "::forward_train: BN needs more than one value per channel; input ",
                                     shape_str(x.sizes()), " gives output ", shape_str(ys)));
-    fused_last_ = kFused && !bn_.synchronised();
     if constexpr (kFused) {
-      if (fused_last_) {
-        const std::int64_t C = g_.out_channels;
-        stats_.resize({2 * C});
-        fused_.forward(x, w, bn_.weight.value.data(), bn_.bias.value.data(), bn_.eps, out_, stats_.data(),
-                       stats_.data() + C);
-        bn_.set_batch_statistics(stats_.data(), stats_.data() + C, ys[0] * ys[2] * ys[3]);
-        has_forward_ = true;
-        return out_;
-      }
+      const std::int64_t C = g_.out_channels;
+      std::int64_t n = ys[0] * ys[2] * ys[3];
+      stats_.resize({2 * C});
+      engine::FusedConvBnAct::StatsSync sync;
+      if (bn_.synchronised()) sync = [&](float* mean, float* var) { n = bn_.synchronise_statistics(mean, var, n); };
+      fused_.forward(x, w, bn_.weight.value.data(), bn_.bias.value.data(), bn_.eps, out_, stats_.data(),
+                     stats_.data() + C, sync);
+      bn_.set_batch_statistics(stats_.data(), stats_.data() + C, n);
+    } else {
+      x_.assign(x);
+      w_ = w;
+      conv_.forward(x_, w_, y_);
+      bn_.forward_train(y_, out_);
+      for (auto& v : out_) v = act_(v);
     }
-    x_.assign(x);
-    w_ = w;
-    conv_.forward(x_, w_, y_);
-    bn_.forward_train(y_, out_);
-    for (auto& v : out_) v = act_(v);
     has_forward_ = true;
     return out_;
   }
@@ -92,14 +90,17 @@ class Trunk {
     grad_out.expect_shape(out_.sizes(), who + "::backward grad_output");
     grad_out = contiguous(grad_out, g_nchw_);
     if constexpr (kFused) {
-      if (fused_last_) {
-        const std::int64_t C = g_.out_channels;
-        grads_.resize({2 * C});
-        fused_.backward(grad_out, bn_.weight.value.data(), bn_.bias.value.data(), bn_.batch_mean().data(),
-                        bn_.batch_var().data(), dx_, dw_, grads_.data(), grads_.data() + C);
-        bn_.accumulate_grads(grads_.data(), grads_.data() + C);
-        return dx_;
-      }
+      const std::int64_t C = g_.out_channels;
+      grads_.resize({2 * C});
+      engine::FusedConvBnAct::GradCorrection correct;
+      if (bn_.synchronised())
+        correct = [&](const float* dgamma, const float* dbeta, float* scale, float* shift) {
+          bn_.synchronise_gradient_sums(dgamma, dbeta, scale, shift);
+        };
+      fused_.backward(grad_out, bn_.weight.value.data(), bn_.bias.value.data(), bn_.batch_mean().data(),
+                      bn_.batch_var().data(), dx_, dw_, grads_.data(), grads_.data() + C, correct);
+      bn_.accumulate_grads(grads_.data(), grads_.data() + C);
+      return dx_;
     }
     dz_.resize(y_.sizes());
     const std::int64_t N = y_.size(0), C = y_.size(1), P = y_.size(2) * y_.size(3);
@@ -132,7 +133,7 @@ class Trunk {
   std::int64_t bytes_saved_for_backward() const {
     if (!has_forward_) return 0;
     const std::int64_t stats = std::int64_t(sizeof(S)) * 2 * g_.out_channels;
-    const std::int64_t acts = fused_last_ ? fused_.bytes_saved_for_backward()
+    const std::int64_t acts = kFused ? fused_.bytes_saved_for_backward()
                                      : std::int64_t(sizeof(S)) * (x_.numel() + y_.numel() + w_.numel());
     return acts + stats;
   }
@@ -151,7 +152,6 @@ class Trunk {
   Tensor<S> stats_, grads_;                   // fused path: BN batch mean|var, dgamma|dbeta
   Tensor<S> x_nchw_, g_nchw_;                 // NCHW copies of channels-last arguments
   bool has_forward_ = false;
-  bool fused_last_ = false;  // the last forward_train ran the fused pipeline
 };
 
 }  // namespace orepa
