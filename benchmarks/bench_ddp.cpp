@@ -10,8 +10,11 @@
 // the other rank waits), ddp_step/ranks:2/sync_bn (32 images per rank, BN statistics and
 // gradients across ranks), ddp_step/ranks:2/local_bn (gradients only; each rank's BN
 // sees its 32 images; the fused training pipeline stays on).
-// Counters: images_per_s (the whole job's), comm_share (rank 0's time inside MPI calls
-// over the step time: the all-reduces plus waiting for the slower rank).
+// Counters: images_per_s (the whole job's); comm_share_min and comm_share_max, the least
+// and the most any rank spent inside MPI calls over its step time. A rank's MPI time is
+// the transfer plus waiting for the slower rank, so the minimum (the slowest rank's) is
+// closest to the cost of the communication itself, and max - min is load imbalance
+// (on a shared 2-core machine, mostly other processes taking a core).
 //
 // Iteration counts are fixed (every rank must run the same number of collective steps),
 // and only rank 0 reports. Every rank must run the cases in the same order: a case
@@ -30,7 +33,7 @@ namespace {
 using namespace orepa;
 
 constexpr std::int64_t kBatch = 64, kWidth = 16, kImage = 32;
-constexpr int kWarmup = 2, kIterations = 15;
+constexpr int kWarmup = 3, kIterations = 50;
 
 int world_rank() {
   int r = 0;
@@ -105,7 +108,12 @@ void ddp_step(benchmark::State& state, int ranks, bool sync_bn) {
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     state.counters["images_per_s"] =
         benchmark::Counter(double(kBatch), benchmark::Counter::kIsIterationInvariantRate);
-    state.counters["comm_share"] = (ddp.communication_seconds() - comm0) / seconds;
+    const double in_mpi = (ddp.communication_seconds() - comm0) / seconds;
+    double lo = in_mpi, hi = in_mpi;
+    MPI_Allreduce(MPI_IN_PLACE, &lo, 1, MPI_DOUBLE, MPI_MIN, comm);
+    MPI_Allreduce(MPI_IN_PLACE, &hi, 1, MPI_DOUBLE, MPI_MAX, comm);
+    state.counters["comm_share_min"] = lo;
+    state.counters["comm_share_max"] = hi;
   }
   MPI_Comm_free(&comm);
   MPI_Barrier(MPI_COMM_WORLD);
