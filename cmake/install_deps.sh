@@ -3,7 +3,8 @@
 # Idempotent and silent when everything is present. Run as root (or via sudo).
 set -euo pipefail
 packages=(cmake g++ make libeigen3-dev libdnnl-dev ocl-icd-opencl-dev libgtest-dev libgmock-dev
-          libbenchmark-dev nlohmann-json3-dev pkgconf doxygen)
+          libbenchmark-dev nlohmann-json3-dev pkgconf doxygen
+          libopenmpi-dev openmpi-bin)  # MPI: orepa::dist (data-parallel training) and its tests
 # Extra packages for the sanitizer/fuzz configuration (clang + its runtime).
 if [[ "${OREPA_WITH_CLANG:-0}" == 1 ]]; then
   packages+=(clang-14 libclang-rt-14-dev)

@@ -11,19 +11,34 @@
 /// training pipeline computes the statistics itself and hands them over through
 /// set_batch_statistics(). Other scalars (double, for gradient checks) run plain loops
 /// with statistics accumulated in double.
+///
+/// Synchronised BN: with a CrossReplicaSum installed (dist/ installs one per BN), training
+/// statistics come from all replicas of a data-parallel job: forward sums the count and
+/// the per-channel sum and sum of squares (one call per forward), backward the two
+/// per-channel sums of dL/dz (one call); the fused pipeline does the same through
+/// synchronise_statistics() and synchronise_gradient_sums(). Without one (the default)
+/// nothing changes.
 
+#include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "orepa/blocks/module.hpp"
 #include "orepa/engine/batch_norm.hpp"
 
 namespace orepa {
+
+/// Sums `count` doubles at `data` in place across the replicas of a data-parallel job.
+/// Every replica calls it at the same point with the same count; it throws if the
+/// replicas cannot agree. The core library never calls MPI: dist/ provides the MPI one.
+using CrossReplicaSum = std::function<void(double* data, std::int64_t count)>;
 
 /// Per-channel batch normalisation of NCHW tensors with running statistics.
 template <class S>
@@ -49,12 +64,20 @@ class BatchNorm2d {
     out.batch_norms.emplace_back(prefix, this);
   }
 
+  /// Synchronises the training statistics with `sum` (see CrossReplicaSum); an empty
+  /// function restores local statistics. Kept by copies of the BN.
+  void set_cross_replica_sum(CrossReplicaSum sum) { replica_sum_ = std::move(sum); }
+  /// True when a CrossReplicaSum is installed (training statistics span all replicas).
+  bool synchronised() const { return bool(replica_sum_); }
+
   /// Training forward: normalises `y` with its batch statistics into `z`, remembers them
-  /// for backward and updates the running statistics. Needs more than one value per channel.
+  /// for backward and updates the running statistics. Needs more than one value per
+  /// channel (over all replicas when synchronised).
   void forward_train(ConstTensorView<S> y, Tensor<S>& z) {
     check(y, "BatchNorm2d::forward_train");
-    const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3), n = N * P;
-    if (n < 2)
+    const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
+    std::int64_t n = N * P;
+    if (n < 2 && !replica_sum_)  // synchronised: checked on the count of all replicas
       throw state_error(detail::cat("BatchNorm2d: training needs more than one value per channel, got input ",
                                     shape_str(y.sizes())));
     z.resize(y.sizes());
@@ -84,6 +107,14 @@ class BatchNorm2d {
         stat_var_[c] = S(sq / double(n));
       }
     }
+    if (replica_sum_) {
+      n = synchronise_statistics(stat_mean_.data(), stat_var_.data(), n);
+      if constexpr (std::is_same_v<S, float>)  // normalise again, with all replicas' statistics
+        engine::guarded([&] { return "BatchNorm2d synchronised forward on " + shape_str(y.sizes()); }, [&] {
+          kernels(y.sizes()).forward_with_stats(y.data(), z.data(), stat_mean_.data(), stat_var_.data(),
+                                                weight.value.data(), bias.value.data());
+        });
+    }
     set_batch_statistics(stat_mean_.data(), stat_var_.data(), n);
     if constexpr (!std::is_same_v<S, float>)
       for (std::int64_t c = 0; c < C; ++c) apply(y, z, c, mean_[c], invstd_[c]);
@@ -106,9 +137,61 @@ class BatchNorm2d {
       running_var.value[c] =
           S((1 - momentum) * double(running_var.value[c]) + momentum * v * double(n) / double(n - 1));
     }
+    count_ = n;
     ++num_batches_tracked;
     has_batch_stats_ = true;
   }
+  /// Synchronised BN (needs a CrossReplicaSum): turns this replica's batch `mean` and
+  /// biased `var` of `n` values per channel into those of all replicas, in place, with one
+  /// packed sum [count, sum, sum of squares] shifted by the running mean (equal on every
+  /// replica, so the variance does not cancel when the mean is large). Returns the count
+  /// over all replicas; throws state_error, on every replica alike, when it is below 2.
+  /// forward_train calls it; so does the fused pipeline, which computes statistics itself.
+  std::int64_t synchronise_statistics(S* mean, S* var, std::int64_t n) {
+    if (!replica_sum_) throw state_error("BatchNorm2d::synchronise_statistics: no CrossReplicaSum installed");
+    const std::int64_t C = channels();
+    sums_.assign(std::size_t(1 + 2 * C), 0.0);
+    sums_[0] = double(n);
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double d = double(mean[c]) - double(running_mean.value[c]);
+      sums_[std::size_t(1 + c)] = double(n) * d;
+      sums_[std::size_t(1 + C + c)] = double(n) * (double(var[c]) + d * d);
+    }
+    replica_sum_(sums_.data(), 1 + 2 * C);
+    const auto total = std::int64_t(sums_[0]);
+    if (total < 2)
+      throw state_error(detail::cat("BatchNorm2d: synchronised training needs more than one value per channel over "
+                                    "all replicas, got ", total));
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double d = sums_[std::size_t(1 + c)] / double(total);
+      mean[c] = S(double(running_mean.value[c]) + d);
+      var[c] = S(std::max(0.0, sums_[std::size_t(1 + C + c)] / double(total) - d * d));
+    }
+    local_count_ = n;
+    return total;
+  }
+  /// Synchronised BN on a pipeline whose BN backward ran locally (the fused pipeline): from
+  /// this replica's sums `dgamma` = sum dz * xhat and `dbeta` = sum dz (with the statistics
+  /// of all replicas) gives per channel `scale` and `shift` such that dL/dy = (the local
+  /// backward's dL/dy) + scale * xhat + shift, the local backward having used this
+  /// replica's sums and count where all replicas' belong. One packed sum.
+  void synchronise_gradient_sums(const S* dgamma, const S* dbeta, S* scale, S* shift) {
+    if (!replica_sum_) throw state_error("BatchNorm2d::synchronise_gradient_sums: no CrossReplicaSum installed");
+    const std::int64_t C = channels();
+    sums_.resize(std::size_t(2 * C));
+    for (std::int64_t c = 0; c < C; ++c) {
+      sums_[std::size_t(c)] = double(dbeta[c]);
+      sums_[std::size_t(C + c)] = double(dgamma[c]);
+    }
+    replica_sum_(sums_.data(), 2 * C);
+    const double n = double(local_count_), total = double(count_);
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double k = double(weight.value[c]) * double(invstd_[c]);
+      shift[c] = S(k * (double(dbeta[c]) / n - sums_[std::size_t(c)] / total));
+      scale[c] = S(k * (double(dgamma[c]) / n - sums_[std::size_t(C + c)] / total));
+    }
+  }
+
   /// Batch mean of the last training forward (empty before one).
   const Tensor<S>& batch_mean() const { return mean_; }
   /// Batch biased variance of the last training forward (empty before one).
@@ -141,16 +224,21 @@ class BatchNorm2d {
     const std::int64_t N = y.size(0), C = y.size(1), P = y.size(2) * y.size(3);
     dy.resize(y.sizes());
     if constexpr (std::is_same_v<S, float>) {
-      dgamma_.resize({C});
-      dbeta_.resize({C});
-      engine::guarded([&] { return "BatchNorm2d backward on " + shape_str(y.sizes()); }, [&] {
-        kernels(y.sizes()).backward(y.data(), dz.data(), dy.data(), mean_.data(), var_.data(), weight.value.data(),
-                                    bias.value.data(), dgamma_.data(), dbeta_.data());
-      });
-      accumulate_grads(dgamma_.data(), dbeta_.data());
-      return;
+      if (!replica_sum_) {
+        dgamma_.resize({C});
+        dbeta_.resize({C});
+        engine::guarded([&] { return "BatchNorm2d backward on " + shape_str(y.sizes()); }, [&] {
+          kernels(y.sizes()).backward(y.data(), dz.data(), dy.data(), mean_.data(), var_.data(), weight.value.data(),
+                                      bias.value.data(), dgamma_.data(), dbeta_.data());
+        });
+        accumulate_grads(dgamma_.data(), dbeta_.data());
+        return;
+      }
     }
-    const double n = double(N * P);
+    // Per channel: sum dz and sum dz * xhat, then dy. When synchronised the sums span all
+    // replicas (dy of this replica's values needs them) while the gamma / beta gradients
+    // stay local: gradient averaging (dist/) combines those like every other gradient.
+    sums_.assign(std::size_t(2 * C), 0.0);
     for (std::int64_t c = 0; c < C; ++c) {
       double sdz = 0, sdzx = 0;
       const double m = mean_[c], is = invstd_[c];
@@ -164,6 +252,13 @@ class BatchNorm2d {
       }
       weight.grad[c] += S(sdzx);
       bias.grad[c] += S(sdz);
+      sums_[std::size_t(c)] = sdz;
+      sums_[std::size_t(C + c)] = sdzx;
+    }
+    if (replica_sum_) replica_sum_(sums_.data(), 2 * C);
+    const double n = replica_sum_ ? double(count_) : double(N * P);  // all replicas' count when synchronised
+    for (std::int64_t c = 0; c < C; ++c) {
+      const double m = mean_[c], is = invstd_[c], sdz = sums_[std::size_t(c)], sdzx = sums_[std::size_t(C + c)];
       const double k = double(weight.value[c]) * is / n;
       for (std::int64_t b = 0; b < N; ++b) {
         const S* pz = dz.data() + (b * C + c) * P;
@@ -239,6 +334,10 @@ class BatchNorm2d {
 
   Tensor<S> mean_, var_, invstd_;                    // statistics of the last training forward
   Tensor<S> stat_mean_, stat_var_, dgamma_, dbeta_;  // scratch (reused)
+  std::vector<double> sums_;                         // per-channel sums (reduced across replicas when synchronised)
+  std::int64_t count_ = 0;                           // values per channel of the last training forward (all replicas)
+  std::int64_t local_count_ = 0;                     // ... of this replica (synchronised)
+  CrossReplicaSum replica_sum_;
   bool has_batch_stats_ = false;
   engine::CacheSlot<KernelMap> cache_;
   std::int64_t creations_ = 0;

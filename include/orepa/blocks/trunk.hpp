@@ -13,6 +13,8 @@
 /// primitives on the layout the convolution prefers, with reorders only at the input and
 /// output, the reordered input saved for backward-weights. Other scalars and user
 /// activations run the plain path (ConvEngine on NCHW, BatchNorm2d, element loops).
+/// Both honour a synchronised BN (BatchNorm2d::synchronised()): the fused pipeline hands
+/// its statistics and gradient sums to the BN to combine across replicas.
 ///
 /// Thread safety: not safe to use from several threads at once (forwards reuse buffers).
 
@@ -53,10 +55,13 @@ class Trunk {
                                     shape_str(x.sizes()), " gives output ", shape_str(ys)));
     if constexpr (kFused) {
       const std::int64_t C = g_.out_channels;
+      std::int64_t n = ys[0] * ys[2] * ys[3];
       stats_.resize({2 * C});
+      engine::FusedConvBnAct::StatsSync sync;
+      if (bn_.synchronised()) sync = [&](float* mean, float* var) { n = bn_.synchronise_statistics(mean, var, n); };
       fused_.forward(x, w, bn_.weight.value.data(), bn_.bias.value.data(), bn_.eps, out_, stats_.data(),
-                     stats_.data() + C);
-      bn_.set_batch_statistics(stats_.data(), stats_.data() + C, ys[0] * ys[2] * ys[3]);
+                     stats_.data() + C, sync);
+      bn_.set_batch_statistics(stats_.data(), stats_.data() + C, n);
     } else {
       x_.assign(x);
       w_ = w;
@@ -87,8 +92,13 @@ class Trunk {
     if constexpr (kFused) {
       const std::int64_t C = g_.out_channels;
       grads_.resize({2 * C});
+      engine::FusedConvBnAct::GradCorrection correct;
+      if (bn_.synchronised())
+        correct = [&](const float* dgamma, const float* dbeta, float* scale, float* shift) {
+          bn_.synchronise_gradient_sums(dgamma, dbeta, scale, shift);
+        };
       fused_.backward(grad_out, bn_.weight.value.data(), bn_.bias.value.data(), bn_.batch_mean().data(),
-                      bn_.batch_var().data(), dx_, dw_, grads_.data(), grads_.data() + C);
+                      bn_.batch_var().data(), dx_, dw_, grads_.data(), grads_.data() + C, correct);
       bn_.accumulate_grads(grads_.data(), grads_.data() + C);
       return dx_;
     }

@@ -17,8 +17,10 @@
 #include <memory>
 #include <tuple>
 #include <cstring>
+#include <functional>
 #include <unordered_map>
 #include <utility>
+#include <vector>
 
 #include "orepa/core/activation.hpp"
 #include "orepa/engine/batch_norm.hpp"
@@ -236,8 +238,20 @@ class Relayout {
 ///
 /// Per input shape, created once and reused: the primitives, the saved buffers, one work
 /// buffer, the reorders and the scratchpad. No allocation in the steady state.
+///
+/// Synchronised BN (statistics over the replicas of a data-parallel job) plugs in through
+/// two optional callbacks: forward hands the local statistics to `sync_stats`, which
+/// replaces them by all replicas', and normalises again with those; backward hands the
+/// local sums dgamma / dbeta to `correct`, which gives per channel the scale and shift of
+/// the correction dy += scale * xhat + shift (a BN primitive with given statistics
+/// computes it on the blocked layout). Without them nothing extra runs.
 class FusedConvBnAct {
  public:
+  /// Replaces the local batch `mean` and `var` (C floats each) by all replicas'.
+  using StatsSync = std::function<void(float* mean, float* var)>;
+  /// From the local sums `dgamma`, `dbeta` (C floats each) fills `scale`, `shift` (C each).
+  using GradCorrection = std::function<void(const float* dgamma, const float* dbeta, float* scale, float* shift)>;
+
   /// `act` must be identity, relu or silu (custom activations cannot run in oneDNN).
   FusedConvBnAct(ConvGeometry g, ActivationKind act) : g_(g), act_(act) {
     g_.validate("FusedConvBnAct", false);
@@ -266,7 +280,7 @@ class FusedConvBnAct {
   /// out = act(BN(conv(x, w))) with the batch statistics, written to mean / var (biased,
   /// C floats each); gamma / beta are BN's C scales and shifts. Saves what backward needs.
   void forward(ConstTensorView<float> x, ConstTensorView<float> w, const float* gamma, const float* beta, double eps,
-               Tensor<float>& out, float* mean, float* var) {
+               Tensor<float>& out, float* mean, float* var, const StatsSync& sync_stats = {}) {
     w.expect_shape(g_.weight_shape(), "FusedConvBnAct::forward weight");
     Entry& e = entry(x.sizes(), eps);
     out.resize(e.y_shape);
@@ -279,6 +293,10 @@ class FusedConvBnAct {
       e.fwd.execute(s, e.fwd_args);
       s.wait();
       e.bn->forward_train(ptr(e.y), ptr(e.z), mean, var, gamma, beta);
+      if (sync_stats) {
+        sync_stats(mean, var);
+        e.bn->forward_with_stats(ptr(e.y), ptr(e.z), mean, var, gamma, beta);
+      }
       if (e.has_act) e.act_fwd.execute(s, e.act_fwd_args);  // in place on z
       e.out_user.set_data_handle(out.data());
       e.out_copy.execute(s, e.z, e.out_user);
@@ -291,7 +309,7 @@ class FusedConvBnAct {
   /// and dgamma / dbeta (C floats, overwritten). mean / var are the statistics that
   /// forward wrote; gamma / beta BN's current scales and shifts.
   void backward(ConstTensorView<float> dout, const float* gamma, const float* beta, const float* mean, const float* var,
-                Tensor<float>& dx, Tensor<float>& dw, float* dgamma, float* dbeta) {
+                Tensor<float>& dx, Tensor<float>& dw, float* dgamma, float* dbeta, const GradCorrection& correct = {}) {
     if (!last_) throw state_error("FusedConvBnAct::backward: call forward first");
     Entry& e = *last_;
     dout.expect_shape(e.y_shape, "FusedConvBnAct::backward grad_output");
@@ -311,6 +329,7 @@ class FusedConvBnAct {
       }
       // dy into the z buffer (z is not needed any more).
       e.bn->backward(ptr(e.y), dz, ptr(e.z), mean, var, gamma, beta, dgamma, dbeta);
+      if (correct) add_correction(e, mean, var, dgamma, dbeta, correct);
       e.bwd_data_args[DNNL_ARG_DIFF_DST] = e.dy_for_data(e.z);
       e.bwd_data_args[DNNL_ARG_WEIGHTS] = e.w_for_data(e.w_saved);
       e.bwd_data_args[DNNL_ARG_DIFF_SRC] = e.dx_port.out(dx.data());
@@ -339,6 +358,23 @@ class FusedConvBnAct {
  private:
   static float* ptr(const memory& m) { return static_cast<float*>(m.get_data_handle()); }
 
+  struct Entry;
+  // dy (in the z buffer) += scale * xhat + shift, the BN primitive with the forward's
+  // statistics computing the term into a buffer of the same layout (its padding stays 0).
+  static void add_correction(Entry& e, const float* mean, const float* var, const float* dgamma, const float* dbeta,
+                             const GradCorrection& correct) {
+    const auto C = std::size_t(e.y_shape[1]);
+    e.corr_scale.resize(C);
+    e.corr_shift.resize(C);
+    correct(dgamma, dbeta, e.corr_scale.data(), e.corr_shift.data());
+    if (!e.corr) e.corr = allocate(e.z.get_desc());  // first synchronised backward only
+    e.bn->forward_with_stats(ptr(e.y), ptr(e.corr), mean, var, e.corr_scale.data(), e.corr_shift.data());
+    float* dy = ptr(e.z);
+    const float* add = ptr(e.corr);
+    const auto n = std::int64_t(e.z.get_desc().get_size() / sizeof(float));
+    for (std::int64_t i = 0; i < n; ++i) dy[i] += add[i];
+  }
+
   struct Entry {
     Shape x_shape, y_shape;
     dnnl::convolution_forward fwd;
@@ -349,6 +385,8 @@ class FusedConvBnAct {
     bool has_act = false;
     std::unique_ptr<BnKernels> bn;
     memory x_user, x_saved, w_user, w_saved, y, z, dz, out_user, scratch;
+    memory corr;                                   // synchronised BN's dy correction (allocated on first use)
+    std::vector<float> corr_scale, corr_shift;
     dnnl::reorder x_in, w_in, out_copy;
     Port dout_port, dx_port, dw_port;
     Relayout dy_for_data, dy_for_weights, x_for_weights, w_for_data;
