@@ -192,7 +192,11 @@ inline double weight_sqnr(const DeployedConv<float>& c) {
   return sqnr_db(c.weight().data(), w.data(), w.numel());
 }
 inline void sort_worst_first(std::vector<LayerQuantError>& v) {
-  std::stable_sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.output_sqnr_db < b.output_sqnr_db; });
+  // std::sort with a tie-break, not stable_sort: GCC 12's stable_sort buffer trips ASan's
+  // alloc-dealloc-mismatch check (operator new vs free inside libstdc++).
+  std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) {
+    return a.output_sqnr_db != b.output_sqnr_db ? a.output_sqnr_db < b.output_sqnr_db : a.layer < b.layer;
+  });
 }
 }  // namespace detail
 /// \endcond
