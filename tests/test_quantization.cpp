@@ -303,10 +303,12 @@ TEST(Quantization, SequentialReportsEveryConvInsideModulesWorstFirst) {
   const std::vector<std::string> names{"0.", "1.", "2.", "3.cv1.", "3.cv2.", "3.cv3.", "3.m.0.cv1.", "3.m.0.cv2."};
   ASSERT_EQ(calib.size(), names.size());
   for (const auto& n : names) EXPECT_TRUE(calib.contains(n)) << n;
-  for (const auto& [name, tensor] : net.named_parameters())
+  for (const auto& named : net.named_parameters()) {
+    const std::string& name = named.first;
     EXPECT_TRUE(name.rfind("4.", 0) == 0 || name.rfind("5.", 0) == 0 ||
                 std::any_of(names.begin(), names.end(), [&](const auto& n) { return name.rfind(n, 0) == 0; }))
         << name << " belongs to no calibrated layer";
+  }
   EXPECT_EQ(cal.batches("3.m.0.cv2."), 4);
   const auto int8 = net.deploy(DeployOptions().precision(Precision::int8).calibration(calib));
   ASSERT_EQ(int8.size(), 6u);

@@ -147,7 +147,8 @@ class DeployedChain {
   };
 
   std::unique_ptr<Workspace> take(const Key& key) const {
-    const auto& [xs, format] = key;
+    const Shape& xs = key.first;  // not a structured binding: clang 14 cannot capture one
+    const MemoryFormat format = key.second;
     {
       std::lock_guard<std::mutex> lock(state_->mutex);
       auto& pool = state_->idle[key];
