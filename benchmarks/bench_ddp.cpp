@@ -26,6 +26,8 @@
 #include <orepa/nn/yolo.hpp>
 #include <orepa/orepa.hpp>
 
+#include "../examples/demo_network.hpp"
+
 #include <chrono>
 
 namespace {
@@ -39,21 +41,6 @@ int world_rank() {
   int r = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &r);
   return r;
-}
-
-// The demo's network (examples/demo.cpp, build_classifier) with OREPA blocks.
-Sequential<float> demo_classifier() {
-  const auto maker = orepa_maker<float>();
-  const std::int64_t w = kWidth;
-  Sequential<float> net;
-  net.add(maker(ConvOptions(1, w, 3).stride(2).seed(2)));
-  net.add(maker(ConvOptions(w, 2 * w, 3).stride(2).seed(3)));
-  net.add(C3<float>(2 * w, 2 * w, 1, true, 0.5, 4, maker));
-  net.add(maker(ConvOptions(2 * w, 4 * w, 3).stride(2).seed(5)));
-  net.add(C3<float>(4 * w, 4 * w, 1, true, 0.5, 6, maker));
-  net.add(GlobalAvgPool<float>());
-  net.add(Linear<float>(4 * w, 4, 7));
-  return net;
 }
 
 // True when every rank is in the case numbered `id`.
@@ -88,7 +75,7 @@ void ddp_step(benchmark::State& state, int ranks, bool sync_bn) {
     return;
   }
   {
-    Sequential<float> net = demo_classifier();
+    Sequential<float> net = examples::build_classifier(kWidth, 4, /*seed=*/1, orepa_maker<float>());
     DistributedDataParallel ddp(net, DdpOptions().sync_batch_norm(sync_bn), comm);
     const std::int64_t share = kBatch / ranks;
     const auto data = make_bars_dataset<float>(kBatch, 3, kImage, 0.5);

@@ -17,6 +17,7 @@
 #include <orepa/orepa.hpp>
 #include <orepa/nn/yolo.hpp>
 
+#include "demo_network.hpp"
 #include "tool_args.hpp"  // tools::parse_int, the checked integer-flag parser
 
 #include <unistd.h>  // isatty
@@ -35,6 +36,7 @@
 #include <vector>
 
 using namespace orepa;
+using orepa::examples::build_classifier;
 
 namespace {
 
@@ -91,28 +93,12 @@ bool parse_args(int argc, char** argv, Args& a) {
 }
 
 // ---------------------------------------------------------------------------------------
-// The network
+// The data (the network is build_classifier, examples/demo_network.hpp)
 
 constexpr std::int64_t kImageSize = 32;
 // Pixel noise of the bar images (nn/synthetic.hpp's default is 0.2): noisier images make
 // the task take a few hundred steps instead of a few dozen.
 constexpr double kNoise = 0.5;
-
-// YOLOv5's backbone pattern at toy scale, every block from `maker`:
-//   Conv(1, w, 3, 2) -> Conv(w, 2w, 3, 2) -> C3(2w, 2w) -> Conv(2w, 4w, 3, 2) -> C3(4w, 4w)
-//   -> GlobalAvgPool -> Linear(4w, classes)
-// A 3x3 stride-2 stem rather than a 7x7 OREPA_LargeConv keeps the demo fast on 2 cores.
-Sequential<float> build_classifier(std::int64_t w, int classes, std::uint64_t seed, const BlockMaker<float>& maker) {
-  Sequential<float> net;
-  net.add(maker(ConvOptions(1, w, 3).stride(2).seed(seed + 1)));
-  net.add(maker(ConvOptions(w, 2 * w, 3).stride(2).seed(seed + 2)));
-  net.add(C3<float>(2 * w, 2 * w, 1, true, 0.5, seed + 3, maker));
-  net.add(maker(ConvOptions(2 * w, 4 * w, 3).stride(2).seed(seed + 4)));
-  net.add(C3<float>(4 * w, 4 * w, 1, true, 0.5, seed + 5, maker));
-  net.add(GlobalAvgPool<float>());
-  net.add(Linear<float>(4 * w, classes, seed + 6));
-  return net;
-}
 
 // One line per layer: what the network is made of.
 void describe(Sequential<float>& net) {

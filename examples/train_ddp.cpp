@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "demo_network.hpp"
 #include "tool_args.hpp"  // tools::parse_int
 
 using namespace orepa;
@@ -69,20 +70,6 @@ bool parse_args(int argc, char** argv, Args& a) {
   return true;
 }
 
-// The demo's network (demo.cpp, build_classifier) with OREPA blocks.
-Sequential<float> build_classifier(std::int64_t w, int classes) {
-  const auto maker = orepa_maker<float>();
-  Sequential<float> net;
-  net.add(maker(ConvOptions(1, w, 3).stride(2).seed(2)));
-  net.add(maker(ConvOptions(w, 2 * w, 3).stride(2).seed(3)));
-  net.add(C3<float>(2 * w, 2 * w, 1, true, 0.5, 4, maker));
-  net.add(maker(ConvOptions(2 * w, 4 * w, 3).stride(2).seed(5)));
-  net.add(C3<float>(4 * w, 4 * w, 1, true, 0.5, 6, maker));
-  net.add(GlobalAvgPool<float>());
-  net.add(Linear<float>(4 * w, classes, 7));
-  return net;
-}
-
 double accuracy(const Tensor<float>& logits, const std::vector<int>& labels) {
   const auto pred = argmax_rows(logits);
   std::int64_t ok = 0;
@@ -109,7 +96,7 @@ int run(int argc, char** argv) {
   const auto test = make_bars_dataset<float>(512, 1'000'003, kImageSize, kNoise);
   auto train = make_bars_dataset<float>(kEpochImages, 1'000'004, kImageSize, kNoise);
 
-  Sequential<float> net = build_classifier(args.width, train.num_classes);
+  Sequential<float> net = examples::build_classifier(args.width, train.num_classes, /*seed=*/1, orepa_maker<float>());
   DistributedDataParallel ddp(net, DdpOptions().sync_batch_norm(!args.local_bn));
   std::int64_t params = 0;
   for (auto* p : net.parameters()) params += p->value.numel();
