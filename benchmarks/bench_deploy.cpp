@@ -11,13 +11,18 @@
 //   raw_onednn/<layer>/n<b>      bare primitive, src/dst/weights format_tag::any
 //   raw_onednn_nchw/<layer>/n<b> bare primitive with src/dst fixed to NCHW (what a plain
 //                                layout costs without any reorder)
+//   raw_onednn_<p>/<layer>/n<b>  p = bf16 / int8: the bare primitive in that precision (bf16
+//                                or u8/s8 input, bf16 or s8 weights, float output; int8 with
+//                                per-channel output scales and an input zero point)
 //   deploy_<p>/<layer>/n<b>      p = bf16 / int8: DeployedConv in that precision on channels-last
 //                                float tensors (the input converted / quantized on the way in)
 //   deploy_<p>_blocked/<layer>/n<b>  the same on dnnl::memory already in the primitive's
 //                                (bf16 / u8) input layout: the reduced-precision primitive alone
 //   deploy_chain/<api>/n<b>      stem_k6 -> c32_64_s2 -> c64 -> c64_k1 as four DeployedConvs
 //                                with NCHW tensors between them (api = nchw) or as one
-//                                DeployedChain keeping activations blocked (api = blocked)
+//                                DeployedChain keeping activations blocked (api = blocked),
+//                                or that DeployedChain in int8 (api = int8: 8-bit activations
+//                                between the convs, float NCHW in and out)
 // Counter gflops: forward FLOPs (2 per multiply-add) per second.
 #include <cmath>
 
@@ -139,36 +144,52 @@ void deploy_reduced(benchmark::State& state, Layer l, std::int64_t n, Precision 
   set_flops(state, l.g, xs);
 }
 
-// The yardstick: a oneDNN convolution with nothing around it.
-void raw_onednn(benchmark::State& state, Layer l, std::int64_t n, bool plain) {
+// The yardstick: a oneDNN convolution with nothing around it, in precision `p` (float
+// output always, as DeployedConv's). Skipped where this CPU has no kernel for `p`.
+void raw_onednn(benchmark::State& state, Layer l, std::int64_t n, bool plain, Precision p) {
   using namespace dnnl;
   using tag = memory::format_tag;
+  using dt = memory::data_type;
   auto& eng = engine::cpu_engine();
   stream s(eng);
   const ConvGeometry& g = l.g;
   const Shape xs = input_shape(l, n), ys = g.output_shape(xs, "raw_onednn");
   const tag act = plain ? tag::nchw : tag::any;
-  auto md = [](const Shape& sh, tag t) { return memory::desc(memory::dims(sh.begin(), sh.end()), memory::data_type::f32, t); };
+  const dt src_type = p == Precision::bf16 ? dt::bf16 : p == Precision::int8 ? (engine::cpu_has_vnni() ? dt::u8 : dt::s8) : dt::f32;
+  const dt weight_type = p == Precision::bf16 ? dt::bf16 : p == Precision::int8 ? dt::s8 : dt::f32;
+  auto md = [](const Shape& sh, tag t, dt type = dt::f32) { return memory::desc(memory::dims(sh.begin(), sh.end()), type, t); };
   post_ops ops;
   ops.append_eltwise(1.f, algorithm::eltwise_swish, 1.f, 0.f);
   primitive_attr attr;
   attr.set_post_ops(ops);
   attr.set_scratchpad_mode(scratchpad_mode::user);
+  if (p == Precision::int8) {
+    attr.set_output_scales(1 << 1, std::vector<float>(std::size_t(g.out_channels), 1e-3f));
+    attr.set_zero_points(DNNL_ARG_SRC, 0, {3});
+  }
   const memory::dims k{g.out_channels, g.in_channels, g.kernel, g.kernel};
   convolution_forward::primitive_desc pd(
-      convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, md(xs, act),
-                                memory::desc(k, memory::data_type::f32, tag::any),
-                                memory::desc({g.out_channels}, memory::data_type::f32, tag::x), md(ys, act),
+      convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, md(xs, act, src_type),
+                                memory::desc(k, weight_type, tag::any),
+                                memory::desc({g.out_channels}, dt::f32, tag::x), md(ys, act),
                                 {g.stride, g.stride}, {0, 0}, {g.padding, g.padding}, {g.padding, g.padding}),
-      attr, eng);
+      attr, eng, /*allow_empty=*/true);
+  if (!pd) {
+    state.SkipWithError((std::string("oneDNN has no ") + precision_name(p) + " convolution here (ISA " +
+                         engine::cpu_isa_name() + ")").c_str());
+    return;
+  }
   convolution_forward prim(pd);
   // Fill weights, bias and input through reorders from plain buffers, outside the loop.
   const auto xplain = random_tensor(xs);
   Tensor<float> wplain(g.weight_shape(), 0.01f), bplain({g.out_channels}, 0.1f);
   memory src(pd.src_desc(), eng), wts(pd.weights_desc(), eng), bias(pd.bias_desc(), eng), dst(pd.dst_desc(), eng),
       scratch(pd.scratchpad_desc(), eng);
-  memory xu(md(xs, tag::nchw), eng, const_cast<float*>(xplain.data())), wu(memory::desc(k, memory::data_type::f32, tag::oihw), eng, wplain.data());
-  reorder(xu, src).execute(s, xu, src);
+  memory xu(md(xs, tag::nchw), eng, const_cast<float*>(xplain.data())), wu(memory::desc(k, dt::f32, tag::oihw), eng, wplain.data());
+  if (p == Precision::int8)
+    std::fill_n(static_cast<unsigned char*>(src.get_data_handle()), src.get_desc().get_size(), 5);
+  else
+    reorder(xu, src).execute(s, xu, src);
   reorder(wu, wts).execute(s, wu, wts);
   std::copy(bplain.begin(), bplain.end(), static_cast<float*>(bias.get_data_handle()));
   s.wait();
@@ -185,20 +206,28 @@ void raw_onednn(benchmark::State& state, Layer l, std::int64_t n, bool plain) {
 }
 
 // stem_k6 -> c32_64_s2 -> c64 -> c64_k1 (640 -> 320 -> 160 -> 160 -> 160).
-void deploy_chain(benchmark::State& state, bool blocked, std::int64_t n) {
+// `api`: "nchw" (separate convs, NCHW tensors between), "blocked" (one DeployedChain) or
+// "int8" (that chain in int8: the input range of random_tensor, then SiLU's outputs).
+void deploy_chain(benchmark::State& state, std::string api, std::int64_t n) {
   std::vector<DeployedConv<float>> convs;
   double flops = 0;
   Shape xs{n, 3, 640, 640}, s = xs;
   for (int i : {0, 1, 2, 6}) {
     convs.push_back(make_deployed(kLayers[i].g, 10 + std::uint64_t(i)));
+    if (api == "int8") convs.back().precision(Precision::int8, convs.size() == 1 ? ActivationRange{-1.f, 1.f} : ActivationRange{-0.3f, 4.f});
     flops += conv_flops(kLayers[i].g, s);
     s = kLayers[i].g.output_shape(s, "deploy_chain");
   }
   const auto x = random_tensor(xs);
-  if (blocked) {
+  if (api != "nchw") {
     DeployedChain chain(std::move(convs));
     Tensor<float> y;
-    chain.forward(x, y);
+    try {
+      chain.forward(x, y);
+    } catch (const engine_error& e) {
+      state.SkipWithError(e.what());
+      return;
+    }
     for (auto _ : state) {
       chain.forward(x, y);
       benchmark::DoNotOptimize(y.data());
@@ -222,6 +251,7 @@ void deploy_chain(benchmark::State& state, bool blocked, std::int64_t n) {
 }
 
 const bool registered = [] {
+  benchmark::AddCustomContext("onednn_isa", engine::cpu_isa_name());  // the kernels differ per ISA
   for (auto n : kBatches)
     for (const auto& l : kLayers) {
       const std::string tail = std::string(l.name) + "/n" + std::to_string(n);
@@ -240,12 +270,17 @@ const bool registered = [] {
       benchmark::RegisterBenchmark(("deploy_blocked/" + tail).c_str(), deploy_blocked, l, n)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
-      benchmark::RegisterBenchmark(("raw_onednn/" + tail).c_str(), raw_onednn, l, n, false)
+      benchmark::RegisterBenchmark(("raw_onednn/" + tail).c_str(), raw_onednn, l, n, false, Precision::fp32)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
-      benchmark::RegisterBenchmark(("raw_onednn_nchw/" + tail).c_str(), raw_onednn, l, n, true)
+      benchmark::RegisterBenchmark(("raw_onednn_nchw/" + tail).c_str(), raw_onednn, l, n, true, Precision::fp32)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
+      for (Precision p : {Precision::bf16, Precision::int8})
+        benchmark::RegisterBenchmark(("raw_onednn_" + std::string(precision_name(p)) + "/" + tail).c_str(), raw_onednn,
+                                     l, n, false, p)
+            ->UseRealTime()
+            ->Unit(benchmark::kMillisecond);
       for (Precision p : {Precision::bf16, Precision::int8})
         for (bool blocked : {false, true})
           benchmark::RegisterBenchmark(("deploy_" + std::string(precision_name(p)) + (blocked ? "_blocked/" : "/") + tail).c_str(),
@@ -254,9 +289,8 @@ const bool registered = [] {
               ->Unit(benchmark::kMillisecond);
     }
   for (auto n : kBatches)
-    for (bool blocked : {false, true})
-      benchmark::RegisterBenchmark(("deploy_chain/" + std::string(blocked ? "blocked" : "nchw") + "/n" + std::to_string(n)).c_str(),
-                                   deploy_chain, blocked, n)
+    for (std::string api : {"nchw", "blocked", "int8"})
+      benchmark::RegisterBenchmark(("deploy_chain/" + api + "/n" + std::to_string(n)).c_str(), deploy_chain, api, n)
           ->UseRealTime()
           ->Unit(benchmark::kMillisecond);
   return true;

@@ -42,11 +42,12 @@ def gflops(b):
 
 
 def targets(r):
-    """(target, where, value, limit, met) rows."""
+    """(target, where, value, limit, met) rows; limit is "<= x" or ">= x"."""
     rows = []
 
-    def add(target, where, value, limit):
-        rows.append((target, where, value, limit, value <= limit))
+    def add(target, where, value, limit, at_least=False):
+        rows.append((target, where, value, f"{'>=' if at_least else '<='} {limit:g}",
+                     value >= limit if at_least else value <= limit))
 
     for n in (1, 8):
         for layer in LAYERS:
@@ -63,6 +64,23 @@ def targets(r):
             blk = r.get(f"deploy_blocked/{layer}/n{n}")
             if blk:
                 add("deploy_blocked / raw", f"{layer} n{n}", ms(blk) / ms(raw), 1.05)
+            for p in ("bf16", "int8"):
+                dep, praw = r.get(f"deploy_{p}_blocked/{layer}/n{n}"), r.get(f"raw_onednn_{p}/{layer}/n{n}")
+                if dep and praw:
+                    add(f"deploy_{p}_blocked / raw_onednn_{p}", f"{layer} n{n}", ms(dep) / ms(praw), 1.05)
+    # Reduced precision against fp32, activations in the primitive's layout (64-512 channel 3x3, batch 8).
+    for layer in ("c64", "c128", "c256", "c512"):
+        fp = r.get(f"deploy_blocked/{layer}/n8")
+        for p, limit in (("int8", 3.2), ("bf16", 1.85)):
+            low = r.get(f"deploy_{p}_blocked/{layer}/n8")
+            if fp and low:
+                add(f"{p} speed-up over fp32 (deploy_blocked / deploy_{p}_blocked)", f"{layer} n8", ms(fp) / ms(low),
+                    limit, at_least=True)
+    for n in (1, 8):
+        fp, low = r.get(f"deploy_chain/blocked/n{n}"), r.get(f"deploy_chain/int8/n{n}")
+        if fp and low:
+            add("int8 DeployedChain speed-up over fp32 (stem_k6 -> c32_64_s2 -> c64 -> c64_k1)", f"n{n}",
+                ms(fp) / ms(low), 2.5, at_least=True)
     for shape in SHAPES:
         sq, sqb = r.get(f"squeeze/OREPA/{shape}"), r.get(f"squeeze_backward/OREPA/{shape}")
         if sq and sqb and shape.startswith("c128"):
@@ -77,13 +95,14 @@ def targets(r):
 
 def main(path):
     r, ctx = load(path)
-    print(f"run: {ctx.get('date', '?')}, {ctx.get('num_cpus', '?')} CPUs, {ctx.get('host_name', '?')}\n")
+    print(f"run: {ctx.get('date', '?')}, {ctx.get('num_cpus', '?')} CPUs, {ctx.get('host_name', '?')}, "
+          f"oneDNN ISA {ctx.get('onednn_isa', '?')}\n")
     rows = targets(r)
     if rows:
         print("| target | where | value | limit | met |")
         print("|---|---|---|---|---|")
         for target, where, value, limit, met in rows:
-            print(f"| {target} | {where} | {value:.3g} | {limit:g} | {'met' if met else 'MISSED'} |")
+            print(f"| {target} | {where} | {value:.3g} | {limit} | {'met' if met else 'MISSED'} |")
         print()
     print("| shape | OREPA/ConvBN time | DBB/OREPA time | RepVGG/ConvBN time | peak memory OREPA/ConvBN "
           "| saved bytes OREPA/ConvBN | squeeze+adjoint share of OREPA step |")
@@ -126,9 +145,10 @@ def main(path):
             print(f"| {layer} | {n} | {gflops(fp):.0f} | {up('deploy_bf16_blocked', fp)} | {up('deploy_int8_blocked', fp)} "
                   f"| {up('deploy_bf16', nhwc)} | {up('deploy_int8', nhwc)} |")
     for n in (1, 8):
-        a, b = r.get(f"deploy_chain/nchw/n{n}"), r.get(f"deploy_chain/blocked/n{n}")
+        a, b, c = (r.get(f"deploy_chain/{api}/n{n}") for api in ("nchw", "blocked", "int8"))
         if a and b:
-            print(f"\nchain stem_k6 -> c32_64_s2 -> c64 -> c64_k1, n{n}: blocked/nchw time {ms(b) / ms(a):.2f}")
+            line = f"\nchain stem_k6 -> c32_64_s2 -> c64 -> c64_k1, n{n}: blocked/nchw time {ms(b) / ms(a):.2f}"
+            print(line + (f", int8/blocked time {ms(c) / ms(b):.2f}" if c else ""))
 
 
 if __name__ == "__main__":

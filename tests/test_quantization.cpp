@@ -342,19 +342,86 @@ TEST(Quantization, SequentialReportsEveryConvInsideModulesWorstFirst) {
   EXPECT_NEAR(row->output_sqnr_db, 10 * std::log10(s2 / n2), 1e-3);
 }
 
-TEST(Quantization, DeployedChainRunsReducedPrecisionConvs) {
+// One conv writing 8-bit codes in the next one's quantization: every code is the
+// quantization of the float output the tensor API gives (oneDNN rounds inside the
+// primitive, so a tie may land one code away).
+TEST(Quantization, Int8ConvWritesCodesInTheNextConvsQuantization) {
+  Rng rng(11);
+  for (ActivationKind act : {ActivationKind::silu, ActivationKind::relu, ActivationKind::identity}) {
+    ConvGeometry g;
+    g.in_channels = 8, g.out_channels = 16, g.kernel = 3, g.padding = 1;
+    DeployedConv<float> conv(g, spread_kernel(g, rng), random_tensor<float>({16}, rng), activation(act));
+    conv.precision(Precision::int8, {-1.f, 1.f});
+    const Tensor<float> x = random_tensor<float>({2, 8, 10, 10}, rng);
+    const Tensor<float> y = conv.forward(x);
+    float lo = 0, hi = 0;
+    for (float v : y) lo = std::min(lo, v), hi = std::max(hi, v);
+    const QuantParams q = QuantParams::for_range({0.8f * lo, 0.8f * hi}, !engine::cpu_has_vnni());  // some saturate
+    conv.output_quantization(q);
+    const Shape xs = x.sizes();
+    dnnl::memory src = engine::allocate(engine::nchw_desc(xs)), codes = engine::allocate(dst_desc(conv, xs));
+    ASSERT_EQ(codes.get_desc().data_type(), q.qmin < 0 ? dnnl::memory::data_type::s8 : dnnl::memory::data_type::u8);
+    std::copy(x.begin(), x.end(), static_cast<float*>(src.get_data_handle()));
+    forward(conv, src, codes);
+    const auto plain_md = dnnl::memory::desc(dnnl::memory::dims(y.sizes().begin(), y.sizes().end()),
+                                             codes.get_desc().data_type(), dnnl::memory::format_tag::nchw);
+    dnnl::memory plain = engine::allocate(plain_md);
+    dnnl::reorder(codes, plain).execute(engine::thread_stream(), codes, plain);
+    engine::thread_stream().wait();
+    std::int64_t equal = 0, saturated = 0;
+    for (std::int64_t i = 0; i < y.numel(); ++i) {
+      const auto* bytes = static_cast<const unsigned char*>(plain.get_data_handle());
+      const std::int32_t got = q.qmin < 0 ? std::int32_t(static_cast<signed char>(bytes[i])) : std::int32_t(bytes[i]);
+      const std::int32_t want = q.quantize(y[i]);
+      ASSERT_LE(std::abs(got - want), 1) << "element " << i << " of activation " << int(act);
+      equal += got == want;
+      saturated += want == q.qmin || want == q.qmin + 255;
+    }
+    EXPECT_GE(double(equal), 0.99 * double(y.numel())) << int(act);
+    EXPECT_GT(saturated, 0) << int(act);
+  }
+}
+
+// A chain of int8 convs passes codes between them: the same numbers as each conv on its
+// own (the next conv quantizes the float output the same way) up to those one-code ties.
+TEST(Quantization, DeployedChainPassesInt8ActivationsBetweenConvs) {
   Rng rng(10);
-  ConvGeometry a, b;
+  ConvGeometry a, b, c;
   a.in_channels = 8, a.out_channels = 16, a.kernel = 3, a.padding = 1;
   b.in_channels = 16, b.out_channels = 16, b.kernel = 3, b.stride = 2, b.padding = 1;
+  c.in_channels = 16, c.out_channels = 8, c.kernel = 1;
   DeployedConv<float> ca(a, spread_kernel(a, rng), random_tensor<float>({16}, rng), SiLU{});
-  DeployedConv<float> cb(b, spread_kernel(b, rng), random_tensor<float>({16}, rng), SiLU{});
+  DeployedConv<float> cb(b, spread_kernel(b, rng), random_tensor<float>({16}, rng), ReLU{});
+  DeployedConv<float> cc(c, spread_kernel(c, rng), random_tensor<float>({8}, rng));
   ca.precision(Precision::int8, {-1.f, 1.f});
   cb.precision(Precision::int8, {-0.3f, 3.f});
+  cc.precision(Precision::int8, {0.f, 4.f});
   const Tensor<float> x = random_tensor<float>({2, 8, 12, 12}, rng);
-  const Tensor<float> want = cb.forward(ca.forward(x));  // each conv on its own, float between
-  const DeployedChain chain({ca, cb});
-  expect_close(chain.forward(x), want, 1e-6, "DeployedChain of int8 convs");
-  expect_close(chain.forward(x.to(MemoryFormat::channels_last)).to(MemoryFormat::contiguous), want, 1e-6,
-               "DeployedChain of int8 convs, channels-last input");
+  const Tensor<float> want = cc.forward(cb.forward(ca.forward(x)));  // each conv on its own, float between
+  const DeployedChain chain({ca, cb, cc});
+  EXPECT_EQ(chain.convs()[0].output_quantization()->scale, cb.input_quantization().scale);
+  EXPECT_EQ(chain.convs()[1].output_quantization()->zero_point, cc.input_quantization().zero_point);
+  EXPECT_FALSE(chain.convs()[2].output_quantization());
+  EXPECT_NE(dst_desc(chain.convs()[0], x.sizes()).data_type(), dnnl::memory::data_type::f32);
+  for (MemoryFormat f : {MemoryFormat::contiguous, MemoryFormat::channels_last}) {
+    const Tensor<float> got = chain.forward(x.to(f)).to(MemoryFormat::contiguous);
+    EXPECT_GT(sqnr_db(want.data(), got.data(), want.numel()), 40.0) << int(f);
+  }
+  // A float conv between int8 ones: float in and out of it, the others as before.
+  DeployedConv<float> fb(b, cb.weight(), cb.bias(), ReLU{});
+  const DeployedChain mixed({ca, fb, cc});
+  EXPECT_FALSE(mixed.convs()[0].output_quantization());
+  EXPECT_FALSE(mixed.convs()[1].output_quantization());
+  expect_close(mixed.forward(x), cc.forward(fb.forward(ca.forward(x))), 1e-6, "int8 -> fp32 -> int8 chain");
+  // Codes only where the conv can write them.
+  DeployedConv<float> fp = fb;
+  EXPECT_THROW(fp.output_quantization(cb.input_quantization()), config_error);
+  ca.output_quantization(cb.input_quantization());
+  EXPECT_TRUE(ca.output_quantization());
+  ca.precision(Precision::int8, {-1.f, 1.f});  // a new precision drops it
+  EXPECT_FALSE(ca.output_quantization());
+  dnnl::memory codes = engine::allocate(dst_desc(cb, {2, 16, 12, 12}));
+  dnnl::memory fake = engine::allocate(dnnl::memory::desc(codes.get_desc().dims(), dnnl::memory::data_type::u8,
+                                                          dnnl::memory::format_tag::nchw));
+  EXPECT_THROW(forward(cb, engine::allocate(engine::nchw_desc({2, 16, 12, 12})), fake), shape_error);
 }

@@ -26,12 +26,15 @@
 /// from a calibration) through precision(). The caller's tensors stay float either way:
 /// the input is converted (quantized) on its way into the primitive, whose output is float.
 /// Where oneDNN has no kernel for the precision on this CPU, creating the primitive throws
-/// engine_error naming the ISA; nothing falls back to fp32 silently.
+/// engine_error naming the ISA; nothing falls back to fp32 silently. An int8 convolution
+/// given an output_quantization() also writes 8-bit codes through the memory API (how
+/// DeployedChain passes int8 activations from one convolution to the next).
 
 #include <array>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
@@ -106,6 +109,7 @@ class DeployedConv {
     layout_ = o.layout_;
     precision_ = o.precision_;
     range_ = o.range_;
+    output_q_ = o.output_q_;
   }
   /// Move constructor.
   DeployedConv(DeployedConv&&) noexcept = default;
@@ -118,6 +122,7 @@ class DeployedConv {
     std::swap(layout_, o.layout_);
     std::swap(precision_, o.precision_);
     std::swap(range_, o.range_);
+    std::swap(output_q_, o.output_q_);
     std::swap(state_, o.state_);
     return *this;
   }
@@ -156,6 +161,7 @@ class DeployedConv {
     state_->entries.clear();
     precision_ = p;
     range_ = input;
+    output_q_.reset();
     return *this;
   }
   /// Applies `o`: its precision, and for int8 the calibrated range of layer `layer`
@@ -169,6 +175,24 @@ class DeployedConv {
   ActivationRange input_range() const { return range_; }
   /// The activation quantization int8 uses on this CPU (u8 with VNNI, s8 without).
   QuantParams input_quantization() const { return QuantParams::for_range(range_, !engine::cpu_has_vnni()); }
+  /// int8 only: the memory API (deploy/onednn_interop.hpp) writes the output as 8-bit
+  /// codes in `q` (typically the next convolution's input_quantization()), the activation
+  /// still fused; nullopt (default) writes float. The tensor API always returns float.
+  /// config_error unless the precision is int8 and the activation is fusable (not a user
+  /// activation). Drops the cached primitives.
+  DeployedConv& output_quantization(std::optional<QuantParams> q) {
+    if (q && precision_ != Precision::int8)
+      throw config_error(detail::cat("DeployedConv::output_quantization: the convolution runs in ",
+                                     precision_name(precision_), "; 8-bit outputs need int8"));
+    if (q && act_.kind() == ActivationKind::custom)
+      throw config_error("DeployedConv::output_quantization: a user activation cannot run on 8-bit outputs");
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    state_->entries.clear();
+    output_q_ = q;
+    return *this;
+  }
+  /// The quantization of the memory API's output, if it writes codes.
+  const std::optional<QuantParams>& output_quantization() const { return output_q_; }
   /// The kernel as the primitive holds it, in real units: rounded to bf16, or per output
   /// channel to s8 codes (7-bit ones without VNNI, where oneDNN halves s8 weights), or
   /// the kernel itself for fp32. Its error against weight() is the weights' share of the
@@ -263,11 +287,12 @@ class DeployedConv {
     dnnl::memory weights, bias;
     Tensor<float> scaled_bias;          // int8: the bias in accumulator units
     dnnl::primitive_attr quantize_src;  // int8: the input's scale and zero point
+    bool codes_out = false;             // int8: writes output_q_ codes, not float
     Shape xs, ys;
     std::map<Formats, std::vector<std::unique_ptr<Context>>> idle;  // per pair of caller layouts
   };
-  // N, H, W, and 0 when the primitive picks its layouts, 1 + format when it runs on the
-  // caller's plain layout.
+  // N, H, W, and 0 when the primitive picks its layouts (-1 when it also writes 8-bit
+  // codes), 1 + format when it runs on the caller's plain layout.
   using Key = std::array<std::int64_t, 4>;
   struct State {
     std::mutex mutex;
@@ -310,7 +335,7 @@ class DeployedConv {
     auto c = std::make_unique<Context>();
     c->src = engine::Port(engine::plain_desc(e.xs, f.first), e.pd.src_desc(),
                           precision_ == Precision::int8 ? &e.quantize_src : nullptr);
-    c->dst = engine::Port(engine::plain_desc(e.ys, f.second), e.pd.dst_desc());
+    if (!e.codes_out) c->dst = engine::Port(engine::plain_desc(e.ys, f.second), e.pd.dst_desc());
     c->scratch = engine::allocate(e.pd.scratchpad_desc());
     c->args = {{DNNL_ARG_SRC, dnnl::memory()}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, e.bias},
                {DNNL_ARG_DST, dnnl::memory()}, {DNNL_ARG_SCRATCHPAD, c->scratch}};
@@ -325,20 +350,21 @@ class DeployedConv {
   // to im2col + GEMM) is 1.1x-6x slower than the blocked one, more than the two activation
   // reorders cost; the small-channel stem's input is read as NCHW by the blocked
   // primitive itself (no reorder).
-  Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api) const {
+  // `codes_out` (memory API only) asks for the entry writing output_q_ codes.
+  Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api, bool codes_out = false) const {
     const DeployLayout l = memory_api || precision_ != Precision::fp32 ? DeployLayout::blocked : layout_;
     const bool plain = l == DeployLayout::plain;
     std::lock_guard<std::mutex> lock(state_->mutex);
-    const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : 0};
+    const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : codes_out ? -1 : 0};
     auto it = state_->entries.find(key);
     if (it != state_->entries.end()) return *it->second;
     auto e = engine::guarded(engine::describe(g_, xs) + " (creating the deployed primitive)",
-                             [&] { return build(xs, plain, xf); });
+                             [&] { return build(xs, plain, xf, codes_out); });
     ++state_->creations;
     return *state_->entries.emplace(key, std::move(e)).first->second;
   }
 
-  std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf) const {
+  std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf, bool codes_out) const {
     using namespace dnnl;
     using engine::tag;
     using dt = memory::data_type;
@@ -351,9 +377,12 @@ class DeployedConv {
       if (plain) return engine::plain_desc(s, xf);
       return memory::desc(memory::dims(s.begin(), s.end()), type, tag::any);
     };
+    const dt dst_type = codes_out ? (output_q_->qmin < 0 ? dt::s8 : dt::u8) : dt::f32;
     auto e = std::make_unique<Entry>();
     e->xs = xs;
     e->ys = ys;
+    e->codes_out = codes_out;
+    float post_scale = 1.f;  // the activation's output scale: 1 / the output's step for codes
     primitive_attr attr, weight_attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);
     const float* bias = bias_.data();
@@ -370,6 +399,15 @@ class DeployedConv {
         e->scaled_bias[std::int64_t(o)] = bias_[std::int64_t(o)] / out_scales[o];
       }
       bias = e->scaled_bias.data();
+      // 8-bit output: code = zp_y + act(real) / sy. oneDNN scales the post-op's result
+      // and adds the destination zero point after the post-ops; without an activation the
+      // 1 / sy goes into the output scales.
+      if (codes_out) {
+        post_scale = 1.f / output_q_->scale;
+        if (act_.kind() == ActivationKind::identity)
+          for (auto& s : out_scales) s *= post_scale;
+        attr.set_zero_points(DNNL_ARG_DST, 0, {output_q_->zero_point});
+      }
       attr.set_output_scales(1 << 1, out_scales);
       attr.set_zero_points(DNNL_ARG_SRC, 0, {q.zero_point});
       weight_attr.set_output_scales(g_.groups == 1 ? 1 << 0 : (1 << 0) | (1 << 1), inv_sw);
@@ -377,13 +415,13 @@ class DeployedConv {
       e->quantize_src.set_zero_points(DNNL_ARG_DST, 0, {q.zero_point});
     }
     post_ops ops;
-    if (act_.kind() == ActivationKind::relu) ops.append_eltwise(1.f, algorithm::eltwise_relu, 0.f, 0.f);
-    if (act_.kind() == ActivationKind::silu) ops.append_eltwise(1.f, algorithm::eltwise_swish, 1.f, 0.f);
+    if (act_.kind() == ActivationKind::relu) ops.append_eltwise(post_scale, algorithm::eltwise_relu, 0.f, 0.f);
+    if (act_.kind() == ActivationKind::silu) ops.append_eltwise(post_scale, algorithm::eltwise_swish, 1.f, 0.f);
     attr.set_post_ops(ops);
     const memory::desc b_md({g_.out_channels}, dt::f32, tag::x);
     e->pd = convolution_forward::primitive_desc(
         convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, act_md(xs, src_type),
-                                  engine::weights_desc(g_, tag::any, weight_type), b_md, act_md(ys, dt::f32),
+                                  engine::weights_desc(g_, tag::any, weight_type), b_md, act_md(ys, dst_type),
                                   engine::strides_of(g_), engine::dilates_of(g_), engine::padding_of(g_),
                                   engine::padding_of(g_)),
         attr, engine::cpu_engine(), /*allow_empty=*/true);
@@ -412,6 +450,7 @@ class DeployedConv {
   DeployLayout layout_ = DeployLayout::automatic;
   Precision precision_ = Precision::fp32;
   ActivationRange range_;
+  std::optional<QuantParams> output_q_;
   std::unique_ptr<State> state_;
 };
 

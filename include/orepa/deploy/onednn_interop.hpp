@@ -25,7 +25,7 @@ struct DeployedConvInterop {
   }
   static dnnl::memory::desc dst_desc(const DeployedConv<float>& c, const Shape& xs) {
     c.g_.output_shape(xs, "dst_desc(DeployedConv)");
-    return c.entry(xs, MemoryFormat::contiguous, true).pd.dst_desc();
+    return c.entry(xs, MemoryFormat::contiguous, true, c.output_q_.has_value()).pd.dst_desc();
   }
   // The plain layout `d` describes, if it is one.
   static std::optional<MemoryFormat> plain_format(const dnnl::memory::desc& d, const Shape& s) {
@@ -40,18 +40,23 @@ struct DeployedConvInterop {
     if (engine::shape_of(dd) != ys)
       throw shape_error(orepa::detail::cat("forward(DeployedConv, memory): dst must have shape ", shape_str(ys),
                                            ", got ", shape_str(engine::shape_of(dd))));
-    auto& e = c.entry(xs, MemoryFormat::contiguous, true);
+    const bool codes = dd.data_type() != dnnl::memory::data_type::f32;
+    if (codes && !c.output_q_)
+      throw shape_error(orepa::detail::cat("forward(DeployedConv, memory): dst holds 8-bit codes but the "
+                                           "convolution has no output_quantization(), for ",
+                                           engine::describe(c.g_, xs)));
+    auto& e = c.entry(xs, MemoryFormat::contiguous, true, codes);
     const bool src_direct = sd == e.pd.src_desc(), dst_direct = dd == e.pd.dst_desc();
-    const auto sf = plain_format(sd, xs), df = plain_format(dd, ys);
+    const auto sf = plain_format(sd, xs), df = codes ? std::nullopt : plain_format(dd, ys);
     if ((!src_direct && !sf) || (!dst_direct && !df))
       throw shape_error(orepa::detail::cat("forward(DeployedConv, memory): src and dst must be in the primitive's "
-                                           "layout (src_desc()/dst_desc()) or plain NCHW / NHWC, for ",
+                                           "layout (src_desc()/dst_desc()) or plain float NCHW / NHWC, for ",
                                            engine::describe(c.g_, xs)));
     auto* sp = static_cast<float*>(src.get_data_handle());
     auto* dp = static_cast<float*>(dst.get_data_handle());
     const DeployedConv<float>::Formats f{sf.value_or(MemoryFormat::contiguous), df.value_or(MemoryFormat::contiguous)};
     c.run(e, f, src_direct ? &src : nullptr, sp, dst_direct ? &dst : nullptr, dp);
-    if (c.act_.kind() == ActivationKind::custom)  // element-wise: any layout works
+    if (c.act_.kind() == ActivationKind::custom)  // element-wise: any layout works (never on codes)
       c.act_.apply(dp, std::int64_t(dd.get_size() / sizeof(float)));
   }
 };
@@ -63,14 +68,17 @@ struct DeployedConvInterop {
 inline dnnl::memory::desc src_desc(const DeployedConv<float>& conv, const Shape& x_shape) {
   return detail::DeployedConvInterop::src_desc(conv, x_shape);
 }
-/// The layout the primitive of `conv` writes its output in for input shape `x_shape`.
+/// The layout the primitive of `conv` writes its output in for input shape `x_shape`
+/// (8-bit codes when conv has an output_quantization()).
 inline dnnl::memory::desc dst_desc(const DeployedConv<float>& conv, const Shape& x_shape) {
   return detail::DeployedConvInterop::dst_desc(conv, x_shape);
 }
 /// y = act(conv(x) + bias) on oneDNN memory. `src` must be in src_desc(conv, shape) or
-/// plain NCHW, `dst` in dst_desc(conv, shape) or plain NCHW, of the output shape. Layouts
-/// that match the primitive's are used without any copy, NCHW ones through cached
-/// reorders. Throws shape_error for any other descriptor. Thread-safe like conv.forward.
+/// plain float NCHW / NHWC, `dst` in dst_desc(conv, shape) or plain float NCHW / NHWC, of
+/// the output shape. Layouts that match the primitive's are used without any copy, plain
+/// ones through cached reorders. A dst of 8-bit codes (conv has an output_quantization())
+/// must be in dst_desc(). Throws shape_error for any other descriptor. Thread-safe like
+/// conv.forward.
 inline void forward(const DeployedConv<float>& conv, const dnnl::memory& src, const dnnl::memory& dst) {
   detail::DeployedConvInterop::forward(conv, src, dst);
 }
@@ -80,6 +88,11 @@ inline void forward(const DeployedConv<float>& conv, const dnnl::memory& src, co
 /// input (NCHW or NHWC) is reordered once on the way in (or read directly, when the first
 /// primitive takes its layout), the output once on the way out. Intermediate buffers are
 /// created per input shape and layout on first use and reused.
+///
+/// Between two int8 convolutions the activation stays 8-bit: the first writes codes in
+/// the second's input quantization (its output_quantization() is set to the next one's
+/// input_quantization()), so a chain of int8 convolutions quantizes once at its input and
+/// returns float only from its last convolution.
 ///
 /// Thread safety: forward() may be called from several threads at once (each call takes
 /// its own set of intermediate buffers from a per-shape pool).
@@ -93,9 +106,13 @@ class DeployedChain {
       if (convs_[i].geometry().in_channels != convs_[i - 1].geometry().out_channels)
         throw config_error(detail::cat("DeployedChain: conv ", i, " takes ", convs_[i].geometry().in_channels,
                                        " channels but conv ", i - 1, " gives ", convs_[i - 1].geometry().out_channels));
+    for (std::size_t i = 0; i + 1 < convs_.size(); ++i)
+      if (convs_[i].precision() == Precision::int8 && convs_[i + 1].precision() == Precision::int8 &&
+          convs_[i].activation().kind() != ActivationKind::custom)
+        convs_[i].output_quantization(convs_[i + 1].input_quantization());
   }
 
-  /// The convolutions.
+  /// The convolutions (an int8 one followed by an int8 one with its output quantization set).
   const std::vector<DeployedConv<float>>& convs() const { return convs_; }
 
   /// Output shape for input shape `x_shape`.
@@ -115,9 +132,15 @@ class DeployedChain {
     ws->out.set_data_handle(y.data());
     const std::size_t L = convs_.size();
     for (std::size_t i = 0; i < L; ++i) {
-      const dnnl::memory& src = i == 0 ? ws->in : ws->mids[i - 1];
-      const dnnl::memory& dst = i + 1 == L ? ws->out : ws->mids[i];
+      const dnnl::memory& src = i == 0 ? ws->in : ws->ins[i - 1];
+      const dnnl::memory& dst = i + 1 == L ? ws->out : ws->outs[i];
       orepa::forward(convs_[i], src, dst);
+      if (i + 1 < L && ws->moves[i]) {
+        engine::guarded([i] { return "DeployedChain: reordering conv " + std::to_string(i) + "'s output"; }, [&] {
+          ws->moves[i]->execute(engine::thread_stream(), ws->outs[i], ws->ins[i]);
+          engine::thread_stream().wait();
+        });
+      }
     }
     give(key, std::move(ws));
   }
@@ -137,8 +160,9 @@ class DeployedChain {
 
  private:
   struct Workspace {
-    dnnl::memory in, out;             // wrappers of the caller's buffers (NCHW or NHWC)
-    std::vector<dnnl::memory> mids;   // conv i's output in conv i's dst layout
+    dnnl::memory in, out;                         // wrappers of the caller's buffers (NCHW or NHWC)
+    std::vector<dnnl::memory> outs, ins;          // conv i's output as it writes it, as conv i+1 reads it
+    std::vector<std::optional<dnnl::reorder>> moves;  // outs[i] -> ins[i] where the layouts differ
   };
   using Key = std::pair<Shape, MemoryFormat>;  // input shape and the caller's layout
   struct State {
@@ -164,12 +188,25 @@ class DeployedChain {
       ws->out = dnnl::memory(engine::plain_desc(output_shape(xs), format), engine::cpu_engine(), DNNL_MEMORY_NONE);
       Shape s = xs;
       for (std::size_t i = 0; i + 1 < convs_.size(); ++i) {
-        // Conv i writes in its own preferred layout; if conv i+1 prefers another one, it
-        // must accept this one or NCHW: fall back to NCHW between them then.
+        // Conv i writes in its own preferred layout. Where conv i+1 prefers another layout
+        // of the same type, the chain reorders between them; a float output feeding a
+        // reduced-precision conv goes through NCHW (conv i+1 converts it on its way in).
         const auto d = dst_desc(convs_[i], s);
         s = convs_[i].geometry().output_shape(s, "DeployedChain");
         const auto next = src_desc(convs_[i + 1], s);
-        ws->mids.push_back(engine::allocate(d == next ? d : engine::nchw_desc(s)));
+        if (d == next) {
+          ws->outs.push_back(engine::allocate(d));
+          ws->ins.push_back(ws->outs.back());
+          ws->moves.emplace_back();
+        } else if (d.data_type() == next.data_type()) {
+          ws->outs.push_back(engine::allocate(d));
+          ws->ins.push_back(engine::allocate(next));
+          ws->moves.emplace_back(dnnl::reorder(ws->outs.back(), ws->ins.back()));
+        } else {
+          ws->outs.push_back(engine::allocate(engine::nchw_desc(s)));
+          ws->ins.push_back(ws->outs.back());
+          ws->moves.emplace_back();
+        }
       }
       return ws;
     });
