@@ -23,11 +23,16 @@
 //                                DeployedChain keeping activations blocked (api = blocked),
 //                                or that DeployedChain in int8 (api = int8: 8-bit activations
 //                                between the convs, float NCHW in and out)
+//   deploy_network/<p>/n256      the demo's classifier (examples/demo_network.hpp, width 16,
+//                                32x32 images; C3 modules, GAP, Linear) as a deployed
+//                                InferenceChain in p = fp32 / bf16 / int8 (calibrated min/max)
 // Counter gflops: forward FLOPs (2 per multiply-add) per second.
 #include <cmath>
 
 #include <orepa/deploy/onednn_interop.hpp>
+#include <orepa/nn/quantization.hpp>
 
+#include "../examples/demo_network.hpp"
 #include "bench_common.hpp"
 
 namespace orepa::bench {
@@ -250,6 +255,37 @@ void deploy_chain(benchmark::State& state, std::string api, std::int64_t n) {
   state.counters["gflops"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// The demo's classifier, briefly trained (so BN statistics and ranges are a trained
+// network's), deployed in precision `p`.
+void deploy_network(benchmark::State& state, Precision p) {
+  const std::int64_t n = 256;
+  auto net = examples::build_classifier(16, 4, 1, orepa_maker<float>());
+  const auto data = make_bars_dataset<float>(n, 7, 32);
+  Tensor<float> grad;
+  Rng rng(3);
+  for (int step = 0; step < 3; ++step) {
+    const Tensor<float>& logits = net.forward_train(data.images);
+    grad.resize(logits.sizes());
+    fill_uniform(grad, 1e-3, rng);
+    net.zero_grad();
+    net.backward(grad);
+  }
+  const InferenceChain<float> fp32 = net.deploy();
+  Calibrator cal;
+  cal.observe(fp32, data.images);
+  try {
+    const InferenceChain<float> chain =
+        p == Precision::fp32 ? fp32 : net.deploy(DeployOptions().precision(p).calibration(cal.calibration()));
+    Tensor<float> y = chain.forward(data.images);
+    for (auto _ : state) {
+      y = chain.forward(data.images);
+      benchmark::DoNotOptimize(y.data());
+    }
+  } catch (const engine_error& e) {
+    state.SkipWithError(e.what());
+  }
+}
+
 const bool registered = [] {
   benchmark::AddCustomContext("onednn_isa", engine::cpu_isa_name());  // the kernels differ per ISA
   for (auto n : kBatches)
@@ -288,6 +324,10 @@ const bool registered = [] {
               ->UseRealTime()
               ->Unit(benchmark::kMillisecond);
     }
+  for (Precision p : {Precision::fp32, Precision::bf16, Precision::int8})
+    benchmark::RegisterBenchmark((std::string("deploy_network/") + precision_name(p) + "/n256").c_str(), deploy_network, p)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
   for (auto n : kBatches)
     for (std::string api : {"nchw", "blocked", "int8"})
       benchmark::RegisterBenchmark(("deploy_chain/" + api + "/n" + std::to_string(n)).c_str(), deploy_chain, api, n)

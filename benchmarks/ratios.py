@@ -76,6 +76,10 @@ def targets(r):
             if fp and low:
                 add(f"{p} speed-up over fp32 (deploy_blocked / deploy_{p}_blocked)", f"{layer} n8", ms(fp) / ms(low),
                     limit, at_least=True)
+    fp, low = r.get("deploy_network/fp32/n256"), r.get("deploy_network/int8/n256")
+    if fp and low:
+        add("int8 InferenceChain speed-up over fp32 (the demo's classifier)", "n256", ms(fp) / ms(low), 2.5,
+            at_least=True)
     for n in (1, 8):
         fp, low = r.get(f"deploy_chain/blocked/n{n}"), r.get(f"deploy_chain/int8/n{n}")
         if fp and low:
@@ -144,6 +148,10 @@ def main(path):
             up = lambda k, base: f"{ms(base) / ms(r[f'{k}/{layer}/n{n}']):.2f}" if base and f"{k}/{layer}/n{n}" in r else "-"
             print(f"| {layer} | {n} | {gflops(fp):.0f} | {up('deploy_bf16_blocked', fp)} | {up('deploy_int8_blocked', fp)} "
                   f"| {up('deploy_bf16', nhwc)} | {up('deploy_int8', nhwc)} |")
+    net = {p: r.get(f"deploy_network/{p}/n256") for p in ("fp32", "bf16", "int8")}
+    if net["fp32"]:
+        print("\nthe demo's classifier as an InferenceChain, batch 256: "
+              + ", ".join(f"{p} {ms(b):.2f} ms ({ms(net['fp32']) / ms(b):.2f}x)" for p, b in net.items() if b))
     for n in (1, 8):
         a, b, c = (r.get(f"deploy_chain/{api}/n{n}") for api in ("nchw", "blocked", "int8"))
         if a and b:

@@ -10,16 +10,26 @@
 /// InferenceChain and the deployed YOLO modules do: the names are the tensor-name
 /// prefixes of the training-time network ("3.", "2.cv1.", "2.m.0.cv2."), which is how a
 /// Calibration addresses layers.
+///
+/// int8 activations between stages: an object whose `int8_input()` names a quantization
+/// takes 8-bit codes in it (`forward_int8`), and gives codes in the quantization the next
+/// stage asks for, so an InferenceChain quantizes once, at its first int8 stage, and
+/// returns to float where a stage cannot take codes. DeployedConv and the deployed YOLO
+/// modules take part; any other object is given float (its codes dequantized first).
 
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <typeinfo>
 #include <utility>
+#include <variant>
 
+#include "orepa/core/parallel.hpp"
 #include "orepa/core/tensor.hpp"
+#include "orepa/deploy/precision.hpp"
 
 namespace orepa {
 
@@ -33,6 +43,73 @@ using ConvVisitor = std::function<void(const std::string&, const DeployedConv<S>
 /// Gives the replacement of a deployed convolution, from its name and itself.
 template <class S>
 using ConvMapper = std::function<AnyDeployed<S>(const std::string&, const DeployedConv<S>&)>;
+
+/// 8-bit codes of an activation [N, C, H, W], stored channels-last (NHWC order, one byte
+/// per value: u8, or s8 when q.qmin < 0); value = q.scale * (code - q.zero_point).
+struct Int8Codes {
+  Shape shape;                          ///< N, C, H, W
+  QuantParams q;                        ///< the quantization of every code
+  std::shared_ptr<std::uint8_t[]> bytes;  ///< numel() codes
+
+  /// Uninitialised codes of `shape` in `q`.
+  Int8Codes(Shape s, const QuantParams& quant)
+      : shape(std::move(s)), q(quant), bytes(new std::uint8_t[std::size_t(shape_numel(shape))]) {}
+  /// Number of codes.
+  std::int64_t numel() const { return shape_numel(shape); }
+  /// Code `i` (NHWC order).
+  std::int32_t code(std::int64_t i) const {
+    const std::uint8_t b = bytes[std::size_t(i)];
+    return q.qmin < 0 ? std::int32_t(std::int8_t(b)) : std::int32_t(b);
+  }
+  /// The real value of code `i`.
+  float value(std::int64_t i) const { return q.dequantize(code(i)); }
+  /// Stores the code of real `x` at `i`.
+  void set(std::int64_t i, float x) { bytes[std::size_t(i)] = std::uint8_t(q.quantize(x)); }
+
+ private:
+  static std::int64_t shape_numel(const Shape& s) {
+    std::int64_t n = 1;
+    for (auto d : s) n *= d;
+    return n;
+  }
+};
+/// A stage's input inside an InferenceChain: float, or codes in the stage's int8_input().
+template <class S>
+using StageInput = std::variant<ConstTensorView<S>, const Int8Codes*>;
+/// A stage's output: float, or codes in the quantization it was asked for.
+template <class S>
+using StageOutput = std::variant<Tensor<S>, Int8Codes>;
+
+/// A stage's output as the next stage's input (a view of it: keep `o` alive).
+template <class S>
+StageInput<S> as_input(const StageOutput<S>& o) {
+  if (auto* c = std::get_if<Int8Codes>(&o)) return c;
+  return ConstTensorView<S>(std::get<Tensor<S>>(o));
+}
+
+/// `x` (any memory format) as codes in `q`.
+inline Int8Codes quantize_codes(ConstTensorView<float> x, const QuantParams& q) {
+  Tensor<float> nhwc;
+  const float* v = x.data();
+  if (x.memory_format() != MemoryFormat::channels_last || !x.is_contiguous()) {
+    nhwc.assign(x, MemoryFormat::channels_last);
+    v = nhwc.data();
+  }
+  Int8Codes c(x.sizes(), q);
+  parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
+    for (std::int64_t i = b; i < e; ++i) c.set(i, v[i]);
+  });
+  return c;
+}
+/// The real values of `c`, a channels-last tensor.
+inline Tensor<float> dequantize_codes(const Int8Codes& c) {
+  Tensor<float> y(c.shape, MemoryFormat::channels_last);
+  float* v = y.data();
+  parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
+    for (std::int64_t i = b; i < e; ++i) v[i] = c.value(i);
+  });
+  return y;
+}
 
 /// A type-erased deployed module.
 template <class S>
@@ -61,6 +138,13 @@ class AnyDeployed {
     if (auto m = impl_->map_convs(prefix, f)) return *m;
     return *this;
   }
+  /// The quantization the held object takes 8-bit input in, if it takes codes (its
+  /// int8_input(); nullopt for objects without one).
+  std::optional<QuantParams> int8_input() const { return impl_->int8_input(); }
+  /// Runs the held object on float or codes (codes only in int8_input()); returns codes in
+  /// `*out` when `out` is given, else float. Objects without forward_int8 run forward() on
+  /// the dequantized input and quantize their output.
+  StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const { return impl_->forward_int8(x, out); }
   /// The held object as a `D`, or nullptr when it is of another type.
   template <class D>
   const D* target() const {
@@ -78,6 +162,10 @@ class AnyDeployed {
   template <class D>
   struct has_format<D, std::void_t<decltype(std::declval<const D&>().preferred_format(Shape()))>> : std::true_type {};
   template <class D, class = void>
+  struct has_int8 : std::false_type {};
+  template <class D>
+  struct has_int8<D, std::void_t<decltype(std::declval<const D&>().int8_input())>> : std::true_type {};
+  template <class D, class = void>
   struct has_convs : std::false_type {};
   template <class D>
   struct has_convs<D, std::void_t<decltype(std::declval<const D&>().map_convs(std::string(), ConvMapper<S>()))>>
@@ -90,6 +178,8 @@ class AnyDeployed {
     virtual bool takes_any_format() const = 0;
     virtual void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const = 0;
     virtual std::unique_ptr<AnyDeployed> map_convs(const std::string& prefix, const ConvMapper<S>& f) const = 0;
+    virtual std::optional<QuantParams> int8_input() const = 0;
+    virtual StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const = 0;
   };
   template <class D>
   struct Model final : Concept {
@@ -110,6 +200,25 @@ class AnyDeployed {
     std::unique_ptr<AnyDeployed> map_convs(const std::string& prefix, const ConvMapper<S>& f) const override {
       if constexpr (has_convs<D>::value) return std::make_unique<AnyDeployed>(d.map_convs(prefix, f));
       else return nullptr;
+    }
+    std::optional<QuantParams> int8_input() const override {
+      if constexpr (has_int8<D>::value) return d.int8_input();
+      else return std::nullopt;
+    }
+    StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const override {
+      if constexpr (has_int8<D>::value) {
+        return d.forward_int8(x, out);
+      } else {
+        if constexpr (std::is_same_v<S, float>) {
+          const bool coded = std::holds_alternative<const Int8Codes*>(x);
+          const Tensor<float> real = coded ? dequantize_codes(*std::get<const Int8Codes*>(x)) : Tensor<float>();
+          Tensor<float> y(d.forward(coded ? ConstTensorView<float>(real) : std::get<ConstTensorView<float>>(x)));
+          if (out) return quantize_codes(y, *out);
+          return y;
+        } else {
+          return Tensor<S>(d.forward(std::get<ConstTensorView<S>>(x)));  // codes are float-only
+        }
+      }
     }
     D d;
   };

@@ -26,11 +26,13 @@
 /// from a calibration) through precision(). The caller's tensors stay float either way:
 /// the input is converted (quantized) on its way into the primitive, whose output is float.
 /// Where oneDNN has no kernel for the precision on this CPU, creating the primitive throws
-/// engine_error naming the ISA; nothing falls back to fp32 silently. An int8 convolution
-/// given an output_quantization() also writes 8-bit codes through the memory API (how
-/// DeployedChain passes int8 activations from one convolution to the next).
+/// engine_error naming the ISA; nothing falls back to fp32 silently. Inside chains an int8
+/// convolution also reads and writes 8-bit codes (forward_int8 here, and the memory API of
+/// deploy/onednn_interop.hpp): the activation stays fused, the output is quantized in the
+/// next convolution's input quantization by the primitive itself.
 
 #include <array>
+#include <cstring>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -75,6 +77,12 @@ inline ConvObserver*& thread_conv_observer() {
   thread_local ConvObserver* o = nullptr;
   return o;
 }
+// The oneDNN layout of Int8Codes of `shape` in `q`: u8 / s8, NHWC.
+inline dnnl::memory::desc codes_desc(const Shape& shape, const QuantParams& q) {
+  return dnnl::memory::desc(dnnl::memory::dims(shape.begin(), shape.end()),
+                            q.qmin < 0 ? dnnl::memory::data_type::s8 : dnnl::memory::data_type::u8,
+                            dnnl::memory::format_tag::nhwc);
+}
 }  // namespace detail
 /// \endcond
 /// Installs an observer on this thread for its lifetime (nests: the previous one returns).
@@ -109,7 +117,6 @@ class DeployedConv {
     layout_ = o.layout_;
     precision_ = o.precision_;
     range_ = o.range_;
-    output_q_ = o.output_q_;
   }
   /// Move constructor.
   DeployedConv(DeployedConv&&) noexcept = default;
@@ -122,7 +129,6 @@ class DeployedConv {
     std::swap(layout_, o.layout_);
     std::swap(precision_, o.precision_);
     std::swap(range_, o.range_);
-    std::swap(output_q_, o.output_q_);
     std::swap(state_, o.state_);
     return *this;
   }
@@ -161,7 +167,6 @@ class DeployedConv {
     state_->entries.clear();
     precision_ = p;
     range_ = input;
-    output_q_.reset();
     return *this;
   }
   /// Applies `o`: its precision, and for int8 the calibrated range of layer `layer`
@@ -175,24 +180,65 @@ class DeployedConv {
   ActivationRange input_range() const { return range_; }
   /// The activation quantization int8 uses on this CPU (u8 with VNNI, s8 without).
   QuantParams input_quantization() const { return QuantParams::for_range(range_, !engine::cpu_has_vnni()); }
-  /// int8 only: the memory API (deploy/onednn_interop.hpp) writes the output as 8-bit
-  /// codes in `q` (typically the next convolution's input_quantization()), the activation
-  /// still fused; nullopt (default) writes float. The tensor API always returns float.
-  /// config_error unless the precision is int8 and the activation is fusable (not a user
-  /// activation). Drops the cached primitives.
-  DeployedConv& output_quantization(std::optional<QuantParams> q) {
-    if (q && precision_ != Precision::int8)
-      throw config_error(detail::cat("DeployedConv::output_quantization: the convolution runs in ",
-                                     precision_name(precision_), "; 8-bit outputs need int8"));
-    if (q && act_.kind() == ActivationKind::custom)
-      throw config_error("DeployedConv::output_quantization: a user activation cannot run on 8-bit outputs");
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    state_->entries.clear();
-    output_q_ = q;
-    return *this;
+  /// The quantization forward_int8 takes codes in: input_quantization() for an int8
+  /// convolution with a fusable activation, nullopt otherwise (it then takes float).
+  std::optional<QuantParams> int8_input() const {
+    if (precision_ != Precision::int8 || act_.kind() == ActivationKind::custom) return std::nullopt;
+    return input_quantization();
   }
-  /// The quantization of the memory API's output, if it writes codes.
-  const std::optional<QuantParams>& output_quantization() const { return output_q_; }
+  /// A step of an int8 chain: y = act(conv(x) + bias) from float (any memory format) or
+  /// from codes in int8_input(), to codes in `*out` (written by the primitive) or, when
+  /// `out` is null, to float channels-last. A convolution without int8_input() runs its
+  /// float forward on the dequantized input.
+  StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const {
+    if constexpr (!std::is_same_v<S, float>) {
+      return forward(std::get<ConstTensorView<S>>(x));  // codes only exist for float
+    } else {
+      const bool coded = std::holds_alternative<const Int8Codes*>(x);
+      const auto wanted = int8_input();
+      if (!wanted || (coded && !same_quantization(std::get<const Int8Codes*>(x)->q, *wanted))) {
+        const Tensor<float> real = coded ? dequantize_codes(*std::get<const Int8Codes*>(x)) : Tensor<float>();
+        const ConstTensorView<float> in = coded ? ConstTensorView<float>(real) : std::get<ConstTensorView<float>>(x);
+        if (wanted) return forward_int8(in, out);
+        Tensor<float> y = forward(in);
+        if (out) return quantize_codes(y, *out);
+        return y;
+      }
+      const Shape xs = coded ? std::get<const Int8Codes*>(x)->shape : std::get<ConstTensorView<float>>(x).sizes();
+      const Shape ys = g_.output_shape(xs, "DeployedConv::forward_int8");
+      Entry& e = entry(xs, MemoryFormat::contiguous, true, out);
+      dnnl::memory src;
+      const float* xp = nullptr;
+      MemoryFormat xf = MemoryFormat::contiguous;
+      if (coded) {
+        const Int8Codes& c = *std::get<const Int8Codes*>(x);
+        src = engine::guarded("DeployedConv::forward_int8 input", [&] {
+          return relayout(dnnl::memory(detail::codes_desc(xs, c.q), engine::cpu_engine(), c.bytes.get()),
+                          e.pd.src_desc());
+        });
+      } else {
+        const auto v = std::get<ConstTensorView<float>>(x);
+        xp = v.data();
+        xf = v.memory_format();
+      }
+      const Formats f{xf, MemoryFormat::channels_last};
+      if (!out) {
+        Tensor<float> y(ys, MemoryFormat::channels_last);
+        run(e, f, coded ? &src : nullptr, xp, nullptr, y.data());
+        return y;
+      }
+      Int8Codes y(ys, *out);
+      engine::guarded("DeployedConv::forward_int8 output", [&] {
+        const dnnl::memory codes(detail::codes_desc(ys, *out), engine::cpu_engine(), y.bytes.get());
+        if (codes.get_desc() == e.pd.dst_desc()) return run(e, f, coded ? &src : nullptr, xp, &codes, nullptr);
+        const dnnl::memory own = engine::allocate(e.pd.dst_desc());
+        run(e, f, coded ? &src : nullptr, xp, &own, nullptr);
+        relayout(own, codes.get_desc(), codes);
+      });
+      return y;
+    }
+  }
+
   /// The kernel as the primitive holds it, in real units: rounded to bf16, or per output
   /// channel to s8 codes (7-bit ones without VNNI, where oneDNN halves s8 weights), or
   /// the kernel itself for fp32. Its error against weight() is the weights' share of the
@@ -287,13 +333,14 @@ class DeployedConv {
     dnnl::memory weights, bias;
     Tensor<float> scaled_bias;          // int8: the bias in accumulator units
     dnnl::primitive_attr quantize_src;  // int8: the input's scale and zero point
-    bool codes_out = false;             // int8: writes output_q_ codes, not float
+    bool codes_out = false;             // int8: writes 8-bit codes, not float
     Shape xs, ys;
     std::map<Formats, std::vector<std::unique_ptr<Context>>> idle;  // per pair of caller layouts
   };
-  // N, H, W, and 0 when the primitive picks its layouts (-1 when it also writes 8-bit
-  // codes), 1 + format when it runs on the caller's plain layout.
-  using Key = std::array<std::int64_t, 4>;
+  // N, H, W, and 0 when the primitive picks its layouts, 1 + format when it runs on the
+  // caller's plain layout; then, for an output of 8-bit codes, their scale's bits and a
+  // positive number made of their zero point and signedness (0 and 0 for float).
+  using Key = std::array<std::int64_t, 6>;
   struct State {
     std::mutex mutex;
     std::map<Key, std::unique_ptr<Entry>> entries;
@@ -331,6 +378,19 @@ class DeployedConv {
     e.idle[f].push_back(std::move(ctx));
   }
 
+  static bool same_quantization(const QuantParams& a, const QuantParams& b) {
+    return a.scale == b.scale && a.zero_point == b.zero_point && a.qmin == b.qmin;
+  }
+  // `m` in layout `d` (itself when it already is; a reorder into `to`, or a new buffer).
+  static dnnl::memory relayout(const dnnl::memory& m, const dnnl::memory::desc& d, dnnl::memory to = {}) {
+    if (m.get_desc() == d) return m;
+    if (!to) to = engine::allocate(d);
+    dnnl::memory from = m;
+    dnnl::reorder(from, to).execute(engine::thread_stream(), from, to);
+    engine::thread_stream().wait();
+    return to;
+  }
+
   std::unique_ptr<Context> make_context(const Entry& e, Formats f) const {
     auto c = std::make_unique<Context>();
     c->src = engine::Port(engine::plain_desc(e.xs, f.first), e.pd.src_desc(),
@@ -350,12 +410,15 @@ class DeployedConv {
   // to im2col + GEMM) is 1.1x-6x slower than the blocked one, more than the two activation
   // reorders cost; the small-channel stem's input is read as NCHW by the blocked
   // primitive itself (no reorder).
-  // `codes_out` (memory API only) asks for the entry writing output_q_ codes.
-  Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api, bool codes_out = false) const {
+  // A non-null `codes_out` (memory API, int8) asks for the primitive writing codes in it.
+  Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api, const QuantParams* codes_out = nullptr) const {
     const DeployLayout l = memory_api || precision_ != Precision::fp32 ? DeployLayout::blocked : layout_;
     const bool plain = l == DeployLayout::plain;
+    std::uint32_t scale_bits = 0;
+    if (codes_out) std::memcpy(&scale_bits, &codes_out->scale, sizeof scale_bits);
     std::lock_guard<std::mutex> lock(state_->mutex);
-    const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : codes_out ? -1 : 0};
+    const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : 0, std::int64_t(scale_bits),
+                  codes_out ? 1 + 512 * std::int64_t(codes_out->qmin < 0) + codes_out->zero_point + 128 : 0};
     auto it = state_->entries.find(key);
     if (it != state_->entries.end()) return *it->second;
     auto e = engine::guarded(engine::describe(g_, xs) + " (creating the deployed primitive)",
@@ -364,7 +427,7 @@ class DeployedConv {
     return *state_->entries.emplace(key, std::move(e)).first->second;
   }
 
-  std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf, bool codes_out) const {
+  std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf, const QuantParams* codes_out) const {
     using namespace dnnl;
     using engine::tag;
     using dt = memory::data_type;
@@ -377,11 +440,16 @@ class DeployedConv {
       if (plain) return engine::plain_desc(s, xf);
       return memory::desc(memory::dims(s.begin(), s.end()), type, tag::any);
     };
-    const dt dst_type = codes_out ? (output_q_->qmin < 0 ? dt::s8 : dt::u8) : dt::f32;
+    if (codes_out && precision_ != Precision::int8)
+      throw config_error(detail::cat("DeployedConv: 8-bit outputs need an int8 convolution, this one runs in ",
+                                     precision_name(precision_)));
+    if (codes_out && act_.kind() == ActivationKind::custom)
+      throw config_error("DeployedConv: a user activation cannot run on 8-bit outputs");
+    const dt dst_type = codes_out ? (codes_out->qmin < 0 ? dt::s8 : dt::u8) : dt::f32;
     auto e = std::make_unique<Entry>();
     e->xs = xs;
     e->ys = ys;
-    e->codes_out = codes_out;
+    e->codes_out = codes_out != nullptr;
     float post_scale = 1.f;  // the activation's output scale: 1 / the output's step for codes
     primitive_attr attr, weight_attr;
     attr.set_scratchpad_mode(scratchpad_mode::user);
@@ -403,10 +471,10 @@ class DeployedConv {
       // and adds the destination zero point after the post-ops; without an activation the
       // 1 / sy goes into the output scales.
       if (codes_out) {
-        post_scale = 1.f / output_q_->scale;
+        post_scale = 1.f / codes_out->scale;
         if (act_.kind() == ActivationKind::identity)
           for (auto& s : out_scales) s *= post_scale;
-        attr.set_zero_points(DNNL_ARG_DST, 0, {output_q_->zero_point});
+        attr.set_zero_points(DNNL_ARG_DST, 0, {codes_out->zero_point});
       }
       attr.set_output_scales(1 << 1, out_scales);
       attr.set_zero_points(DNNL_ARG_SRC, 0, {q.zero_point});
@@ -450,7 +518,6 @@ class DeployedConv {
   DeployLayout layout_ = DeployLayout::automatic;
   Precision precision_ = Precision::fp32;
   ActivationRange range_;
-  std::optional<QuantParams> output_q_;
   std::unique_ptr<State> state_;
 };
 

@@ -23,9 +23,9 @@ struct DeployedConvInterop {
     c.g_.output_shape(xs, "src_desc(DeployedConv)");
     return c.entry(xs, MemoryFormat::contiguous, true).pd.src_desc();
   }
-  static dnnl::memory::desc dst_desc(const DeployedConv<float>& c, const Shape& xs) {
+  static dnnl::memory::desc dst_desc(const DeployedConv<float>& c, const Shape& xs, const QuantParams* codes) {
     c.g_.output_shape(xs, "dst_desc(DeployedConv)");
-    return c.entry(xs, MemoryFormat::contiguous, true, c.output_q_.has_value()).pd.dst_desc();
+    return c.entry(xs, MemoryFormat::contiguous, true, codes).pd.dst_desc();
   }
   // The plain layout `d` describes, if it is one.
   static std::optional<MemoryFormat> plain_format(const dnnl::memory::desc& d, const Shape& s) {
@@ -33,19 +33,20 @@ struct DeployedConvInterop {
       if (d == engine::plain_desc(s, f)) return f;
     return std::nullopt;
   }
-  static void forward(const DeployedConv<float>& c, const dnnl::memory& src, const dnnl::memory& dst) {
+  static void forward(const DeployedConv<float>& c, const dnnl::memory& src, const dnnl::memory& dst,
+                      const QuantParams* codes_q) {
     const auto sd = src.get_desc(), dd = dst.get_desc();
     const Shape xs = engine::shape_of(sd);
     const Shape ys = c.g_.output_shape(xs, "forward(DeployedConv, memory)");
     if (engine::shape_of(dd) != ys)
       throw shape_error(orepa::detail::cat("forward(DeployedConv, memory): dst must have shape ", shape_str(ys),
                                            ", got ", shape_str(engine::shape_of(dd))));
-    const bool codes = dd.data_type() != dnnl::memory::data_type::f32;
-    if (codes && !c.output_q_)
-      throw shape_error(orepa::detail::cat("forward(DeployedConv, memory): dst holds 8-bit codes but the "
-                                           "convolution has no output_quantization(), for ",
-                                           engine::describe(c.g_, xs)));
-    auto& e = c.entry(xs, MemoryFormat::contiguous, true, codes);
+    const bool codes = codes_q != nullptr;
+    if (codes != (dd.data_type() != dnnl::memory::data_type::f32))
+      throw shape_error(orepa::detail::cat("forward(DeployedConv, memory): dst must hold ",
+                                           codes ? "8-bit codes (a quantization is given)" : "float",
+                                           ", for ", engine::describe(c.g_, xs)));
+    auto& e = c.entry(xs, MemoryFormat::contiguous, true, codes_q);
     const bool src_direct = sd == e.pd.src_desc(), dst_direct = dd == e.pd.dst_desc();
     const auto sf = plain_format(sd, xs), df = codes ? std::nullopt : plain_format(dd, ys);
     if ((!src_direct && !sf) || (!dst_direct && !df))
@@ -68,19 +69,28 @@ struct DeployedConvInterop {
 inline dnnl::memory::desc src_desc(const DeployedConv<float>& conv, const Shape& x_shape) {
   return detail::DeployedConvInterop::src_desc(conv, x_shape);
 }
-/// The layout the primitive of `conv` writes its output in for input shape `x_shape`
-/// (8-bit codes when conv has an output_quantization()).
+/// The layout the primitive of `conv` writes its output in for input shape `x_shape`.
 inline dnnl::memory::desc dst_desc(const DeployedConv<float>& conv, const Shape& x_shape) {
-  return detail::DeployedConvInterop::dst_desc(conv, x_shape);
+  return detail::DeployedConvInterop::dst_desc(conv, x_shape, nullptr);
+}
+/// The layout an int8 `conv` writes 8-bit codes in `codes` in, for input shape `x_shape`.
+inline dnnl::memory::desc dst_desc(const DeployedConv<float>& conv, const Shape& x_shape, const QuantParams& codes) {
+  return detail::DeployedConvInterop::dst_desc(conv, x_shape, &codes);
 }
 /// y = act(conv(x) + bias) on oneDNN memory. `src` must be in src_desc(conv, shape) or
 /// plain float NCHW / NHWC, `dst` in dst_desc(conv, shape) or plain float NCHW / NHWC, of
 /// the output shape. Layouts that match the primitive's are used without any copy, plain
-/// ones through cached reorders. A dst of 8-bit codes (conv has an output_quantization())
-/// must be in dst_desc(). Throws shape_error for any other descriptor. Thread-safe like
-/// conv.forward.
+/// ones through cached reorders. Throws shape_error for any other descriptor.
+/// Thread-safe like conv.forward.
 inline void forward(const DeployedConv<float>& conv, const dnnl::memory& src, const dnnl::memory& dst) {
-  detail::DeployedConvInterop::forward(conv, src, dst);
+  detail::DeployedConvInterop::forward(conv, src, dst, nullptr);
+}
+/// The same for an int8 `conv` writing its output as 8-bit codes in `codes` (the fused
+/// activation's result quantized by the primitive) into `dst`, in dst_desc(conv, shape,
+/// codes). config_error for a convolution of another precision or a user activation.
+inline void forward(const DeployedConv<float>& conv, const dnnl::memory& src, const dnnl::memory& dst,
+                    const QuantParams& codes) {
+  detail::DeployedConvInterop::forward(conv, src, dst, &codes);
 }
 
 /// Consecutive deployed float convolutions that keep their activations in the layout the
@@ -90,9 +100,8 @@ inline void forward(const DeployedConv<float>& conv, const dnnl::memory& src, co
 /// created per input shape and layout on first use and reused.
 ///
 /// Between two int8 convolutions the activation stays 8-bit: the first writes codes in
-/// the second's input quantization (its output_quantization() is set to the next one's
-/// input_quantization()), so a chain of int8 convolutions quantizes once at its input and
-/// returns float only from its last convolution.
+/// the second's int8_input() (activation_codes()), so a chain of int8 convolutions
+/// quantizes once at its input and returns float only from its last convolution.
 ///
 /// Thread safety: forward() may be called from several threads at once (each call takes
 /// its own set of intermediate buffers from a per-shape pool).
@@ -106,13 +115,16 @@ class DeployedChain {
       if (convs_[i].geometry().in_channels != convs_[i - 1].geometry().out_channels)
         throw config_error(detail::cat("DeployedChain: conv ", i, " takes ", convs_[i].geometry().in_channels,
                                        " channels but conv ", i - 1, " gives ", convs_[i - 1].geometry().out_channels));
+    codes_.resize(convs_.size() - 1);
     for (std::size_t i = 0; i + 1 < convs_.size(); ++i)
-      if (convs_[i].precision() == Precision::int8 && convs_[i + 1].precision() == Precision::int8 &&
-          convs_[i].activation().kind() != ActivationKind::custom)
-        convs_[i].output_quantization(convs_[i + 1].input_quantization());
+      if (convs_[i].int8_input()) codes_[i] = convs_[i + 1].int8_input();
   }
 
-  /// The convolutions (an int8 one followed by an int8 one with its output quantization set).
+  /// The quantization of the 8-bit codes conv i writes for conv i + 1, nullopt where
+  /// they pass float (throws std::out_of_range for i >= convs().size() - 1).
+  const std::optional<QuantParams>& activation_codes(std::size_t i) const { return codes_.at(i); }
+
+  /// The convolutions.
   const std::vector<DeployedConv<float>>& convs() const { return convs_; }
 
   /// Output shape for input shape `x_shape`.
@@ -134,7 +146,8 @@ class DeployedChain {
     for (std::size_t i = 0; i < L; ++i) {
       const dnnl::memory& src = i == 0 ? ws->in : ws->ins[i - 1];
       const dnnl::memory& dst = i + 1 == L ? ws->out : ws->outs[i];
-      orepa::forward(convs_[i], src, dst);
+      if (i + 1 < L && codes_[i]) orepa::forward(convs_[i], src, dst, *codes_[i]);
+      else orepa::forward(convs_[i], src, dst);
       if (i + 1 < L && ws->moves[i]) {
         engine::guarded([i] { return "DeployedChain: reordering conv " + std::to_string(i) + "'s output"; }, [&] {
           ws->moves[i]->execute(engine::thread_stream(), ws->outs[i], ws->ins[i]);
@@ -191,7 +204,7 @@ class DeployedChain {
         // Conv i writes in its own preferred layout. Where conv i+1 prefers another layout
         // of the same type, the chain reorders between them; a float output feeding a
         // reduced-precision conv goes through NCHW (conv i+1 converts it on its way in).
-        const auto d = dst_desc(convs_[i], s);
+        const auto d = codes_[i] ? dst_desc(convs_[i], s, *codes_[i]) : dst_desc(convs_[i], s);
         s = convs_[i].geometry().output_shape(s, "DeployedChain");
         const auto next = src_desc(convs_[i + 1], s);
         if (d == next) {
@@ -217,6 +230,7 @@ class DeployedChain {
   }
 
   std::vector<DeployedConv<float>> convs_;
+  std::vector<std::optional<QuantParams>> codes_;  // between conv i and i + 1
   std::unique_ptr<State> state_;
 };
 

@@ -15,8 +15,10 @@
 /// index then the layer's own name ("0.weight_orepa_origin", "2.weight"), as PyTorch's
 /// nn.Sequential state dict.
 
+#include <algorithm>
 #include <string>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "orepa/blocks/any_block.hpp"
@@ -30,7 +32,12 @@ namespace orepa {
 /// prefers (channels-last where oneDNN runs convolutions on NHWC, as on AVX-512), so
 /// consecutive deployed convolutions run without reorders; a stage that does not declare
 /// a preferred_format() (see AnyDeployed::takes_any_format) gets NCHW. The output comes
-/// back in the input's layout. Safe to call from several threads when every stage is (the library's are).
+/// back in the input's layout. Between int8 stages (deployed convolutions and YOLO modules
+/// in int8, see AnyDeployed::int8_input) activations pass as 8-bit codes: each int8 stage
+/// writes its output in the next one's input quantization, so the chain quantizes where
+/// its first int8 stage reads float and returns to float before the first stage that
+/// cannot take codes (GlobalAvgPool, say). Safe to call from several threads when every
+/// stage is (the library's are).
 template <class S>
 class InferenceChain {
  public:
@@ -43,8 +50,9 @@ class InferenceChain {
     if (stages_.empty()) return x.clone();
     Tensor<S> in;
     const ConstTensorView<S> first = x.dim() == 4 ? in_format(x, preferred_format(x.sizes()), in) : x;
-    Tensor<S> y = stages_.front().forward(first);
-    for (std::size_t i = 1; i < stages_.size(); ++i) {
+    const bool int8 = std::any_of(stages_.begin(), stages_.end(), [](const auto& s) { return bool(s.int8_input()); });
+    Tensor<S> y = int8 ? forward_int8(first) : stages_.front().forward(first);
+    for (std::size_t i = 1; i < stages_.size() && !int8; ++i) {
       if (y.dim() == 4 && !y.is_contiguous() && !stages_[i].takes_any_format()) y = y.to(MemoryFormat::contiguous);
       y = stages_[i].forward(y);
     }
@@ -87,6 +95,28 @@ class InferenceChain {
   }
 
  private:
+  // Every stage, codes between two int8 ones.
+  Tensor<S> forward_int8(ConstTensorView<S> x) const {
+    StageOutput<S> held;
+    StageInput<S> in = x;
+    for (std::size_t i = 0; i < stages_.size(); ++i) {
+      const auto next = i + 1 < stages_.size() ? stages_[i + 1].int8_input() : std::nullopt;
+      StageOutput<S> y;
+      if (stages_[i].int8_input() || std::holds_alternative<const Int8Codes*>(in)) {
+        y = stages_[i].forward_int8(in, next ? &*next : nullptr);
+      } else {
+        ConstTensorView<S> v = std::get<ConstTensorView<S>>(in);
+        Tensor<S> contiguous_copy;
+        if (v.dim() == 4 && !v.is_contiguous() && !stages_[i].takes_any_format())
+          v = in_format(v, MemoryFormat::contiguous, contiguous_copy);
+        y = stages_[i].forward(v);
+      }
+      held = std::move(y);
+      in = as_input(held);
+    }
+    return std::get<Tensor<S>>(std::move(held));
+  }
+
   // `x` in layout `f`: itself, or a converted copy kept in `scratch`.
   static ConstTensorView<S> in_format(ConstTensorView<S> x, MemoryFormat f, Tensor<S>& scratch) {
     if (x.memory_format() == f) return x;
