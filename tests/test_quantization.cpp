@@ -8,6 +8,7 @@
 #include <limits>
 #include <map>
 #include <sstream>
+#include <thread>
 
 #include "orepa/deploy/onednn_interop.hpp"
 #include "test_util.hpp"
@@ -501,4 +502,113 @@ TEST(Quantization, InferenceChainPassesInt8ActivationsThroughModules) {
   std::int64_t off = 0;
   for (std::int64_t i = 0; i < real.numel(); ++i) off += std::abs(want.quantize(real[i]) - codes.code(i)) > 2;
   EXPECT_LE(off, real.numel() / 100);
+}
+
+// The bad inputs: no calibration batch, non-finite values (in the input, or
+// reaching only a later layer), a batch of another shape, a calibration of another
+// network. Each is a clear error, and the Calibrator keeps exactly what it had.
+TEST(Quantization, CalibrationMistakesAreErrorsThatChangeNothing) {
+  Sequential<float> net;
+  net.add(OREPA<float, SiLU>(OrepaOptions(3, 8, 3)));
+  net.add(ConvBN<float, SiLU>(ConvOptions(8, 8, 3)));
+  net.add(GlobalAvgPool<float>());
+  const InferenceChain<float> fp32 = net.deploy();
+  Rng rng(13);
+  Calibrator cal;
+  EXPECT_EQ(cal.calibration().size(), 0u);
+  EXPECT_THROW(net.deploy(DeployOptions().precision(Precision::int8).calibration(cal.calibration())), config_error);
+  const Tensor<float> good = random_tensor<float>({2, 3, 8, 8}, rng);
+  cal.observe(fp32, good);
+  const Calibration before = cal.calibration();
+  for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    Tensor<float> x = good;
+    x[5] = bad;
+    EXPECT_THROW(cal.observe(fp32, x), shape_error);
+  }
+  Tensor<float> huge = good;  // finite, but the first conv's output overflows
+  for (auto& v : huge) v = v < 0 ? -3e38f : 3e38f;
+  try {
+    cal.observe(fp32, huge);
+    ADD_FAILURE() << "an overflow inside the network must throw";
+  } catch (const shape_error& e) {
+    EXPECT_NE(std::string(e.what()).find("'1.'"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(cal.observe(fp32, random_tensor<float>({2, 4, 8, 8}, rng)), shape_error);
+  const Calibration after = cal.calibration();
+  for (const char* layer : {"0.", "1."}) {
+    EXPECT_EQ(after.at(layer).lo, before.at(layer).lo) << layer;
+    EXPECT_EQ(after.at(layer).hi, before.at(layer).hi) << layer;
+    EXPECT_EQ(cal.batches(layer), 1) << layer;
+  }
+  Calibration other;  // another network's: layer "1." missing
+  other.set("0.", {-1.f, 1.f});
+  try {
+    net.deploy(DeployOptions().precision(Precision::int8).calibration(other));
+    ADD_FAILURE() << "a calibration without layer 1. must be refused";
+  } catch (const config_error& e) {
+    EXPECT_NE(std::string(e.what()).find("'1.'"), std::string::npos) << e.what();
+  }
+}
+
+// After BN folding the output channels of a kernel differ by orders of magnitude: one
+// scale per tensor spends the 8 bits on the largest channel and rounds the small ones away.
+TEST(Quantization, PerChannelWeightsBeatPerTensorOnAFoldedOrepaKernel) {
+  OREPA<float, SiLU> block(OrepaOptions(16, 32, 3));
+  for (auto& [name, p] : block.named_parameters())
+    if (name == "bn.weight")
+      for (std::int64_t o = 0; o < p->value.numel(); ++o) p->value[o] = std::pow(10.f, -2.f + 3.f * float(o) / 31.f);
+  DeployedConv<float> conv = block.deploy();
+  const Tensor<float> w = conv.weight();
+  const std::int64_t per = w.numel() / w.size(0);
+  float row_min = std::numeric_limits<float>::infinity(), row_max = 0, all = 0;
+  for (std::int64_t o = 0; o < w.size(0); ++o) {
+    float m = 0;
+    for (std::int64_t j = 0; j < per; ++j) m = std::max(m, std::fabs(w[o * per + j]));
+    row_min = std::min(row_min, m), row_max = std::max(row_max, m), all = std::max(all, m);
+  }
+  ASSERT_GT(row_max / row_min, 100.f) << "the folded kernel's channels must differ widely";
+  Tensor<float> per_tensor = w;
+  const float step = all / 127.f;
+  for (auto& v : per_tensor) v = step * std::nearbyint(v / step);
+  conv.precision(Precision::int8, {-1.f, 1.f});
+  const Tensor<float> per_channel = conv.effective_weight();
+  const double pc = sqnr_db(w.data(), per_channel.data(), w.numel()), pt = sqnr_db(w.data(), per_tensor.data(), w.numel());
+  std::printf("  folded OREPA kernel: per-channel %.1f dB, per-tensor %.1f dB\n", pc, pt);
+  EXPECT_GT(pc, pt + 3.0);
+  // Per output channel, where it matters: the smallest channel keeps its shape only per-channel.
+  EXPECT_GT(sqnr_db(w.data(), per_channel.data(), per), 30.0);
+  EXPECT_LT(sqnr_db(w.data(), per_tensor.data(), per), 10.0);
+}
+
+// Deployed int8 convolutions and chains are shared by threads: every concurrent result
+// equals the serial one bit for bit.
+TEST(Quantization, ConcurrentInt8ForwardsEqualSerialOnes) {
+  Sequential<float> net;
+  net.add(OREPA<float, SiLU>(OrepaOptions(3, 8, 3)));
+  net.add(C3<float>(8, 8, 1, true, 0.5, 4));
+  net.add(GlobalAvgPool<float>());
+  Rng rng(14);
+  std::vector<Tensor<float>> xs;
+  for (int i = 0; i < 4; ++i) xs.push_back(random_tensor<float>({2, 3, 8, 8}, rng));
+  Calibrator cal;
+  const InferenceChain<float> fp32 = net.deploy();
+  for (const auto& x : xs) cal.observe(fp32, x);
+  const auto int8 = net.deploy(DeployOptions().precision(Precision::int8).calibration(cal.calibration()));
+  const AnyDeployed<float> first = int8.stage(0);
+  std::vector<Tensor<float>> serial_chain, serial_conv;
+  for (const auto& x : xs) serial_chain.push_back(int8.forward(x)), serial_conv.push_back(first.forward(x));
+  std::vector<std::vector<Tensor<float>>> chain_out(4), conv_out(4);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < 4; ++t)
+    pool.emplace_back([&, t] {
+      for (int r = 0; r < 5; ++r)
+        for (const auto& x : xs) chain_out[t].push_back(int8.forward(x)), conv_out[t].push_back(first.forward(x));
+    });
+  for (auto& th : pool) th.join();
+  for (int t = 0; t < 4; ++t)
+    for (std::size_t i = 0; i < chain_out[t].size(); ++i) {
+      const std::size_t k = i % xs.size();
+      ASSERT_TRUE(std::equal(chain_out[t][i].begin(), chain_out[t][i].end(), serial_chain[k].begin())) << t << " " << i;
+      ASSERT_TRUE(std::equal(conv_out[t][i].begin(), conv_out[t][i].end(), serial_conv[k].begin())) << t << " " << i;
+    }
 }

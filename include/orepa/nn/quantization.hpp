@@ -47,19 +47,26 @@ class Calibrator {
 
   /// Runs `chain` (an fp32 InferenceChain) on `batch`, recording the input of every
   /// deployed convolution in it, in every stage and module, under its name ("3.",
-  /// "2.m.0.cv1.": see AnyDeployed::visit_convs).
+  /// "2.m.0.cv1.": see AnyDeployed::visit_convs). A batch that fails (a shape error, a
+  /// non-finite value reaching any layer: shape_error naming the layer) records nothing.
   void observe(const InferenceChain<float>& chain, ConstTensorView<float> batch) {
     Recorder r(*this);
     chain.visit_convs("", [&](const std::string& name, const DeployedConv<float>& c) { r.names[&c] = name; });
-    ScopedConvObserver scope(&r);
-    (void)chain.forward(batch);
+    {
+      ScopedConvObserver scope(&r);
+      (void)chain.forward(batch);
+    }
+    commit(r.pending);
   }
-  /// Records the input of a single deployed block (layer "").
+  /// Records the input of a single deployed block (layer ""), all or nothing likewise.
   void observe(const DeployedConv<float>& conv, ConstTensorView<float> batch) {
     Recorder r(*this);
     r.names[&conv] = "";
-    ScopedConvObserver scope(&r);
-    (void)conv.forward(batch);
+    {
+      ScopedConvObserver scope(&r);
+      (void)conv.forward(batch);
+    }
+    commit(r.pending);
   }
 
   /// The range of every layer seen so far.
@@ -114,27 +121,39 @@ class Calibrator {
     explicit Recorder(Calibrator& c) : cal(c) {}
     void seen(const DeployedConv<float>& conv, ConstTensorView<float> x, ConstTensorView<float>) override {
       auto it = names.find(&conv);
-      if (it != names.end()) cal.record(it->second, x);
+      if (it != names.end()) cal.record(it->second, x, pending[it->second]);
     }
     Calibrator& cal;
     std::map<const DeployedConv<float>*, std::string> names;
+    std::map<std::string, Stats> pending;  // this batch's statistics, committed once it completes
   };
 
-  void record(const std::string& layer, ConstTensorView<float> x) {
-    Stats& s = stats_[layer];
+  // Adds `x` to `s`, this batch's statistics of `layer`.
+  void record(const std::string& layer, ConstTensorView<float> x, Stats& s) const {
     ++s.batches;
     const std::int64_t n = x.numel();
     // Every batch adds at most max_samples_ / 16 values, so the first 16 batches fill it.
-    const std::int64_t room = std::max<std::int64_t>(0, max_samples_ - std::int64_t(s.samples.size()));
+    const auto before = stats_.find(layer);
+    const std::int64_t held = before == stats_.end() ? 0 : std::int64_t(before->second.samples.size());
+    const std::int64_t room = std::max<std::int64_t>(0, max_samples_ - held - std::int64_t(s.samples.size()));
     const std::int64_t take = std::min(room, std::max<std::int64_t>(1, max_samples_ / 16));
     const std::int64_t stride = take > 0 ? std::max<std::int64_t>(1, n / take) : n + 1;
     const float* p = x.data();  // element order does not matter for a distribution
-    for (std::int64_t i = 0; i < n; ++i) {
+    for (std::int64_t i = 0, added = 0; i < n; ++i) {
       if (!std::isfinite(p[i]))
         throw shape_error(detail::cat("Calibrator: layer '", layer, "' input holds a non-finite value at index ", i));
       s.lo = std::min(s.lo, p[i]);
       s.hi = std::max(s.hi, p[i]);
-      if (i % stride == 0 && std::int64_t(s.samples.size()) < max_samples_) s.samples.push_back(p[i]);
+      if (i % stride == 0 && added < take) s.samples.push_back(p[i]), ++added;
+    }
+  }
+  void commit(const std::map<std::string, Stats>& pending) {
+    for (const auto& [layer, b] : pending) {
+      Stats& s = stats_[layer];
+      s.lo = std::min(s.lo, b.lo);
+      s.hi = std::max(s.hi, b.hi);
+      s.batches += b.batches;
+      s.samples.insert(s.samples.end(), b.samples.begin(), b.samples.end());
     }
   }
 
