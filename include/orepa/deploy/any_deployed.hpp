@@ -63,8 +63,6 @@ struct Int8Codes {
   }
   /// The real value of code `i`.
   float value(std::int64_t i) const { return q.dequantize(code(i)); }
-  /// Stores the code of real `x` at `i`.
-  void set(std::int64_t i, float x) { bytes[std::size_t(i)] = std::uint8_t(q.quantize(x)); }
 
  private:
   static std::int64_t shape_numel(const Shape& s) {
@@ -96,8 +94,10 @@ inline Int8Codes quantize_codes(ConstTensorView<float> x, const QuantParams& q) 
     v = nhwc.data();
   }
   Int8Codes c(x.sizes(), q);
+  std::uint8_t* out = c.bytes.get();
   parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
-    for (std::int64_t i = b; i < e; ++i) c.set(i, v[i]);
+    const QuantParams local = q;  // byte stores may alias anything read through a reference
+    for (std::int64_t i = b; i < e; ++i) out[i] = std::uint8_t(local.quantize(v[i]));
   });
   return c;
 }
@@ -109,6 +109,22 @@ inline Tensor<float> dequantize_codes(const Int8Codes& c) {
     for (std::int64_t i = b; i < e; ++i) v[i] = c.value(i);
   });
   return y;
+}
+
+/// What a stage without an 8-bit path does inside an int8 chain: `forward` (a callable
+/// taking a float view) on `x`, dequantized first when it is codes, and its output
+/// quantized in `*out` when given.
+template <class S, class F>
+StageOutput<S> forward_int8_through_float(StageInput<S> x, const QuantParams* out, F&& forward) {
+  if constexpr (std::is_same_v<S, float>) {
+    const auto* codes = std::get_if<const Int8Codes*>(&x);
+    const Tensor<float> real = codes ? dequantize_codes(**codes) : Tensor<float>();
+    Tensor<float> y(forward(codes ? ConstTensorView<float>(real) : std::get<ConstTensorView<float>>(x)));
+    if (out) return quantize_codes(y, *out);
+    return y;
+  } else {
+    return Tensor<S>(forward(std::get<ConstTensorView<S>>(x)));  // codes are float-only
+  }
 }
 
 /// A type-erased deployed module.
@@ -206,19 +222,8 @@ class AnyDeployed {
       else return std::nullopt;
     }
     StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const override {
-      if constexpr (has_int8<D>::value) {
-        return d.forward_int8(x, out);
-      } else {
-        if constexpr (std::is_same_v<S, float>) {
-          const bool coded = std::holds_alternative<const Int8Codes*>(x);
-          const Tensor<float> real = coded ? dequantize_codes(*std::get<const Int8Codes*>(x)) : Tensor<float>();
-          Tensor<float> y(d.forward(coded ? ConstTensorView<float>(real) : std::get<ConstTensorView<float>>(x)));
-          if (out) return quantize_codes(y, *out);
-          return y;
-        } else {
-          return Tensor<S>(d.forward(std::get<ConstTensorView<S>>(x)));  // codes are float-only
-        }
-      }
+      if constexpr (has_int8<D>::value) return d.forward_int8(x, out);
+      else return forward_int8_through_float<S>(x, out, [&](ConstTensorView<S> v) { return d.forward(v); });
     }
     D d;
   };

@@ -191,19 +191,14 @@ class DeployedConv {
   /// `out` is null, to float channels-last. A convolution without int8_input() runs its
   /// float forward on the dequantized input.
   StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const {
+    const auto wanted = int8_input();
+    if (!wanted) return forward_int8_through_float<S>(x, out, [&](ConstTensorView<S> v) { return forward(v); });
     if constexpr (!std::is_same_v<S, float>) {
-      return forward(std::get<ConstTensorView<S>>(x));  // codes only exist for float
+      return forward(std::get<ConstTensorView<S>>(x));  // unreachable: only float convolutions run int8
     } else {
       const bool coded = std::holds_alternative<const Int8Codes*>(x);
-      const auto wanted = int8_input();
-      if (!wanted || (coded && !same_quantization(std::get<const Int8Codes*>(x)->q, *wanted))) {
-        const Tensor<float> real = coded ? dequantize_codes(*std::get<const Int8Codes*>(x)) : Tensor<float>();
-        const ConstTensorView<float> in = coded ? ConstTensorView<float>(real) : std::get<ConstTensorView<float>>(x);
-        if (wanted) return forward_int8(in, out);
-        Tensor<float> y = forward(in);
-        if (out) return quantize_codes(y, *out);
-        return y;
-      }
+      if (coded && std::get<const Int8Codes*>(x)->q != *wanted)  // another quantization's codes
+        return forward_int8(dequantize_codes(*std::get<const Int8Codes*>(x)), out);
       const Shape xs = coded ? std::get<const Int8Codes*>(x)->shape : std::get<ConstTensorView<float>>(x).sizes();
       const Shape ys = g_.output_shape(xs, "DeployedConv::forward_int8");
       Entry& e = entry(xs, MemoryFormat::contiguous, true, out);
@@ -378,9 +373,6 @@ class DeployedConv {
     e.idle[f].push_back(std::move(ctx));
   }
 
-  static bool same_quantization(const QuantParams& a, const QuantParams& b) {
-    return a.scale == b.scale && a.zero_point == b.zero_point && a.qmin == b.qmin;
-  }
   // `m` in layout `d` (itself when it already is; a reorder into `to`, or a new buffer).
   static dnnl::memory relayout(const dnnl::memory& m, const dnnl::memory::desc& d, dnnl::memory to = {}) {
     if (m.get_desc() == d) return m;

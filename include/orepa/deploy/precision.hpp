@@ -100,6 +100,10 @@ struct QuantParams {
   }
   /// The real value of code `q`.
   float dequantize(std::int32_t q) const { return scale * float(q - zero_point); }
+  /// The same codes for the same values.
+  bool operator==(const QuantParams& o) const { return scale == o.scale && zero_point == o.zero_point && qmin == o.qmin; }
+  /// Not operator==.
+  bool operator!=(const QuantParams& o) const { return !(*this == o); }
 };
 
 /// Per-output-channel symmetric weight scales of kernel `w` [O, ...]: max|w[o]| / 127

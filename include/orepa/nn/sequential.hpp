@@ -15,7 +15,6 @@
 /// index then the layer's own name ("0.weight_orepa_origin", "2.weight"), as PyTorch's
 /// nn.Sequential state dict.
 
-#include <algorithm>
 #include <string>
 #include <utility>
 #include <variant>
@@ -50,12 +49,7 @@ class InferenceChain {
     if (stages_.empty()) return x.clone();
     Tensor<S> in;
     const ConstTensorView<S> first = x.dim() == 4 ? in_format(x, preferred_format(x.sizes()), in) : x;
-    const bool int8 = std::any_of(stages_.begin(), stages_.end(), [](const auto& s) { return bool(s.int8_input()); });
-    Tensor<S> y = int8 ? forward_int8(first) : stages_.front().forward(first);
-    for (std::size_t i = 1; i < stages_.size() && !int8; ++i) {
-      if (y.dim() == 4 && !y.is_contiguous() && !stages_[i].takes_any_format()) y = y.to(MemoryFormat::contiguous);
-      y = stages_[i].forward(y);
-    }
+    Tensor<S> y = run_stages(first);
     if (y.dim() == 4 && y.memory_format() != x.memory_format()) return y.to(x.memory_format());
     return y;
   }
@@ -95,14 +89,15 @@ class InferenceChain {
   }
 
  private:
-  // Every stage, codes between two int8 ones.
-  Tensor<S> forward_int8(ConstTensorView<S> x) const {
+  // Every stage in order: float between stages (NCHW for one that takes no other
+  // layout), 8-bit codes between two int8 ones.
+  Tensor<S> run_stages(ConstTensorView<S> x) const {
     StageOutput<S> held;
     StageInput<S> in = x;
     for (std::size_t i = 0; i < stages_.size(); ++i) {
-      const auto next = i + 1 < stages_.size() ? stages_[i + 1].int8_input() : std::nullopt;
       StageOutput<S> y;
       if (stages_[i].int8_input() || std::holds_alternative<const Int8Codes*>(in)) {
+        const auto next = i + 1 < stages_.size() ? stages_[i + 1].int8_input() : std::nullopt;
         y = stages_[i].forward_int8(in, next ? &*next : nullptr);
       } else {
         ConstTensorView<S> v = std::get<ConstTensorView<S>>(in);

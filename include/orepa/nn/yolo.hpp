@@ -89,7 +89,7 @@ void concat_channels(detail::identity_t<ConstTensorView<S>> a, detail::identity_
 /// into [N, Ca + Cb, H, W]. Throws shape_error unless N, H, W and the quantizations agree.
 inline Int8Codes concat_codes(const Int8Codes& a, const Int8Codes& b) {
   if (a.shape.size() != 4 || b.shape.size() != 4 || a.shape[0] != b.shape[0] || a.shape[2] != b.shape[2] ||
-      a.shape[3] != b.shape[3] || a.q.scale != b.q.scale || a.q.zero_point != b.q.zero_point || a.q.qmin != b.q.qmin)
+      a.shape[3] != b.shape[3] || a.q != b.q)
     throw shape_error(detail::cat("concat_codes: expected [N, Ca, H, W] and [N, Cb, H, W] codes with equal N, H, W "
                                   "and quantization, got ", shape_str(a.shape), " and ", shape_str(b.shape)));
   const std::int64_t Ca = a.shape[1], Cb = b.shape[1], pixels = a.shape[0] * a.shape[2] * a.shape[3];
@@ -148,39 +148,21 @@ class DeployedBottleneck {
     const StageOutput<S> t = cv1_.forward_int8(x, mid ? &*mid : nullptr);
     if (!add_) return cv2_.forward_int8(as_input(t), out);
     Tensor<S> y = std::get<Tensor<S>>(cv2_.forward_int8(as_input(t), nullptr));
+    const auto* codes = std::get_if<const Int8Codes*>(&x);
+    if (!codes) detail::yolo::add_inplace(y, std::get<ConstTensorView<S>>(x), "DeployedBottleneck residual");
     if constexpr (std::is_same_v<S, float>) {
-      if (const auto* codes = std::get_if<const Int8Codes*>(&x)) {
+      if (codes) {
         if (y.memory_format() != MemoryFormat::channels_last) y = y.to(MemoryFormat::channels_last);
         y.expect_shape((*codes)->shape, "DeployedBottleneck residual");
         const Int8Codes& in = **codes;
         float* v = y.data();
-        if (!out) {
-          parallel_ranges(y.numel(), [&](std::int64_t b, std::int64_t e, int) {
-            for (std::int64_t i = b; i < e; ++i) v[i] += in.value(i);
-          });
-          return y;
-        }
-        Int8Codes sum(y.sizes(), *out);
-        // QuantParams::quantize, every operand captured by value: the byte stores could
-        // alias anything read through a reference, which would be reloaded per element.
-        const bool x_signed = in.q.qmin < 0;
-        const float sx = in.q.scale, zx = float(in.q.zero_point), inv = 1.f / out->scale,
-                    zy = float(out->zero_point), lo = float(out->qmin), hi = lo + 255.f;
-        const std::uint8_t* xc = in.bytes.get();
-        std::uint8_t* yc = sum.bytes.get();
-        parallel_ranges(y.numel(), [=](std::int64_t b, std::int64_t e, int) {
-          for (std::int64_t i = b; i < e; ++i) {
-            const float cx = x_signed ? float(std::int8_t(xc[i])) : float(xc[i]);
-            const float q = (v[i] + sx * (cx - zx)) * inv + zy;
-            yc[i] = std::uint8_t(detail::round_half_even(q >= lo ? std::min(q, hi) : lo));
-          }
+        parallel_ranges(y.numel(), [&](std::int64_t b, std::int64_t e, int) {
+          const QuantParams q = in.q;  // a local: the float stores could alias in.q.scale
+          for (std::int64_t i = b; i < e; ++i) v[i] += q.dequantize(in.code(i));
         });
-        return sum;
       }
-    }
-    detail::yolo::add_inplace(y, std::get<ConstTensorView<S>>(x), "DeployedBottleneck residual");
-    if constexpr (std::is_same_v<S, float>)
       if (out) return quantize_codes(y, *out);
+    }
     return y;
   }
   /// Visits cv1 and cv2 as `prefix` + "cv1." / "cv2." (the Bottleneck's tensor names).
@@ -296,23 +278,14 @@ class DeployedC3 {
   /// C3), else nullopt (see AnyDeployed).
   std::optional<QuantParams> int8_input() const {
     const auto a = cv1_.int8_input(), b = cv2_.int8_input();
-    if (!a || !b || !cv3_.int8_input() || a->scale != b->scale || a->zero_point != b->zero_point) return std::nullopt;
+    if (!a || !b || !cv3_.int8_input() || *a != *b) return std::nullopt;
     return a;
   }
   /// forward() inside an int8 chain: codes through the bottleneck path, both halves of the
   /// concatenation written in cv3's input quantization and joined as codes.
   StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const {
     const auto cat_q = cv3_.int8_input();
-    if (!int8_input()) {  // a float C3 (AnyDeployed's fallback)
-      const auto* codes = std::get_if<const Int8Codes*>(&x);
-      Tensor<S> real;
-      if constexpr (std::is_same_v<S, float>)
-        if (codes) real = dequantize_codes(**codes);
-      Tensor<S> y = forward(codes ? ConstTensorView<S>(real) : std::get<ConstTensorView<S>>(x));
-      if constexpr (std::is_same_v<S, float>)
-        if (out) return quantize_codes(y, *out);
-      return y;
-    }
+    if (!int8_input()) return forward_int8_through_float<S>(x, out, [&](ConstTensorView<S> v) { return forward(v); });
     if constexpr (std::is_same_v<S, float>) {
       auto wanted = [&](std::size_t j) { return j < m_.size() ? m_[j].int8_input() : cat_q; };
       auto q = wanted(0);
