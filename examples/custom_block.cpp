@@ -67,7 +67,7 @@ int main(int argc, char** argv) try {
   for (int step = 0; step < steps; ++step) {
     fill_uniform(x, 1.0, rng);
     const Tensor<float> want = teacher.forward(x);
-    const Tensor<float>& y = block.forward_train(x);
+    Tensor<float> y = block.forward_train(x);
     Tensor<float> grad(y.sizes());
     double loss = 0;
     for (std::int64_t j = 0; j < y.numel(); ++j) {

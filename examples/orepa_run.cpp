@@ -70,7 +70,7 @@ int main(int argc, char** argv) try {
     }
   }
   if (args.mode == "train") {
-    const Tensor<float>& y = block.forward_train(x);
+    Tensor<float> y = block.forward_train(x);
     out.add("output", y);
     Tensors<float> t;
     block.collect_tensors(t, "");

@@ -38,12 +38,12 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
   /// Move assignment; the previously held block is destroyed.
   AnyBlock& operator=(AnyBlock&&) noexcept = default;
 
-  /// Training forward of the held block; its output buffer.
-  const Tensor<S>& forward_train(ConstTensorView<S> x) { return impl_->forward_train(x); }
+  /// Training forward of the held block; its output (an alias of the block's buffer).
+  Tensor<S> forward_train(ConstTensorView<S> x) { return impl_->forward_train(x); }
   /// Eval forward, no state change.
   Tensor<S> forward_eval(ConstTensorView<S> x) const { return impl_->forward_eval(x); }
   /// Backward of the last forward_train; accumulates gradients, returns dL/dx.
-  const Tensor<S>& backward(ConstTensorView<S> grad_out) { return impl_->backward(grad_out); }
+  Tensor<S> backward(ConstTensorView<S> grad_out) { return impl_->backward(grad_out); }
   /// The held block's tensors under `prefix` (module.hpp).
   void collect_tensors(Tensors<S>& out, const std::string& prefix) { impl_->collect_tensors(out, prefix); }
   /// The held block's reference class name.
@@ -79,9 +79,9 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
  private:
   struct Concept {
     virtual ~Concept() = default;
-    virtual const Tensor<S>& forward_train(ConstTensorView<S> x) = 0;
+    virtual Tensor<S> forward_train(ConstTensorView<S> x) = 0;
     virtual Tensor<S> forward_eval(ConstTensorView<S> x) const = 0;
-    virtual const Tensor<S>& backward(ConstTensorView<S> g) = 0;
+    virtual Tensor<S> backward(ConstTensorView<S> g) = 0;
     virtual void collect_tensors(Tensors<S>& out, const std::string& prefix) = 0;
     virtual std::string type_name() const = 0;
     virtual AnyDeployed<S> deploy() const = 0;
@@ -92,9 +92,9 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
   template <class B>
   struct Model final : Concept {
     explicit Model(B x) : b(std::move(x)) {}
-    const Tensor<S>& forward_train(ConstTensorView<S> x) override { return b.forward_train(x); }
+    Tensor<S> forward_train(ConstTensorView<S> x) override { return b.forward_train(x); }
     Tensor<S> forward_eval(ConstTensorView<S> x) const override { return b.forward_eval(x); }
-    const Tensor<S>& backward(ConstTensorView<S> g) override { return b.backward(g); }
+    Tensor<S> backward(ConstTensorView<S> g) override { return b.backward(g); }
     void collect_tensors(Tensors<S>& out, const std::string& prefix) override { b.collect_tensors(out, prefix); }
     std::string type_name() const override { return b.type_name(); }
     AnyDeployed<S> deploy() const override { return AnyDeployed<S>(b.deploy()); }

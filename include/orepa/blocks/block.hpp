@@ -8,9 +8,9 @@
 ///
 /// | member | meaning |
 /// |---|---|
-/// | `const Tensor<S>& b.forward_train(x)` | training forward (batch statistics; running statistics updated); the block's output buffer, valid until its next forward_train |
+/// | `Tensor<S> b.forward_train(x)` | training forward (batch statistics; running statistics updated); the output, an alias of the block's buffer that stays valid while held (core/tensor.hpp) |
 /// | `Tensor<S> b.forward_eval(x) const` | eval forward (running statistics), no state change |
-/// | `const Tensor<S>& b.backward(dy)` | backward of the last forward_train: accumulates every parameter gradient, returns dL/dx (the block's buffer) |
+/// | `Tensor<S> b.backward(dy)` | backward of the last forward_train: accumulates every parameter gradient, returns dL/dx (an alias of the block's buffer) |
 /// | `ParamList<S> b.parameters()` / `b.buffers()` | trainable tensors / buffers (running statistics, fixed priors, identity tensors), in state-dict order |
 /// | `NamedParams<S> b.named_parameters(prefix)` / `b.named_buffers(prefix)` | the same with the reference's state-dict names |
 /// | `StateDict<S> b.state_dict() const` / `b.load_state_dict(sd)` | every tensor and counter by name; loading is strict and all-or-nothing, listing missing, unexpected and mis-shaped entries |

@@ -48,20 +48,20 @@ class ConvBlock : public ModuleTensors<ConvBlock<S, Act, Source>, S> {
   }
 
   /// Training forward: squeeze, one convolution, BN with batch statistics (running
-  /// statistics updated), activation. Returns the block's output buffer, valid until the
-  /// next forward_train. x is [N, I, H, W] with more than one output value per channel.
-  const Tensor<S>& forward_train(ConstTensorView<S> x) {
+  /// statistics updated), activation. Returns the output (an alias of the block's
+  /// buffer, see Tensor). x is [N, I, H, W] with more than one output value per channel.
+  Tensor<S> forward_train(ConstTensorView<S> x) {
     source_.squeeze_into(w_);
-    return trunk_.forward_train(x, w_, type_name_);
+    return trunk_.forward_train(x, w_, type_name_).alias();
   }
   /// Eval forward with BN's running statistics (no state change).
   Tensor<S> forward_eval(ConstTensorView<S> x) const { return trunk_.forward_eval(x, squeeze(), type_name_); }
   /// Backward of the last forward_train for dL/d(output): accumulates every parameter
-  /// gradient (until zero_grad) and returns dL/dx (the block's buffer).
-  const Tensor<S>& backward(ConstTensorView<S> grad_out) {
+  /// gradient (until zero_grad) and returns dL/dx (an alias of the block's buffer).
+  Tensor<S> backward(ConstTensorView<S> grad_out) {
     const Tensor<S>& dx = trunk_.backward(grad_out, type_name_);
     source_.squeeze_backward(trunk_.grad_weight());
-    return dx;
+    return dx.alias();
   }
 
   /// The BN-folded kernel and bias (W * s[o], beta - running_mean * s) of the deployed conv.

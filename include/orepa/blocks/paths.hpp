@@ -394,9 +394,9 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
   const std::vector<Path<S>>& paths() const { return paths_; }
 
   /// Training forward: every path with batch statistics (all running statistics
-  /// updated), summed, activated. Returns the block's output buffer, valid until the next
-  /// forward_train. x is [N, I, H, W] with more than one output value per channel.
-  const Tensor<S>& forward_train(ConstTensorView<S> x) {
+  /// updated), summed, activated. Returns the output (an alias of the block's buffer, see
+  /// Tensor). x is [N, I, H, W] with more than one output value per channel.
+  Tensor<S> forward_train(ConstTensorView<S> x) {
     const Shape ys = g_.output_shape(x.sizes(), (type_name_ + "::forward_train").c_str());
     if (ys[0] * ys[2] * ys[3] < 2)
       throw state_error(detail::cat(type_name_, "::forward_train: BN needs more than one value per channel; input ",
@@ -407,7 +407,7 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
     out_.resize(pre_.sizes());
     for (std::int64_t j = 0; j < pre_.numel(); ++j) out_[j] = act_(pre_[j]);
     has_forward_ = true;
-    return out_;
+    return out_.alias();
   }
   /// Eval forward path by path with the running statistics (no state change); equal to
   /// deploy().forward(x) up to round-off.
@@ -421,8 +421,8 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
     return sum;
   }
   /// Backward of the last forward_train: every path's backward, every parameter gradient
-  /// accumulated (until zero_grad); returns dL/dx (the block's buffer).
-  const Tensor<S>& backward(ConstTensorView<S> grad_out) {
+  /// accumulated (until zero_grad); returns dL/dx (an alias of the block's buffer).
+  Tensor<S> backward(ConstTensorView<S> grad_out) {
     if (!has_forward_) throw state_error(type_name_ + "::backward: call forward_train first");
     grad_out.expect_shape(out_.sizes(), type_name_ + "::backward grad_output");
     grad_out = contiguous(grad_out, g_nchw_);
@@ -430,7 +430,7 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
     for (std::int64_t j = 0; j < pre_.numel(); ++j) dpre_[j] = grad_out[j] * act_.derivative(pre_[j]);
     dx_.assign(paths_.front().backward(x_, dpre_));
     for (std::size_t p = 1; p < paths_.size(); ++p) add(dx_, paths_[p].backward(x_, dpre_));
-    return dx_;
+    return dx_.alias();
   }
 
   /// Every path folded (1x1 ones padded to k x k), kernels and biases summed.

@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <initializer_list>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -91,110 +92,155 @@ template <class T>
 class TensorView;
 
 /// Dense row-major tensor of scalars `S` (float for the oneDNN path, double for checks).
+///
+/// Storage and ownership: a Tensor is a value. Copying it copies the elements, as
+/// `std::vector` does. The one exception is alias(): a second Tensor over the same
+/// storage, which is what modules return from forward_train and backward. A module writes
+/// its next result into that storage only when nobody else holds it: the whole-tensor
+/// writes (resize, reset, assign, fill, zero, copy assignment) give a tensor storage of
+/// its own first when it shares it. So a result stays valid and unchanged while the user
+/// keeps it, and a loop that drops its results allocates nothing after warm-up. Element
+/// writes (data(), operator[], iterators) go to the shared storage: all aliases see them
+/// (as with PyTorch, changing a module's output in place changes what its backward reads).
 template <class S>
 class Tensor {
  public:
   /// The element type `S`.
   using Scalar = S;
 
-  /// Empty tensor of shape [0].
-  Tensor() : shape_{0} {}
+  /// Empty tensor of shape [0] (owns no storage).
+  Tensor() = default;
   /// Tensor of `shape` filled with `fill`. Throws shape_error / config_error on a bad shape.
-  explicit Tensor(Shape shape, S fill = S(0)) : shape_(std::move(shape)) {
-    data_.assign(static_cast<std::size_t>(checked_elements(shape_)), fill);
+  explicit Tensor(Shape shape, S fill = S(0)) {
+    const auto n = checked_elements(shape);
+    impl_ = std::make_shared<Impl>(std::move(shape), std::vector<S>(static_cast<std::size_t>(n), fill));
   }
   /// Tensor of `shape` holding `values` (row-major); the sizes must agree.
-  Tensor(Shape shape, std::vector<S> values) : shape_(std::move(shape)), data_(std::move(values)) {
-    if (checked_elements(shape_) != static_cast<std::int64_t>(data_.size()))
-      throw shape_error(detail::cat("Tensor: shape ", shape_str(shape_), " needs ",
-                                    checked_numel(shape_), " values, got ", data_.size()));
+  Tensor(Shape shape, std::vector<S> values) {
+    if (checked_elements(shape) != static_cast<std::int64_t>(values.size()))
+      throw shape_error(detail::cat("Tensor: shape ", shape_str(shape), " needs ", checked_numel(shape),
+                                    " values, got ", values.size()));
+    impl_ = std::make_shared<Impl>(std::move(shape), std::move(values));
   }
   /// Tensor of `shape` (brace list, e.g. {N, C, H, W}) filled with `fill`; throws like the Shape constructor.
   Tensor(std::initializer_list<std::int64_t> shape, S fill = S(0)) : Tensor(Shape(shape), fill) {}
   /// Zero tensor of the 4-D `shape` laid out in `format` (channels_last: NHWC storage).
   Tensor(Shape shape, MemoryFormat format) : Tensor(std::move(shape)) { set_format(format); }
+  /// A copy of `o`'s elements (deep: the copy has storage of its own).
+  Tensor(const Tensor& o) : impl_(o.impl_ ? std::make_shared<Impl>(*o.impl_) : nullptr) {}
+  /// Takes `o`'s storage over; `o` becomes empty.
+  Tensor(Tensor&& o) noexcept = default;
+  /// Becomes a copy of `o`'s elements, reusing this tensor's buffer when it owns it alone.
+  Tensor& operator=(const Tensor& o) {
+    if (this == &o) return *this;
+    if (!o.impl_) impl_.reset();
+    else if (impl_ && impl_.use_count() == 1) *impl_ = *o.impl_;
+    else impl_ = std::make_shared<Impl>(*o.impl_);
+    return *this;
+  }
+  /// Takes `o`'s storage over (this tensor's own storage is released).
+  Tensor& operator=(Tensor&& o) noexcept = default;
+
+  /// A Tensor over this one's storage (no copy): writes to elements through either are
+  /// seen by both, and a whole-tensor write to either first gives it storage of its own.
+  Tensor alias() const {
+    Tensor t;
+    t.impl_ = impl_;
+    return t;
+  }
+  /// True when another Tensor shares this one's storage (an alias() of it is alive).
+  bool is_shared() const { return impl_.use_count() > 1; }
 
   /// The memory layout of the elements (channels_last only for 4-D tensors).
-  MemoryFormat memory_format() const { return format_; }
+  MemoryFormat memory_format() const { return impl_ ? impl_->format : MemoryFormat::contiguous; }
   /// True when the storage is row-major in the logical order (NCHW).
-  bool is_contiguous() const { return format_ == MemoryFormat::contiguous; }
+  bool is_contiguous() const { return memory_format() == MemoryFormat::contiguous; }
 
   /// The extents, one per dimension.
-  const Shape& sizes() const { return shape_; }
+  const Shape& sizes() const { return impl_ ? impl_->shape : empty_shape(); }
   /// Extent of dimension `i`; throws std::out_of_range for a bad `i`.
-  std::int64_t size(int i) const { return shape_.at(static_cast<std::size_t>(i)); }
+  std::int64_t size(int i) const { return sizes().at(static_cast<std::size_t>(i)); }
   /// Number of dimensions.
-  int dim() const { return static_cast<int>(shape_.size()); }
+  int dim() const { return static_cast<int>(sizes().size()); }
   /// Number of elements.
-  std::int64_t numel() const { return static_cast<std::int64_t>(data_.size()); }
+  std::int64_t numel() const { return impl_ ? static_cast<std::int64_t>(impl_->data.size()) : 0; }
   /// True when the tensor holds no elements.
-  bool empty() const { return data_.empty(); }
+  bool empty() const { return numel() == 0; }
   /// Pointer to the first element (row-major storage).
-  S* data() { return data_.data(); }
+  S* data() { return impl_ ? impl_->data.data() : nullptr; }
   /// Read-only pointer to the first element (row-major storage).
-  const S* data() const { return data_.data(); }
+  const S* data() const { return impl_ ? impl_->data.data() : nullptr; }
   /// Element `i` of the flat row-major storage; unchecked.
   S& operator[](std::int64_t i) {
     OREPA_ASSERT(i >= 0 && i < numel());
-    return data_[static_cast<std::size_t>(i)];
+    return impl_->data[static_cast<std::size_t>(i)];
   }
   /// Read-only element `i` of the flat row-major storage; unchecked.
   const S& operator[](std::int64_t i) const {
     OREPA_ASSERT(i >= 0 && i < numel());
-    return data_[static_cast<std::size_t>(i)];
+    return impl_->data[static_cast<std::size_t>(i)];
   }
-  /// Iterator to the first element.
-  auto begin() { return data_.begin(); }
-  /// Iterator past the last element.
-  auto end() { return data_.end(); }
-  /// Read-only iterator to the first element.
-  auto begin() const { return data_.begin(); }
-  /// Read-only iterator past the last element.
-  auto end() const { return data_.end(); }
+  /// Pointer to the first element.
+  S* begin() { return data(); }
+  /// Pointer past the last element.
+  S* end() { return data() + numel(); }
+  /// Read-only pointer to the first element.
+  const S* begin() const { return data(); }
+  /// Read-only pointer past the last element.
+  const S* end() const { return data() + numel(); }
 
   /// Element (n, c, h, w) of a rank-4 tensor (NCHW / OIHW indices, any memory format); unchecked.
   S& operator()(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t d) {
     OREPA_ASSERT(dim() == 4);
-    return data_[static_cast<std::size_t>(offset4(shape_, format_, a, b, c, d))];
+    return impl_->data[static_cast<std::size_t>(offset4(impl_->shape, impl_->format, a, b, c, d))];
   }
   /// Read-only element (n, c, h, w) of a rank-4 tensor; unchecked.
   const S& operator()(std::int64_t a, std::int64_t b, std::int64_t c, std::int64_t d) const {
     OREPA_ASSERT(dim() == 4);
-    return data_[static_cast<std::size_t>(offset4(shape_, format_, a, b, c, d))];
+    return impl_->data[static_cast<std::size_t>(offset4(impl_->shape, impl_->format, a, b, c, d))];
   }
   /// Element of a rank-2 tensor; unchecked.
   S& operator()(std::int64_t a, std::int64_t b) {
     OREPA_ASSERT(dim() == 2);
-    return data_[static_cast<std::size_t>(a * shape_[1] + b)];
+    return impl_->data[static_cast<std::size_t>(a * impl_->shape[1] + b)];
   }
   /// Read-only element of a rank-2 tensor; unchecked.
   const S& operator()(std::int64_t a, std::int64_t b) const {
     OREPA_ASSERT(dim() == 2);
-    return data_[static_cast<std::size_t>(a * shape_[1] + b)];
+    return impl_->data[static_cast<std::size_t>(a * impl_->shape[1] + b)];
   }
 
-  /// Sets every element to `v`.
-  void fill(S v) { std::fill(data_.begin(), data_.end(), v); }
+  /// Sets every element to `v` (in storage of its own when the tensor shares it).
+  void fill(S v) {
+    if (!impl_) return;
+    if (is_shared()) impl_ = std::make_shared<Impl>(impl_->shape, std::vector<S>(impl_->data.size()), impl_->format);
+    std::fill(impl_->data.begin(), impl_->data.end(), v);
+  }
   /// Sets every element to zero.
   void zero() { fill(S(0)); }
-  /// Re-shapes to `shape` (reallocating only when the element count grows) and zeroes it;
-  /// the layout becomes contiguous.
+  /// Re-shapes to `shape` (reallocating only when the element count grows or the storage
+  /// is shared) and zeroes it; the layout becomes contiguous.
   void reset(const Shape& shape) {
     auto n = checked_elements(shape);
-    shape_ = shape;
-    format_ = MemoryFormat::contiguous;
-    data_.assign(static_cast<std::size_t>(n), S(0));
+    Impl& m = own();
+    m.shape = shape;
+    m.format = MemoryFormat::contiguous;
+    m.data.assign(static_cast<std::size_t>(n), S(0));
   }
-  /// Re-shapes to `shape` in layout `format`, keeping the buffer when it is large enough;
-  /// contents are unspecified afterwards (for outputs that are about to be overwritten).
+  /// Re-shapes to `shape` in layout `format`, keeping the buffer when it is large enough
+  /// and not shared; contents are unspecified afterwards (for outputs that are about to
+  /// be overwritten).
   void resize(const Shape& shape, MemoryFormat format = MemoryFormat::contiguous) {
     auto n = checked_elements(shape);
-    shape_ = shape;
-    set_format(format);
-    data_.resize(static_cast<std::size_t>(n));
+    if (format == MemoryFormat::channels_last && shape.size() != 4)
+      throw shape_error(detail::cat("channels_last needs a 4-D shape, got ", shape_str(shape)));
+    Impl& m = own();
+    m.shape = shape;
+    m.format = format;
+    m.data.resize(static_cast<std::size_t>(n));
   }
   /// Becomes a copy of `v` (same shape, layout and values), reusing the buffer when large
-  /// enough. `v` must not view this tensor's own storage.
+  /// enough and not shared. `v` must not view this tensor's own storage.
   void assign(const TensorView<const S>& v);
   /// Becomes a copy of `v` in layout `format` (converting NCHW <-> NHWC as needed).
   void assign(const TensorView<const S>& v, MemoryFormat format);
@@ -204,18 +250,18 @@ class Tensor {
     t.assign(*this, format);
     return t;
   }
-  /// Same data, new shape with the same element count (contiguous tensors only).
+  /// A copy with another shape of the same element count (contiguous tensors only).
   Tensor reshaped(Shape shape) const {
     if (!is_contiguous()) throw shape_error("reshape: the tensor is channels_last; convert it with to() first");
     if (checked_numel(shape) != numel())
-      throw shape_error(detail::cat("reshape: ", shape_str(shape_), " cannot become ", shape_str(shape)));
-    return Tensor(std::move(shape), data_);
+      throw shape_error(detail::cat("reshape: ", shape_str(sizes()), " cannot become ", shape_str(shape)));
+    return Tensor(std::move(shape), std::vector<S>(begin(), end()));
   }
   /// Element-wise conversion to another scalar type.
   template <class U>
   Tensor<U> cast() const {
-    Tensor<U> t(shape_, std::vector<U>(data_.begin(), data_.end()));
-    if (!is_contiguous()) t.resize(shape_, format_);  // same storage order, same size: values kept
+    Tensor<U> t(sizes(), std::vector<U>(begin(), end()));
+    if (!is_contiguous()) t.resize(sizes(), memory_format());  // same storage order, same size: values kept
     return t;
   }
   /// The data as a rows x cols row-major matrix (rows * cols must equal numel()).
@@ -230,12 +276,29 @@ class Tensor {
   }
   /// Checks the shape equals `expected`; throws shape_error naming `what` otherwise.
   void expect_shape(const Shape& expected, const std::string& what) const {
-    if (shape_ != expected)
+    if (sizes() != expected)
       throw shape_error(detail::cat(what, ": expected shape ", shape_str(expected), ", got ",
-                                    shape_str(shape_)));
+                                    shape_str(sizes())));
   }
 
  private:
+  struct Impl {
+    Impl() = default;
+    Impl(Shape s, std::vector<S> d, MemoryFormat f = MemoryFormat::contiguous)
+        : shape(std::move(s)), data(std::move(d)), format(f) {}
+    Shape shape{0};
+    std::vector<S> data;
+    MemoryFormat format = MemoryFormat::contiguous;
+  };
+  static const Shape& empty_shape() {
+    static const Shape s{0};
+    return s;
+  }
+  // The storage, made this tensor's own (fresh and empty when absent or shared).
+  Impl& own() {
+    if (!impl_ || is_shared()) impl_ = std::make_shared<Impl>();
+    return *impl_;
+  }
   static std::int64_t checked_elements(const Shape& shape) {
     auto n = checked_numel(shape);
     if (n > max_tensor_bytes / static_cast<std::int64_t>(sizeof(S)))
@@ -246,17 +309,15 @@ class Tensor {
   }
   void check_matrix(std::int64_t rows, std::int64_t cols) const {
     if (rows < 0 || cols < 0 || rows * cols != numel())
-      throw shape_error(detail::cat("matrix view ", rows, "x", cols, " of tensor ", shape_str(shape_)));
+      throw shape_error(detail::cat("matrix view ", rows, "x", cols, " of tensor ", shape_str(sizes())));
   }
   void set_format(MemoryFormat f) {
-    if (f == MemoryFormat::channels_last && shape_.size() != 4)
-      throw shape_error(detail::cat("channels_last needs a 4-D shape, got ", shape_str(shape_)));
-    format_ = f;
+    if (f == MemoryFormat::channels_last && dim() != 4)
+      throw shape_error(detail::cat("channels_last needs a 4-D shape, got ", shape_str(sizes())));
+    if (impl_) impl_->format = f;
   }
 
-  Shape shape_;
-  std::vector<S> data_;
-  MemoryFormat format_ = MemoryFormat::contiguous;
+  std::shared_ptr<Impl> impl_;
 };
 
 /// A dense row-major tensor over memory it does not own: a pointer and the extents.
@@ -381,7 +442,7 @@ using identity_t = typename type_identity<T>::type;
 template <class S>
 void Tensor<S>::assign(const TensorView<const S>& v) {
   resize(v.sizes(), v.memory_format());
-  std::copy(v.begin(), v.end(), data_.begin());
+  std::copy(v.begin(), v.end(), data());
 }
 
 template <class S>
@@ -392,7 +453,7 @@ void Tensor<S>::assign(const TensorView<const S>& v, MemoryFormat format) {
   // One (n) image at a time: a C x P <-> P x C transpose.
   for (std::int64_t n = 0; n < N; ++n) {
     const S* src = v.data() + n * C * P;
-    S* dst = data_.data() + n * C * P;
+    S* dst = data() + n * C * P;
     if (format == MemoryFormat::channels_last)
       for (std::int64_t c = 0; c < C; ++c)
         for (std::int64_t p = 0; p < P; ++p) dst[p * C + c] = src[c * P + p];

@@ -138,7 +138,7 @@ class DistributedDataParallel {
 
   /// Training forward of this rank's share `x`. Throws dist_error on every rank when the
   /// ranks' input shapes differ.
-  const Tensor<Scalar>& forward_train(ConstTensorView<Scalar> x) {
+  Tensor<Scalar> forward_train(ConstTensorView<Scalar> x) {
     same_shape_everywhere(x.sizes(), "forward_train input");
     return net_.forward_train(x);
   }
@@ -147,9 +147,9 @@ class DistributedDataParallel {
   /// Backward of the last forward_train for dL/d(output) (this rank's loss), then
   /// average_gradients(). Returns dL/dx of this rank's share. Throws dist_error on every
   /// rank when the ranks' gradient shapes differ.
-  const Tensor<Scalar>& backward(ConstTensorView<Scalar> grad_out) {
+  Tensor<Scalar> backward(ConstTensorView<Scalar> grad_out) {
     same_shape_everywhere(grad_out.sizes(), "backward grad_output");
-    const Tensor<Scalar>& dx = net_.backward(grad_out);
+    Tensor<Scalar> dx = net_.backward(grad_out);
     average_gradients();
     return dx;
   }

@@ -52,13 +52,13 @@ class GlobalAvgPool : public ModuleTensors<GlobalAvgPool<S>, S> {
  public:
   /// "GlobalAvgPool".
   std::string type_name() const { return "GlobalAvgPool"; }
-  /// Pools `x` into the layer's output buffer; remembers the input shape for backward.
-  const Tensor<S>& forward_train(ConstTensorView<S> x) {
+  /// Pools `x` (the result is an alias of the layer's buffer); remembers the input shape for backward.
+  Tensor<S> forward_train(ConstTensorView<S> x) {
     check_input(x, "GlobalAvgPool::forward_train input");
     pool(x, y_);  // any memory format
     in_shape_ = x.sizes();
     has_forward_ = true;
-    return y_;
+    return y_.alias();
   }
   /// Same computation, no state change.
   Tensor<S> forward_eval(ConstTensorView<S> x) const {
@@ -71,14 +71,14 @@ class GlobalAvgPool : public ModuleTensors<GlobalAvgPool<S>, S> {
   /// preference worth a conversion).
   MemoryFormat preferred_format(const Shape&) const { return MemoryFormat::contiguous; }
   /// dL/dx (NCHW): every element of plane (n, c) receives grad_out[n, c] / (H * W).
-  const Tensor<S>& backward(ConstTensorView<S> grad_out) {
+  Tensor<S> backward(ConstTensorView<S> grad_out) {
     if (!has_forward_) throw state_error("GlobalAvgPool::backward: call forward_train first");
     const std::int64_t N = in_shape_[0], C = in_shape_[1], P = in_shape_[2] * in_shape_[3];
     grad_out.expect_shape({N, C}, "GlobalAvgPool::backward grad_output");
     dx_.resize(in_shape_);
     const S inv = S(1) / S(P);
     for (std::int64_t nc = 0; nc < N * C; ++nc) std::fill_n(dx_.data() + nc * P, P, grad_out[nc] * inv);
-    return dx_;
+    return dx_.alias();
   }
   /// No tensors.
   void collect_tensors(Tensors<S>&, const std::string&) {}
@@ -156,12 +156,12 @@ class Linear : public ModuleTensors<Linear<S>, S> {
   std::string type_name() const { return "Linear"; }
 
   /// y = x W^T + b into the layer's buffer; keeps a copy of x for backward.
-  const Tensor<S>& forward_train(ConstTensorView<S> x) {
+  Tensor<S> forward_train(ConstTensorView<S> x) {
     check_input(x, "Linear::forward_train input");
     x_.assign(x);  // the caller's tensor (often another layer's buffer) may change before backward
     affine(x_, y_);
     has_forward_ = true;
-    return y_;
+    return y_.alias();
   }
   /// Same computation, no state change.
   Tensor<S> forward_eval(ConstTensorView<S> x) const {
@@ -171,7 +171,7 @@ class Linear : public ModuleTensors<Linear<S>, S> {
     return y;
   }
   /// Accumulates dL/dW += dy^T x and dL/db += sum_n dy, returns dL/dx = dy W.
-  const Tensor<S>& backward(ConstTensorView<S> grad_out) {
+  Tensor<S> backward(ConstTensorView<S> grad_out) {
     if (!has_forward_) throw state_error("Linear::backward: call forward_train first");
     const std::int64_t N = x_.size(0), I = in_features(), O = out_features();
     grad_out.expect_shape({N, O}, "Linear::backward grad_output");
@@ -180,7 +180,7 @@ class Linear : public ModuleTensors<Linear<S>, S> {
     bias_.grad.matrix(1, O) += dy.colwise().sum();
     dx_.resize({N, I});
     dx_.matrix(N, I).noalias() = dy * weight_.value.matrix(O, I);
-    return dx_;
+    return dx_.alias();
   }
   /// `weight` and `bias` under `prefix`.
   void collect_tensors(Tensors<S>& out, const std::string& prefix) {
@@ -231,14 +231,14 @@ class SoftmaxCrossEntropy {
   }
   /// dL/dlogits of the last forward_train, (softmax - onehot) / N, times `grad_loss`
   /// (dL_total/dloss; 1 when the loss is the objective).
-  const Tensor<S>& backward(S grad_loss = S(1)) {
+  Tensor<S> backward(S grad_loss = S(1)) {
     if (!has_forward_) throw state_error("SoftmaxCrossEntropy::backward: call forward_train first");
     const std::int64_t N = prob_.size(0), K = prob_.size(1);
     const S k = grad_loss / S(N);
     grad_.resize(prob_.sizes());
     for (std::int64_t n = 0; n < N; ++n)
       for (std::int64_t c = 0; c < K; ++c) grad_(n, c) = k * (prob_(n, c) - (c == labels_[std::size_t(n)] ? S(1) : S(0)));
-    return grad_;
+    return grad_.alias();
   }
   /// The softmax probabilities [N, K] of the last forward_train.
   const Tensor<S>& probabilities() const { return prob_; }

@@ -164,12 +164,13 @@ class Sequential : public ModuleTensors<Sequential<S>, S> {
   /// "Sequential".
   std::string type_name() const { return "Sequential"; }
 
-  /// Training forward through every layer; returns the last layer's output buffer.
-  const Tensor<S>& forward_train(ConstTensorView<S> x) {
+  /// Training forward through every layer; returns the last layer's output (an alias of
+  /// its buffer, see Tensor).
+  Tensor<S> forward_train(ConstTensorView<S> x) {
     require_layers("forward_train");
-    const Tensor<S>* y = &layers_.front().forward_train(x);
-    for (std::size_t i = 1; i < layers_.size(); ++i) y = &layers_[i].forward_train(*y);
-    return *y;
+    Tensor<S> y = layers_.front().forward_train(x);
+    for (std::size_t i = 1; i < layers_.size(); ++i) y = layers_[i].forward_train(y);
+    return y;
   }
   /// Eval forward through every layer (no state change).
   Tensor<S> forward_eval(ConstTensorView<S> x) const {
@@ -180,11 +181,11 @@ class Sequential : public ModuleTensors<Sequential<S>, S> {
   }
   /// Backward through every layer in reverse; accumulates parameter gradients and
   /// returns dL/dx of the first layer.
-  const Tensor<S>& backward(ConstTensorView<S> grad_out) {
+  Tensor<S> backward(ConstTensorView<S> grad_out) {
     require_layers("backward");
-    const Tensor<S>* g = &layers_.back().backward(grad_out);
-    for (std::size_t i = layers_.size() - 1; i-- > 0;) g = &layers_[i].backward(*g);
-    return *g;
+    Tensor<S> g = layers_.back().backward(grad_out);
+    for (std::size_t i = layers_.size() - 1; i-- > 0;) g = layers_[i].backward(g);
+    return g;
   }
 
   /// Every layer's tensors under `prefix` + its index + ".".

@@ -8,12 +8,12 @@
 ///   - concat_channels / split_channels: torch.cat(dim = 1) and its adjoint.
 ///
 ///   C3<float> c3(64, 64, /*n=*/2, true, 0.5, /*seed=*/0, orepa_maker<float>());  // or dbb_maker, ...
-///   const Tensor<float>& y = c3.forward_train(x);  c3.backward(dy);
+///   Tensor<float> y = c3.forward_train(x);  c3.backward(dy);
 ///   DeployedC3<float> d = c3.deploy();             // every inner block one fused conv
 ///
 /// Both are layers (blocks/block.hpp), so they go straight into a Sequential and its
-/// InferenceChain. forward_train and backward return references to buffers the module
-/// (or one of its blocks) reuses, valid until its next call of the same function.
+/// InferenceChain. forward_train and backward return aliases of buffers the module (or
+/// one of its blocks) reuses only when nobody holds them (see Tensor).
 /// Deployed objects are snapshots of the weights and, like DeployedConv, safe to call
 /// from several threads; training-form modules are not.
 
@@ -200,13 +200,13 @@ class Bottleneck : public ModuleTensors<Bottleneck<S>, S> {
   /// The 3x3 block.
   AnyBlock<S>& cv2() { return cv2_; }
 
-  /// Training forward; the module's (or cv2's) output buffer.
-  const Tensor<S>& forward_train(ConstTensorView<S> x) {
-    const Tensor<S>& y = cv2_.forward_train(cv1_.forward_train(x));
+  /// Training forward; an alias of the module's (or cv2's) output buffer.
+  Tensor<S> forward_train(ConstTensorView<S> x) {
+    Tensor<S> y = cv2_.forward_train(cv1_.forward_train(x));
     if (!add_) return y;
     out_.assign(y);
     detail::yolo::add_inplace(out_, x, "Bottleneck residual");
-    return out_;
+    return out_.alias();
   }
   /// Eval forward (running statistics), no state change.
   Tensor<S> forward_eval(ConstTensorView<S> x) const {
@@ -216,12 +216,12 @@ class Bottleneck : public ModuleTensors<Bottleneck<S>, S> {
   }
   /// Backward of the last forward_train: dL/dx through both blocks, plus grad_out itself
   /// through the residual.
-  const Tensor<S>& backward(ConstTensorView<S> grad_out) {
-    const Tensor<S>& g = cv1_.backward(cv2_.backward(grad_out));
+  Tensor<S> backward(ConstTensorView<S> grad_out) {
+    Tensor<S> g = cv1_.backward(cv2_.backward(grad_out));
     if (!add_) return g;
     dx_.assign(g);
     detail::yolo::add_inplace(dx_, grad_out, "Bottleneck::backward residual");
-    return dx_;
+    return dx_.alias();
   }
   /// cv1's tensors under `prefix` + "cv1.", then cv2's (YOLOv5's module path).
   void collect_tensors(Tensors<S>& out, const std::string& prefix) {
@@ -346,11 +346,11 @@ class C3 : public ModuleTensors<C3<S>, S> {
   /// The Bottlenecks of the cv1 path, in order.
   std::vector<Bottleneck<S>>& m() { return m_; }
 
-  /// Training forward; cv3's output buffer.
-  const Tensor<S>& forward_train(ConstTensorView<S> x) {
-    const Tensor<S>* a = &cv1_.forward_train(x);
-    for (auto& b : m_) a = &b.forward_train(*a);
-    concat_channels(*a, cv2_.forward_train(x), cat_);
+  /// Training forward; an alias of cv3's output buffer.
+  Tensor<S> forward_train(ConstTensorView<S> x) {
+    Tensor<S> a = cv1_.forward_train(x);
+    for (auto& b : m_) a = b.forward_train(a);
+    concat_channels(a, cv2_.forward_train(x), cat_);
     return cv3_.forward_train(cat_);
   }
   /// Eval forward (running statistics), no state change.
@@ -363,13 +363,13 @@ class C3 : public ModuleTensors<C3<S>, S> {
   }
   /// Backward of the last forward_train: splits cv3's input gradient between the two
   /// paths and sums the two input gradients.
-  const Tensor<S>& backward(ConstTensorView<S> grad_out) {
+  Tensor<S> backward(ConstTensorView<S> grad_out) {
     split_channels(cv3_.backward(grad_out), c_, da_, db_);
-    const Tensor<S>* g = &da_;
-    for (auto it = m_.rbegin(); it != m_.rend(); ++it) g = &it->backward(*g);
-    dx_.assign(cv1_.backward(*g));
+    Tensor<S> g = da_.alias();
+    for (auto it = m_.rbegin(); it != m_.rend(); ++it) g = it->backward(g);
+    dx_.assign(cv1_.backward(g));
     detail::yolo::add_inplace(dx_, cv2_.backward(db_), "C3::backward");
-    return dx_;
+    return dx_.alias();
   }
   /// cv1, cv2, cv3, then every Bottleneck's tensors (YOLOv5's registration order and
   /// module paths: prefix + "cv1.", ..., "m.0.cv1.", ...).
