@@ -474,7 +474,7 @@ class DetectionLoss {
       const std::int64_t H = map.size(2), W = map.size(3), cells = bs * na * H * W;
       const std::int64_t n = std::int64_t(entries.size());
       Tensor<S> grad(map.sizes());
-      std::vector<S> tobj(std::size_t(cells), S(0));
+      std::vector<S> tobj(static_cast<std::size_t>(cells), S(0));
       LevelLoss<S> level;
       double box_sum = 0, cls_sum = 0;
       // d loss / d (1 - CIoU) and d loss / d class BCE of one entry.
