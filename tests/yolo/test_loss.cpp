@@ -184,7 +184,9 @@ TEST(YoloLoss, HandComputedClassesAndBatch) {
   EXPECT_NEAR(g[4], 2 * 0.03 * 0.25 / 2, 1e-8);      // image 0: target CIoU 0.25, mean over 2 cells
   EXPECT_NEAR(g[8 + 4], 2 * 0.03 * 0.5 / 2, 1e-12);  // image 1: no target
   for (int c = 0; c < 8; ++c) {
-    if (c != 4) EXPECT_EQ(g[8 + c], 0.0) << "image 1 channel " << c;
+    if (c != 4) {
+      EXPECT_EQ(g[8 + c], 0.0) << "image 1 channel " << c;
+    }
   }
 }
 
