@@ -97,7 +97,7 @@ MatchTable process_batch(ConstTensorView<S> detections, orepa::detail::identity_
   if (labels.dim() == 2 && labels.size(1) != 5)
     throw shape_error(orepa::detail::cat("process_batch: labels: expected shape [m, 5] (class, x1, y1, x2, y2), got ",
                                          shape_str(labels.sizes())));
-  const std::int64_t n = detail::rows(detections), m = detail::rows(labels), T = std::int64_t(iou_thresholds.size());
+  const std::int64_t n = detail::box_count(detections), m = detail::box_count(labels), T = std::int64_t(iou_thresholds.size());
   const std::int64_t cd = n ? detections.size(1) : 0;
   MatchTable table{n, T, std::vector<std::uint8_t>(std::size_t(n * T), 0)};
   if (n == 0 || m == 0) return table;
@@ -291,7 +291,7 @@ class DetectionMetrics {
   void add(ConstTensorView<S> detections, orepa::detail::identity_t<ConstTensorView<S>> labels) {
     detail::check_boxes(detections, 6, "DetectionMetrics::add: detections");
     detail::check_boxes(labels, 5, "DetectionMetrics::add: labels");
-    const std::int64_t n = detail::rows(detections), m = detail::rows(labels);
+    const std::int64_t n = detail::box_count(detections), m = detail::box_count(labels);
     const std::int64_t cd = n ? detections.size(1) : 0;
     if (n && cd != 6) throw shape_error(orepa::detail::cat("DetectionMetrics::add: detections: expected [n, 6], got ", shape_str(detections.sizes())));
     if (m && labels.size(1) != 5) throw shape_error(orepa::detail::cat("DetectionMetrics::add: labels: expected [m, 5], got ", shape_str(labels.sizes())));

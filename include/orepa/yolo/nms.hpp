@@ -48,7 +48,7 @@ void check_boxes(ConstTensorView<S> boxes, std::int64_t min_cols, const char* wh
     throw shape_error(orepa::detail::cat(what, ": expected shape [n, ", min_cols, "], got ", shape_str(boxes.sizes())));
 }
 template <class S>
-std::int64_t rows(ConstTensorView<S> boxes) {
+std::int64_t box_count(ConstTensorView<S> boxes) {
   return boxes.dim() == 2 ? boxes.size(0) : 0;
 }
 }  // namespace detail
@@ -60,7 +60,7 @@ template <class S>
 Tensor<S> xywh2xyxy(ConstTensorView<S> boxes) {
   detail::check_boxes(boxes, 4, "xywh2xyxy: boxes");
   Tensor<S> out = boxes.clone();
-  const std::int64_t n = detail::rows(boxes), c = n ? boxes.size(1) : 0;
+  const std::int64_t n = detail::box_count(boxes), c = n ? boxes.size(1) : 0;
   for (std::int64_t i = 0; i < n; ++i) {
     S* b = out.data() + i * c;
     const S hw = b[2] / S(2), hh = b[3] / S(2), x = b[0], y = b[1];
@@ -74,7 +74,7 @@ template <class S>
 Tensor<S> xyxy2xywh(ConstTensorView<S> boxes) {
   detail::check_boxes(boxes, 4, "xyxy2xywh: boxes");
   Tensor<S> out = boxes.clone();
-  const std::int64_t n = detail::rows(boxes), c = n ? boxes.size(1) : 0;
+  const std::int64_t n = detail::box_count(boxes), c = n ? boxes.size(1) : 0;
   for (std::int64_t i = 0; i < n; ++i) {
     S* b = out.data() + i * c;
     const S x1 = b[0], y1 = b[1], x2 = b[2], y2 = b[3];
@@ -88,7 +88,7 @@ Tensor<S> xyxy2xywh(ConstTensorView<S> boxes) {
 template <class S>
 void clip_boxes(TensorView<S> boxes, double height, double width) {
   detail::check_boxes<S>(boxes, 4, "clip_boxes: boxes");
-  const std::int64_t n = detail::rows<S>(boxes), c = n ? boxes.size(1) : 0;
+  const std::int64_t n = detail::box_count<S>(boxes), c = n ? boxes.size(1) : 0;
   for (std::int64_t i = 0; i < n; ++i) {
     S* b = boxes.data() + i * c;
     for (int k = 0; k < 4; ++k) b[k] = std::clamp(b[k], S(0), S(k % 2 ? height : width));
@@ -101,7 +101,7 @@ template <class S>
 Tensor<S> box_iou(ConstTensorView<S> a, orepa::detail::identity_t<ConstTensorView<S>> b) {
   detail::check_boxes(a, 4, "box_iou: boxes a");
   detail::check_boxes(b, 4, "box_iou: boxes b");
-  const std::int64_t n = detail::rows(a), m = detail::rows(b);
+  const std::int64_t n = detail::box_count(a), m = detail::box_count(b);
   const std::int64_t ca = n ? a.size(1) : 0, cb = m ? b.size(1) : 0;
   Tensor<S> iou({n, m});
   for (std::int64_t i = 0; i < n; ++i) {
@@ -125,7 +125,7 @@ template <class S>
 std::vector<std::int64_t> nms(ConstTensorView<S> boxes, orepa::detail::identity_t<ConstTensorView<S>> scores,
                               double iou_thres) {
   detail::check_boxes(boxes, 4, "nms: boxes");
-  const std::int64_t n = detail::rows(boxes), c = n ? boxes.size(1) : 0;
+  const std::int64_t n = detail::box_count(boxes), c = n ? boxes.size(1) : 0;
   if (scores.numel() != n)
     throw shape_error(orepa::detail::cat("nms: ", scores.numel(), " scores for ", n, " boxes"));
   if (!(iou_thres >= 0 && iou_thres <= 1))
