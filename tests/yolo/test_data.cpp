@@ -629,7 +629,7 @@ TEST(YoloAugment, HsvJitterKeepsBoxesAndRange) {
   hsv_gain(img, 1.2f, 1.5f, 1.4f);
   EXPECT_NEAR(img[0], 0.0f, 1e-6); EXPECT_NEAR(img[2], 0.4f, 1e-6); EXPECT_NEAR(img[4], 1.0f, 1e-6);  // v capped at 1
   EXPECT_NEAR(img[1], 0.7f, 1e-6); EXPECT_NEAR(img[3], 0.7f, 1e-6); EXPECT_NEAR(img[5], 0.7f, 1e-6);
-  // Random gains on random pixels stay in [0, 1], and move the pixels.
+  // Random gains on random pixels stay in [0, 1].
   Rng rng(9);
   Tensor<float> r({3, 16, 16});
   for (auto& v : r) v = float(rng.uniform());
