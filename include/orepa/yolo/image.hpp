@@ -230,9 +230,14 @@ inline const char* const* font_glyph(char ch) {
 
 }  // namespace detail
 
-/// Width and height of a glyph of the built-in font at scale 1, in pixels; text advances
-/// by font_advance pixels per character and by font_line_height per line (times the scale).
-inline constexpr int font_glyph_width = 5, font_glyph_height = 7, font_advance = 6, font_line_height = 9;
+/// Width of a glyph of the built-in font at scale 1, in pixels.
+inline constexpr int font_glyph_width = 5;
+/// Height of a glyph of the built-in font at scale 1, in pixels.
+inline constexpr int font_glyph_height = 7;
+/// Horizontal advance per character at scale 1 (the glyph and one blank column).
+inline constexpr int font_advance = 6;
+/// Vertical advance per line at scale 1.
+inline constexpr int font_line_height = 9;
 
 /// The size of the image in `path` from its header; format_error naming the file if it
 /// cannot be opened or is not an image stb can read (a truncated header, another format).
