@@ -516,6 +516,11 @@ TEST(YoloDataset, BadLabelsAndImagesFailAtConstructionNamingTheFile) {
   msg = error_of([&] { YoloDataset::from_sources({dir / "images"}, 2); });
   EXPECT_NE(msg.find(dir / "images/b.png"), std::string::npos) << msg;
   EXPECT_THROW(YoloDataset({dir / "images/a.png"}, 2, {"one"}), config_error);  // 1 name for nc 2
+  fs::create_directories(dir.path / "labels/a.txt.d");
+  fs::remove(dir.path / "labels/a.txt");
+  fs::create_directory_symlink(dir.path / "labels/a.txt.d", dir.path / "labels/a.txt");  // a folder, not a file
+  msg = error_of([&] { YoloDataset({dir / "images/a.png"}, 2); });
+  EXPECT_NE(msg.find("not a regular file"), std::string::npos) << msg;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -197,10 +197,15 @@ inline std::vector<LabelBox> parse_labels(std::string_view text, const std::stri
 }
 
 /// The labels of the label file `path`, parsed by parse_labels; an absent file gives no
-/// boxes (a background image). format_error if the file exists but cannot be read.
+/// boxes (a background image). format_error if it exists but is no regular file or cannot
+/// be read.
 inline std::vector<LabelBox> read_labels(const std::string& path, int nc) {
   std::error_code ec;
-  if (!std::filesystem::exists(path, ec)) return {};
+  const auto st = std::filesystem::status(path, ec);
+  if (st.type() == std::filesystem::file_type::not_found) return {};
+  if (ec) throw format_error(orepa::detail::cat(path, ": cannot read label file: ", ec.message()));
+  if (st.type() != std::filesystem::file_type::regular)
+    throw format_error(orepa::detail::cat(path, ": label path exists but is not a regular file"));
   std::ifstream f(path, std::ios::binary);
   if (!f) throw format_error(orepa::detail::cat(path, ": cannot open label file: ", std::strerror(errno)));
   std::ostringstream s;
@@ -370,11 +375,11 @@ inline DataConfig read_data_config(const std::string& yaml_path) {
 /// comment). Copyable; load() is const and safe to call from several threads.
 class YoloDataset {
  public:
-  /// The data set of `image_paths` (label files found by label_path_for) for `nc` classes;
-  /// `names` (empty, or nc of them) and `source` (what the paths came from, for messages).
-  /// Reads every label file and every image header; throws format_error on the first bad
-  /// one (file:line for labels), on an empty list (naming `source`), config_error for
-  /// nc < 1 or a wrong number of names.
+  /// The data set of `image_paths` (made absolute; label files found by label_path_for) for
+  /// `nc` classes; `names` (empty, or nc of them) and `source` (what the paths came from, for
+  /// messages). Reads every label file and every image header; throws format_error on the
+  /// first bad one (file:line for labels), on an empty list (naming `source`), config_error
+  /// for nc < 1 or a wrong number of names.
   YoloDataset(std::vector<std::string> image_paths, int nc, std::vector<std::string> names = {},
               std::string source = "")
       : paths_(std::move(image_paths)), nc_(nc), names_(std::move(names)), source_(std::move(source)) {
@@ -385,7 +390,8 @@ class YoloDataset {
       throw format_error(orepa::detail::cat("YoloDataset: no images found in ", source_.empty() ? "(empty list)" : source_));
     labels_.reserve(paths_.size());
     sizes_.reserve(paths_.size());
-    for (const auto& p : paths_) {
+    for (auto& p : paths_) {
+      p = detail::normal_path(p);
       sizes_.push_back(read_image_size(p));
       labels_.push_back(read_labels(label_path_for(p), nc_));
       num_boxes_ += std::int64_t(labels_.back().size());
@@ -669,7 +675,8 @@ inline Batch make_batch(const YoloDataset& ds, const LoaderOptions& o, std::int6
 /// without end, each exactly make_batch(dataset, options, epoch, batch). An exception
 /// thrown while preparing a batch is re-thrown by the next() that would have returned it,
 /// and by every next() after it (the loader stops). The destructor stops and joins the
-/// threads (a batch being prepared is abandoned between two images).
+/// threads (a batch being prepared is abandoned between two images). One thread calls
+/// next(); the loader works on its own copy of the data set.
 class DataLoader {
  public:
   /// Starts the threads. Throws config_error for bad options or a data set with no batch
