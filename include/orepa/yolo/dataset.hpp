@@ -36,7 +36,12 @@
 ///
 /// Batches are a pure function of (data set, options, epoch, batch index): the order of an
 /// epoch is a seeded shuffle, each sample's augmentation draws from its own seeded Rng, so
-/// the threaded loader gives exactly what make_batch gives called in sequence.
+/// the threaded loader gives exactly what make_batch gives called in sequence. Decoding
+/// dominates an augmented sample (a mosaic reads four images): `train.cache_images()` keeps
+/// them in memory after the first epoch.
+///
+/// Unlike YOLOv5: batches are always square (no rectangular validation batches), JPEG EXIF
+/// orientation is ignored, and segment labels (polygons, more than 5 fields) are an error.
 
 #include <yaml-cpp/yaml.h>
 
