@@ -54,8 +54,9 @@ export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 bash scripts/configure.sh asan build-asan
 cmake --build build-asan -j"$jobs"
-# The packaging tests build separate projects without sanitizers; they ran in build/ already.
-ctest --test-dir build-asan --output-on-failure --no-tests=error -j1 -E '^(install_|cmake_|pkgconfig_|docs_|readme_)'
+# The packaging and compile-error tests build separate projects or run the compiler alone
+# without sanitizers; they ran in build/ already.
+ctest --test-dir build-asan --output-on-failure --no-tests=error -j1 -E '^(install_|cmake_|pkgconfig_|docs_|readme_|compile_error_)'
 
 # ---- fuzzing: each libFuzzer target for a bounded time ------------------------------------
 stage "fuzz build (build-fuzz/, clang-14)"

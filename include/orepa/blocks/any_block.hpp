@@ -33,10 +33,15 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
                   "AnyBlock<S>: the type needs the layer members of blocks/block.hpp for scalar S "
                   "(forward_train, forward_eval, backward, collect_tensors, state dicts, deploy, type_name)");
   }
+  AnyBlock(const AnyBlock&) = delete;  // never copied silently: std::move it, or clone() for a copy
+  AnyBlock& operator=(const AnyBlock&) = delete;
   /// Move constructor.
   AnyBlock(AnyBlock&&) noexcept = default;
   /// Move assignment; the previously held block is destroyed.
   AnyBlock& operator=(AnyBlock&&) noexcept = default;
+
+  /// A deep copy of the held block (its clone(); config_error for a type without one).
+  AnyBlock clone() const { return AnyBlock(impl_->clone()); }
 
   /// Training forward of the held block; its output (an alias of the block's buffer).
   Tensor<S> forward_train(ConstTensorView<S> x) { return impl_->forward_train(x); }
@@ -88,7 +93,12 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
     virtual const ConvGeometry* geometry() const = 0;
     virtual Affine<S> folded() const = 0;
     virtual const std::type_info& type() const = 0;
+    virtual std::unique_ptr<Concept> clone() const = 0;
   };
+  template <class B, class = void>
+  struct has_clone : std::false_type {};
+  template <class B>
+  struct has_clone<B, std::void_t<decltype(B(std::declval<const B&>().clone()))>> : std::true_type {};
   template <class B>
   struct Model final : Concept {
     explicit Model(B x) : b(std::move(x)) {}
@@ -107,8 +117,14 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
       else throw config_error(b.type_name() + " is not a convolution block: it has no folded kernel");
     }
     const std::type_info& type() const override { return typeid(B); }
+    std::unique_ptr<Concept> clone() const override {
+      if constexpr (has_clone<B>::value) return std::make_unique<Model<B>>(b.clone());
+      else if constexpr (std::is_copy_constructible_v<B>) return std::make_unique<Model<B>>(b);
+      else throw config_error(b.type_name() + " (" + readable_type_name(typeid(B)) + ") has no clone() and cannot be copied");
+    }
     B b;
   };
+  explicit AnyBlock(std::unique_ptr<Concept> impl) : impl_(std::move(impl)) {}
   std::unique_ptr<Concept> impl_;
 };
 

@@ -26,6 +26,12 @@ class ConvBlock : public ModuleTensors<ConvBlock<S, Act, Source>, S> {
   ConvBlock(std::string type_name, const ConvGeometry& g, Source source, Act act = {}, bool any_kernel = false)
       : type_name_(std::move(type_name)), g_(validated(g, type_name_, any_kernel)), source_(std::move(source)),
         trunk_(g_, act) {}
+  ConvBlock(const ConvBlock&) = delete;  // never copied silently: std::move it, or clone() for a copy
+  ConvBlock& operator=(const ConvBlock&) = delete;
+  /// Move constructor.
+  ConvBlock(ConvBlock&&) noexcept = default;
+  /// Move assignment.
+  ConvBlock& operator=(ConvBlock&&) noexcept = default;
 
   /// The reference class name ("OREPA", "ConvBN", ...).
   std::string type_name() const { return type_name_; }
@@ -94,6 +100,12 @@ class ConvBlock : public ModuleTensors<ConvBlock<S, Act, Source>, S> {
     return t ? t + std::int64_t(sizeof(S)) * w_.numel() : 0;
   }
 
+ protected:
+  /// A deep copy of `o` (the clone() of the block types): parameters, buffers and
+  /// configuration, nothing saved for backward.
+  ConvBlock(const ConvBlock& o, detail::CloneTag)
+      : type_name_(o.type_name_), g_(o.g_), source_(o.source_), trunk_(o.trunk_) {}
+
  private:
   static ConvGeometry validated(const ConvGeometry& g, const std::string& who, bool any_kernel) {
     g.validate(who.c_str(), !any_kernel);
@@ -123,6 +135,13 @@ class OnlineBlock : public ConvBlock<S, Act, BranchSum<S>> {
   const BranchList<S>& branches() const { return this->source().branches(); }
   /// The branch-scaling matrix `vector` [rows, O].
   Param<S>& scales() { return this->source().scales(); }
+  /// A deep copy: parameters, buffers and configuration (Branch::clone() for each branch),
+  /// nothing saved for backward.
+  OnlineBlock clone() const { return OnlineBlock(*this, detail::CloneTag{}); }
+
+ protected:
+  /// A deep copy of `o` (clone()).
+  OnlineBlock(const OnlineBlock& o, detail::CloneTag t) : ConvBlock<S, Act, BranchSum<S>>(o, t) {}
 };
 
 }  // namespace orepa

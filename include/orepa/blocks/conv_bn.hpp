@@ -31,6 +31,13 @@ class ConvBN : public ConvBlock<S, Act, PlainKernel<S>> {
   /// The weight `conv.weight` with its gradient.
   Param<S>& weight() { return this->source().weight(); }
 
+  /// A deep copy: parameters, buffers and configuration, nothing saved for backward.
+  ConvBN clone() const { return ConvBN(*this, detail::CloneTag{}); }
+
+ protected:
+  /// A deep copy of `o` (clone()).
+  ConvBN(const ConvBN& o, detail::CloneTag t) : ConvBlock<S, Act, PlainKernel<S>>(o, t) {}
+
  private:
   static PlainKernel<S> kernel_for(const ConvOptions& opts) {
     const auto g = opts.geometry();

@@ -47,6 +47,13 @@ class DBB : public MultiPathBlock<S, Act> {
   /// True for the g < O variant (with dbb_1x1 and dbb_avg.conv), false for g >= O.
   bool has_1x1_branch() const { return this->geometry().groups < this->geometry().out_channels; }
 
+  /// A deep copy: parameters, buffers and configuration, nothing saved for backward.
+  DBB clone() const { return DBB(*this, detail::CloneTag{}); }
+
+ protected:
+  /// A deep copy of `o` (clone()).
+  DBB(const DBB& o, detail::CloneTag t) : MultiPathBlock<S, Act>(o, t) {}
+
  private:
   static ConvGeometry checked(const DbbOptions& opts) {
     const ConvGeometry g = opts.geometry();

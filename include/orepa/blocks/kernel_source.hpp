@@ -48,6 +48,13 @@ class BranchSum {
     }
   }
 
+  /// A deep copy: every branch cloned (Branch::clone()).
+  BranchSum(const BranchSum& o) : g_(o.g_), branches_(clone_branches(o.branches_)), vector_(o.vector_), gemm_(o.gemm_) {}
+  /// Move constructor.
+  BranchSum(BranchSum&&) noexcept = default;
+  /// Move assignment.
+  BranchSum& operator=(BranchSum&&) noexcept = default;
+
   /// The branches, one per row of the scaling matrix.
   const BranchList<S>& branches() const { return branches_; }
   /// The branch-scaling matrix `vector` [rows, O].

@@ -25,6 +25,14 @@ namespace orepa {
 template <class S>
 class BatchNorm2d;
 
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// Selects the deep-copy constructor of a module (its clone()); the copy constructors
+// themselves are deleted so that no module is copied silently.
+struct CloneTag {};
+}  // namespace detail
+/// \endcond
+
 /// The tensors a block or layer lists: trainable parameters, buffers, and its BatchNorms
 /// with their name prefixes (for their `num_batches_tracked` counters and synchronised BN).
 template <class S>

@@ -103,6 +103,15 @@ class ConvOptionsBase {
 /// OREPA_LargeConv and ConvBN.
 struct ConvOptions : ConvOptionsBase<ConvOptions> {
   using ConvOptionsBase<ConvOptions>::ConvOptionsBase;
+  /// @fn name(const std::string&)
+  /// @brief Sets name(); returns the options for chaining.
+
+  /// The tensor-name path of the convolution slot these options are for, relative to the
+  /// outermost module that builds it through a BlockMaker ("cv1.", "m.0.cv2."; default
+  /// empty). Modules that build their convolutions through a maker set it, and a module
+  /// holding another extends it, so a maker can tell the slots apart (a checkpoint's
+  /// tensor names decide each slot's block type when a YOLO model is loaded).
+  OREPA_OPTION(std::string, name);
 };
 
 /// Options of OREPA: the geometry plus the 1x1 -> k x k branch's width.

@@ -47,6 +47,13 @@ class OREPA : public OnlineBlock<S, Act> {
   explicit OREPA(const OrepaOptions& opts, Act act = {})
       : OnlineBlock<S, Act>(opts.geometry(), branches_for(opts), "OREPA", act) {}
 
+  /// A deep copy: parameters, buffers and configuration, nothing saved for backward.
+  OREPA clone() const { return OREPA(*this, detail::CloneTag{}); }
+
+ protected:
+  /// A deep copy of `o` (clone()).
+  OREPA(const OREPA& o, detail::CloneTag t) : OnlineBlock<S, Act>(o, t) {}
+
  private:
   static BranchList<S> branches_for(const OrepaOptions& opts) {
     const auto g = opts.geometry();

@@ -23,6 +23,13 @@ class OREPA_1x1 : public OnlineBlock<S, Act> {
   explicit OREPA_1x1(const ConvOptions& opts, Act act = {})
       : OnlineBlock<S, Act>(opts.geometry(), branches_for(opts), "OREPA_1x1", act) {}
 
+  /// A deep copy: parameters, buffers and configuration, nothing saved for backward.
+  OREPA_1x1 clone() const { return OREPA_1x1(*this, detail::CloneTag{}); }
+
+ protected:
+  /// A deep copy of `o` (clone()).
+  OREPA_1x1(const OREPA_1x1& o, detail::CloneTag t) : OnlineBlock<S, Act>(o, t) {}
+
  private:
   static BranchList<S> branches_for(const ConvOptions& opts) {
     if (opts.kernel_size() != 1)

@@ -29,6 +29,13 @@ class OREPA_LargeConv : public ConvBlock<S, Act, KernelChain<S>> {
   /// The 3x3 layers (BranchSums) whose kernels are composed.
   std::vector<BranchSum<S>>& layers() { return this->source().layers(); }
 
+  /// A deep copy: parameters, buffers and configuration, nothing saved for backward.
+  OREPA_LargeConv clone() const { return OREPA_LargeConv(*this, detail::CloneTag{}); }
+
+ protected:
+  /// A deep copy of `o` (clone()).
+  OREPA_LargeConv(const OREPA_LargeConv& o, detail::CloneTag t) : ConvBlock<S, Act, KernelChain<S>>(o, t) {}
+
  private:
   static KernelChain<S> chain_for(const ConvOptions& opts) {
     const auto g = opts.geometry();

@@ -47,6 +47,8 @@ class Stage {
   virtual std::int64_t primitive_creations() const { return 0; }
   /// Bytes the stage keeps from forward_train for backward (0 before one).
   virtual std::int64_t bytes_saved_for_backward() const = 0;
+  /// A deep copy (parameters, buffers, configuration).
+  virtual std::unique_ptr<Stage> clone() const = 0;
 };
 
 /// \cond DO_NOT_DOCUMENT_THIS
@@ -63,6 +65,7 @@ Affine<S> then(const Affine<S>* before, Affine<S> mine, std::int64_t groups) {
 template <class S, class Source>
 class ConvBnStage final : public Stage<S> {
  public:
+  std::unique_ptr<Stage<S>> clone() const override { return std::make_unique<ConvBnStage>(*this); }
   /// Convolution `g` with kernel from `source`, BN named `bn_name`; `who` for messages.
   ConvBnStage(const ConvGeometry& g, Source source, std::string bn_name = "bn.", std::string who = "ConvBnStage")
       : source_(std::move(source)), trunk_(g, Identity{}, std::move(bn_name)), who_(std::move(who)) {}
@@ -111,6 +114,7 @@ class ConvBnStage final : public Stage<S> {
 template <class S, class Source>
 class ConvStage final : public Stage<S> {
  public:
+  std::unique_ptr<Stage<S>> clone() const override { return std::make_unique<ConvStage>(*this); }
   /// Convolution `g` with kernel from `source`.
   ConvStage(const ConvGeometry& g, Source source) : source_(std::move(source)), conv_(g) {}
 
@@ -151,6 +155,7 @@ class ConvStage final : public Stage<S> {
 template <class S>
 class BnStage final : public Stage<S> {
  public:
+  std::unique_ptr<Stage<S>> clone() const override { return std::make_unique<BnStage>(*this); }
   /// BN over `channels` channels.
   BnStage(std::int64_t channels, std::string name) : bn_(channels), name_(std::move(name)) {}
   /// The BatchNorm.
@@ -192,6 +197,7 @@ class BnStage final : public Stage<S> {
 template <class S>
 class BnPadStage final : public Stage<S> {
  public:
+  std::unique_ptr<Stage<S>> clone() const override { return std::make_unique<BnPadStage>(*this); }
   /// BN over `channels` channels, border `pad`.
   BnPadStage(std::int64_t channels, std::int64_t pad, std::string name)
       : bn_(channels), pad_(pad), name_(std::move(name)) {}
@@ -268,6 +274,7 @@ class BnPadStage final : public Stage<S> {
 template <class S>
 class AvgPoolStage final : public Stage<S> {
  public:
+  std::unique_ptr<Stage<S>> clone() const override { return std::make_unique<AvgPoolStage>(*this); }
   /// Pool k x k with `stride` and `padding` over `channels` channels.
   AvgPoolStage(std::int64_t channels, std::int64_t k, std::int64_t stride, std::int64_t padding)
       : conv_(geometry(channels, k, stride, padding)), weight_({channels, 1, k, k}, S(1.0 / double(k * k))) {}
@@ -313,6 +320,14 @@ class Path {
   /// Path `name` (with its trailing '.') over `stages`, applied in order.
   Path(std::string name, std::vector<std::unique_ptr<Stage<S>>> stages)
       : name_(std::move(name)), stages_(std::move(stages)), outs_(stages_.size(), nullptr) {}
+  /// A deep copy: every stage cloned, nothing saved for backward.
+  Path(const Path& o) : name_(o.name_), outs_(o.stages_.size(), nullptr) {
+    for (const auto& s : o.stages_) stages_.push_back(s->clone());
+  }
+  /// Move constructor.
+  Path(Path&&) noexcept = default;
+  /// Move assignment.
+  Path& operator=(Path&&) noexcept = default;
 
   /// The path's name prefix.
   const std::string& name() const { return name_; }
@@ -381,6 +396,12 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
   /// conv's), summing `paths` in order.
   MultiPathBlock(std::string type_name, const ConvGeometry& g, std::vector<Path<S>> paths, Act act = {})
       : type_name_(std::move(type_name)), g_(g), paths_(std::move(paths)), act_(act) {}
+  MultiPathBlock(const MultiPathBlock&) = delete;  // never copied silently: std::move it, or clone() for a copy
+  MultiPathBlock& operator=(const MultiPathBlock&) = delete;
+  /// Move constructor.
+  MultiPathBlock(MultiPathBlock&&) noexcept = default;
+  /// Move assignment.
+  MultiPathBlock& operator=(MultiPathBlock&&) noexcept = default;
 
   /// The reference class name ("DBB", "RepVGGBlock_OREPA").
   std::string type_name() const { return type_name_; }
@@ -474,6 +495,11 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
     for (const auto& p : paths_) n += p.bytes_saved_for_backward();
     return n;
   }
+
+ protected:
+  /// A deep copy of `o` (the clone() of the block types): nothing saved for backward.
+  MultiPathBlock(const MultiPathBlock& o, detail::CloneTag)
+      : type_name_(o.type_name_), g_(o.g_), paths_(o.paths_), act_(o.act_) {}
 
  private:
   static void add(Tensor<S>& acc, ConstTensorView<S> y) {

@@ -43,6 +43,13 @@ class RepVGGBlock_OREPA : public MultiPathBlock<S, Act> {
   /// The dense part, read-only.
   const Dense& dense() const { return static_cast<const Dense&>(this->paths()[0].stage(0)); }
 
+  /// A deep copy: parameters, buffers and configuration, nothing saved for backward.
+  RepVGGBlock_OREPA clone() const { return RepVGGBlock_OREPA(*this, detail::CloneTag{}); }
+
+ protected:
+  /// A deep copy of `o` (clone()).
+  RepVGGBlock_OREPA(const RepVGGBlock_OREPA& o, detail::CloneTag t) : MultiPathBlock<S, Act>(o, t) {}
+
  private:
   // The identity path: as asked, else the reference rule (I == O and stride 1).
   static bool with_identity(const RepVGGOptions& opts) {

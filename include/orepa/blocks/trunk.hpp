@@ -35,6 +35,17 @@ class Trunk {
       : g_(g), bn_(g.out_channels), bn_name_(std::move(bn_name)), act_(act), conv_(g_),
         fused_(g_, kFused ? Act::kind : ActivationKind::identity) {}
 
+  /// A copy of the configuration and the BatchNorm; nothing saved for backward (the copy
+  /// needs its own forward_train before a backward).
+  Trunk(const Trunk& o)
+      : g_(o.g_), bn_(o.bn_), bn_name_(o.bn_name_), act_(o.act_), conv_(g_),
+        fused_(g_, kFused ? Act::kind : ActivationKind::identity) {}
+  /// Move constructor.
+  Trunk(Trunk&&) noexcept = default;
+  Trunk& operator=(const Trunk&) = delete;
+  /// Move assignment.
+  Trunk& operator=(Trunk&&) noexcept = default;
+
   /// The convolution geometry.
   const ConvGeometry& geometry() const { return g_; }
   /// The BatchNorm.

@@ -15,6 +15,7 @@
 
 #include <memory>
 #include <string>
+#include <typeinfo>
 #include <vector>
 
 #include "orepa/core/conv_geometry.hpp"
@@ -39,7 +40,22 @@ class Branch {
   virtual void collect_tensors(NamedParams<S>& out, const std::string& prefix) = 0;
   /// The initial value of this branch's row of the block's `vector`.
   virtual double initial_scale() const = 0;
+  /// A deep copy (what a block's clone() copies its branches with). A branch of your own
+  /// overrides it to be cloneable, usually as `return std::make_unique<MyBranch>(*this);`;
+  /// without that, cloning a block that holds it throws config_error.
+  virtual std::unique_ptr<Branch> clone() const {
+    throw config_error(detail::cat("Branch::clone: ", readable_type_name(typeid(*this)),
+                                   " does not override clone(), so a block holding it cannot be cloned"));
+  }
 };
+
+/// Deep copies of every branch of `list` (Branch::clone()).
+template <class S>
+std::vector<std::unique_ptr<Branch<S>>> clone_branches(const std::vector<std::unique_ptr<Branch<S>>>& list) {
+  std::vector<std::unique_ptr<Branch<S>>> copy;
+  for (const auto& b : list) copy.push_back(b->clone());
+  return copy;
+}
 
 /// A list of branches, in the row order of the block's `vector`.
 template <class S>

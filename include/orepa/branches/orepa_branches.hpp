@@ -146,6 +146,7 @@ class Origin final : public Branch<S> {
     out.emplace_back(prefix + wname(stem_, "origin"), &w_);
   }
   double initial_scale() const override { return init_.scale; }
+  std::unique_ptr<Branch<S>> clone() const override { return std::make_unique<Origin>(*this); }
 
  private:
   Param<S> w_;
@@ -217,6 +218,7 @@ class Avg final : public OneByOneThenFilter<S> {
   Avg(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
       : OneByOneThenFilter<S>(g, wname(stem, "avg_conv"), wname(stem, "avg_avg"),
                               Tensor<S>({g.kernel, g.kernel}, S(1.0 / double(g.kernel * g.kernel))), init, rng) {}
+  std::unique_ptr<Branch<S>> clone() const override { return std::make_unique<Avg>(*this); }
 };
 
 /// The reference frequency prior generalised to any odd k (SPEC section 1):
@@ -241,6 +243,7 @@ class Prior final : public OneByOneThenFilter<S> {
   Prior(const ConvGeometry& g, const std::string& stem, Init init, Rng& rng)
       : OneByOneThenFilter<S>(g, wname(stem, "pfir_conv"), wname(stem, "prior"),
                               frequency_prior<S>(g.out_channels, g.kernel), init, rng) {}
+  std::unique_ptr<Branch<S>> clone() const override { return std::make_unique<Prior>(*this); }
 };
 
 /// Row 3: 1x1 (T internal channels) then k x k. With `identity_init` the 1x1 is
@@ -337,6 +340,7 @@ class OneByOneKxk final : public Branch<S> {
     if (identity_) out.emplace_back(prefix + "id_tensor", &id_);
   }
   double initial_scale() const override { return init_.scale; }
+  std::unique_ptr<Branch<S>> clone() const override { return std::make_unique<OneByOneKxk>(*this); }
 
  private:
   struct Dims {
@@ -405,6 +409,7 @@ class OneByOne final : public Branch<S> {
     out.emplace_back(prefix + wname(stem_, "1x1"), &w_);
   }
   double initial_scale() const override { return init_.scale; }
+  std::unique_ptr<Branch<S>> clone() const override { return std::make_unique<OneByOne>(*this); }
 
  private:
   Param<S> w_;
@@ -499,6 +504,7 @@ class DepthwiseSeparable final : public Branch<S> {
     out.emplace_back(prefix + wname(stem_, "gconv_pw"), &pw_);
   }
   double initial_scale() const override { return init_.scale; }
+  std::unique_ptr<Branch<S>> clone() const override { return std::make_unique<DepthwiseSeparable>(*this); }
 
  private:
   struct Dims {
@@ -581,6 +587,7 @@ class LowRankIdentity final : public Branch<S> {
     out.emplace_back(prefix + "weight_or1x1_l2i_conv2", &c2_);
   }
   double initial_scale() const override { return init_.scale; }
+  std::unique_ptr<Branch<S>> clone() const override { return std::make_unique<LowRankIdentity>(*this); }
 
  private:
   // Rows [o0, o1) of c2v = v * conv2 (row o scaled by v[o]).

@@ -52,6 +52,8 @@ class GlobalAvgPool : public ModuleTensors<GlobalAvgPool<S>, S> {
  public:
   /// "GlobalAvgPool".
   std::string type_name() const { return "GlobalAvgPool"; }
+  /// Another pooling layer (it has no parameters).
+  GlobalAvgPool clone() const { return GlobalAvgPool(); }
   /// Pools `x` (the result is an alias of the layer's buffer); remembers the input shape for backward.
   Tensor<S> forward_train(ConstTensorView<S> x) {
     check_input(x, "GlobalAvgPool::forward_train input");
@@ -138,6 +140,14 @@ class Linear : public ModuleTensors<Linear<S>, S> {
     kaiming_uniform(weight_.value, std::sqrt(5.0), rng);
     fill_uniform(bias_.value, 1.0 / std::sqrt(double(in_features)), rng);
   }
+  Linear(const Linear&) = delete;  // never copied silently: std::move it, or clone() for a copy
+  Linear& operator=(const Linear&) = delete;
+  /// Move constructor.
+  Linear(Linear&&) noexcept = default;
+  /// Move assignment.
+  Linear& operator=(Linear&&) noexcept = default;
+  /// A deep copy of the weight and bias, nothing saved for backward.
+  Linear clone() const { return Linear(*this, detail::CloneTag{}); }
 
   /// Input features (columns of the weight).
   std::int64_t in_features() const { return weight_.value.size(1); }
@@ -188,9 +198,10 @@ class Linear : public ModuleTensors<Linear<S>, S> {
     out.add(prefix + "bias", bias_);
   }
   /// The deployed form: a snapshot copy running forward_eval.
-  EvalSnapshot<Linear> deploy() const { return {*this}; }
+  EvalSnapshot<Linear> deploy() const { return {clone()}; }
 
  private:
+  Linear(const Linear& o, detail::CloneTag) : weight_(o.weight_), bias_(o.bias_) {}
   void check_input(ConstTensorView<S> x, const char* what) const {
     if (x.dim() != 2 || x.size(0) < 1 || x.size(1) != in_features())
       throw shape_error(detail::cat(what, ": expected shape [N, ", in_features(), "] with N >= 1, got ",

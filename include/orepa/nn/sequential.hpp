@@ -15,6 +15,7 @@
 /// index then the layer's own name ("0.weight_orepa_origin", "2.weight"), as PyTorch's
 /// nn.Sequential state dict.
 
+#include <deque>
 #include <string>
 #include <utility>
 #include <variant>
@@ -128,18 +129,32 @@ class Sequential : public ModuleTensors<Sequential<S>, S> {
  public:
   /// An empty chain (forward and backward throw state_error until a layer is added).
   Sequential() = default;
-  /// Move constructor (a Sequential owns its layers and is not copyable).
+  Sequential(const Sequential&) = delete;  // never copied silently: std::move it, or clone() for a copy
+  Sequential& operator=(const Sequential&) = delete;
+  /// Move constructor.
   Sequential(Sequential&&) noexcept = default;
   /// Move assignment; the previous layers are destroyed.
   Sequential& operator=(Sequential&&) noexcept = default;
+  /// A deep copy: every layer cloned (nothing saved for backward).
+  Sequential clone() const {
+    Sequential c;
+    for (const auto& l : layers_) c.layers_.push_back(l.clone());
+    return c;
+  }
 
-  /// Appends `layer` (moved or copied in) and returns a reference to the stored object.
+  /// Moves `layer` in (the Sequential owns it from now on, as libtorch's push_back shares
+  /// it) and returns a reference to the stored object, valid as long as the Sequential.
+  /// Train the network through that reference or through get<T>(i); the moved-from
+  /// object is left empty. For a copy, add `layer.clone()`.
   template <class T>
   std::decay_t<T>& add(T&& layer) {
     using L = std::decay_t<T>;
+    static_assert(!std::is_lvalue_reference_v<T>,
+                  "Sequential::add moves the layer in: write net.add(std::move(layer)) and use the reference add() "
+                  "returns, or net.add(layer.clone()) for a copy");
     static_assert(is_layer<L, S>::value || std::is_same_v<L, AnyBlock<S>>,
                   "Sequential<S>::add: the layer needs the layer members of blocks/block.hpp for scalar S");
-    layers_.emplace_back(std::forward<T>(layer));
+    layers_.emplace_back(std::move(layer));
     if constexpr (std::is_same_v<L, AnyBlock<S>>) return layers_.back();
     else return *layers_.back().template target<L>();
   }
@@ -158,7 +173,7 @@ class Sequential : public ModuleTensors<Sequential<S>, S> {
   T& get(std::size_t i) {
     if (auto* t = layers_[checked(i, "get")].template target<T>()) return *t;
     throw config_error(detail::cat("Sequential::get: layer ", i, " holds a ", layers_[i].type_name(), " (",
-                                   layers_[i].type().name(), "), not a ", typeid(T).name()));
+                                   readable_type_name(layers_[i].type()), "), not a ", readable_type_name(typeid(T))));
   }
 
   /// "Sequential".
@@ -214,7 +229,7 @@ class Sequential : public ModuleTensors<Sequential<S>, S> {
     if (layers_.empty()) throw state_error(detail::cat("Sequential::", who, ": the chain has no layers"));
   }
 
-  std::vector<AnyBlock<S>> layers_;
+  std::deque<AnyBlock<S>> layers_;  // a deque: references add() returned stay valid as layers are added
 };
 
 }  // namespace orepa

@@ -191,6 +191,15 @@ class Bottleneck : public ModuleTensors<Bottleneck<S>, S> {
              const BlockMaker<S>& maker = orepa_maker<S>())
       : Bottleneck(c1, c2, hidden(c1, c2, e), shortcut, seed, maker) {}
 
+  Bottleneck(const Bottleneck&) = delete;  // never copied silently: std::move it, or clone() for a copy
+  Bottleneck& operator=(const Bottleneck&) = delete;
+  /// Move constructor.
+  Bottleneck(Bottleneck&&) noexcept = default;
+  /// Move assignment.
+  Bottleneck& operator=(Bottleneck&&) noexcept = default;
+  /// A deep copy (both blocks cloned), nothing saved for backward.
+  Bottleneck clone() const { return Bottleneck(cv1_.clone(), cv2_.clone(), add_); }
+
   /// "Bottleneck".
   std::string type_name() const { return "Bottleneck"; }
   /// True when the input is added to cv2's output (shortcut and c1 == c2).
@@ -242,9 +251,10 @@ class Bottleneck : public ModuleTensors<Bottleneck<S>, S> {
   }
   Bottleneck(std::int64_t c1, std::int64_t c2, std::int64_t c, bool shortcut, std::uint64_t seed,
              const BlockMaker<S>& maker)
-      : cv1_(maker(ConvOptions(c1, c, 1).seed(detail::yolo::child_seed(seed, 0)))),
-        cv2_(maker(ConvOptions(c, c2, 3).seed(detail::yolo::child_seed(seed, 1)))),
+      : cv1_(maker(ConvOptions(c1, c, 1).seed(detail::yolo::child_seed(seed, 0)).name("cv1."))),
+        cv2_(maker(ConvOptions(c, c2, 3).seed(detail::yolo::child_seed(seed, 1)).name("cv2."))),
         add_(shortcut && c1 == c2) {}
+  Bottleneck(AnyBlock<S> cv1, AnyBlock<S> cv2, bool add) : cv1_(std::move(cv1)), cv2_(std::move(cv2)), add_(add) {}
 
   AnyBlock<S> cv1_, cv2_;
   bool add_;
@@ -335,6 +345,19 @@ class C3 : public ModuleTensors<C3<S>, S> {
      std::uint64_t seed = 0, const BlockMaker<S>& maker = orepa_maker<S>())
       : C3(c1, c2, hidden(c1, c2, n, e), n, shortcut, seed, maker) {}
 
+  C3(const C3&) = delete;  // never copied silently: std::move it, or clone() for a copy
+  C3& operator=(const C3&) = delete;
+  /// Move constructor.
+  C3(C3&&) noexcept = default;
+  /// Move assignment.
+  C3& operator=(C3&&) noexcept = default;
+  /// A deep copy (every block cloned), nothing saved for backward.
+  C3 clone() const {
+    std::vector<Bottleneck<S>> m;
+    for (const auto& b : m_) m.push_back(b.clone());
+    return C3(c_, cv1_.clone(), cv2_.clone(), cv3_.clone(), std::move(m));
+  }
+
   /// "C3".
   std::string type_name() const { return "C3"; }
   /// The input-side 1x1 block of the bottleneck path.
@@ -398,12 +421,17 @@ class C3 : public ModuleTensors<C3<S>, S> {
   C3(std::int64_t c1, std::int64_t c2, std::int64_t c, std::int64_t n, bool shortcut, std::uint64_t seed,
      const BlockMaker<S>& maker)
       : c_(c),
-        cv1_(maker(ConvOptions(c1, c, 1).seed(detail::yolo::child_seed(seed, 0)))),
-        cv2_(maker(ConvOptions(c1, c, 1).seed(detail::yolo::child_seed(seed, 1)))),
-        cv3_(maker(ConvOptions(2 * c, c2, 1).seed(detail::yolo::child_seed(seed, 2)))) {
-    for (std::int64_t i = 0; i < n; ++i)
-      m_.emplace_back(c, c, shortcut, 1.0, detail::yolo::child_seed(seed, 3 + std::uint64_t(i)), maker);
+        cv1_(maker(ConvOptions(c1, c, 1).seed(detail::yolo::child_seed(seed, 0)).name("cv1."))),
+        cv2_(maker(ConvOptions(c1, c, 1).seed(detail::yolo::child_seed(seed, 1)).name("cv2."))),
+        cv3_(maker(ConvOptions(2 * c, c2, 1).seed(detail::yolo::child_seed(seed, 2)).name("cv3."))) {
+    for (std::int64_t i = 0; i < n; ++i) {
+      const std::string path = "m." + std::to_string(i) + ".";
+      const BlockMaker<S> inner = [&maker, path](const ConvOptions& o) { return maker(ConvOptions(o).name(path + o.name())); };
+      m_.emplace_back(c, c, shortcut, 1.0, detail::yolo::child_seed(seed, 3 + std::uint64_t(i)), inner);
+    }
   }
+  C3(std::int64_t c, AnyBlock<S> cv1, AnyBlock<S> cv2, AnyBlock<S> cv3, std::vector<Bottleneck<S>> m)
+      : c_(c), cv1_(std::move(cv1)), cv2_(std::move(cv2)), cv3_(std::move(cv3)), m_(std::move(m)) {}
 
   std::int64_t c_;
   AnyBlock<S> cv1_, cv2_, cv3_;

@@ -1,0 +1,703 @@
+#pragma once
+/// @file modules.hpp (yolo)
+/// The YOLOv5 modules a model yaml names besides the convolutions and C3 (nn/yolo.hpp),
+/// each in training form (a layer of blocks/block.hpp, or a multi-input module of the
+/// graph) and deployed form:
+///   - `SPPF<S>`: cv1 (1x1, c1 -> c1 / 2), three chained k x k stride-1 max pools,
+///     concatenation of the four maps, cv2 (1x1, 2 c1 -> c2); tensors `cv1.*`, `cv2.*`;
+///   - `Upsample<S>`: nearest-neighbour upsampling by an integer factor (YOLOv5's
+///     `nn.Upsample(None, 2, 'nearest')`), no tensors;
+///   - `Concat<S>`: torch.cat of several inputs along the channels;
+///   - `Detect<S>`: nl levels of na anchors, a 1x1 convolution with bias per level
+///     (`m.i.weight`, `m.i.bias`) and the buffer `anchors` [nl, na, 2] in grid units
+///     (pixels / stride). Training gives the raw maps [N, na, H, W, 5 + nc]; eval and
+///     deploy give YOLOv5's decoded output [N, sum na H W, 5 + nc] (decode_detections).
+/// The deployed forms pass 8-bit codes through max pooling, upsampling and
+/// concatenation unchanged (both commute with a monotone quantization); only Detect's
+/// convolutions return to float.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "orepa/nn/yolo.hpp"
+
+namespace orepa::yolo {
+
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+
+// Element strides (n, c, h, w) of a 4-D tensor of `s` laid out in `f`.
+inline std::array<std::int64_t, 4> strides4(const Shape& s, MemoryFormat f) {
+  if (f == MemoryFormat::contiguous) return {s[1] * s[2] * s[3], s[2] * s[3], s[3], 1};
+  return {s[1] * s[2] * s[3], 1, s[3] * s[1], s[1]};
+}
+
+// k x k max pooling, stride 1, padding k / 2 (padding never wins, as PyTorch's -inf) of
+// x [N, C, H, W] with strides `sx` into y with strides `sy`. `less` orders the elements
+// (bytes of s8 codes compare signed). With `arg`, the flat index (n, c, h, w in x's
+// logical NCHW order) of each output's maximum; the first maximum in scan order wins, as
+// in PyTorch.
+template <class T, class Less>
+void max_pool_same(const T* x, T* y, const Shape& s, const std::array<std::int64_t, 4>& sx,
+                   const std::array<std::int64_t, 4>& sy, std::int64_t k, Less less, std::int64_t* arg = nullptr) {
+  const std::int64_t N = s[0], C = s[1], H = s[2], W = s[3], p = k / 2;
+  parallel_ranges(N * H, [&](std::int64_t b, std::int64_t e, int) {
+    for (std::int64_t nh = b; nh < e; ++nh) {
+      const std::int64_t n = nh / H, h = nh % H;
+      const std::int64_t h0 = std::max<std::int64_t>(h - p, 0), h1 = std::min(h + p + 1, H);
+      for (std::int64_t w = 0; w < W; ++w) {
+        const std::int64_t w0 = std::max<std::int64_t>(w - p, 0), w1 = std::min(w + p + 1, W);
+        for (std::int64_t c = 0; c < C; ++c) {
+          const T* base = x + n * sx[0] + c * sx[1];
+          std::int64_t bh = h0, bw = w0;
+          T best = base[h0 * sx[2] + w0 * sx[3]];
+          for (std::int64_t i = h0; i < h1; ++i)
+            for (std::int64_t j = w0; j < w1; ++j) {
+              const T v = base[i * sx[2] + j * sx[3]];
+              if (less(best, v)) best = v, bh = i, bw = j;
+            }
+          y[n * sy[0] + c * sy[1] + h * sy[2] + w * sy[3]] = best;
+          if (arg) arg[((n * C + c) * H + h) * W + w] = ((n * C + c) * H + bh) * W + bw;
+        }
+      }
+    }
+  });
+}
+
+// Nearest-neighbour upsampling by `f` of x [N, C, H, W] (strides sx) into y (strides sy).
+template <class T>
+void upsample_nearest(const T* x, T* y, const Shape& s, const std::array<std::int64_t, 4>& sx,
+                      const std::array<std::int64_t, 4>& sy, std::int64_t f) {
+  const std::int64_t N = s[0], C = s[1], H = s[2], W = s[3];
+  parallel_ranges(N * H * f, [&](std::int64_t b, std::int64_t e, int) {
+    for (std::int64_t nh = b; nh < e; ++nh) {
+      const std::int64_t n = nh / (H * f), oh = nh % (H * f), h = oh / f;
+      for (std::int64_t ow = 0; ow < W * f; ++ow)
+        for (std::int64_t c = 0; c < C; ++c)
+          y[n * sy[0] + c * sy[1] + oh * sy[2] + ow * sy[3]] = x[n * sx[0] + c * sx[1] + h * sx[2] + (ow / f) * sx[3]];
+    }
+  });
+}
+
+// Checks a 4-D input with `channels` channels (0: any); shape_error naming `who` otherwise.
+inline void require_nchw(const Shape& s, std::int64_t channels, const std::string& who) {
+  if (s.size() != 4 || s[0] < 1 || (channels > 0 && s[1] != channels))
+    throw shape_error(orepa::detail::cat(who, ": input must be [N, ", channels > 0 ? std::to_string(channels) : "C",
+                                         ", H, W], got ", shape_str(s)));
+}
+
+}  // namespace detail
+/// \endcond
+
+/// k x k max pooling with stride 1 and padding k / 2 (SPPF's nn.MaxPool2d): y has x's
+/// shape and memory format.
+template <class S>
+Tensor<S> max_pool_same(orepa::detail::identity_t<ConstTensorView<S>> x, std::int64_t k) {
+  detail::require_nchw(x.sizes(), 0, "max_pool_same");
+  Tensor<S> y(x.sizes(), x.memory_format());
+  detail::max_pool_same(x.data(), y.data(), x.sizes(), detail::strides4(x.sizes(), x.memory_format()),
+                        detail::strides4(x.sizes(), x.memory_format()), k, std::less<S>());
+  return y;
+}
+
+/// max_pool_same on 8-bit codes (one quantization: the max of codes is the code of the max).
+inline Int8Codes max_pool_same_codes(const Int8Codes& x, std::int64_t k) {
+  Int8Codes y(x.shape, x.q);
+  const auto s = detail::strides4(x.shape, MemoryFormat::channels_last);
+  if (x.q.qmin < 0)
+    detail::max_pool_same(reinterpret_cast<const std::int8_t*>(x.bytes.get()), reinterpret_cast<std::int8_t*>(y.bytes.get()),
+                          x.shape, s, s, k, std::less<std::int8_t>());
+  else
+    detail::max_pool_same(x.bytes.get(), y.bytes.get(), x.shape, s, s, k, std::less<std::uint8_t>());
+  return y;
+}
+
+/// Nearest-neighbour upsampling of x [N, C, H, W] by `factor`: [N, C, f H, f W] in x's format.
+template <class S>
+Tensor<S> upsample_nearest(orepa::detail::identity_t<ConstTensorView<S>> x, std::int64_t factor) {
+  detail::require_nchw(x.sizes(), 0, "upsample_nearest");
+  const Shape& s = x.sizes();
+  Tensor<S> y({s[0], s[1], s[2] * factor, s[3] * factor}, x.memory_format());
+  detail::upsample_nearest(x.data(), y.data(), s, detail::strides4(s, x.memory_format()),
+                           detail::strides4(y.sizes(), y.memory_format()), factor);
+  return y;
+}
+
+/// upsample_nearest on 8-bit codes (they keep their quantization).
+inline Int8Codes upsample_nearest_codes(const Int8Codes& x, std::int64_t factor) {
+  const Shape& s = x.shape;
+  Int8Codes y({s[0], s[1], s[2] * factor, s[3] * factor}, x.q);
+  detail::upsample_nearest(x.bytes.get(), y.bytes.get(), s, detail::strides4(s, MemoryFormat::channels_last),
+                           detail::strides4(y.shape, MemoryFormat::channels_last), factor);
+  return y;
+}
+
+/// Concatenation of several [N, C_i, H, W] tensors along the channels: channels-last
+/// when every input is, else NCHW. shape_error naming `who` unless N, H, W agree.
+template <class S>
+Tensor<S> concat(const std::vector<ConstTensorView<S>>& xs, const std::string& who = "Concat") {
+  if (xs.empty()) throw config_error(who + ": nothing to concatenate");
+  std::int64_t C = 0;
+  bool nhwc = true;
+  for (const auto& x : xs) {
+    detail::require_nchw(x.sizes(), 0, who);
+    if (x.size(0) != xs[0].size(0) || x.size(2) != xs[0].size(2) || x.size(3) != xs[0].size(3))
+      throw shape_error(orepa::detail::cat(who, ": inputs must agree in N, H, W; got ", shape_str(xs[0].sizes()),
+                                           " and ", shape_str(x.sizes())));
+    C += x.size(1);
+    nhwc = nhwc && x.memory_format() == MemoryFormat::channels_last;
+  }
+  const std::int64_t N = xs[0].size(0), P = xs[0].size(2) * xs[0].size(3);
+  Tensor<S> y({N, C, xs[0].size(2), xs[0].size(3)}, nhwc ? MemoryFormat::channels_last : MemoryFormat::contiguous);
+  std::int64_t c0 = 0;
+  for (const auto& x0 : xs) {
+    Tensor<S> tmp;
+    const ConstTensorView<S> x = nhwc ? x0 : contiguous(x0, tmp);
+    const std::int64_t Ci = x.size(1);
+    if (nhwc)
+      for (std::int64_t p = 0; p < N * P; ++p) std::copy_n(x.data() + p * Ci, Ci, y.data() + p * C + c0);
+    else
+      for (std::int64_t n = 0; n < N; ++n) std::copy_n(x.data() + n * Ci * P, Ci * P, y.data() + (n * C + c0) * P);
+    c0 += Ci;
+  }
+  return y;
+}
+
+/// concat on 8-bit codes, all in one quantization (shape_error otherwise).
+inline Int8Codes concat_codes(const std::vector<const Int8Codes*>& xs, const std::string& who = "Concat") {
+  std::int64_t C = 0;
+  for (const auto* x : xs) {
+    if (x->shape.size() != 4 || x->shape[0] != xs[0]->shape[0] || x->shape[2] != xs[0]->shape[2] ||
+        x->shape[3] != xs[0]->shape[3] || !(x->q == xs[0]->q))
+      throw shape_error(orepa::detail::cat(who, ": codes must agree in N, H, W and quantization; got ",
+                                           shape_str(xs[0]->shape), " and ", shape_str(x->shape)));
+    C += x->shape[1];
+  }
+  const Shape& s = xs[0]->shape;
+  Int8Codes y({s[0], C, s[2], s[3]}, xs[0]->q);
+  const std::int64_t pixels = s[0] * s[2] * s[3];
+  std::int64_t c0 = 0;
+  for (const auto* x : xs) {
+    const std::int64_t Ci = x->shape[1];
+    parallel_ranges(pixels, [&](std::int64_t b, std::int64_t e, int) {
+      for (std::int64_t p = b; p < e; ++p) std::copy_n(x->bytes.get() + p * Ci, Ci, y.bytes.get() + p * C + c0);
+    });
+    c0 += Ci;
+  }
+  return y;
+}
+
+/// The deployed SPPF: both convolutions deployed, the pools and the concatenation.
+template <class S>
+class DeployedSPPF {
+ public:
+  /// cv1 and cv2 deployed, pools of `k` x `k`.
+  DeployedSPPF(AnyDeployed<S> cv1, AnyDeployed<S> cv2, std::int64_t k) : cv1_(std::move(cv1)), cv2_(std::move(cv2)), k_(k) {}
+  /// cv2(cat(t, m(t), m(m(t)), m(m(m(t))))) with t = cv1(x).
+  Tensor<S> forward(ConstTensorView<S> x) const {
+    const Tensor<S> t = cv1_.forward(x);
+    const Tensor<S> y1 = max_pool_same<S>(t, k_), y2 = max_pool_same<S>(y1, k_), y3 = max_pool_same<S>(y2, k_);
+    return cv2_.forward(concat<S>({t, y1, y2, y3}, "SPPF"));
+  }
+  /// Weights plus biases of both convolutions.
+  std::int64_t num_parameters() const { return cv1_.num_parameters() + cv2_.num_parameters(); }
+  /// The layout cv1 prefers.
+  MemoryFormat preferred_format(const Shape& x_shape) const { return cv1_.preferred_format(x_shape); }
+  /// cv1's int8_input() when cv2 takes codes too, else nullopt (see AnyDeployed).
+  std::optional<QuantParams> int8_input() const { return cv2_.int8_input() ? cv1_.int8_input() : std::nullopt; }
+  /// forward() inside an int8 graph: cv1 writes codes in cv2's input quantization, the
+  /// pools and the concatenation run on the codes.
+  StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const {
+    const auto q = cv2_.int8_input();
+    if (!int8_input()) return forward_int8_through_float<S>(x, out, [&](ConstTensorView<S> v) { return forward(v); });
+    const StageOutput<S> t = cv1_.forward_int8(x, &*q);
+    const Int8Codes& c0 = std::get<Int8Codes>(t);
+    const Int8Codes c1 = max_pool_same_codes(c0, k_), c2 = max_pool_same_codes(c1, k_), c3 = max_pool_same_codes(c2, k_);
+    const Int8Codes cat = concat_codes({&c0, &c1, &c2, &c3}, "SPPF");
+    return cv2_.forward_int8(&cat, out);
+  }
+  /// Visits cv1 and cv2 under `prefix`.
+  void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const {
+    cv1_.visit_convs(prefix + "cv1.", f);
+    cv2_.visit_convs(prefix + "cv2.", f);
+  }
+  /// The SPPF with both convolutions mapped by `f`.
+  DeployedSPPF map_convs(const std::string& prefix, const ConvMapper<S>& f) const {
+    return DeployedSPPF(cv1_.map_convs(prefix + "cv1.", f), cv2_.map_convs(prefix + "cv2.", f), k_);
+  }
+
+ private:
+  AnyDeployed<S> cv1_, cv2_;
+  std::int64_t k_;
+};
+
+/// YOLOv5's SPPF (spatial pyramid pooling, fast): y = cv2(cat(t, m(t), m(m(t)),
+/// m(m(m(t))))), t = cv1(x), m a k x k stride-1 max pool; cv1 c1 -> c1 / 2 and cv2
+/// 2 c1 -> c2 are 1x1 blocks from `maker` (slot names "cv1.", "cv2.").
+template <class S>
+class SPPF : public ModuleTensors<SPPF<S>, S> {
+ public:
+  /// Throws config_error unless c1 >= 2, c2 >= 1 and k is odd and >= 1.
+  SPPF(std::int64_t c1, std::int64_t c2, std::int64_t k = 5, std::uint64_t seed = 0,
+       const BlockMaker<S>& maker = orepa_maker<S>())
+      : c_(checked(c1, c2, k)),
+        k_(k),
+        cv1_(maker(ConvOptions(c1, c_, 1).seed(orepa::detail::yolo::child_seed(seed, 0)).name("cv1."))),
+        cv2_(maker(ConvOptions(4 * c_, c2, 1).seed(orepa::detail::yolo::child_seed(seed, 1)).name("cv2."))) {}
+  SPPF(const SPPF&) = delete;  // never copied silently: std::move it, or clone() for a copy
+  SPPF& operator=(const SPPF&) = delete;
+  /// Move constructor.
+  SPPF(SPPF&&) noexcept = default;
+  /// Move assignment.
+  SPPF& operator=(SPPF&&) noexcept = default;
+  /// A deep copy (both blocks cloned), nothing saved for backward.
+  SPPF clone() const { return SPPF(c_, k_, cv1_.clone(), cv2_.clone()); }
+
+  /// "SPPF".
+  std::string type_name() const { return "SPPF"; }
+  /// The pool size k.
+  std::int64_t pool_size() const { return k_; }
+  /// The input-side 1x1 block.
+  AnyBlock<S>& cv1() { return cv1_; }
+  /// The output-side 1x1 block.
+  AnyBlock<S>& cv2() { return cv2_; }
+
+  /// Training forward; an alias of cv2's output buffer.
+  Tensor<S> forward_train(ConstTensorView<S> x) {
+    Tensor<S> t = cv1_.forward_train(x);
+    t_.assign(t, MemoryFormat::contiguous);
+    for (int j = 0; j < 3; ++j) pool_train(j == 0 ? t_ : pooled_[std::size_t(j - 1)], j);
+    cat_ = concat<S>({t_, pooled_[0], pooled_[1], pooled_[2]}, "SPPF");
+    has_forward_ = true;
+    return cv2_.forward_train(cat_);
+  }
+  /// Eval forward (running statistics), no state change.
+  Tensor<S> forward_eval(ConstTensorView<S> x) const {
+    const Tensor<S> t = cv1_.forward_eval(x);
+    const Tensor<S> y1 = max_pool_same<S>(t, k_), y2 = max_pool_same<S>(y1, k_), y3 = max_pool_same<S>(y2, k_);
+    return cv2_.forward_eval(concat<S>({t, y1, y2, y3}, "SPPF"));
+  }
+  /// Backward of the last forward_train: each pool's gradient goes to the position of its
+  /// maximum, and the four branches' gradients are summed into cv1's output gradient.
+  Tensor<S> backward(ConstTensorView<S> grad_out) {
+    if (!has_forward_) throw state_error("SPPF::backward: call forward_train first");
+    Tensor<S> g = cv2_.backward(grad_out);
+    Tensor<S> gc;
+    const ConstTensorView<S> gv = contiguous<S>(g, gc);
+    const Shape& s = t_.sizes();
+    const std::int64_t N = s[0], C = s[1], P = s[2] * s[3];
+    // d of each of the four concatenated maps; chained pools: dy3 -> dy2 -> dy1 -> dt.
+    dt_.resize(s);
+    std::vector<S> acc(std::size_t(N * C * P));
+    auto part = [&](int j, std::int64_t n, std::int64_t c, std::int64_t p) { return gv[(n * 4 * C + j * C + c) * P + p]; };
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t c = 0; c < C; ++c)
+        for (std::int64_t p = 0; p < P; ++p) acc[std::size_t((n * C + c) * P + p)] = part(3, n, c, p);
+    for (int j = 2; j >= 0; --j) {  // acc holds d(pool j output); route it to pool j's input
+      std::vector<S> d(acc.size(), S(0));
+      const auto& arg = arg_[std::size_t(j)];
+      for (std::size_t i = 0; i < acc.size(); ++i) d[std::size_t(arg[i])] += acc[i];
+      for (std::int64_t n = 0; n < N; ++n)
+        for (std::int64_t c = 0; c < C; ++c)
+          for (std::int64_t p = 0; p < P; ++p) d[std::size_t((n * C + c) * P + p)] += part(j, n, c, p);
+      acc.swap(d);
+    }
+    std::copy(acc.begin(), acc.end(), dt_.data());
+    return cv1_.backward(dt_);
+  }
+  /// cv1's tensors, then cv2's (YOLOv5's module paths).
+  void collect_tensors(Tensors<S>& out, const std::string& prefix) {
+    cv1_.collect_tensors(out, prefix + "cv1.");
+    cv2_.collect_tensors(out, prefix + "cv2.");
+  }
+  /// Both blocks deployed (a snapshot of the current weights).
+  DeployedSPPF<S> deploy() const { return DeployedSPPF<S>(cv1_.deploy(), cv2_.deploy(), k_); }
+
+ private:
+  static std::int64_t checked(std::int64_t c1, std::int64_t c2, std::int64_t k) {
+    orepa::detail::yolo::require_positive("SPPF", "c2", c2);
+    if (c1 < 2) throw config_error(orepa::detail::cat("SPPF: c1 must be >= 2 (cv1 has c1 / 2 channels), got ", c1));
+    if (k < 1 || k % 2 == 0) throw config_error(orepa::detail::cat("SPPF: the pool size k must be odd and >= 1, got ", k));
+    return c1 / 2;
+  }
+  SPPF(std::int64_t c, std::int64_t k, AnyBlock<S> cv1, AnyBlock<S> cv2)
+      : c_(c), k_(k), cv1_(std::move(cv1)), cv2_(std::move(cv2)) {}
+  void pool_train(const Tensor<S>& in, int j) {
+    const auto s = detail::strides4(in.sizes(), MemoryFormat::contiguous);
+    pooled_[std::size_t(j)].resize(in.sizes());
+    arg_[std::size_t(j)].resize(std::size_t(in.numel()));
+    detail::max_pool_same(in.data(), pooled_[std::size_t(j)].data(), in.sizes(), s, s, k_, std::less<S>(),
+                          arg_[std::size_t(j)].data());
+  }
+
+  std::int64_t c_, k_;
+  AnyBlock<S> cv1_, cv2_;
+  Tensor<S> t_, cat_, dt_;
+  std::array<Tensor<S>, 3> pooled_;
+  std::array<std::vector<std::int64_t>, 3> arg_;  // each pool's argmax (flat NCHW index into its input)
+  bool has_forward_ = false;
+};
+
+/// The deployed Upsample: the same nearest-neighbour copy, on float or on codes.
+template <class S>
+class DeployedUpsample {
+ public:
+  /// Upsampling by `factor`.
+  explicit DeployedUpsample(std::int64_t factor) : factor_(factor) {}
+  /// x upsampled (x's memory format).
+  Tensor<S> forward(ConstTensorView<S> x) const { return upsample_nearest<S>(x, factor_); }
+  /// Channels-last, though every format is read as it is.
+  MemoryFormat preferred_format(const Shape&) const { return MemoryFormat::channels_last; }
+  /// Codes stay codes in their quantization; float stays float unless `out` asks for codes.
+  StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const {
+    if (const auto* c = std::get_if<const Int8Codes*>(&x); c && (!out || **c == *out))
+      return upsample_nearest_codes(**c, factor_);
+    return forward_int8_through_float<S>(x, out, [&](ConstTensorView<S> v) { return forward(v); });
+  }
+
+ private:
+  std::int64_t factor_;
+};
+
+/// Nearest-neighbour upsampling by an integer factor (YOLOv5's nn.Upsample(None, 2,
+/// 'nearest')); backward sums each f x f block of the output gradient.
+template <class S>
+class Upsample : public ModuleTensors<Upsample<S>, S> {
+ public:
+  /// Throws config_error unless factor >= 1.
+  explicit Upsample(std::int64_t factor = 2) : factor_(factor) {
+    if (factor < 1) throw config_error(orepa::detail::cat("Upsample: scale_factor must be an integer >= 1, got ", factor));
+  }
+  /// Another Upsample of the same factor.
+  Upsample clone() const { return Upsample(factor_); }
+  /// "Upsample".
+  std::string type_name() const { return "Upsample"; }
+  /// The scale factor.
+  std::int64_t factor() const { return factor_; }
+  /// Training forward: an alias of the layer's buffer.
+  Tensor<S> forward_train(ConstTensorView<S> x) {
+    y_ = upsample_nearest<S>(x, factor_);
+    in_ = x.sizes();
+    return y_.alias();
+  }
+  /// Eval forward.
+  Tensor<S> forward_eval(ConstTensorView<S> x) const { return upsample_nearest<S>(x, factor_); }
+  /// dL/dx (NCHW): the sum of each factor x factor block of the output gradient.
+  Tensor<S> backward(ConstTensorView<S> grad_out) {
+    if (in_.empty()) throw state_error("Upsample::backward: call forward_train first");
+    const std::int64_t N = in_[0], C = in_[1], H = in_[2], W = in_[3], f = factor_;
+    grad_out.expect_shape({N, C, H * f, W * f}, "Upsample::backward grad_output");
+    dx_.resize(in_);
+    dx_.zero();
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t c = 0; c < C; ++c)
+        for (std::int64_t oh = 0; oh < H * f; ++oh)
+          for (std::int64_t ow = 0; ow < W * f; ++ow) dx_(n, c, oh / f, ow / f) += grad_out(n, c, oh, ow);
+    return dx_.alias();
+  }
+  /// No tensors.
+  void collect_tensors(Tensors<S>&, const std::string&) {}
+  /// The deployed form.
+  DeployedUpsample<S> deploy() const { return DeployedUpsample<S>(factor_); }
+
+ private:
+  std::int64_t factor_;
+  Shape in_;
+  Tensor<S> y_, dx_;
+};
+
+/// YOLOv5's decode of raw Detect maps (the sigmoid applied): for map i
+/// [N, na, H, W, no] of stride s_i and anchors a_i (pixels), every cell gives
+/// xy = (2 sigmoid - 0.5 + (x, y)) s_i, wh = (2 sigmoid)^2 a_i, and the sigmoid of the
+/// objectness and class logits; the rows of all maps in order (level, anchor, y, x)
+/// make [N, sum na H W, no].
+template <class S>
+Tensor<S> decode_detections(const std::vector<Tensor<S>>& raw, const std::vector<double>& strides,
+                            const Tensor<S>& anchors_grid) {
+  const std::int64_t N = raw.at(0).size(0), na = raw[0].size(1), no = raw[0].size(4);
+  std::int64_t rows = 0;
+  for (const auto& r : raw) rows += na * r.size(2) * r.size(3);
+  Tensor<S> pred({N, rows, no});
+  auto sig = [](S v) { return S(1) / (S(1) + std::exp(-v)); };
+  std::int64_t row0 = 0;
+  for (std::size_t i = 0; i < raw.size(); ++i) {
+    const std::int64_t H = raw[i].size(2), W = raw[i].size(3), cells = na * H * W;
+    const S st = S(strides[i]);
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t a = 0; a < na; ++a) {
+        const S aw = anchors_grid(std::int64_t(i) * na + a, 0) * st, ah = anchors_grid(std::int64_t(i) * na + a, 1) * st;
+        for (std::int64_t y = 0; y < H; ++y)
+          for (std::int64_t x = 0; x < W; ++x) {
+            const S* r = raw[i].data() + (((n * na + a) * H + y) * W + x) * no;
+            S* p = pred.data() + (n * rows + row0 + (a * H + y) * W + x) * no;
+            const S sx = sig(r[0]), sy = sig(r[1]), sw = sig(r[2]), sh = sig(r[3]);
+            p[0] = (sx * 2 - S(0.5) + S(x)) * st;
+            p[1] = (sy * 2 - S(0.5) + S(y)) * st;
+            p[2] = (sw * 2) * (sw * 2) * aw;
+            p[3] = (sh * 2) * (sh * 2) * ah;
+            for (std::int64_t j = 4; j < no; ++j) p[j] = sig(r[j]);
+          }
+      }
+    row0 += cells;
+  }
+  return pred;
+}
+
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// A Detect level's convolution output [N, na * no, H, W] (any format) as the raw map
+// [N, na, H, W, no].
+template <class S>
+Tensor<S> to_raw_map(ConstTensorView<S> y, std::int64_t na, std::int64_t no) {
+  const std::int64_t N = y.size(0), H = y.size(2), W = y.size(3);
+  Tensor<S> r({N, na, H, W, no});
+  const auto s = strides4(y.sizes(), y.memory_format());
+  for (std::int64_t n = 0; n < N; ++n)
+    for (std::int64_t a = 0; a < na; ++a)
+      for (std::int64_t h = 0; h < H; ++h)
+        for (std::int64_t w = 0; w < W; ++w)
+          for (std::int64_t j = 0; j < no; ++j)
+            r[(((n * na + a) * H + h) * W + w) * no + j] = y.data()[n * s[0] + (a * no + j) * s[1] + h * s[2] + w * s[3]];
+  return r;
+}
+}  // namespace detail
+/// \endcond
+
+/// What Detect gives in eval and deploy: the decoded rows and the raw maps.
+template <class S>
+struct DetectOutput {
+  Tensor<S> pred;             ///< [N, sum na H W, 5 + nc], decode_detections
+  std::vector<Tensor<S>> raw;  ///< per level [N, na, H, W, 5 + nc], before the sigmoid
+};
+
+/// The deployed Detect: one deployed 1x1 convolution (with bias, no activation) per level.
+template <class S>
+class DeployedDetect {
+ public:
+  /// The levels' convolutions, anchors [nl, na, 2] in grid units, strides, outputs per anchor.
+  DeployedDetect(std::vector<AnyDeployed<S>> convs, Tensor<S> anchors, std::vector<double> strides, std::int64_t no)
+      : convs_(std::move(convs)), anchors_(std::move(anchors)), strides_(std::move(strides)), no_(no) {}
+  /// Raw maps and decoded rows for the levels' inputs (each float or codes in its conv's
+  /// int8_input()).
+  DetectOutput<S> forward(const std::vector<StageInput<S>>& xs) const {
+    DetectOutput<S> out;
+    for (std::size_t i = 0; i < convs_.size(); ++i) {
+      const StageOutput<S> y = std::holds_alternative<const Int8Codes*>(xs.at(i)) || convs_[i].int8_input()
+                                   ? convs_[i].forward_int8(xs[i], nullptr)
+                                   : StageOutput<S>(convs_[i].forward(std::get<ConstTensorView<S>>(xs[i])));
+      out.raw.push_back(detail::to_raw_map<S>(std::get<Tensor<S>>(y), anchors_.size(1), no_));
+    }
+    out.pred = decode_detections(out.raw, strides_, anchors_.reshaped({anchors_.size(0) * anchors_.size(1), 2}));
+    return out;
+  }
+  /// Level i's convolution.
+  const AnyDeployed<S>& conv(std::size_t i) const { return convs_.at(i); }
+  /// Number of levels.
+  std::size_t levels() const { return convs_.size(); }
+  /// Weights plus biases.
+  std::int64_t num_parameters() const {
+    std::int64_t n = 0;
+    for (const auto& c : convs_) n += c.num_parameters();
+    return n;
+  }
+  /// Visits level i's convolution as `prefix` + "m.i.".
+  void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const {
+    for (std::size_t i = 0; i < convs_.size(); ++i) convs_[i].visit_convs(prefix + "m." + std::to_string(i) + ".", f);
+  }
+  /// The head with every convolution mapped by `f`.
+  DeployedDetect map_convs(const std::string& prefix, const ConvMapper<S>& f) const {
+    std::vector<AnyDeployed<S>> c;
+    for (std::size_t i = 0; i < convs_.size(); ++i) c.push_back(convs_[i].map_convs(prefix + "m." + std::to_string(i) + ".", f));
+    return DeployedDetect(std::move(c), anchors_, strides_, no_);
+  }
+
+ private:
+  std::vector<AnyDeployed<S>> convs_;
+  Tensor<S> anchors_;
+  std::vector<double> strides_;
+  std::int64_t no_;
+};
+
+/// YOLOv5's Detect head: per level i a 1x1 convolution with bias from ch[i] to na (5 + nc)
+/// channels (`m.i.weight` [na no, ch_i, 1, 1], `m.i.bias`), and the buffer `anchors`
+/// [nl, na, 2] in grid units. Initialised as YOLOv5 does (PyTorch's default conv init,
+/// then _initialize_biases: objectness bias + log(8 / (640 / s)^2), class biases
+/// + log(0.6 / (nc - 0.99))); strides are the model's (not in the state dict).
+template <class S>
+class Detect : public ModuleTensors<Detect<S>, S> {
+ public:
+  /// `nc` classes, `anchors_px` per level the anchor (w, h) pairs in pixels, `ch` per
+  /// level the input channels, `strides` per level. Throws config_error on mismatched or
+  /// non-positive sizes.
+  Detect(std::int64_t nc, const std::vector<std::vector<double>>& anchors_px, const std::vector<std::int64_t>& ch,
+         const std::vector<double>& strides, std::uint64_t seed = 0)
+      : nc_(nc), no_(nc + 5), strides_(strides) {
+    const std::size_t nl = anchors_px.size();
+    if (nc < 1) throw config_error(orepa::detail::cat("Detect: nc must be >= 1, got ", nc));
+    if (nl == 0 || ch.size() != nl || strides.size() != nl)
+      throw config_error(orepa::detail::cat("Detect: ", nl, " anchor levels, ", ch.size(), " inputs and ", strides.size(),
+                                            " strides must agree (and be > 0)"));
+    na_ = std::int64_t(anchors_px[0].size() / 2);
+    anchors_ = Param<S>(Tensor<S>({std::int64_t(nl), na_, 2}), ParamKind::buffer);
+    Rng rng(seed);
+    for (std::size_t i = 0; i < nl; ++i) {
+      if (anchors_px[i].size() != std::size_t(2 * na_) || na_ < 1)
+        throw config_error(orepa::detail::cat("Detect: every level needs the same number of (w, h) anchor pairs; level ",
+                                              i, " has ", anchors_px[i].size(), " numbers"));
+      if (!(strides[i] > 0)) throw config_error(orepa::detail::cat("Detect: stride ", i, " must be > 0"));
+      for (std::int64_t a = 0; a < 2 * na_; ++a) {
+        const double v = anchors_px[i][std::size_t(a)];
+        if (!(v > 0)) throw config_error(orepa::detail::cat("Detect: anchor sizes must be > 0, level ", i, " has ", v));
+        anchors_.value[std::int64_t(i) * na_ * 2 + a] = S(v / strides[i]);
+      }
+      orepa::detail::yolo::require_positive("Detect", "input channels", ch[i]);
+      Level l{Param<S>(Tensor<S>({na_ * no_, ch[i], 1, 1}), ParamKind::kernel),
+              Param<S>(Tensor<S>({na_ * no_}), ParamKind::bias), Tensor<S>()};
+      // PyTorch's Conv2d default: kaiming_uniform(a = sqrt(5)) and bias U(+-1/sqrt(fan_in)).
+      kaiming_uniform(l.weight.value, std::sqrt(5.0), rng);
+      fill_uniform(l.bias.value, 1.0 / std::sqrt(double(ch[i])), rng);
+      for (std::int64_t a = 0; a < na_; ++a) {
+        l.bias.value[a * no_ + 4] += S(std::log(8.0 / std::pow(640.0 / strides[i], 2)));
+        for (std::int64_t c = 0; c < nc; ++c) l.bias.value[a * no_ + 5 + c] += S(std::log(0.6 / (double(nc) - 0.99)));
+      }
+      levels_.push_back(std::move(l));
+    }
+  }
+  /// Move constructor.
+  Detect(Detect&&) noexcept = default;
+  /// Move assignment.
+  Detect& operator=(Detect&&) noexcept = default;
+  Detect& operator=(const Detect&) = delete;
+  /// Another Detect with the same tensors and settings, nothing saved for backward.
+  Detect clone() const { return Detect(*this); }
+
+  /// "Detect".
+  std::string type_name() const { return "Detect"; }
+  /// Number of levels.
+  std::int64_t levels() const { return std::int64_t(levels_.size()); }
+  /// Anchors per level.
+  std::int64_t anchors_per_level() const { return na_; }
+  /// Classes.
+  std::int64_t classes() const { return nc_; }
+  /// Outputs per anchor, 5 + nc.
+  std::int64_t outputs() const { return no_; }
+  /// The strides of the levels.
+  const std::vector<double>& strides() const { return strides_; }
+  /// The anchors [nl, na, 2] in grid units (a buffer: loading a checkpoint sets them).
+  const Tensor<S>& anchors() const { return anchors_.value; }
+
+  /// Training forward: the raw maps [N, na, H_i, W_i, no] of the levels' inputs.
+  std::vector<Tensor<S>> forward_train(const std::vector<ConstTensorView<S>>& xs) {
+    check_inputs(xs, "Detect::forward_train");
+    std::vector<Tensor<S>> raw;
+    for (std::size_t i = 0; i < levels_.size(); ++i) {
+      levels_[i].x.assign(xs[i], MemoryFormat::contiguous);
+      raw.push_back(detail::to_raw_map<S>(conv(i, levels_[i].x), na_, no_));
+    }
+    has_forward_ = true;
+    return raw;
+  }
+  /// Eval forward: raw maps and decoded rows.
+  DetectOutput<S> forward_eval(const std::vector<ConstTensorView<S>>& xs) const {
+    check_inputs(xs, "Detect::forward_eval");
+    DetectOutput<S> out;
+    for (std::size_t i = 0; i < levels_.size(); ++i) {
+      Tensor<S> tmp;
+      out.raw.push_back(detail::to_raw_map<S>(conv(i, contiguous(xs[i], tmp)), na_, no_));
+    }
+    out.pred = decode_detections(out.raw, strides_, anchors_.value.reshaped({levels() * na_, 2}));
+    return out;
+  }
+  /// Backward of the last forward_train for d loss / d raw map i: accumulates the weight
+  /// and bias gradients and returns d loss / d input i (NCHW) per level.
+  std::vector<Tensor<S>> backward(const std::vector<ConstTensorView<S>>& grad_maps) {
+    if (!has_forward_) throw state_error("Detect::backward: call forward_train first");
+    if (grad_maps.size() != levels_.size())
+      throw shape_error(orepa::detail::cat("Detect::backward: ", levels_.size(), " gradient maps expected, got ",
+                                           grad_maps.size()));
+    std::vector<Tensor<S>> dx;
+    for (std::size_t i = 0; i < levels_.size(); ++i) {
+      Level& l = levels_[i];
+      const std::int64_t N = l.x.size(0), C = l.x.size(1), H = l.x.size(2), W = l.x.size(3), P = H * W, O = na_ * no_;
+      grad_maps[i].expect_shape({N, na_, H, W, no_}, orepa::detail::cat("Detect::backward gradient map ", i));
+      RowMatrix<S> g(O, P);  // one image's gradient as [O, H W]
+      Tensor<S> d({N, C, H, W});
+      const auto w = l.weight.value.matrix(O, C);
+      auto dw = l.weight.grad.matrix(O, C);
+      for (std::int64_t n = 0; n < N; ++n) {
+        for (std::int64_t a = 0; a < na_; ++a)
+          for (std::int64_t p = 0; p < P; ++p)
+            for (std::int64_t j = 0; j < no_; ++j) g(a * no_ + j, p) = grad_maps[i][((n * na_ + a) * P + p) * no_ + j];
+        const auto x = ConstMatMap<S>(l.x.data() + n * C * P, C, P);
+        dw.noalias() += g * x.transpose();
+        for (std::int64_t o = 0; o < O; ++o) l.bias.grad[o] += g.row(o).sum();
+        MatMap<S>(d.data() + n * C * P, C, P).noalias() = w.transpose() * g;
+      }
+      dx.push_back(std::move(d));
+    }
+    return dx;
+  }
+  /// `m.i.weight`, `m.i.bias` per level, then the buffer `anchors` (YOLOv5's order).
+  void collect_tensors(Tensors<S>& out, const std::string& prefix) {
+    for (std::size_t i = 0; i < levels_.size(); ++i) {
+      out.add(prefix + "m." + std::to_string(i) + ".weight", levels_[i].weight);
+      out.add(prefix + "m." + std::to_string(i) + ".bias", levels_[i].bias);
+    }
+    out.add(prefix + "anchors", anchors_);
+  }
+  /// The deployed head (a snapshot): one deployed 1x1 convolution per level.
+  DeployedDetect<S> deploy() const {
+    std::vector<AnyDeployed<S>> convs;
+    for (const auto& l : levels_) {
+      ConvGeometry g;
+      g.in_channels = l.weight.value.size(1);
+      g.out_channels = na_ * no_;
+      g.kernel = 1;
+      convs.push_back(DeployedConv<S>(g, l.weight.value, l.bias.value));
+    }
+    return DeployedDetect<S>(std::move(convs), anchors_.value, strides_, no_);
+  }
+
+ private:
+  struct Level {
+    Param<S> weight, bias;
+    Tensor<S> x;  // the input of the last forward_train (NCHW)
+  };
+  Detect(const Detect& o)  // clone(): never copied silently
+      : nc_(o.nc_), no_(o.no_), na_(o.na_), strides_(o.strides_), anchors_(o.anchors_) {
+    for (const auto& l : o.levels_) levels_.push_back(Level{l.weight, l.bias, Tensor<S>()});
+  }
+  void check_inputs(const std::vector<ConstTensorView<S>>& xs, const char* who) const {
+    if (xs.size() != levels_.size())
+      throw shape_error(orepa::detail::cat(who, ": ", levels_.size(), " inputs expected, got ", xs.size()));
+    for (std::size_t i = 0; i < xs.size(); ++i)
+      detail::require_nchw(xs[i].sizes(), levels_[i].weight.value.size(1), orepa::detail::cat(who, " input ", i));
+  }
+  // Level i's convolution of x [N, C, H, W] (NCHW): [N, na no, H, W].
+  Tensor<S> conv(std::size_t i, ConstTensorView<S> x) const {
+    const Level& l = levels_[i];
+    const std::int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), O = na_ * no_;
+    Tensor<S> y({N, O, x.size(2), x.size(3)});
+    const auto w = l.weight.value.matrix(O, C);
+    for (std::int64_t n = 0; n < N; ++n) {
+      auto Y = MatMap<S>(y.data() + n * O * P, O, P);
+      Y.noalias() = w * ConstMatMap<S>(x.data() + n * C * P, C, P);
+      Y.colwise() += l.bias.value.matrix(O, 1).col(0);
+    }
+    return y;
+  }
+
+  std::int64_t nc_, no_, na_ = 0;
+  std::vector<double> strides_;
+  Param<S> anchors_;
+  std::vector<Level> levels_;
+  bool has_forward_ = false;
+};
+
+}  // namespace orepa::yolo

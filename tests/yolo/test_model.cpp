@@ -1,0 +1,213 @@
+// Tests of the YOLOv5 network (yolo/config.hpp, yolo/modules.hpp, yolo/model.hpp): the
+// fixture network made by the PyTorch recipe (tests/data/yolov5n_orepa) built from its yaml,
+// loaded by name and run in eval and deploy form against PyTorch's float64 outputs;
+// gradients of a small network against finite differences; the yaml's faults.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <functional>
+#include <string>
+
+#include "orepa/yolo/yolo.hpp"
+
+using namespace orepa;
+
+namespace {
+
+std::string fixture(const std::string& name) { return std::string(OREPA_TEST_DATA_DIR) + "/yolov5n_orepa/" + name; }
+
+// max |a - e| / max |e| over a tensor (the fixture README's measure).
+double relative_error(const Tensor<float>& a, const Tensor<float>& e) {
+  if (a.sizes() != e.sizes()) throw shape_error("relative_error: " + shape_str(a.sizes()) + " vs " + shape_str(e.sizes()));
+  double m = 0;
+  for (auto v : e) m = std::max(m, double(std::abs(v)));
+  return max_abs_diff(a, e) / std::max(m, 1e-30);
+}
+
+yolo::Model<float> fixture_model() {
+  return yolo::load_model(yolo::read_model_config(fixture("model.yaml")),
+                          io::SafetensorsFile::open(fixture("train_state.safetensors")));
+}
+
+}  // namespace
+
+TEST(YoloModel, FixtureBuildsFromItsYamlWithTheCheckpointsBlocks) {
+  auto model = fixture_model();
+  EXPECT_EQ(model.size(), 25u);
+  std::int64_t params = 0;
+  for (auto* p : model.parameters()) params += p->value.numel();
+  EXPECT_EQ(params, 1398872);  // the README's count of the training form
+  EXPECT_EQ(model.strides(), (std::vector<double>{8, 16, 32}));
+  EXPECT_EQ(model.saved_layers(), (std::vector<std::size_t>{4, 6, 10, 14, 17, 20, 23}));
+  EXPECT_EQ(model.layer(0).type_name(), "ConvBN");  // the 6x6 stem stays Conv
+  EXPECT_EQ(model.layer(1).type_name(), "OREPA");
+  for (auto* bn : model.batch_norms()) {
+    EXPECT_EQ(bn->eps, 1e-3);
+    EXPECT_EQ(bn->momentum, 0.03);
+  }
+  ASSERT_EQ(model.batch_norms().size(), 57u);
+  // The same network built from the yaml alone with the OREPA family for every Conv has
+  // exactly the checkpoint's tensors.
+  yolo::Model<float> built(yolo::read_model_config(fixture("model.yaml")), yolo::ModelOptions<float>().blocks("orepa"));
+  EXPECT_NO_THROW(io::load_state_dict(built, io::SafetensorsFile::open(fixture("train_state.safetensors"))));
+}
+
+TEST(YoloModel, EvalAndDeployMatchPyTorchsFloat64Outputs) {
+  const auto model = fixture_model();
+  const auto io_file = io::SafetensorsFile::open(fixture("io.safetensors"));
+  const auto deployed = model.deploy();
+  for (const std::string x : {"a", "b"}) {
+    const Tensor<float> input = io_file.get<float>("input." + x);
+    const auto eval = model.forward_eval(input);
+    const auto dep = deployed.forward(input);
+    const auto ref_pred = io_file.get<float>("ref64." + x + ".pred");
+    EXPECT_LT(relative_error(eval.pred, ref_pred), 2e-3) << x;
+    EXPECT_LT(relative_error(dep.pred, ref_pred), 2e-3) << x;
+    for (int i = 0; i < 3; ++i) {
+      const auto ref = io_file.get<float>("ref64." + x + ".raw" + std::to_string(i));
+      EXPECT_LT(relative_error(eval.raw[std::size_t(i)], ref), 2e-3) << x << " raw" << i;
+      EXPECT_LT(relative_error(dep.raw[std::size_t(i)], ref), 2e-3) << x << " raw" << i;
+    }
+    // Channels-last input gives the same result.
+    const auto nhwc = deployed.forward(input.to(MemoryFormat::channels_last));
+    EXPECT_LT(relative_error(nhwc.pred, ref_pred), 2e-3) << x;
+  }
+  // Every layer's output of input a (where a difference would start).
+  const auto outs = model.layer_outputs(io_file.get<float>("input.a"));
+  for (std::size_t i = 0; i < 24; ++i) {
+    const std::string name = std::string("ref64.a.layer") + (i < 10 ? "0" : "") + std::to_string(i);
+    EXPECT_LT(relative_error(outs[i], io_file.get<float>(name)), 2e-3) << name;
+  }
+}
+
+TEST(YoloModel, LoadingACheckpointOfAnotherYamlNamesTheSlot) {
+  auto cfg = yolo::read_model_config(fixture("model.yaml"));
+  cfg.width_multiple = 0.25;  // every channel count doubles
+  try {
+    yolo::load_model(cfg, io::SafetensorsFile::open(fixture("train_state.safetensors")));
+    FAIL() << "a checkpoint of another yaml must not load";
+  } catch (const format_error& e) {
+    EXPECT_NE(std::string(e.what()).find("model.0."), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("another model yaml"), std::string::npos) << e.what();
+  }
+}
+
+namespace {
+
+// A small network with every module kind: stem, OREPA, C3 with and without shortcut,
+// SPPF, upsampling, concatenation and a two-level head.
+const char* small_yaml = R"(
+nc: 2
+depth_multiple: 1.0
+width_multiple: 1.0
+anchors:
+  - [4, 5, 8, 10]
+  - [12, 14, 20, 16]
+backbone:
+  [[-1, 1, Conv, [4, 3, 2]],
+   [-1, 1, OREPA, [8, 3, 2]],
+   [-1, 1, C3, [8]],
+   [-1, 1, SPPF, [8, 3]],
+  ]
+head:
+  [[-1, 1, nn.Upsample, [None, 2, 'nearest']],
+   [[-1, 0], 1, Concat, [1]],
+   [-1, 1, C3, [8, False]],
+   [[6, 3], 1, Detect, [nc, anchors]],
+  ]
+)";
+
+}  // namespace
+
+TEST(YoloModel, GradientsMatchFiniteDifferences) {
+  yolo::Model<double> model(yolo::parse_model_config(small_yaml, "small.yaml"), yolo::ModelOptions<double>().blocks("orepa").seed(3));
+  EXPECT_EQ(model.strides(), (std::vector<double>{2, 4}));
+  Rng rng(5);
+  Tensor<double> x({2, 3, 8, 8});
+  fill_uniform(x, 1.0, rng);
+  for (auto* p : model.parameters()) fill_uniform(p->value, 0.4, rng);
+  // loss = sum_i <R_i, raw_i> for fixed random R_i, so d loss / d raw_i = R_i.
+  auto maps = model.forward_train(x);
+  std::vector<Tensor<double>> r;
+  for (const auto& m : maps) {
+    r.emplace_back(m.sizes());
+    fill_uniform(r.back(), 1.0, rng);
+  }
+  auto loss = [&]() {
+    auto y = model.forward_train(x);
+    double s = 0;
+    for (std::size_t i = 0; i < y.size(); ++i)
+      for (std::int64_t j = 0; j < y[i].numel(); ++j) s += y[i][j] * r[i][j];
+    return s;
+  };
+  model.zero_grad();
+  loss();
+  const Tensor<double> dx = model.backward(r);
+  // Batch statistics make the network's function of x and of every parameter the same
+  // in every call, so central differences apply to the training forward itself.
+  auto check = [&](Tensor<double>& t, const Tensor<double>& analytic, const std::string& what) {
+    double worst = 0, scale = 0;
+    for (std::int64_t j = 0; j < t.numel(); j += std::max<std::int64_t>(1, t.numel() / 7)) {
+      const double keep = t[j], h = 1e-5;
+      t[j] = keep + h;
+      const double up = loss();
+      t[j] = keep - h;
+      const double down = loss();
+      t[j] = keep;
+      worst = std::max(worst, std::abs((up - down) / (2 * h) - analytic[j]));
+      scale = std::max(scale, std::abs(analytic[j]));
+    }
+    EXPECT_LT(worst, 1e-5 * std::max(1.0, scale)) << what;
+  };
+  check(x, dx, "input");
+  for (auto& [name, p] : model.named_parameters()) {
+    if (p->value.numel() == 0) continue;
+    Tensor<double> g = p->grad;
+    check(p->value, g, name);
+  }
+}
+
+TEST(YoloModel, TensorNamesAreYolov5s) {
+  // Default options: every Conv is YOLOv5's conv + BN; OREPA rows are OREPA blocks.
+  yolo::Model<float> model(yolo::parse_model_config(small_yaml, "small.yaml"));
+  const auto names = model.state_dict().names();
+  auto has = [&](const std::string& n) { return std::find(names.begin(), names.end(), n) != names.end(); };
+  EXPECT_TRUE(has("model.0.conv.weight"));
+  EXPECT_TRUE(has("model.0.bn.running_var"));
+  EXPECT_TRUE(has("model.1.weight_orepa_origin"));
+  EXPECT_TRUE(has("model.2.m.0.cv2.conv.weight"));
+  EXPECT_TRUE(has("model.3.cv2.conv.weight"));
+  EXPECT_TRUE(has("model.7.m.1.weight"));
+  EXPECT_TRUE(has("model.7.anchors"));
+  // Anchors are kept in grid units: pixels / stride.
+  const auto& a = model.detect().anchors();
+  EXPECT_EQ(a.sizes(), (Shape{2, 2, 2}));
+  EXPECT_FLOAT_EQ(a[0], 4.f / 2.f);
+  EXPECT_FLOAT_EQ(a[4], 12.f / 4.f);
+}
+
+TEST(YoloModel, YamlFaultsAreClearErrors) {
+  auto expect_error = [](const std::string& yaml, const std::string& part) {
+    try {
+      yolo::Model<float> m(yolo::parse_model_config(yaml, "bad.yaml"));
+      FAIL() << "accepted: " << yaml;
+    } catch (const config_error& e) {
+      EXPECT_NE(std::string(e.what()).find("bad.yaml"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+    }
+  };
+  const std::string head = "nc: 2\nanchors: [[4, 5, 8, 10]]\n";
+  expect_error(head + "backbone: [[-1, 1, Conv, [4, 3, 2]]]\nhead: [[-1, 1, Frobnicate, [4]], [-1, 1, Detect, [nc, anchors]]]",
+               "unknown module 'Frobnicate'");
+  expect_error(head + "backbone: [[-1, 1, Conv, [4, 3, 2]]]\nhead: [[2, 1, Conv, [4]], [-1, 1, Detect, [nc, anchors]]]",
+               "points forward");
+  expect_error(head + "backbone: [[-1, 1, Conv, [4, 3, 2]]]\nhead: [[-5, 1, Conv, [4]], [-1, 1, Detect, [nc, anchors]]]",
+               "points before layer 0");
+  expect_error(head + "backbone: [[-1, 1, Conv, [4, 3, 2, 1, 1, 1, True, 9]]]\nhead: [[-1, 1, Detect, [nc, anchors]]]",
+               "expected arguments");
+  expect_error("depth_multiple: -1\n" + head + "backbone: [[-1, 1, Conv, [4, 3, 2]]]\nhead: [[-1, 1, Detect, [nc, anchors]]]",
+               "depth_multiple must be > 0");
+  expect_error(head + "backbone: [[-1, 1, Conv, [4, 3, 2]]]\nhead: [[-1, 1, Conv, [4]]]", "no Detect head");
+  expect_error(head + "backbone: [[-1, 1, Conv]]\nhead: []", "a row must be [from, number, module, args]");
+  expect_error("nc: [1, 2", "not valid YAML");
+}
