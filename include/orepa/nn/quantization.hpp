@@ -45,11 +45,13 @@ class Calibrator {
   explicit Calibrator(CalibrationMethod method = CalibrationMethod::minmax, std::int64_t max_samples = 1 << 20)
       : method_(method), max_samples_(std::max<std::int64_t>(max_samples, 1)) {}
 
-  /// Runs `chain` (an fp32 InferenceChain) on `batch`, recording the input of every
+  /// Runs `chain` (an fp32 deployed network: an InferenceChain, a yolo::DeployedModel,
+  /// anything with visit_convs() and forward()) on `batch`, recording the input of every
   /// deployed convolution in it, in every stage and module, under its name ("3.",
   /// "2.m.0.cv1.": see AnyDeployed::visit_convs). A batch that fails (a shape error, a
   /// non-finite value reaching any layer: shape_error naming the layer) records nothing.
-  void observe(const InferenceChain<float>& chain, ConstTensorView<float> batch) {
+  template <class Network>
+  void observe(const Network& chain, ConstTensorView<float> batch) {
     Recorder r(*this);
     chain.visit_convs("", [&](const std::string& name, const DeployedConv<float>& c) { r.names[&c] = name; });
     {
@@ -243,12 +245,16 @@ struct TwinComparer final : ConvObserver {
 }  // namespace detail
 /// \endcond
 
+/// A network's output as one tensor, for the end-to-end error of quantization_report: the
+/// tensor itself; other outputs (yolo::DetectOutput) overload it in their namespace.
+inline const Tensor<float>& network_output(const Tensor<float>& y) { return y; }
+
 /// The error of `reduced` (the same network deployed in another precision, e.g. by
 /// Sequential::deploy(DeployOptions)) against `fp32` on `batches`: for every deployed
 /// convolution (matched by name, in every stage and module), the SQNR of its weights and
 /// of its output given the fp32 network's input to it; and of the whole network's output.
-inline QuantizationReport quantization_report(const InferenceChain<float>& fp32, const InferenceChain<float>& reduced,
-                                              const std::vector<Tensor<float>>& batches) {
+template <class Network>
+QuantizationReport quantization_report(const Network& fp32, const Network& reduced, const std::vector<Tensor<float>>& batches) {
   detail::TwinComparer cmp;
   fp32.visit_convs("", [&](const std::string& name, const DeployedConv<float>& c) { cmp.names[&c] = name; });
   reduced.visit_convs("", [&](const std::string& name, const DeployedConv<float>& c) { cmp.reduced[name] = &c; });
@@ -260,9 +266,9 @@ inline QuantizationReport quantization_report(const InferenceChain<float>& fp32,
     Tensor<float> y;
     {
       ScopedConvObserver scope(&cmp);
-      y = fp32.forward(batch);
+      y = network_output(fp32.forward(batch));
     }
-    total.add(y, reduced.forward(batch));
+    total.add(y, network_output(reduced.forward(batch)));
   }
   QuantizationReport r;
   for (const auto& [name, s] : cmp.sums) {

@@ -476,6 +476,9 @@ struct DetectOutput {
   std::vector<Tensor<S>> raw;  ///< per level [N, na, H, W, 5 + nc], before the sigmoid
 };
 
+/// The decoded rows: what quantization_report compares end to end.
+inline const Tensor<float>& network_output(const DetectOutput<float>& o) { return o.pred; }
+
 /// The deployed Detect: one deployed 1x1 convolution (with bias, no activation) per level.
 template <class S>
 class DeployedDetect {
