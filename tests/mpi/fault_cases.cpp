@@ -9,6 +9,9 @@
 // Cases (the collectives wait at most 2 s: DdpOptions().timeout(2)):
 //   exception  rank 1 throws in its second step; dist::abort_on_exception ends the job
 //   stop       rank 1 stops itself (SIGSTOP); rank 0 times out waiting for it
+//   stop_inside  rank 1 stops (a timer's SIGSTOP) 5 ms into a 32 MB sum that both ranks
+//              entered together: rank 0's sum does not complete, and rank 1 does not
+//              answer its ping
 //   kill       rank 1 kills itself (SIGKILL); mpiexec or rank 0's timeout ends the job
 //   steps      rank 1 trains one step more than rank 0, which goes on to its report:
 //              the ranks run different collectives, detected before any data moves
@@ -16,11 +19,13 @@
 //   options    rank 1 leaves sync BN off: DistributedDataParallel throws dist_error on
 //              every rank at construction, and abort_on_exception ends the job
 #include <signal.h>
+#include <sys/time.h>
 
 #include <chrono>
 #include <cstdio>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "orepa/dist/dist.hpp"
 #include "orepa/orepa.hpp"
@@ -38,8 +43,8 @@ void announce(int rank, const char* fault) {
 int run(const std::string& fault) {
   int rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-  const bool known = fault == "exception" || fault == "stop" || fault == "kill" || fault == "steps" ||
-                     fault == "finish" || fault == "options";
+  const bool known = fault == "exception" || fault == "stop" || fault == "stop_inside" || fault == "kill" ||
+                     fault == "steps" || fault == "finish" || fault == "options";
   if (!known) throw config_error("orepa_mpi_faults: unknown case '" + fault + "'");
 
   Sequential<float> net;
@@ -69,6 +74,19 @@ int run(const std::string& fault) {
     ce.forward_train(ddp.forward_train(x), y);
     ddp.backward(ce.backward());
     opt.step();
+  }
+  if (fault == "stop_inside") {
+    double sync = 0;
+    ddp.communicator().sum(&sync, 1, "line up");  // both ranks leave this within microseconds
+    std::vector<float> big(std::size_t(8) << 20, 1.0f);
+    if (rank == 1) {
+      announce(rank, "SIGSTOP 5 ms into a 32 MB sum");
+      signal(SIGALRM, [](int) { raise(SIGSTOP); });
+      itimerval in5ms{};
+      in5ms.it_value.tv_usec = 5000;
+      setitimer(ITIMER_REAL, &in5ms, nullptr);
+    }
+    ddp.communicator().sum(big.data(), std::int64_t(big.size()), "large sum");
   }
   if (fault == "steps" || fault == "finish") {
     if (fault == "steps") {

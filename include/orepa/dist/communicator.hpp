@@ -10,9 +10,10 @@
 /// collectives on the original communicator.
 ///
 /// **No rank is left waiting forever.** Every collective is non-blocking underneath
-/// (MPI_Iallreduce, MPI_Ibcast, MPI_Iallgather) and waited for by polling (MPI_Testsome,
-/// yielding the core for the first millisecond, then sleeping 50 us doubling to 1 ms, so
-/// a waiting rank does not take a core from a rank that still computes). It runs in two
+/// (MPI_Iallreduce, MPI_Ibcast, MPI_Iallgather) and waited for by polling MPI_Testsome:
+/// spinning for 100 us, then yielding the core after each test up to 5 ms, then sleeping
+/// 50 us doubling to 1 ms, so a long wait does not take a core from a rank that still
+/// computes (see wait_all). It runs in two
 /// phases, both under one deadline (timeout(), 300 s by default, from the moment this
 /// rank enters):
 ///
@@ -29,7 +30,10 @@
 ///     run different collectives (a different step count, a flag on one rank only): the
 ///     job ends at once, naming both collectives, before any data has moved.
 ///  2. **Data.** Only then is the collective itself posted. If it does not complete by
-///     the deadline, every rank arrived and one stopped or died inside it.
+///     the deadline, every rank arrived and one stopped or died inside it. To name it,
+///     this rank pings every other rank on the side channel and waits 0.5 s: a rank
+///     waiting in any collective answers from its polling loop; the silent ones are
+///     named.
 ///
 /// A deadline passed or an MPI error in a collective ends the whole job (abort_job:
 /// the message on stderr, then MPI_Abort on MPI_COMM_WORLD, which mpiexec turns into
@@ -181,6 +185,7 @@ class Communicator {
                             "different order; ending the job"));
     MPI_Comm_set_errhandler(comm_, MPI_ERRORS_RETURN);
     MPI_Comm_set_errhandler(side_, MPI_ERRORS_RETURN);
+    side_ready_ = true;
     theirs_.resize(std::size_t(size_));
     requests_.reserve(std::size_t(2 * size_));
   }
@@ -335,7 +340,7 @@ class Communicator {
       return s;
     }
   };
-  static constexpr int kHeaderTag = 7;
+  static constexpr int kHeaderTag = 7, kPingTag = 8, kPongTag = 9;
 
   template <class T>
   static constexpr std::int64_t type_code() {
@@ -369,9 +374,14 @@ class Communicator {
     requests_.assign(1, MPI_REQUEST_NULL);
     const int rc = post(int(count), &requests_[0]);
     if (rc != MPI_SUCCESS) fail(mine, "posting it failed: " + error_string(rc));
-    if (!wait_all(requests_, deadline, mine))
-      fail(mine, detail::cat("every rank arrived, but it did not complete within the timeout of ", timeout_,
-                                    " s: a rank stopped or died inside it"));
+    if (!wait_all(requests_, deadline, mine)) {
+      const std::string silent = silent_ranks();
+      fail(mine, detail::cat("every rank arrived, but it did not complete within the timeout of ", timeout_, " s; ",
+                             silent.empty() ? "every rank still answers (the MPI library did not complete it)"
+                                            : "rank(s) " + silent + " did not answer within " +
+                                                  detail::cat(kAnswerSeconds) +
+                                                  " s: stopped or dead inside it"));
+    }
     previous_ = mine;
     seconds_ += MPI_Wtime() - t0;
   }
@@ -415,12 +425,15 @@ class Communicator {
 
   // Polls until every request completed (true) or the deadline passed (false);
   // completed requests become MPI_REQUEST_NULL; an MPI error ends the job, naming `what`
-  // (a Header or a text). Fast collectives complete within the first millisecond of
-  // yielding; long waits (for a slower rank) sleep, doubling from 50 us to 1 ms, so they
-  // leave the core to the ranks still computing.
+  // (a Header or a text). Three phases, by the time waited so far: up to 100 us only
+  // MPI_Testsome (a collective whose ranks are all there completes in a few us; a yield
+  // on a busy machine would cost tens of us each); up to 5 ms a yield after each test
+  // (the ranks of a step arrive within this, and a rank still computing on this core
+  // gets it); then sleeps, doubling from 50 us to 1 ms (a rank far behind, stopped or
+  // gone: at most 1 ms late, a few tests per millisecond).
   template <class What>
   bool wait_all(std::vector<MPI_Request>& requests, double deadline, const What& what) {
-    constexpr double kYieldSeconds = 1e-3;
+    constexpr double kSpinSeconds = 100e-6, kYieldSeconds = 5e-3;
     constexpr auto kFirstPause = std::chrono::microseconds(50), kLongestPause = std::chrono::microseconds(1000);
     indices_.resize(requests.size());
     const double start = MPI_Wtime();
@@ -432,15 +445,51 @@ class Communicator {
       if (done == MPI_UNDEFINED ||
           std::all_of(requests.begin(), requests.end(), [](MPI_Request r) { return r == MPI_REQUEST_NULL; }))
         return true;
-      const double now = MPI_Wtime();
+      const double now = MPI_Wtime(), waited = now - start;
       if (now >= deadline) return false;
-      if (now - start < kYieldSeconds) {
+      if (waited < kSpinSeconds) continue;
+      answer_pings();
+      if (waited < kYieldSeconds) {
         std::this_thread::yield();
       } else {
         std::this_thread::sleep_for(pause);
         pause = std::min(pause * 2, kLongestPause);
       }
     }
+  }
+
+  // A rank waiting in any collective answers the pings of a rank whose collective did
+  // not complete by its deadline (silent_ranks), so that rank can tell the ranks that
+  // still run from one stopped or dead inside the collective.
+  static constexpr double kAnswerSeconds = 0.5;
+  void answer_pings() {
+    if (!side_ready_) return;
+    for (;;) {
+      int pinged = 0;
+      MPI_Status st;
+      if (MPI_Iprobe(MPI_ANY_SOURCE, kPingTag, side_, &pinged, &st) != MPI_SUCCESS || !pinged) return;
+      std::int64_t ping = 0;
+      MPI_Recv(&ping, 1, MPI_INT64_T, st.MPI_SOURCE, kPingTag, side_, MPI_STATUS_IGNORE);
+      MPI_Send(&seq_, 1, MPI_INT64_T, st.MPI_SOURCE, kPongTag, side_);  // tiny: never waits
+    }
+  }
+  // Pings every other rank and waits kAnswerSeconds for the answers (answering pings
+  // meanwhile); returns the ranks that did not answer, "1, 3", or "".
+  std::string silent_ranks() {
+    std::vector<MPI_Request> answers(std::size_t(size_), MPI_REQUEST_NULL);
+    std::vector<std::int64_t> seqs(static_cast<std::size_t>(size_));
+    for (int r = 0; r < size_; ++r) {
+      if (r == rank_) continue;
+      MPI_Irecv(&seqs[std::size_t(r)], 1, MPI_INT64_T, r, kPongTag, side_, &answers[std::size_t(r)]);
+      MPI_Request ping = MPI_REQUEST_NULL;
+      MPI_Isend(&seq_, 1, MPI_INT64_T, r, kPingTag, side_, &ping);
+      MPI_Request_free(&ping);  // a stopped rank never receives it; the job ends anyway
+    }
+    wait_all(answers, MPI_Wtime() + kAnswerSeconds, std::string("asking the other ranks"));
+    std::string silent;
+    for (int r = 0; r < size_; ++r)
+      if (answers[std::size_t(r)] != MPI_REQUEST_NULL) silent += detail::cat(silent.empty() ? "" : ", ", r);
+    return silent;
   }
 
   [[noreturn]] void fail(const Header& h, const std::string& why) const { fail(h.describe(), why); }
@@ -455,6 +504,7 @@ class Communicator {
   }
 
   MPI_Comm comm_ = MPI_COMM_NULL, side_ = MPI_COMM_NULL;
+  bool side_ready_ = false;          // side_ exists (pings are answered from then on)
   int rank_ = 0, size_ = 1;
   double timeout_ = default_timeout;
   std::int64_t seq_ = 0, step_ = -1;
