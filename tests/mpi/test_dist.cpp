@@ -354,7 +354,9 @@ TEST(DdpFaults, BadInputOnOneRankThrowsOnEveryRankAndTheJobGoesOn) {
   if (world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
   Sequential<float> net = block_net<float>();
   DistributedDataParallel ddp(net);
-  auto [x, y] = data<float>(0, 4);
+  auto batch = data<float>(0, 4);  // not a structured binding: lambdas use it (clang 14)
+  auto& x = batch.first;
+  auto& y = batch.second;
   Tensor<float> bad({4, 1, 12, 12});
   const auto msg = dist_error_of([&] { ddp.forward_train(ddp.rank() == 1 ? bad : x); });
   EXPECT_HAS(msg, "forward_train input");
@@ -387,7 +389,9 @@ TEST(DdpFaults, UserCodeFailingOnOneRankIsAgreedOn) {
   if (world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
   Sequential<float> net = block_net<float>();
   DistributedDataParallel ddp(net);
-  auto [x, y] = data<float>(0, 4);
+  auto batch = data<float>(0, 4);  // not a structured binding: lambdas use it (clang 14)
+  auto& x = batch.first;
+  auto& y = batch.second;
   if (ddp.rank() == 1) y[0] = 7;  // a label outside [0, 4)
   SoftmaxCrossEntropy<float> ce;
   const auto& logits = ddp.forward_train(x);
