@@ -272,8 +272,8 @@ class Communicator {
     throw dist_error(msg);
   }
 
-  /// Every rank calls this at the same point with its settings (name, value as text;
-  /// the same names everywhere). When any rank's value differs from rank 0's, every
+  /// Every rank calls this at the same point with its settings (name, value as text,
+  /// neither with a line break; the same names everywhere). When any rank's value differs from rank 0's, every
   /// rank throws the same dist_error "`who`: [rank r] name value where rank 0 has
   /// value; ..." naming each differing rank and setting. Two small all-gathers.
   void check_same(const std::vector<std::pair<std::string, std::string>>& settings, const std::string& who) {
