@@ -331,8 +331,8 @@ class Communicator {
     std::string describe() const {
       const char* ops[] = {"?", "sum", "broadcast", "all-gather"};
       std::string s = detail::cat("collective #", seq, " \"", std::string(label, strnlen(label, sizeof label)),
-                                         "\" (", ops[op >= 1 && op <= 3 ? op : 0], " of ", count, " ",
-                                         type_name(type), " values");
+                                  "\" (", ops[op >= 1 && op <= 3 ? op : 0], " of ", count, " ", type_name(type),
+                                  " values");
       if (op == std::int64_t(Op::broadcast)) s += detail::cat(" from rank ", root);
       s += ")";
       if (step == 0) s += " before the first training step";
@@ -377,10 +377,9 @@ class Communicator {
     if (!wait_all(requests_, deadline, mine)) {
       const std::string silent = silent_ranks();
       fail(mine, detail::cat("every rank arrived, but it did not complete within the timeout of ", timeout_, " s; ",
-                             silent.empty() ? "every rank still answers (the MPI library did not complete it)"
-                                            : "rank(s) " + silent + " did not answer within " +
-                                                  detail::cat(kAnswerSeconds) +
-                                                  " s: stopped or dead inside it"));
+                             silent.empty() ? std::string("every rank answers (the MPI library did not complete it)")
+                                            : detail::cat("rank(s) ", silent, " did not answer within ", kAnswerSeconds,
+                                                          " s: stopped or dead inside it")));
     }
     previous_ = mine;
     seconds_ += MPI_Wtime() - t0;
@@ -392,7 +391,8 @@ class Communicator {
     std::size_t i = 0;
     for (int r = 0; r < size_; ++r) {
       if (r == rank_) continue;
-      int rc = MPI_Irecv(&theirs_[std::size_t(r)], int(sizeof(Header)), MPI_BYTE, r, kHeaderTag, side_, &requests_[i++]);
+      Header& theirs = theirs_[std::size_t(r)];
+      int rc = MPI_Irecv(&theirs, int(sizeof(Header)), MPI_BYTE, r, kHeaderTag, side_, &requests_[i++]);
       if (rc == MPI_SUCCESS)
         rc = MPI_Isend(&mine, int(sizeof(Header)), MPI_BYTE, r, kHeaderTag, side_, &requests_[i++]);
       if (rc != MPI_SUCCESS) fail(mine, "sending its arrival failed: " + error_string(rc));
@@ -416,11 +416,11 @@ class Communicator {
                 "; every rank must run the same collectives in the same order; ending the job",
                 1, true);
     if (!all_arrived)
-      abort_job(me + detail::cat("timeout: waited ", timeout_, " s in ", mine.describe(), " for rank(s) ",
-                                        missing, ", which did not arrive (",
-                                        previous_.seq > 0 ? "last seen in " + previous_.describe()
-                                                          : std::string("never seen in a collective"),
-                                        "): stopped, dead, finished, or still computing; ending the job"));
+      abort_job(me + detail::cat("timeout: waited ", timeout_, " s in ", mine.describe(), " for rank(s) ", missing,
+                                 ", which did not arrive (",
+                                 previous_.seq > 0 ? "last seen in " + previous_.describe()
+                                                   : std::string("never seen in a collective"),
+                                 "): stopped, dead, finished, or still computing; ending the job"));
   }
 
   // Polls until every request completed (true) or the deadline passed (false);
@@ -462,27 +462,26 @@ class Communicator {
   // not complete by its deadline (silent_ranks), so that rank can tell the ranks that
   // still run from one stopped or dead inside the collective.
   static constexpr double kAnswerSeconds = 0.5;
+  // Pings and answers are empty messages: only their arrival counts.
   void answer_pings() {
     if (!side_ready_) return;
     for (;;) {
       int pinged = 0;
       MPI_Status st;
       if (MPI_Iprobe(MPI_ANY_SOURCE, kPingTag, side_, &pinged, &st) != MPI_SUCCESS || !pinged) return;
-      std::int64_t ping = 0;
-      MPI_Recv(&ping, 1, MPI_INT64_T, st.MPI_SOURCE, kPingTag, side_, MPI_STATUS_IGNORE);
-      MPI_Send(&seq_, 1, MPI_INT64_T, st.MPI_SOURCE, kPongTag, side_);  // tiny: never waits
+      MPI_Recv(nullptr, 0, MPI_BYTE, st.MPI_SOURCE, kPingTag, side_, MPI_STATUS_IGNORE);
+      MPI_Send(nullptr, 0, MPI_BYTE, st.MPI_SOURCE, kPongTag, side_);  // empty: never waits
     }
   }
   // Pings every other rank and waits kAnswerSeconds for the answers (answering pings
   // meanwhile); returns the ranks that did not answer, "1, 3", or "".
   std::string silent_ranks() {
     std::vector<MPI_Request> answers(std::size_t(size_), MPI_REQUEST_NULL);
-    std::vector<std::int64_t> seqs(static_cast<std::size_t>(size_));
     for (int r = 0; r < size_; ++r) {
       if (r == rank_) continue;
-      MPI_Irecv(&seqs[std::size_t(r)], 1, MPI_INT64_T, r, kPongTag, side_, &answers[std::size_t(r)]);
+      MPI_Irecv(nullptr, 0, MPI_BYTE, r, kPongTag, side_, &answers[std::size_t(r)]);
       MPI_Request ping = MPI_REQUEST_NULL;
-      MPI_Isend(&seq_, 1, MPI_INT64_T, r, kPingTag, side_, &ping);
+      MPI_Isend(nullptr, 0, MPI_BYTE, r, kPingTag, side_, &ping);
       MPI_Request_free(&ping);  // a stopped rank never receives it; the job ends anyway
     }
     wait_all(answers, MPI_Wtime() + kAnswerSeconds, std::string("asking the other ranks"));
