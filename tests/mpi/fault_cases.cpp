@@ -9,9 +9,9 @@
 // Cases (the collectives wait at most 2 s: DdpOptions().timeout(2)):
 //   exception  rank 1 throws in its second step; dist::abort_on_exception ends the job
 //   stop       rank 1 stops itself (SIGSTOP); rank 0 times out waiting for it
-//   stop_inside  rank 1 stops (a timer's SIGSTOP) 5 ms into a 32 MB sum that both ranks
-//              entered together: rank 0's sum does not complete, and rank 1 does not
-//              answer its ping
+//   stop_inside  rank 1 stops (a timer's SIGSTOP) 2 ms into a 32 MB sum that both ranks
+//              entered together (the sum takes several times that): rank 0's sum does
+//              not complete, and rank 1 does not answer its ping
 //   kill       rank 1 kills itself (SIGKILL); mpiexec or rank 0's timeout ends the job
 //   steps      rank 1 trains one step more than rank 0, which goes on to its report:
 //              the ranks run different collectives, detected before any data moves
@@ -80,11 +80,11 @@ int run(const std::string& fault) {
     ddp.communicator().sum(&sync, 1, "line up");  // both ranks leave this within microseconds
     std::vector<float> big(std::size_t(8) << 20, 1.0f);
     if (rank == 1) {
-      announce(rank, "SIGSTOP 5 ms into a 32 MB sum");
+      announce(rank, "SIGSTOP 2 ms into a 32 MB sum");
       signal(SIGALRM, [](int) { raise(SIGSTOP); });
-      itimerval in5ms{};
-      in5ms.it_value.tv_usec = 5000;
-      setitimer(ITIMER_REAL, &in5ms, nullptr);
+      itimerval in2ms{};
+      in2ms.it_value.tv_usec = 2000;
+      setitimer(ITIMER_REAL, &in2ms, nullptr);
     }
     ddp.communicator().sum(big.data(), std::int64_t(big.size()), "large sum");
   }
