@@ -79,7 +79,9 @@ void ddp_step(benchmark::State& state, int ranks, bool sync_bn) {
     DistributedDataParallel ddp(net, DdpOptions().sync_batch_norm(sync_bn), comm);
     const std::int64_t share = kBatch / ranks;
     const auto data = make_bars_dataset<float>(kBatch, 3, kImage, 0.5);
-    auto [x, y] = data.slice(ddp.rank() * share, share);
+    const auto batch = data.slice(ddp.rank() * share, share);  // no structured binding: the lambda uses it (clang 14)
+    const auto& x = batch.first;
+    const auto& y = batch.second;
     SGD<float> opt(net.parameters(), SGDOptions(0.05).momentum(0.9));
     SoftmaxCrossEntropy<float> ce;
     auto step = [&] {

@@ -38,3 +38,34 @@ function(orepa_add_mpi_test)
                        ENVIRONMENT "${OREPA_MPI_TEST_ENV};MPIEXEC_TIMEOUT=${_inner}"
                        PROCESSORS ${T_NP} TIMEOUT ${T_TIMEOUT} LABELS mpi)
 endfunction()
+
+# orepa_add_mpi_fault_test(NAME name TARGET target BOUND s EXPECT regex... [ARGS ...] [ARGS1 ...]
+#                          [MPIEXEC_FLAGS ...] [ANY_STATUS])
+# Registers a ctest test for a job that must FAIL: `mpiexec -np 2 <target> ARGS` (or, with
+# ARGS1, rank 0 runs `<target> ARGS` and rank 1 `<target> ARGS1`: mpiexec's MPMD form),
+# run by tests/mpi/expect_fault.sh, which passes when the job exits non-zero, its output
+# matches every EXPECT regex (grep -E; write `.` for characters special to CMake or the
+# shell) and it ended within BOUND seconds; a hang is killed at 2 x BOUND + 10 s.
+# MPIEXEC_FLAGS are added to mpiexec's; ANY_STATUS accepts exit status 0 too (see the script).
+function(orepa_add_mpi_fault_test)
+  cmake_parse_arguments(T "ANY_STATUS" "NAME;TARGET;BOUND" "EXPECT;ARGS;ARGS1;MPIEXEC_FLAGS" ${ARGN})
+  set(_cmd ${MPIEXEC_EXECUTABLE} ${MPIEXEC_PREFLAGS} ${OREPA_MPIEXEC_FLAGS} ${T_MPIEXEC_FLAGS})
+  if(T_ARGS1)
+    list(APPEND _cmd ${MPIEXEC_NUMPROC_FLAG} 1 $<TARGET_FILE:${T_TARGET}> ${T_ARGS}
+                     : ${MPIEXEC_NUMPROC_FLAG} 1 $<TARGET_FILE:${T_TARGET}> ${T_ARGS1})
+  else()
+    list(APPEND _cmd ${MPIEXEC_NUMPROC_FLAG} 2 $<TARGET_FILE:${T_TARGET}> ${T_ARGS})
+  endif()
+  set(_expect)
+  if(T_ANY_STATUS)
+    set(_expect --any-status)
+  endif()
+  foreach(_e IN LISTS T_EXPECT)
+    list(APPEND _expect --expect ${_e})
+  endforeach()
+  math(EXPR _ctest_timeout "2 * ${T_BOUND} + 30")
+  add_test(NAME ${T_NAME}
+           COMMAND bash ${PROJECT_SOURCE_DIR}/tests/mpi/expect_fault.sh --bound ${T_BOUND} ${_expect} -- ${_cmd})
+  set_tests_properties(${T_NAME} PROPERTIES ENVIRONMENT "${OREPA_MPI_TEST_ENV}" PROCESSORS 2
+                       TIMEOUT ${_ctest_timeout} LABELS mpi)
+endfunction()

@@ -7,11 +7,16 @@
 // rank deploys its replica and checks it against eval mode, and the replicas are checked
 // to be identical.
 //
-//   mpirun -np 2 train_ddp [--steps N] [--batch B] [--width W] [--local-bn] [--help]
+//   mpirun -np 2 train_ddp [--steps N] [--batch B] [--width W] [--local-bn] [--timeout S] [--help]
 //   (as root in a container: see README.md for the flags)
 //
-// Exit status 0 on success (on every rank), 1 when deploy and eval disagree, the replicas
-// differ, or on any error.
+// No rank is left waiting: the ranks first check that they were given the same
+// arguments (DistributedDataParallel checks its own options: --local-bn, --timeout), an
+// error on one rank ends the whole job (dist::abort_on_exception), and every collective
+// waits at most --timeout seconds for the other ranks.
+//
+// Exit status 0 on success (on every rank); 1 when deploy and eval disagree, the replicas
+// differ, or on any error, which ends every rank with a message naming the rank.
 #include <orepa/dist/dist.hpp>
 #include <orepa/nn/yolo.hpp>
 #include <orepa/orepa.hpp>
@@ -40,16 +45,34 @@ struct Args {
   std::int64_t batch = 64;   // images per step over all ranks
   std::int64_t width = 16;   // channels after the stem (the demo's default)
   bool local_bn = false;     // BN statistics per rank instead of synchronised
+  double timeout = dist::default_timeout;  // seconds a collective waits for the other ranks
 };
 
 const char* usage() {
-  return R"(usage: mpirun -np R train_ddp [--steps N] [--batch B] [--width W] [--local-bn] [--help]
+  return R"(usage: mpirun -np R train_ddp [--steps N] [--batch B] [--width W] [--local-bn] [--timeout S] [--help]
 Trains the demo's classifier on 32x32 bar images data-parallel over R ranks.
   --steps N    training steps (default 200)
   --batch B    images per step over all ranks, a multiple of R (default 64)
   --width W    channels after the stem, the network goes W, 2W, 4W (default 16)
   --local-bn   BatchNorm statistics of each rank's share only (default: synchronised)
+  --timeout S  seconds a rank waits in a collective for the others before the job is
+               ended with a message naming the ranks that did not arrive (default 300)
+Every rank must be given the same arguments. An error on any rank ends every rank.
 )";
+}
+
+// A positive number of seconds ("2", "0.5", "inf").
+double parse_seconds(const std::string& flag, const std::string& v) {
+  std::size_t used = 0;
+  double x = 0;
+  try {
+    x = std::stod(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != v.size() || v.empty() || !(x > 0))
+    throw config_error(detail::cat(flag, ": expected seconds > 0 (or inf), got '", v, "'"));
+  return x;
 }
 
 bool parse_args(int argc, char** argv, Args& a) {
@@ -65,6 +88,7 @@ bool parse_args(int argc, char** argv, Args& a) {
     if (flag == "--steps") a.steps = tools::parse_int(flag, v, 1, 10'000'000);
     else if (flag == "--batch") a.batch = tools::parse_int(flag, v, 2, 4096);
     else if (flag == "--width") a.width = tools::parse_int(flag, v, 2, 1024);
+    else if (flag == "--timeout") a.timeout = parse_seconds(flag, v);
     else throw config_error(detail::cat("unknown flag '", flag, "' (see --help)"));
   }
   return true;
@@ -87,6 +111,13 @@ int run(int argc, char** argv) {
     if (rank == 0) std::fputs(usage(), stdout);
     return 0;
   }
+  // Arguments that change how long the ranks train or what they compute must agree
+  // before any training; a difference ends the job here with every rank's value.
+  dist::Communicator world(MPI_COMM_WORLD, args.timeout);
+  world.check_same({{"--steps", std::to_string(args.steps)},
+                    {"--batch", std::to_string(args.batch)},
+                    {"--width", std::to_string(args.width)}},
+                   "train_ddp: the ranks were given different arguments");
   if (args.batch % ranks != 0)
     throw config_error(detail::cat("--batch ", args.batch, " must be a multiple of the ", ranks, " ranks"));
   const std::int64_t share = args.batch / ranks;
@@ -97,7 +128,7 @@ int run(int argc, char** argv) {
   auto train = make_bars_dataset<float>(kEpochImages, 1'000'004, kImageSize, kNoise);
 
   Sequential<float> net = examples::build_classifier(args.width, train.num_classes, /*seed=*/1, orepa_maker<float>());
-  DistributedDataParallel ddp(net, DdpOptions().sync_batch_norm(!args.local_bn));
+  DistributedDataParallel ddp(net, DdpOptions().sync_batch_norm(!args.local_bn).timeout(args.timeout));
   std::int64_t params = 0;
   for (auto* p : net.parameters()) params += p->value.numel();
   if (rank == 0)
@@ -145,7 +176,7 @@ int run(int argc, char** argv) {
     if ((step + 1) % report_every == 0 || step + 1 == args.steps) {
       // Losses and accuracies of every rank's share: the whole batch's.
       double sums[2] = {window_loss, window_acc};
-      ddp.communicator().sum(sums, 2);
+      ddp.communicator().sum(sums, 2, "train_ddp progress report");
       const double n = double(ranks) * double(window_steps);
       if (rank == 0)
         std::printf("step %5lld/%lld  loss %.4f  train acc %5.1f%%  %6.0f img/s (all ranks)\n",
@@ -160,8 +191,7 @@ int run(int argc, char** argv) {
   // Throughput and communication share of every rank.
   const double comm = ddp.communication_seconds() - comm_before;
   const std::vector<double> mine{double(share * args.steps) / train_seconds, comm / train_seconds};
-  std::vector<double> all(mine.size() * std::size_t(ranks));
-  MPI_Allgather(mine.data(), 2, MPI_DOUBLE, all.data(), 2, MPI_DOUBLE, ddp.communicator().comm());
+  const std::vector<double> all = ddp.communicator().all_gather(mine, "train_ddp throughput report");
   if (rank == 0) {
     double total = 0;
     for (int r = 0; r < ranks; ++r) {
@@ -177,7 +207,7 @@ int run(int argc, char** argv) {
   for (auto* p : net.parameters())
     for (float v : p->value) checksum += double(v);
   double root = checksum;
-  ddp.communicator().broadcast(&root, 1);
+  ddp.communicator().broadcast(&root, 1, 0, "train_ddp replica checksum");
   std::string error;
   if (checksum != root) error = detail::cat("replica checksum ", checksum, " differs from rank 0's ", root);
 
@@ -205,15 +235,9 @@ int run(int argc, char** argv) {
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
-  int status = 0;
-  try {
-    status = run(argc, argv);
-  } catch (const std::exception& e) {
-    int rank = 0;
-    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
-    std::fprintf(stderr, "train_ddp [rank %d]: %s\n", rank, e.what());
-    status = 1;
-  }
+  // An exception on one rank would leave the others waiting in their next collective:
+  // print it with the rank and end every rank (MPI_Abort).
+  const int status = dist::abort_on_exception([&] { return run(argc, argv); }, "train_ddp");
   MPI_Finalize();
   return status;
 }

@@ -5,8 +5,11 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <limits>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "orepa/dist/dist.hpp"
@@ -272,11 +275,88 @@ TEST(DdpFaults, ShapeMismatchBetweenRanksIsReportedAtConstruction) {
   EXPECT_EQ(msg.find("[rank 0]"), std::string::npos) << msg;
 }
 
+TEST(DdpFaults, DifferentOptionsAreReportedAtConstructionOnEveryRank) {
+  if (world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
+  Sequential<float> net = block_net<float>();
+  DdpOptions opts;
+  if (world_rank() == 1) opts.sync_batch_norm(false).bucket_bytes(1024);
+  const auto msg = dist_error_of([&] { DistributedDataParallel ddp(net, opts); });
+  EXPECT_HAS(msg, "DistributedDataParallel: the options differ between ranks:");
+  EXPECT_HAS(msg, "[rank 1] bucket_bytes 1024 where rank 0 has 4194304;");
+  EXPECT_HAS(msg, "[rank 1] sync_batch_norm false where rank 0 has true");
+  EXPECT_EQ(msg.find("timeout"), std::string::npos) << msg;  // equal everywhere
+  EXPECT_EQ(msg.find("[rank 0]"), std::string::npos) << msg;
+  // No reducer was installed: the BNs still train locally, and a good wrapper follows.
+  for (auto* bn : net.batch_norms()) EXPECT_FALSE(bn->synchronised());
+  DistributedDataParallel ddp(net, DdpOptions().timeout(60));
+  EXPECT_EQ(ddp.communicator().timeout(), 60.0);
+}
+
+TEST(DdpFaults, InvalidOptionsAreConfigErrorsOnEveryRank) {
+  Sequential<float> net = linear_net<float>();
+  EXPECT_THROW(DistributedDataParallel(net, DdpOptions().bucket_bytes(0)), config_error);
+  EXPECT_THROW(DistributedDataParallel(net, DdpOptions().timeout(0)), config_error);
+  EXPECT_THROW(DistributedDataParallel(net, DdpOptions().timeout(-1)), config_error);
+  EXPECT_THROW(DistributedDataParallel(net, DdpOptions().timeout(std::nan(""))), config_error);
+  DistributedDataParallel ddp(net, DdpOptions().timeout(std::numeric_limits<double>::infinity()));
+  EXPECT_EQ(ddp.communicator().timeout(), std::numeric_limits<double>::infinity());
+}
+
+// A rank that arrives late, but within the deadline, is waited for (the wait polls, then
+// sleeps), and every collective still delivers the right values.
+TEST(Communicator, LateRankWithinTheTimeoutIsWaitedFor) {
+  dist::Communicator comm(MPI_COMM_WORLD, 30);
+  const int n = comm.size(), r = comm.rank();
+  if (r == n - 1) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::vector<double> v{double(r + 1), 1.0};
+  comm.sum(v.data(), 2);
+  EXPECT_EQ(v[0], double(n * (n + 1) / 2));
+  EXPECT_EQ(v[1], double(n));
+  if (r == 0) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::int64_t root_value = r == n - 1 ? 1234 : -1;
+  comm.broadcast(&root_value, 1, n - 1);
+  EXPECT_EQ(root_value, 1234);
+  const auto all = comm.all_gather(std::vector<std::int64_t>{r, 10 * r});
+  ASSERT_EQ(all.size(), std::size_t(2 * n));
+  for (int k = 0; k < n; ++k) {
+    EXPECT_EQ(all[std::size_t(2 * k)], k);
+    EXPECT_EQ(all[std::size_t(2 * k + 1)], 10 * k);
+  }
+  EXPECT_EQ(comm.collectives(), 3);
+  EXPECT_THROW(comm.broadcast(&root_value, 1, n), config_error);  // no such root: nothing sent
+  EXPECT_THROW(comm.set_timeout(0), config_error);
+  EXPECT_EQ(comm.timeout(), 30.0);
+}
+
+TEST(Communicator, CheckSameNamesEveryDifferingSetting) {
+  dist::Communicator comm;
+  const bool odd = comm.rank() == 1;
+  std::vector<std::pair<std::string, std::string>> mine{{"--steps", odd ? "20" : "10"}, {"--width", "8"}};
+  if (odd) mine.emplace_back("--extra", "1");
+  const auto msg = dist_error_of([&] { comm.check_same(mine, "tool: different arguments"); });
+  if (comm.size() < 2) {
+    EXPECT_EQ(msg, "(no dist_error)");
+    return;
+  }
+  EXPECT_EQ(msg, "tool: different arguments: [rank 1] --steps 20 where rank 0 has 10; "
+                 "[rank 1] --extra 1 where rank 0 has nothing");
+  comm.check_same({{"--width", "8"}}, "tool");  // equal everywhere: no throw
+}
+
+TEST(Communicator, AbortOnExceptionReturnsTheResultWhenNothingThrows) {
+  EXPECT_EQ(dist::abort_on_exception([] { return 42; }, "test"), 42);
+  int calls = 0;
+  dist::abort_on_exception([&] { ++calls; });
+  EXPECT_EQ(calls, 1);
+}
+
 TEST(DdpFaults, BadInputOnOneRankThrowsOnEveryRankAndTheJobGoesOn) {
   if (world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
   Sequential<float> net = block_net<float>();
   DistributedDataParallel ddp(net);
-  auto [x, y] = data<float>(0, 4);
+  auto batch = data<float>(0, 4);  // not a structured binding: lambdas use it (clang 14)
+  auto& x = batch.first;
+  auto& y = batch.second;
   Tensor<float> bad({4, 1, 12, 12});
   const auto msg = dist_error_of([&] { ddp.forward_train(ddp.rank() == 1 ? bad : x); });
   EXPECT_HAS(msg, "forward_train input");
@@ -309,7 +389,9 @@ TEST(DdpFaults, UserCodeFailingOnOneRankIsAgreedOn) {
   if (world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
   Sequential<float> net = block_net<float>();
   DistributedDataParallel ddp(net);
-  auto [x, y] = data<float>(0, 4);
+  auto batch = data<float>(0, 4);  // not a structured binding: lambdas use it (clang 14)
+  auto& x = batch.first;
+  auto& y = batch.second;
   if (ddp.rank() == 1) y[0] = 7;  // a label outside [0, 4)
   SoftmaxCrossEntropy<float> ce;
   const auto& logits = ddp.forward_train(x);

@@ -16,9 +16,10 @@
 ///       opt.step();                                    // identical on every rank
 ///     }
 ///
-/// At construction every rank compares its parameter and buffer names and shapes with
-/// rank 0's (one small all-gather) and, if they differ, every rank throws dist_error
-/// naming the ranks and the first differing tensor, before any other collective. Then
+/// At construction every rank compares its options with rank 0's (sync BN, bucket size
+/// and timeout decide which collectives run and how long they wait), then its parameter
+/// and buffer names and shapes (one small all-gather); if either differs, every rank
+/// throws dist_error naming the ranks and the first difference. Then
 /// rank 0's parameters, buffers and BN counters are broadcast, and (with more than one
 /// rank and sync_batch_norm) every BatchNorm2d gets a CrossReplicaSum over MPI: training
 /// statistics span all ranks, so N ranks on batch B compute what one process computes on
@@ -32,7 +33,11 @@
 /// Faults never hang: forward_train and backward first all-gather the argument's shape
 /// and throw on every rank when the shapes differ, so the network (identical on every
 /// rank) then fails, if at all, identically everywhere. User code that may fail on one
-/// rank between the wrapper's calls (labels, data loading) reports through agree().
+/// rank between the wrapper's calls (labels, data loading) reports through agree(), or
+/// runs inside dist::abort_on_exception, which ends the job when one rank throws. Every
+/// collective waits at most DdpOptions::timeout seconds for the other ranks; then the
+/// job ends with a message naming the collective, the training step and the ranks that
+/// did not arrive (dist::Communicator).
 ///
 /// Requirements: MPI initialised; the network outlives the wrapper and keeps its layers
 /// (the wrapper holds pointers to its tensors); every rank calls every member that
@@ -59,6 +64,8 @@ struct DdpOptions {
   /// @brief Sets bucket_bytes(); returns `*this` for chaining.
   /// @fn sync_batch_norm(const bool&)
   /// @brief Sets sync_batch_norm(); returns `*this` for chaining.
+  /// @fn timeout(const double&)
+  /// @brief Sets timeout(); returns `*this` for chaining.
 
   /// Gradient bytes per all-reduce (default 4 MiB: on shared memory the all-reduce
   /// bandwidth flattens from about 256 KB on, and a few buckets keep the call count low);
@@ -66,6 +73,11 @@ struct DdpOptions {
   OREPA_OPTION(std::int64_t, bucket_bytes) = std::int64_t(4) << 20;
   /// Synchronise every BatchNorm's training statistics across ranks (default true).
   OREPA_OPTION(bool, sync_batch_norm) = true;
+  /// Seconds a rank waits in one collective for the others before the whole job is
+  /// ended (MPI_Abort) with a message naming the collective, the training step and the
+  /// ranks that did not arrive (default 300; > 0, infinity disables it). Raise it when
+  /// one rank legitimately works alone for long between steps (evaluating, saving).
+  OREPA_OPTION(double, timeout) = dist::default_timeout;
 
  public:
   /// This object (what the setters return).
@@ -91,25 +103,39 @@ class DistributedDataParallel {
   /// The network's scalar type (float or double).
   using Scalar = typename detail::param_list_scalar<decltype(std::declval<Net&>().parameters())>::type;
 
-  /// Wraps `net` (collective over `comm`): checks that every rank has the same tensors,
-  /// broadcasts rank 0's state, installs the BN reducers. Throws dist_error on every rank
-  /// when the networks differ, config_error for bucket_bytes < 1.
+  /// Wraps `net` (collective over `comm`): checks that every rank has the same options
+  /// and tensors, broadcasts rank 0's state, installs the BN reducers. Throws dist_error
+  /// on every rank when the options or the networks differ, then config_error (on every
+  /// rank, the options being equal) for bucket_bytes < 1 or timeout <= 0.
   explicit DistributedDataParallel(Net& net, DdpOptions opts = DdpOptions(), MPI_Comm comm = MPI_COMM_WORLD)
-      : net_(net), opts_(opts), comm_(std::make_shared<dist::Communicator>(comm)) {
+      : net_(net),
+        opts_(opts),
+        comm_(std::make_shared<dist::Communicator>(comm, opts.timeout() > 0 ? opts.timeout() : dist::default_timeout)) {
+    comm_->check_same({{"bucket_bytes", std::to_string(opts_.bucket_bytes())},
+                       {"sync_batch_norm", opts_.sync_batch_norm() ? "true" : "false"},
+                       {"timeout", detail::cat(opts_.timeout())}},
+                      "DistributedDataParallel: the options differ between ranks");
     if (opts_.bucket_bytes() < 1)
       throw config_error(detail::cat("DdpOptions::bucket_bytes: expected >= 1, got ", opts_.bucket_bytes()));
+    if (!(opts_.timeout() > 0))
+      throw config_error(detail::cat("DdpOptions::timeout: expected seconds > 0 (or infinity), got ", opts_.timeout()));
     Tensors<Scalar> t;
     net_.collect_tensors(t, "");
     check_same_network(t);
     for (auto& [name, p] : t.parameters) params_.push_back(p);
     for (auto& [name, p] : t.buffers) buffers_.push_back(p);
-    for (auto& [prefix, bn] : t.batch_norms) bns_.push_back(bn);
+    for (auto& [prefix, bn] : t.batch_norms) {
+      bns_.push_back(bn);
+      bn_names_.push_back(prefix.empty() || prefix.back() != '.' ? prefix : prefix.substr(0, prefix.size() - 1));
+    }
     make_buckets();
     broadcast_state();
     if (opts_.sync_batch_norm() && comm_->size() > 1) {
-      // The reducer shares the communicator, so a BN copied out of the network stays valid.
-      CrossReplicaSum sum = [c = comm_](double* data, std::int64_t n) { c->sum(data, n); };
-      for (auto* bn : bns_) bn->set_cross_replica_sum(sum);
+      // The reducer shares the communicator, so a BN copied out of the network stays
+      // valid; its label names the BN in a timeout's message.
+      for (std::size_t i = 0; i < bns_.size(); ++i)
+        bns_[i]->set_cross_replica_sum([c = comm_, label = "SyncBatchNorm '" + bn_names_[i] + "'"](
+                                           double* data, std::int64_t n) { c->sum(data, n, label); });
     }
   }
   DistributedDataParallel(const DistributedDataParallel&) = delete;
@@ -135,10 +161,13 @@ class DistributedDataParallel {
   }
   /// Seconds spent in MPI calls so far (BN statistics, gradients, checks).
   double communication_seconds() const { return comm_->communication_seconds(); }
+  /// Training steps so far: the number of forward_train calls (messages name the step).
+  std::int64_t steps() const { return steps_; }
 
   /// Training forward of this rank's share `x`. Throws dist_error on every rank when the
   /// ranks' input shapes differ.
   Tensor<Scalar> forward_train(ConstTensorView<Scalar> x) {
+    comm_->set_step(++steps_);
     same_shape_everywhere(x.sizes(), "forward_train input");
     return net_.forward_train(x);
   }
@@ -162,7 +191,7 @@ class DistributedDataParallel {
     for (auto& b : buckets_) {
       Scalar* out = b.flat.data();
       for (auto* p : b.params) out = std::copy(p->grad.begin(), p->grad.end(), out);
-      comm_->sum(b.flat.data(), std::int64_t(b.flat.size()));
+      comm_->sum(b.flat.data(), std::int64_t(b.flat.size()), b.label);
       const Scalar* in = b.flat.data();
       for (auto* p : b.params)
         for (auto& g : p->grad) g = *in++ * scale;
@@ -177,8 +206,8 @@ class DistributedDataParallel {
       for (auto* p : *list) flat.insert(flat.end(), p->value.begin(), p->value.end());
     std::vector<std::int64_t> counters;
     for (auto* bn : bns_) counters.push_back(bn->num_batches_tracked);
-    comm_->broadcast(flat.data(), std::int64_t(flat.size()));
-    comm_->broadcast(counters.data(), std::int64_t(counters.size()));
+    comm_->broadcast(flat.data(), std::int64_t(flat.size()), 0, "broadcast_state parameters and buffers");
+    comm_->broadcast(counters.data(), std::int64_t(counters.size()), 0, "broadcast_state BN counters");
     const Scalar* in = flat.data();
     for (const auto* list : {&params_, &buffers_})
       for (auto* p : *list) {
@@ -197,6 +226,7 @@ class DistributedDataParallel {
   struct Bucket {
     ParamList<Scalar> params;
     std::vector<Scalar> flat;  // allocated once: packed gradients, reduced in place
+    std::string label;         // "gradient bucket i of n", for messages
   };
 
   // Reverse state-dict order: the last layers' gradients are complete first in backward,
@@ -213,10 +243,12 @@ class DistributedDataParallel {
       buckets_.back().params.push_back(*it);
       filled += n;
     }
-    for (auto& b : buckets_) {
+    for (std::size_t i = 0; i < buckets_.size(); ++i) {
+      auto& b = buckets_[i];
       std::int64_t n = 0;
       for (auto* p : b.params) n += p->value.numel();
       b.flat.resize(std::size_t(n));
+      b.label = detail::cat("gradient bucket ", i + 1, " of ", buckets_.size());
     }
   }
 
@@ -241,7 +273,7 @@ class DistributedDataParallel {
       for (const char ch : l + "\n") hash = (hash ^ std::uint8_t(ch)) * 1099511628211ull;
     const std::vector<std::int64_t> mine{std::int64_t(t.parameters.size()), std::int64_t(t.buffers.size()),
                                          elements, std::int64_t(hash >> 1)};
-    const auto all = comm_->all_gather(mine);
+    const auto all = comm_->all_gather(mine, "network summary");
     bool same = true;
     for (int r = 1; r < comm_->size(); ++r)
       for (std::size_t i = 0; i < mine.size(); ++i) same = same && all[std::size_t(r) * mine.size() + i] == all[i];
@@ -250,10 +282,10 @@ class DistributedDataParallel {
     std::string text;
     for (const auto& l : lines) text += l + "\n";
     std::int64_t len = std::int64_t(text.size());
-    comm_->broadcast(&len, 1);
+    comm_->broadcast(&len, 1, 0, "network description length");
     std::string root(std::size_t(len), '\0');
     if (comm_->rank() == 0) root = text;
-    comm_->broadcast(root.data(), len);
+    comm_->broadcast(root.data(), len, 0, "network description");
     std::vector<std::string> root_lines;
     for (std::size_t b = 0, e; b < root.size(); b = e + 1) root_lines.push_back(root.substr(b, (e = root.find('\n', b)) - b));
 
@@ -279,7 +311,7 @@ class DistributedDataParallel {
     std::vector<std::int64_t> mine(kMax + 1, -1);
     mine[0] = std::int64_t(s.size());
     for (std::size_t i = 0; i < s.size() && i < kMax; ++i) mine[i + 1] = s[i];
-    const auto all = comm_->all_gather(mine);
+    const auto all = comm_->all_gather(mine, std::string(what) + " shape");
     auto shape_of = [&](int r) {
       const std::int64_t* p = all.data() + std::size_t(r) * mine.size();
       return shape_str(Shape(p + 1, p + 1 + std::min<std::int64_t>(p[0], std::int64_t(kMax))));
@@ -299,7 +331,9 @@ class DistributedDataParallel {
   std::shared_ptr<dist::Communicator> comm_;
   ParamList<Scalar> params_, buffers_;
   std::vector<BatchNorm2d<Scalar>*> bns_;
+  std::vector<std::string> bn_names_;  // state-dict prefixes, for messages
   std::vector<Bucket> buckets_;
+  std::int64_t steps_ = 0;
 };
 
 }  // namespace orepa
