@@ -283,6 +283,93 @@ TEST(ReliabilityNonFinite, NaNInATrainingBatchPoisonsStatisticsLikePyTorchWithou
   expect_unchanged(before, snapshot(block), "after reloading the state dict");
 }
 
+// ---- numerically broken blocks are not deployed -----------------------------------------
+
+namespace {
+
+// "[i0, i1, ...]": the index of flat element j of `shape`, computed here.
+std::string index_of(const Shape& shape, std::int64_t j) {
+  std::vector<std::int64_t> idx(shape.size());
+  for (std::size_t d = shape.size(); d-- > 0;) idx[d] = j % shape[d], j /= shape[d];
+  std::string r = "[";
+  for (std::size_t d = 0; d < idx.size(); ++d) r += (d ? ", " : "") + std::to_string(idx[d]);
+  return r + "]";
+}
+
+}  // namespace
+
+// Every block type refuses to deploy a NaN or Inf in any of its tensors (parameters and
+// buffers, running mean included), naming the tensor and the first bad index; and a BN
+// whose running_var is negative or leaves running_var + eps <= 0. The block is unchanged
+// and deploys again once the value is repaired.
+TEST(ReliabilityNumerics, DeployRefusesNonFiniteTensorsNamingTheTensorAndFirstIndex) {
+  for (const auto& c : block_cases()) {
+    SCOPED_TRACE(c.name);
+    auto block = c.make();
+    Rng rng(20);
+    test::randomise(block, rng);
+    const Tensor<float> x = random_tensor<float>({1, 4, 6, 6}, rng);
+    const Tensor<float> good = block.deploy().forward(x);
+    const auto params = block.named_parameters(), buffers = block.named_buffers();
+    int planted = 0;
+    for (const auto* list : {&params, &buffers})
+      for (const auto& [name, p] : *list) {
+        Tensor<float>& v = p->value;
+        if (v.numel() == 0) continue;
+        const std::int64_t first = v.numel() / 2, later = v.numel() - 1;
+        const float keep_first = v[first], keep_later = v[later];
+        v[later] = kInf;
+        v[first] = planted % 2 ? kNaN : -kInf;
+        const Snapshot before = snapshot(block);
+        expect_error<value_error>([&] { (void)block.deploy(); },
+                                  "tensor '" + name + "' holds " + (planted % 2 ? "nan" : "-inf") + " at index " +
+                                      index_of(v.sizes(), first),
+                                  name);
+        expect_unchanged(before, snapshot(block), "after the refused deploy");
+        v[first] = keep_first, v[later] = keep_later;
+        ++planted;
+      }
+    EXPECT_GE(planted, 4);
+    for (const auto& prefix : test::bn_prefixes(block)) {
+      auto& bn = test::batch_norm(block, prefix);
+      const float keep = bn.running_var.value[2];
+      bn.running_var.value[2] = -0.5f;
+      expect_error<value_error>([&] { (void)block.deploy(); }, "tensor '" + prefix + "running_var' holds -0.5 at index [2]",
+                                prefix + " negative");
+      bn.running_var.value[2] = -1e-5f;  // eps almost cancels it: the fold would scale by ~2e6
+      expect_error<value_error>([&] { (void)block.deploy(); }, "a variance is never negative", prefix + " -eps");
+      bn.running_var.value[2] = 0.f;  // a constant channel: fine with eps > 0 ...
+      EXPECT_NO_THROW((void)block.deploy());
+      const double eps = bn.eps;
+      bn.eps = 0;  // ... but not without eps
+      expect_error<value_error>([&] { (void)block.deploy(); }, "1 / sqrt(running_var + eps) = 1 / sqrt(0)",
+                                prefix + " zero");
+      bn.eps = eps;
+      bn.running_var.value[2] = keep;
+    }
+    EXPECT_EQ(max_abs_diff(block.deploy().forward(x), good), 0.0);
+  }
+}
+
+// A Sequential names the tensor under the layer's prefix; finite tensors whose fold
+// overflows (a huge gamma over a zero variance) are refused too.
+TEST(ReliabilityNumerics, SequentialNamesTheLayerAndOverflowingFoldsAreRefused) {
+  Sequential<float> net;
+  net.add(OREPA<float, SiLU>(OrepaOptions(3, 4, 3)));
+  net.add(ConvBN<float, SiLU>(ConvOptions(4, 4, 1)));
+  auto& cb = net.get<ConvBN<float, SiLU>>(1);
+  cb.bn().running_mean.value[3] = kNaN;
+  expect_error<value_error>([&] { (void)net.deploy(); }, "tensor '1.bn.running_mean' holds nan at index [3]",
+                            "Sequential");
+  cb.bn().running_mean.value[3] = 0.f;
+  EXPECT_NO_THROW((void)net.deploy());
+  cb.bn().weight.value[1] = 3e38f;  // 3e38 / sqrt(0 + 1e-5) is no float
+  cb.bn().running_var.value[1] = 0.f;
+  expect_error<value_error>([&] { (void)cb.deploy(); }, "the folded kernel holds", "fold overflow");
+  expect_error<value_error>([&] { (void)deployable_fold(cb, "model.1."); }, "ConvBN 'model.1.': the folded kernel",
+                            "fold overflow, prefixed");
+}
+
 TEST(ReliabilityHostile, StateDictThatDoesNotFitIsRejectedAndTheBlockIsUnchanged) {
   OREPA<float, SiLU> src(OrepaOptions(4, 8, 3).seed(7));
   Rng rng(7);

@@ -193,7 +193,10 @@ class Sequential : public ModuleTensors<Sequential<S>, S> {
   }
 
   /// The inference chain: every layer deployed (a snapshot of the current weights).
+  /// value_error naming the tensor ("3.bn.running_var") when one cannot be deployed
+  /// (check_deployable()).
   InferenceChain<S> deploy() const {
+    check_deployable(*this);
     InferenceChain<S> chain;
     for (const auto& l : layers_) chain.add(l.deploy());
     return chain;
