@@ -404,20 +404,38 @@ class SafetensorsFile {
 /// Collects tensors and writes a safetensors file; tensors are laid out in add order.
 class SafetensorsWriter {
  public:
-  /// Adds `t` stored as `as` (F32, F64, F16 or BF16, rounded to nearest even). Throws
+  /// Adds `t` stored as `as` (F32, F64, F16 or BF16, rounded to nearest even), in the
+  /// row-major order of its logical shape (NCHW) whatever its memory format: a
+  /// channels-last tensor reads back with the same value at every (n, c, h, w). Throws
   /// config_error for a duplicate or reserved name or another dtype.
   template <class S>
   void add(const std::string& name, const Tensor<S>& t, DType as = DType::F32) {
-    static_assert(std::is_arithmetic_v<S>, "SafetensorsWriter::add: S must be arithmetic");
+    add(name, ConstTensorView<S>(t), as);
+  }
+  /// Adds the elements of view `v` (of a raw buffer, a Eigen matrix or a tensor; any
+  /// memory format), as add() of a Tensor does.
+  template <class T>
+  void add(const std::string& name, const TensorView<T>& v, DType as = DType::F32) {
+    using S = std::remove_const_t<T>;
+    static_assert(std::is_arithmetic_v<S>, "SafetensorsWriter::add: the scalar must be arithmetic");
     if (as != DType::F32 && as != DType::F64 && as != DType::F16 && as != DType::BF16)
       throw config_error(orepa::detail::cat("SafetensorsWriter: tensor '", name, "': writing dtype ",
                                             to_string(as), " from a Tensor is not supported"));
-    Item it = start(name, as, t.sizes());
-    for (const S& s : t) {
+    Item it = start(name, as, v.sizes());
+    auto put = [&](S s) {
       const double x = static_cast<double>(s);
       if (as == DType::F32) detail::store_le(it.bytes, static_cast<float>(x));
       else if (as == DType::F64) detail::store_le(it.bytes, x);
       else detail::store_le(it.bytes, as == DType::F16 ? detail::encode16(x, 10, 5) : detail::encode16(x, 7, 8));
+    };
+    if (v.is_contiguous()) {
+      for (const S& s : v) put(s);
+    } else {  // channels-last storage (NHWC): visit the elements in NCHW order
+      const Shape& d = v.sizes();
+      for (std::int64_t n = 0; n < d[0]; ++n)
+        for (std::int64_t c = 0; c < d[1]; ++c)
+          for (std::int64_t h = 0; h < d[2]; ++h)
+            for (std::int64_t w = 0; w < d[3]; ++w) put(v(n, c, h, w));
     }
     items_.push_back(std::move(it));
   }
