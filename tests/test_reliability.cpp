@@ -7,6 +7,8 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -762,4 +764,121 @@ TEST_F(ReliabilityFiles, WriteFailingMidwayLeavesThePreviousFileIntactAndNoTempo
   EXPECT_EQ(WEXITSTATUS(status), 10) << "10: format_error 'write failed'; 0: the write succeeded; 11/12: other error";
   expect_old_file_intact();
   EXPECT_TRUE(temporaries().empty());
+}
+
+// ---- no output replaces an input or a special file ---------------------------------------
+
+namespace {
+
+/// A private folder holding an input checkpoint `in.safetensors` (tensor "w" = {1, 2}).
+class ReliabilityOutputs : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = tmp_dir();
+    in_ = path("in.safetensors");
+    io::SafetensorsWriter w;
+    w.add("w", Tensor<float>({2}, std::vector<float>{1, 2}));
+    w.write(in_);
+    in_bytes_ = read_all(in_);
+    out_.add("y", Tensor<float>({3}, 7.f));
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  /// The error check_output_path gives for output `out` against the input, or "" if none.
+  std::string refusal(const std::string& out) const {
+    try {
+      (void)io::check_output_path({"--output", out}, {{"--weights", in_}});
+      return "";
+    } catch (const config_error& e) {
+      return e.what();
+    }
+  }
+  bool has_temporaries() const {
+    for (const auto& e : fs::directory_iterator(dir_))
+      if (e.path().filename().string().find(".tmp.") != std::string::npos) return true;
+    return false;
+  }
+
+  fs::path dir_;
+  std::string in_;
+  Bytes in_bytes_;
+  io::SafetensorsWriter out_;
+};
+
+}  // namespace
+
+// The same file under another spelling, through a symbolic link (or a chain of them) or a
+// hard link is refused, naming both; a new path or another regular file is accepted.
+TEST_F(ReliabilityOutputs, TheSameFileAsAnInputIsRefusedHoweverItIsReached) {
+  EXPECT_EQ(refusal(path("new.safetensors")), "");
+  EXPECT_EQ(io::check_output_path({"--output", path("new.safetensors")}, {{"--weights", in_}}), path("new.safetensors"));
+  std::ofstream(path("other.safetensors")) << "old";
+  EXPECT_EQ(refusal(path("other.safetensors")), "");
+
+  const std::string same = refusal(in_);
+  EXPECT_NE(same.find("--output '" + in_ + "' is the same file as --weights '" + in_ + "'"), std::string::npos) << same;
+  EXPECT_NE(refusal((dir_ / "." / "in.safetensors").string()).find("same file as --weights"), std::string::npos);
+  fs::create_symlink("in.safetensors", dir_ / "link");
+  fs::create_symlink("link", dir_ / "link_to_link");
+  fs::create_hard_link(in_, dir_ / "hard");
+  EXPECT_NE(refusal(path("link")).find("the symbolic link's target '" + fs::canonical(in_).string() + "'"),
+            std::string::npos)
+      << refusal(path("link"));
+  EXPECT_NE(refusal(path("link_to_link")).find("is the same file as --weights"), std::string::npos);
+  EXPECT_NE(refusal(path("hard")).find("hard link"), std::string::npos) << refusal(path("hard"));
+  // An input that does not exist cannot be overwritten, so it is no reason to refuse.
+  EXPECT_EQ(io::check_output_path({"--output", in_}, {{"--input", path("missing")}}), in_);
+  EXPECT_EQ(read_all(in_), in_bytes_);
+}
+
+// A symbolic link to a regular file is followed: the target is replaced atomically and
+// the link stays a link.
+TEST_F(ReliabilityOutputs, ASymbolicLinkToARegularFileReplacesTheTarget) {
+  std::ofstream(path("target.safetensors")) << "old contents";
+  fs::create_symlink("target.safetensors", dir_ / "link");
+  fs::create_symlink("link", dir_ / "link2");
+  EXPECT_EQ(io::output_target({"--output", path("link2")}), fs::canonical(path("target.safetensors")).string());
+  out_.write(path("link2"));
+  EXPECT_TRUE(fs::is_symlink(dir_ / "link"));
+  EXPECT_TRUE(fs::is_symlink(dir_ / "link2"));
+  EXPECT_EQ(fs::read_symlink(dir_ / "link"), "target.safetensors");
+  EXPECT_EQ(io::SafetensorsFile::open(path("target.safetensors")).get<float>("y")[2], 7.f);
+  EXPECT_FALSE(has_temporaries());
+}
+
+// FIFOs, devices and directories (directly or behind a link) and dangling links are
+// refused by the check and by the writer itself, before anything is created; each is
+// left as it was (a FIFO is never opened, which would block).
+TEST_F(ReliabilityOutputs, SpecialFilesAndDanglingLinksAreRefusedAndLeftAlone) {
+  ASSERT_EQ(::mkfifo(path("fifo").c_str(), 0600), 0) << std::strerror(errno);
+  fs::create_symlink("fifo", dir_ / "link_to_fifo");
+  fs::create_symlink("nowhere.safetensors", dir_ / "dangling");
+  fs::create_directory(dir_ / "sub");
+  fs::create_symlink("sub", dir_ / "link_to_dir");
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {"fifo", "is a FIFO (named pipe)"},
+      {"link_to_fifo", "is a symbolic link to '" + (fs::canonical(dir_) / "fifo").string() + "', which is a FIFO"},
+      {"dangling", "is a symbolic link whose target cannot be resolved"},
+      {"sub", "is a directory"},
+      {"link_to_dir", "which is a directory"}};
+  for (const auto& [name, why] : cases) {
+    SCOPED_TRACE(name);
+    EXPECT_NE(refusal(path(name)).find(why), std::string::npos) << refusal(path(name));
+    expect_error<config_error>([&] { out_.write(path(name)); }, "output '" + path(name) + "' is a", "writer");
+  }
+  struct stat st {};
+  ASSERT_EQ(::lstat(path("fifo").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  EXPECT_TRUE(fs::is_symlink(dir_ / "dangling"));
+  EXPECT_FALSE(fs::exists(dir_ / "nowhere.safetensors"));
+  EXPECT_TRUE(fs::is_empty(dir_ / "sub"));
+  EXPECT_FALSE(has_temporaries());
+
+  // A device node of our own (never the system's /dev files), where we may create one.
+  if (::mknod(path("null").c_str(), S_IFCHR | 0600, makedev(1, 3)) != 0)
+    GTEST_SKIP() << "mknod is not permitted here (" << std::strerror(errno) << "); device case not run";
+  EXPECT_NE(refusal(path("null")).find("is a character device"), std::string::npos) << refusal(path("null"));
+  expect_error<config_error>([&] { out_.write(path("null")); }, "is a character device", "writer on a device");
+  ASSERT_EQ(::lstat(path("null").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISCHR(st.st_mode));
 }

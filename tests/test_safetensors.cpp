@@ -590,10 +590,10 @@ TEST_F(SafetensorsFiles, FailedWriteLeavesOldFileAndNoTemporaries) {
   good.add("x", Tensor<float>({2}, 3.0f));
   // Folder does not exist: fails before anything is created.
   EXPECT_THROW(good.write((dir_ / "no_such_dir" / "m.safetensors").string()), format_error);
-  // Target is a directory: the temporary file is written, rename() fails, the temp is removed.
+  // Target is a directory: refused before a temporary file is created (output_target).
   const fs::path sub = dir_ / "occupied.safetensors";
   fs::create_directory(sub);
-  EXPECT_THROW(good.write(sub.string()), format_error);
+  EXPECT_THROW(good.write(sub.string()), config_error);
   EXPECT_TRUE(fs::is_directory(sub));
   EXPECT_TRUE(tmp_leftovers().empty());
   // A writer that cannot encode its header (invalid UTF-8 name) leaves the old file intact.
