@@ -1,7 +1,5 @@
 // orepa-convert IN.safetensors OUT.safetensors: deploys every OREPA-family block of a
 // PyTorch checkpoint into its single folded convolution (see --help).
-#include <sys/stat.h>
-
 #include <cstdio>
 #include <set>
 
@@ -15,10 +13,7 @@ int main(int argc, char** argv) try {
     std::fputs(tools::convert_usage(), stdout);
     return 0;
   }
-  struct stat a {}, b {};
-  if (::stat(args.in.c_str(), &a) == 0 && ::stat(args.out.c_str(), &b) == 0 && a.st_dev == b.st_dev &&
-      a.st_ino == b.st_ino)
-    throw config_error("orepa-convert: OUT is the same file as IN; IN is never overwritten");
+  tools::checked_output(args);  // before any work: OUT is not IN, and no FIFO or device
   const auto in = io::SafetensorsFile::open(args.in);
   const auto blocks = io::detect_blocks(in);
   io::SafetensorsWriter out;
@@ -27,7 +22,17 @@ int main(int argc, char** argv) try {
   for (const auto& d : blocks) {
     const auto block = io::load_block(in, d.prefix, d.type, {}, io::LoadPurpose::convert);
     for (auto& n : io::training_tensor_names(block, d.prefix)) consumed.insert(n);
-    auto [w, bias] = block.folded();
+    Affine<float> folded;
+    try {
+      folded = deployable_fold(block, d.prefix);
+    } catch (const value_error& e) {
+      if (!args.allow_nonfinite)
+        throw value_error(detail::cat(args.in, ": ", e.what(), " (--allow-nonfinite writes it anyway)"));
+      std::fprintf(stderr, "orepa-convert: warning: %s: %s; written anyway (--allow-nonfinite)\n", args.in.c_str(),
+                   e.what());
+      folded = block.folded();
+    }
+    const auto& [w, bias] = folded;
     const std::string stem = d.prefix + io::deployed_stem(d.type);
     out.add(stem + ".weight", w);
     out.add(stem + ".bias", bias);

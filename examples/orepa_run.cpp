@@ -15,6 +15,7 @@ int main(int argc, char** argv) try {
     std::fputs(tools::run_usage(), stdout);
     return 0;
   }
+  tools::checked_output(args);  // before any work: --output is no input, no FIFO or device
   const auto weights = io::SafetensorsFile::open(args.weights);
   io::BlockType type;
   if (args.block) {
@@ -24,24 +25,34 @@ int main(int argc, char** argv) try {
     for (const auto& d : io::detect_blocks(weights))
       if (d.prefix == args.prefix) found = d.type;
     if (!found)
-      throw format_error("orepa-run: no block found under prefix '" + args.prefix + "' in " + args.weights +
+      throw format_error("no block found under prefix '" + args.prefix + "' in " + args.weights +
                          "; pass --block and --prefix");
     type = *found;
   }
   auto block = io::load_block(weights, args.prefix, type, args.settings);
+  // Errors about the block's values name it as the checkpoint does.
+  const std::string where = detail::cat(io::to_string(type), args.prefix.empty() ? "" : " '" + args.prefix + "'",
+                                        " in ", args.weights);
   const Tensor<float> x = io::SafetensorsFile::open(args.input).get<float>("input");
 
   io::SafetensorsWriter out;
   if (args.mode == "eval") out.add("output", block.forward_eval(x));
   if (args.mode == "deploy") {
+    try {
+      check_deployable(block, args.prefix);  // names the tensors under the prefix
+    } catch (const value_error& e) {
+      throw value_error(args.weights + ": " + e.what());
+    }
     const DeployedConv<float> fp32 = *block.deploy().target<DeployedConv<float>>();
     if (args.precision == Precision::fp32) {
       out.add("output", fp32.forward(x));
     } else {
       std::vector<Tensor<float>> batches;
+      std::vector<std::string> batch_names;
       if (!args.calibration.empty()) {
         const auto cal_file = io::SafetensorsFile::open(args.calibration);
-        for (const auto& name : cal_file.names()) {
+        batch_names = cal_file.names();
+        for (const auto& name : batch_names) {
           Tensor<float> b = cal_file.get<float>(name);
           if (b.dim() != 4 || b.size(1) != fp32.geometry().in_channels)
             throw shape_error(detail::cat("--calibration: tensor '", name, "' has shape ", shape_str(b.sizes()),
@@ -55,14 +66,24 @@ int main(int argc, char** argv) try {
       }
       DeployOptions opts;
       opts.precision(args.precision);
-      if (args.precision == Precision::int8) {
-        Calibrator cal;
-        for (const auto& b : batches) cal.observe(fp32, b);
-        opts.calibration(cal.calibration());
-        io::save_calibration(out, opts.calibration());
-      }
       DeployedConv<float> reduced = fp32;
-      reduced.apply(opts, "");
+      try {
+        if (args.precision == Precision::int8) {
+          Calibrator cal;
+          for (std::size_t i = 0; i < batches.size(); ++i) {
+            try {
+              cal.observe(fp32, batches[i]);
+            } catch (const value_error& e) {
+              throw value_error(detail::cat("--calibration tensor '", batch_names[i], "': ", e.what()));
+            }
+          }
+          opts.calibration(cal.calibration());
+          io::save_calibration(out, opts.calibration());
+        }
+        reduced.apply(opts, "");
+      } catch (const value_error& e) {
+        throw value_error(where + ": " + e.what());
+      }
       out.add("output", reduced.forward(x));
       std::printf("%s deployment of %s '%s' (oneDNN ISA %s), on %zu batch(es):\n", precision_name(args.precision),
                   io::to_string(type), args.prefix.c_str(), engine::cpu_isa_name().c_str(), batches.size());

@@ -1,9 +1,12 @@
 #pragma once
 // Command-line parsing of the orepa-run and orepa-convert tools, kept apart from their
 // main() so the fuzz target and the tests can drive it. Errors throw orepa::config_error
-// naming the flag and the value.
+// naming the flag and the value, without the tool's name (main() prints "TOOL: error: ").
+// checked_output() is the tools' output-path check (it looks at the file system, so the
+// parsers themselves stay pure).
 #include <orepa/deploy/precision.hpp>
 #include <orepa/io/checkpoint.hpp>
+#include <orepa/io/output_path.hpp>
 
 #include <optional>
 #include <string>
@@ -30,8 +33,11 @@ inline const char* run_usage() {
 Runs one training-time block of a PyTorch OREPA checkpoint and writes what it computes.
   --weights   safetensors checkpoint holding the block's state dict (under --prefix)
   --input     safetensors file with tensor `input` (NCHW)
-  --output    safetensors file to write (replaced atomically)
-  --mode      eval: running statistics; deploy: the folded single convolution;
+  --output    safetensors file to write (replaced atomically): a regular file, a new
+              path, or a symbolic link to a regular file (whose target is replaced);
+              never a directory, FIFO or device, nor any of the input files
+  --mode      eval: running statistics; deploy: the folded single convolution (refused
+              when a tensor holds a NaN / Inf or a BN's running_var + eps <= 0);
               train: batch statistics; also writes every BN's updated running
               statistics under the block's own names (e.g. bn.running_mean,
               rbr_identity.running_var)
@@ -81,8 +87,8 @@ inline RunArgs parse_run_args(const std::vector<std::string>& args) {
       r.help = true;
       return r;
     }
-    if (a.rfind("--", 0) != 0) throw config_error("orepa-run: unexpected argument '" + a + "' (see --help)");
-    if (i + 1 >= args.size()) throw config_error("orepa-run: " + a + " needs a value");
+    if (a.rfind("--", 0) != 0) throw config_error("unexpected argument '" + a + "' (see --help)");
+    if (i + 1 >= args.size()) throw config_error(a + " needs a value");
     const std::string& v = args[++i];
     if (a == "--weights") r.weights = v;
     else if (a == "--input") r.input = v;
@@ -98,11 +104,11 @@ inline RunArgs parse_run_args(const std::vector<std::string>& args) {
     else if (a == "--activation") r.settings.activation = parse_activation(v);
     else if (a == "--precision") r.precision = parse_precision(v);
     else if (a == "--calibration") r.calibration = v;
-    else throw config_error("orepa-run: unknown option '" + a + "' (see --help)");
+    else throw config_error("unknown option '" + a + "' (see --help)");
   }
   for (auto [flag, value] : {std::pair{"--weights", &r.weights}, {"--input", &r.input}, {"--output", &r.output},
                              {"--mode", &r.mode}})
-    if (value->empty()) throw config_error(std::string("orepa-run: ") + flag + " is required (see --help)");
+    if (value->empty()) throw config_error(std::string(flag) + " is required (see --help)");
   if (r.mode != "eval" && r.mode != "deploy" && r.mode != "train")
     throw config_error("--mode: expected eval, deploy or train, got '" + r.mode + "'");
   if (!r.grad_output.empty() && r.mode != "train")
@@ -114,14 +120,15 @@ inline RunArgs parse_run_args(const std::vector<std::string>& args) {
   return r;
 }
 
-/// Arguments of orepa-convert: IN.safetensors OUT.safetensors.
+/// Arguments of orepa-convert: IN.safetensors OUT.safetensors [--allow-nonfinite].
 struct ConvertArgs {
   std::string in, out;
+  bool allow_nonfinite = false;
   bool help = false;
 };
 
 inline const char* convert_usage() {
-  return R"(usage: orepa-convert IN.safetensors OUT.safetensors
+  return R"(usage: orepa-convert IN.safetensors OUT.safetensors [--allow-nonfinite]
 
 Deploys every training-time OREPA-family block of a PyTorch checkpoint (OREPA, OREPA_1x1,
 OREPA_LargeConv, RepVGGBlock_OREPA, ConvBN, DBB; the outermost block when blocks nest):
@@ -129,6 +136,12 @@ each becomes <prefix>orepa_reparam / or1x1_reparam / or_large_reparam / rbr_repa
 dbb_reparam .weight + .bias (ConvBN: <prefix>conv.weight + conv.bias) and its
 training-time tensors are dropped; every other tensor is copied unchanged. OUT is written
 to a temporary file and renamed; IN is never modified. Prints one line per block.
+
+A block whose tensors hold a NaN or Inf (weights, running statistics), whose BN has
+running_var + eps <= 0, or whose fold overflows is an error naming the tensor and the
+first bad index. --allow-nonfinite writes such blocks anyway, with a warning on stderr.
+OUT must be a regular file, a new path or a symbolic link to a regular file (its
+target is replaced), and not IN itself (nor a link to it).
 )";
 }
 
@@ -140,16 +153,31 @@ inline ConvertArgs parse_convert_args(const std::vector<std::string>& args) {
       c.help = true;
       return c;
     }
-    if (a.rfind("-", 0) == 0 && a.size() > 1) throw config_error("orepa-convert: unknown option '" + a + "' (see --help)");
+    if (a == "--allow-nonfinite") {
+      c.allow_nonfinite = true;
+      continue;
+    }
+    if (a.rfind("-", 0) == 0 && a.size() > 1) throw config_error("unknown option '" + a + "' (see --help)");
     pos.push_back(a);
   }
   if (pos.size() != 2)
-    throw config_error(detail::cat("orepa-convert: expected 2 arguments IN.safetensors OUT.safetensors, got ",
+    throw config_error(detail::cat("expected 2 arguments IN.safetensors OUT.safetensors, got ",
                                    pos.size(), " (see --help)"));
-  if (pos[0].empty() || pos[1].empty()) throw config_error("orepa-convert: IN and OUT must not be empty paths");
+  if (pos[0].empty() || pos[1].empty()) throw config_error("IN and OUT must not be empty paths");
   c.in = pos[0];
   c.out = pos[1];
   return c;
 }
+
+/// The file orepa-run's --output replaces (io::check_output_path): config_error when it is
+/// one of the input files or no place for a regular file.
+inline std::string checked_output(const RunArgs& r) {
+  return io::check_output_path({"--output", r.output}, {{"--weights", r.weights},
+                                                        {"--input", r.input},
+                                                        {"--grad-output", r.grad_output},
+                                                        {"--calibration", r.calibration}});
+}
+/// The file orepa-convert's OUT replaces, checked the same way against IN.
+inline std::string checked_output(const ConvertArgs& c) { return io::check_output_path({"OUT", c.out}, {{"IN", c.in}}); }
 
 }  // namespace orepa::tools

@@ -11,7 +11,8 @@
 //
 // Self-checks on accepted inputs: output shapes follow the geometry; with finite input
 // every output and gradient is finite; the deployed conv agrees with forward_eval.
-// Inputs flagged as "poisoned" carry a NaN or an infinity and must only not crash.
+// Inputs flagged as "poisoned" carry a NaN or an infinity and must only not crash, except
+// that deploy() must refuse (value_error) once they poisoned BN's running statistics.
 #include <fuzzer/FuzzedDataProvider.h>
 
 #include <cmath>
@@ -84,6 +85,18 @@ void run(const Config& c) {
   for (auto* p : block.parameters()) fuzz::require(!finite || all_finite(p->grad), "backward produced a non-finite gradient");
 
   const Tensor<float> e = block.forward_eval(x);
+  // A poisoned batch usually poisons BN's running statistics: deploy must then refuse.
+  bool stats_finite = true;
+  for (auto* bn : block.batch_norms())
+    stats_finite = stats_finite && all_finite(bn->running_mean.value) && all_finite(bn->running_var.value);
+  if (!stats_finite) {
+    try {
+      (void)block.deploy();
+    } catch (const value_error&) {
+      return;
+    }
+    fuzz::finding("deploy accepted non-finite running statistics");
+  }
   const Tensor<float> d = block.deploy().forward(x);
   fuzz::require(e.sizes() == expected && d.sizes() == expected, "eval / deployed output shape");
   if (finite) {

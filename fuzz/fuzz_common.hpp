@@ -1,7 +1,7 @@
 #pragma once
 // Shared by the fuzz targets: what counts as an acceptable outcome.
 //
-// orepa promises that every public call either succeeds or throws one of its five error
+// orepa promises that every public call either succeeds or throws one of its error
 // types. A fuzz input may therefore end in one of those; anything else (another
 // exception type, a crash, a sanitizer report, a failed self-check) is a finding.
 
@@ -15,11 +15,11 @@
 namespace orepa::fuzz {
 
 /// True for the documented error types (shape_error, config_error, state_error,
-/// format_error, engine_error).
+/// format_error, engine_error, value_error).
 inline bool is_orepa_error(const std::exception& e) {
   return dynamic_cast<const shape_error*>(&e) || dynamic_cast<const config_error*>(&e) ||
          dynamic_cast<const state_error*>(&e) || dynamic_cast<const format_error*>(&e) ||
-         dynamic_cast<const engine_error*>(&e);
+         dynamic_cast<const engine_error*>(&e) || dynamic_cast<const value_error*>(&e);
 }
 
 /// Reports a broken invariant and aborts, so libFuzzer saves the input as a crash.

@@ -1,7 +1,9 @@
 // Fuzz target: the command-line parsing of orepa-run and orepa-convert
 // (examples/tool_args.hpp). The input is split at NUL bytes into argv words; both parsers
-// must either accept them or throw one of orepa's errors, and an accepted orepa-run
-// command must satisfy the parser's own guarantees.
+// must either accept them or throw one of orepa's errors, and an accepted command must
+// satisfy the parser's own guarantees (orepa-convert's --allow-nonfinite only when given,
+// and never taken for a path).
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -33,6 +35,10 @@ extern "C" int LLVMFuzzerTestOneInput(const unsigned char* data, std::size_t siz
   orepa::fuzz::run_accepting_orepa_errors([&] {
     const auto c = orepa::tools::parse_convert_args(args);
     if (!c.help && (c.in.empty() || c.out.empty())) orepa::fuzz::finding("orepa-convert accepted an empty path");
+    const bool flag = std::find(args.begin(), args.end(), "--allow-nonfinite") != args.end();
+    if (c.allow_nonfinite && !flag) orepa::fuzz::finding("orepa-convert allowed non-finite values without the flag");
+    if (!c.help && (c.in == "--allow-nonfinite" || c.out == "--allow-nonfinite"))
+      orepa::fuzz::finding("orepa-convert took --allow-nonfinite for a path");
   });
   return 0;
 }

@@ -63,7 +63,7 @@ stage "fuzz build (build-fuzz/, clang-14)"
 bash scripts/configure.sh fuzz build-fuzz
 cmake --build build-fuzz -j"$jobs"
 seconds=${OREPA_FUZZ_SECONDS:-60}
-for target in fuzz_safetensors fuzz_block_config fuzz_tool_args fuzz_checkpoint; do
+for target in fuzz_safetensors fuzz_safetensors_writer fuzz_block_config fuzz_tool_args fuzz_checkpoint; do
   stage "fuzzing $target for $seconds s"
   # New inputs go to the first (scratch) corpus folder; the committed seeds stay untouched.
   work="build-fuzz/corpus/$target" log="build-fuzz/$target.log"

@@ -148,9 +148,9 @@ TEST(Quantization, WrongSettingsAreRefusedWithTheReason) {
   ConvGeometry g;
   g.in_channels = 4, g.out_channels = 4, g.kernel = 3, g.padding = 1;
   DeployedConv<float> c(g, Tensor<float>(g.weight_shape(), 0.1f), Tensor<float>({4}));
-  EXPECT_THROW(c.precision(Precision::int8), config_error);  // no range: [0, 0]
-  EXPECT_THROW(c.precision(Precision::int8, {1.f, -1.f}), config_error);
-  EXPECT_THROW(c.precision(Precision::int8, {0.f, std::numeric_limits<float>::infinity()}), config_error);
+  EXPECT_THROW(c.precision(Precision::int8), value_error);  // no range: [0, 0]
+  EXPECT_THROW(c.precision(Precision::int8, {1.f, -1.f}), value_error);
+  EXPECT_THROW(c.precision(Precision::int8, {0.f, std::numeric_limits<float>::infinity()}), value_error);
   DeployedConv<double> d(g, Tensor<double>(g.weight_shape(), 0.1), Tensor<double>({4}));
   EXPECT_THROW(d.precision(Precision::bf16), config_error);
   EXPECT_THROW(parse_precision("int4"), config_error);
@@ -182,8 +182,15 @@ TEST(Quantization, MinMaxCalibrationIsTheDataRangeWithZero) {
   Tensor<float> n({1, 2, 2, 2}, -2.f);
   cal.observe(c, n);
   EXPECT_EQ(cal.calibration().at("").lo, -2.f);
-  n[0] = std::nanf("");
-  EXPECT_THROW(cal.observe(c, n), shape_error);
+  n[5] = std::nanf("");
+  try {
+    cal.observe(c, n);
+    ADD_FAILURE() << "a NaN calibration value must throw";
+  } catch (const value_error& e) {  // names the layer (the single block's ""), the index and the value
+    const std::string what = e.what();
+    for (const char* part : {"single deployed block", "[1, 2, 2, 2]", "holds nan at index [0, 1, 0, 1]"})
+      EXPECT_NE(what.find(part), std::string::npos) << part << " in: " << what;
+  }
 }
 
 // At 8 bits clipping pays only for rare outliers: one value at 40 among a million in
@@ -523,15 +530,15 @@ TEST(Quantization, CalibrationMistakesAreErrorsThatChangeNothing) {
   for (float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
     Tensor<float> x = good;
     x[5] = bad;
-    EXPECT_THROW(cal.observe(fp32, x), shape_error);
+    EXPECT_THROW(cal.observe(fp32, x), value_error);
   }
   Tensor<float> huge = good;  // finite, but the first conv's output overflows
   for (auto& v : huge) v = v < 0 ? -3e38f : 3e38f;
   try {
     cal.observe(fp32, huge);
     ADD_FAILURE() << "an overflow inside the network must throw";
-  } catch (const shape_error& e) {
-    EXPECT_NE(std::string(e.what()).find("'1.'"), std::string::npos) << e.what();
+  } catch (const value_error& e) {
+    EXPECT_NE(std::string(e.what()).find("layer '1.'"), std::string::npos) << e.what();
   }
   EXPECT_THROW(cal.observe(fp32, random_tensor<float>({2, 4, 8, 8}, rng)), shape_error);
   const Calibration after = cal.calibration();
@@ -611,4 +618,223 @@ TEST(Quantization, ConcurrentInt8ForwardsEqualSerialOnes) {
       ASSERT_TRUE(std::equal(chain_out[t][i].begin(), chain_out[t][i].end(), serial_chain[k].begin())) << t << " " << i;
       ASSERT_TRUE(std::equal(conv_out[t][i].begin(), conv_out[t][i].end(), serial_conv[k].begin())) << t << " " << i;
     }
+}
+
+// ---- int8 never makes NaN from finite data, and never hides one (issue 22) -------------
+
+// The step of a range is computed in double (a range as wide as the floats allow has a
+// finite one) and is at least min_scale (a tiny range is widened, visibly); [0, 0] and
+// non-finite ranges are errors.
+TEST(Quantization, ExtremeRangesGiveFiniteStepsOrErrors) {
+  const QuantParams wide = QuantParams::for_range({-3e38f, 3e38f}, false);
+  EXPECT_TRUE(std::isfinite(wide.scale));
+  EXPECT_NEAR(wide.scale, 6e38 / 255, 6e38 / 255 * 1e-6);
+  EXPECT_EQ(wide.zero_point, 128);  // 3e38 / (6e38 / 255) = 127.5, rounded half to even
+  EXPECT_FALSE(QuantParams::widens({-3e38f, 3e38f}));
+  EXPECT_NEAR(wide.dequantize(wide.quantize(2e38f)), 2e38, wide.scale);
+  EXPECT_EQ(wide.dequantize(wide.quantize(3.4e38f)), wide.dequantize(255));  // saturates, finitely
+
+  const QuantParams tiny = QuantParams::for_range({0.f, 1e-36f}, false);
+  EXPECT_EQ(tiny.scale, QuantParams::min_scale);
+  EXPECT_EQ(tiny.zero_point, 0);
+  EXPECT_TRUE(QuantParams::widens({0.f, 1e-36f}));
+  EXPECT_TRUE(QuantParams::widens({-1e-30f, 2e-17f}));
+  EXPECT_FALSE(QuantParams::widens({0.f, 1e-15f}));  // 255 steps of 1e-18 fit 2.55e-16
+  EXPECT_FALSE(QuantParams::widens({0.f, 0.f}));
+  EXPECT_TRUE(std::isfinite(1.f / tiny.scale));
+
+  try {
+    QuantParams::for_range({0.f, 0.f}, false);
+    ADD_FAILURE() << "[0, 0] has no step";
+  } catch (const value_error& e) {
+    const std::string what = e.what();
+    EXPECT_NE(what.find("every calibration value of this input was 0"), std::string::npos) << what;
+    EXPECT_EQ(what.find("calibrate the layer on data first"), std::string::npos) << what;
+  }
+  EXPECT_THROW(QuantParams::for_range({std::nanf(""), 1.f}, false), value_error);
+  EXPECT_THROW(QuantParams::for_range({-std::numeric_limits<float>::infinity(), 1.f}, false), value_error);
+  // Weight steps: a row of subnormal weights still has a step whose inverse is finite.
+  Tensor<float> w({2, 1, 1, 1});
+  w[0] = 1e-40f, w[1] = 12.7f;
+  const auto sw = weight_scales(w);
+  EXPECT_EQ(sw[0], QuantParams::min_scale);
+  EXPECT_FLOAT_EQ(sw[1], 0.1f);
+}
+
+namespace {
+
+// A 1x1 conv 2 -> 2 with small weights (its fp32 output of inputs near +-1e38 stays finite).
+DeployedConv<float> small_conv(ActivationKind act) {
+  ConvGeometry g;
+  g.in_channels = 2, g.out_channels = 2, g.kernel = 1;
+  Tensor<float> w(g.weight_shape());
+  w[0] = 0.01f, w[1] = -0.02f, w[2] = 0.005f, w[3] = 0.015f;
+  Tensor<float> b({2});
+  b[0] = 0.5f, b[1] = -0.25f;
+  return DeployedConv<float>(g, w, b, activation(act));
+}
+
+}  // namespace
+
+// Calibrated on data up to +-3e38 (whose range in float arithmetic used to give an
+// infinite step) or around 1e-36 (a zero one), int8 gives finite outputs close to fp32.
+TEST(Quantization, Int8IsFiniteForDataNearTheEndsOfTheFloatRange) {
+  Rng rng(40);
+  for (double magnitude : {3e38, 1e-36}) {
+    SCOPED_TRACE(magnitude);
+    const DeployedConv<float> fp32 = small_conv(ActivationKind::identity);
+    Tensor<float> x = random_tensor<float>({2, 2, 4, 4}, rng);
+    for (auto& v : x) v = float(double(v) * magnitude);
+    Calibrator cal;
+    cal.observe(fp32, x);
+    DeployedConv<float> int8 = fp32;
+    int8.apply(DeployOptions().precision(Precision::int8).calibration(cal.calibration()), "");
+    Tensor<float> y, ref;
+    ref = fp32.forward(x);
+    if (!run_or_skip(int8, x, y)) return;
+    for (std::int64_t i = 0; i < y.numel(); ++i) ASSERT_TRUE(std::isfinite(y[i])) << i << ": " << y[i];
+    if (magnitude > 1) {
+      EXPECT_GT(sqnr_db(ref.data(), y.data(), y.numel()), 30.0);
+    } else {  // widened to min_scale: every input rounds to the zero code, the output is the bias
+      EXPECT_TRUE(QuantParams::widens(int8.input_range()));
+      for (std::int64_t n = 0; n < 2; ++n)
+        for (std::int64_t h = 0; h < 4; ++h)
+          for (std::int64_t w = 0; w < 4; ++w) {
+            EXPECT_NEAR(y(n, 0, h, w), 0.5f, 1e-6f);
+            EXPECT_NEAR(y(n, 1, h, w), -0.25f, 1e-6f);
+          }
+      const QuantizationReport r = quantization_report(fp32, int8, {x});
+      std::ostringstream table;
+      r.print(table);
+      EXPECT_NE(table.str().find("note: (block): int8 input range"), std::string::npos) << table.str();
+      EXPECT_NE(table.str().find("widened"), std::string::npos) << table.str();
+    }
+  }
+}
+
+// A layer whose every calibration input is 0 (behind a ReLU that is never positive) and
+// weights whose requantization no float holds are errors naming the layer and its range.
+TEST(Quantization, UnusableRangesAreErrorsNamingTheLayer) {
+  Sequential<float> net;
+  net.add(ConvBN<float, ReLU>(ConvOptions(3, 4, 1)));
+  net.add(ConvBN<float, SiLU>(ConvOptions(4, 4, 3)));
+  net.get<ConvBN<float, ReLU>>(0).bn().bias.value.fill(-100.f);  // every pre-activation < 0
+  const InferenceChain<float> fp32 = net.deploy();
+  Rng rng(41);
+  Calibrator cal;
+  cal.observe(fp32, random_tensor<float>({2, 3, 6, 6}, rng));
+  EXPECT_EQ(cal.calibration().at("1.").hi, 0.f);
+  try {
+    net.deploy(DeployOptions().precision(Precision::int8).calibration(cal.calibration()));
+    ADD_FAILURE() << "an all-zero range must be refused";
+  } catch (const value_error& e) {
+    const std::string what = e.what();
+    for (const char* part : {"layer '1.'", "[0, 0]", "every calibration value of this input was 0"})
+      EXPECT_NE(what.find(part), std::string::npos) << part << " in: " << what;
+  }
+
+  ConvGeometry g;
+  g.in_channels = 1, g.out_channels = 1, g.kernel = 1;
+  DeployedConv<float> huge(g, Tensor<float>(g.weight_shape(), 3e38f), Tensor<float>({1}));
+  Calibration c;
+  c.set("7.", {-3e38f, 3e38f});  // step 2.4e36 x weight step 2.4e36 overflows
+  try {
+    huge.apply(DeployOptions().precision(Precision::int8).calibration(c), "7.");
+    ADD_FAILURE() << "an output scale over the float range must be refused";
+  } catch (const value_error& e) {
+    const std::string what = e.what();
+    for (const char* part : {"layer '7.'", "[-3e+38, 3e+38]", "output channel 0", "too extreme for int8"})
+      EXPECT_NE(what.find(part), std::string::npos) << part << " in: " << what;
+  }
+  EXPECT_EQ(huge.precision(), Precision::fp32);  // unchanged by the refused call
+}
+
+// NaN / Inf inputs: 8-bit codes cannot hold them, so an int8 deployment sets every output
+// of an image that holds one to NaN (ReLU included, which maps NaN to 0 in fp32) and
+// leaves the other images bit for bit as they were; in a single convolution and through
+// a chain passing codes between modules.
+TEST(Quantization, NonFiniteInputsGiveNaNOutputsForTheirImageInInt8) {
+  Rng rng(42);
+  const Tensor<float> x = random_tensor<float>({3, 2, 5, 5}, rng);
+  for (ActivationKind act : {ActivationKind::silu, ActivationKind::relu}) {
+    const DeployedConv<float> fp32 = small_conv(act);
+    Calibrator cal;
+    cal.observe(fp32, x);
+    DeployedConv<float> int8 = fp32;
+    int8.apply(DeployOptions().precision(Precision::int8).calibration(cal.calibration()), "");
+    Tensor<float> probe;
+    if (!run_or_skip(int8, x, probe)) return;
+    for (float poison : {std::nanf(""), std::numeric_limits<float>::infinity(), -std::numeric_limits<float>::infinity()}) {
+      SCOPED_TRACE(::testing::Message() << poison << (act == ActivationKind::relu ? " relu" : " silu"));
+      Tensor<float> xp = x;
+      xp(1, 1, 2, 3) = poison;
+      for (MemoryFormat f : {MemoryFormat::contiguous, MemoryFormat::channels_last}) {
+        const Tensor<float> clean = int8.forward(x.to(f)).to(MemoryFormat::contiguous);
+        const Tensor<float> y = int8.forward(xp.to(f)).to(MemoryFormat::contiguous);
+        const std::int64_t per = y.numel() / 3;
+        for (std::int64_t i = 0; i < y.numel(); ++i) {
+          if (i / per == 1) ASSERT_TRUE(std::isnan(y[i])) << i;
+          else ASSERT_EQ(y[i], clean[i]) << i;
+        }
+      }
+    }
+  }
+
+  Sequential<float> net;
+  net.add(OREPA<float, SiLU>(OrepaOptions(3, 8, 3)));
+  net.add(C3<float>(8, 8, 1, true, 0.5, 4));
+  net.add(ConvBN<float, ReLU>(ConvOptions(8, 8, 3)));
+  net.add(GlobalAvgPool<float>());
+  net.add(Linear<float>(8, 4, 9));
+  const InferenceChain<float> fp32 = net.deploy();
+  const Tensor<float> batch = random_tensor<float>({3, 3, 8, 8}, rng);
+  Calibrator cal;
+  cal.observe(fp32, batch);
+  const auto int8 = net.deploy(DeployOptions().precision(Precision::int8).calibration(cal.calibration()));
+  ASSERT_TRUE(int8.stage(1).int8_input());  // the C3 takes codes: NaN cannot pass through them
+  Tensor<float> clean;
+  try {
+    clean = int8.forward(batch);
+  } catch (const engine_error& e) {
+    GTEST_SKIP() << e.what();
+  }
+  Tensor<float> poisoned = batch;
+  poisoned(2, 0, 4, 4) = std::numeric_limits<float>::infinity();
+  const Tensor<float> y = int8.forward(poisoned);
+  ASSERT_EQ(y.sizes(), (Shape{3, 4}));
+  for (std::int64_t n = 0; n < 3; ++n)
+    for (std::int64_t k = 0; k < 4; ++k) {
+      if (n == 2) EXPECT_TRUE(std::isnan(y(n, k))) << n << ", " << k;
+      else EXPECT_EQ(y(n, k), clean(n, k)) << n << ", " << k;
+    }
+}
+
+// A report over batches whose outputs hold NaN prints "n/a" and says why, never "nan dB".
+TEST(Quantization, ReportPrintsNaNotNanForUndefinedSqnr) {
+  const DeployedConv<float> fp32 = small_conv(ActivationKind::silu);
+  Rng rng(43);
+  Tensor<float> x = random_tensor<float>({2, 2, 4, 4}, rng);
+  Calibrator cal;
+  cal.observe(fp32, x);
+  DeployedConv<float> int8 = fp32;
+  int8.apply(DeployOptions().precision(Precision::int8).calibration(cal.calibration()), "");
+  Tensor<float> probe;
+  if (!run_or_skip(int8, x, probe)) return;
+  x[3] = std::nanf("");
+  const QuantizationReport r = quantization_report(fp32, int8, {x});
+  EXPECT_TRUE(std::isnan(r.output_sqnr_db));
+  std::ostringstream table;
+  r.print(table);
+  const std::string text = table.str();
+  EXPECT_EQ(text.find("nan"), std::string::npos) << text;
+  EXPECT_NE(text.find("end to end output SQNR n/a"), std::string::npos) << text;
+  EXPECT_NE(text.find("n/a: an fp32 or reduced-precision output held a NaN or Inf"), std::string::npos) << text;
+  std::vector<LayerQuantError> rows{{"b.", Precision::int8, 30.0, 20.0, ""},
+                                    {"a.", Precision::int8, 30.0, std::nan(""), ""},
+                                    {"c.", Precision::int8, 30.0, 10.0, ""}};
+  QuantizationReport sorted{rows, 10.0};
+  detail::sort_worst_first(sorted.layers);  // NaN sorts first (worst), the rest ascending
+  EXPECT_EQ(sorted.layers[0].layer, "a.");
+  EXPECT_EQ(sorted.layers[1].layer, "c.");
+  EXPECT_EQ(sorted.layers[2].layer, "b.");
 }

@@ -7,6 +7,8 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -281,6 +283,93 @@ TEST(ReliabilityNonFinite, NaNInATrainingBatchPoisonsStatisticsLikePyTorchWithou
   io::load_state_dict(block, io::SafetensorsFile::from_bytes(saved.to_bytes()));
   block.zero_grad();
   expect_unchanged(before, snapshot(block), "after reloading the state dict");
+}
+
+// ---- numerically broken blocks are not deployed -----------------------------------------
+
+namespace {
+
+// "[i0, i1, ...]": the index of flat element j of `shape`, computed here.
+std::string index_of(const Shape& shape, std::int64_t j) {
+  std::vector<std::int64_t> idx(shape.size());
+  for (std::size_t d = shape.size(); d-- > 0;) idx[d] = j % shape[d], j /= shape[d];
+  std::string r = "[";
+  for (std::size_t d = 0; d < idx.size(); ++d) r += (d ? ", " : "") + std::to_string(idx[d]);
+  return r + "]";
+}
+
+}  // namespace
+
+// Every block type refuses to deploy a NaN or Inf in any of its tensors (parameters and
+// buffers, running mean included), naming the tensor and the first bad index; and a BN
+// whose running_var is negative or leaves running_var + eps <= 0. The block is unchanged
+// and deploys again once the value is repaired.
+TEST(ReliabilityNumerics, DeployRefusesNonFiniteTensorsNamingTheTensorAndFirstIndex) {
+  for (const auto& c : block_cases()) {
+    SCOPED_TRACE(c.name);
+    auto block = c.make();
+    Rng rng(20);
+    test::randomise(block, rng);
+    const Tensor<float> x = random_tensor<float>({1, 4, 6, 6}, rng);
+    const Tensor<float> good = block.deploy().forward(x);
+    const auto params = block.named_parameters(), buffers = block.named_buffers();
+    int planted = 0;
+    for (const auto* list : {&params, &buffers})
+      for (const auto& [name, p] : *list) {
+        Tensor<float>& v = p->value;
+        if (v.numel() == 0) continue;
+        const std::int64_t first = v.numel() / 2, later = v.numel() - 1;
+        const float keep_first = v[first], keep_later = v[later];
+        v[later] = kInf;
+        v[first] = planted % 2 ? kNaN : -kInf;
+        const Snapshot before = snapshot(block);
+        expect_error<value_error>([&] { (void)block.deploy(); },
+                                  "tensor '" + name + "' holds " + (planted % 2 ? "nan" : "-inf") + " at index " +
+                                      index_of(v.sizes(), first),
+                                  name);
+        expect_unchanged(before, snapshot(block), "after the refused deploy");
+        v[first] = keep_first, v[later] = keep_later;
+        ++planted;
+      }
+    EXPECT_GE(planted, 4);
+    for (const auto& prefix : test::bn_prefixes(block)) {
+      auto& bn = test::batch_norm(block, prefix);
+      const float keep = bn.running_var.value[2];
+      bn.running_var.value[2] = -0.5f;
+      expect_error<value_error>([&] { (void)block.deploy(); }, "tensor '" + prefix + "running_var' holds -0.5 at index [2]",
+                                prefix + " negative");
+      bn.running_var.value[2] = -1e-5f;  // eps almost cancels it: the fold would scale by ~2e6
+      expect_error<value_error>([&] { (void)block.deploy(); }, "a variance is never negative", prefix + " -eps");
+      bn.running_var.value[2] = 0.f;  // a constant channel: fine with eps > 0 ...
+      EXPECT_NO_THROW((void)block.deploy());
+      const double eps = bn.eps;
+      bn.eps = 0;  // ... but not without eps
+      expect_error<value_error>([&] { (void)block.deploy(); }, "1 / sqrt(running_var + eps) = 1 / sqrt(0)",
+                                prefix + " zero");
+      bn.eps = eps;
+      bn.running_var.value[2] = keep;
+    }
+    EXPECT_EQ(max_abs_diff(block.deploy().forward(x), good), 0.0);
+  }
+}
+
+// A Sequential names the tensor under the layer's prefix; finite tensors whose fold
+// overflows (a huge gamma over a zero variance) are refused too.
+TEST(ReliabilityNumerics, SequentialNamesTheLayerAndOverflowingFoldsAreRefused) {
+  Sequential<float> net;
+  net.add(OREPA<float, SiLU>(OrepaOptions(3, 4, 3)));
+  net.add(ConvBN<float, SiLU>(ConvOptions(4, 4, 1)));
+  auto& cb = net.get<ConvBN<float, SiLU>>(1);
+  cb.bn().running_mean.value[3] = kNaN;
+  expect_error<value_error>([&] { (void)net.deploy(); }, "tensor '1.bn.running_mean' holds nan at index [3]",
+                            "Sequential");
+  cb.bn().running_mean.value[3] = 0.f;
+  EXPECT_NO_THROW((void)net.deploy());
+  cb.bn().weight.value[1] = 3e38f;  // 3e38 / sqrt(0 + 1e-5) is no float
+  cb.bn().running_var.value[1] = 0.f;
+  expect_error<value_error>([&] { (void)cb.deploy(); }, "the folded kernel holds", "fold overflow");
+  expect_error<value_error>([&] { (void)deployable_fold(cb, "model.1."); }, "ConvBN 'model.1.': the folded kernel",
+                            "fold overflow, prefixed");
 }
 
 TEST(ReliabilityHostile, StateDictThatDoesNotFitIsRejectedAndTheBlockIsUnchanged) {
@@ -675,4 +764,121 @@ TEST_F(ReliabilityFiles, WriteFailingMidwayLeavesThePreviousFileIntactAndNoTempo
   EXPECT_EQ(WEXITSTATUS(status), 10) << "10: format_error 'write failed'; 0: the write succeeded; 11/12: other error";
   expect_old_file_intact();
   EXPECT_TRUE(temporaries().empty());
+}
+
+// ---- no output replaces an input or a special file ---------------------------------------
+
+namespace {
+
+/// A private folder holding an input checkpoint `in.safetensors` (tensor "w" = {1, 2}).
+class ReliabilityOutputs : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = tmp_dir();
+    in_ = path("in.safetensors");
+    io::SafetensorsWriter w;
+    w.add("w", Tensor<float>({2}, std::vector<float>{1, 2}));
+    w.write(in_);
+    in_bytes_ = read_all(in_);
+    out_.add("y", Tensor<float>({3}, 7.f));
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  /// The error check_output_path gives for output `out` against the input, or "" if none.
+  std::string refusal(const std::string& out) const {
+    try {
+      (void)io::check_output_path({"--output", out}, {{"--weights", in_}});
+      return "";
+    } catch (const config_error& e) {
+      return e.what();
+    }
+  }
+  bool has_temporaries() const {
+    for (const auto& e : fs::directory_iterator(dir_))
+      if (e.path().filename().string().find(".tmp.") != std::string::npos) return true;
+    return false;
+  }
+
+  fs::path dir_;
+  std::string in_;
+  Bytes in_bytes_;
+  io::SafetensorsWriter out_;
+};
+
+}  // namespace
+
+// The same file under another spelling, through a symbolic link (or a chain of them) or a
+// hard link is refused, naming both; a new path or another regular file is accepted.
+TEST_F(ReliabilityOutputs, TheSameFileAsAnInputIsRefusedHoweverItIsReached) {
+  EXPECT_EQ(refusal(path("new.safetensors")), "");
+  EXPECT_EQ(io::check_output_path({"--output", path("new.safetensors")}, {{"--weights", in_}}), path("new.safetensors"));
+  std::ofstream(path("other.safetensors")) << "old";
+  EXPECT_EQ(refusal(path("other.safetensors")), "");
+
+  const std::string same = refusal(in_);
+  EXPECT_NE(same.find("--output '" + in_ + "' is the same file as --weights '" + in_ + "'"), std::string::npos) << same;
+  EXPECT_NE(refusal((dir_ / "." / "in.safetensors").string()).find("same file as --weights"), std::string::npos);
+  fs::create_symlink("in.safetensors", dir_ / "link");
+  fs::create_symlink("link", dir_ / "link_to_link");
+  fs::create_hard_link(in_, dir_ / "hard");
+  EXPECT_NE(refusal(path("link")).find("the symbolic link's target '" + fs::canonical(in_).string() + "'"),
+            std::string::npos)
+      << refusal(path("link"));
+  EXPECT_NE(refusal(path("link_to_link")).find("is the same file as --weights"), std::string::npos);
+  EXPECT_NE(refusal(path("hard")).find("hard link"), std::string::npos) << refusal(path("hard"));
+  // An input that does not exist cannot be overwritten, so it is no reason to refuse.
+  EXPECT_EQ(io::check_output_path({"--output", in_}, {{"--input", path("missing")}}), in_);
+  EXPECT_EQ(read_all(in_), in_bytes_);
+}
+
+// A symbolic link to a regular file is followed: the target is replaced atomically and
+// the link stays a link.
+TEST_F(ReliabilityOutputs, ASymbolicLinkToARegularFileReplacesTheTarget) {
+  std::ofstream(path("target.safetensors")) << "old contents";
+  fs::create_symlink("target.safetensors", dir_ / "link");
+  fs::create_symlink("link", dir_ / "link2");
+  EXPECT_EQ(io::output_target({"--output", path("link2")}), fs::canonical(path("target.safetensors")).string());
+  out_.write(path("link2"));
+  EXPECT_TRUE(fs::is_symlink(dir_ / "link"));
+  EXPECT_TRUE(fs::is_symlink(dir_ / "link2"));
+  EXPECT_EQ(fs::read_symlink(dir_ / "link"), "target.safetensors");
+  EXPECT_EQ(io::SafetensorsFile::open(path("target.safetensors")).get<float>("y")[2], 7.f);
+  EXPECT_FALSE(has_temporaries());
+}
+
+// FIFOs, devices and directories (directly or behind a link) and dangling links are
+// refused by the check and by the writer itself, before anything is created; each is
+// left as it was (a FIFO is never opened, which would block).
+TEST_F(ReliabilityOutputs, SpecialFilesAndDanglingLinksAreRefusedAndLeftAlone) {
+  ASSERT_EQ(::mkfifo(path("fifo").c_str(), 0600), 0) << std::strerror(errno);
+  fs::create_symlink("fifo", dir_ / "link_to_fifo");
+  fs::create_symlink("nowhere.safetensors", dir_ / "dangling");
+  fs::create_directory(dir_ / "sub");
+  fs::create_symlink("sub", dir_ / "link_to_dir");
+  const std::vector<std::pair<std::string, std::string>> cases{
+      {"fifo", "is a FIFO (named pipe)"},
+      {"link_to_fifo", "is a symbolic link to '" + (fs::canonical(dir_) / "fifo").string() + "', which is a FIFO"},
+      {"dangling", "is a symbolic link whose target cannot be resolved"},
+      {"sub", "is a directory"},
+      {"link_to_dir", "which is a directory"}};
+  for (const auto& [name, why] : cases) {
+    SCOPED_TRACE(name);
+    EXPECT_NE(refusal(path(name)).find(why), std::string::npos) << refusal(path(name));
+    expect_error<config_error>([&] { out_.write(path(name)); }, "output '" + path(name) + "' is a", "writer");
+  }
+  struct stat st {};
+  ASSERT_EQ(::lstat(path("fifo").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  EXPECT_TRUE(fs::is_symlink(dir_ / "dangling"));
+  EXPECT_FALSE(fs::exists(dir_ / "nowhere.safetensors"));
+  EXPECT_TRUE(fs::is_empty(dir_ / "sub"));
+  EXPECT_FALSE(has_temporaries());
+
+  // A device node of our own (never the system's /dev files), where we may create one.
+  if (::mknod(path("null").c_str(), S_IFCHR | 0600, makedev(1, 3)) != 0)
+    GTEST_SKIP() << "mknod is not permitted here (" << std::strerror(errno) << "); device case not run";
+  EXPECT_NE(refusal(path("null")).find("is a character device"), std::string::npos) << refusal(path("null"));
+  expect_error<config_error>([&] { out_.write(path("null")); }, "is a character device", "writer on a device");
+  ASSERT_EQ(::lstat(path("null").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISCHR(st.st_mode));
 }

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "orepa/core/random.hpp"
 #include "orepa/io/safetensors.hpp"
 
 using namespace orepa;
@@ -110,6 +111,87 @@ TEST(Safetensors, RoundTripF32F64Exact) {
   for (std::int64_t i = 0; i < f.numel(); ++i) EXPECT_EQ(f2[i], f[i]) << i;
   auto f3 = r.get<double>("d_as_f32");
   EXPECT_EQ(f3[0], double(0.1f));
+}
+
+// The case: a channels-last [1, 2, 2, 2] tensor holding 0..7 at logical (NCHW)
+// positions. Its storage (NHWC) is 0 4 1 5 2 6 3 7; the file must hold 0..7.
+TEST(Safetensors, ChannelsLastTensorIsWrittenInLogicalOrder) {
+  Tensor<float> t({1, 2, 2, 2}, MemoryFormat::channels_last);
+  for (std::int64_t c = 0; c < 2; ++c)
+    for (std::int64_t h = 0; h < 2; ++h)
+      for (std::int64_t w = 0; w < 2; ++w) t(0, c, h, w) = float(c * 4 + h * 2 + w);
+  const std::vector<float> storage(t.begin(), t.end());
+  ASSERT_EQ(storage, (std::vector<float>{0, 4, 1, 5, 2, 6, 3, 7}));  // what used to be written
+  SafetensorsWriter w;
+  w.add("t", t);
+  const Tensor<float> back = SafetensorsFile::from_bytes(w.to_bytes()).get<float>("t");
+  EXPECT_EQ(back.sizes(), (Shape{1, 2, 2, 2}));
+  EXPECT_EQ(std::vector<float>(back.begin(), back.end()), (std::vector<float>{0, 1, 2, 3, 4, 5, 6, 7}));
+}
+
+namespace {
+
+// Storage index of row-major (logical) element `i` of a tensor of shape `s` held in
+// `format`, written out here from the definition of NHWC (independent of offset4).
+std::int64_t storage_of(const Shape& s, MemoryFormat format, std::int64_t i) {
+  if (format == MemoryFormat::contiguous) return i;
+  const std::int64_t C = s[1], H = s[2], W = s[3];
+  const std::int64_t n = i / (C * H * W), c = i / (H * W) % C, h = i / W % H, w = i % W;
+  return ((n * H + h) * W + w) * C + c;
+}
+
+// Writes a tensor of `shape` in `format` through holder 0 (Tensor), 1 (TensorView) or 2
+// (ConstTensorView) as `dtype`, reads it back, and checks every element at its logical
+// index. Values are distinct small integers (exact in every dtype, BF16's 8 bits included).
+template <class S>
+void check_round_trip(const Shape& shape, MemoryFormat format, int holder, DType dtype, Rng& rng) {
+  std::int64_t numel = 1;
+  for (auto d : shape) numel *= d;
+  const std::int64_t offset = std::int64_t(rng.below(64));
+  auto value = [&](std::int64_t i) { return S((i + offset) % 256 - 128); };  // logical element i
+  std::vector<S> storage(static_cast<std::size_t>(numel));
+  for (std::int64_t i = 0; i < numel; ++i) storage[std::size_t(storage_of(shape, format, i))] = value(i);
+  SafetensorsWriter w;
+  if (holder == 0) {
+    Tensor<S> owned(shape, format);
+    std::copy(storage.begin(), storage.end(), owned.data());
+    w.add("x", owned, dtype);
+  } else if (holder == 1) {
+    w.add("x", view(storage.data(), shape, format), dtype);
+  } else {
+    w.add("x", ConstTensorView<S>(storage.data(), shape, format), dtype);
+  }
+  const auto f = SafetensorsFile::from_bytes(w.to_bytes());
+  ASSERT_EQ(f.entry("x").shape, shape);
+  ASSERT_EQ(f.entry("x").dtype, dtype);
+  const Tensor<double> back = f.get<double>("x");
+  for (std::int64_t i = 0; i < numel; ++i)
+    ASSERT_EQ(back[i], double(value(i))) << "logical index " << i << " of " << shape_str(shape);
+}
+
+}  // namespace
+
+// Property: every holder (Tensor, TensorView, ConstTensorView), memory format, scalar and
+// dtype writes the logical row-major order, for random shapes (zero extents included).
+TEST(Safetensors, EveryTensorKindRoundTripsByLogicalIndex) {
+  Rng rng(22);
+  for (int trial = 0; trial < 40; ++trial) {
+    Shape four{std::int64_t(rng.below(4)), std::int64_t(rng.below(6)), std::int64_t(rng.below(5)),
+               std::int64_t(rng.below(7))};
+    if (trial % 4 == 0) four = {1 + std::int64_t(rng.below(3)), 1 + std::int64_t(rng.below(5)),
+                                1 + std::int64_t(rng.below(4)), 1 + std::int64_t(rng.below(4))};
+    Shape other(rng.below(4), 0);  // ranks 0..3 (contiguous only)
+    for (auto& d : other) d = std::int64_t(rng.below(5));
+    for (int holder = 0; holder < 3; ++holder)
+      for (DType dtype : {DType::F32, DType::F64, DType::F16, DType::BF16}) {
+        SCOPED_TRACE(::testing::Message() << "holder " << holder << ", " << to_string(dtype));
+        for (MemoryFormat format : {MemoryFormat::contiguous, MemoryFormat::channels_last}) {
+          check_round_trip<float>(four, format, holder, dtype, rng);
+          check_round_trip<double>(four, format, holder, dtype, rng);
+        }
+        check_round_trip<float>(other, MemoryFormat::contiguous, holder, dtype, rng);
+      }
+  }
 }
 
 TEST(Safetensors, RoundTripF16KnownValues) {
@@ -508,10 +590,10 @@ TEST_F(SafetensorsFiles, FailedWriteLeavesOldFileAndNoTemporaries) {
   good.add("x", Tensor<float>({2}, 3.0f));
   // Folder does not exist: fails before anything is created.
   EXPECT_THROW(good.write((dir_ / "no_such_dir" / "m.safetensors").string()), format_error);
-  // Target is a directory: the temporary file is written, rename() fails, the temp is removed.
+  // Target is a directory: refused before a temporary file is created (output_target).
   const fs::path sub = dir_ / "occupied.safetensors";
   fs::create_directory(sub);
-  EXPECT_THROW(good.write(sub.string()), format_error);
+  EXPECT_THROW(good.write(sub.string()), config_error);
   EXPECT_TRUE(fs::is_directory(sub));
   EXPECT_TRUE(tmp_leftovers().empty());
   // A writer that cannot encode its header (invalid UTF-8 name) leaves the old file intact.

@@ -2,6 +2,8 @@
 // several blocks under prefixes plus unrelated tensors, and on bad input.
 #include <nlohmann/json.hpp>
 
+#include <sys/stat.h>
+
 #include <fstream>
 
 #include "orepa/io/checkpoint.hpp"
@@ -217,6 +219,9 @@ TEST(Tools, BadInputFailsWithAMessageAndTouchesNothing) {
   auto same = run("orepa-convert", (dir / "in.safetensors") + " " + (dir / "in.safetensors"));
   EXPECT_EQ(same.status, 1) << same.output;
   EXPECT_EQ(fs::file_size(dir / "in.safetensors"), before);
+  EXPECT_NE(same.output.find("orepa-convert: error: OUT '"), std::string::npos) << same.output;
+  EXPECT_NE(same.output.find("is the same file as IN"), std::string::npos) << same.output;
+  EXPECT_EQ(same.output.find("orepa-convert:", 1), std::string::npos) << "one prefix only: " << same.output;
   EXPECT_EQ(run("orepa-convert", "one-argument").status, 1);
   EXPECT_EQ(run("orepa-convert", "'' ''").status, 1);  // found by fuzz_tool_args
   EXPECT_EQ(run("orepa-convert", "--help").status, 0);
@@ -232,6 +237,163 @@ TEST(Tools, BadInputFailsWithAMessageAndTouchesNothing) {
                                     " --output " + (dir / "o.safetensors") + " --mode eval --block OREPA_1x1");
   EXPECT_EQ(wrong.status, 1);
   EXPECT_NE(wrong.output.find("weight_or1x1_origin"), std::string::npos) << wrong.output;
+}
+namespace {
+
+std::string slurp(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(f), {});
+}
+
+}  // namespace
+
+// Every input of orepa-run (--weights, --input, --calibration), reached by its own path,
+// a symbolic or a hard link, is refused as --output and left byte for byte as it was;
+// so are a FIFO, a directory and a dangling link. A link to another regular file is
+// followed: its target is replaced, the link stays.
+TEST(Tools, NoOutputReplacesAnInputOrASpecialFile) {
+  TempDir dir;
+  const std::string w = dir / "w.safetensors", x = dir / "x.safetensors", cal = dir / "cal.safetensors";
+  fs::copy_file(test::data_path("orepa_k3_basic.safetensors"), w);
+  const Tensor<float> input = io::SafetensorsFile::open(w).get<float>("input");
+  io::SafetensorsWriter xs;
+  xs.add("input", input);
+  xs.write(x);
+  io::SafetensorsWriter cs;
+  cs.add("batch", input);
+  cs.write(cal);
+  const std::string before_w = slurp(w), before_x = slurp(x), before_cal = slurp(cal);
+  auto run_to = [&](const std::string& out, const std::string& extra = "") {
+    return run("orepa-run", "--weights " + w + " --input " + x + " --mode deploy --output " + out + " " + extra);
+  };
+  fs::create_symlink("w.safetensors", dir.path / "link_to_w");
+  fs::create_hard_link(w, dir.path / "hard_w");
+  ASSERT_EQ(::mkfifo((dir / "fifo").c_str(), 0600), 0);
+  fs::create_symlink("missing.safetensors", dir.path / "dangling");
+  const std::vector<std::pair<std::string, std::string>> refused{
+      {w, "is the same file as --weights"},
+      {x, "is the same file as --input"},
+      {dir / "link_to_w", "the symbolic link's target"},
+      {dir / "hard_w", "hard link"},
+      {dir / "fifo", "is a FIFO (named pipe); outputs are written to regular files only"},
+      {dir.path.string(), "is a directory"},
+      {dir / "dangling", "is a symbolic link whose target cannot be resolved"}};
+  for (const auto& [out, why] : refused) {
+    auto r = run_to(out);
+    EXPECT_EQ(r.status, 1) << out << ": " << r.output;
+    EXPECT_NE(r.output.find("orepa-run: error: --output '" + out + "' "), std::string::npos) << r.output;
+    EXPECT_NE(r.output.find(why), std::string::npos) << why << " in: " << r.output;
+  }
+  auto cal_out = run_to(cal, "--precision int8 --calibration " + cal);
+  EXPECT_EQ(cal_out.status, 1);
+  EXPECT_NE(cal_out.output.find("is the same file as --calibration"), std::string::npos) << cal_out.output;
+  EXPECT_EQ(slurp(w), before_w);
+  EXPECT_EQ(slurp(x), before_x);
+  EXPECT_EQ(slurp(cal), before_cal);
+  struct stat st {};
+  ASSERT_EQ(::lstat((dir / "fifo").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+  EXPECT_FALSE(fs::exists(dir / "missing.safetensors"));
+
+  std::ofstream(dir / "target.safetensors") << "old";
+  fs::create_symlink("target.safetensors", dir.path / "link_to_target");
+  auto followed = run_to(dir / "link_to_target");
+  ASSERT_EQ(followed.status, 0) << followed.output;
+  EXPECT_TRUE(fs::is_symlink(dir.path / "link_to_target"));
+  EXPECT_EQ(io::SafetensorsFile::open(dir / "target.safetensors").entry("output").shape, (Shape{2, 16, 10, 10}));
+
+  fs::copy_file(w, dir / "in.safetensors");
+  fs::create_symlink("in.safetensors", dir.path / "link_to_in");
+  auto convert = run("orepa-convert", (dir / "in.safetensors") + " " + (dir / "link_to_in"));
+  EXPECT_EQ(convert.status, 1);
+  EXPECT_NE(convert.output.find("OUT '" + (dir / "link_to_in") + "' is the same file as IN"), std::string::npos)
+      << convert.output;
+  EXPECT_EQ(slurp(dir / "in.safetensors"), before_w);
+}
+
+// A checkpoint with a NaN weight, an Inf, a NaN running mean or a negative running
+// variance is refused by orepa-convert and by orepa-run --mode deploy, naming the tensor
+// and its first bad index; --allow-nonfinite converts it anyway, with a warning.
+TEST(Tools, NumericallyBrokenCheckpointsAreRefusedUnlessAllowed) {
+  TempDir dir;
+  Rng rng(22);
+  OREPA<float, SiLU> good(OrepaOptions(4, 8, 3).seed(1));
+  test::randomise(good, rng);
+  struct Case {
+    std::string tensor;
+    std::int64_t index;
+    float value;
+    std::string index_text, why;
+  };
+  const std::vector<Case> cases{
+      {"weight_orepa_origin", 5, std::nanf(""), "[0, 0, 1, 2]", "holds nan"},
+      {"weight_orepa_gconv_pw", 33, std::numeric_limits<float>::infinity(), "[1, 1, 0, 0]", "holds inf"},
+      {"bn.running_mean", 6, std::nanf(""), "[6]", "holds nan"},
+      {"bn.running_var", 1, -2.f, "[1]", "a variance is never negative"}};
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.tensor);
+    OREPA<float, SiLU> broken(OrepaOptions(4, 8, 3).seed(1));
+    broken.load_state_dict(good.state_dict());
+    broken.param(c.tensor).value[c.index] = c.value;
+    io::SafetensorsWriter w;
+    io::save_state_dict(good, w, "model.1.");
+    io::save_state_dict(broken, w, "model.3.");
+    w.add("input", test::random_tensor<float>({1, 4, 6, 6}, rng));
+    const std::string in = dir / "broken.safetensors", out = dir / "deployed.safetensors";
+    w.write(in);
+    fs::remove(out);
+    auto r = run("orepa-convert", in + " " + out);
+    EXPECT_EQ(r.status, 1) << r.output;
+    const std::string named = "tensor 'model.3." + c.tensor + "' holds";
+    for (const std::string& part : {named, "at index " + c.index_text, c.why, std::string("--allow-nonfinite")})
+      EXPECT_NE(r.output.find(part), std::string::npos) << part << " in: " << r.output;
+    EXPECT_FALSE(fs::exists(out));
+
+    auto deploy = run("orepa-run", "--weights " + in + " --prefix model.3. --input " + in + " --mode deploy --output " +
+                                       (dir / "y.safetensors"));
+    EXPECT_EQ(deploy.status, 1) << deploy.output;
+    EXPECT_NE(deploy.output.find(named), std::string::npos) << deploy.output;
+
+    auto allowed = run("orepa-convert", in + " " + out + " --allow-nonfinite");
+    ASSERT_EQ(allowed.status, 0) << allowed.output;
+    EXPECT_NE(allowed.output.find("orepa-convert: warning: "), std::string::npos) << allowed.output;
+    EXPECT_NE(allowed.output.find(named), std::string::npos) << allowed.output;
+    const auto written = io::SafetensorsFile::open(out);
+    EXPECT_TRUE(first_non_finite(written.get<float>("model.3.orepa_reparam.weight")) >= 0 ||
+                first_non_finite(written.get<float>("model.3.orepa_reparam.bias")) >= 0)
+        << "written as it folds";
+    EXPECT_LT(first_non_finite(written.get<float>("model.1.orepa_reparam.weight")), 0);
+  }
+}
+
+// int8 calibration on data with a NaN, or on data that leaves the block's input all zero,
+// is refused naming the calibration tensor or the block and saying what happened.
+TEST(Tools, RunInt8CalibrationErrorsSayWhatHappened) {
+  TempDir dir;
+  const std::string in = test::data_path("orepa_k3_basic.safetensors");
+  const Tensor<float> x = io::SafetensorsFile::open(in).get<float>("input");
+  Tensor<float> poisoned = x;
+  poisoned[17] = std::nanf("");
+  io::SafetensorsWriter bad;
+  bad.add("good", x);
+  bad.add("poisoned", poisoned);
+  bad.write(dir / "nan.safetensors");
+  io::SafetensorsWriter zeros;
+  zeros.add("zeros", Tensor<float>(x.sizes()));
+  zeros.write(dir / "zeros.safetensors");
+  const std::string common = "--weights " + in + " --input " + in + " --mode deploy --precision int8 --output " +
+                             (dir / "y.safetensors") + " --calibration ";
+  auto nan = run("orepa-run", common + (dir / "nan.safetensors"));
+  EXPECT_EQ(nan.status, 1);
+  for (const char* part : {"--calibration tensor 'poisoned'", "holds nan at index [0, 0, 1, 7]", "OREPA in "})
+    EXPECT_NE(nan.output.find(part), std::string::npos) << part << " in: " << nan.output;
+  EXPECT_EQ(nan.output.find("layer ''"), std::string::npos) << nan.output;
+  auto zero = run("orepa-run", common + (dir / "zeros.safetensors"));
+  EXPECT_EQ(zero.status, 1);
+  for (const char* part : {"calibrated input range [0, 0]", "every calibration value of this input was 0"})
+    EXPECT_NE(zero.output.find(part), std::string::npos) << part << " in: " << zero.output;
+  EXPECT_EQ(zero.output.find("calibrate the layer on data first"), std::string::npos) << zero.output;
+  EXPECT_FALSE(fs::exists(dir / "y.safetensors"));
 }
 #else
 TEST(Tools, SkippedWithoutExamples) { GTEST_SKIP() << "configure with OREPA_BUILD_EXAMPLES=ON to test the tools"; }

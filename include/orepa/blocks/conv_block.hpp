@@ -72,9 +72,10 @@ class ConvBlock : public ModuleTensors<ConvBlock<S, Act, Source>, S> {
 
   /// The BN-folded kernel and bias (W * s[o], beta - running_mean * s) of the deployed conv.
   Affine<S> folded() const { return trunk_.fold(squeeze()); }
-  /// The deployed single convolution (folded kernel + bias, activation fused).
+  /// The deployed single convolution (folded kernel + bias, activation fused); value_error
+  /// for tensors that cannot be deployed (deployable_fold()).
   DeployedConv<S> deploy() const {
-    auto f = folded();
+    auto f = deployable_fold(*this);
     return DeployedConv<S>(g_, std::move(f.weight), std::move(f.bias), AnyActivation<S>(trunk_.activation()));
   }
   /// The deployed convolution in `o`'s precision (int8 takes the calibrated range of

@@ -10,8 +10,11 @@
 ///                     (exact for the blocks because the layer between them pads with b1);
 ///   - pad_to_centre:  a 1x1 kernel zero-padded to the centre of a k x k one;
 ///   - identity_kernel / avg_kernel: the identity and the k x k average pool as kernels.
+/// Deployment folds through deployable_fold(), which first refuses tensors no fold can
+/// turn into a usable kernel (check_deployable()): one check for every block type.
 
 #include <cstdint>
+#include <string>
 #include <utility>
 
 #include "orepa/blocks/batch_norm.hpp"
@@ -97,6 +100,54 @@ Tensor<S> pad_to_centre(Tensor<S> k1, std::int64_t k) {
   Tensor<S> K({O, Ig, k, k});
   for (std::int64_t j = 0; j < O * Ig; ++j) K[j * k * k + (k / 2) * k + k / 2] = k1[j];
   return K;
+}
+
+/// Checks that the tensors of `block` (any block or layer: its parameters, buffers and
+/// BatchNorms as collect_tensors lists them under `prefix`) fold into a usable kernel.
+/// Throws value_error naming the tensor (`prefix` + its state-dict name), the first bad
+/// index and its value when a parameter or buffer holds a NaN or Inf (a NaN running mean
+/// included), or when a BN's running_var is negative or running_var + eps is not > 0 (the
+/// fold scales by 1 / sqrt(running_var + eps): NaN, Inf, or a huge factor from a negative
+/// variance that eps almost cancels).
+template <class Block>
+void check_deployable(const Block& block, const std::string& prefix = "") {
+  using S = typename decltype(block.state_dict())::Scalar;
+  Tensors<S> t;
+  const_cast<Block&>(block).collect_tensors(t, prefix);  // lists pointers; nothing is written
+  for (const auto* list : {&t.parameters, &t.buffers})
+    for (const auto& [name, p] : *list)
+      if (const std::int64_t i = first_non_finite(p->value); i >= 0)
+        throw value_error(detail::cat(block.type_name(), ": tensor '", name, "' holds ", p->value[i], " at index ",
+                                      index_str(p->value.sizes(), i),
+                                      "; a block with non-finite weights or statistics cannot be deployed"));
+  for (const auto& [bn_prefix, bn] : t.batch_norms) {
+    const Tensor<S>& var = bn->running_var.value;
+    for (std::int64_t c = 0; c < var.numel(); ++c) {
+      const double v = double(var[c]), sum = v + bn->eps;
+      if (v >= 0 && sum > 0) continue;
+      throw value_error(detail::cat(block.type_name(), ": tensor '", bn_prefix, "running_var' holds ", var[c],
+                                    " at index [", c, "]: ",
+                                    v < 0 ? "a variance is never negative, and folding BN would scale by 1 / sqrt("
+                                          : "folding BN would scale by 1 / sqrt(",
+                                    "running_var + eps) = 1 / sqrt(", sum, ")"));
+    }
+  }
+}
+
+/// `block.folded()` for deployment: check_deployable() first, then the folded kernel and
+/// bias themselves (value_error when finite tensors fold into an Inf, e.g. a huge gamma
+/// over a tiny variance, naming the block by `prefix` and the first bad index).
+template <class Block>
+auto deployable_fold(const Block& block, const std::string& prefix = "") {
+  check_deployable(block, prefix);
+  auto f = block.folded();
+  for (const auto* part : {&f.weight, &f.bias})
+    if (const std::int64_t i = first_non_finite(*part); i >= 0)
+      throw value_error(detail::cat(block.type_name(), prefix.empty() ? "" : " '" + prefix + "'", ": the folded ",
+                                    part == &f.weight ? "kernel" : "bias", " holds ", (*part)[i], " at index ",
+                                    index_str(part->sizes(), i),
+                                    " although every tensor is finite: the BN fold overflows the float range"));
+  return f;
 }
 
 }  // namespace orepa

@@ -464,9 +464,10 @@ class MultiPathBlock : public ModuleTensors<MultiPathBlock<S, Act>, S> {
     }
     return sum;
   }
-  /// The deployed single convolution (folded kernel + bias, activation fused).
+  /// The deployed single convolution (folded kernel + bias, activation fused); value_error
+  /// for tensors that cannot be deployed (deployable_fold()).
   DeployedConv<S> deploy() const {
-    auto f = folded();
+    auto f = deployable_fold(*this);
     return DeployedConv<S>(g_, std::move(f.weight), std::move(f.bias), AnyActivation<S>(act_));
   }
   /// The deployed convolution in `o`'s precision (int8 takes the calibrated range of

@@ -26,7 +26,7 @@ struct config_error : std::invalid_argument {
 };
 
 /// A call was made in the wrong state (backward without a training forward,
-/// batch too small for batch statistics, non-finite values where rejected).
+/// batch too small for batch statistics).
 struct state_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
@@ -38,6 +38,14 @@ struct format_error : std::runtime_error {
 
 /// oneDNN refused or failed an operation; the message carries the shapes involved.
 struct engine_error : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+/// A value (not a shape) is unusable: a NaN / Inf where finite numbers are needed (the
+/// tensors of a block being deployed, a calibration batch), a BN variance that makes the
+/// fold divide by zero, an int8 range or scale no float can hold. The message names the
+/// tensor or layer and the first bad index or the value.
+struct value_error : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 

@@ -9,6 +9,7 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <initializer_list>
@@ -492,6 +493,46 @@ auto view(E&& m, Shape sizes) {
   if (checked_numel(sizes) != std::int64_t(m.size()))
     throw shape_error(detail::cat("view: ", m.size(), " Eigen coefficients cannot be viewed as ", shape_str(sizes)));
   return view(m.data(), std::move(sizes));
+}
+
+/// "[1, 0, 2, 3]": the index, one entry per dimension, of element `i` in the row-major
+/// (logical, NCHW) order of a tensor of `shape`.
+inline std::string index_str(const Shape& shape, std::int64_t i) {
+  Shape idx(shape.size(), 0);
+  for (std::size_t d = shape.size(); d-- > 0;)
+    if (shape[d] > 0) idx[d] = i % shape[d], i /= shape[d];
+  return shape_str(idx);
+}
+
+/// Element `i` of `t` in row-major logical (NCHW) order, whatever its memory format; unchecked.
+template <class T>
+std::remove_const_t<T> logical_element(const TensorView<T>& t, std::int64_t i) {
+  if (t.is_contiguous()) return t[i];
+  const auto& s = t.sizes();
+  const std::int64_t w = i % s[3], h = i / s[3] % s[2], c = i / (s[3] * s[2]) % s[1], n = i / (s[3] * s[2] * s[1]);
+  return t(n, c, h, w);
+}
+
+/// The row-major (logical, NCHW) index of the first NaN or Inf of `t`, whatever its memory
+/// format, or -1 when every value is finite.
+template <class T>
+std::int64_t first_non_finite(const TensorView<T>& t) {
+  std::int64_t j = 0;
+  while (j < t.numel() && std::isfinite(double(t[j]))) ++j;
+  if (j == t.numel()) return -1;
+  if (t.is_contiguous()) return j;
+  const auto& s = t.sizes();  // channels-last storage: the first in logical order may come later
+  for (std::int64_t i = 0, n = 0; n < s[0]; ++n)
+    for (std::int64_t c = 0; c < s[1]; ++c)
+      for (std::int64_t h = 0; h < s[2]; ++h)
+        for (std::int64_t w = 0; w < s[3]; ++w, ++i)
+          if (!std::isfinite(double(t(n, c, h, w)))) return i;
+  return -1;  // unreachable: storage and logical order hold the same values
+}
+/// The same for a tensor.
+template <class S>
+std::int64_t first_non_finite(const Tensor<S>& t) {
+  return first_non_finite(ConstTensorView<S>(t));
 }
 
 /// Largest absolute difference between two tensors or views of the same shape (any

@@ -17,8 +17,11 @@
 /// returns to float where a stage cannot take codes. DeployedConv and the deployed YOLO
 /// modules take part; any other object is given float (its codes dequantized first).
 
+#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -26,6 +29,7 @@
 #include <typeinfo>
 #include <utility>
 #include <variant>
+#include <vector>
 
 #include "orepa/core/parallel.hpp"
 #include "orepa/core/tensor.hpp"
@@ -85,8 +89,73 @@ StageInput<S> as_input(const StageOutput<S>& o) {
   return ConstTensorView<S>(std::get<Tensor<S>>(o));
 }
 
-/// `x` (any memory format) as codes in `q`.
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// int8 codes cannot hold NaN or Inf (a NaN quantizes to the lowest code), so where float
+// values are quantized, the images (first index) holding one are noted, and the whole
+// output of those images is set to NaN at the end: by the deployed convolution itself, or
+// by the InferenceChain that installed a NonFiniteImages on this thread for its forward.
+struct NonFiniteImages {
+  std::int64_t batch = 0;            // the chain input's first extent
+  std::vector<std::int64_t> images;  // images seen holding a NaN / Inf (may repeat)
+  bool all = false;                  // one was seen in a tensor of another first extent
+};
+inline NonFiniteImages*& thread_non_finite_images() {
+  thread_local NonFiniteImages* seen = nullptr;
+  return seen;
+}
+// Installs `seen` on this thread for its lifetime (nests: the previous one returns).
+class ScopedNonFiniteImages {
+ public:
+  explicit ScopedNonFiniteImages(NonFiniteImages* seen) : previous_(thread_non_finite_images()) {
+    thread_non_finite_images() = seen;
+  }
+  ~ScopedNonFiniteImages() { thread_non_finite_images() = previous_; }
+  ScopedNonFiniteImages(const ScopedNonFiniteImages&) = delete;
+  ScopedNonFiniteImages& operator=(const ScopedNonFiniteImages&) = delete;
+
+ private:
+  NonFiniteImages* previous_;
+};
+// The images of `x` (any memory format: an image's values are contiguous in both)
+// holding a NaN or Inf, noted with the installed NonFiniteImages, if any.
+inline std::vector<std::int64_t> non_finite_images(ConstTensorView<float> x) {
+  std::vector<std::int64_t> bad;
+  if (x.numel() == 0) return bad;
+  const std::int64_t n_images = x.dim() > 0 ? x.size(0) : 1, per = x.numel() / n_images;
+  const float* p = x.data();
+  for (std::int64_t n = 0; n < n_images; ++n) {
+    std::uint32_t any = 0;  // an exponent field of all ones is Inf or NaN; an OR of integer tests vectorizes
+    for (std::int64_t j = n * per; j < (n + 1) * per; ++j) {
+      std::uint32_t u;
+      std::memcpy(&u, p + j, sizeof u);
+      any |= std::uint32_t((u & 0x7F800000u) == 0x7F800000u);
+    }
+    if (any) bad.push_back(n);
+  }
+  if (auto* seen = thread_non_finite_images(); seen && !bad.empty()) {
+    if (n_images != seen->batch) seen->all = true;
+    seen->images.insert(seen->images.end(), bad.begin(), bad.end());
+  }
+  return bad;
+}
+// Sets every value of images `bad` of `y` to NaN, or all of `y` when `all` or when its
+// first extent is not `batch`.
+inline void poison_images(TensorView<float> y, const std::vector<std::int64_t>& bad, std::int64_t batch,
+                          bool all = false) {
+  if (y.numel() == 0 || (bad.empty() && !all)) return;
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  if (all || y.dim() == 0 || y.size(0) != batch) return std::fill(y.begin(), y.end(), nan);
+  const std::int64_t per = y.numel() / batch;
+  for (auto n : bad) std::fill(y.data() + n * per, y.data() + (n + 1) * per, nan);
+}
+}  // namespace detail
+/// \endcond
+
+/// `x` (any memory format) as codes in `q`. Images of `x` holding a NaN or Inf are noted
+/// for the enclosing InferenceChain, which sets their output to NaN (codes cannot hold one).
 inline Int8Codes quantize_codes(ConstTensorView<float> x, const QuantParams& q) {
+  detail::non_finite_images(x);
   Tensor<float> nhwc;
   const float* v = x.data();
   if (x.memory_format() != MemoryFormat::channels_last || !x.is_contiguous()) {

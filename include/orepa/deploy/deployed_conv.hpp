@@ -157,12 +157,15 @@ class DeployedConv {
 
   /// Runs in precision `p`; int8 quantizes the input over `input` (a calibrated range,
   /// see Calibrator). Only float convolutions run bf16 / int8 (config_error otherwise).
-  /// Drops the cached primitives; the next forward creates them (engine_error when
-  /// oneDNN has no kernel for `p` on this CPU).
+  /// For int8, value_error when the range is unusable (QuantParams::for_range) or when,
+  /// with these weights and bias, oneDNN's output scales or the bias in accumulator units
+  /// are no normal / finite float. Drops the cached primitives; the next forward creates
+  /// them (engine_error when oneDNN has no kernel for `p` on this CPU).
   DeployedConv& precision(Precision p, ActivationRange input = {}) {
     if (p != Precision::fp32 && !std::is_same_v<S, float>)
       throw config_error(detail::cat("DeployedConv: ", precision_name(p), " deployment needs float, not this scalar"));
-    if (p == Precision::int8) QuantParams::for_range(input, false);  // validates the range
+    if constexpr (std::is_same_v<S, float>)
+      if (p == Precision::int8) requantization(QuantParams::for_range(input, !engine::cpu_has_vnni()), nullptr);
     std::lock_guard<std::mutex> lock(state_->mutex);
     state_->entries.clear();
     precision_ = p;
@@ -170,9 +173,16 @@ class DeployedConv {
     return *this;
   }
   /// Applies `o`: its precision, and for int8 the calibrated range of layer `layer`
-  /// (config_error naming the layer when the calibration lacks it).
+  /// (config_error naming the layer when the calibration lacks it; value_error naming the
+  /// layer and its range when the range is unusable, see precision()).
   DeployedConv& apply(const DeployOptions& o, const std::string& layer) {
-    return precision(o.precision(), o.precision() == Precision::int8 ? o.calibration().at(layer) : ActivationRange{});
+    const ActivationRange r = o.precision() == Precision::int8 ? o.calibration().at(layer) : ActivationRange{};
+    try {
+      return precision(o.precision(), r);
+    } catch (const value_error& e) {
+      throw value_error(detail::cat("int8 deployment of ", detail::layer_label(layer), " (calibrated input range [",
+                                    r.lo, ", ", r.hi, "]): ", e.what()));
+    }
   }
   /// The precision the convolution runs in.
   Precision precision() const { return precision_; }
@@ -211,15 +221,19 @@ class DeployedConv {
           return relayout(dnnl::memory(detail::codes_desc(xs, c.q), engine::cpu_engine(), c.bytes.get()),
                           e.pd.src_desc());
         });
-      } else {
+      }
+      std::vector<std::int64_t> bad;  // images holding a NaN / Inf, which codes cannot carry
+      if (!coded) {
         const auto v = std::get<ConstTensorView<float>>(x);
         xp = v.data();
         xf = v.memory_format();
+        bad = detail::non_finite_images(v);
       }
       const Formats f{xf, MemoryFormat::channels_last};
       if (!out) {
         Tensor<float> y(ys, MemoryFormat::channels_last);
         run(e, f, coded ? &src : nullptr, xp, nullptr, y.data());
+        detail::poison_images(y, bad, ys[0]);
         return y;
       }
       Int8Codes y(ys, *out);
@@ -256,7 +270,9 @@ class DeployedConv {
     return w;
   }
 
-  /// y = act(conv(x) + bias) for x [N, I, H, W]; y has x's memory format.
+  /// y = act(conv(x) + bias) for x [N, I, H, W]; y has x's memory format. NaN and Inf
+  /// propagate: in fp32 and bf16 to the outputs whose receptive field holds one (as in
+  /// PyTorch); in int8, whose codes cannot hold them, to every output of the image.
   Tensor<S> forward(ConstTensorView<S> x) const {
     Tensor<S> y;
     forward(x, y);
@@ -275,8 +291,10 @@ class DeployedConv {
     y.expect_shape(ys, "DeployedConv::forward output");
     if constexpr (std::is_same_v<S, float>) {
       Entry& e = entry(x.sizes(), x.memory_format(), false);
+      const auto bad = precision_ == Precision::int8 ? detail::non_finite_images(x) : std::vector<std::int64_t>();
       run(e, {x.memory_format(), y.memory_format()}, nullptr, x.data(), nullptr, y.data());
       if (act_.kind() == ActivationKind::custom) act_.apply(y.data(), y.numel());
+      detail::poison_images(y, bad, ys[0]);
       if (auto* o = detail::thread_conv_observer()) o->seen(*this, x, y);
     } else {
       Tensor<S> xc, out;
@@ -419,6 +437,37 @@ class DeployedConv {
     return *state_->entries.emplace(key, std::move(e)).first->second;
   }
 
+  // oneDNN 2.6 int8: y = oscale[o] * (sum (q_x - zp) q_w + bias) before the post-ops, so
+  // oscale = sx * sw[o] and the bias is given in accumulator units. With an 8-bit output,
+  // code = zp_y + act(real) / sy: oneDNN scales the post-op's result and adds the
+  // destination zero point after the post-ops; without an activation the 1 / sy goes
+  // into the output scales.
+  struct Requantization {
+    std::vector<float> output_scales, inverse_weight_scales;
+    Tensor<float> scaled_bias;
+  };
+  // The requantization for input quantization `q` (and output codes in `*codes_out`);
+  // value_error when a scale is not a normal float or a scaled bias not finite, which
+  // only absurd ranges or weights give (min_scale keeps ordinary ones far from both).
+  Requantization requantization(const QuantParams& q, const QuantParams* codes_out) const {
+    const auto sw = weight_scales(weight_);
+    Requantization r{std::vector<float>(sw.size()), std::vector<float>(sw.size()), Tensor<float>({g_.out_channels})};
+    for (std::size_t o = 0; o < sw.size(); ++o) {
+      const float out_scale = q.scale * sw[o], bias = float(bias_[std::int64_t(o)]) / out_scale;
+      r.output_scales[o] = out_scale;
+      r.inverse_weight_scales[o] = 1.f / sw[o];
+      r.scaled_bias[std::int64_t(o)] = bias;
+      if (codes_out && act_.kind() == ActivationKind::identity) r.output_scales[o] *= 1.f / codes_out->scale;
+      if (!std::isnormal(r.output_scales[o]) || !std::isfinite(bias))
+        throw value_error(detail::cat(
+            "int8 output channel ", o, ": input step ", q.scale, " x weight step ", sw[o],
+            codes_out ? detail::cat(" / output step ", codes_out->scale) : std::string(), " = ", r.output_scales[o],
+            " and bias ", bias_[std::int64_t(o)], " / ", out_scale, " = ", bias,
+            " must be a normal float and a finite one; the range or the weights are too extreme for int8"));
+    }
+    return r;
+  }
+
   std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf, const QuantParams* codes_out) const {
     using namespace dnnl;
     using engine::tag;
@@ -447,30 +496,17 @@ class DeployedConv {
     attr.set_scratchpad_mode(scratchpad_mode::user);
     const float* bias = bias_.data();
     if (precision_ == Precision::int8) {
-      // oneDNN 2.6 int8: y = oscale[o] * (sum (q_x - zp) q_w + bias) before the post-ops,
-      // so oscale = sx * sw[o] and the bias is given in accumulator units.
       const QuantParams q = input_quantization();
-      const auto sw = weight_scales(weight_);
-      std::vector<float> out_scales(sw.size()), inv_sw(sw.size());
-      e->scaled_bias.resize({g_.out_channels});
-      for (std::size_t o = 0; o < sw.size(); ++o) {
-        out_scales[o] = q.scale * sw[o];
-        inv_sw[o] = 1.f / sw[o];
-        e->scaled_bias[std::int64_t(o)] = bias_[std::int64_t(o)] / out_scales[o];
-      }
+      Requantization r = requantization(q, codes_out);
+      e->scaled_bias = std::move(r.scaled_bias);
       bias = e->scaled_bias.data();
-      // 8-bit output: code = zp_y + act(real) / sy. oneDNN scales the post-op's result
-      // and adds the destination zero point after the post-ops; without an activation the
-      // 1 / sy goes into the output scales.
       if (codes_out) {
         post_scale = 1.f / codes_out->scale;
-        if (act_.kind() == ActivationKind::identity)
-          for (auto& s : out_scales) s *= post_scale;
         attr.set_zero_points(DNNL_ARG_DST, 0, {codes_out->zero_point});
       }
-      attr.set_output_scales(1 << 1, out_scales);
+      attr.set_output_scales(1 << 1, r.output_scales);
       attr.set_zero_points(DNNL_ARG_SRC, 0, {q.zero_point});
-      weight_attr.set_output_scales(g_.groups == 1 ? 1 << 0 : (1 << 0) | (1 << 1), inv_sw);
+      weight_attr.set_output_scales(g_.groups == 1 ? 1 << 0 : (1 << 0) | (1 << 1), r.inverse_weight_scales);
       e->quantize_src.set_output_scales(0, {1.f / q.scale});
       e->quantize_src.set_zero_points(DNNL_ARG_DST, 0, {q.zero_point});
     }

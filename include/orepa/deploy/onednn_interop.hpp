@@ -6,6 +6,7 @@
 /// dnnl::memory in those layouts (no reorder at all), and DeployedChain, which keeps
 /// activations blocked between consecutive convolutions.
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -135,9 +136,13 @@ class DeployedChain {
   }
 
   /// y = convs[L-1](... convs[0](x)) for x NCHW or channels-last; y (resized) has x's
-  /// memory format.
+  /// memory format. In a chain with an int8 convolution an image of x holding a NaN or
+  /// Inf gets an all-NaN output (8-bit codes cannot carry them, see DeployedConv::forward).
   void forward(ConstTensorView<float> x, Tensor<float>& y) const {
     y.resize(output_shape(x.sizes()), x.memory_format());
+    const bool int8 = std::any_of(convs_.begin(), convs_.end(),
+                                  [](const DeployedConv<float>& c) { return c.precision() == Precision::int8; });
+    const auto bad = int8 ? detail::non_finite_images(x) : std::vector<std::int64_t>();
     const Key key{x.sizes(), x.memory_format()};
     auto ws = take(key);
     ws->in.set_data_handle(const_cast<float*>(x.data()));
@@ -156,6 +161,7 @@ class DeployedChain {
       }
     }
     give(key, std::move(ws));
+    detail::poison_images(y, bad, x.size(0));
   }
   /// y = convs[L-1](... convs[0](x)) for x [N, I, H, W]; returns y (in x's memory format).
   Tensor<float> forward(ConstTensorView<float> x) const {

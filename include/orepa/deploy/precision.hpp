@@ -70,23 +70,50 @@ struct ActivationRange {
   float hi = 0.f;  ///< largest value represented (values above saturate)
 };
 
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// How messages name a calibrated layer: its tensor prefix, or the single block's "".
+inline std::string layer_label(const std::string& layer) {
+  return layer.empty() ? std::string("the single deployed block") : "layer '" + layer + "'";
+}
+}  // namespace detail
+/// \endcond
+
 /// Affine 8-bit quantization x = scale * (q - zero_point), q in [qmin, qmin + 255].
 struct QuantParams {
   float scale = 1.f;            ///< real step between two codes
   std::int32_t zero_point = 0;  ///< the code of real 0
   std::int32_t qmin = 0;        ///< 0 for u8, -128 for s8
 
-  /// Parameters covering `r` widened to hold 0, for an unsigned (u8) or signed (s8) code.
-  /// Throws config_error for a non-finite or empty range.
+  /// The smallest step of an activation or weight quantization. A narrower range is
+  /// widened to this step (its values then round to the codes next to 0): the product of
+  /// an input step and a weight step, oneDNN's output scale, stays a normal float (>= 1e-36),
+  /// and 1 / step stays finite. Real activations and weights are never this small.
+  static constexpr float min_scale = 1e-18f;
+
+  /// True when `r`, widened to hold 0, is narrower than 255 * min_scale, so that
+  /// for_range() widens it (a clamp quantization_report() shows).
+  static bool widens(ActivationRange r) {
+    return std::isfinite(r.lo) && std::isfinite(r.hi) && r.lo <= r.hi && !(r.lo == 0 && r.hi == 0) &&
+           (double(std::max(r.hi, 0.f)) - double(std::min(r.lo, 0.f))) / 255.0 < double(min_scale);
+  }
+
+  /// Parameters covering `r` widened to hold 0, for an unsigned (u8) or signed (s8) code;
+  /// the step is computed in double, so a range as wide as the floats allow still has a
+  /// finite one, and is at least min_scale. Throws value_error for a non-finite or empty
+  /// range, and for [0, 0], which no step fits.
   static QuantParams for_range(ActivationRange r, bool is_signed) {
     if (!std::isfinite(r.lo) || !std::isfinite(r.hi) || r.lo > r.hi)
-      throw config_error(detail::cat("int8 activation range [", r.lo, ", ", r.hi, "] is not a finite interval"));
+      throw value_error(detail::cat("int8 activation range [", r.lo, ", ", r.hi,
+                                    "] is not a finite interval with lo <= hi"));
     const float lo = std::min(r.lo, 0.f), hi = std::max(r.hi, 0.f);
     if (!(hi > lo))
-      throw config_error("int8 activation range is empty ([0, 0]): calibrate the layer on data first");
+      throw value_error(
+          "int8 activation range is [0, 0]: every calibration value of this input was 0, so no int8 step "
+          "fits it; calibrate on batches for which this input is not all zero");
     QuantParams q;
     q.qmin = is_signed ? -128 : 0;
-    q.scale = (hi - lo) / 255.f;
+    q.scale = std::max(float((double(hi) - double(lo)) / 255.0), min_scale);
     q.zero_point = std::int32_t(std::clamp(std::nearbyint(float(q.qmin) - lo / q.scale), float(q.qmin),
                                            float(q.qmin + 255)));
     return q;
@@ -106,15 +133,15 @@ struct QuantParams {
   bool operator!=(const QuantParams& o) const { return !(*this == o); }
 };
 
-/// Per-output-channel symmetric weight scales of kernel `w` [O, ...]: max|w[o]| / 127
-/// (1 for an all-zero row).
+/// Per-output-channel symmetric weight scales of kernel `w` [O, ...]: max|w[o]| / 127,
+/// at least QuantParams::min_scale (1 for an all-zero row).
 inline std::vector<float> weight_scales(const Tensor<float>& w) {
   const std::int64_t O = w.size(0), per = w.numel() / std::max<std::int64_t>(O, 1);
   std::vector<float> s(std::size_t(O), 1.f);
   for (std::int64_t o = 0; o < O; ++o) {
     float m = 0.f;
     for (std::int64_t j = 0; j < per; ++j) m = std::max(m, std::fabs(w[o * per + j]));
-    if (m > 0.f) s[std::size_t(o)] = m / 127.f;
+    if (m > 0.f) s[std::size_t(o)] = std::max(m / 127.f, QuantParams::min_scale);
   }
   return s;
 }

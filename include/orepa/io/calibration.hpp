@@ -28,16 +28,20 @@ inline void save_calibration(SafetensorsWriter& w, const Calibration& c) {
 
 /// The ranges stored in `f` (every tensor named "...input_range"; other tensors, such as
 /// deployed weights, are ignored). Throws format_error naming a range tensor that is not
-/// two finite values with lo <= hi.
+/// two finite values with lo <= hi (and its values). A range finite but unusable for int8
+/// ([0, 0]) is refused when deployed, naming the layer (DeployedConv::apply).
 inline Calibration load_calibration(const SafetensorsFile& f) {
   Calibration c;
   const std::string& suffix = input_range_suffix();
   for (const auto& name : f.names()) {
     if (name.size() < suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) continue;
     const Tensor<float> t = f.get<float>(name);
-    if (t.numel() != 2 || !std::isfinite(t[0]) || !std::isfinite(t[1]) || t[0] > t[1])
-      throw format_error(orepa::detail::cat(f.label(), ": calibration tensor '", name, "' must hold two finite values lo <= hi, got ",
-                                     t.numel(), " values of shape ", shape_str(t.sizes())));
+    if (t.numel() != 2)
+      throw format_error(orepa::detail::cat(f.label(), ": calibration tensor '", name,
+                                            "' must hold two values [lo, hi], got shape ", shape_str(t.sizes())));
+    if (!std::isfinite(t[0]) || !std::isfinite(t[1]) || t[0] > t[1])
+      throw format_error(orepa::detail::cat(f.label(), ": calibration tensor '", name,
+                                            "' must hold two finite values lo <= hi, got [", t[0], ", ", t[1], "]"));
     c.set(name.substr(0, name.size() - suffix.size()), {t[0], t[1]});
   }
   return c;

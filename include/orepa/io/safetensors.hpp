@@ -29,6 +29,7 @@
 
 #include "orepa/core/error.hpp"
 #include "orepa/core/tensor.hpp"
+#include "orepa/io/output_path.hpp"
 
 namespace orepa::io {
 
@@ -404,20 +405,38 @@ class SafetensorsFile {
 /// Collects tensors and writes a safetensors file; tensors are laid out in add order.
 class SafetensorsWriter {
  public:
-  /// Adds `t` stored as `as` (F32, F64, F16 or BF16, rounded to nearest even). Throws
+  /// Adds `t` stored as `as` (F32, F64, F16 or BF16, rounded to nearest even), in the
+  /// row-major order of its logical shape (NCHW) whatever its memory format: a
+  /// channels-last tensor reads back with the same value at every (n, c, h, w). Throws
   /// config_error for a duplicate or reserved name or another dtype.
   template <class S>
   void add(const std::string& name, const Tensor<S>& t, DType as = DType::F32) {
-    static_assert(std::is_arithmetic_v<S>, "SafetensorsWriter::add: S must be arithmetic");
+    add(name, ConstTensorView<S>(t), as);
+  }
+  /// Adds the elements of view `v` (of a raw buffer, an Eigen matrix or a tensor; any
+  /// memory format), as add() of a Tensor does.
+  template <class T>
+  void add(const std::string& name, const TensorView<T>& v, DType as = DType::F32) {
+    using S = std::remove_const_t<T>;
+    static_assert(std::is_arithmetic_v<S>, "SafetensorsWriter::add: the scalar must be arithmetic");
     if (as != DType::F32 && as != DType::F64 && as != DType::F16 && as != DType::BF16)
       throw config_error(orepa::detail::cat("SafetensorsWriter: tensor '", name, "': writing dtype ",
                                             to_string(as), " from a Tensor is not supported"));
-    Item it = start(name, as, t.sizes());
-    for (const S& s : t) {
+    Item it = start(name, as, v.sizes());
+    auto put = [&](S s) {
       const double x = static_cast<double>(s);
       if (as == DType::F32) detail::store_le(it.bytes, static_cast<float>(x));
       else if (as == DType::F64) detail::store_le(it.bytes, x);
       else detail::store_le(it.bytes, as == DType::F16 ? detail::encode16(x, 10, 5) : detail::encode16(x, 7, 8));
+    };
+    if (v.is_contiguous()) {
+      for (const S& s : v) put(s);
+    } else {  // channels-last storage (NHWC): visit the elements in NCHW order
+      const Shape& d = v.sizes();
+      for (std::int64_t n = 0; n < d[0]; ++n)
+        for (std::int64_t c = 0; c < d[1]; ++c)
+          for (std::int64_t h = 0; h < d[2]; ++h)
+            for (std::int64_t w = 0; w < d[3]; ++w) put(v(n, c, h, w));
     }
     items_.push_back(std::move(it));
   }
@@ -468,11 +487,15 @@ class SafetensorsWriter {
   }
   /// Atomically writes the file: PATH.tmp.XXXXXX in the same folder, fsync, rename().
   /// On an I/O failure the temporary file is removed, `path` is untouched and format_error
-  /// is thrown (config_error, before any file is created, if to_bytes() fails). A new file
-  /// gets mode 0644; an existing file keeps its mode.
+  /// is thrown; config_error, before any file is created, if to_bytes() fails or `path` is
+  /// no place for a file (output_target(): a directory, FIFO, socket or device, or a
+  /// symbolic link to anything but a regular file). A symbolic link to a regular file is
+  /// followed: its target is replaced and the link stays. A new file gets mode 0644; an
+  /// existing file keeps its mode.
   void write(const std::string& path) const {
     const std::vector<unsigned char> bytes = to_bytes();
-    std::vector<char> tmp(path.begin(), path.end());
+    const std::string target = output_target({"output", path});
+    std::vector<char> tmp(target.begin(), target.end());
     const char suffix[] = ".tmp.XXXXXX";
     tmp.insert(tmp.end(), suffix, suffix + sizeof suffix);  // includes the terminating NUL
     int fd = ::mkstemp(tmp.data());
@@ -484,7 +507,7 @@ class SafetensorsWriter {
       throw format_error(orepa::detail::cat(path, ": ", what, ": ", std::strerror(err)));
     };
     struct stat st {};
-    const mode_t mode = ::stat(path.c_str(), &st) == 0 ? (st.st_mode & 07777) : 0644;
+    const mode_t mode = ::stat(target.c_str(), &st) == 0 ? (st.st_mode & 07777) : 0644;
     if (::fchmod(fd, mode) != 0) fail("chmod of the temporary file failed");
     for (std::size_t done = 0; done < bytes.size();) {
       ssize_t w = ::write(fd, bytes.data() + done, bytes.size() - done);
@@ -496,10 +519,10 @@ class SafetensorsWriter {
     const int rc = ::close(fd);
     fd = -1;
     if (rc != 0) fail("close failed");
-    if (::rename(tmp.data(), path.c_str()) != 0) fail("rename failed");
+    if (::rename(tmp.data(), target.c_str()) != 0) fail("rename failed");
     // Best effort: persist the rename itself (the data is already safe).
-    const auto slash = path.rfind('/');
-    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : path.substr(0, slash);
+    const auto slash = target.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : target.substr(0, slash);
     if (int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) ::fsync(dfd), ::close(dfd);
   }
 

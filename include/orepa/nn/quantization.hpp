@@ -48,8 +48,9 @@ class Calibrator {
   /// Runs `chain` (an fp32 deployed network: an InferenceChain, a yolo::DeployedModel,
   /// anything with visit_convs() and forward()) on `batch`, recording the input of every
   /// deployed convolution in it, in every stage and module, under its name ("3.",
-  /// "2.m.0.cv1.": see AnyDeployed::visit_convs). A batch that fails (a shape error, a
-  /// non-finite value reaching any layer: shape_error naming the layer) records nothing.
+  /// "2.m.0.cv1.": see AnyDeployed::visit_convs). A batch that fails (a shape error, or a
+  /// NaN / Inf reaching any layer: value_error naming the layer, the index and the value)
+  /// records nothing.
   template <class Network>
   void observe(const Network& chain, ConstTensorView<float> batch) {
     Recorder r(*this);
@@ -140,10 +141,13 @@ class Calibrator {
     const std::int64_t room = std::max<std::int64_t>(0, max_samples_ - held - std::int64_t(s.samples.size()));
     const std::int64_t take = std::min(room, std::max<std::int64_t>(1, max_samples_ / 16));
     const std::int64_t stride = take > 0 ? std::max<std::int64_t>(1, n / take) : n + 1;
+    if (const std::int64_t bad = first_non_finite(x); bad >= 0)
+      throw value_error(detail::cat("Calibrator: the input of ", detail::layer_label(layer), " ", shape_str(x.sizes()),
+                                    " holds ", logical_element(x, bad),
+                                    " at index ", index_str(x.sizes(), bad),
+                                    "; calibrate on finite data (an int8 range must be finite)"));
     const float* p = x.data();  // element order does not matter for a distribution
     for (std::int64_t i = 0, added = 0; i < n; ++i) {
-      if (!std::isfinite(p[i]))
-        throw shape_error(detail::cat("Calibrator: layer '", layer, "' input holds a non-finite value at index ", i));
       s.lo = std::min(s.lo, p[i]);
       s.hi = std::max(s.hi, p[i]);
       if (i % stride == 0 && added < take) s.samples.push_back(p[i]), ++added;
@@ -169,28 +173,50 @@ struct LayerQuantError {
   std::string layer;         ///< prefix ("3." for layer 3 of a Sequential; "" for a single block)
   Precision precision;       ///< what it runs in
   double weight_sqnr_db;     ///< kernel as held by the primitive vs the fp32 kernel
-  double output_sqnr_db;     ///< its output vs the fp32 layer's, both given the fp32 network's input
+  double output_sqnr_db;     ///< its output vs the fp32 layer's, both given the fp32 network's input (NaN: undefined, see print)
+  std::string note;          ///< a clamp the numbers depend on (an int8 input range widened to QuantParams::min_scale), or ""
 };
 
 /// Per-layer and end-to-end quantization error of a reduced-precision deployment.
 struct QuantizationReport {
   std::vector<LayerQuantError> layers;  ///< worst output SQNR first
-  double output_sqnr_db = 0;            ///< the whole network's output vs fp32
+  double output_sqnr_db = 0;            ///< the whole network's output vs fp32 (NaN: undefined, see print)
 
-  /// The table: layer, precision, weight and output SQNR, worst first; then end to end.
+  /// The table: layer, precision, weight and output SQNR, worst first; then end to end,
+  /// then each layer's note. An SQNR that does not exist (NaN: an fp32 or reduced output
+  /// held a NaN or Inf on the batches) prints as "n/a", with a line saying why.
   /// `max_layers` limits the rows (0: all).
   void print(std::ostream& os, std::size_t max_layers = 0) const {
     const auto flags = os.flags();
+    bool undefined = std::isnan(output_sqnr_db);
+    auto db = [&](double v, int width) {
+      os << std::setw(width);
+      if (std::isnan(v)) {
+        undefined = true;
+        os << "n/a";
+      } else {
+        os << std::fixed << std::setprecision(1) << v;
+      }
+    };
     os << "  layer        precision  weight SQNR dB  output SQNR dB\n";
     const std::size_t n = max_layers == 0 ? layers.size() : std::min(max_layers, layers.size());
     for (std::size_t i = 0; i < n; ++i) {
       const auto& l = layers[i];
       os << "  " << std::left << std::setw(12) << (l.layer.empty() ? std::string("(block)") : l.layer) << ' '
-         << std::setw(10) << precision_name(l.precision) << std::right << std::fixed << std::setprecision(1)
-         << std::setw(15) << l.weight_sqnr_db << std::setw(16) << l.output_sqnr_db << '\n';
+         << std::setw(10) << precision_name(l.precision) << std::right;
+      db(l.weight_sqnr_db, 15);
+      db(l.output_sqnr_db, 16);
+      os << '\n';
     }
     if (n < layers.size()) os << "  ... " << layers.size() - n << " better layers not shown\n";
-    os << "  end to end output SQNR " << std::fixed << std::setprecision(1) << output_sqnr_db << " dB\n";
+    os << "  end to end output SQNR ";
+    db(output_sqnr_db, 0);
+    os << (std::isnan(output_sqnr_db) ? "\n" : " dB\n");
+    for (const auto& l : layers)
+      if (!l.note.empty()) os << "  note: " << (l.layer.empty() ? std::string("(block)") : l.layer) << ": " << l.note << '\n';
+    if (undefined)
+      os << "  n/a: an fp32 or reduced-precision output held a NaN or Inf on these batches (non-finite input "
+            "data or weights), so no SQNR exists\n";
     os.flags(flags);
   }
 };
@@ -212,11 +238,21 @@ inline double weight_sqnr(const DeployedConv<float>& c) {
   const Tensor<float> w = c.effective_weight();
   return sqnr_db(c.weight().data(), w.data(), w.numel());
 }
+// The clamp an int8 layer's numbers depend on, if any.
+inline std::string quantization_note(const DeployedConv<float>& c) {
+  if (c.precision() != Precision::int8 || !QuantParams::widens(c.input_range())) return {};
+  return cat("int8 input range [", c.input_range().lo, ", ", c.input_range().hi, "] is narrower than 255 steps of ",
+             QuantParams::min_scale, ": widened to that step (its values round to the codes next to 0)");
+}
 inline void sort_worst_first(std::vector<LayerQuantError>& v) {
   // std::sort with a tie-break, not stable_sort: GCC 12's stable_sort buffer trips ASan's
   // alloc-dealloc-mismatch check (operator new vs free inside libstdc++).
-  std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) {
-    return a.output_sqnr_db != b.output_sqnr_db ? a.output_sqnr_db < b.output_sqnr_db : a.layer < b.layer;
+  // An undefined (NaN) SQNR sorts first, as the worst: NaN in the comparison itself
+  // would break std::sort's strict weak ordering.
+  auto key = [](double db) { return std::isnan(db) ? -std::numeric_limits<double>::infinity() : db; };
+  std::sort(v.begin(), v.end(), [&](const auto& a, const auto& b) {
+    const double ka = key(a.output_sqnr_db), kb = key(b.output_sqnr_db);
+    return ka != kb ? ka < kb : a.layer < b.layer;
   });
 }
 }  // namespace detail
@@ -273,7 +309,7 @@ QuantizationReport quantization_report(const Network& fp32, const Network& reduc
   QuantizationReport r;
   for (const auto& [name, s] : cmp.sums) {
     const DeployedConv<float>& c = *cmp.reduced.at(name);
-    r.layers.push_back({name, c.precision(), detail::weight_sqnr(c), s.db()});
+    r.layers.push_back({name, c.precision(), detail::weight_sqnr(c), s.db(), detail::quantization_note(c)});
   }
   detail::sort_worst_first(r.layers);
   r.output_sqnr_db = total.db();
@@ -286,7 +322,7 @@ inline QuantizationReport quantization_report(const DeployedConv<float>& fp32, c
   detail::SqnrSum s;
   for (const auto& x : batches) s.add(fp32.forward(x), reduced.forward(x));
   QuantizationReport r;
-  r.layers.push_back({"", reduced.precision(), detail::weight_sqnr(reduced), s.db()});
+  r.layers.push_back({"", reduced.precision(), detail::weight_sqnr(reduced), s.db(), detail::quantization_note(reduced)});
   r.output_sqnr_db = s.db();
   return r;
 }

@@ -45,12 +45,25 @@ class InferenceChain {
   InferenceChain() = default;
   /// Appends a stage.
   void add(AnyDeployed<S> stage) { stages_.push_back(std::move(stage)); }
-  /// Runs every stage in order.
+  /// Runs every stage in order. NaN and Inf propagate: an image (first index) whose
+  /// values reach an int8 stage holding one gets an all-NaN output, since 8-bit codes
+  /// cannot carry them (fp32 and bf16 stages propagate them as PyTorch does).
   Tensor<S> forward(ConstTensorView<S> x) const {
     if (stages_.empty()) return x.clone();
     Tensor<S> in;
     const ConstTensorView<S> first = x.dim() == 4 ? in_format(x, preferred_format(x.sizes()), in) : x;
-    Tensor<S> y = run_stages(first);
+    Tensor<S> y;
+    if constexpr (std::is_same_v<S, float>) {
+      detail::NonFiniteImages seen;
+      seen.batch = x.dim() > 0 ? x.size(0) : 1;
+      {
+        detail::ScopedNonFiniteImages scope(&seen);
+        y = run_stages(first);
+      }
+      detail::poison_images(y, seen.images, seen.batch, seen.all);
+    } else {
+      y = run_stages(first);
+    }
     if (y.dim() == 4 && y.memory_format() != x.memory_format()) return y.to(x.memory_format());
     return y;
   }
@@ -209,7 +222,10 @@ class Sequential : public ModuleTensors<Sequential<S>, S> {
   }
 
   /// The inference chain: every layer deployed (a snapshot of the current weights).
+  /// value_error naming the tensor ("3.bn.running_var") when one cannot be deployed
+  /// (check_deployable()).
   InferenceChain<S> deploy() const {
+    check_deployable(*this);
     InferenceChain<S> chain;
     for (const auto& l : layers_) chain.add(l.deploy());
     return chain;
