@@ -59,7 +59,7 @@ int main(int argc, char** argv) try {
         Calibrator cal;
         for (const auto& b : batches) cal.observe(fp32, b);
         opts.calibration(cal.calibration());
-        io::save_calibration(out, opts.calibration());
+        io::save_calibration(opts.calibration(), out);
       }
       DeployedConv<float> reduced = fp32;
       reduced.apply(opts, "");
