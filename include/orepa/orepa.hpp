@@ -41,3 +41,4 @@
 #include "orepa/nn/sequential.hpp"
 #include "orepa/nn/synthetic.hpp"
 #include "orepa/nn/yolo.hpp"
+#include "orepa/nn/yolo_train.hpp"
