@@ -155,9 +155,9 @@ class StateDict {
 /// missing, mis-typed, mis-shaped, invalid and unexpected entry. Change the object only
 /// after finish() returns. (Optimizers, schedules and ModelEMA load this way.)
 ///
-///   StateReader<S> r(sd, "CosineSchedule");
+///   StateReader<float> r(sd, "MySchedule");
 ///   const double base = r.real("base_lr");
-///   if (!(base >= 0)) r.invalid(detail::cat("base_lr ", base, " (must be >= 0)"));
+///   if (!(base >= 0)) r.invalid("base_lr must be >= 0");
 ///   r.finish();
 ///   base_ = base;
 template <class S>

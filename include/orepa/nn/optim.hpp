@@ -95,8 +95,9 @@ class Optimizer {
  protected:
   /// What load_state_dict reads of the groups before it changes anything.
   struct GroupState {
-    std::int64_t steps = 0;           ///< step() calls
-    std::vector<S> lr, weight_decay;  ///< per group
+    std::int64_t steps = 0;          ///< step() calls
+    std::vector<S> lr;               ///< per group
+    std::vector<S> weight_decay;     ///< per group
   };
   /// Key `field` of group `i` ("param_groups.<i>.<field>").
   static std::string group_key(std::size_t i, const char* field) { return detail::cat("param_groups.", i, ".", field); }
