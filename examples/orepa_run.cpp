@@ -78,7 +78,7 @@ int main(int argc, char** argv) try {
             }
           }
           opts.calibration(cal.calibration());
-          io::save_calibration(out, opts.calibration());
+          io::save_calibration(opts.calibration(), out);
         }
         reduced.apply(opts, "");
       } catch (const value_error& e) {

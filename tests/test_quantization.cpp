@@ -223,7 +223,7 @@ TEST(Quantization, CalibrationRoundTripsThroughSafetensorsWithTheWeights) {
   c.set("2.", {0.f, 1.5f});
   io::SafetensorsWriter w;
   w.add("0.weight", Tensor<float>({2, 2, 1, 1}, 1.f));  // deployed weights may share the file
-  io::save_calibration(w, c);
+  io::save_calibration(c, w);
   const auto f = io::SafetensorsFile::from_bytes(w.to_bytes());
   const Calibration back = io::load_calibration(f);
   ASSERT_EQ(back.size(), 2u);

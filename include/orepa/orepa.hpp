@@ -33,6 +33,7 @@
 #include "orepa/io/state_dict.hpp"
 #include "orepa/io/checkpoint.hpp"
 #include "orepa/io/calibration.hpp"
+#include "orepa/io/training_checkpoint.hpp"
 #include "orepa/nn/layers.hpp"
 #include "orepa/nn/optim.hpp"
 #include "orepa/nn/quantization.hpp"
@@ -40,3 +41,4 @@
 #include "orepa/nn/sequential.hpp"
 #include "orepa/nn/synthetic.hpp"
 #include "orepa/nn/yolo.hpp"
+#include "orepa/nn/yolo_train.hpp"

@@ -7,17 +7,20 @@
 #include <cstdint>
 #include <random>
 
+#include "orepa/core/state_dict.hpp"
 #include "orepa/core/tensor.hpp"
 
 namespace orepa {
 
-/// Deterministic random numbers: mt19937_64 with a portable uniform mapping.
+/// Deterministic random numbers: mt19937_64 with a portable uniform mapping. Its state is
+/// the seed and the number of values drawn, so a training checkpoint can store it in two
+/// integers and restore() it exactly (io/training_checkpoint.hpp).
 class Rng {
  public:
   /// Seeds the generator; the same seed gives the same stream everywhere.
-  explicit Rng(std::uint64_t seed = 0) : gen_(seed) {}
+  explicit Rng(std::uint64_t seed = 0) : gen_(seed), seed_(seed) {}
   /// Uniform in [0, 1).
-  double uniform() { return double(gen_() >> 11) * (1.0 / 9007199254740992.0); }
+  double uniform() { return double(next() >> 11) * (1.0 / 9007199254740992.0); }
   /// Uniform in [lo, hi).
   double uniform(double lo, double hi) { return lo + (hi - lo) * uniform(); }
   /// Standard normal (Box-Muller).
@@ -27,10 +30,46 @@ class Rng {
     return std::sqrt(-2.0 * std::log(u1)) * std::cos(6.283185307179586 * u2);
   }
   /// Uniform integer in [0, n).
-  std::uint64_t below(std::uint64_t n) { return n ? gen_() % n : 0; }
+  std::uint64_t below(std::uint64_t n) { return n ? next() % n : 0; }
+
+  /// The seed the stream started from.
+  std::uint64_t seed() const { return seed_; }
+  /// Number of 64-bit values drawn since seeding (each uniform() and below() draws one).
+  std::uint64_t draws() const { return draws_; }
+  /// Puts the generator where Rng(seed) is after `draws` values (re-seeds, then skips
+  /// them: about a nanosecond per skipped value).
+  void restore(std::uint64_t seed, std::uint64_t draws) {
+    gen_.seed(seed);
+    gen_.discard(draws);
+    seed_ = seed;
+    draws_ = draws;
+  }
+  /// The state as counters "seed" and "draws" (their 64 bits stored as int64).
+  template <class S = float>
+  StateDict<S> state_dict() const {
+    StateDict<S> sd;
+    sd.insert_count("seed", std::int64_t(seed_));
+    sd.insert_count("draws", std::int64_t(draws_));
+    return sd;
+  }
+  /// restore()s the state of state_dict(); format_error naming a missing or unexpected
+  /// entry (the generator unchanged).
+  template <class S>
+  void load_state_dict(const StateDict<S>& sd) {
+    StateReader<S> r(sd, "Rng");
+    const auto seed = std::uint64_t(r.count("seed")), draws = std::uint64_t(r.count("draws"));
+    r.finish();
+    restore(seed, draws);
+  }
 
  private:
+  std::uint64_t next() {
+    ++draws_;
+    return gen_();
+  }
   std::mt19937_64 gen_;
+  std::uint64_t seed_;
+  std::uint64_t draws_ = 0;
 };
 
 /// Fills `t` with U(-bound, bound).

@@ -17,8 +17,8 @@ inline const std::string& input_range_suffix() {
   return s;
 }
 
-/// Adds every range of `c` to `w`.
-inline void save_calibration(SafetensorsWriter& w, const Calibration& c) {
+/// Adds every range of `c` to `w` (the object first, as every io function takes it).
+inline void save_calibration(const Calibration& c, SafetensorsWriter& w) {
   for (const auto& [layer, r] : c.ranges()) {
     Tensor<float> t({2});
     t[0] = r.lo, t[1] = r.hi;

@@ -12,17 +12,27 @@
 ///
 /// Like PyTorch with zero_grad(set_to_none=False), a parameter whose gradient is zero is
 /// still stepped (weight decay, momentum).
+///
+/// `state_dict()` / `load_state_dict()` hold what a resumed run needs to continue
+/// bit-identically, under PyTorch's names flattened: "steps", "param_groups.<i>.lr",
+/// "param_groups.<i>.weight_decay", "param_groups.<i>.params" (the group's size), the
+/// optimizer's settings ("momentum", "betas", ...) and the per-parameter state
+/// "state.<k>.momentum_buffer" (SGD) or "state.<k>.exp_avg" / "exp_avg_sq" (AdamW), k
+/// counting the parameters over the groups in order. Loading checks the group count and
+/// sizes and every state tensor's shape, and changes nothing unless all of it fits.
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
 #include <set>
+#include <string>
 #include <utility>
 #include <vector>
 
 #include "orepa/core/error.hpp"
 #include "orepa/core/options.hpp"
 #include "orepa/core/param.hpp"
+#include "orepa/core/state_dict.hpp"
 
 namespace orepa {
 
@@ -83,6 +93,78 @@ class Optimizer {
   std::int64_t steps() const { return steps_; }
 
  protected:
+  /// What load_state_dict reads of the groups before it changes anything.
+  struct GroupState {
+    std::int64_t steps = 0;          ///< step() calls
+    std::vector<S> lr;               ///< per group
+    std::vector<S> weight_decay;     ///< per group
+  };
+  /// Key `field` of group `i` ("param_groups.<i>.<field>").
+  static std::string group_key(std::size_t i, const char* field) { return detail::cat("param_groups.", i, ".", field); }
+  /// Key `field` of the state of parameter `k` ("state.<k>.<field>").
+  static std::string state_key(std::size_t k, const char* field) { return detail::cat("state.", k, ".", field); }
+  /// Adds the step count and every group's lr, weight decay and size to `sd`.
+  void save_groups(StateDict<S>& sd) const {
+    sd.insert_count("steps", steps_);
+    for (std::size_t i = 0; i < groups_.size(); ++i) {
+      sd.insert_real(group_key(i, "lr"), double(*groups_[i].lr));
+      sd.insert_real(group_key(i, "weight_decay"), double(*groups_[i].weight_decay));
+      sd.insert_count(group_key(i, "params"), std::int64_t(groups_[i].params.size()));
+    }
+  }
+  /// Reads what save_groups() wrote, recording in `r` a group count or size that differs
+  /// from this optimizer's and negative values.
+  GroupState read_groups(StateReader<S>& r, const StateDict<S>& sd) const {
+    GroupState st;
+    st.steps = r.count("steps");
+    if (st.steps < 0) r.invalid(detail::cat("steps ", st.steps, " (must be >= 0)"));
+    std::size_t saved_groups = 0;
+    while (sd.contains(group_key(saved_groups, "params"))) ++saved_groups;
+    if (saved_groups != groups_.size())
+      r.invalid(detail::cat("the state dict has ", saved_groups, " parameter groups, the optimizer ", groups_.size()));
+    for (std::size_t i = 0; i < groups_.size(); ++i) {
+      const std::int64_t n = r.count(group_key(i, "params"));
+      if (sd.contains(group_key(i, "params")) && n != std::int64_t(groups_[i].params.size()))
+        r.invalid(detail::cat(group_key(i, "params"), " ", n, " (the optimizer's group ", i, " has ",
+                              groups_[i].params.size(), " parameters)"));
+      for (auto [field, out] : {std::pair{"lr", &st.lr}, std::pair{"weight_decay", &st.weight_decay}}) {
+        const double v = r.real(group_key(i, field));
+        if (!(v >= 0)) r.invalid(detail::cat(group_key(i, field), " ", v, " (must be >= 0)"));
+        out->push_back(S(v));
+      }
+    }
+    return st;
+  }
+  /// Sets the step count and the groups' settings read by read_groups().
+  void apply_groups(const GroupState& st) {
+    steps_ = st.steps;
+    for (std::size_t i = 0; i < groups_.size(); ++i) groups_[i].lr = st.lr[i], groups_[i].weight_decay = st.weight_decay[i];
+  }
+  /// Adds per-parameter state `field` ([group][param], empty: none) to `sd`.
+  void save_param_state(StateDict<S>& sd, const std::vector<std::vector<Tensor<S>>>& state, const char* field) const {
+    std::size_t k = 0;
+    for (const auto& g : state)
+      for (const auto& t : g) sd.insert(state_key(k++, field), t);
+  }
+  /// Reads per-parameter state `field` if the state dict has it (every parameter's, each
+  /// of its parameter's shape); returns none otherwise.
+  std::vector<std::vector<Tensor<S>>> read_param_state(StateReader<S>& r, const char* field) const {
+    std::vector<std::vector<Tensor<S>>> state;
+    bool any = false;
+    std::size_t k = 0;
+    for (const auto& g : groups_)
+      for (std::size_t j = 0; j < g.params.size(); ++j) any = any || r.contains(state_key(k++, field));
+    if (!any) return state;
+    state.resize(groups_.size());
+    k = 0;
+    for (std::size_t i = 0; i < groups_.size(); ++i)
+      for (const auto* p : groups_[i].params) {
+        const Tensor<S>* t = r.tensor(state_key(k++, field), p->value.sizes());
+        state[i].push_back(t ? *t : Tensor<S>());
+      }
+    return state;
+  }
+
   /// One group holding `params`, lr and weight decay unset.
   static std::vector<ParamGroup<S>> single_group(const ParamList<S>& params) {
     return {ParamGroup<S>(params)};
@@ -193,12 +275,22 @@ class SGD : public Optimizer<S> {
   /// The hyper-parameters given at construction.
   const SGDOptions& options() const { return opts_; }
 
+  /// Sets the momentum factor of the following steps (YOLOv5's warm-up raises it);
+  /// config_error when negative or 0 with Nesterov.
+  void set_momentum(double momentum) {
+    this->check_non_negative("momentum", momentum);
+    if (opts_.nesterov() && momentum <= 0)
+      throw config_error(detail::cat("SGD::set_momentum: nesterov needs momentum > 0, got ", momentum));
+    opts_.momentum(momentum);
+  }
+
   /// Updates every parameter from its accumulated gradient.
   void step() {
     this->check_grads();
     const bool use_momentum = opts_.momentum() != 0;
-    if (use_momentum && buf_.empty()) buf_ = this->zeros_like_params();  // once, on the first step
-    const bool first = this->steps_ == 0;
+    // A buffer starts as the first update it sees (torch: buf = d when there is none).
+    const bool first = use_momentum && buf_.empty();
+    if (first) buf_ = this->zeros_like_params();
     const S mom = S(opts_.momentum()), damp = S(1) - S(opts_.dampening());
     for (std::size_t gi = 0; gi < this->groups_.size(); ++gi) {
       const auto& g = this->groups_[gi];
@@ -220,6 +312,38 @@ class SGD : public Optimizer<S> {
       }
     }
     ++this->steps_;
+  }
+
+  /// The step count, the groups' settings, "momentum", "dampening", "nesterov" (0 or 1)
+  /// and, once a step with momentum has run, every "state.<k>.momentum_buffer".
+  StateDict<S> state_dict() const {
+    StateDict<S> sd;
+    this->save_groups(sd);
+    sd.insert_real("momentum", opts_.momentum());
+    sd.insert_real("dampening", opts_.dampening());
+    sd.insert_count("nesterov", opts_.nesterov() ? 1 : 0);
+    this->save_param_state(sd, buf_, "momentum_buffer");
+    return sd;
+  }
+  /// Restores what state_dict() gave (settings included, as torch does); format_error
+  /// listing every entry that does not fit (group count or size, a buffer's shape,
+  /// missing, unexpected or invalid values), the optimizer unchanged.
+  void load_state_dict(const StateDict<S>& sd) {
+    StateReader<S> r(sd, "SGD");
+    const auto groups = this->read_groups(r, sd);
+    const double momentum = r.real("momentum"), dampening = r.real("dampening");
+    const std::int64_t nesterov = r.count("nesterov");
+    if (!(momentum >= 0)) r.invalid(detail::cat("momentum ", momentum, " (must be >= 0)"));
+    if (!(dampening >= 0)) r.invalid(detail::cat("dampening ", dampening, " (must be >= 0)"));
+    if (nesterov != 0 && nesterov != 1) r.invalid(detail::cat("nesterov ", nesterov, " (must be 0 or 1)"));
+    if (nesterov == 1 && (momentum <= 0 || dampening != 0))
+      r.invalid(detail::cat("nesterov with momentum ", momentum, " and dampening ", dampening,
+                            " (needs momentum > 0 and dampening 0)"));
+    auto buf = this->read_param_state(r, "momentum_buffer");
+    r.finish();
+    this->apply_groups(groups);
+    opts_.momentum(momentum).dampening(dampening).nesterov(nesterov == 1);
+    buf_ = std::move(buf);
   }
 
  private:
@@ -307,6 +431,37 @@ class AdamW : public Optimizer<S> {
         }
       }
     }
+  }
+
+  /// The step count, the groups' settings, "beta1", "beta2", "eps" and, once a step has
+  /// run, every "state.<k>.exp_avg" and "state.<k>.exp_avg_sq".
+  StateDict<S> state_dict() const {
+    StateDict<S> sd;
+    this->save_groups(sd);
+    sd.insert_real("beta1", opts_.betas().first);
+    sd.insert_real("beta2", opts_.betas().second);
+    sd.insert_real("eps", opts_.eps());
+    this->save_param_state(sd, m_, "exp_avg");
+    this->save_param_state(sd, v_, "exp_avg_sq");
+    return sd;
+  }
+  /// Restores what state_dict() gave (settings included); format_error listing every
+  /// entry that does not fit, the optimizer unchanged.
+  void load_state_dict(const StateDict<S>& sd) {
+    StateReader<S> r(sd, "AdamW");
+    const auto groups = this->read_groups(r, sd);
+    const double b1 = r.real("beta1"), b2 = r.real("beta2"), eps = r.real("eps");
+    if (!(b1 >= 0 && b1 < 1) || !(b2 >= 0 && b2 < 1))
+      r.invalid(detail::cat("betas (", b1, ", ", b2, ") (must be in [0, 1))"));
+    if (!(eps >= 0)) r.invalid(detail::cat("eps ", eps, " (must be >= 0)"));
+    auto m = this->read_param_state(r, "exp_avg");
+    auto v = this->read_param_state(r, "exp_avg_sq");
+    if (m.empty() != v.empty()) r.invalid("exp_avg and exp_avg_sq must be present together");
+    r.finish();
+    this->apply_groups(groups);
+    opts_.betas(Betas(b1, b2)).eps(eps);
+    m_ = std::move(m);
+    v_ = std::move(v);
   }
 
  private:

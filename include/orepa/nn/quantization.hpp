@@ -72,11 +72,19 @@ class Calibrator {
     commit(r.pending);
   }
 
-  /// The range of every layer seen so far.
-  Calibration calibration() const {
-    Calibration c;
-    for (const auto& [name, s] : stats_) c.set(name, method_ == CalibrationMethod::minmax ? s.minmax() : s.mse_optimal());
-    return c;
+  /// The range of every layer seen so far, computed when first asked for after an
+  /// observe(). The reference stays valid while the Calibrator lives (so
+  /// `for (auto& [layer, r] : cal.calibration().ranges())` is safe); the next call after
+  /// an observe() brings the same object up to date. Like observe(), not to be called
+  /// from two threads at once.
+  const Calibration& calibration() const {
+    if (stale_) {
+      Calibration c;
+      for (const auto& [name, s] : stats_) c.set(name, method_ == CalibrationMethod::minmax ? s.minmax() : s.mse_optimal());
+      calibration_ = std::move(c);
+      stale_ = false;
+    }
+    return calibration_;
   }
   /// Number of batches observed per layer (the same for every layer of one chain).
   std::int64_t batches(const std::string& layer) const {
@@ -161,11 +169,14 @@ class Calibrator {
       s.batches += b.batches;
       s.samples.insert(s.samples.end(), b.samples.begin(), b.samples.end());
     }
+    stale_ = stale_ || !pending.empty();
   }
 
   CalibrationMethod method_;
   std::int64_t max_samples_;
   std::map<std::string, Stats> stats_;
+  mutable Calibration calibration_;  // what calibration() returns, recomputed when stale_
+  mutable bool stale_ = false;
 };
 
 /// The quantization error of one deployed convolution.
