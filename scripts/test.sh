@@ -21,21 +21,43 @@ for arg in "$@"; do
 done
 
 jobs=$(nproc)
-stage_start=$SECONDS
-stage() { # prints the time the previous stage took, then the new stage's name
-  echo "== test.sh: previous stage took $((SECONDS - stage_start)) s; now: $*"
-  stage_start=$SECONDS
+# Stage times: wall seconds and CPU seconds (user + sys of every finished child process,
+# from /proc: compilers, tests, fuzzers), so a busy machine's wall time can be judged.
+# Each stage prints its times as it ends; the last lines sum them all up.
+tick=$(getconf CLK_TCK)
+cpu_now() { awk -v t="$tick" '{ printf "%d", ($16 + $17) / t }' "/proc/$$/stat"; }
+stage_name="" stage_start=$SECONDS stage_cpu=0 summary=() run_start=$SECONDS
+stage() { # ends the current stage (prints its times), then starts the one named "$*"
+  local wall=$((SECONDS - stage_start)) cpu=$(( $(cpu_now) - stage_cpu ))
+  if [[ -n $stage_name ]]; then
+    echo "== test.sh: $stage_name took ${wall} s wall, ${cpu} s CPU"
+    summary+=("$(printf '%6d s wall %6d s CPU  %s' "$wall" "$cpu" "$stage_name")")
+  fi
+  stage_name="$*" stage_start=$SECONDS stage_cpu=$(cpu_now)
+  [[ -n $stage_name ]] && echo "== test.sh: now: $stage_name"
+  return 0
 }
+summarize() { # on exit, successful or not
+  local status=$?
+  stage ""
+  echo "== test.sh: stage times (load average at the end: $(cut -d' ' -f1-3 /proc/loadavg))"
+  printf '%s\n' "${summary[@]}"
+  printf '%6d s wall %6d s CPU  total (%s)\n' "$((SECONDS - run_start))" "$(cpu_now)" \
+    "$([[ $status == 0 ]] && echo passed || echo "FAILED, status $status")"
+}
+trap summarize EXIT
 
+stage "install packages"
 if [[ $quick == 1 ]]; then
   bash cmake/install_deps.sh
 else
   OREPA_WITH_CLANG=1 bash cmake/install_deps.sh  # clang-14 and libFuzzer for the fuzz stage
 fi
 
-stage "Release build and tests (build/)"
+stage "Release build (build/)"
 bash scripts/configure.sh test build
 cmake --build build -j"$jobs"
+stage "Release tests"
 ctest --test-dir build --output-on-failure --no-tests=error -j1
 [[ $quick == 1 ]] && exit 0
 
@@ -49,11 +71,12 @@ ctest --test-dir build --output-on-failure --no-tests=error -j1
 # The MPI tests (label mpi) run with leak detection off, ASan and UBSan on: Open MPI's
 # leaks at exit sit in plugins it has unloaded, which no suppression can name
 # (cmake/mpi_test.cmake).
-stage "sanitizer build and tests (build-asan/)"
+stage "sanitizer build (build-asan/)"
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 bash scripts/configure.sh asan build-asan
 cmake --build build-asan -j"$jobs"
+stage "sanitizer tests"
 # The packaging tests build separate projects without sanitizers; they ran in build/ already.
 ctest --test-dir build-asan --output-on-failure --no-tests=error -j1 -E '^(install_|cmake_|pkgconfig_|docs_|readme_)'
 
@@ -80,4 +103,3 @@ for target in fuzz_safetensors fuzz_block_config fuzz_tool_args fuzz_checkpoint;
   fi
   grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" || true
 done
-stage "done"
