@@ -57,8 +57,14 @@ fi
 stage "Release build (build/)"
 bash scripts/configure.sh test build
 cmake --build build -j"$jobs"
+# The packaging tests configure and build separate projects: single-threaded compiles,
+# run $jobs at a time. The rest run one at a time: most use 2 OpenMP threads, and two
+# OpenMP programs on 2 cores slow each other down far more than 2x.
+packaging='^(install_|cmake_|pkgconfig_|docs_|readme_)'
 stage "Release tests"
-ctest --test-dir build --output-on-failure --no-tests=error -j1
+ctest --test-dir build --output-on-failure --no-tests=error -j1 -E "$packaging"
+stage "packaging tests ($jobs at a time)"
+ctest --test-dir build --output-on-failure --no-tests=error -j"$jobs" -R "$packaging"
 [[ $quick == 1 ]] && exit 0
 
 # ---- sanitizers: ASan + UBSan + LSan over the whole ctest suite ---------------------------
@@ -78,28 +84,47 @@ bash scripts/configure.sh asan build-asan
 cmake --build build-asan -j"$jobs"
 stage "sanitizer tests"
 # The packaging tests build separate projects without sanitizers; they ran in build/ already.
-ctest --test-dir build-asan --output-on-failure --no-tests=error -j1 -E '^(install_|cmake_|pkgconfig_|docs_|readme_)'
+ctest --test-dir build-asan --output-on-failure --no-tests=error -j1 -E "$packaging"
 
 # ---- fuzzing: each libFuzzer target for a bounded time ------------------------------------
 stage "fuzz build (build-fuzz/, clang-14)"
 bash scripts/configure.sh fuzz build-fuzz
 cmake --build build-fuzz -j"$jobs"
 seconds=${OREPA_FUZZ_SECONDS:-60}
-for target in fuzz_safetensors fuzz_block_config fuzz_tool_args fuzz_checkpoint; do
-  stage "fuzzing $target for $seconds s"
+# Every libFuzzer target in fuzz/ (a source defining LLVMFuzzerTestOneInput), $jobs at a
+# time: each runs on one thread, so the cores are used without slowing each other.
+mapfile -t targets < <(grep -l LLVMFuzzerTestOneInput fuzz/*.cpp | xargs -n 1 basename | sed 's/\.cpp$//')
+fuzz_one() { # runs target $1 for $seconds s; its output goes to build-fuzz/$1.log
+  local target=$1
   # New inputs go to the first (scratch) corpus folder; the committed seeds stay untouched.
-  work="build-fuzz/corpus/$target" log="build-fuzz/$target.log"
+  local work="build-fuzz/corpus/$target"
   mkdir -p "$work" build-fuzz/artifacts
-  args=(-max_total_time="$seconds" -timeout=30 -print_final_stats=1 -artifact_prefix="build-fuzz/artifacts/$target-")
+  local args=(-max_total_time="$seconds" -timeout=30 -print_final_stats=1 -artifact_prefix="build-fuzz/artifacts/$target-")
   [[ -f fuzz/$target.dict ]] && args+=(-dict="fuzz/$target.dict")
   [[ $target == fuzz_block_config ]] && args+=(-max_len=64)  # the configuration needs ~24 bytes
   [[ $target == fuzz_checkpoint ]] && args+=(-max_len=4096)  # the largest seed is ~2.9 KB
   # One OpenMP thread: the inputs are tiny convolutions, where more threads only add overhead.
-  if ! OMP_NUM_THREADS=1 "build-fuzz/fuzz/$target" "${args[@]}" "$work" "fuzz/corpus/$target" >"$log" 2>&1; then
-    tail -n 60 "$log"
-    echo "scripts/test.sh: $target found a problem (log: $log); the input is saved as" \
-         "build-fuzz/artifacts/$target-*; reproduce with: build-fuzz/fuzz/$target <input>" >&2
-    exit 1
-  fi
-  grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" || true
+  OMP_NUM_THREADS=1 "build-fuzz/fuzz/$target" "${args[@]}" "$work" "fuzz/corpus/$target" >"build-fuzz/$target.log" 2>&1
+}
+stage "fuzzing ${#targets[@]} targets, $seconds s each, $jobs at a time"
+for ((first = 0; first < ${#targets[@]}; first += jobs)); do
+  batch=("${targets[@]:first:jobs}") pids=()
+  for target in "${batch[@]}"; do
+    fuzz_one "$target" &
+    pids+=($!)
+  done
+  found=0
+  for k in "${!batch[@]}"; do
+    target=${batch[k]} log="build-fuzz/${batch[k]}.log"
+    if wait "${pids[k]}"; then
+      echo "$target:"
+      grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" || true
+    else
+      tail -n 60 "$log"
+      echo "scripts/test.sh: $target found a problem (log: $log); the input is saved as" \
+           "build-fuzz/artifacts/$target-*; reproduce with: build-fuzz/fuzz/$target <input>" >&2
+      found=1
+    fi
+  done
+  [[ $found == 0 ]] || exit 1
 done
