@@ -286,7 +286,7 @@ void deploy_network(benchmark::State& state, Precision p) {
   }
 }
 
-const bool registered = [] {
+const bool deploy_registered = [] {
   benchmark::AddCustomContext("onednn_isa", engine::cpu_isa_name());  // the kernels differ per ISA
   for (auto n : kBatches)
     for (const auto& l : kLayers) {

@@ -147,7 +147,7 @@ void register_squeeze(const TrainShape& s) {
       ->Unit(benchmark::kMicrosecond);
 }
 
-const bool registered = [] {
+const bool train_registered = [] {
   for (const auto& s : kTrainShapes) {
     register_train<ConvBNCase>(s);
     register_train<OrepaCase>(s);

@@ -5,7 +5,8 @@ set -euo pipefail
 packages=(cmake g++ make libeigen3-dev libdnnl-dev ocl-icd-opencl-dev libgtest-dev libgmock-dev
           libbenchmark-dev nlohmann-json3-dev pkgconf doxygen
           libopenmpi-dev openmpi-bin   # MPI: orepa::dist (data-parallel training) and its tests
-          libyaml-cpp-dev libstb-dev)  # orepa::yolo: model yaml files, images
+          libyaml-cpp-dev libstb-dev   # orepa::yolo: model yaml files, images
+          ccache)                      # scripts/configure.sh: quick rebuilds of unchanged sources
 # Extra packages for the sanitizer/fuzz configuration (clang + its runtime).
 if [[ "${OREPA_WITH_CLANG:-0}" == 1 ]]; then
   packages+=(clang-14 libclang-rt-14-dev)

@@ -21,22 +21,50 @@ for arg in "$@"; do
 done
 
 jobs=$(nproc)
-stage_start=$SECONDS
-stage() { # prints the time the previous stage took, then the new stage's name
-  echo "== test.sh: previous stage took $((SECONDS - stage_start)) s; now: $*"
-  stage_start=$SECONDS
+# Stage times: wall seconds and CPU seconds (user + sys of every finished child process,
+# from /proc: compilers, tests, fuzzers), so a busy machine's wall time can be judged.
+# Each stage prints its times as it ends; the last lines sum them all up.
+tick=$(getconf CLK_TCK)
+cpu_now() { awk -v t="$tick" '{ printf "%d", ($16 + $17) / t }' "/proc/$$/stat"; }
+stage_name="" stage_start=$SECONDS stage_cpu=0 summary=() run_start=$SECONDS
+stage() { # ends the current stage (prints its times), then starts the one named "$*"
+  local wall=$((SECONDS - stage_start)) cpu=$(( $(cpu_now) - stage_cpu ))
+  if [[ -n $stage_name ]]; then
+    echo "== test.sh: $stage_name took ${wall} s wall, ${cpu} s CPU"
+    summary+=("$(printf '%6d s wall %6d s CPU  %s' "$wall" "$cpu" "$stage_name")")
+  fi
+  stage_name="$*" stage_start=$SECONDS stage_cpu=$(cpu_now)
+  [[ -n $stage_name ]] && echo "== test.sh: now: $stage_name"
+  return 0
 }
+summarize() { # on exit, successful or not
+  local status=$?
+  stage ""
+  echo "== test.sh: stage times (load average at the end: $(cut -d' ' -f1-3 /proc/loadavg))"
+  printf '%s\n' "${summary[@]}"
+  printf '%6d s wall %6d s CPU  total (%s)\n' "$((SECONDS - run_start))" "$(cpu_now)" \
+    "$([[ $status == 0 ]] && echo passed || echo "FAILED, status $status")"
+}
+trap summarize EXIT
 
+stage "install packages"
 if [[ $quick == 1 ]]; then
   bash cmake/install_deps.sh
 else
   OREPA_WITH_CLANG=1 bash cmake/install_deps.sh  # clang-14 and libFuzzer for the fuzz stage
 fi
 
-stage "Release build and tests (build/)"
+stage "Release build (build/)"
 bash scripts/configure.sh test build
 cmake --build build -j"$jobs"
-ctest --test-dir build --output-on-failure --no-tests=error -j1
+# The packaging and compile-error tests configure and build separate projects or run the
+# compiler alone: single-threaded compiles, run $jobs at a time. The rest run one at a time: most use 2 OpenMP threads, and two
+# OpenMP programs on 2 cores slow each other down far more than 2x.
+packaging='^(install_|cmake_|pkgconfig_|docs_|readme_|compile_error_)'
+stage "Release tests"
+ctest --test-dir build --output-on-failure --no-tests=error -j1 -E "$packaging"
+stage "packaging tests ($jobs at a time)"
+ctest --test-dir build --output-on-failure --no-tests=error -j"$jobs" -R "$packaging"
 [[ $quick == 1 ]] && exit 0
 
 # ---- sanitizers: ASan + UBSan + LSan over the whole ctest suite ---------------------------
@@ -49,36 +77,54 @@ ctest --test-dir build --output-on-failure --no-tests=error -j1
 # The MPI tests (label mpi) run with leak detection off, ASan and UBSan on: Open MPI's
 # leaks at exit sit in plugins it has unloaded, which no suppression can name
 # (cmake/mpi_test.cmake).
-stage "sanitizer build and tests (build-asan/)"
+stage "sanitizer build (build-asan/)"
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 bash scripts/configure.sh asan build-asan
 cmake --build build-asan -j"$jobs"
-# The packaging and compile-error tests build separate projects or run the compiler alone
-# without sanitizers; they ran in build/ already.
-ctest --test-dir build-asan --output-on-failure --no-tests=error -j1 -E '^(install_|cmake_|pkgconfig_|docs_|readme_|compile_error_)'
+stage "sanitizer tests"
+# The packaging and compile-error tests run without sanitizers; they ran in build/ already.
+ctest --test-dir build-asan --output-on-failure --no-tests=error -j1 -E "$packaging"
 
 # ---- fuzzing: each libFuzzer target for a bounded time ------------------------------------
 stage "fuzz build (build-fuzz/, clang-14)"
 bash scripts/configure.sh fuzz build-fuzz
 cmake --build build-fuzz -j"$jobs"
 seconds=${OREPA_FUZZ_SECONDS:-60}
-for target in fuzz_safetensors fuzz_safetensors_writer fuzz_block_config fuzz_tool_args fuzz_checkpoint; do
-  stage "fuzzing $target for $seconds s"
+# Every libFuzzer target in fuzz/ (a source defining LLVMFuzzerTestOneInput), $jobs at a
+# time: each runs on one thread, so the cores are used without slowing each other.
+mapfile -t targets < <(grep -l LLVMFuzzerTestOneInput fuzz/*.cpp | xargs -n 1 basename | sed 's/\.cpp$//')
+fuzz_one() { # runs target $1 for $seconds s; its output goes to build-fuzz/$1.log
+  local target=$1
   # New inputs go to the first (scratch) corpus folder; the committed seeds stay untouched.
-  work="build-fuzz/corpus/$target" log="build-fuzz/$target.log"
+  local work="build-fuzz/corpus/$target"
   mkdir -p "$work" build-fuzz/artifacts
-  args=(-max_total_time="$seconds" -timeout=30 -print_final_stats=1 -artifact_prefix="build-fuzz/artifacts/$target-")
+  local args=(-max_total_time="$seconds" -timeout=30 -print_final_stats=1 -artifact_prefix="build-fuzz/artifacts/$target-")
   [[ -f fuzz/$target.dict ]] && args+=(-dict="fuzz/$target.dict")
   [[ $target == fuzz_block_config ]] && args+=(-max_len=64)  # the configuration needs ~24 bytes
   [[ $target == fuzz_checkpoint ]] && args+=(-max_len=4096)  # the largest seed is ~2.9 KB
   # One OpenMP thread: the inputs are tiny convolutions, where more threads only add overhead.
-  if ! OMP_NUM_THREADS=1 "build-fuzz/fuzz/$target" "${args[@]}" "$work" "fuzz/corpus/$target" >"$log" 2>&1; then
-    tail -n 60 "$log"
-    echo "scripts/test.sh: $target found a problem (log: $log); the input is saved as" \
-         "build-fuzz/artifacts/$target-*; reproduce with: build-fuzz/fuzz/$target <input>" >&2
-    exit 1
-  fi
-  grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" || true
+  OMP_NUM_THREADS=1 "build-fuzz/fuzz/$target" "${args[@]}" "$work" "fuzz/corpus/$target" >"build-fuzz/$target.log" 2>&1
+}
+stage "fuzzing ${#targets[@]} targets, $seconds s each, $jobs at a time"
+for ((first = 0; first < ${#targets[@]}; first += jobs)); do
+  batch=("${targets[@]:first:jobs}") pids=()
+  for target in "${batch[@]}"; do
+    fuzz_one "$target" &
+    pids+=($!)
+  done
+  found=0
+  for k in "${!batch[@]}"; do
+    target=${batch[k]} log="build-fuzz/${batch[k]}.log"
+    if wait "${pids[k]}"; then
+      echo "$target:"
+      grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" || true
+    else
+      tail -n 60 "$log"
+      echo "scripts/test.sh: $target found a problem (log: $log); the input is saved as" \
+           "build-fuzz/artifacts/$target-*; reproduce with: build-fuzz/fuzz/$target <input>" >&2
+      found=1
+    fi
+  done
+  [[ $found == 0 ]] || exit 1
 done
-stage "done"

@@ -12,7 +12,7 @@ void scale_channels(Tensor<double>& y, const Tensor<double>& v, std::int64_t row
   const auto C = y.size(1), P = y.size(2) * y.size(3);
   for (std::int64_t j = 0; j < y.numel(); ++j) y[j] *= v(row, (j / P) % C);
 }
-void add_into(Tensor<double>& acc, const Tensor<double>& y) {
+void accumulate_into(Tensor<double>& acc, const Tensor<double>& y) {
   ASSERT_EQ(acc.sizes(), y.sizes());
   for (std::int64_t j = 0; j < y.numel(); ++j) acc[j] += y[j];
 }
@@ -47,7 +47,7 @@ Tensor<double> explicit_branches(OREPA<double>& b, const Tensor<double>& x) {
     o1.out_channels = g.out_channels;
     auto y = depthwise_filter(reference::conv2d(x, P(conv), o1), P(filter), g);
     scale_channels(y, v, row);
-    add_into(sum, y);
+    accumulate_into(sum, y);
   }
   {  // row 3: identity-based 1x1 (T channels), then k x k
     Tensor<double> c1 = P("weight_orepa_1x1_kxk_idconv1");
@@ -58,14 +58,14 @@ Tensor<double> explicit_branches(OREPA<double>& b, const Tensor<double>& x) {
     g2.in_channels = c1.size(0);
     auto y = reference::conv2d(reference::conv2d(x, c1, g1), P("weight_orepa_1x1_kxk_conv2"), g2);
     scale_channels(y, v, 3);
-    add_into(sum, y);
+    accumulate_into(sum, y);
   }
   {  // row 4: 1x1 conv with the block's stride; padding shifted by the kernel centre
     ConvGeometry g4 = g;
     g4.kernel = 1, g4.dilation = 1, g4.padding = g.padding - g.dilation * (g.kernel / 2);
     auto y = reference::conv2d(x, P("weight_orepa_1x1"), g4);
     scale_channels(y, v, 4);
-    add_into(sum, y);
+    accumulate_into(sum, y);
   }
   {  // row 5: depthwise k x k with 8 outputs per input channel, then grouped pointwise
     // whose rows follow the reference's permutation: output c*Og+a uses pw row a*g+c.
@@ -82,16 +82,16 @@ Tensor<double> explicit_branches(OREPA<double>& b, const Tensor<double>& x) {
     gp.in_channels = 8 * g.in_channels, gp.out_channels = g.out_channels, gp.groups = g.groups;
     auto y = reference::conv2d(dw_out, pw_perm, gp);
     scale_channels(y, v, 5);
-    add_into(sum, y);
+    accumulate_into(sum, y);
   }
   return sum;
 }
 
-struct BlockCase {
+struct SqueezeCase {
   std::int64_t i, o, k, s, p, d, g, h;
 };
 
-class OrepaSqueeze : public ::testing::TestWithParam<BlockCase> {};
+class OrepaSqueeze : public ::testing::TestWithParam<SqueezeCase> {};
 
 }  // namespace
 
@@ -118,12 +118,12 @@ TEST_P(OrepaSqueeze, EqualsExplicitMultiBranchNetwork) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Configs, OrepaSqueeze,
-                         ::testing::Values(BlockCase{4, 6, 3, 1, 1, 1, 1, 7},    // g = 1
-                                           BlockCase{4, 6, 3, 2, 1, 1, 2, 8},    // g = 2, stride 2
-                                           BlockCase{8, 16, 3, 1, 1, 1, 8, 6},   // g = 8: T = 2I
-                                           BlockCase{4, 4, 3, 1, 2, 2, 1, 9},    // dilation 2
-                                           BlockCase{4, 6, 5, 1, 2, 1, 2, 8},    // k = 5
-                                           BlockCase{2, 4, 7, 2, 3, 1, 1, 11}),  // k = 7, stride 2
+                         ::testing::Values(SqueezeCase{4, 6, 3, 1, 1, 1, 1, 7},    // g = 1
+                                           SqueezeCase{4, 6, 3, 2, 1, 1, 2, 8},    // g = 2, stride 2
+                                           SqueezeCase{8, 16, 3, 1, 1, 1, 8, 6},   // g = 8: T = 2I
+                                           SqueezeCase{4, 4, 3, 1, 2, 2, 1, 9},    // dilation 2
+                                           SqueezeCase{4, 6, 5, 1, 2, 1, 2, 8},    // k = 5
+                                           SqueezeCase{2, 4, 7, 2, 3, 1, 1, 11}),  // k = 7, stride 2
                          [](const auto& info) {
                            const auto& c = info.param;
                            return "i" + std::to_string(c.i) + "o" + std::to_string(c.o) + "k" + std::to_string(c.k) +
