@@ -152,62 +152,22 @@ void deploy_reduced(benchmark::State& state, Layer l, std::int64_t n, Precision 
 // The yardstick: a oneDNN convolution with nothing around it, in precision `p` (float
 // output always, as DeployedConv's). Skipped where this CPU has no kernel for `p`.
 void raw_onednn(benchmark::State& state, Layer l, std::int64_t n, bool plain, Precision p) {
-  using namespace dnnl;
-  using tag = memory::format_tag;
-  using dt = memory::data_type;
-  auto& eng = engine::cpu_engine();
-  stream s(eng);
-  const ConvGeometry& g = l.g;
-  const Shape xs = input_shape(l, n), ys = g.output_shape(xs, "raw_onednn");
-  const tag act = plain ? tag::nchw : tag::any;
-  const dt src_type = p == Precision::bf16 ? dt::bf16 : p == Precision::int8 ? (engine::cpu_has_vnni() ? dt::u8 : dt::s8) : dt::f32;
-  const dt weight_type = p == Precision::bf16 ? dt::bf16 : p == Precision::int8 ? dt::s8 : dt::f32;
-  auto md = [](const Shape& sh, tag t, dt type = dt::f32) { return memory::desc(memory::dims(sh.begin(), sh.end()), type, t); };
-  post_ops ops;
-  ops.append_eltwise(1.f, algorithm::eltwise_swish, 1.f, 0.f);
-  primitive_attr attr;
-  attr.set_post_ops(ops);
-  attr.set_scratchpad_mode(scratchpad_mode::user);
-  if (p == Precision::int8) {
-    attr.set_output_scales(1 << 1, std::vector<float>(std::size_t(g.out_channels), 1e-3f));
-    attr.set_zero_points(DNNL_ARG_SRC, 0, {3});
-  }
-  const memory::dims k{g.out_channels, g.in_channels, g.kernel, g.kernel};
-  convolution_forward::primitive_desc pd(
-      convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, md(xs, act, src_type),
-                                memory::desc(k, weight_type, tag::any),
-                                memory::desc({g.out_channels}, dt::f32, tag::x), md(ys, act),
-                                {g.stride, g.stride}, {0, 0}, {g.padding, g.padding}, {g.padding, g.padding}),
-      attr, eng, /*allow_empty=*/true);
-  if (!pd) {
+  const Shape xs = input_shape(l, n);
+  const BarePrimitive prim(l.g, xs, p, /*silu=*/true, plain);
+  if (!prim.ok()) {
     state.SkipWithError((std::string("oneDNN has no ") + precision_name(p) + " convolution here (ISA " +
                          engine::cpu_isa_name() + ")").c_str());
     return;
   }
-  convolution_forward prim(pd);
-  // Fill weights, bias and input through reorders from plain buffers, outside the loop.
-  const auto xplain = random_tensor(xs);
-  Tensor<float> wplain(g.weight_shape(), 0.01f), bplain({g.out_channels}, 0.1f);
-  memory src(pd.src_desc(), eng), wts(pd.weights_desc(), eng), bias(pd.bias_desc(), eng), dst(pd.dst_desc(), eng),
-      scratch(pd.scratchpad_desc(), eng);
-  memory xu(md(xs, tag::nchw), eng, const_cast<float*>(xplain.data())), wu(memory::desc(k, dt::f32, tag::oihw), eng, wplain.data());
-  if (p == Precision::int8)
-    std::fill_n(static_cast<unsigned char*>(src.get_data_handle()), src.get_desc().get_size(), 5);
-  else
-    reorder(xu, src).execute(s, xu, src);
-  reorder(wu, wts).execute(s, wu, wts);
-  std::copy(bplain.begin(), bplain.end(), static_cast<float*>(bias.get_data_handle()));
-  s.wait();
-  const std::unordered_map<int, memory> args{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, wts}, {DNNL_ARG_BIAS, bias},
-                                             {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}};
-  prim.execute(s, args);
+  dnnl::stream s(engine::cpu_engine());
+  prim.execute(s);
   s.wait();
   for (auto _ : state) {
-    prim.execute(s, args);
+    prim.execute(s);
     s.wait();
   }
-  state.SetLabel(pd.impl_info_str());
-  set_flops(state, g, xs);
+  state.SetLabel(prim.impl());
+  set_flops(state, l.g, xs);
 }
 
 // stem_k6 -> c32_64_s2 -> c64 -> c64_k1 (640 -> 320 -> 160 -> 160 -> 160).

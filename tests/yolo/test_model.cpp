@@ -258,3 +258,34 @@ TEST(YoloModel, Int8DeploymentCalibratedOnTheWholeGraph) {
   EXPECT_GT(sqnr_db(ref.pred, q.pred), sqnr_db(ref.pred, perturbed.pred) - 10.0);
   EXPECT_GT(sqnr_db(ref.raw[0], q.raw[0]), 8.0);
 }
+
+TEST(YoloModel, NonFiniteInputsGiveNonFiniteOutputsInEveryPrecision) {
+  const auto model = fixture_model();
+  const auto io_file = io::SafetensorsFile::open(fixture("io.safetensors"));
+  const Tensor<float> a = io_file.get<float>("input.a"), b = io_file.get<float>("input.b");
+  const auto fp32 = model.deploy();
+  Calibrator cal;
+  cal.observe(fp32, a);
+  Tensor<float> poisoned = b;  // image 1 of 2 holds one NaN pixel
+  poisoned[poisoned.numel() - 7] = std::numeric_limits<float>::quiet_NaN();
+  for (Precision p : {Precision::fp32, Precision::bf16, Precision::int8}) {
+    const auto net = p == Precision::int8 ? model.deploy(DeployOptions().precision(p).calibration(cal.calibration()))
+                                          : model.deploy(DeployOptions().precision(p));
+    yolo::DetectOutput<float> clean, y;
+    try {
+      clean = net.forward(b);
+      y = net.forward(poisoned);
+    } catch (const engine_error&) {
+      if (p == Precision::bf16) continue;  // no bf16 kernel on this CPU
+      throw;
+    }
+    const std::int64_t per = y.pred.numel() / 2;
+    std::int64_t nan_rows = 0;  // values, in image 1's rows
+    for (std::int64_t i = per; i < 2 * per; ++i) nan_rows += std::isnan(y.pred[i]);
+    EXPECT_GT(nan_rows, 0) << precision_name(p);
+    if (p == Precision::int8) {
+      EXPECT_EQ(nan_rows, per) << "int8: the whole image's rows";
+    }
+    for (std::int64_t i = 0; i < per; ++i) ASSERT_EQ(y.pred[i], clean.pred[i]) << precision_name(p) << " image 0, value " << i;
+  }
+}

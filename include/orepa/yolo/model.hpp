@@ -699,51 +699,24 @@ class DeployedModel {
     plan();
   }
 
-  /// Decoded rows and raw maps of images x [N, C, H, W] (any memory format).
+  /// Decoded rows and raw maps of images x [N, C, H, W] (any memory format). NaN and Inf
+  /// propagate: in int8, an image holding one gets all-NaN rows and maps, since 8-bit
+  /// codes cannot carry them (fp32 and bf16 propagate them as PyTorch does).
   DetectOutput<S> forward(ConstTensorView<S> x) const {
-    Tensor<S> converted;
-    if (x.dim() == 4 && layers_.front().stage) {
-      const MemoryFormat f = layers_.front().stage->preferred_format(x.sizes());
-      if (x.memory_format() != f) {
-        converted.assign(x, f);
-        x = converted;
+    if constexpr (std::is_same_v<S, float>) {
+      orepa::detail::NonFiniteImages seen;
+      seen.batch = x.dim() > 0 ? x.size(0) : 1;
+      DetectOutput<S> out;
+      {
+        orepa::detail::ScopedNonFiniteImages scope(&seen);
+        out = run(x);
       }
+      orepa::detail::poison_images(out.pred, seen.images, seen.batch, seen.all);
+      for (auto& r : out.raw) orepa::detail::poison_images(r, seen.images, seen.batch, seen.all);
+      return out;
+    } else {
+      return run(x);
     }
-    const std::size_t L = layers_.size();
-    std::vector<StageOutput<S>> vals(L);
-    std::vector<std::size_t> last(L, 0);
-    for (std::size_t i = 0; i < L; ++i)
-      for (auto j : layers_[i].from)
-        if (j >= 0) last[std::size_t(j)] = i;
-    auto input = [&](std::int64_t j) -> StageInput<S> { return j < 0 ? StageInput<S>(x) : as_input(vals[std::size_t(j)]); };
-    DetectOutput<S> out;
-    for (std::size_t i = 0; i < L; ++i) {
-      const Layer& l = layers_[i];
-      const QuantParams* q = plan_[i] ? &*plan_[i] : nullptr;
-      if (l.stage) {
-        const StageInput<S> in = input(l.from[0]);
-        if (q || std::holds_alternative<const Int8Codes*>(in) || l.stage->int8_input()) {
-          vals[i] = l.stage->forward_int8(in, q);
-        } else {
-          ConstTensorView<S> v = std::get<ConstTensorView<S>>(in);
-          Tensor<S> nchw;
-          if (v.dim() == 4 && !v.is_contiguous() && !l.stage->takes_any_format()) {
-            nchw.assign(v, MemoryFormat::contiguous);
-            v = nchw;
-          }
-          vals[i] = l.stage->forward(v);
-        }
-      } else if (l.concat) {
-        vals[i] = concat_inputs(l, q, input);
-      } else {
-        std::vector<StageInput<S>> ins;
-        for (auto j : l.from) ins.push_back(input(j));
-        out = head_.forward(ins);
-      }
-      for (auto j : l.from)
-        if (j >= 0 && last[std::size_t(j)] == i) vals[std::size_t(j)] = Tensor<S>();
-    }
-    return out;
   }
 
   /// Number of layers.
@@ -792,6 +765,53 @@ class DeployedModel {
   }
 
  private:
+  // forward() without the NaN bookkeeping.
+  DetectOutput<S> run(ConstTensorView<S> x) const {
+    Tensor<S> converted;
+    if (x.dim() == 4 && layers_.front().stage) {
+      const MemoryFormat f = layers_.front().stage->preferred_format(x.sizes());
+      if (x.memory_format() != f) {
+        converted.assign(x, f);
+        x = converted;
+      }
+    }
+    const std::size_t L = layers_.size();
+    std::vector<StageOutput<S>> vals(L);
+    std::vector<std::size_t> last(L, 0);
+    for (std::size_t i = 0; i < L; ++i)
+      for (auto j : layers_[i].from)
+        if (j >= 0) last[std::size_t(j)] = i;
+    auto input = [&](std::int64_t j) -> StageInput<S> { return j < 0 ? StageInput<S>(x) : as_input(vals[std::size_t(j)]); };
+    DetectOutput<S> out;
+    for (std::size_t i = 0; i < L; ++i) {
+      const Layer& l = layers_[i];
+      const QuantParams* q = plan_[i] ? &*plan_[i] : nullptr;
+      if (l.stage) {
+        const StageInput<S> in = input(l.from[0]);
+        if (q || std::holds_alternative<const Int8Codes*>(in) || l.stage->int8_input()) {
+          vals[i] = l.stage->forward_int8(in, q);
+        } else {
+          ConstTensorView<S> v = std::get<ConstTensorView<S>>(in);
+          Tensor<S> nchw;
+          if (v.dim() == 4 && !v.is_contiguous() && !l.stage->takes_any_format()) {
+            nchw.assign(v, MemoryFormat::contiguous);
+            v = nchw;
+          }
+          vals[i] = l.stage->forward(v);
+        }
+      } else if (l.concat) {
+        vals[i] = concat_inputs(l, q, input);
+      } else {
+        std::vector<StageInput<S>> ins;
+        for (auto j : l.from) ins.push_back(input(j));
+        out = head_.forward(ins);
+      }
+      for (auto j : l.from)
+        if (j >= 0 && last[std::size_t(j)] == i) vals[std::size_t(j)] = Tensor<S>();
+    }
+    return out;
+  }
+
   // The quantization each layer writes: the one all its readers take codes in, if any.
   void plan() {
     const std::size_t L = layers_.size();

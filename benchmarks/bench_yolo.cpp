@@ -1,0 +1,146 @@
+// The whole YOLOv5n-OREPA network (models/yolov5n-orepa.yaml, nc 80), batch 1:
+//
+//   yolo/train_form/<size>              Model::forward_eval, the network in its training form
+//   yolo/deploy/<p>/<size>              DeployedModel::forward in p = fp32 / bf16 / int8 (int8
+//                                       calibrated min/max on the timed image), float NCHW in,
+//                                       decoded rows and raw maps out
+//   yolo/bare_primitives/<p>/<size>     the yardstick: the deployed network's 60 convolutions as
+//                                       bare oneDNN primitives (BarePrimitive: inputs, weights
+//                                       and outputs already in their layouts), run one after
+//                                       the other with nothing between them
+// size = 320 or 640. Counters: gflops (the convolutions' FLOPs per second, 2 per
+// multiply-add) and, on the deploy rows, peak_mb (process peak memory of the deployed
+// network's first forward, VmHWM after minus VmRSS before, in MB).
+// deploy / bare_primitives is what the graph costs around its convolutions: pooling,
+// upsampling, concatenation, the Detect decode and, in int8 and bf16, conversions.
+#include <orepa/nn/quantization.hpp>
+#include <orepa/yolo/yolo.hpp>
+
+#include "bench_common.hpp"
+
+namespace orepa::bench {
+namespace {
+
+yolo::Model<float> yolov5n_orepa() {
+  return yolo::Model<float>(yolo::read_model_config(OREPA_SOURCE_DIR "/models/yolov5n-orepa.yaml"));
+}
+
+Tensor<float> image(std::int64_t size) {
+  Tensor<float> x = random_tensor({1, 3, size, size}, 7);
+  for (auto& v : x) v = 0.5f + 0.5f * v;  // an image's range, [0, 1]
+  return x;
+}
+
+// One deployed convolution as the network runs it: its geometry, input shape and activation.
+struct ConvCall {
+  ConvGeometry g;
+  Shape input;
+  bool silu;
+};
+
+// Every convolution the fp32 network runs on `x`, in order.
+std::vector<ConvCall> conv_calls(const yolo::DeployedModel<float>& net, const Tensor<float>& x) {
+  struct Recorder final : ConvObserver {
+    std::vector<ConvCall> calls;
+    void seen(const DeployedConv<float>& c, ConstTensorView<float> in, ConstTensorView<float>) override {
+      calls.push_back({c.geometry(), in.sizes(), c.activation().kind() == ActivationKind::silu});
+    }
+  } r;
+  ScopedConvObserver scope(&r);
+  net.forward(x);
+  return std::move(r.calls);
+}
+
+double flops_of(const std::vector<ConvCall>& calls) {
+  double f = 0;
+  for (const auto& c : calls) f += conv_flops(c.g, c.input);
+  return f;
+}
+
+void train_form(benchmark::State& state, std::int64_t size) {
+  const auto model = yolov5n_orepa();
+  const auto x = image(size);
+  auto y = model.forward_eval(x);
+  for (auto _ : state) {
+    y = model.forward_eval(x);
+    benchmark::DoNotOptimize(y.pred.data());
+  }
+  state.counters["gflops"] = benchmark::Counter(flops_of(conv_calls(model.deploy(), x)) * 1e-9,
+                                                benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void deploy(benchmark::State& state, Precision p, std::int64_t size) {
+  const auto model = yolov5n_orepa();
+  const auto x = image(size);
+  const auto fp32 = model.deploy();
+  DeployOptions o;
+  o.precision(p);
+  if (p == Precision::int8) {
+    Calibrator cal;
+    cal.observe(fp32, x);
+    o.calibration(cal.calibration());
+  }
+  try {
+    const auto net = model.deploy(o);
+    release_free_memory();
+    const std::int64_t before = process_memory("VmRSS");
+    reset_peak_memory();
+    auto y = net.forward(x);  // warm-up: primitives, weight reorders
+    const std::int64_t peak = process_memory("VmHWM") - before;
+    for (auto _ : state) {
+      y = net.forward(x);
+      benchmark::DoNotOptimize(y.pred.data());
+    }
+    state.counters["peak_mb"] = double(peak) / 1e6;
+  } catch (const engine_error& e) {
+    state.SkipWithError(e.what());
+    return;
+  }
+  state.counters["gflops"] =
+      benchmark::Counter(flops_of(conv_calls(fp32, x)) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void bare_primitives(benchmark::State& state, Precision p, std::int64_t size) {
+  const auto x = image(size);
+  const auto calls = conv_calls(yolov5n_orepa().deploy(), x);
+  std::vector<BarePrimitive> prims;
+  prims.reserve(calls.size());
+  for (const auto& c : calls) {
+    prims.emplace_back(c.g, c.input, p, c.silu);
+    if (!prims.back().ok()) {
+      state.SkipWithError((std::string("oneDNN has no ") + precision_name(p) + " convolution here (ISA " +
+                           engine::cpu_isa_name() + ")").c_str());
+      return;
+    }
+  }
+  dnnl::stream s(engine::cpu_engine());
+  auto run = [&] {
+    for (const auto& prim : prims) prim.execute(s);
+    s.wait();
+  };
+  run();
+  for (auto _ : state) run();
+  state.counters["gflops"] = benchmark::Counter(flops_of(calls) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+const bool yolo_registered = [] {
+  for (std::int64_t size : {320, 640}) {
+    const std::string tail = "/" + std::to_string(size);
+    benchmark::RegisterBenchmark(("yolo/train_form" + tail).c_str(), train_form, size)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+    for (Precision p : {Precision::fp32, Precision::bf16, Precision::int8}) {
+      const std::string mid = std::string(precision_name(p)) + tail;
+      benchmark::RegisterBenchmark(("yolo/deploy/" + mid).c_str(), deploy, p, size)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+      benchmark::RegisterBenchmark(("yolo/bare_primitives/" + mid).c_str(), bare_primitives, p, size)
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
+    }
+  }
+  return true;
+}();
+
+}  // namespace
+}  // namespace orepa::bench
