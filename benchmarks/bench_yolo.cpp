@@ -57,7 +57,7 @@ double flops_of(const std::vector<ConvCall>& calls) {
   return f;
 }
 
-void train_form(benchmark::State& state, std::int64_t size) {
+void train_form(benchmark::State& state, std::int64_t size) try {
   const auto model = yolov5n_orepa();
   const auto x = image(size);
   auto y = model.forward_eval(x);
@@ -67,9 +67,11 @@ void train_form(benchmark::State& state, std::int64_t size) {
   }
   state.counters["gflops"] = benchmark::Counter(flops_of(conv_calls(model.deploy(), x)) * 1e-9,
                                                 benchmark::Counter::kIsIterationInvariantRate);
+} catch (const std::exception& e) {  // e.g. the model yaml not found
+  state.SkipWithError(e.what());
 }
 
-void deploy(benchmark::State& state, Precision p, std::int64_t size) {
+void deploy(benchmark::State& state, Precision p, std::int64_t size) try {
   const auto model = yolov5n_orepa();
   const auto x = image(size);
   const auto fp32 = model.deploy();
@@ -80,27 +82,24 @@ void deploy(benchmark::State& state, Precision p, std::int64_t size) {
     cal.observe(fp32, x);
     o.calibration(cal.calibration());
   }
-  try {
-    const auto net = model.deploy(o);
-    release_free_memory();
-    const std::int64_t before = process_memory("VmRSS");
-    reset_peak_memory();
-    auto y = net.forward(x);  // warm-up: primitives, weight reorders
-    const std::int64_t peak = process_memory("VmHWM") - before;
-    for (auto _ : state) {
-      y = net.forward(x);
-      benchmark::DoNotOptimize(y.pred.data());
-    }
-    state.counters["peak_mb"] = double(peak) / 1e6;
-  } catch (const engine_error& e) {
-    state.SkipWithError(e.what());
-    return;
+  const auto net = model.deploy(o);
+  release_free_memory();
+  const std::int64_t before = process_memory("VmRSS");
+  reset_peak_memory();
+  auto y = net.forward(x);  // warm-up: primitives, weight reorders
+  const std::int64_t peak = process_memory("VmHWM") - before;
+  for (auto _ : state) {
+    y = net.forward(x);
+    benchmark::DoNotOptimize(y.pred.data());
   }
+  state.counters["peak_mb"] = double(peak) / 1e6;
   state.counters["gflops"] =
       benchmark::Counter(flops_of(conv_calls(fp32, x)) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+} catch (const std::exception& e) {  // no kernel for p on this CPU (engine_error), no yaml
+  state.SkipWithError(e.what());
 }
 
-void bare_primitives(benchmark::State& state, Precision p, std::int64_t size) {
+void bare_primitives(benchmark::State& state, Precision p, std::int64_t size) try {
   const auto x = image(size);
   const auto calls = conv_calls(yolov5n_orepa().deploy(), x);
   std::vector<BarePrimitive> prims;
@@ -121,6 +120,8 @@ void bare_primitives(benchmark::State& state, Precision p, std::int64_t size) {
   run();
   for (auto _ : state) run();
   state.counters["gflops"] = benchmark::Counter(flops_of(calls) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+} catch (const std::exception& e) {
+  state.SkipWithError(e.what());
 }
 
 const bool yolo_registered = [] {
