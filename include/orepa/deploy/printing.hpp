@@ -56,17 +56,14 @@ std::string deployed_conv_line(const DeployedConv<S>& c) {
          parameter_note(c.num_parameters());
 }
 
-// Prints `d` from the current position of `os` (its label written), children indented by
+// Prints deployed module `d` (any type with visit_convs and num_parameters) called `type`
+// from the current position of `os` (its label written), its convolutions indented by
 // `indent` + 2, ending with a newline.
-template <class S>
-void print_deployed(std::ostream& os, const AnyDeployed<S>& d, int indent) {
-  if (const auto* c = d.template target<DeployedConv<S>>()) {
-    os << deployed_conv_line(*c) << "\n";
-    return;
-  }
+template <class S, class D>
+void print_deployed_tree(std::ostream& os, const std::string& type, const D& d, int indent) {
   std::vector<std::pair<std::string, const DeployedConv<S>*>> convs;
   d.visit_convs("", [&](const std::string& name, const DeployedConv<S>& c) { convs.emplace_back(name, &c); });
-  os << d.type_name() << "(";
+  os << type << "(";
   if (convs.empty()) {
     os << ")" << parameter_note(d.num_parameters()) << "\n";
     return;
@@ -76,6 +73,13 @@ void print_deployed(std::ostream& os, const AnyDeployed<S>& d, int indent) {
   for (const auto& [name, c] : convs)
     os << pad << "(" << name.substr(0, name.empty() ? 0 : name.size() - 1) << "): " << deployed_conv_line(*c) << "\n";
   os << std::string(std::size_t(indent), ' ') << ")\n";
+}
+
+// print_deployed_tree for a held stage; a deployed convolution on one line.
+template <class S>
+void print_deployed(std::ostream& os, const AnyDeployed<S>& d, int indent) {
+  if (const auto* c = d.template target<DeployedConv<S>>()) os << deployed_conv_line(*c) << "\n";
+  else print_deployed_tree<S>(os, d.type_name(), d, indent);
 }
 }  // namespace detail
 /// \endcond

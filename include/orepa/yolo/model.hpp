@@ -962,7 +962,7 @@ std::ostream& operator<<(std::ostream& os, const DeployedModel<S>& d) {
       for (auto f : l.from) list += orepa::detail::cat(list.empty() ? "" : ", ", f);
       os << "Concat(dimension=1, from=[" << list << "])\n";
     } else {
-      orepa::detail::print_deployed(os, AnyDeployed<S>(d.head()), 2);
+      orepa::detail::print_deployed_tree<S>(os, "DeployedDetect", d.head(), 2);
     }
   }
   return os << ")";
