@@ -181,18 +181,18 @@ class ModuleRef {
 
 /// \cond DO_NOT_DOCUMENT_THIS
 namespace detail {
+// True when M's collect_tensors takes Tensors<S>.
+template <class M, class S, class = void>
+struct collects : std::false_type {};
+template <class M, class S>
+struct collects<M, S, std::void_t<decltype(std::declval<M&>().collect_tensors(std::declval<Tensors<S>&>(), std::string()))>>
+    : std::true_type {};
 // The scalar of a module type (what its collect_tensors takes); absent for other types.
 template <class M, class = void>
 struct module_scalar {};
 template <class M>
-struct module_scalar<M, std::void_t<decltype(std::declval<M&>().collect_tensors(std::declval<Tensors<float>&>(),
-                                                                                   std::string()))>> {
-  using type = float;
-};
-template <class M>
-struct module_scalar<M, std::void_t<decltype(std::declval<M&>().collect_tensors(std::declval<Tensors<double>&>(),
-                                                                                    std::string()))>> {
-  using type = double;
+struct module_scalar<M, std::enable_if_t<collects<M, float>::value || collects<M, double>::value>> {
+  using type = std::conditional_t<collects<M, float>::value, float, double>;
 };
 
 template <class S>
