@@ -299,8 +299,8 @@ TEST(NnErrors, ShapeErrorsNameTheTensor) {
   Sequential<float> net;
   net.add(GlobalAvgPool<float>());
   net.add(Linear<float>(3, 2));
-  m = message_of<shape_error>([&] { net.forward_eval(Tensor<float>({1, 5, 4, 4})); });
-  EXPECT_TRUE(contains(m, "Linear::forward_eval input") && contains(m, "[1, 5]")) << m;
+  m = message_of<shape_error>([&] { net.forward_eval(Tensor<float>({1, 5, 4, 4})); });  // names the layer (error_path.hpp)
+  EXPECT_TRUE(contains(m, "Sequential[1] (Linear): forward_eval input") && contains(m, "[1, 5]")) << m;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@
 #include <utility>
 
 #include "orepa/blocks/block.hpp"
+#include "orepa/blocks/module_tree.hpp"
 #include "orepa/deploy/any_deployed.hpp"
 
 namespace orepa {
@@ -78,6 +79,8 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
     auto* m = dynamic_cast<const Model<B>*>(impl_.get());
     return m ? &m->b : nullptr;
   }
+  /// The held block, for the module tree (printing, named_modules()).
+  ModuleRef<S> module_ref() { return impl_->module_ref(); }
   /// typeid of the held object (for messages).
   const std::type_info& type() const { return impl_->type(); }
 
@@ -93,6 +96,7 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
     virtual const ConvGeometry* geometry() const = 0;
     virtual Affine<S> folded() const = 0;
     virtual const std::type_info& type() const = 0;
+    virtual ModuleRef<S> module_ref() = 0;
     virtual std::unique_ptr<Concept> clone() const = 0;
   };
   template <class B, class = void>
@@ -117,6 +121,7 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
       else throw config_error(b.type_name() + " is not a convolution block: it has no folded kernel");
     }
     const std::type_info& type() const override { return typeid(B); }
+    ModuleRef<S> module_ref() override { return ModuleRef<S>(b); }
     std::unique_ptr<Concept> clone() const override {
       if constexpr (has_clone<B>::value) return std::make_unique<Model<B>>(b.clone());
       else if constexpr (std::is_copy_constructible_v<B>) return std::make_unique<Model<B>>(b);

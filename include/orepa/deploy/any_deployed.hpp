@@ -31,6 +31,7 @@
 #include <variant>
 #include <vector>
 
+#include "orepa/core/error_path.hpp"
 #include "orepa/core/parallel.hpp"
 #include "orepa/core/tensor.hpp"
 #include "orepa/deploy/precision.hpp"
@@ -206,6 +207,8 @@ class AnyDeployed {
 
   /// Runs the held object.
   Tensor<S> forward(ConstTensorView<S> x) const { return impl_->forward(x); }
+  /// The held object's type_name() if it has one, else its class name ("DeployedC3").
+  std::string type_name() const { return impl_->type_name(); }
   /// The held object's num_parameters() (weights and biases it holds), 0 if it has none.
   std::int64_t num_parameters() const { return impl_->num_parameters(); }
   /// The memory format the held object prefers for input shape `x_shape`: its
@@ -239,6 +242,10 @@ class AnyDeployed {
 
  private:
   template <class D, class = void>
+  struct has_name : std::false_type {};
+  template <class D>
+  struct has_name<D, std::void_t<decltype(std::string(std::declval<const D&>().type_name()))>> : std::true_type {};
+  template <class D, class = void>
   struct has_count : std::false_type {};
   template <class D>
   struct has_count<D, std::void_t<decltype(std::declval<const D&>().num_parameters())>> : std::true_type {};
@@ -259,6 +266,7 @@ class AnyDeployed {
     virtual ~Concept() = default;
     virtual Tensor<S> forward(ConstTensorView<S> x) const = 0;
     virtual std::int64_t num_parameters() const = 0;
+    virtual std::string type_name() const = 0;
     virtual MemoryFormat preferred_format(const Shape& x_shape) const = 0;
     virtual bool takes_any_format() const = 0;
     virtual void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const = 0;
@@ -273,6 +281,10 @@ class AnyDeployed {
     std::int64_t num_parameters() const override {
       if constexpr (has_count<D>::value) return d.num_parameters();
       else return 0;
+    }
+    std::string type_name() const override {
+      if constexpr (has_name<D>::value) return d.type_name();
+      else return detail::short_type_name(typeid(D));
     }
     MemoryFormat preferred_format(const Shape& x_shape) const override {
       if constexpr (has_format<D>::value) return d.preferred_format(x_shape);

@@ -131,7 +131,12 @@ class DeployedChain {
   /// Output shape for input shape `x_shape`.
   Shape output_shape(const Shape& x_shape) const {
     Shape s = x_shape;
-    for (const auto& c : convs_) s = c.geometry().output_shape(s, "DeployedChain");
+    std::size_t i = 0;
+    try {
+      for (; i < convs_.size(); ++i) s = convs_[i].geometry().output_shape(s, "DeployedConv");
+    } catch (...) {
+      detail::rethrow_in_child("DeployedChain", std::to_string(i), "DeployedConv");  // names the conv at fault
+    }
     return s;
   }
 

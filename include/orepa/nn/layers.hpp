@@ -27,6 +27,8 @@ namespace orepa {
 template <class Layer>
 struct EvalSnapshot {
   Layer layer;  ///< the copied layer
+  /// The layer's type_name() ("GlobalAvgPool", "Linear").
+  std::string type_name() const { return layer.type_name(); }
   /// layer.forward_eval(x).
   template <class X>
   auto forward(const X& x) const {
@@ -153,6 +155,8 @@ class Linear : public ModuleTensors<Linear<S>, S> {
   std::int64_t in_features() const { return weight_.value.size(1); }
   /// Output features (rows of the weight).
   std::int64_t out_features() const { return weight_.value.size(0); }
+  /// "in_features=I, out_features=O" (printing, blocks/module_tree.hpp).
+  std::string extra_repr() const { return detail::cat("in_features=", in_features(), ", out_features=", out_features()); }
   /// The weight [out, in] with its gradient.
   Param<S>& weight() { return weight_; }
   /// Read-only weight [out, in].

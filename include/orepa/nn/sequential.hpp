@@ -23,6 +23,7 @@
 
 #include "orepa/blocks/any_block.hpp"
 #include "orepa/deploy/deployed_conv.hpp"
+#include "orepa/deploy/printing.hpp"
 
 namespace orepa {
 
@@ -51,7 +52,12 @@ class InferenceChain {
   Tensor<S> forward(ConstTensorView<S> x) const {
     if (stages_.empty()) return x.clone();
     Tensor<S> in;
-    const ConstTensorView<S> first = x.dim() == 4 ? in_format(x, preferred_format(x.sizes()), in) : x;
+    ConstTensorView<S> first = x;
+    try {
+      if (x.dim() == 4) first = in_format(x, preferred_format(x.sizes()), in);
+    } catch (...) {
+      detail::rethrow_in_child("InferenceChain", "0", stages_.front().type_name());
+    }
     Tensor<S> y;
     if constexpr (std::is_same_v<S, float>) {
       detail::NonFiniteImages seen;
@@ -108,7 +114,17 @@ class InferenceChain {
   Tensor<S> run_stages(ConstTensorView<S> x) const {
     StageOutput<S> held;
     StageInput<S> in = x;
-    for (std::size_t i = 0; i < stages_.size(); ++i) {
+    std::size_t i = 0;
+    try {
+      run_each_stage(in, held, i);
+    } catch (...) {
+      detail::rethrow_in_child("InferenceChain", std::to_string(i), stages_[i].type_name());
+    }
+    return std::get<Tensor<S>>(std::move(held));
+  }
+  // The loop of run_stages; `i` is the stage running.
+  void run_each_stage(StageInput<S>& in, StageOutput<S>& held, std::size_t& i) const {
+    for (i = 0; i < stages_.size(); ++i) {
       StageOutput<S> y;
       if (stages_[i].int8_input() || std::holds_alternative<const Int8Codes*>(in)) {
         const auto next = i + 1 < stages_.size() ? stages_[i + 1].int8_input() : std::nullopt;
@@ -123,7 +139,6 @@ class InferenceChain {
       held = std::move(y);
       in = as_input(held);
     }
-    return std::get<Tensor<S>>(std::move(held));
   }
 
   // `x` in layout `f`: itself, or a converted copy kept in `scratch`.
@@ -196,24 +211,44 @@ class Sequential : public ModuleTensors<Sequential<S>, S> {
   /// its buffer, see Tensor).
   Tensor<S> forward_train(ConstTensorView<S> x) {
     require_layers("forward_train");
-    Tensor<S> y = layers_.front().forward_train(x);
-    for (std::size_t i = 1; i < layers_.size(); ++i) y = layers_[i].forward_train(y);
-    return y;
+    std::size_t i = 0;
+    try {
+      Tensor<S> y = layers_.front().forward_train(x);
+      for (i = 1; i < layers_.size(); ++i) y = layers_[i].forward_train(y);
+      return y;
+    } catch (...) {
+      rethrow_in_layer(i);
+    }
   }
   /// Eval forward through every layer (no state change).
   Tensor<S> forward_eval(ConstTensorView<S> x) const {
     require_layers("forward_eval");
-    Tensor<S> y = layers_.front().forward_eval(x);
-    for (std::size_t i = 1; i < layers_.size(); ++i) y = layers_[i].forward_eval(y);
-    return y;
+    std::size_t i = 0;
+    try {
+      Tensor<S> y = layers_.front().forward_eval(x);
+      for (i = 1; i < layers_.size(); ++i) y = layers_[i].forward_eval(y);
+      return y;
+    } catch (...) {
+      rethrow_in_layer(i);
+    }
   }
   /// Backward through every layer in reverse; accumulates parameter gradients and
   /// returns dL/dx of the first layer.
   Tensor<S> backward(ConstTensorView<S> grad_out) {
     require_layers("backward");
-    Tensor<S> g = layers_.back().backward(grad_out);
-    for (std::size_t i = layers_.size() - 1; i-- > 0;) g = layers_[i].backward(g);
-    return g;
+    std::size_t i = layers_.size() - 1;
+    try {
+      Tensor<S> g = layers_.back().backward(grad_out);
+      while (i-- > 0) g = layers_[i].backward(g);
+      return g;
+    } catch (...) {
+      rethrow_in_layer(i);
+    }
+  }
+
+  /// Calls `v` on every layer, named by its index (module_tree.hpp).
+  void visit_children(ModuleVisitor<S>& v) {
+    for (std::size_t i = 0; i < layers_.size(); ++i) v(std::to_string(i), layers_[i]);
   }
 
   /// Every layer's tensors under `prefix` + its index + ".".
@@ -241,11 +276,27 @@ class Sequential : public ModuleTensors<Sequential<S>, S> {
       throw config_error(detail::cat("Sequential::", who, ": index ", i, " out of range (", layers_.size(), " layers)"));
     return i;
   }
+  // Rethrows the exception from layer i with the layer's path (core/error_path.hpp).
+  [[noreturn]] void rethrow_in_layer(std::size_t i) const {
+    detail::rethrow_in_child("Sequential", std::to_string(i), layers_[i].type_name());
+  }
   void require_layers(const char* who) const {
     if (layers_.empty()) throw state_error(detail::cat("Sequential::", who, ": the chain has no layers"));
   }
 
   std::deque<AnyBlock<S>> layers_;  // a deque: references add() returned stay valid as layers are added
 };
+
+/// Prints an inference chain: one line (or one indented group) per stage, its deployed
+/// convolutions named by their tensor paths, with parameter counts (deploy/printing.hpp).
+template <class S>
+std::ostream& operator<<(std::ostream& os, const InferenceChain<S>& chain) {
+  os << "InferenceChain(" << detail::parameter_note(chain.num_parameters()) << "\n";
+  for (std::size_t i = 0; i < chain.size(); ++i) {
+    os << "  (" << i << "): ";
+    detail::print_deployed(os, chain.stage(i), 2);
+  }
+  return os << ")";
+}
 
 }  // namespace orepa

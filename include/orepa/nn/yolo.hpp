@@ -23,7 +23,9 @@
 #include <utility>
 #include <vector>
 
+#include "orepa/blocks/module_tree.hpp"
 #include "orepa/blocks/yolo.hpp"
+#include "orepa/core/error_path.hpp"
 
 namespace orepa {
 
@@ -209,9 +211,28 @@ class Bottleneck : public ModuleTensors<Bottleneck<S>, S> {
   /// The 3x3 block.
   AnyBlock<S>& cv2() { return cv2_; }
 
+  /// "c1, c2, residual=true|false" (printing, blocks/module_tree.hpp).
+  std::string extra_repr() const {
+    return detail::cat(cv1_.geometry().in_channels, ", ", cv2_.geometry().out_channels,
+                       ", residual=", add_ ? "true" : "false");
+  }
+  /// Calls `v` on cv1 and cv2.
+  void visit_children(ModuleVisitor<S>& v) {
+    v("cv1", cv1_);
+    v("cv2", cv2_);
+  }
+
   /// Training forward; an alias of the module's (or cv2's) output buffer.
   Tensor<S> forward_train(ConstTensorView<S> x) {
-    Tensor<S> y = cv2_.forward_train(cv1_.forward_train(x));
+    Tensor<S> y;
+    int at = 0;
+    try {
+      Tensor<S> t = cv1_.forward_train(x);
+      at = 1;
+      y = cv2_.forward_train(t);
+    } catch (...) {
+      rethrow_in(at);
+    }
     if (!add_) return y;
     out_.assign(y);
     detail::yolo::add_inplace(out_, x, "Bottleneck residual");
@@ -219,14 +240,30 @@ class Bottleneck : public ModuleTensors<Bottleneck<S>, S> {
   }
   /// Eval forward (running statistics), no state change.
   Tensor<S> forward_eval(ConstTensorView<S> x) const {
-    Tensor<S> y = cv2_.forward_eval(cv1_.forward_eval(x));
+    Tensor<S> y;
+    int at = 0;
+    try {
+      Tensor<S> t = cv1_.forward_eval(x);
+      at = 1;
+      y = cv2_.forward_eval(t);
+    } catch (...) {
+      rethrow_in(at);
+    }
     if (add_) detail::yolo::add_inplace(y, x, "Bottleneck residual");
     return y;
   }
   /// Backward of the last forward_train: dL/dx through both blocks, plus grad_out itself
   /// through the residual.
   Tensor<S> backward(ConstTensorView<S> grad_out) {
-    Tensor<S> g = cv1_.backward(cv2_.backward(grad_out));
+    Tensor<S> g;
+    int at = 1;
+    try {
+      Tensor<S> t = cv2_.backward(grad_out);
+      at = 0;
+      g = cv1_.backward(t);
+    } catch (...) {
+      rethrow_in(at);
+    }
     if (!add_) return g;
     dx_.assign(g);
     detail::yolo::add_inplace(dx_, grad_out, "Bottleneck::backward residual");
@@ -241,6 +278,10 @@ class Bottleneck : public ModuleTensors<Bottleneck<S>, S> {
   DeployedBottleneck<S> deploy() const { return DeployedBottleneck<S>(cv1_.deploy(), cv2_.deploy(), add_); }
 
  private:
+  // Rethrows the exception from cv1 (at 0) or cv2 (at 1) with its path.
+  [[noreturn]] void rethrow_in(int at) const {
+    detail::rethrow_in_child("Bottleneck", at == 0 ? "cv1" : "cv2", (at == 0 ? cv1_ : cv2_).type_name());
+  }
   static std::int64_t hidden(std::int64_t c1, std::int64_t c2, double e) {
     detail::yolo::require_positive("Bottleneck", "c1", c1);
     detail::yolo::require_positive("Bottleneck", "c2", c2);
@@ -369,30 +410,71 @@ class C3 : public ModuleTensors<C3<S>, S> {
   /// The Bottlenecks of the cv1 path, in order.
   std::vector<Bottleneck<S>>& m() { return m_; }
 
+  /// "c1, c2, n=<Bottlenecks>, hidden=c_" (printing, blocks/module_tree.hpp).
+  std::string extra_repr() const {
+    return detail::cat(cv1_.geometry().in_channels, ", ", cv3_.geometry().out_channels, ", n=", m_.size(), ", hidden=", c_);
+  }
+  /// Calls `v` on cv1, cv2, cv3 and the Bottlenecks "m.0", "m.1", ... (state-dict order).
+  void visit_children(ModuleVisitor<S>& v) {
+    v("cv1", cv1_);
+    v("cv2", cv2_);
+    v("cv3", cv3_);
+    for (std::size_t i = 0; i < m_.size(); ++i) v("m." + std::to_string(i), m_[i]);
+  }
+
   /// Training forward; an alias of cv3's output buffer.
   Tensor<S> forward_train(ConstTensorView<S> x) {
-    Tensor<S> a = cv1_.forward_train(x);
-    for (auto& b : m_) a = b.forward_train(a);
-    concat_channels(a, cv2_.forward_train(x), cat_);
-    return cv3_.forward_train(cat_);
+    std::size_t at = 0;
+    try {
+      Tensor<S> a = cv1_.forward_train(x);
+      for (std::size_t j = 0; j < m_.size(); ++j) at = 3 + j, a = m_[j].forward_train(a);
+      at = 1;
+      const Tensor<S> b = cv2_.forward_train(x);
+      at = own;
+      concat_channels(a, b, cat_);
+      at = 2;
+      return cv3_.forward_train(cat_);
+    } catch (...) {
+      rethrow_in(at);
+    }
   }
   /// Eval forward (running statistics), no state change.
   Tensor<S> forward_eval(ConstTensorView<S> x) const {
-    Tensor<S> a = cv1_.forward_eval(x);
-    for (const auto& b : m_) a = b.forward_eval(a);
-    Tensor<S> cat;
-    concat_channels(a, cv2_.forward_eval(x), cat);
-    return cv3_.forward_eval(cat);
+    std::size_t at = 0;
+    try {
+      Tensor<S> a = cv1_.forward_eval(x);
+      for (std::size_t j = 0; j < m_.size(); ++j) at = 3 + j, a = m_[j].forward_eval(a);
+      at = 1;
+      const Tensor<S> b = cv2_.forward_eval(x);
+      at = own;
+      Tensor<S> cat;
+      concat_channels(a, b, cat);
+      at = 2;
+      return cv3_.forward_eval(cat);
+    } catch (...) {
+      rethrow_in(at);
+    }
   }
   /// Backward of the last forward_train: splits cv3's input gradient between the two
   /// paths and sums the two input gradients.
   Tensor<S> backward(ConstTensorView<S> grad_out) {
-    split_channels(cv3_.backward(grad_out), c_, da_, db_);
-    Tensor<S> g = da_.alias();
-    for (auto it = m_.rbegin(); it != m_.rend(); ++it) g = it->backward(g);
-    dx_.assign(cv1_.backward(g));
-    detail::yolo::add_inplace(dx_, cv2_.backward(db_), "C3::backward");
-    return dx_.alias();
+    std::size_t at = 2;
+    try {
+      const Tensor<S> dcat = cv3_.backward(grad_out);
+      at = own;
+      split_channels(dcat, c_, da_, db_);
+      Tensor<S> g = da_.alias();
+      for (std::size_t j = m_.size(); j-- > 0;) at = 3 + j, g = m_[j].backward(g);
+      at = 0;
+      dx_.assign(cv1_.backward(g));
+      at = 1;
+      const Tensor<S> db = cv2_.backward(db_);
+      at = own;
+      detail::yolo::add_inplace(dx_, db, "C3::backward");
+      return dx_.alias();
+    } catch (...) {
+      rethrow_in(at);
+    }
   }
   /// cv1, cv2, cv3, then every Bottleneck's tensors (YOLOv5's registration order and
   /// module paths: prefix + "cv1.", ..., "m.0.cv1.", ...).
@@ -410,6 +492,15 @@ class C3 : public ModuleTensors<C3<S>, S> {
   }
 
  private:
+  static constexpr std::size_t own = std::size_t(-1);  // the C3's own step, not a child's
+  // Rethrows the exception from child `at` (0-2: cv1-cv3, 3 + j: m.j; `own`: as it is)
+  // with the child's path.
+  [[noreturn]] void rethrow_in(std::size_t at) const {
+    if (at == own) throw;
+    if (at >= 3) detail::rethrow_in_child("C3", "m." + std::to_string(at - 3), "Bottleneck");
+    const AnyBlock<S>& b = at == 0 ? cv1_ : at == 1 ? cv2_ : cv3_;
+    detail::rethrow_in_child("C3", "cv" + std::to_string(at + 1), b.type_name());
+  }
   static std::int64_t hidden(std::int64_t c1, std::int64_t c2, std::int64_t n, double e) {
     detail::yolo::require_positive("C3", "c1", c1);
     detail::yolo::require_positive("C3", "c2", c2);

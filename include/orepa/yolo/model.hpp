@@ -769,7 +769,8 @@ class DeployedModel {
   DetectOutput<S> run(ConstTensorView<S> x) const {
     Tensor<S> converted;
     if (x.dim() == 4 && layers_.front().stage) {
-      const MemoryFormat f = layers_.front().stage->preferred_format(x.sizes());
+      const MemoryFormat f = orepa::detail::in_child("DeployedModel", "model.0", *layers_.front().stage,
+                                                     [&] { return layers_.front().stage->preferred_format(x.sizes()); });
       if (x.memory_format() != f) {
         converted.assign(x, f);
         x = converted;
@@ -783,31 +784,38 @@ class DeployedModel {
         if (j >= 0) last[std::size_t(j)] = i;
     auto input = [&](std::int64_t j) -> StageInput<S> { return j < 0 ? StageInput<S>(x) : as_input(vals[std::size_t(j)]); };
     DetectOutput<S> out;
-    for (std::size_t i = 0; i < L; ++i) {
-      const Layer& l = layers_[i];
-      const QuantParams* q = plan_[i] ? &*plan_[i] : nullptr;
-      if (l.stage) {
-        const StageInput<S> in = input(l.from[0]);
-        if (q || std::holds_alternative<const Int8Codes*>(in) || l.stage->int8_input()) {
-          vals[i] = l.stage->forward_int8(in, q);
-        } else {
-          ConstTensorView<S> v = std::get<ConstTensorView<S>>(in);
-          Tensor<S> nchw;
-          if (v.dim() == 4 && !v.is_contiguous() && !l.stage->takes_any_format()) {
-            nchw.assign(v, MemoryFormat::contiguous);
-            v = nchw;
+    std::size_t i = 0;
+    try {
+      for (; i < L; ++i) {
+        const Layer& l = layers_[i];
+        const QuantParams* q = plan_[i] ? &*plan_[i] : nullptr;
+        if (l.stage) {
+          const StageInput<S> in = input(l.from[0]);
+          if (q || std::holds_alternative<const Int8Codes*>(in) || l.stage->int8_input()) {
+            vals[i] = l.stage->forward_int8(in, q);
+          } else {
+            ConstTensorView<S> v = std::get<ConstTensorView<S>>(in);
+            Tensor<S> nchw;
+            if (v.dim() == 4 && !v.is_contiguous() && !l.stage->takes_any_format()) {
+              nchw.assign(v, MemoryFormat::contiguous);
+              v = nchw;
+            }
+            vals[i] = l.stage->forward(v);
           }
-          vals[i] = l.stage->forward(v);
+        } else if (l.concat) {
+          vals[i] = concat_inputs(l, q, input);
+        } else {
+          std::vector<StageInput<S>> ins;
+          for (auto j : l.from) ins.push_back(input(j));
+          out = head_.forward(ins);
         }
-      } else if (l.concat) {
-        vals[i] = concat_inputs(l, q, input);
-      } else {
-        std::vector<StageInput<S>> ins;
-        for (auto j : l.from) ins.push_back(input(j));
-        out = head_.forward(ins);
+        for (auto j : l.from)
+          if (j >= 0 && last[std::size_t(j)] == i) vals[std::size_t(j)] = Tensor<S>();
       }
-      for (auto j : l.from)
-        if (j >= 0 && last[std::size_t(j)] == i) vals[std::size_t(j)] = Tensor<S>();
+    } catch (...) {
+      const Layer& l = layers_[i];
+      orepa::detail::rethrow_in_child("DeployedModel", "model." + std::to_string(i),
+                                      l.stage ? l.stage->type_name() : l.concat ? "Concat" : "DeployedDetect");
     }
     return out;
   }
@@ -927,3 +935,58 @@ inline Model<float> load_model(const ModelConfig& cfg, const io::SafetensorsFile
 }
 
 }  // namespace orepa::yolo
+
+// The module tree of a Model (printing, named_modules: blocks/module_tree.hpp) and the
+// printed form of a DeployedModel.
+namespace orepa {
+
+/// A yolo::Model's tree: the layers "model.<i>" (a Concat, which is no object, as a printed
+/// node only), the Detect head last.
+template <class S>
+struct ModuleTraits<yolo::Model<S>> {
+  /// "nc=<classes>, ch=<image channels>".
+  static std::string extra_repr(const yolo::Model<S>& m) {
+    return detail::cat("nc=", m.classes(), ", ch=", m.input_channels());
+  }
+  /// Calls `v` on every layer, named "model.<i>" as in the state dict.
+  static void visit_children(yolo::Model<S>& m, ModuleVisitor<S>& v) {
+    for (std::size_t i = 0; i < m.size(); ++i) {
+      const std::string name = "model." + std::to_string(i);
+      const auto& from = m.config().layers[i].from;
+      if (i + 1 == m.size()) {
+        v(name, m.detect());
+      } else if (from.size() == 1) {
+        v(name, m.layer(i));
+      } else {
+        std::string list;
+        for (auto f : from) list += detail::cat(list.empty() ? "" : ", ", f);
+        v.node(name, m.module_name(i), "dimension=1, from=[" + list + "]");
+      }
+    }
+  }
+};
+
+namespace yolo {
+/// Prints a deployed model: one line (or one indented group) per layer "model.<i>", the
+/// deployed convolutions named by their tensor paths, with parameter counts.
+template <class S>
+std::ostream& operator<<(std::ostream& os, const DeployedModel<S>& d) {
+  os << "DeployedModel(" << orepa::detail::parameter_note(d.num_parameters()) << "\n";
+  for (std::size_t i = 0; i < d.size(); ++i) {
+    const auto& l = d.layer(i);
+    os << "  (model." << i << "): ";
+    if (l.stage) {
+      orepa::detail::print_deployed(os, *l.stage, 2);
+    } else if (l.concat) {
+      std::string list;
+      for (auto f : l.from) list += orepa::detail::cat(list.empty() ? "" : ", ", f);
+      os << "Concat(dimension=1, from=[" << list << "])\n";
+    } else {
+      orepa::detail::print_deployed_tree<S>(os, "DeployedDetect", d.head(), 2);
+    }
+  }
+  return os << ")";
+}
+}  // namespace yolo
+
+}  // namespace orepa

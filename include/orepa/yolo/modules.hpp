@@ -29,6 +29,8 @@
 
 namespace orepa::yolo {
 
+using orepa::operator<<;  // printing of modules (blocks/module_tree.hpp), found for yolo types too
+
 /// \cond DO_NOT_DOCUMENT_THIS
 namespace detail {
 
@@ -270,24 +272,25 @@ class SPPF : public ModuleTensors<SPPF<S>, S> {
 
   /// Training forward; an alias of cv2's output buffer.
   Tensor<S> forward_train(ConstTensorView<S> x) {
-    Tensor<S> t = cv1_.forward_train(x);
+    Tensor<S> t = in_cv1([&] { return cv1_.forward_train(x); });
     t_.assign(t, MemoryFormat::contiguous);
     for (int j = 0; j < 3; ++j) pool_train(j == 0 ? t_ : pooled_[std::size_t(j - 1)], j);
     cat_ = concat<S>({t_, pooled_[0], pooled_[1], pooled_[2]}, "SPPF");
     has_forward_ = true;
-    return cv2_.forward_train(cat_);
+    return in_cv2([&] { return cv2_.forward_train(cat_); });
   }
   /// Eval forward (running statistics), no state change.
   Tensor<S> forward_eval(ConstTensorView<S> x) const {
-    const Tensor<S> t = cv1_.forward_eval(x);
+    const Tensor<S> t = in_cv1([&] { return cv1_.forward_eval(x); });
     const Tensor<S> y1 = max_pool_same<S>(t, k_), y2 = max_pool_same<S>(y1, k_), y3 = max_pool_same<S>(y2, k_);
-    return cv2_.forward_eval(concat<S>({t, y1, y2, y3}, "SPPF"));
+    const Tensor<S> cat = concat<S>({t, y1, y2, y3}, "SPPF");
+    return in_cv2([&] { return cv2_.forward_eval(cat); });
   }
   /// Backward of the last forward_train: each pool's gradient goes to the position of its
   /// maximum, and the four branches' gradients are summed into cv1's output gradient.
   Tensor<S> backward(ConstTensorView<S> grad_out) {
     if (!has_forward_) throw state_error("SPPF::backward: call forward_train first");
-    Tensor<S> g = cv2_.backward(grad_out);
+    Tensor<S> g = in_cv2([&] { return cv2_.backward(grad_out); });
     Tensor<S> gc;
     const ConstTensorView<S> gv = contiguous<S>(g, gc);
     const Shape& s = t_.sizes();
@@ -309,7 +312,16 @@ class SPPF : public ModuleTensors<SPPF<S>, S> {
       acc.swap(d);
     }
     std::copy(acc.begin(), acc.end(), dt_.data());
-    return cv1_.backward(dt_);
+    return in_cv1([&] { return cv1_.backward(dt_); });
+  }
+  /// "c1, c2, k=<pool size>" (printing, blocks/module_tree.hpp).
+  std::string extra_repr() const {
+    return orepa::detail::cat(cv1_.geometry().in_channels, ", ", cv2_.geometry().out_channels, ", k=", k_);
+  }
+  /// Calls `v` on cv1 and cv2.
+  void visit_children(ModuleVisitor<S>& v) {
+    v("cv1", cv1_);
+    v("cv2", cv2_);
   }
   /// cv1's tensors, then cv2's (YOLOv5's module paths).
   void collect_tensors(Tensors<S>& out, const std::string& prefix) {
@@ -320,6 +332,15 @@ class SPPF : public ModuleTensors<SPPF<S>, S> {
   DeployedSPPF<S> deploy() const { return DeployedSPPF<S>(cv1_.deploy(), cv2_.deploy(), k_); }
 
  private:
+  // f(), a call of cv1 or cv2: its errors name the block (core/error_path.hpp).
+  template <class F>
+  auto in_cv1(F&& f) const {
+    return orepa::detail::in_child("SPPF", "cv1", cv1_, std::forward<F>(f));
+  }
+  template <class F>
+  auto in_cv2(F&& f) const {
+    return orepa::detail::in_child("SPPF", "cv2", cv2_, std::forward<F>(f));
+  }
   static std::int64_t checked(std::int64_t c1, std::int64_t c2, std::int64_t k) {
     orepa::detail::yolo::require_positive("SPPF", "c2", c2);
     if (c1 < 2) throw config_error(orepa::detail::cat("SPPF: c1 must be >= 2 (cv1 has c1 / 2 channels), got ", c1));
@@ -403,6 +424,8 @@ class Upsample : public ModuleTensors<Upsample<S>, S> {
   }
   /// No tensors.
   void collect_tensors(Tensors<S>&, const std::string&) {}
+  /// "scale_factor=f, mode=nearest" (printing, blocks/module_tree.hpp).
+  std::string extra_repr() const { return orepa::detail::cat("scale_factor=", factor_, ", mode=nearest"); }
   /// The deployed form.
   DeployedUpsample<S> deploy() const { return DeployedUpsample<S>(factor_); }
 
@@ -645,6 +668,16 @@ class Detect : public ModuleTensors<Detect<S>, S> {
       dx.push_back(std::move(d));
     }
     return dx;
+  }
+  /// "nc=<classes>, anchors=<per level>, ch=[...], strides=[...]" (printing,
+  /// blocks/module_tree.hpp).
+  std::string extra_repr() const {
+    std::string ch, st;
+    for (std::size_t i = 0; i < levels_.size(); ++i) {
+      ch += orepa::detail::cat(i ? ", " : "", levels_[i].weight.value.size(1));
+      st += orepa::detail::cat(i ? ", " : "", strides_[i]);
+    }
+    return orepa::detail::cat("nc=", nc_, ", anchors=", na_, ", ch=[", ch, "], strides=[", st, "]");
   }
   /// `m.i.weight`, `m.i.bias` per level, then the buffer `anchors` (YOLOv5's order).
   void collect_tensors(Tensors<S>& out, const std::string& prefix) {
