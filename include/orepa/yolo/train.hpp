@@ -286,13 +286,13 @@ class Trainer {
       : o_(o),
         model_(std::move(model)),
         train_(std::move(train)),
-        loader_(LoaderOptions()
-                    .image_size(o.image_size())
-                    .batch_size(o.batch_size())
-                    .augment(o.augment())
-                    .augmentation(o.augmentation())
-                    .seed(o.seed())
-                    .workers(o.workers())),
+        loader_(validated(LoaderOptions()
+                              .image_size(o.image_size())
+                              .batch_size(o.batch_size())
+                              .augment(o.augment())
+                              .augmentation(o.augmentation())
+                              .seed(o.seed())
+                              .workers(o.workers()))),
         sched_(YoloScheduleOptions(o.epochs(), o.batch_size(), yolo::batches_per_epoch(train_.size(), loader_))
                    .lr0(o.lr0())
                    .lrf(o.lrf())
@@ -303,7 +303,6 @@ class Trainer {
              SGDOptions(o.lr0()).momentum(sched_.options().momentum()).nesterov(true)),
         ema_(model_.clone(), model_, o.ema()),
         loss_(model_.detect().anchors(), model_.strides(), o.loss()) {
-    loader_.validate();
     if (train_.num_classes() != model_.classes())
       throw config_error(orepa::detail::cat("yolo::Trainer: the training set ", train_.source(), " has nc ",
                                             train_.num_classes(), " but the model has ", model_.classes(), " classes"));
@@ -426,6 +425,11 @@ class Trainer {
   }
 
  private:
+  static LoaderOptions validated(LoaderOptions o) {
+    o.validate();
+    return o;
+  }
+
   io::TrainingCheckpoint<float> checkpoint() {
     io::TrainingCheckpoint<float> c;
     c.add("model", model_).add("ema", ema_).add("optimizer", opt_).add("schedule", sched_);
