@@ -5,7 +5,8 @@
 /// (modules.hpp), the loss (loss.hpp), NMS and box utilities (nms.hpp), validation
 /// metrics (metrics.hpp), letterbox (letterbox.hpp), images (image.hpp), YOLO-format
 /// data sets with augmentation and a threaded loader (dataset.hpp, augment.hpp) and the
-/// synthetic shapes data set (synthetic_data.hpp). Not included by orepa/orepa.hpp: the
+/// synthetic shapes data set (synthetic_data.hpp), and the training loop and evaluation
+/// (train.hpp). Not included by orepa/orepa.hpp: the
 /// block library never needs yaml-cpp.
 
 #include "orepa/orepa.hpp"
@@ -20,3 +21,4 @@
 #include "orepa/yolo/modules.hpp"
 #include "orepa/yolo/nms.hpp"
 #include "orepa/yolo/synthetic_data.hpp"
+#include "orepa/yolo/train.hpp"
