@@ -6,6 +6,7 @@
 #include <set>
 
 #include "tool_args.hpp"
+#include "yolo_tool.hpp"
 
 using namespace orepa;
 
@@ -19,6 +20,7 @@ int main(int argc, char** argv) try {
   if (::stat(args.in.c_str(), &a) == 0 && ::stat(args.out.c_str(), &b) == 0 && a.st_dev == b.st_dev &&
       a.st_ino == b.st_ino)
     throw config_error("orepa-convert: OUT is the same file as IN; IN is never overwritten");
+  if (!args.model.empty()) return tools::convert_model(args);  // a whole YOLOv5 network (yolo_tool.hpp)
   const auto in = io::SafetensorsFile::open(args.in);
   const auto blocks = io::detect_blocks(in);
   io::SafetensorsWriter out;

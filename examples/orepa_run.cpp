@@ -6,6 +6,7 @@
 #include <orepa/nn/quantization.hpp>
 
 #include "tool_args.hpp"
+#include "yolo_tool.hpp"
 
 using namespace orepa;
 
@@ -15,6 +16,7 @@ int main(int argc, char** argv) try {
     std::fputs(tools::run_usage(), stdout);
     return 0;
   }
+  if (!args.model.empty()) return tools::run_model(args);  // a whole YOLOv5 network (yolo_tool.hpp)
   const auto weights = io::SafetensorsFile::open(args.weights);
   io::BlockType type;
   if (args.block) {
