@@ -63,7 +63,7 @@ stage "fuzz build (build-fuzz/, clang-14)"
 bash scripts/configure.sh fuzz build-fuzz
 cmake --build build-fuzz -j"$jobs"
 seconds=${OREPA_FUZZ_SECONDS:-60}
-for target in fuzz_safetensors fuzz_block_config fuzz_tool_args fuzz_checkpoint; do
+for target in fuzz_safetensors fuzz_block_config fuzz_tool_args fuzz_checkpoint fuzz_model_yaml; do
   stage "fuzzing $target for $seconds s"
   # New inputs go to the first (scratch) corpus folder; the committed seeds stay untouched.
   work="build-fuzz/corpus/$target" log="build-fuzz/$target.log"
@@ -72,6 +72,7 @@ for target in fuzz_safetensors fuzz_block_config fuzz_tool_args fuzz_checkpoint;
   [[ -f fuzz/$target.dict ]] && args+=(-dict="fuzz/$target.dict")
   [[ $target == fuzz_block_config ]] && args+=(-max_len=64)  # the configuration needs ~24 bytes
   [[ $target == fuzz_checkpoint ]] && args+=(-max_len=4096)  # the largest seed is ~2.9 KB
+  [[ $target == fuzz_model_yaml ]] && args+=(-max_len=4096)  # the shipped yamls without comments: ~1.7 KB
   # One OpenMP thread: the inputs are tiny convolutions, where more threads only add overhead.
   if ! OMP_NUM_THREADS=1 "build-fuzz/fuzz/$target" "${args[@]}" "$work" "fuzz/corpus/$target" >"$log" 2>&1; then
     tail -n 60 "$log"
