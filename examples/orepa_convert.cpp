@@ -4,6 +4,7 @@
 #include <set>
 
 #include "tool_args.hpp"
+#include "yolo_tool.hpp"
 
 using namespace orepa;
 
@@ -14,6 +15,7 @@ int main(int argc, char** argv) try {
     return 0;
   }
   tools::checked_output(args);  // before any work: OUT is not IN, and no FIFO or device
+  if (!args.model.empty()) return tools::convert_model(args);  // a whole YOLOv5 network (yolo_tool.hpp)
   const auto in = io::SafetensorsFile::open(args.in);
   const auto blocks = io::detect_blocks(in);
   io::SafetensorsWriter out;

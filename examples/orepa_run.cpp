@@ -6,6 +6,7 @@
 #include <orepa/nn/quantization.hpp>
 
 #include "tool_args.hpp"
+#include "yolo_tool.hpp"
 
 using namespace orepa;
 
@@ -16,6 +17,7 @@ int main(int argc, char** argv) try {
     return 0;
   }
   tools::checked_output(args);  // before any work: --output is no input, no FIFO or device
+  if (!args.model.empty()) return tools::run_model(args);  // a whole YOLOv5 network (yolo_tool.hpp)
   const auto weights = io::SafetensorsFile::open(args.weights);
   io::BlockType type;
   if (args.block) {

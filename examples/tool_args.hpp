@@ -8,6 +8,7 @@
 #include <orepa/io/checkpoint.hpp>
 #include <orepa/io/output_path.hpp>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <vector>
@@ -17,6 +18,7 @@ namespace orepa::tools {
 /// Arguments of orepa-run.
 struct RunArgs {
   std::string weights, input, output, grad_output, prefix, mode, calibration;
+  std::string model;  ///< --model: a YOLOv5 model yaml, the whole network runs (examples/yolo_tool.hpp)
   Precision precision = Precision::fp32;
   std::optional<io::BlockType> block;
   io::BlockSettings settings;
@@ -60,7 +62,23 @@ Runs one training-time block of a PyTorch OREPA checkpoint and writes what it co
               is calibrated on them (min/max); the range is written to the
               output as `input_range`
 Channels, the kernel size and which optional branches the block has come from the
-tensors. Exit status 0 on success, 1 with a message on stderr on any error.
+tensors.
+
+The whole YOLOv5 network instead of one block:
+       orepa-run --model MODEL.yaml --weights W.safetensors --input X.safetensors
+                 --output Y.safetensors --mode eval|deploy
+                 [--precision fp32|bf16|int8] [--calibration CAL.safetensors]
+  --model     the model yaml the checkpoint was trained from (e.g. models/yolov5n-orepa.yaml);
+              W is a YOLOv5 checkpoint (names model.N.*, each conv slot any block type)
+              or the output of orepa-convert --model
+  --input     every tensor NAME in it is a batch [N, 3, H, W] (H, W multiples of the
+              largest stride); writes NAME.pred, the decoded [N, sum na*H*W, 5 + nc],
+              and NAME.raw.0 .. NAME.raw.{nl-1}, the Detect maps before the sigmoid
+  --mode      eval (running statistics) or deploy (every conv fused)
+  --calibration  (int8) the calibrated input range of every convolution, as
+              io::save_calibration writes it (<layer>input_range, e.g.
+              model.2.m.0.cv1.input_range)
+Exit status 0 on success, 1 with a message on stderr on any error.
 )";
 }
 
@@ -78,9 +96,20 @@ inline std::int64_t parse_int(const std::string& flag, const std::string& v, std
   return x;
 }
 
+/// With --model the yaml gives every layer's settings: single-block flags and train mode
+/// are errors naming the flag.
+inline void check_model_run_args(const std::vector<std::string>& flags, const RunArgs& r) {
+  for (const char* flag : {"--block", "--prefix", "--stride", "--padding", "--dilation", "--groups", "--activation",
+                           "--grad-output"})
+    if (std::find(flags.begin(), flags.end(), flag) != flags.end())
+      throw config_error(std::string(flag) + " is for one block; with --model the yaml gives every layer");
+  if (r.mode == "train") throw config_error("--mode train: with --model, only eval and deploy");
+}
+
 /// Parses orepa-run's arguments (argv[0] excluded).
 inline RunArgs parse_run_args(const std::vector<std::string>& args) {
   RunArgs r;
+  std::vector<std::string> flags;  // the flags given
   for (std::size_t i = 0; i < args.size(); ++i) {
     const std::string& a = args[i];
     if (a == "--help" || a == "-h") {
@@ -90,6 +119,7 @@ inline RunArgs parse_run_args(const std::vector<std::string>& args) {
     if (a.rfind("--", 0) != 0) throw config_error("unexpected argument '" + a + "' (see --help)");
     if (i + 1 >= args.size()) throw config_error(a + " needs a value");
     const std::string& v = args[++i];
+    flags.push_back(a);
     if (a == "--weights") r.weights = v;
     else if (a == "--input") r.input = v;
     else if (a == "--output") r.output = v;
@@ -104,8 +134,10 @@ inline RunArgs parse_run_args(const std::vector<std::string>& args) {
     else if (a == "--activation") r.settings.activation = parse_activation(v);
     else if (a == "--precision") r.precision = parse_precision(v);
     else if (a == "--calibration") r.calibration = v;
+    else if (a == "--model") r.model = v.empty() ? throw config_error("--model needs a model yaml") : v;
     else throw config_error("unknown option '" + a + "' (see --help)");
   }
+  if (!r.model.empty()) check_model_run_args(flags, r);
   for (auto [flag, value] : {std::pair{"--weights", &r.weights}, {"--input", &r.input}, {"--output", &r.output},
                              {"--mode", &r.mode}})
     if (value->empty()) throw config_error(std::string(flag) + " is required (see --help)");
@@ -120,15 +152,16 @@ inline RunArgs parse_run_args(const std::vector<std::string>& args) {
   return r;
 }
 
-/// Arguments of orepa-convert: IN.safetensors OUT.safetensors [--allow-nonfinite].
+/// Arguments of orepa-convert: IN.safetensors OUT.safetensors [--model MODEL.yaml] [--allow-nonfinite].
 struct ConvertArgs {
   std::string in, out;
   bool allow_nonfinite = false;
+  std::string model;  ///< --model: a YOLOv5 model yaml (examples/yolo_tool.hpp)
   bool help = false;
 };
 
 inline const char* convert_usage() {
-  return R"(usage: orepa-convert IN.safetensors OUT.safetensors [--allow-nonfinite]
+  return R"(usage: orepa-convert IN.safetensors OUT.safetensors [--model MODEL.yaml] [--allow-nonfinite]
 
 Deploys every training-time OREPA-family block of a PyTorch checkpoint (OREPA, OREPA_1x1,
 OREPA_LargeConv, RepVGGBlock_OREPA, ConvBN, DBB; the outermost block when blocks nest):
@@ -142,19 +175,31 @@ running_var + eps <= 0, or whose fold overflows is an error naming the tensor an
 first bad index. --allow-nonfinite writes such blocks anyway, with a warning on stderr.
 OUT must be a regular file, a new path or a symbolic link to a regular file (its
 target is replaced), and not IN itself (nor a link to it).
+
+  --model MODEL.yaml  IN is a YOLOv5 checkpoint of this model yaml (names model.N.*):
+              the network is built from the yaml with each conv slot's block from IN
+              and loaded strictly, and every block is folded with YOLOv5's BatchNorm
+              eps 1e-3; OUT has the names of the PyTorch model after switch_to_deploy()
+              and fuse(). Detect's tensors and anchors are copied unchanged.
 )";
 }
 
 inline ConvertArgs parse_convert_args(const std::vector<std::string>& args) {
   ConvertArgs c;
   std::vector<std::string> pos;
-  for (const auto& a : args) {
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
     if (a == "--help" || a == "-h") {
       c.help = true;
       return c;
     }
     if (a == "--allow-nonfinite") {
       c.allow_nonfinite = true;
+      continue;
+    }
+    if (a == "--model") {
+      if (i + 1 >= args.size() || args[i + 1].empty()) throw config_error("--model needs a model yaml");
+      c.model = args[++i];
       continue;
     }
     if (a.rfind("-", 0) == 0 && a.size() > 1) throw config_error("unknown option '" + a + "' (see --help)");

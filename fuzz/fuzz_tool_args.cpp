@@ -31,6 +31,8 @@ extern "C" int LLVMFuzzerTestOneInput(const unsigned char* data, std::size_t siz
       orepa::fuzz::finding("orepa-run accepted an out-of-range integer flag");
     if (r.precision == orepa::Precision::int8 && (r.mode != "deploy" || r.calibration.empty()))
       orepa::fuzz::finding("orepa-run accepted int8 without --mode deploy and --calibration");
+    if (!r.model.empty() && (r.mode == "train" || r.block || !r.prefix.empty() || !r.grad_output.empty()))
+      orepa::fuzz::finding("orepa-run accepted single-block flags or train mode with --model");
   });
   orepa::fuzz::run_accepting_orepa_errors([&] {
     const auto c = orepa::tools::parse_convert_args(args);

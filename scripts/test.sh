@@ -103,6 +103,7 @@ fuzz_one() { # runs target $1 for $seconds s; its output goes to build-fuzz/$1.l
   [[ -f fuzz/$target.dict ]] && args+=(-dict="fuzz/$target.dict")
   [[ $target == fuzz_block_config ]] && args+=(-max_len=64)  # the configuration needs ~24 bytes
   [[ $target == fuzz_checkpoint ]] && args+=(-max_len=4096)  # the largest seed is ~2.9 KB
+  [[ $target == fuzz_model_yaml ]] && args+=(-max_len=4096)  # the shipped yamls without comments: ~1.7 KB
   # One OpenMP thread: the inputs are tiny convolutions, where more threads only add overhead.
   OMP_NUM_THREADS=1 "build-fuzz/fuzz/$target" "${args[@]}" "$work" "fuzz/corpus/$target" >"build-fuzz/$target.log" 2>&1
 }

@@ -161,6 +161,36 @@ TEST(YoloImage, UnreadableImagesNameTheFile) {
   EXPECT_THROW(write_image(dir / "a.tiff", img), config_error);
   EXPECT_THROW(write_image(dir / "no/such/folder/a.png", img), format_error);
   EXPECT_THROW(write_image(dir / "a.png", Tensor<float>({2, 4, 4})), shape_error);
+  // A header of zero width and height (stb accepts it, and has no failure reason to give
+  // on a fresh thread): the message says so.
+  write_text(dir / "zero.ppm", "P6\n0 0\n255\n");
+  for (const auto& m : {error_of([&] { read_image_size(dir / "zero.ppm"); }), error_of([&] { read_image(dir / "zero.ppm"); })}) {
+    EXPECT_NE(m.find(dir / "zero.ppm"), std::string::npos) << m;
+    EXPECT_TRUE(m.find("zero size (0x0 pixels)") != std::string::npos || m.find("cannot decode image") != std::string::npos) << m;
+  }
+  EXPECT_NE(error_of([&] { read_image_size(dir / "zero.ppm"); }).find("zero size (0x0 pixels)"), std::string::npos);
+  // Truncated pixel data that stb 2.27 decodes without complaint (zeros or uninitialised
+  // memory for the missing part): a PPM, a JPEG and a BMP cut short, and a PNG cut just
+  // before its end chunk. The complete files read.
+  for (const char* ext : {"ppm", "jpg", "bmp", "png"}) {
+    const std::string full = dir / (std::string("whole.") + ext), cut = dir / (std::string("part.") + ext);
+    if (std::string(ext) == "ppm") {
+      std::string ppm = "P6\n32 32\n255\n";
+      for (std::int64_t i = 0; i < 32 * 32 * 3; ++i) ppm += char(i % 251);
+      write_text(full, ppm);
+    } else {
+      write_image(full, img);
+    }
+    EXPECT_EQ(read_image(full).sizes(), (Shape{3, 32, 32})) << ext;
+    const std::string whole = read_bytes(full);
+    for (std::size_t keep : {whole.size() * 3 / 4, whole.size() - 13}) {
+      write_text(cut, whole.substr(0, keep));
+      const std::string m = error_of([&] { read_image(cut); });
+      EXPECT_NE(m.find(cut), std::string::npos) << ext << " " << keep << ": " << m;
+      EXPECT_TRUE(m.find("truncated image") != std::string::npos || m.find("cannot decode") != std::string::npos)
+          << ext << " " << keep << ": " << m;
+    }
+  }
 }
 
 TEST(YoloImage, ResizeBilinearUpAreaDown) {

@@ -118,6 +118,12 @@ TEST(YoloNms, Ties) {
   const Tensor<float> boxes({3, 4}, std::vector<float>{0, 0, 4, 4, 0, 0, 4, 4, 0, 0, 4, 2});
   const Tensor<float> scores({3}, std::vector<float>{0.5f, 0.5f, 0.7f});
   EXPECT_EQ(yolo::nms<float>(boxes, scores, 0.5), (std::vector<std::int64_t>{2, 0}));
+  // max_keep stops early with the first of the full result (max_det's early exit).
+  EXPECT_EQ(yolo::nms<float>(boxes, scores, 0.5, 1), (std::vector<std::int64_t>{2}));
+  EXPECT_EQ(yolo::nms<float>(boxes, scores, 0.5, 0), (std::vector<std::int64_t>{}));
+  EXPECT_EQ(yolo::nms<float>(boxes, scores, 0.5, 5), (std::vector<std::int64_t>{2, 0}));
+  EXPECT_EQ(sources(yolo::non_max_suppression<float>(p, NmsOptions().iou_thres(0.5).max_det(2))[0]),
+            (std::vector<std::int64_t>{3, 4}));
 }
 
 // multi_label gives one row per class over the threshold (same source row); max_det keeps

@@ -66,6 +66,56 @@ inline FilePtr open_for_reading(const std::string& path) {
   return f;
 }
 
+/// Feeds a file to stb through its callbacks and notes whether the decoder asked for
+/// bytes past the end of the file. stb 2.27 does not report that itself: a truncated PPM
+/// or JPEG decodes "successfully", its missing pixels zeros or uninitialised memory.
+/// stb refills its internal buffer (the pointer of the first read) in chunks and a
+/// chunk may come up short at the end of a complete file; a refill that gets nothing, a
+/// direct read (into the image) that comes up short, or a skip past the end are the
+/// decoder needing data the file lacks.
+struct StbFileReader {
+  std::FILE* file;                    ///< the open file
+  long size = 0;                      ///< the file's bytes
+  const char* refill_buffer = nullptr;  ///< stb's own buffer (the first read's target)
+  bool past_end = false;              ///< the decoder wanted bytes the file does not have
+
+  /// The callbacks stb reads through.
+  static stbi_io_callbacks callbacks() { return {&read, &skip, &eof}; }
+  /// stb's read: up to `n` bytes into `data`, the count read.
+  static int read(void* user, char* data, int n) {
+    auto* r = static_cast<StbFileReader*>(user);
+    if (!r->refill_buffer) r->refill_buffer = data;
+    const std::size_t got = n > 0 ? std::fread(data, 1, std::size_t(n), r->file) : 0;
+    if (n > 0 && (got == 0 || (data != r->refill_buffer && got < std::size_t(n)))) r->past_end = true;
+    return int(got);
+  }
+  /// stb's skip: `n` bytes forward.
+  static void skip(void* user, int n) {
+    auto* r = static_cast<StbFileReader*>(user);
+    if (std::fseek(r->file, n, SEEK_CUR) != 0 || std::ftell(r->file) > r->size) r->past_end = true;
+  }
+  /// stb's end-of-file test.
+  static int eof(void* user) {
+    auto* r = static_cast<StbFileReader*>(user);
+    return std::ftell(r->file) >= r->size;
+  }
+};
+
+/// A reader of the open file `f` (rewound), its size from the file system.
+inline StbFileReader stb_reader(std::FILE* f) {
+  StbFileReader r{f};
+  if (std::fseek(f, 0, SEEK_END) == 0) r.size = std::ftell(f);
+  std::rewind(f);
+  return r;
+}
+
+/// stb's reason for its last failure ("unknown" when it recorded none: stb keeps one per
+/// thread, unset until a first failure).
+inline const char* stb_failure() {
+  const char* r = stbi_failure_reason();
+  return r ? r : "unknown";
+}
+
 /// Throws shape_error unless `img` is [C, H, W] with C in `allowed` (1, 3, or 4 too when
 /// `allow_alpha`) and H, W >= 1.
 inline void check_image(const Tensor<float>& img, const char* what, bool allow_alpha = false) {
@@ -244,8 +294,12 @@ inline constexpr int font_line_height = 9;
 inline ImageSize read_image_size(const std::string& path) {
   auto f = detail::open_for_reading(path);
   ImageSize s;
-  if (!stbi_info_from_file(f.get(), &s.width, &s.height, &s.channels) || s.width <= 0 || s.height <= 0)
-    throw format_error(orepa::detail::cat(path, ": not a readable image (", stbi_failure_reason(), ")"));
+  auto reader = detail::stb_reader(f.get());
+  const stbi_io_callbacks io = detail::StbFileReader::callbacks();
+  if (!stbi_info_from_callbacks(&io, &reader, &s.width, &s.height, &s.channels))
+    throw format_error(orepa::detail::cat(path, ": not a readable image (", detail::stb_failure(), ")"));
+  if (s.width <= 0 || s.height <= 0)
+    throw format_error(orepa::detail::cat(path, ": the image has zero size (", s.width, "x", s.height, " pixels)"));
   return s;
 }
 
@@ -267,9 +321,15 @@ inline ImageU8 read_image_u8(const std::string& path, int channels = 3) {
     throw config_error(orepa::detail::cat("read_image(", path, "): channels must be 1 or 3, got ", channels));
   auto f = detail::open_for_reading(path);
   int w = 0, h = 0, stored = 0;
-  std::unique_ptr<unsigned char, void (*)(void*)> px(stbi_load_from_file(f.get(), &w, &h, &stored, channels),
+  auto reader = detail::stb_reader(f.get());
+  const stbi_io_callbacks io = detail::StbFileReader::callbacks();
+  std::unique_ptr<unsigned char, void (*)(void*)> px(stbi_load_from_callbacks(&io, &reader, &w, &h, &stored, channels),
                                                       stbi_image_free);
-  if (!px) throw format_error(orepa::detail::cat(path, ": cannot decode image (", stbi_failure_reason(), ")"));
+  if (reader.past_end)
+    throw format_error(orepa::detail::cat(path, ": truncated image: the decoder needs data past the file's end (",
+                                          reader.size, " bytes", px ? "" : std::string("; ") + detail::stb_failure(), ")"));
+  if (!px) throw format_error(orepa::detail::cat(path, ": cannot decode image (", detail::stb_failure(), ")"));
+  if (w <= 0 || h <= 0) throw format_error(orepa::detail::cat(path, ": the image has zero size (", w, "x", h, " pixels)"));
   ImageU8 img{w, h, channels, {}};
   img.pixels.assign(px.get(), px.get() + std::size_t(w) * std::size_t(h) * std::size_t(channels));
   return img;

@@ -41,6 +41,7 @@
 
 #include "orepa/io/checkpoint.hpp"
 #include "orepa/io/safetensors.hpp"
+#include "orepa/nn/sequential.hpp"
 #include "orepa/yolo/config.hpp"
 #include "orepa/yolo/modules.hpp"
 
@@ -55,10 +56,19 @@ inline constexpr double bn_momentum = 0.03;
 inline std::int64_t make_divisible(double x, std::int64_t divisor = 8) {
   return std::int64_t(std::ceil(x / double(divisor))) * divisor;
 }
+/// Most repeats a row may have after depth scaling (as before it: config.hpp).
+inline constexpr std::int64_t max_repeats = 1000;
+
 /// YOLOv5's repeat scaling: n > 1 becomes max(round(n * depth_multiple), 1) (Python's
-/// round, half to even); n = 1 stays 1.
+/// round, half to even); n = 1 stays 1. Throws config_error when the result exceeds
+/// max_repeats.
 inline std::int64_t scaled_repeats(std::int64_t n, double depth_multiple) {
-  return n > 1 ? std::max<std::int64_t>(std::int64_t(std::nearbyint(double(n) * depth_multiple)), 1) : n;
+  if (n <= 1) return n;
+  const double r = std::nearbyint(double(n) * depth_multiple);
+  if (!(r <= double(max_repeats)))
+    throw config_error(orepa::detail::cat("repeats ", n, " x depth_multiple ", depth_multiple, " = ", r, " exceed ",
+                                          max_repeats));
+  return std::max<std::int64_t>(std::int64_t(r), 1);
 }
 
 /// The block maker of a YOLO model by name: what every `Conv` slot becomes. All use SiLU.
@@ -128,7 +138,11 @@ struct ModuleSpec {
     if (!arg(0)) throw config_error(where() + ": needs its output channels as the first argument");
     const double c2 = arg(0)->as_number(where() + " argument 0 (output channels)");
     if (!(c2 >= 1)) throw config_error(where() + ": output channels must be >= 1, got " + arg(0)->describe());
-    return make_divisible(c2 * config->width_multiple);
+    const double scaled = c2 * config->width_multiple;
+    if (!(scaled <= double(max_tensor_bytes)))  // no tensor of that many channels can exist
+      throw config_error(orepa::detail::cat(where(), ": output channels ", arg(0)->describe(), " x width_multiple ",
+                                            config->width_multiple, " = ", scaled, " is too large"));
+    return make_divisible(scaled);
   }
   /// Throws config_error unless the row has between `lo` and `hi` arguments.
   void require_args(std::size_t lo, std::size_t hi, const char* signature) const {
@@ -590,7 +604,11 @@ class Model : public ModuleTensors<Model<S>, S> {
         }
       }
       spec.in_channels = n.in_channels;
-      spec.number = scaled_repeats(row.number, cfg_.depth_multiple);
+      try {
+        spec.number = scaled_repeats(row.number, cfg_.depth_multiple);
+      } catch (const config_error& e) {
+        throw config_error(spec.where() + ": " + e.what());
+      }
       const auto [factory, repeats_itself] = opts.registry().at(row.module, spec.where());
       const std::string prefix = "model." + std::to_string(i) + ".";
       const auto in_layer = [&](const BlockMaker<S>& m, const std::string& path) -> BlockMaker<S> {

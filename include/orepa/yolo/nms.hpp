@@ -120,10 +120,12 @@ Tensor<S> box_iou(ConstTensorView<S> a, orepa::detail::identity_t<ConstTensorVie
 /// Greedy NMS (torchvision.ops.nms's rule): visits `boxes` [n, >= 4] (x1, y1, x2, y2) by
 /// descending `scores` [n] (ties: lower index first), keeps a box unless an already kept
 /// box overlaps it with IoU > `iou_thres` (inter / (area_a + area_b - inter), no eps), and
-/// returns the kept indices in visiting order.
+/// returns the kept indices in visiting order. With `max_keep` >= 0 it stops once that
+/// many are kept: the first `max_keep` of the full result, without the quadratic work
+/// for the rest.
 template <class S>
 std::vector<std::int64_t> nms(ConstTensorView<S> boxes, orepa::detail::identity_t<ConstTensorView<S>> scores,
-                              double iou_thres) {
+                              double iou_thres, std::int64_t max_keep = -1) {
   detail::check_boxes(boxes, 4, "nms: boxes");
   const std::int64_t n = detail::box_count(boxes), c = n ? boxes.size(1) : 0;
   if (scores.numel() != n)
@@ -137,6 +139,7 @@ std::vector<std::int64_t> nms(ConstTensorView<S> boxes, orepa::detail::identity_
   std::vector<std::int64_t> keep;
   auto box = [&](std::int64_t i) { return boxes.data() + i * c; };
   for (std::size_t oi = 0; oi < order.size(); ++oi) {
+    if (max_keep >= 0 && std::int64_t(keep.size()) >= max_keep) break;
     const std::int64_t i = order[oi];
     if (removed[std::size_t(i)]) continue;
     keep.push_back(i);
@@ -285,8 +288,7 @@ std::vector<Detections<S>> non_max_suppression(ConstTensorView<S> prediction, co
       xyxy(k, 5) = S(cd.cls);
       scores[k] = cd.conf;
     }
-    std::vector<std::int64_t> keep = nms<S>(shifted, scores, iou_thres);
-    if (std::int64_t(keep.size()) > options.max_det()) keep.resize(std::size_t(options.max_det()));
+    const std::vector<std::int64_t> keep = nms<S>(shifted, scores, iou_thres, options.max_det());
     auto& d = out[std::size_t(img)];
     d.rows = Tensor<S>({std::int64_t(keep.size()), 6});
     for (std::size_t k = 0; k < keep.size(); ++k) {
