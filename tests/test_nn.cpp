@@ -16,7 +16,11 @@
 #include "orepa/nn/sequential.hpp"
 #include "orepa/nn/synthetic.hpp"
 
+#include "test_util.hpp"
+
 using namespace orepa;
+using orepa::test::contains;
+using orepa::test::message_of;
 
 namespace {
 
@@ -60,20 +64,6 @@ double weighted_sum(const Tensor<double>& y, const Tensor<double>& w) {
   for (std::int64_t j = 0; j < y.numel(); ++j) s += y[j] * w[j];
   return s;
 }
-
-/// The what() of the exception of type E thrown by f ("" and a failure if none).
-template <class E, class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an exception";
-  return "";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 constexpr double kGradTol = 1e-6;
 

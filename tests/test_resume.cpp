@@ -12,22 +12,11 @@
 #include "test_util.hpp"
 
 using namespace orepa;
+using orepa::test::contains;
+using orepa::test::message_of;
 using orepa::test::TempDir;
 
 namespace {
-
-template <class E, class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an exception";
-  return "";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 // Bit patterns equal (so -0 != +0 and NaNs compare by payload).
 template <class S>

@@ -148,6 +148,21 @@ struct TempDir {
   std::string operator/(const std::string& name) const { return (path / name).string(); }
 };
 
+/// The what() of the exception of type E thrown by f ("" and a failure if none).
+template <class E, class F>
+std::string message_of(F&& f) {
+  try {
+    f();
+  } catch (const E& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected an exception";
+  return "";
+}
+
+/// Whether `s` contains `part`.
+inline bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
+
 #ifdef OREPA_TOOLS_DIR
 /// Exit status and combined stdout + stderr of one tool run.
 struct Run {

@@ -13,21 +13,10 @@
 #include "test_util.hpp"
 
 using namespace orepa;
+using orepa::test::contains;
+using orepa::test::message_of;
 
 namespace {
-
-template <class E, class F>
-std::string message_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an exception";
-  return "";
-}
-
-bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
 // The names of the parameters in `group`, looked up in `net`'s named parameters.
 template <class Net, class S>
