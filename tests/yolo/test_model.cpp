@@ -289,3 +289,17 @@ TEST(YoloModel, NonFiniteInputsGiveNonFiniteOutputsInEveryPrecision) {
     for (std::int64_t i = 0; i < per; ++i) ASSERT_EQ(y.pred[i], clean.pred[i]) << precision_name(p) << " image 0, value " << i;
   }
 }
+
+TEST(YoloModel, DeployingANonFiniteBlockNamesItsLayer) {
+  auto model = fixture_model();
+  for (auto& [name, p] : model.named_parameters())
+    if (name == "model.1.weight_orepa_origin") p->value[5] = std::numeric_limits<float>::quiet_NaN();
+  try {
+    model.deploy();
+    FAIL() << "deployed a NaN weight";
+  } catch (const value_error& e) {
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("DetectionModel[model.1] (OREPA)"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("weight_orepa_origin"), std::string::npos) << msg;
+  }
+}

@@ -178,7 +178,7 @@ TEST(YoloTools, RunDeploysInInt8WithACalibrationFile) {
   for (const auto& [name, r] : *ranges) cal.set(name, {r.first, r.second});
   EXPECT_EQ(cal.size(), 60u);  // 57 blocks and Detect's 3 convolutions
   io::SafetensorsWriter w;
-  io::save_calibration(w, cal);
+  io::save_calibration(cal, w);
   w.write(dir / "cal.safetensors");
 
   const std::string common = "--model " + fixture("model.yaml") + " --weights " + fixture("train_state.safetensors") +
@@ -204,7 +204,7 @@ TEST(YoloTools, RunDeploysInInt8WithACalibrationFile) {
   for (const auto& [name, range] : cal.ranges())
     if (name != "model.2.m.0.cv2.") partial.set(name, range);
   io::SafetensorsWriter pw;
-  io::save_calibration(pw, partial);
+  io::save_calibration(partial, pw);
   pw.write(dir / "partial.safetensors");
   auto gap = run("orepa-run", common + (dir / "p.safetensors") + " --precision int8 --calibration " + (dir / "partial.safetensors"));
   EXPECT_EQ(gap.status, 1);

@@ -906,10 +906,15 @@ class DeployedModel {
 template <class S>
 DeployedModel<S> Model<S>::deploy(const DeployOptions& o) const {
   std::vector<typename DeployedModel<S>::Layer> layers;
-  for (const auto& n : nodes_) {
+  for (std::size_t i = 0; i < nodes_.size(); ++i) {
+    const Node& n = nodes_[i];
     typename DeployedModel<S>::Layer l;
     l.from = n.from;
-    if (n.layer) l.stage.emplace(n.layer->deploy());
+    try {  // a block that cannot be deployed (non-finite weights, ...) is named by its layer
+      if (n.layer) l.stage.emplace(n.layer->deploy());
+    } catch (...) {
+      orepa::detail::rethrow_in_child(type_name(), "model." + std::to_string(i), n.layer->type_name());
+    }
     l.concat = n.concat;
     layers.push_back(std::move(l));
   }
