@@ -13,6 +13,9 @@
 # dnnl.hpp and the library and instantiates the same templates, which a unity TU does once.
 # The sanitizer build runs at -O1 with line tables only (-g1, enough for symbolized
 # reports): a third less compile time than -O2 -g, the optimization ASan recommends.
+# Warnings are errors in the test profile (OREPA_WERROR); the sanitizer build only prints
+# them: instrumented code at -O1 makes GCC 12's flow-based warnings (maybe-uninitialized
+# on std::optional members) fire where the uninstrumented build proves them false.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $# == 2 ]] || { echo "usage: bash scripts/configure.sh demo|test|asan|fuzz BUILD_DIR" >&2; exit 2; }
@@ -26,7 +29,7 @@ case "$profile" in
                -DCMAKE_UNITY_BUILD=ON -DOREPA_WERROR=ON) ;;
   asan) flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DOREPA_BUILD_TESTS=ON -DOREPA_BUILD_EXAMPLES=ON
                -DOREPA_BUILD_BENCHMARKS=OFF -DOREPA_INSTALL=ON -DOREPA_SANITIZE=ON -DOREPA_FUZZ=OFF -DOREPA_OPENMP=ON -DOREPA_WITH_MPI=ON -DOREPA_WITH_YOLO=ON
-               -DCMAKE_UNITY_BUILD=ON -DOREPA_WERROR=ON "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG") ;;
+               -DCMAKE_UNITY_BUILD=ON -DOREPA_WERROR=OFF "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG") ;;
   fuzz) export CC=clang-14 CXX=clang++-14
         flags=(-DCMAKE_BUILD_TYPE=RelWithDebInfo -DOREPA_BUILD_TESTS=OFF -DOREPA_BUILD_EXAMPLES=OFF
                -DOREPA_BUILD_BENCHMARKS=OFF -DOREPA_INSTALL=OFF -DOREPA_SANITIZE=OFF -DOREPA_FUZZ=ON -DOREPA_OPENMP=OFF -DOREPA_WITH_MPI=OFF -DOREPA_WITH_YOLO=ON
