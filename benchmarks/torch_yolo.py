@@ -38,6 +38,8 @@ except ImportError as e:  # the comparison is optional: skip cleanly
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FIXTURE = os.path.join(ROOT, "tests", "data", "yolov5n_orepa")
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+from pth_to_safetensors import write_safetensors  # noqa: E402  (the converter's own writer)
 NP_TYPES = {"F32": np.float32, "F64": np.float64, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 
 
@@ -240,7 +242,7 @@ def cpp_check(build):
         subprocess.run([os.path.join(build, "examples", "orepa-convert"), os.path.join(FIXTURE, "train_state.safetensors"),
                         fused, "--model", yaml_path], check=True, stdout=subprocess.DEVNULL)
         io = read_safetensors(os.path.join(FIXTURE, "io.safetensors"))
-        write_inputs(inputs, {x: io["input." + x] for x in ("a", "b")})
+        write_safetensors(inputs, {x: io["input." + x] for x in ("a", "b")}, {"format": "pt"})
         subprocess.run([os.path.join(build, "examples", "orepa-run"), "--model", yaml_path, "--weights",
                         os.path.join(FIXTURE, "train_state.safetensors"), "--input", inputs, "--output", out,
                         "--mode", "deploy"], check=True, stdout=subprocess.DEVNULL)
@@ -256,20 +258,6 @@ def cpp_check(build):
                 print("C++ deployed (orepa-convert --model, orepa-run --model) input.%s: PyTorch within %.1e" % (x, err))
                 if err > 1e-3:
                     raise SystemExit("torch_yolo.py: PyTorch on the converted weights differs from the C++ deployed model")
-
-
-def write_inputs(path, tensors):
-    """A safetensors file of float32 tensors."""
-    header, blobs, offset = {}, [], 0
-    for name, t in tensors.items():
-        b = t.contiguous().numpy().astype(np.float32).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [offset, offset + len(b)]}
-        blobs.append(b)
-        offset += len(b)
-    h = json.dumps(header).encode()
-    h += b" " * (-len(h) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
 
 
 def torch_ms(net, x, seconds):
