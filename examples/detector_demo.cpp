@@ -4,9 +4,9 @@
 // yolo::Trainer (YOLOv5's loop: SGD with Nesterov momentum in three groups, warm-up, EMA,
 // affine / HSV / flip augmentation), then:
 //   - mAP@0.5 and mAP@0.5:0.95 on the held-out images (val.py's NMS and metrics) of the
-//     EMA model (--raw: the raw model) in training form and deployed (every block one fused convolution) in fp32,
-//     bf16 (where oneDNN has bf16 kernels on this CPU) and int8 (calibrated on training
-//     images);
+//     EMA model (--raw: the raw model) in training form and deployed (every block one
+//     fused convolution) in fp32, bf16 (where oneDNN has bf16 kernels on this CPU) and
+//     int8 (calibrated on training images);
 //   - the training step time (forward, loss, backward, SGD) of the same network built from
 //     OREPA, ConvBN and DBB blocks;
 //   - with --compare, the ConvBN and DBB networks trained for the same steps, their mAP;
@@ -16,17 +16,17 @@
 //     (`convbn X dbb Y`, their mAP@0.5, before `seconds` after --compare; `bf16 n/a` where
 //     this CPU has no bf16 convolution).
 //
-// The defaults are tuned for a short run (320 optimizer steps, a few minutes on 2 cores)
-// and differ from YOLOv5's hyp.scratch-low.yaml where that learns faster here (measured
+// The defaults are tuned for a short run (320 optimizer steps; the whole run took ~440 s
+// of CPU time at one thread, measured on a busy 2-core machine) and differ from YOLOv5's hyp.scratch-low.yaml where that learns faster here (measured
 // on this data set; the library's defaults stay YOLOv5's):
 //   - width_multiple 0.25 (YOLOv5n's): 0.125 costs half the time per step but reached
 //     only mAP@0.5 0.39 in the same 320 steps, 0.25 reached 0.96;
 //   - one optimizer step per batch (nominal batch 16 = batch, YOLOv5: accumulation to
 //     64 images): 4x the steps for the same images;
-//   - lr0 0.08 (YOLOv5: 0.01): in 320 steps 0.01 reached 0.16, 0.03 0.28, 0.08 0.39 at
-//     width 0.125, and 0.03 0.89, 0.08 0.96 at width 0.25;
+//   - lr0 0.08 (YOLOv5: 0.01): in 320 steps 0.01 reached 0.21, 0.03 0.28, 0.08 0.39 at
+//     width 0.125 (0.15 was no better by epoch 10), and 0.03 0.89, 0.08 0.96 at width 0.25;
 //   - no mosaic and scale +-25% (YOLOv5: mosaic always, +-50%): mosaic cuts objects and
-//     shows each image in a quarter; without it 0.16 -> 0.21 at lr0 0.01;
+//     shows each image in a quarter; at width 0.125, lr0 0.01: 0.16 -> 0.21;
 //   - the EMA keeps YOLOv5's ramp (decay 0.9999 (1 - exp(-updates / 2000))): after 320
 //     updates it weighs the last weights by 0.85, so it is nearly the raw model (their
 //     mAP differed by <= 0.002 in a 320-step run); --raw evaluates the raw model instead.
@@ -139,7 +139,8 @@ form and deployed in fp32, bf16 and int8, and the training step time of OREPA, C
   --seed S        seed of the data, the initialisation and the augmentation (default 1)
   --out DIR       folder for the data set, checkpoint, curves.svg and detections.png
                   (default ./orepa_detector_demo; its data set and checkpoint are replaced)
-  --compare       also train the ConvBN and DBB networks for the same steps
+  --compare       also train the ConvBN and DBB networks for the same steps (about 3.5x
+                  the OREPA network's training time on top: a DBB step costs ~2.6x a ConvBN one)
 )";
 }
 
