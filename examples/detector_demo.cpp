@@ -12,12 +12,16 @@
 //   - with --compare, the ConvBN and DBB networks trained for the same steps, their mAP;
 //   - the loss / mAP curves as SVG and one validation image with its detections as PNG;
 //   - last, the summary line scripts read:
-//       detector: mAP@0.5 0.957 mAP@0.5:0.95 0.613 int8 0.956 bf16 0.957 seconds 330
+//       detector: mAP@0.5 0.957 mAP@0.5:0.95 0.613 int8 0.956 bf16 0.957 seconds 502
 //     (`convbn X dbb Y`, their mAP@0.5, before `seconds` after --compare; `bf16 n/a` where
 //     this CPU has no bf16 convolution).
 //
-// The defaults are tuned for a short run (320 optimizer steps; the whole run took ~440 s
-// of CPU time at one thread, measured on a busy 2-core machine) and differ from YOLOv5's hyp.scratch-low.yaml where that learns faster here (measured
+// (that line: the default run at OMP_NUM_THREADS=1 on a 2-core machine whose other core
+// was busy; 400 s of CPU.) On 2 cores keep the machine otherwise idle or set
+// OMP_NUM_THREADS=1: with another process running, 2 threads made each step ~3.5x slower
+// than 1 thread (the threads wait for each other).
+//
+// The defaults are tuned for a short run (320 optimizer steps) and differ from YOLOv5's hyp.scratch-low.yaml where that learns faster here (measured
 // on this data set; the library's defaults stay YOLOv5's):
 //   - width_multiple 0.25 (YOLOv5n's): 0.125 costs half the time per step but reached
 //     only mAP@0.5 0.39 in the same 320 steps, 0.25 reached 0.96;
