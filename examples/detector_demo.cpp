@@ -21,8 +21,9 @@
 // OMP_NUM_THREADS=1: with another process running, 2 threads made each step ~3.5x slower
 // than 1 thread (the threads wait for each other).
 //
-// The defaults are tuned for a short run (320 optimizer steps) and differ from YOLOv5's hyp.scratch-low.yaml where that learns faster here (measured
-// on this data set; the library's defaults stay YOLOv5's):
+// The defaults are tuned for a short run (320 optimizer steps) and differ from YOLOv5's
+// hyp.scratch-low.yaml where that learns faster here (measured on this data set; the
+// library's defaults stay YOLOv5's):
 //   - width_multiple 0.25 (YOLOv5n's): 0.125 costs half the time per step but reached
 //     only mAP@0.5 0.39 in the same 320 steps, 0.25 reached 0.96;
 //   - one optimizer step per batch (nominal batch 16 = batch, YOLOv5: accumulation to
@@ -243,22 +244,25 @@ Run train(const Args& a, const std::string& family, const yolo::YoloDataset& tra
   yolo::Trainer trainer(build(a, family), train_set,
                         train_options(a, (std::filesystem::path(a.out) / ("run_" + family)).string()).log(&std::cout));
   const auto eo = yolo::EvalOptions().image_size(a.size).batch_size(a.batch);
+  // The model reported (the EMA, or with --raw the raw one) and the other one.
+  auto& reported = a.raw ? trainer.model() : trainer.ema().module();
+  auto& other = a.raw ? trainer.ema().module() : trainer.model();
   while (!trainer.done()) {
     r.epochs.push_back(trainer.train_epoch());
     const auto tv = Clock::now();
-    r.val.push_back(yolo::evaluate(a.raw ? trainer.model() : trainer.ema().module(), val_set, eo));
+    r.val.push_back(yolo::evaluate(reported, val_set, eo));
     std::printf("           %s val (%s): P %.3f R %.3f mAP@0.5 %.3f mAP@0.5:0.95 %.3f  %.1f s", family.c_str(),
                 a.raw ? "raw" : "EMA", r.val.back().mp, r.val.back().mr, r.val.back().map50, r.val.back().map,
                 seconds_since(tv));
     if (a.val_both) {
-      const auto m = yolo::evaluate(a.raw ? trainer.ema().module() : trainer.model(), val_set, eo);
+      const auto m = yolo::evaluate(other, val_set, eo);
       std::printf("  (%s: mAP@0.5 %.3f mAP@0.5:0.95 %.3f)", a.raw ? "EMA" : "raw", m.map50, m.map);
     }
     std::printf("\n");
     std::fflush(stdout);
   }
   r.seconds = seconds_since(t0);
-  if (ema_out) ema_out->emplace((a.raw ? trainer.model() : trainer.ema().module()).clone());
+  if (ema_out) ema_out->emplace(reported.clone());
   return r;
 }
 
@@ -438,7 +442,8 @@ int main(int argc, char** argv) try {
     bf16_missing = e.what();
   }
 
-  std::printf("\n%-34s %8s %8s %8s %14s\n", a.raw ? "held-out images (raw model)" : "held-out images (EMA model)", "P", "R", "mAP@0.5", "mAP@0.5:0.95");
+  std::printf("\n%-34s %8s %8s %8s %14s\n", a.raw ? "held-out images (raw model)" : "held-out images (EMA model)",
+              "P", "R", "mAP@0.5", "mAP@0.5:0.95");
   auto row = [](const std::string& name, const yolo::MetricsResult& m) {
     std::printf("%-34s %8.3f %8.3f %8.3f %14.3f\n", name.c_str(), m.mp, m.mr, m.map50, m.map);
   };
