@@ -246,7 +246,8 @@ void float_matches_double(Block32& f, Block64& d, const Shape& xs, const std::st
   d.zero_grad();
   f.zero_grad();
   test::expect_close(f.backward(gout.template cast<float>()), d.backward(gout), 1e-3, what + " dx");
-  const auto dp = d.named_parameters(), fp = f.named_parameters(), db = d.named_buffers(), fb = f.named_buffers();
+  const auto dp = d.named_parameters(), db = d.named_buffers();
+  const auto fp = f.named_parameters(), fb = f.named_buffers();
   for (std::size_t j = 0; j < dp.size(); ++j)
     test::expect_close(fp[j].second->grad, dp[j].second->grad, 1e-3, what + " grad " + dp[j].first);
   for (std::size_t j = 0; j < db.size(); ++j)

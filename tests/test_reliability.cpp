@@ -864,7 +864,8 @@ TEST_F(ReliabilityOutputs, SpecialFilesAndDanglingLinksAreRefusedAndLeftAlone) {
   for (const auto& [name, why] : cases) {
     SCOPED_TRACE(name);
     EXPECT_NE(refusal(path(name)).find(why), std::string::npos) << refusal(path(name));
-    expect_error<config_error>([&] { out_.write(path(name)); }, "output '" + path(name) + "' is a", "writer");
+    const std::string target = path(name);  // C++17 lambdas cannot capture a structured binding (clang)
+    expect_error<config_error>([&] { out_.write(target); }, "output '" + target + "' is a", "writer");
   }
   struct stat st {};
   ASSERT_EQ(::lstat(path("fifo").c_str(), &st), 0);
