@@ -4,11 +4,12 @@
 #include <set>
 
 #include "tool_args.hpp"
+#include "tool_main.hpp"
 #include "yolo_tool.hpp"
 
 using namespace orepa;
 
-int main(int argc, char** argv) try {
+int orepa::tools::convert_main(int argc, char** argv) try {
   const auto args = tools::parse_convert_args({argv + 1, argv + argc});
   if (args.help) {
     std::fputs(tools::convert_usage(), stdout);

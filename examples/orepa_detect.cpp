@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "tool_main.hpp"
 #include "yolo_tool.hpp"
 
 using namespace orepa;
@@ -232,7 +233,7 @@ void print_benchmark(const DetectArgs& a, const Detection& d, std::vector<std::a
 
 }  // namespace
 
-int main(int argc, char** argv) try {
+int orepa::tools::detect_main(int argc, char** argv) try {
   const DetectArgs a = parse_args({argv + 1, argv + argc});
   if (a.help) {
     std::fputs(usage(), stdout);

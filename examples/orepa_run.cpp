@@ -6,11 +6,12 @@
 #include <orepa/nn/quantization.hpp>
 
 #include "tool_args.hpp"
+#include "tool_main.hpp"
 #include "yolo_tool.hpp"
 
 using namespace orepa;
 
-int main(int argc, char** argv) try {
+int orepa::tools::run_main(int argc, char** argv) try {
   const auto args = tools::parse_run_args({argv + 1, argv + argc});
   if (args.help) {
     std::fputs(tools::run_usage(), stdout);

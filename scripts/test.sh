@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Installs what is missing (Debian packages), configures, builds and runs the whole test
 # suite through ctest (Release, in build/), then
-#   - the same suite under ASan + UBSan + LSan (RelWithDebInfo, in build-asan/), and
-#   - each libFuzzer target for a bounded time (clang-14, in build-fuzz/).
+#   - the same suite under ASan + UBSan + LSan (RelWithDebInfo, clang-14, in build-asan/), and
+#   - each libFuzzer target of that build for a bounded time.
 # Any test failure, sanitizer report or fuzzer finding fails the script.
 #
 # Usage: bash scripts/test.sh [--quick]
 #   --quick   the Release build and its tests only (for development); CI runs everything.
-# Environment: OREPA_FUZZ_SECONDS   seconds per fuzz target (default 60).
+# Environment: OREPA_FUZZ_SECONDS   seconds per fuzz target (default 30).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,7 +77,7 @@ ctest --test-dir build --output-on-failure --no-tests=error -j"$jobs" -R "$packa
 # The MPI tests (label mpi) run with leak detection off, ASan and UBSan on: Open MPI's
 # leaks at exit sit in plugins it has unloaded, which no suppression can name
 # (cmake/mpi_test.cmake).
-stage "sanitizer build (build-asan/)"
+stage "sanitizer and fuzz build (build-asan/, clang-14)"
 export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
 export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
 bash scripts/configure.sh asan build-asan
@@ -86,26 +86,23 @@ stage "sanitizer tests"
 # The packaging and compile-error tests run without sanitizers; they ran in build/ already.
 ctest --test-dir build-asan --output-on-failure --no-tests=error -j1 -E "$packaging"
 
-# ---- fuzzing: each libFuzzer target for a bounded time ------------------------------------
-stage "fuzz build (build-fuzz/, clang-14)"
-bash scripts/configure.sh fuzz build-fuzz
-cmake --build build-fuzz -j"$jobs"
-seconds=${OREPA_FUZZ_SECONDS:-60}
+# ---- fuzzing: each libFuzzer target (built in build-asan/) for a bounded time --------------
+seconds=${OREPA_FUZZ_SECONDS:-30}
 # Every libFuzzer target in fuzz/ (a source defining LLVMFuzzerTestOneInput), $jobs at a
 # time: each runs on one thread, so the cores are used without slowing each other.
 mapfile -t targets < <(grep -l LLVMFuzzerTestOneInput fuzz/*.cpp | xargs -n 1 basename | sed 's/\.cpp$//')
-fuzz_one() { # runs target $1 for $seconds s; its output goes to build-fuzz/$1.log
+fuzz_one() { # runs target $1 for $seconds s; its output goes to build-asan/fuzz/$1.log
   local target=$1
   # New inputs go to the first (scratch) corpus folder; the committed seeds stay untouched.
-  local work="build-fuzz/corpus/$target"
-  mkdir -p "$work" build-fuzz/artifacts
-  local args=(-max_total_time="$seconds" -timeout=30 -print_final_stats=1 -artifact_prefix="build-fuzz/artifacts/$target-")
+  local work="build-asan/fuzz/corpus/$target"
+  mkdir -p "$work" build-asan/fuzz/artifacts
+  local args=(-max_total_time="$seconds" -timeout=30 -print_final_stats=1 -artifact_prefix="build-asan/fuzz/artifacts/$target-")
   [[ -f fuzz/$target.dict ]] && args+=(-dict="fuzz/$target.dict")
   [[ $target == fuzz_block_config ]] && args+=(-max_len=64)  # the configuration needs ~24 bytes
   [[ $target == fuzz_checkpoint ]] && args+=(-max_len=4096)  # the largest seed is ~2.9 KB
   [[ $target == fuzz_model_yaml ]] && args+=(-max_len=4096)  # the shipped yamls without comments: ~1.7 KB
   # One OpenMP thread: the inputs are tiny convolutions, where more threads only add overhead.
-  OMP_NUM_THREADS=1 "build-fuzz/fuzz/$target" "${args[@]}" "$work" "fuzz/corpus/$target" >"build-fuzz/$target.log" 2>&1
+  OMP_NUM_THREADS=1 "build-asan/fuzz/$target" "${args[@]}" "$work" "fuzz/corpus/$target" >"build-asan/fuzz/$target.log" 2>&1
 }
 stage "fuzzing ${#targets[@]} targets, $seconds s each, $jobs at a time"
 for ((first = 0; first < ${#targets[@]}; first += jobs)); do
@@ -116,14 +113,14 @@ for ((first = 0; first < ${#targets[@]}; first += jobs)); do
   done
   found=0
   for k in "${!batch[@]}"; do
-    target=${batch[k]} log="build-fuzz/${batch[k]}.log"
+    target=${batch[k]} log="build-asan/fuzz/${batch[k]}.log"
     if wait "${pids[k]}"; then
       echo "$target:"
       grep -E '^#[0-9]+[[:space:]]+DONE|^stat::(number_of_executed_units|average_exec_per_sec|peak_rss_mb)' "$log" || true
     else
       tail -n 60 "$log"
       echo "scripts/test.sh: $target found a problem (log: $log); the input is saved as" \
-           "build-fuzz/artifacts/$target-*; reproduce with: build-fuzz/fuzz/$target <input>" >&2
+           "build-asan/fuzz/artifacts/$target-*; reproduce with: build-asan/fuzz/$target <input>" >&2
       found=1
     fi
   done

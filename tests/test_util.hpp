@@ -58,7 +58,8 @@ std::vector<std::string> bn_prefixes(Block& block) {
 /// another scalar), converting the values.
 template <class From, class To>
 void copy_tensors(From& from, To& to) {
-  const auto fp = from.parameters(), tp = to.parameters(), fb = from.buffers(), tb = to.buffers();
+  const auto fp = from.parameters(), fb = from.buffers();  // one auto, one scalar (clang)
+  const auto tp = to.parameters(), tb = to.buffers();
   ASSERT_EQ(fp.size(), tp.size());
   ASSERT_EQ(fb.size(), tb.size());
   using T = typename decltype(to.state_dict())::Scalar;
@@ -132,6 +133,16 @@ void check_block_gradients(Block& block, Tensor<double> x, Rng& rng,
 
 /// Path of a committed test data file.
 inline std::string data_path(const std::string& name) { return std::string(OREPA_TEST_DATA_DIR) + "/" + name; }
+
+/// max |a - e| / max |e| over a tensor (the fixture README's measure); shape_error when
+/// the shapes differ.
+inline double max_relative_error(const Tensor<float>& a, const Tensor<float>& e) {
+  if (a.sizes() != e.sizes())
+    throw shape_error("max_relative_error: " + shape_str(a.sizes()) + " vs " + shape_str(e.sizes()));
+  double m = 0;
+  for (auto v : e) m = std::max(m, double(std::abs(v)));
+  return max_abs_diff(a, e) / std::max(m, 1e-30);
+}
 
 /// A fresh temporary directory, removed with everything in it at scope exit.
 struct TempDir {

@@ -18,26 +18,14 @@
 #include "orepa/yolo/dataset.hpp"
 #include "orepa/yolo/image.hpp"
 #include "orepa/yolo/synthetic_data.hpp"
+#include "test_util.hpp"
 
 namespace fs = std::filesystem;
 using namespace orepa;
 using namespace orepa::yolo;
+using test::TempDir;
 
 namespace {
-
-/// A fresh temporary directory, removed with everything in it at scope exit.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "orepa-yolo-data-XXXXXX").string();
-    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path = tmpl;
-  }
-  ~TempDir() { fs::remove_all(path); }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  std::string operator/(const std::string& name) const { return (path / name).string(); }
-};
 
 void write_text(const std::string& path, const std::string& text) {
   fs::create_directories(fs::path(path).parent_path());
@@ -593,7 +581,7 @@ TEST(YoloAugment, LetterboxPadsCentredWithGrey) {
 TEST(YoloAugment, AffineMovesBoxesWithThePixels) {
   const LabeledImage s{white_rect(64, 48, 20, 10, 36, 30), {{1, 20, 10, 36, 30}}};
   // A known map: scale 1.37 about the origin, then shift by (-5.3, 7.9).
-  const Affine m = Affine::scaling(1.37).then(Affine::translation(-5.3, 7.9));
+  const yolo::Affine m = yolo::Affine::scaling(1.37).then(yolo::Affine::translation(-5.3, 7.9));
   const auto w = warp_affine(s, m, 80, 70);
   ASSERT_EQ(w.boxes.size(), 1u);
   EXPECT_NEAR(w.boxes[0].x1, 20 * 1.37 - 5.3, 1e-4);  // by hand
@@ -620,14 +608,14 @@ TEST(YoloAugment, AffineMovesBoxesWithThePixels) {
   EXPECT_GT(kept, 20);
   // Scaled by 2 to 32x40 and pushed out to the left until 3 px are left: 3 / 32 < 10 % of
   // its area: dropped; 4 px left (12.5 %) kept; 1.5 px left: too thin.
-  auto pushed = [&](double dx) { return warp_affine(s, Affine::scaling(2).then(Affine::translation(dx, 0)), 64, 96); };
+  auto pushed = [&](double dx) { return warp_affine(s, yolo::Affine::scaling(2).then(yolo::Affine::translation(dx, 0)), 64, 96); };
   const auto w2 = pushed(-69);
   EXPECT_FLOAT_EQ(w2.boxes[0].x1, 0); EXPECT_FLOAT_EQ(w2.boxes[0].x2, 3); EXPECT_FLOAT_EQ(w2.boxes[0].y2, 60);
   EXPECT_FALSE(box_candidate(s.boxes[0], w2.boxes[0], 4.0, o));
   EXPECT_TRUE(box_candidate(s.boxes[0], pushed(-68).boxes[0], 4.0, o));
   EXPECT_FALSE(box_candidate(s.boxes[0], pushed(-70.5).boxes[0], 4.0, o));
   EXPECT_TRUE(box_candidate(s.boxes[0], pushed(-70.5).boxes[0], 4.0, AugmentOptions(o).min_box_side(1).min_area_kept(0)));
-  EXPECT_THROW(warp_affine(s, Affine::scaling(0), 8, 8), config_error);
+  EXPECT_THROW(warp_affine(s, yolo::Affine::scaling(0), 8, 8), config_error);
 }
 
 TEST(YoloAugment, MosaicPlacesFourTilesWithTheirBoxes) {

@@ -9,20 +9,13 @@
 #include <string>
 
 #include "orepa/yolo/yolo.hpp"
+#include "test_util.hpp"
 
 using namespace orepa;
 
 namespace {
 
 std::string fixture(const std::string& name) { return std::string(OREPA_TEST_DATA_DIR) + "/yolov5n_orepa/" + name; }
-
-// max |a - e| / max |e| over a tensor (the fixture README's measure).
-double relative_error(const Tensor<float>& a, const Tensor<float>& e) {
-  if (a.sizes() != e.sizes()) throw shape_error("relative_error: " + shape_str(a.sizes()) + " vs " + shape_str(e.sizes()));
-  double m = 0;
-  for (auto v : e) m = std::max(m, double(std::abs(v)));
-  return max_abs_diff(a, e) / std::max(m, 1e-30);
-}
 
 yolo::Model<float> fixture_model() {
   return yolo::load_model(yolo::read_model_config(fixture("model.yaml")),
@@ -61,22 +54,22 @@ TEST(YoloModel, EvalAndDeployMatchPyTorchsFloat64Outputs) {
     const auto eval = model.forward_eval(input);
     const auto dep = deployed.forward(input);
     const auto ref_pred = io_file.get<float>("ref64." + x + ".pred");
-    EXPECT_LT(relative_error(eval.pred, ref_pred), 2e-3) << x;
-    EXPECT_LT(relative_error(dep.pred, ref_pred), 2e-3) << x;
+    EXPECT_LT(test::max_relative_error(eval.pred, ref_pred), 2e-3) << x;
+    EXPECT_LT(test::max_relative_error(dep.pred, ref_pred), 2e-3) << x;
     for (int i = 0; i < 3; ++i) {
       const auto ref = io_file.get<float>("ref64." + x + ".raw" + std::to_string(i));
-      EXPECT_LT(relative_error(eval.raw[std::size_t(i)], ref), 2e-3) << x << " raw" << i;
-      EXPECT_LT(relative_error(dep.raw[std::size_t(i)], ref), 2e-3) << x << " raw" << i;
+      EXPECT_LT(test::max_relative_error(eval.raw[std::size_t(i)], ref), 2e-3) << x << " raw" << i;
+      EXPECT_LT(test::max_relative_error(dep.raw[std::size_t(i)], ref), 2e-3) << x << " raw" << i;
     }
     // Channels-last input gives the same result.
     const auto nhwc = deployed.forward(input.to(MemoryFormat::channels_last));
-    EXPECT_LT(relative_error(nhwc.pred, ref_pred), 2e-3) << x;
+    EXPECT_LT(test::max_relative_error(nhwc.pred, ref_pred), 2e-3) << x;
   }
   // Every layer's output of input a (where a difference would start).
   const auto outs = model.layer_outputs(io_file.get<float>("input.a"));
   for (std::size_t i = 0; i < 24; ++i) {
     const std::string name = std::string("ref64.a.layer") + (i < 10 ? "0" : "") + std::to_string(i);
-    EXPECT_LT(relative_error(outs[i], io_file.get<float>(name)), 2e-3) << name;
+    EXPECT_LT(test::max_relative_error(outs[i], io_file.get<float>(name)), 2e-3) << name;
   }
 }
 
