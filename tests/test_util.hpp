@@ -134,6 +134,9 @@ void check_block_gradients(Block& block, Tensor<double> x, Rng& rng,
 /// Path of a committed test data file.
 inline std::string data_path(const std::string& name) { return std::string(OREPA_TEST_DATA_DIR) + "/" + name; }
 
+/// Path of a file of the yolov5n-OREPA fixture (tests/data/yolov5n_orepa/).
+inline std::string yolo_fixture(const std::string& name) { return data_path("yolov5n_orepa/" + name); }
+
 /// max |a - e| / max |e| over a tensor (the fixture README's measure); shape_error when
 /// the shapes differ.
 inline double max_relative_error(const Tensor<float>& a, const Tensor<float>& e) {

@@ -15,11 +15,9 @@ using namespace orepa;
 
 namespace {
 
-std::string fixture(const std::string& name) { return std::string(OREPA_TEST_DATA_DIR) + "/yolov5n_orepa/" + name; }
-
 yolo::Model<float> fixture_model() {
-  return yolo::load_model(yolo::read_model_config(fixture("model.yaml")),
-                          io::SafetensorsFile::open(fixture("train_state.safetensors")));
+  return yolo::load_model(yolo::read_model_config(test::yolo_fixture("model.yaml")),
+                          io::SafetensorsFile::open(test::yolo_fixture("train_state.safetensors")));
 }
 
 }  // namespace
@@ -41,13 +39,13 @@ TEST(YoloModel, FixtureBuildsFromItsYamlWithTheCheckpointsBlocks) {
   ASSERT_EQ(model.batch_norms().size(), 57u);
   // The same network built from the yaml alone with the OREPA family for every Conv has
   // exactly the checkpoint's tensors.
-  yolo::Model<float> built(yolo::read_model_config(fixture("model.yaml")), yolo::ModelOptions<float>().blocks("orepa"));
-  EXPECT_NO_THROW(io::load_state_dict(built, io::SafetensorsFile::open(fixture("train_state.safetensors"))));
+  yolo::Model<float> built(yolo::read_model_config(test::yolo_fixture("model.yaml")), yolo::ModelOptions<float>().blocks("orepa"));
+  EXPECT_NO_THROW(io::load_state_dict(built, io::SafetensorsFile::open(test::yolo_fixture("train_state.safetensors"))));
 }
 
 TEST(YoloModel, EvalAndDeployMatchPyTorchsFloat64Outputs) {
   const auto model = fixture_model();
-  const auto io_file = io::SafetensorsFile::open(fixture("io.safetensors"));
+  const auto io_file = io::SafetensorsFile::open(test::yolo_fixture("io.safetensors"));
   const auto deployed = model.deploy();
   for (const std::string x : {"a", "b"}) {
     const Tensor<float> input = io_file.get<float>("input." + x);
@@ -74,10 +72,10 @@ TEST(YoloModel, EvalAndDeployMatchPyTorchsFloat64Outputs) {
 }
 
 TEST(YoloModel, LoadingACheckpointOfAnotherYamlNamesTheSlot) {
-  auto cfg = yolo::read_model_config(fixture("model.yaml"));
+  auto cfg = yolo::read_model_config(test::yolo_fixture("model.yaml"));
   cfg.width_multiple = 0.25;  // every channel count doubles
   try {
-    yolo::load_model(cfg, io::SafetensorsFile::open(fixture("train_state.safetensors")));
+    yolo::load_model(cfg, io::SafetensorsFile::open(test::yolo_fixture("train_state.safetensors")));
     FAIL() << "a checkpoint of another yaml must not load";
   } catch (const format_error& e) {
     EXPECT_NE(std::string(e.what()).find("model.0."), std::string::npos) << e.what();
@@ -221,7 +219,7 @@ double sqnr_db(const Tensor<float>& ref, const Tensor<float>& a) {
 
 TEST(YoloModel, Int8DeploymentCalibratedOnTheWholeGraph) {
   const auto model = fixture_model();
-  const auto io_file = io::SafetensorsFile::open(fixture("io.safetensors"));
+  const auto io_file = io::SafetensorsFile::open(test::yolo_fixture("io.safetensors"));
   const Tensor<float> a = io_file.get<float>("input.a"), b = io_file.get<float>("input.b");
   const auto fp32 = model.deploy();
   Calibrator cal;
@@ -254,7 +252,7 @@ TEST(YoloModel, Int8DeploymentCalibratedOnTheWholeGraph) {
 
 TEST(YoloModel, NonFiniteInputsGiveNonFiniteOutputsInEveryPrecision) {
   const auto model = fixture_model();
-  const auto io_file = io::SafetensorsFile::open(fixture("io.safetensors"));
+  const auto io_file = io::SafetensorsFile::open(test::yolo_fixture("io.safetensors"));
   const Tensor<float> a = io_file.get<float>("input.a"), b = io_file.get<float>("input.b");
   const auto fp32 = model.deploy();
   Calibrator cal;

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "orepa/yolo/yolo.hpp"
+#include "test_util.hpp"
 
 using namespace orepa;
 
@@ -55,8 +56,6 @@ std::string print_of(const M& m) {
   os << m;
   return os.str();
 }
-
-std::string yolo_fixture(const std::string& name) { return std::string(OREPA_TEST_DATA_DIR) + "/yolov5n_orepa/" + name; }
 
 }  // namespace
 
@@ -135,8 +134,8 @@ TEST(YoloPrinting, DeployedModelLinesAndCounts) {
 }
 
 TEST(YoloPrinting, FixtureModelTotalAndNamedModulesFollowTheStateDict) {
-  auto model = yolo::load_model(yolo::read_model_config(yolo_fixture("model.yaml")),
-                                io::SafetensorsFile::open(yolo_fixture("train_state.safetensors")));
+  auto model = yolo::load_model(yolo::read_model_config(test::yolo_fixture("model.yaml")),
+                                io::SafetensorsFile::open(test::yolo_fixture("train_state.safetensors")));
   const auto lines = lines_of(print_of(model));
   ASSERT_GE(lines.size(), 3u);
   EXPECT_EQ(lines[0], "DetectionModel(  # 1398872 parameters");  // the README's count of the training form

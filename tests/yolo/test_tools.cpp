@@ -26,11 +26,9 @@ using test::TempDir;
 
 namespace {
 
-std::string tool_fixture(const std::string& name) { return test::data_path("yolov5n_orepa/" + name); }
-
 // The fixture's two inputs in one file, as orepa-run --input takes them.
 std::string write_inputs(const TempDir& dir) {
-  const auto io_file = io::SafetensorsFile::open(tool_fixture("io.safetensors"));
+  const auto io_file = io::SafetensorsFile::open(test::yolo_fixture("io.safetensors"));
   io::SafetensorsWriter w;
   w.add("a", io_file.get<float>("input.a"));
   w.add("b", io_file.get<float>("input.b"));
@@ -51,11 +49,11 @@ std::vector<std::string> new_files(const TempDir& dir, const std::vector<std::st
 TEST(YoloTools, ConvertFoldsTheFixtureCheckpointAsPyTorchDeploysIt) {
   TempDir dir;
   const std::string out = dir / "deployed.safetensors";
-  auto r = run("orepa-convert", tool_fixture("train_state.safetensors") + " " + out + " --model " + tool_fixture("model.yaml"));
+  auto r = run("orepa-convert", test::yolo_fixture("train_state.safetensors") + " " + out + " --model " + test::yolo_fixture("model.yaml"));
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_NE(r.output.find("57 block(s) folded with BatchNorm eps 0.001"), std::string::npos) << r.output;
   const auto got = io::SafetensorsFile::open(out);
-  const auto want = io::SafetensorsFile::open(tool_fixture("deploy_state.safetensors"));
+  const auto want = io::SafetensorsFile::open(test::yolo_fixture("deploy_state.safetensors"));
   auto sorted = [](std::vector<std::string> v) { return std::sort(v.begin(), v.end()), v; };
   EXPECT_EQ(sorted(got.names()), sorted(want.names())) << "exactly the deployed PyTorch model's tensors";
   double worst = 0;
@@ -69,21 +67,21 @@ TEST(YoloTools, ConvertFoldsTheFixtureCheckpointAsPyTorchDeploysIt) {
   RecordProperty("worst_relative_error", std::to_string(worst));
   std::printf("  converted vs PyTorch deployed: worst max|diff| / max|expected| %.2e (%s)\n", worst, worst_name.c_str());
   EXPECT_EQ(got.entry("model.24.anchors").dtype, want.entry("model.24.anchors").dtype);
-  EXPECT_EQ(got.metadata(), io::SafetensorsFile::open(tool_fixture("train_state.safetensors")).metadata());
+  EXPECT_EQ(got.metadata(), io::SafetensorsFile::open(test::yolo_fixture("train_state.safetensors")).metadata());
 }
 
 TEST(YoloTools, ConvertRejectsACheckpointOfAnotherYamlAndADeployedOne) {
   TempDir dir;
   const std::string out = dir / "o.safetensors";
-  auto other = run("orepa-convert", tool_fixture("train_state.safetensors") + " " + out + " --model " +
+  auto other = run("orepa-convert", test::yolo_fixture("train_state.safetensors") + " " + out + " --model " +
                                         std::string(OREPA_SOURCE_DIR) + "/models/yolov5n-orepa.yaml");
   EXPECT_EQ(other.status, 1);
   EXPECT_NE(other.output.find("train_state.safetensors"), std::string::npos) << other.output;
   EXPECT_NE(other.output.find("another model yaml"), std::string::npos) << other.output;
-  auto deployed = run("orepa-convert", tool_fixture("deploy_state.safetensors") + " " + out + " --model " + tool_fixture("model.yaml"));
+  auto deployed = run("orepa-convert", test::yolo_fixture("deploy_state.safetensors") + " " + out + " --model " + test::yolo_fixture("model.yaml"));
   EXPECT_EQ(deployed.status, 1);
   EXPECT_NE(deployed.output.find("no training-time block"), std::string::npos) << deployed.output;
-  auto missing = run("orepa-convert", tool_fixture("train_state.safetensors") + " " + out + " --model " + (dir / "none.yaml"));
+  auto missing = run("orepa-convert", test::yolo_fixture("train_state.safetensors") + " " + out + " --model " + (dir / "none.yaml"));
   EXPECT_EQ(missing.status, 1);
   EXPECT_NE(missing.output.find("none.yaml: cannot read the model yaml"), std::string::npos) << missing.output;
   EXPECT_TRUE(new_files(dir, {}).empty());
@@ -92,27 +90,27 @@ TEST(YoloTools, ConvertRejectsACheckpointOfAnotherYamlAndADeployedOne) {
 TEST(YoloTools, RunMatchesPyTorchsFloat64OutputsInEvalAndDeploy) {
   TempDir dir;
   const std::string x = write_inputs(dir);
-  const auto ref = io::SafetensorsFile::open(tool_fixture("io.safetensors"));
+  const auto ref = io::SafetensorsFile::open(test::yolo_fixture("io.safetensors"));
   // The training checkpoint in eval and deploy, and orepa-convert's output (loaded as
   // identity-BN ConvBN slots) in deploy.
-  ASSERT_EQ(run("orepa-convert", tool_fixture("train_state.safetensors") + " " + (dir / "dep.safetensors") + " --model " +
-                                     tool_fixture("model.yaml"))
+  ASSERT_EQ(run("orepa-convert", test::yolo_fixture("train_state.safetensors") + " " + (dir / "dep.safetensors") + " --model " +
+                                     test::yolo_fixture("model.yaml"))
                 .status,
             0);
   const std::vector<std::pair<std::string, std::string>> cases = {
-      {"eval", tool_fixture("train_state.safetensors")},
-      {"deploy", tool_fixture("train_state.safetensors")},
+      {"eval", test::yolo_fixture("train_state.safetensors")},
+      {"deploy", test::yolo_fixture("train_state.safetensors")},
       {"deploy", dir / "dep.safetensors"},
-      {"eval", tool_fixture("deploy_state.safetensors")}};
+      {"eval", test::yolo_fixture("deploy_state.safetensors")}};
   // The library's own deployed network on the same checkpoint: the tool must write exactly
   // its outputs under the names it documents.
-  const auto lib = yolo::load_model(yolo::read_model_config(tool_fixture("model.yaml")),
-                                    io::SafetensorsFile::open(tool_fixture("train_state.safetensors")))
+  const auto lib = yolo::load_model(yolo::read_model_config(test::yolo_fixture("model.yaml")),
+                                    io::SafetensorsFile::open(test::yolo_fixture("train_state.safetensors")))
                        .deploy();
   for (const auto& [mode, weights] : cases) {
     SCOPED_TRACE(mode + " " + weights);
     const std::string out = dir / "y.safetensors";
-    auto r = run("orepa-run", "--model " + tool_fixture("model.yaml") + " --weights " + weights + " --input " + x + " --output " +
+    auto r = run("orepa-run", "--model " + test::yolo_fixture("model.yaml") + " --weights " + weights + " --input " + x + " --output " +
                                   out + " --mode " + mode);
     ASSERT_EQ(r.status, 0) << r.output;
     EXPECT_NE(r.output.find("a [1, 3, 128, 128] -> a.pred [1, 1008, 8], 3 raw maps"), std::string::npos) << r.output;
@@ -156,15 +154,15 @@ struct RangeRecorder {
 TEST(YoloTools, RunDeploysInInt8WithACalibrationFile) {
   TempDir dir;
   const std::string x = write_inputs(dir);
-  const auto model = yolo::load_model(yolo::read_model_config(tool_fixture("model.yaml")),
-                                      io::SafetensorsFile::open(tool_fixture("train_state.safetensors")));
+  const auto model = yolo::load_model(yolo::read_model_config(test::yolo_fixture("model.yaml")),
+                                      io::SafetensorsFile::open(test::yolo_fixture("train_state.safetensors")));
   auto ranges = std::make_shared<std::map<std::string, std::pair<float, float>>>();
   auto mutex = std::make_shared<std::mutex>();
   const auto recording = model.deploy().map_convs("", [&](const std::string& name, const DeployedConv<float>& c) {
     (*ranges)[name] = {1e30f, -1e30f};
     return AnyDeployed<float>(RangeRecorder{c, name, ranges, mutex});
   });
-  recording.forward(io::SafetensorsFile::open(tool_fixture("io.safetensors")).get<float>("input.b"));
+  recording.forward(io::SafetensorsFile::open(test::yolo_fixture("io.safetensors")).get<float>("input.b"));
   Calibration cal;
   for (const auto& [name, r] : *ranges) cal.set(name, {r.first, r.second});
   EXPECT_EQ(cal.size(), 60u);  // 57 blocks and Detect's 3 convolutions
@@ -172,7 +170,7 @@ TEST(YoloTools, RunDeploysInInt8WithACalibrationFile) {
   io::save_calibration(cal, w);
   w.write(dir / "cal.safetensors");
 
-  const std::string common = "--model " + tool_fixture("model.yaml") + " --weights " + tool_fixture("train_state.safetensors") +
+  const std::string common = "--model " + test::yolo_fixture("model.yaml") + " --weights " + test::yolo_fixture("train_state.safetensors") +
                              " --input " + x + " --mode deploy --output ";
   ASSERT_EQ(run("orepa-run", common + (dir / "fp32.safetensors")).status, 0);
   auto r = run("orepa-run", common + (dir / "int8.safetensors") + " --precision int8 --calibration " + (dir / "cal.safetensors"));
@@ -186,7 +184,7 @@ TEST(YoloTools, RunDeploysInInt8WithACalibrationFile) {
   // back from the file: the same output. The network is quantized (not fp32 under another
   // name); how close int8 comes to fp32 is the library's matter (tests of deploy/).
   const auto want = model.deploy(DeployOptions().precision(Precision::int8).calibration(cal))
-                        .forward(io::SafetensorsFile::open(tool_fixture("io.safetensors")).get<float>("input.a"));
+                        .forward(io::SafetensorsFile::open(test::yolo_fixture("io.safetensors")).get<float>("input.a"));
   EXPECT_LT(test::max_relative_error(int8, want.pred), 1e-6);
   EXPECT_GT(max_abs_diff(int8, fp32), 1e-3) << "int8 ran";
 
@@ -211,7 +209,7 @@ TEST(YoloTools, RunRejectsBadInputsNamingThem) {
   io::SafetensorsWriter w;
   w.add("odd", Tensor<float>({1, 3, 100, 96}, 0.5f));
   w.write(dir / "odd.safetensors");
-  const std::string base = "--model " + tool_fixture("model.yaml") + " --weights " + tool_fixture("train_state.safetensors") +
+  const std::string base = "--model " + test::yolo_fixture("model.yaml") + " --weights " + test::yolo_fixture("train_state.safetensors") +
                            " --mode eval --output " + (dir / "y.safetensors");
   auto odd = run("orepa-run", base + " --input " + (dir / "odd.safetensors"));
   EXPECT_EQ(odd.status, 1);
@@ -223,7 +221,7 @@ TEST(YoloTools, RunRejectsBadInputsNamingThem) {
   auto train = run("orepa-run", "--model m.yaml --weights w --input x --output y --mode train");
   EXPECT_EQ(train.status, 1);
   EXPECT_NE(train.output.find("only eval and deploy"), std::string::npos) << train.output;
-  auto same = run("orepa-run", "--model " + tool_fixture("model.yaml") + " --weights " + (dir / "odd.safetensors") +
+  auto same = run("orepa-run", "--model " + test::yolo_fixture("model.yaml") + " --weights " + (dir / "odd.safetensors") +
                                    " --input " + (dir / "odd.safetensors") + " --mode eval --output " + (dir / "odd.safetensors"));
   EXPECT_EQ(same.status, 1);
   EXPECT_NE(same.output.find("is the same file as --weights"), std::string::npos) << same.output;
@@ -253,7 +251,7 @@ namespace {
 // +10), of class 2 (+10, the others -10), centred in its cell (x, y logits 0) and `bw` x
 // `bh` letterboxed pixels large; the detections follow in closed form.
 std::string write_crafted_weights(const TempDir& dir, double bw, double bh) {
-  const auto src = io::SafetensorsFile::open(tool_fixture("train_state.safetensors"));
+  const auto src = io::SafetensorsFile::open(test::yolo_fixture("train_state.safetensors"));
   io::SafetensorsWriter w;
   for (const auto& name : src.names())
     if (name.rfind("model.24.m.", 0) != 0) w.add_raw(src.entry(name));
@@ -283,7 +281,7 @@ TEST(YoloTools, DetectFindsTheCraftedHeadsBoxesInTheImagesPixels) {
   const std::string picture = write_picture(dir);  // 240 x 180
   const std::string weights = write_crafted_weights(dir, 20, 16);
   const std::string json = dir / "dets.json", png = dir / "dets.png";
-  auto r = run("orepa-detect", "--model " + tool_fixture("model.yaml") + " --weights " + weights + " --image " + picture +
+  auto r = run("orepa-detect", "--model " + test::yolo_fixture("model.yaml") + " --weights " + weights + " --image " + picture +
                                    " --names " + names_arg + " --img-size 160 --output-json " + json +
                                    " --output-image " + png);
   ASSERT_EQ(r.status, 0) << r.output;
@@ -353,7 +351,7 @@ TEST(YoloTools, DetectRunsTheFixturesRandomNetwork) {
   TempDir dir;
   const std::string picture = write_picture(dir, "scene.jpg");
   const std::string json = dir / "dets.json";
-  auto r = run("orepa-detect", "--model " + tool_fixture("model.yaml") + " --weights " + tool_fixture("train_state.safetensors") +
+  auto r = run("orepa-detect", "--model " + test::yolo_fixture("model.yaml") + " --weights " + test::yolo_fixture("train_state.safetensors") +
                                    " --image " + picture + " --conf 0.5 --max-det 7 --output-json " + json);
   ASSERT_EQ(r.status, 0) << r.output;
   std::ifstream jf(json);
@@ -376,7 +374,7 @@ TEST(YoloTools, DetectRunsTheFixturesRandomNetwork) {
 TEST(YoloTools, DetectBenchmarkPrintsEveryStage) {
   TempDir dir;
   const std::string picture = write_picture(dir);
-  auto r = run("orepa-detect", "--model " + tool_fixture("model.yaml") + " --weights " + tool_fixture("train_state.safetensors") +
+  auto r = run("orepa-detect", "--model " + test::yolo_fixture("model.yaml") + " --weights " + test::yolo_fixture("train_state.safetensors") +
                                    " --image " + picture + " --img-size 320 --benchmark 3");
   ASSERT_EQ(r.status, 0) << r.output;
   std::printf("%s", r.output.c_str());
@@ -409,7 +407,7 @@ TEST(YoloTools, DetectBadInputIsAClearErrorAndWritesNothing) {
   const std::vector<std::string> inputs = {good, truncated, empty, text, zero};
   const std::string json = dir / "out.json", png = dir / "out.png";
   const std::string outputs = " --output-json " + json + " --output-image " + png;
-  const std::string weights = " --weights " + tool_fixture("train_state.safetensors");
+  const std::string weights = " --weights " + test::yolo_fixture("train_state.safetensors");
   auto detect = [&](const std::string& model, const std::string& image, const std::string& extra = "") {
     return run("orepa-detect", "--model " + model + weights + " --image " + image + outputs + extra);
   };
@@ -419,18 +417,18 @@ TEST(YoloTools, DetectBadInputIsAClearErrorAndWritesNothing) {
     std::vector<std::string> parts;
   };
   const std::vector<Case> cases = {
-      {"truncated", detect(tool_fixture("model.yaml"), truncated), {"truncated.png", "truncated image"}},
-      {"empty", detect(tool_fixture("model.yaml"), empty), {"empty.png", "empty file (0 bytes)"}},
-      {"not an image", detect(tool_fixture("model.yaml"), text), {"notes.png", "not a readable image"}},
-      {"zero size", detect(tool_fixture("model.yaml"), zero), {"zero.ppm", "zero size (0x0 pixels)"}},
+      {"truncated", detect(test::yolo_fixture("model.yaml"), truncated), {"truncated.png", "truncated image"}},
+      {"empty", detect(test::yolo_fixture("model.yaml"), empty), {"empty.png", "empty file (0 bytes)"}},
+      {"not an image", detect(test::yolo_fixture("model.yaml"), text), {"notes.png", "not a readable image"}},
+      {"zero size", detect(test::yolo_fixture("model.yaml"), zero), {"zero.ppm", "zero size (0x0 pixels)"}},
       {"another yaml", detect(std::string(OREPA_SOURCE_DIR) + "/models/yolov5n-orepa.yaml", good),
        {"train_state.safetensors", "model.0.", "another model yaml"}},
-      {"too few names", detect(tool_fixture("model.yaml"), good, " --names '[a, b]'"), {"2 names, but the model has 3 classes"}},
+      {"too few names", detect(test::yolo_fixture("model.yaml"), good, " --names '[a, b]'"), {"2 names, but the model has 3 classes"}},
       {"output is the input",
-       run("orepa-detect", "--model " + tool_fixture("model.yaml") + weights + " --image " + good + " --output-image " + good),
+       run("orepa-detect", "--model " + test::yolo_fixture("model.yaml") + weights + " --image " + good + " --output-image " + good),
        {"is the same file as --image"}},
-      {"bad extension", detect(tool_fixture("model.yaml"), good, " --output-image " + (dir / "o.gif")), {"o.gif", ".png"}},
-      {"int8 without calibration", detect(tool_fixture("model.yaml"), good, " --precision int8"), {"needs --calibration"}},
+      {"bad extension", detect(test::yolo_fixture("model.yaml"), good, " --output-image " + (dir / "o.gif")), {"o.gif", ".png"}},
+      {"int8 without calibration", detect(test::yolo_fixture("model.yaml"), good, " --precision int8"), {"needs --calibration"}},
   };
   for (const auto& c : cases) {
     EXPECT_EQ(c.r.status, 1) << c.what << ": " << c.r.output;
