@@ -33,7 +33,8 @@ jobs=$(nproc)
 # the pipeline's shell, from /proc: compilers, tests, fuzzers), so a busy machine's wall time
 # can be judged. Each stage prints its times as it ends; the last lines sum them all up.
 tick=$(getconf CLK_TCK)
-cpu_now() { awk -v t="$tick" '{ printf "%d", ($16 + $17) / t }' "/proc/$BASHPID/stat"; }
+shell_pid=$$  # the shell whose finished children count: this one, or a pipeline's subshell
+cpu_now() { awk -v t="$tick" '{ printf "%d", ($16 + $17) / t }' "/proc/$shell_pid/stat"; }
 pipeline="" stage_name="" stage_start=$SECONDS stage_cpu=0 summary=() run_start=$SECONDS
 stage() { # ends the current stage (prints its times), then starts the one named "$*"
   local wall=$((SECONDS - stage_start)) cpu=$(( $(cpu_now) - stage_cpu ))
@@ -73,6 +74,8 @@ fi
 # more than 2x.
 packaging='^(install_|cmake_|pkgconfig_|docs_|readme_|compile_error_)'
 release_pipeline() {
+  shell_pid=$BASHPID
+  [[ -z $pipeline ]] || summary=()  # a pipeline reports its own stages
   stage "Release build (build/)"
   cmake --build build -j"$jobs"
   stage "Release tests"
@@ -123,6 +126,8 @@ fuzz_all() { # one target at a time (each runs on one thread), beside the saniti
   return $found
 }
 sanitizer_pipeline() {
+  shell_pid=$BASHPID
+  [[ -z $pipeline ]] || summary=()  # a pipeline reports its own stages
   export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
   export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
   stage "sanitizer and fuzz build (build-asan/, clang-14)"
