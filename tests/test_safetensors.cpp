@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -398,6 +399,70 @@ TEST(SafetensorsCorrupt, InvalidJson) {
   expect_format_error(make_file("{\"a\xff\": 1}"), {"invalid JSON"});  // invalid UTF-8
   expect_format_error(make_file("[1, 2]"), {"not a JSON object"});
   expect_format_error(make_file("{\"w\": 5}"), {"'w'", "not an object"});
+}
+
+// The header's JSON (orepa/io/json.hpp) against RFC 8259, case by case.
+TEST(SafetensorsJson, GrammarCases) {
+  const auto parse = [](const std::string& t) { return json::Parser::parse(t.data(), t.size()); };
+  const auto rejects = [&](const std::string& t, const std::string& needle) {
+    try {
+      parse(t);
+      ADD_FAILURE() << "accepted: " << t;
+    } catch (const json::error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << t << " -> " << e.what();
+    }
+  };
+  const json::Value v = parse(" {\"b\" : [1, -2.5e+3, 0, true, false, null, \"s\"], \"a\": {}}\r\n\t");
+  ASSERT_TRUE(v.is_object());
+  EXPECT_EQ(v.keys, (std::vector<std::string>{"b", "a"}));  // document order, not sorted
+  ASSERT_EQ(v.items[0].items.size(), 7u);
+  EXPECT_EQ(v.items[0].items[1].text, "-2.5e+3");
+  EXPECT_EQ(v.items[0].items[3].kind, json::Value::Kind::boolean);
+  EXPECT_EQ(v.items[0].items[5].kind, json::Value::Kind::null);
+  EXPECT_EQ(v.dump(), R"({"b":[1,-2.5e+3,0,true,false,null,"s"],"a":{}})");
+  // Counts: non-negative integers written as such, up to 2^64 - 1.
+  EXPECT_EQ(parse("18446744073709551615").as_count(), std::optional<std::uint64_t>(UINT64_MAX));
+  EXPECT_FALSE(parse("18446744073709551616").as_count());
+  EXPECT_FALSE(parse("2.0").as_count());
+  EXPECT_FALSE(parse("1e3").as_count());
+  EXPECT_FALSE(parse("-0").as_count());
+  EXPECT_EQ(parse("0").as_count(), std::optional<std::uint64_t>(0));
+  // Escapes decode to UTF-8; a surrogate pair is one code point.
+  EXPECT_EQ(parse(R"("\"\\\/\b\f\n\r\t\u00e9\u20AC\ud83d\ude00")").text,
+            "\"\\/\b\f\n\r\t\xc3\xa9\xe2\x82\xac\xf0\x9f\x98\x80");
+  EXPECT_EQ(parse("\"\xc3\xa9\xf0\x9f\x98\x80\"").text, "\xc3\xa9\xf0\x9f\x98\x80");  // raw UTF-8 kept
+  rejects("", "end of the text");
+  rejects("{\"a\":1} x", "after the value");
+  rejects("{\"a\" 1}", "expected ':'");
+  rejects("{\"a\":1,}", "expected a string key");
+  rejects("[1,]", "unexpected character ']'");
+  rejects("[1 2]", "expected ']'");
+  rejects("01", "after the value");
+  rejects("-", "expected a digit");
+  rejects("1.", "after '.'");
+  rejects("1e", "exponent");
+  rejects("tru", "unexpected character 't'");
+  rejects("\"abc", "unterminated string");
+  rejects("\"a\tb\"", "control character");
+  rejects(R"("\x")", "invalid escape");
+  rejects(R"("\u12g4")", "hex digit");
+  rejects(R"("\ud83d")", "without its low half");
+  rejects(R"("\ude00")", "lone low surrogate");
+  rejects("\"\xc0\xaf\"", "UTF-8");      // overlong '/'
+  rejects("\"\xed\xa0\x80\"", "UTF-8");  // a surrogate encoded as UTF-8
+  rejects("\"\xf4\x90\x80\x80\"", "UTF-8");  // past U+10FFFF
+  rejects("\"\xe2\x82\"", "UTF-8");      // truncated
+  rejects(std::string(65, '[') + std::string(65, ']'), "nesting deeper than 64");
+  EXPECT_NO_THROW(parse(std::string(64, '[') + std::string(64, ']')));
+  rejects(R"({"a": {"b": 1, "b": 2}})", "duplicate key 'b' in 'a'");
+  rejects(R"({"a": 1, "a": 2})", "duplicate key 'a' in the header");
+  // The writer's escaping parses back to the same bytes.
+  std::string all;
+  for (int c = 1; c < 0x80; ++c) all += char(c);
+  all += "\xc3\xa9\xf0\x9f\x98\x80";
+  EXPECT_EQ(parse(json::quote(all)).text, all);
+  EXPECT_EQ(json::quote("a\"\\\n\x01"), R"("a\"\\\n\u0001")");
+  EXPECT_THROW(json::quote("bad\xff"), json::error);
 }
 
 TEST(SafetensorsCorrupt, MissingOrWrongFields) {

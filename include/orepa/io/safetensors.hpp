@@ -20,7 +20,6 @@
 #include <limits>
 #include <map>
 #include <memory>
-#include <nlohmann/json.hpp>
 #include <optional>
 #include <set>
 #include <string>
@@ -29,6 +28,7 @@
 
 #include "orepa/core/error.hpp"
 #include "orepa/core/tensor.hpp"
+#include "orepa/io/json.hpp"
 #include "orepa/io/output_path.hpp"
 
 namespace orepa::io {
@@ -129,12 +129,6 @@ inline bool decode(DType d, const unsigned char* p, std::size_t i, double& v) {
   }
 }
 
-/// A JSON number that is a non-negative integer, or nothing (floats like 2.0 are rejected).
-inline std::optional<std::uint64_t> as_count(const nlohmann::ordered_json& j) {
-  if (j.is_number_unsigned()) return j.get<std::uint64_t>();
-  if (j.is_number_integer() && j.get<std::int64_t>() >= 0) return std::uint64_t(j.get<std::int64_t>());
-  return std::nullopt;
-}
 }  // namespace detail
 
 /// "F32", "BF16", ... (the name used in the file header).
@@ -286,7 +280,6 @@ class SafetensorsFile {
 
   /// Validates the whole file and fills entries_, index_ and metadata_.
   void parse(const unsigned char* p, std::size_t size) {
-    using json = nlohmann::ordered_json;  // ordered: names() keeps header order
     if (size < 8) fail(orepa::detail::cat("file too short (", size, " bytes; the header length needs 8)"));
     const auto n = detail::load_le<std::uint64_t>(p);
     if (n > max_header_bytes) fail(orepa::detail::cat("header length ", n, " exceeds ", max_header_bytes));
@@ -294,64 +287,50 @@ class SafetensorsFile {
     const unsigned char* buf = p + 8 + n;
     const std::uint64_t buf_size = size - 8 - n;
 
-    // nlohmann keeps the last of duplicate keys silently, so track keys per open object.
-    std::vector<std::set<std::string>> keys;
-    std::vector<std::string> owners;  // key under which each open object sits
-    std::string last_key;
-    json::parser_callback_t cb = [&](int, json::parse_event_t ev, json& parsed) {
-      if (ev == json::parse_event_t::object_start) {
-        keys.emplace_back();
-        owners.push_back(keys.size() == 1 ? "" : last_key);
-      } else if (ev == json::parse_event_t::key) {
-        last_key = parsed.get<std::string>();
-        if (!keys.back().insert(last_key).second)
-          fail(owners.back().empty() ? "duplicate key '" + last_key + "' in the header"
-                                     : "duplicate key '" + last_key + "' in '" + owners.back() + "'");
-      } else if (ev == json::parse_event_t::object_end) {
-        keys.pop_back(), owners.pop_back();
-      }
-      return true;
-    };
-    json header;
+    json::Value header;
     try {
-      header = json::parse(p + 8, p + 8 + n, cb);
-    } catch (const json::exception& e) {
-      fail(std::string("invalid JSON header: ") + e.what());
+      header = json::Parser::parse(reinterpret_cast<const char*>(p + 8), n);
+    } catch (const json::error& e) {
+      const std::string what = e.what();
+      fail(what.rfind("invalid JSON: ", 0) == 0 ? "invalid JSON header: " + what.substr(14) : what);
     }
     if (!header.is_object()) fail("header is not a JSON object");
 
-    for (auto it = header.begin(); it != header.end(); ++it) {
-      const std::string& name = it.key();
-      const json& v = it.value();
+    for (std::size_t k = 0; k < header.keys.size(); ++k) {
+      const std::string& name = header.keys[k];
+      const json::Value& v = header.items[k];
       if (name == "__metadata__") {
         if (!v.is_object()) fail("'__metadata__' is not an object");
-        for (auto m = v.begin(); m != v.end(); ++m) {
-          if (!m.value().is_string()) fail("'__metadata__' value of key '" + m.key() + "' is not a string");
-          metadata_[m.key()] = m.value().get<std::string>();
+        for (std::size_t m = 0; m < v.keys.size(); ++m) {
+          if (!v.items[m].is_string()) fail("'__metadata__' value of key '" + v.keys[m] + "' is not a string");
+          metadata_[v.keys[m]] = v.items[m].text;
         }
         continue;
       }
       const std::string where = "tensor '" + name + "'";
       if (!v.is_object()) fail(where + ": entry is not an object");
       // Unknown extra fields are ignored, as other readers do.
-      if (!v.contains("dtype") || !v["dtype"].is_string()) fail(where + ": missing or non-string 'dtype'");
-      if (!v.contains("shape") || !v["shape"].is_array()) fail(where + ": missing or non-array 'shape'");
-      if (!v.contains("data_offsets") || !v["data_offsets"].is_array() || v["data_offsets"].size() != 2)
+      const json::Value* dtype = v.find("dtype");
+      const json::Value* shape = v.find("shape");
+      const json::Value* offsets = v.find("data_offsets");
+      if (!dtype || !dtype->is_string()) fail(where + ": missing or non-string 'dtype'");
+      if (!shape || !shape->is_array()) fail(where + ": missing or non-array 'shape'");
+      if (!offsets || !offsets->is_array() || offsets->items.size() != 2)
         fail(where + ": 'data_offsets' must be an array [begin, end]");
       TensorEntry e;
       e.name = name;
       try {
-        e.dtype = parse_dtype(v["dtype"].get<std::string>(), name);
+        e.dtype = parse_dtype(dtype->text, name);
       } catch (const format_error& err) {
         fail(err.what());
       }
-      for (const auto& d : v["shape"]) {
-        auto c = detail::as_count(d);
+      for (const auto& d : shape->items) {
+        auto c = d.as_count();
         if (!c || *c > std::uint64_t(std::numeric_limits<std::int64_t>::max()))
           fail(where + ": 'shape' entry " + d.dump() + " is not a non-negative integer");
         e.shape.push_back(std::int64_t(*c));
       }
-      auto b = detail::as_count(v["data_offsets"][0]), en = detail::as_count(v["data_offsets"][1]);
+      auto b = offsets->items[0].as_count(), en = offsets->items[1].as_count();
       if (!b || !en) fail(where + ": 'data_offsets' entries must be non-negative integers");
       if (*en < *b) fail(orepa::detail::cat(where, ": data_offsets [", *b, ", ", *en, "] end before begin"));
       if (*en > buf_size)
@@ -463,18 +442,24 @@ class SafetensorsWriter {
 
   /// The complete file; the JSON header is padded with spaces so the data starts 8-aligned.
   std::vector<unsigned char> to_bytes() const {
-    nlohmann::ordered_json h = nlohmann::ordered_json::object();
-    if (!metadata_.empty()) h["__metadata__"] = metadata_;
+    // Compact JSON, keys in add order: the bytes the Python writer produces.
+    std::string text = "{";
     std::uint64_t off = 0;
-    for (const auto& it : items_) {
-      h[it.name] = {{"dtype", to_string(it.dtype)}, {"shape", it.shape},
-                    {"data_offsets", {off, off + it.bytes.size()}}};
-      off += it.bytes.size();
-    }
-    std::string text;
     try {
-      text = h.dump();  // strict: invalid UTF-8 in a name throws
-    } catch (const nlohmann::json::exception& e) {
+      if (!metadata_.empty()) {
+        text += "\"__metadata__\":{";
+        for (const auto& [k, v] : metadata_) text += (text.back() == '{' ? "" : ",") + json::quote(k) + ":" + json::quote(v);
+        text += "}";
+      }
+      for (const auto& it : items_) {
+        text += (text.size() == 1 ? "" : ",") + json::quote(it.name) + ":{\"dtype\":\"" + to_string(it.dtype) +
+                "\",\"shape\":[";
+        for (std::size_t d = 0; d < it.shape.size(); ++d) text += (d ? "," : "") + std::to_string(it.shape[d]);
+        text += "],\"data_offsets\":[" + std::to_string(off) + "," + std::to_string(off + it.bytes.size()) + "]}";
+        off += it.bytes.size();
+      }
+      text += "}";
+    } catch (const json::error& e) {
       throw config_error(std::string("SafetensorsWriter: cannot encode the header: ") + e.what());
     }
     text.append((8 - text.size() % 8) % 8, ' ');
