@@ -8,6 +8,14 @@
 //                                       bare oneDNN primitives (BarePrimitive: inputs, weights
 //                                       and outputs already in their layouts), run one after
 //                                       the other with nothing between them
+//   yolo/train_step/<net>/256          one training step at issue 21's setting: batch 16,
+//                                       256 x 256, nc 80, forward + YOLOv5's loss on fixed
+//                                       targets + backward + SGD (Nesterov) step, for
+//                                       net = yolov5n (ConvBN everywhere), orepa_top (OREPA
+//                                       rows of yolov5n-orepa.yaml OREPA, the rest ConvBN),
+//                                       orepa_all (every conv OREPA, inside C3 too), dbb_all
+//                                       (every conv DBB); peak_mb is the process's peak
+//                                       memory growth over the first step
 // size = 320 or 640. Counters: gflops (the convolutions' FLOPs per second, 2 per
 // multiply-add) and, on the deploy rows, peak_mb (process peak memory of the deployed
 // network's first forward, VmHWM after minus VmRSS before, in MB).
@@ -124,7 +132,51 @@ void bare_primitives(benchmark::State& state, Precision p, std::int64_t size) tr
   state.SkipWithError(e.what());
 }
 
+void yolo_train_step(benchmark::State& state, const char* yaml, const char* maker, const char* orepa_maker) try {
+  yolo::Model<float> model(yolo::read_model_config(std::string(OREPA_SOURCE_DIR "/models/") + yaml),
+                           yolo::ModelOptions<float>()
+                               .maker(yolo::block_maker<float>(maker))
+                               .orepa_maker(yolo::block_maker<float>(orepa_maker)));
+  const std::int64_t batch = 16, size = 256;
+  Tensor<float> x = random_tensor({batch, 3, size, size}, 7);
+  for (auto& v : x) v = 0.5f + 0.5f * v;
+  Tensor<float> targets({2 * batch, 6});  // two boxes an image: (image, class, cx, cy, w, h)
+  for (std::int64_t i = 0; i < 2 * batch; ++i) {
+    const float row[6] = {float(i / 2), float((7 * i) % 80), 0.3f + 0.4f * float(i % 2), 0.5f,
+                          0.1f + 0.05f * float(i % 5), 0.15f + 0.04f * float(i % 4)};
+    for (int j = 0; j < 6; ++j) targets[6 * i + j] = row[j];
+  }
+  yolo::DetectionLoss<float> loss(model.detect().anchors(), model.strides());
+  SGD<float> opt(yolo_param_groups(model, 5e-4), SGDOptions(0.01).momentum(0.937).nesterov(true));
+  auto step = [&] {
+    const std::vector<Tensor<float>> maps = model.forward_train(x);
+    const std::vector<ConstTensorView<float>> views(maps.begin(), maps.end());
+    const auto r = loss(views, targets);
+    model.backward(r.grad);
+    opt.step();
+    opt.zero_grad();
+  };
+  release_free_memory();
+  const std::int64_t before = process_memory("VmRSS");
+  reset_peak_memory();
+  step();
+  const std::int64_t peak = process_memory("VmHWM") - before;
+  for (auto _ : state) step();
+  state.counters["peak_mb"] = double(peak) / 1e6;
+} catch (const std::exception& e) {
+  state.SkipWithError(e.what());
+}
+
 const bool yolo_registered = [] {
+  struct Net { const char *name, *yaml, *maker, *orepa_maker; };
+  for (const Net& n : {Net{"yolov5n", "yolov5n.yaml", "convbn", "convbn"},
+                       Net{"orepa_top", "yolov5n-orepa.yaml", "convbn", "orepa"},
+                       Net{"orepa_all", "yolov5n-orepa.yaml", "orepa", "orepa"},
+                       Net{"dbb_all", "yolov5n-orepa.yaml", "dbb", "dbb"}})
+    benchmark::RegisterBenchmark((std::string("yolo/train_step/") + n.name + "/256").c_str(), yolo_train_step, n.yaml,
+                                 n.maker, n.orepa_maker)
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
   for (std::int64_t size : {320, 640}) {
     const std::string tail = "/" + std::to_string(size);
     benchmark::RegisterBenchmark(("yolo/train_form" + tail).c_str(), train_form, size)
