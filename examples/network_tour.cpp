@@ -68,20 +68,6 @@ double train_step(Sequential<float>& net, SGD<float>& opt, const ImageDataset<fl
   return loss;
 }
 
-double accuracy(const Tensor<float>& logits, const std::vector<int>& labels) {
-  const auto p = argmax_rows(logits);
-  std::size_t right = 0;
-  for (std::size_t i = 0; i < p.size(); ++i) right += p[i] == labels[i];
-  return double(right) / double(p.size());
-}
-
-double agreement(const Tensor<float>& a, const Tensor<float>& b) {
-  const auto pa = argmax_rows(a), pb = argmax_rows(b);
-  std::size_t same = 0;
-  for (std::size_t i = 0; i < pa.size(); ++i) same += pa[i] == pb[i];
-  return double(same) / double(pa.size());
-}
-
 void check(bool ok, const std::string& claim) {
   std::printf("  %-72s %s\n", claim.c_str(), ok ? "ok" : "FAILED");
   if (!ok) throw std::runtime_error("claim failed: " + claim);
@@ -184,7 +170,7 @@ int main(int argc, char** argv) try {
   const InferenceChain<float> int8 = net.deploy(DeployOptions().precision(Precision::int8).calibration(cal.calibration()));
   std::cout << "\n" << int8 << "\n";
   quantization_report(fp32, int8, batches).print(std::cout, 4);
-  check(agreement(int8.forward(tx), deployed) >= 0.9, "int8 predicts the fp32 class on >= 90 % of held-out images");
+  check(accuracy(int8.forward(tx), argmax_rows(deployed)) >= 0.9, "int8 predicts the fp32 class on >= 90 % of held-out images");
   std::filesystem::remove_all(out);
   return 0;
 } catch (const std::exception& e) {

@@ -39,14 +39,6 @@ std::int64_t flag_value(int argc, char** argv, int& i) {
   return x;
 }
 
-// Fraction of rows of `logits` whose largest entry is at the label.
-double accuracy(const Tensor<float>& logits, const std::vector<int>& labels) {
-  const auto pred = argmax_rows(logits);
-  std::int64_t ok = 0;
-  for (std::size_t n = 0; n < labels.size(); ++n) ok += pred[n] == labels[n];
-  return double(ok) / double(labels.size());
-}
-
 }  // namespace
 
 int main(int argc, char** argv) try {

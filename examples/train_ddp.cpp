@@ -94,13 +94,6 @@ bool parse_args(int argc, char** argv, Args& a) {
   return true;
 }
 
-double accuracy(const Tensor<float>& logits, const std::vector<int>& labels) {
-  const auto pred = argmax_rows(logits);
-  std::int64_t ok = 0;
-  for (std::size_t n = 0; n < labels.size(); ++n) ok += pred[n] == labels[n];
-  return double(ok) / double(labels.size());
-}
-
 int run(int argc, char** argv) {
   Args args;
   const bool go = parse_args(argc, argv, args);

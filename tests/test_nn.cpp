@@ -121,6 +121,14 @@ TEST(NnGrad, LinearInitialisationLikeTorch) {
   EXPECT_GT(max_abs_diff(lin.weight().value, other.weight().value), 0.0);
 }
 
+TEST(Nn, ArgmaxRowsAndAccuracy) {
+  const Tensor<float> logits({3, 2}, std::vector<float>{1, 2, 3, 0, 0, 0.5f});
+  EXPECT_EQ(argmax_rows(logits), (std::vector<int>{1, 0, 1}));
+  EXPECT_DOUBLE_EQ(accuracy(logits, {1, 0, 0}), 2.0 / 3.0);
+  EXPECT_DOUBLE_EQ(accuracy(logits, argmax_rows(logits)), 1.0);
+  EXPECT_THROW(accuracy(logits, {1, 0}), shape_error);
+}
+
 TEST(NnGrad, SoftmaxCrossEntropyLogits) {
   Rng rng(3);
   Tensor<double> z = random_tensor_nn({5, 4}, rng, 3.0);

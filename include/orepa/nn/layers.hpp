@@ -310,4 +310,17 @@ std::vector<int> argmax_rows(const Tensor<S>& logits) {
   return out;
 }
 
+/// Fraction of rows of `logits` [N, K] whose largest entry is at `labels[n]` (shape_error
+/// unless there are N labels). With `labels = argmax_rows(other)`, how often two networks
+/// predict the same class.
+template <class S>
+double accuracy(const Tensor<S>& logits, const std::vector<int>& labels) {
+  const std::vector<int> pred = argmax_rows(logits);
+  if (pred.size() != labels.size() || pred.empty())
+    throw shape_error(detail::cat("accuracy: ", labels.size(), " labels for logits of shape ", shape_str(logits.sizes())));
+  std::size_t right = 0;
+  for (std::size_t n = 0; n < pred.size(); ++n) right += pred[n] == labels[n];
+  return double(right) / double(pred.size());
+}
+
 }  // namespace orepa
