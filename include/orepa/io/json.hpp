@@ -151,12 +151,13 @@ class Parser {
     throw error("invalid JSON: " + what + " at byte " + std::to_string(pos_));
   }
   bool at_end() const { return pos_ >= size_; }
+  // '\0' past the end, which no comparison with a JSON delimiter matches.
   char peek() const { return at_end() ? '\0' : text_[pos_]; }
   void skip_space() {
-    while (!at_end() && (peek() == ' ' || peek() == '\t' || peek() == '\n' || peek() == '\r')) ++pos_;
+    while (peek() == ' ' || peek() == '\t' || peek() == '\n' || peek() == '\r') ++pos_;
   }
   void expect(char c) {
-    if (peek() != c || at_end()) fail(std::string("expected '") + c + "'");
+    if (peek() != c) fail(std::string("expected '") + c + "'");
     ++pos_;
   }
 
@@ -166,7 +167,7 @@ class Parser {
     const char c = peek();
     if (c == '{' || c == '[') {
       if (depth >= max_depth) fail("nesting deeper than " + std::to_string(max_depth) + " levels");
-      return c == '{' ? object(depth, owner) : array(depth, owner);
+      return container(depth, owner);
     }
     Value v;
     if (c == '"') {
@@ -190,68 +191,54 @@ class Parser {
     return v;
   }
 
-  Value object(int depth, const std::string& owner) {
+  // An object or an array: comma-separated elements up to the closing bracket.
+  Value container(int depth, const std::string& owner) {
+    const bool is_object = peek() == '{';
+    const char close = is_object ? '}' : ']';
     Value v;
-    v.kind = Value::Kind::object;
+    v.kind = is_object ? Value::Kind::object : Value::Kind::array;
     std::set<std::string> seen;
-    ++pos_;  // '{'
+    ++pos_;
     skip_space();
-    if (peek() == '}' && !at_end()) return ++pos_, v;
+    if (peek() == close) return ++pos_, v;
     for (;;) {
       skip_space();
-      if (peek() != '"' || at_end()) fail("expected a string key");
-      std::string key = string();
-      if (!seen.insert(key).second)
-        throw error("duplicate key '" + key + "' in " + (depth == 0 ? std::string("the header") : "'" + owner + "'"));
-      skip_space();
-      expect(':');
-      skip_space();
-      v.items.push_back(value(depth + 1, key));
-      v.keys.push_back(std::move(key));
-      skip_space();
-      if (peek() == ',' && !at_end()) {
-        ++pos_;
-        continue;
+      if (is_object) {
+        if (peek() != '"') fail("expected a string key");
+        std::string key = string();
+        if (!seen.insert(key).second)
+          throw error("duplicate key '" + key + "' in " + (depth == 0 ? std::string("the header") : "'" + owner + "'"));
+        skip_space();
+        expect(':');
+        skip_space();
+        v.items.push_back(value(depth + 1, key));
+        v.keys.push_back(std::move(key));
+      } else {
+        v.items.push_back(value(depth + 1, owner));  // array elements belong to the array's owner
       }
-      expect('}');
-      return v;
-    }
-  }
-
-  Value array(int depth, const std::string& owner) {
-    Value v;
-    v.kind = Value::Kind::array;
-    ++pos_;  // '['
-    skip_space();
-    if (peek() == ']' && !at_end()) return ++pos_, v;
-    for (;;) {
       skip_space();
-      v.items.push_back(value(depth + 1, owner));
-      skip_space();
-      if (peek() == ',' && !at_end()) {
-        ++pos_;
-        continue;
-      }
-      expect(']');
-      return v;
+      if (peek() != ',') break;
+      ++pos_;
     }
+    expect(close);
+    return v;
   }
 
   std::string number() {
     const std::size_t begin = pos_;
     const auto digits = [&] {
       const std::size_t d = pos_;
-      while (!at_end() && peek() >= '0' && peek() <= '9') ++pos_;
+      while (peek() >= '0' && peek() <= '9') ++pos_;
       return pos_ - d;
     };
     if (peek() == '-') ++pos_;
-    if (peek() == '0' && !at_end()) ++pos_;
+    if (peek() == '0') ++pos_;
     else if (digits() == 0) fail("expected a digit");
-    if (peek() == '.' && !at_end()) {
+    if (peek() == '.') {
       ++pos_;
       if (digits() == 0) fail("expected a digit after '.'");
     }
-    if ((peek() == 'e' || peek() == 'E') && !at_end()) {
+    if (peek() == 'e' || peek() == 'E') {
       ++pos_;
       if (peek() == '+' || peek() == '-') ++pos_;
       if (digits() == 0) fail("expected a digit in the exponent");
@@ -327,7 +314,7 @@ class Parser {
           unsigned cp = hex4();
           if (cp >= 0xDC00 && cp <= 0xDFFF) fail("a lone low surrogate in a \\u escape");
           if (cp >= 0xD800 && cp <= 0xDBFF) {  // a high surrogate needs its low half next
-            if (peek() != '\\' || at_end() || pos_ + 1 >= size_ || text_[pos_ + 1] != 'u')
+            if (peek() != '\\' || pos_ + 1 >= size_ || text_[pos_ + 1] != 'u')
               fail("a high surrogate without its low half");
             pos_ += 2;
             const unsigned lo = hex4();
