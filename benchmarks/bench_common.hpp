@@ -118,5 +118,15 @@ inline void reset_peak_memory() { std::ofstream("/proc/self/clear_refs") << "5";
 /// Returns the heap's free memory to the system, so that what a measurement allocates
 /// shows in the RSS instead of reusing memory an earlier benchmark freed.
 inline void release_free_memory() { malloc_trim(0); }
+/// Peak memory growth of the process while `work()` runs, in bytes: free heap released,
+/// then VmHWM after it minus VmRSS before it.
+template <class F>
+std::int64_t peak_memory_of(F&& work) {
+  release_free_memory();
+  const std::int64_t before = process_memory("VmRSS");
+  reset_peak_memory();
+  work();
+  return process_memory("VmHWM") - before;
+}
 
 }  // namespace orepa::bench

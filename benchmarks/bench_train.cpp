@@ -64,16 +64,14 @@ void train_step(benchmark::State& state, TrainShape s) {
   const auto x = random_tensor({s.n, s.c, s.h, s.h}, 1);
   const auto dy = random_tensor({s.n, s.c, s.h, s.h}, 2);
   // Peak memory of a fresh block's first three steps (primitives and buffers are created
-  // in the first), measured from the process: VmHWM after them minus VmRSS before.
-  release_free_memory();
+  // in the first).
   auto block = make<Case>(s);
-  const std::int64_t rss_before = process_memory("VmRSS");
-  reset_peak_memory();
-  for (int step = 0; step < 3; ++step) {
-    block.forward_train(x);
-    block.backward(dy);
-  }
-  state.counters["peak_step_bytes"] = double(process_memory("VmHWM") - rss_before);
+  state.counters["peak_step_bytes"] = double(peak_memory_of([&] {
+    for (int step = 0; step < 3; ++step) {
+      block.forward_train(x);
+      block.backward(dy);
+    }
+  }));
   for (auto _ : state) {
     benchmark::DoNotOptimize(block.forward_train(x).data());
     benchmark::DoNotOptimize(block.backward(dy).data());

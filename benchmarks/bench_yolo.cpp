@@ -91,11 +91,8 @@ void deploy(benchmark::State& state, Precision p, std::int64_t size) try {
     o.calibration(cal.calibration());
   }
   const auto net = model.deploy(o);
-  release_free_memory();
-  const std::int64_t before = process_memory("VmRSS");
-  reset_peak_memory();
-  auto y = net.forward(x);  // warm-up: primitives, weight reorders
-  const std::int64_t peak = process_memory("VmHWM") - before;
+  yolo::DetectOutput<float> y;
+  const std::int64_t peak = peak_memory_of([&] { y = net.forward(x); });  // warm-up: primitives, weight reorders
   for (auto _ : state) {
     y = net.forward(x);
     benchmark::DoNotOptimize(y.pred.data());
@@ -156,11 +153,7 @@ void yolo_train_step(benchmark::State& state, const char* yaml, const char* make
     opt.step();
     opt.zero_grad();
   };
-  release_free_memory();
-  const std::int64_t before = process_memory("VmRSS");
-  reset_peak_memory();
-  step();
-  const std::int64_t peak = process_memory("VmHWM") - before;
+  const std::int64_t peak = peak_memory_of(step);
   for (auto _ : state) step();
   state.counters["peak_mb"] = double(peak) / 1e6;
 } catch (const std::exception& e) {
