@@ -144,9 +144,14 @@ sanitizer_pipeline() {
   return $status
 }
 
-stage "configure build/ and build-asan/"
-bash scripts/configure.sh test build
-[[ $quick == 1 ]] || bash scripts/configure.sh asan build-asan
+if [[ $quick == 1 ]]; then
+  stage "configure build/"
+  bash scripts/configure.sh test build
+else
+  stage "configure build/ and build-asan/"
+  bash scripts/configure.sh test build
+  bash scripts/configure.sh asan build-asan
+fi
 stage ""
 if [[ $quick == 1 ]]; then
   release_pipeline
