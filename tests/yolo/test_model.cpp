@@ -158,6 +158,55 @@ TEST(YoloModel, GradientsMatchFiniteDifferences) {
   }
 }
 
+// Detect's float path (oneDNN matrix products on channels-last rows) against direct sums
+// in double: the raw maps, and for a fixed map gradient R the weight, bias and input
+// gradients. Level 1's input arrives channels-last.
+TEST(YoloDetect, FloatHeadMatchesDirectSums) {
+  const std::int64_t nc = 2, na = 3, no = nc + 5, N = 2;
+  yolo::Detect<float> head(nc, {{10, 13, 16, 30, 33, 23}, {30, 61, 62, 45, 59, 119}}, {5, 7}, {8, 16}, 4);
+  Rng rng(9);
+  std::vector<Tensor<float>> xs{Tensor<float>({N, 5, 4, 3}), Tensor<float>({N, 7, 2, 2}, MemoryFormat::channels_last)};
+  for (auto& x : xs) fill_uniform(x, 1.0, rng);
+  Tensors<float> t;
+  head.collect_tensors(t, "");
+  const auto maps = head.forward_train({xs[0], xs[1]});
+  std::vector<Tensor<float>> r;
+  for (const auto& m : maps) {
+    r.emplace_back(m.sizes());
+    fill_uniform(r.back(), 1.0, rng);
+  }
+  for (auto& [name, p] : t.parameters) p->grad.fill(0.f);
+  const auto dx = head.backward({r[0], r[1]});
+  const auto eval = head.forward_eval({xs[0], xs[1]});
+  for (std::size_t i = 0; i < 2; ++i) {
+    const Tensor<float> x = xs[i].to(MemoryFormat::contiguous);
+    const Tensor<float>& w = t.parameters[2 * i].second->value;
+    const Tensor<float>& b = t.parameters[2 * i + 1].second->value;
+    const std::int64_t C = x.size(1), H = x.size(2), W = x.size(3), O = na * no;
+    Tensor<float> raw({N, na, H, W, no}), dw({O, C, 1, 1}), db({O}), dxe({N, C, H, W});
+    for (std::int64_t n = 0; n < N; ++n)
+      for (std::int64_t o = 0; o < O; ++o)
+        for (std::int64_t h = 0; h < H; ++h)
+          for (std::int64_t v = 0; v < W; ++v) {
+            const std::int64_t k = (((n * na + o / no) * H + h) * W + v) * no + o % no;
+            double s = b[o];
+            for (std::int64_t c = 0; c < C; ++c) {
+              s += double(w[o * C + c]) * x[((n * C + c) * H + h) * W + v];
+              dw[o * C + c] += float(double(r[i][k]) * x[((n * C + c) * H + h) * W + v]);
+              dxe[((n * C + c) * H + h) * W + v] += float(double(w[o * C + c]) * r[i][k]);
+            }
+            raw[k] = float(s);
+            db[o] += r[i][k];
+          }
+    EXPECT_LT(test::max_relative_error(maps[i], raw), 1e-5) << "raw map " << i;
+    EXPECT_LT(test::max_relative_error(eval.raw[i], raw), 1e-5) << "eval raw map " << i;
+    EXPECT_LT(test::max_relative_error(t.parameters[2 * i].second->grad, dw), 1e-5) << "weight gradient " << i;
+    EXPECT_LT(test::max_relative_error(t.parameters[2 * i + 1].second->grad, db), 1e-5) << "bias gradient " << i;
+    EXPECT_EQ(dx[i].memory_format(), MemoryFormat::contiguous);
+    EXPECT_LT(test::max_relative_error(dx[i], dxe), 1e-5) << "input gradient " << i;
+  }
+}
+
 TEST(YoloModel, TensorNamesAreYolov5s) {
   // Default options: every Conv is YOLOv5's conv + BN; OREPA rows are OREPA blocks.
   yolo::Model<float> model(yolo::parse_model_config(small_yaml, "small.yaml"));

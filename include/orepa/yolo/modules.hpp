@@ -623,8 +623,8 @@ class Detect : public ModuleTensors<Detect<S>, S> {
     check_inputs(xs, "Detect::forward_train");
     std::vector<Tensor<S>> raw;
     for (std::size_t i = 0; i < levels_.size(); ++i) {
-      levels_[i].x.assign(xs[i], MemoryFormat::contiguous);
-      raw.push_back(detail::to_raw_map<S>(conv(i, levels_[i].x), na_, no_));
+      levels_[i].x.assign(xs[i], MemoryFormat::channels_last);
+      raw.push_back(raw_map(i, levels_[i].x));
     }
     has_forward_ = true;
     return raw;
@@ -633,9 +633,10 @@ class Detect : public ModuleTensors<Detect<S>, S> {
   DetectOutput<S> forward_eval(const std::vector<ConstTensorView<S>>& xs) const {
     check_inputs(xs, "Detect::forward_eval");
     DetectOutput<S> out;
+    Tensor<S> x;
     for (std::size_t i = 0; i < levels_.size(); ++i) {
-      Tensor<S> tmp;
-      out.raw.push_back(detail::to_raw_map<S>(conv(i, contiguous(xs[i], tmp)), na_, no_));
+      x.assign(xs[i], MemoryFormat::channels_last);
+      out.raw.push_back(raw_map(i, x));
     }
     out.pred = decode_detections(out.raw, strides_, anchors_.value.reshaped({levels() * na_, 2}));
     return out;
@@ -650,21 +651,33 @@ class Detect : public ModuleTensors<Detect<S>, S> {
     std::vector<Tensor<S>> dx;
     for (std::size_t i = 0; i < levels_.size(); ++i) {
       Level& l = levels_[i];
-      const std::int64_t N = l.x.size(0), C = l.x.size(1), H = l.x.size(2), W = l.x.size(3), P = H * W, O = na_ * no_;
+      const std::int64_t N = l.x.size(0), C = l.x.size(1), H = l.x.size(2), W = l.x.size(3), R = N * H * W;
+      const std::int64_t O = na_ * no_;
       grad_maps[i].expect_shape({N, na_, H, W, no_}, orepa::detail::cat("Detect::backward gradient map ", i));
-      RowMatrix<S> g(O, P);  // one image's gradient as [O, H W]
-      Tensor<S> d({N, C, H, W});
-      const auto w = l.weight.value.matrix(O, C);
-      auto dw = l.weight.grad.matrix(O, C);
-      for (std::int64_t n = 0; n < N; ++n) {
-        for (std::int64_t a = 0; a < na_; ++a)
+      // dy: the gradient of the convolution's rows [N H W, na no] (the raw map's anchor
+      // axis moved back in), so each product below is one plain matrix product.
+      Tensor<S> dy({R, O});
+      const std::int64_t P = H * W;
+      parallel_ranges(N * na_, [&](std::int64_t b, std::int64_t e, int) {
+        for (std::int64_t r = b; r < e; ++r) {
+          const std::int64_t n = r / na_, a = r % na_;
+          const S* g = grad_maps[i].data() + r * P * no_;
           for (std::int64_t p = 0; p < P; ++p)
-            for (std::int64_t j = 0; j < no_; ++j) g(a * no_ + j, p) = grad_maps[i][((n * na_ + a) * P + p) * no_ + j];
-        const auto x = ConstMatMap<S>(l.x.data() + n * C * P, C, P);
-        dw.noalias() += g * x.transpose();
-        for (std::int64_t o = 0; o < O; ++o) l.bias.grad[o] += g.row(o).sum();
-        MatMap<S>(d.data() + n * C * P, C, P).noalias() = w.transpose() * g;
-      }
+            std::copy(g + p * no_, g + (p + 1) * no_, dy.data() + (n * P + p) * O + a * no_);
+        }
+      });
+      const auto gemm = engine::fast_gemm<S>();
+      // dW [O, C] += dy^T [O, R] x [R, C]
+      gemm(branches::gemm_dims(O, C, R, {0, 1, O}, {0, C, 1}, {0, C, 1}, true), dy.data(), l.x.data(),
+           l.weight.grad.data());
+      for (std::int64_t r = 0; r < R; ++r)
+        for (std::int64_t o = 0; o < O; ++o) l.bias.grad[o] += dy[r * O + o];
+      // dx [R, C] = dy [R, O] W [O, C], channels-last; returned NCHW.
+      Tensor<S> d_rows({N, C, H, W}, MemoryFormat::channels_last);
+      gemm(branches::gemm_dims(R, C, O, {0, O, 1}, {0, C, 1}, {0, C, 1}), dy.data(), l.weight.value.data(),
+           d_rows.data());
+      Tensor<S> d;
+      d.assign(d_rows, MemoryFormat::contiguous);
       dx.push_back(std::move(d));
     }
     return dx;
@@ -703,7 +716,7 @@ class Detect : public ModuleTensors<Detect<S>, S> {
  private:
   struct Level {
     Param<S> weight, bias;
-    Tensor<S> x;  // the input of the last forward_train (NCHW)
+    Tensor<S> x;  // the input of the last forward_train (channels-last)
   };
   Detect(const Detect& o)  // clone(): never copied silently
       : nc_(o.nc_), no_(o.no_), na_(o.na_), strides_(o.strides_), anchors_(o.anchors_) {
@@ -715,18 +728,28 @@ class Detect : public ModuleTensors<Detect<S>, S> {
     for (std::size_t i = 0; i < xs.size(); ++i)
       detail::require_nchw(xs[i].sizes(), levels_[i].weight.value.size(1), orepa::detail::cat(who, " input ", i));
   }
-  // Level i's convolution of x [N, C, H, W] (NCHW): [N, na no, H, W].
-  Tensor<S> conv(std::size_t i, ConstTensorView<S> x) const {
+  // Level i's raw map [N, na, H, W, no] of x (channels-last): the rows x [N H W, C] times
+  // the kernel [na no, C] transposed, one matrix product, then the anchor axis moved out
+  // with the bias added.
+  Tensor<S> raw_map(std::size_t i, const Tensor<S>& x) const {
     const Level& l = levels_[i];
-    const std::int64_t N = x.size(0), C = x.size(1), P = x.size(2) * x.size(3), O = na_ * no_;
-    Tensor<S> y({N, O, x.size(2), x.size(3)});
-    const auto w = l.weight.value.matrix(O, C);
-    for (std::int64_t n = 0; n < N; ++n) {
-      auto Y = MatMap<S>(y.data() + n * O * P, O, P);
-      Y.noalias() = w * ConstMatMap<S>(x.data() + n * C * P, C, P);
-      Y.colwise() += l.bias.value.matrix(O, 1).col(0);
-    }
-    return y;
+    const std::int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W, O = na_ * no_;
+    Tensor<S> rows({N * P, O});
+    engine::fast_gemm<S>()(branches::gemm_dims(N * P, O, C, {0, C, 1}, {0, 1, C}, {0, O, 1}), x.data(),
+                   l.weight.value.data(), rows.data());
+    Tensor<S> raw({N, na_, H, W, no_});
+    parallel_ranges(N * na_, [&](std::int64_t b, std::int64_t e, int) {
+      for (std::int64_t r = b; r < e; ++r) {
+        const std::int64_t n = r / na_, a = r % na_;
+        const S* bias = l.bias.value.data() + a * no_;
+        S* out = raw.data() + r * P * no_;
+        for (std::int64_t p = 0; p < P; ++p) {
+          const S* in = rows.data() + (n * P + p) * O + a * no_;
+          for (std::int64_t j = 0; j < no_; ++j) out[p * no_ + j] = in[j] + bias[j];
+        }
+      }
+    });
+    return raw;
   }
 
   std::int64_t nc_, no_, na_ = 0;
