@@ -9,6 +9,8 @@
 #              vs `#include <Eigen/Core>` + `<oneapi/dnnl/dnnl.hpp>`, -fsyntax-only
 #   one block  tests/install_consumer/main.cpp at -O2 (an OREPA block: eval, deploy, compare)
 #              vs Eigen + dnnl.hpp and a main that creates a oneDNN engine, at -O2
+#   both again with OREPA_PRECOMPILED, as a program linking orepa::precompiled compiles
+#   (include/orepa/precompiled.hpp: the float instantiations are compiled in the library)
 # Limits (issue 23, on an idle 2-core machine): parse <= 2.5 s, one block -O2 <= 5 s.
 #
 # Usage: bash benchmarks/compile_time.sh [--repeat N] [--headers]
@@ -24,7 +26,7 @@ while [[ $# -gt 0 ]]; do
     --repeat) [[ ${2:-} =~ ^[1-9][0-9]*$ ]] || { echo "compile_time.sh: --repeat needs a positive integer" >&2; exit 2; }
               repeat=$2; shift ;;
     --headers) headers=1 ;;
-    -h | --help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "compile_time.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -96,6 +98,12 @@ program_cpu=$cpu
 row "Eigen + dnnl.hpp program, -O2" "" "$cpu" "$wall" "$program_cpu"
 measure "$cxx" "${flags[@]}" -c tests/install_consumer/main.cpp -o "$work/o.o"
 row "one-block program, -O2" "5 s" "$cpu" "$wall" "$program_cpu"
+# The same two with orepa::precompiled linked (OREPA_PRECOMPILED: the float instantiations
+# are extern, compiled once in the library).
+measure "$cxx" "${flags[@]}" -DOREPA_PRECOMPILED -fsyntax-only "$work/orepa_parse.cpp"
+row "<orepa/orepa.hpp>, parse, precompiled" "2.5 s" "$cpu" "$wall" "$parse_cpu"
+measure "$cxx" "${flags[@]}" -DOREPA_PRECOMPILED -c tests/install_consumer/main.cpp -o "$work/o.o"
+row "one-block program, -O2, precompiled" "5 s" "$cpu" "$wall" "$program_cpu"
 
 if [[ $headers == 1 ]]; then
   echo "each public header alone, parse (ratio to Eigen + dnnl.hpp parse):"

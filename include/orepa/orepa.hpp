@@ -45,3 +45,4 @@
 #include "orepa/nn/synthetic.hpp"
 #include "orepa/nn/yolo.hpp"
 #include "orepa/nn/yolo_train.hpp"
+#include "orepa/precompiled.hpp"  // last: extern declarations with OREPA_PRECOMPILED
