@@ -80,12 +80,12 @@ measure() {
 
 row() { # name limit cpu wall yardstick_cpu
   awk -v n="$1" -v l="$2" -v c="$3" -v w="$4" -v y="$5" \
-    'BEGIN { printf "%-34s %8.2f %8.2f %9.2f %7.2fx %8s\n", n, c, w, y, c / y, l }'
+    'BEGIN { printf "%-40s %8.2f %8.2f %9.2f %7.2fx %8s\n", n, c, w, y, c / y, l }'
 }
 
 echo "compile_time.sh: $($cxx --version | head -n 1); load average $(cut -d' ' -f1-3 /proc/loadavg)" \
      "on $(nproc) cores; best of $repeat"
-printf '%-34s %8s %8s %9s %8s %8s\n' "program" "CPU s" "wall s" "Eigen+dnnl" "ratio" "limit"
+printf '%-40s %8s %8s %9s %8s %8s\n' "program" "CPU s" "wall s" "Eigen+dnnl" "ratio" "limit"
 
 measure "$cxx" "${flags[@]}" -fsyntax-only "$work/yardstick_parse.cpp"
 parse_cpu=$cpu

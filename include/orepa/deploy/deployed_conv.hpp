@@ -200,75 +200,13 @@ class DeployedConv {
   /// from codes in int8_input(), to codes in `*out` (written by the primitive) or, when
   /// `out` is null, to float channels-last. A convolution without int8_input() runs its
   /// float forward on the dequantized input.
-  StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const {
-    const auto wanted = int8_input();
-    if (!wanted) return forward_int8_through_float<S>(x, out, [&](ConstTensorView<S> v) { return forward(v); });
-    if constexpr (!std::is_same_v<S, float>) {
-      return forward(std::get<ConstTensorView<S>>(x));  // unreachable: only float convolutions run int8
-    } else {
-      const bool coded = std::holds_alternative<const Int8Codes*>(x);
-      if (coded && std::get<const Int8Codes*>(x)->q != *wanted)  // another quantization's codes
-        return forward_int8(dequantize_codes(*std::get<const Int8Codes*>(x)), out);
-      const Shape xs = coded ? std::get<const Int8Codes*>(x)->shape : std::get<ConstTensorView<float>>(x).sizes();
-      const Shape ys = g_.output_shape(xs, "DeployedConv::forward_int8");
-      Entry& e = entry(xs, MemoryFormat::contiguous, true, out);
-      dnnl::memory src;
-      const float* xp = nullptr;
-      MemoryFormat xf = MemoryFormat::contiguous;
-      if (coded) {
-        const Int8Codes& c = *std::get<const Int8Codes*>(x);
-        src = engine::guarded("DeployedConv::forward_int8 input", [&] {
-          return relayout(dnnl::memory(detail::codes_desc(xs, c.q), engine::cpu_engine(), c.bytes.get()),
-                          e.pd.src_desc());
-        });
-      }
-      std::vector<std::int64_t> bad;  // images holding a NaN / Inf, which codes cannot carry
-      if (!coded) {
-        const auto v = std::get<ConstTensorView<float>>(x);
-        xp = v.data();
-        xf = v.memory_format();
-        bad = detail::non_finite_images(v);
-      }
-      const Formats f{xf, MemoryFormat::channels_last};
-      if (!out) {
-        Tensor<float> y(ys, MemoryFormat::channels_last);
-        run(e, f, coded ? &src : nullptr, xp, nullptr, y.data());
-        detail::poison_images(y, bad, ys[0]);
-        return y;
-      }
-      Int8Codes y(ys, *out);
-      engine::guarded("DeployedConv::forward_int8 output", [&] {
-        const dnnl::memory codes(detail::codes_desc(ys, *out), engine::cpu_engine(), y.bytes.get());
-        if (codes.get_desc() == e.pd.dst_desc()) return run(e, f, coded ? &src : nullptr, xp, &codes, nullptr);
-        const dnnl::memory own = engine::allocate(e.pd.dst_desc());
-        run(e, f, coded ? &src : nullptr, xp, &own, nullptr);
-        relayout(own, codes.get_desc(), codes);
-      });
-      return y;
-    }
-  }
+  StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const;
 
   /// The kernel as the primitive holds it, in real units: rounded to bf16, or per output
   /// channel to s8 codes (7-bit ones without VNNI, where oneDNN halves s8 weights), or
   /// the kernel itself for fp32. Its error against weight() is the weights' share of the
   /// quantization error.
-  Tensor<S> effective_weight() const {
-    Tensor<S> w = weight_;
-    if constexpr (std::is_same_v<S, float>) {
-      if (precision_ == Precision::bf16)
-        for (auto& v : w) v = round_to_bf16(v);
-      if (precision_ == Precision::int8) {
-        const auto sw = weight_scales(weight_);
-        const float adjust = engine::cpu_has_vnni() ? 1.f : 0.5f;
-        const std::int64_t per = w.numel() / w.size(0);
-        for (std::int64_t j = 0; j < w.numel(); ++j) {  // as oneDNN's reorder rounds (the row maximum is a tie without VNNI)
-          const float inv = adjust / sw[std::size_t(j / per)];
-          w[j] = std::nearbyint(w[j] * inv) / inv;
-        }
-      }
-    }
-    return w;
-  }
+  Tensor<S> effective_weight() const;
 
   /// y = act(conv(x) + bias) for x [N, I, H, W]; y has x's memory format. NaN and Inf
   /// propagate: in fp32 and bf16 to the outputs whose receptive field holds one (as in
@@ -286,39 +224,12 @@ class DeployedConv {
   }
   /// Same, writing into the caller's buffer `y` (any memory format), which must have the
   /// output shape.
-  void forward(ConstTensorView<S> x, TensorView<S> y) const {
-    const Shape ys = g_.output_shape(x.sizes(), "DeployedConv::forward");
-    y.expect_shape(ys, "DeployedConv::forward output");
-    if constexpr (std::is_same_v<S, float>) {
-      Entry& e = entry(x.sizes(), x.memory_format(), false);
-      const auto bad = precision_ == Precision::int8 ? detail::non_finite_images(x) : std::vector<std::int64_t>();
-      run(e, {x.memory_format(), y.memory_format()}, nullptr, x.data(), nullptr, y.data());
-      if (act_.kind() == ActivationKind::custom) act_.apply(y.data(), y.numel());
-      detail::poison_images(y, bad, ys[0]);
-      if (auto* o = detail::thread_conv_observer()) o->seen(*this, x, y);
-    } else {
-      Tensor<S> xc, out;
-      out.assign(reference::conv2d(contiguous(x, xc), weight_, g_, bias_), y.memory_format());
-      std::copy(out.begin(), out.end(), y.begin());
-      act_.apply(y.data(), y.numel());
-    }
-  }
+  void forward(ConstTensorView<S> x, TensorView<S> y) const;
 
   /// The plain memory format the primitive for input shape `x_shape` prefers for its
   /// input (channels_last where it runs on NHWC, as oneDNN does on AVX-512; contiguous
   /// otherwise, blocked layouts included): what a caller should pass to avoid reorders.
-  MemoryFormat preferred_format(const Shape& x_shape) const {
-    if constexpr (!std::is_same_v<S, float>) {
-      return MemoryFormat::contiguous;
-    } else {
-      g_.output_shape(x_shape, "DeployedConv::preferred_format");
-      const auto& e = entry(x_shape, MemoryFormat::contiguous, true);
-      const auto src = e.pd.src_desc();
-      return src == engine::plain_desc(x_shape, MemoryFormat::channels_last, src.data_type())
-                 ? MemoryFormat::channels_last
-                 : MemoryFormat::contiguous;
-    }
-  }
+  MemoryFormat preferred_format(const Shape& x_shape) const;
 
   /// Calls f(prefix, *this): a deployed convolution is one layer named `prefix`.
   void visit_convs(const std::string& prefix, const ConvVisitor<S>& f) const { f(prefix, *this); }
@@ -365,31 +276,7 @@ class DeployedConv {
   // per context; a call only swaps the src/dst entries (no allocation, no string work
   // unless oneDNN throws).
   void run(Entry& e, Formats f, const dnnl::memory* src_mem, const float* x, const dnnl::memory* dst_mem,
-           float* y) const {
-    std::unique_ptr<Context> ctx;
-    {
-      std::lock_guard<std::mutex> lock(state_->mutex);
-      auto& pool = e.idle[f];
-      if (!pool.empty()) {
-        ctx = std::move(pool.back());
-        pool.pop_back();
-      }
-    }
-    try {
-      if (!ctx) ctx = make_context(e, f);
-      auto& s = engine::thread_stream();
-      ctx->args[DNNL_ARG_SRC] = src_mem ? *src_mem : ctx->src.in(x);
-      ctx->args[DNNL_ARG_DST] = dst_mem ? *dst_mem : ctx->dst.out(y);
-      e.prim.execute(s, ctx->args);
-      if (!dst_mem) ctx->dst.finish();
-      s.wait();
-    } catch (const dnnl::error& err) {
-      throw engine_error(detail::cat("oneDNN failed (status ", int(err.status), ": ", err.what(), ") in ",
-                                     engine::describe(g_, e.xs), " (deployed forward)"));
-    }
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    e.idle[f].push_back(std::move(ctx));
-  }
+           float* y) const;
 
   // `m` in layout `d` (itself when it already is; a reorder into `to`, or a new buffer).
   static dnnl::memory relayout(const dnnl::memory& m, const dnnl::memory::desc& d, dnnl::memory to = {}) {
@@ -401,16 +288,7 @@ class DeployedConv {
     return to;
   }
 
-  std::unique_ptr<Context> make_context(const Entry& e, Formats f) const {
-    auto c = std::make_unique<Context>();
-    c->src = engine::Port(engine::plain_desc(e.xs, f.first), e.pd.src_desc(),
-                          precision_ == Precision::int8 ? &e.quantize_src : nullptr);
-    if (!e.codes_out) c->dst = engine::Port(engine::plain_desc(e.ys, f.second), e.pd.dst_desc());
-    c->scratch = engine::allocate(e.pd.scratchpad_desc());
-    c->args = {{DNNL_ARG_SRC, dnnl::memory()}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, e.bias},
-               {DNNL_ARG_DST, dnnl::memory()}, {DNNL_ARG_SCRATCHPAD, c->scratch}};
-    return c;
-  }
+  std::unique_ptr<Context> make_context(const Entry& e, Formats f) const;
 
   // The entry for input shape xs: the memory API always runs the primitive's preferred
   // layouts; the tensor API shares that entry unless the policy picks the caller's plain
@@ -421,21 +299,7 @@ class DeployedConv {
   // reorders cost; the small-channel stem's input is read as NCHW by the blocked
   // primitive itself (no reorder).
   // A non-null `codes_out` (memory API, int8) asks for the primitive writing codes in it.
-  Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api, const QuantParams* codes_out = nullptr) const {
-    const DeployLayout l = memory_api || precision_ != Precision::fp32 ? DeployLayout::blocked : layout_;
-    const bool plain = l == DeployLayout::plain;
-    std::uint32_t scale_bits = 0;
-    if (codes_out) std::memcpy(&scale_bits, &codes_out->scale, sizeof scale_bits);
-    std::lock_guard<std::mutex> lock(state_->mutex);
-    const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : 0, std::int64_t(scale_bits),
-                  codes_out ? 1 + 512 * std::int64_t(codes_out->qmin < 0) + codes_out->zero_point + 128 : 0};
-    auto it = state_->entries.find(key);
-    if (it != state_->entries.end()) return *it->second;
-    auto e = engine::guarded(engine::describe(g_, xs) + " (creating the deployed primitive)",
-                             [&] { return build(xs, plain, xf, codes_out); });
-    ++state_->creations;
-    return *state_->entries.emplace(key, std::move(e)).first->second;
-  }
+  Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api, const QuantParams* codes_out = nullptr) const;
 
   // oneDNN 2.6 int8: y = oscale[o] * (sum (q_x - zp) q_w + bias) before the post-ops, so
   // oscale = sx * sw[o] and the bias is given in accumulator units. With an 8-bit output,
@@ -449,96 +313,9 @@ class DeployedConv {
   // The requantization for input quantization `q` (and output codes in `*codes_out`);
   // value_error when a scale is not a normal float or a scaled bias not finite, which
   // only absurd ranges or weights give (min_scale keeps ordinary ones far from both).
-  Requantization requantization(const QuantParams& q, const QuantParams* codes_out) const {
-    const auto sw = weight_scales(weight_);
-    Requantization r{std::vector<float>(sw.size()), std::vector<float>(sw.size()), Tensor<float>({g_.out_channels})};
-    for (std::size_t o = 0; o < sw.size(); ++o) {
-      const float out_scale = q.scale * sw[o], bias = float(bias_[std::int64_t(o)]) / out_scale;
-      r.output_scales[o] = out_scale;
-      r.inverse_weight_scales[o] = 1.f / sw[o];
-      r.scaled_bias[std::int64_t(o)] = bias;
-      if (codes_out && act_.kind() == ActivationKind::identity) r.output_scales[o] *= 1.f / codes_out->scale;
-      if (!std::isnormal(r.output_scales[o]) || !std::isfinite(bias))
-        throw value_error(detail::cat(
-            "int8 output channel ", o, ": input step ", q.scale, " x weight step ", sw[o],
-            codes_out ? detail::cat(" / output step ", codes_out->scale) : std::string(), " = ", r.output_scales[o],
-            " and bias ", bias_[std::int64_t(o)], " / ", out_scale, " = ", bias,
-            " must be a normal float and a finite one; the range or the weights are too extreme for int8"));
-    }
-    return r;
-  }
+  Requantization requantization(const QuantParams& q, const QuantParams* codes_out) const;
 
-  std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf, const QuantParams* codes_out) const {
-    using namespace dnnl;
-    using engine::tag;
-    using dt = memory::data_type;
-    const Shape ys = g_.output_shape(xs, "DeployedConv");
-    const dt src_type = precision_ == Precision::bf16   ? dt::bf16
-                        : precision_ == Precision::int8 ? (engine::cpu_has_vnni() ? dt::u8 : dt::s8)
-                                                        : dt::f32;
-    const dt weight_type = precision_ == Precision::bf16 ? dt::bf16 : precision_ == Precision::int8 ? dt::s8 : dt::f32;
-    auto act_md = [&](const Shape& s, dt type) {
-      if (plain) return engine::plain_desc(s, xf);
-      return memory::desc(memory::dims(s.begin(), s.end()), type, tag::any);
-    };
-    if (codes_out && precision_ != Precision::int8)
-      throw config_error(detail::cat("DeployedConv: 8-bit outputs need an int8 convolution, this one runs in ",
-                                     precision_name(precision_)));
-    if (codes_out && act_.kind() == ActivationKind::custom)
-      throw config_error("DeployedConv: a user activation cannot run on 8-bit outputs");
-    const dt dst_type = codes_out ? (codes_out->qmin < 0 ? dt::s8 : dt::u8) : dt::f32;
-    auto e = std::make_unique<Entry>();
-    e->xs = xs;
-    e->ys = ys;
-    e->codes_out = codes_out != nullptr;
-    float post_scale = 1.f;  // the activation's output scale: 1 / the output's step for codes
-    primitive_attr attr, weight_attr;
-    attr.set_scratchpad_mode(scratchpad_mode::user);
-    const float* bias = bias_.data();
-    if (precision_ == Precision::int8) {
-      const QuantParams q = input_quantization();
-      Requantization r = requantization(q, codes_out);
-      e->scaled_bias = std::move(r.scaled_bias);
-      bias = e->scaled_bias.data();
-      if (codes_out) {
-        post_scale = 1.f / codes_out->scale;
-        attr.set_zero_points(DNNL_ARG_DST, 0, {codes_out->zero_point});
-      }
-      attr.set_output_scales(1 << 1, r.output_scales);
-      attr.set_zero_points(DNNL_ARG_SRC, 0, {q.zero_point});
-      weight_attr.set_output_scales(g_.groups == 1 ? 1 << 0 : (1 << 0) | (1 << 1), r.inverse_weight_scales);
-      e->quantize_src.set_output_scales(0, {1.f / q.scale});
-      e->quantize_src.set_zero_points(DNNL_ARG_DST, 0, {q.zero_point});
-    }
-    post_ops ops;
-    if (act_.kind() == ActivationKind::relu) ops.append_eltwise(post_scale, algorithm::eltwise_relu, 0.f, 0.f);
-    if (act_.kind() == ActivationKind::silu) ops.append_eltwise(post_scale, algorithm::eltwise_swish, 1.f, 0.f);
-    attr.set_post_ops(ops);
-    const memory::desc b_md({g_.out_channels}, dt::f32, tag::x);
-    e->pd = convolution_forward::primitive_desc(
-        convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, act_md(xs, src_type),
-                                  engine::weights_desc(g_, tag::any, weight_type), b_md, act_md(ys, dst_type),
-                                  engine::strides_of(g_), engine::dilates_of(g_), engine::padding_of(g_),
-                                  engine::padding_of(g_)),
-        attr, engine::cpu_engine(), /*allow_empty=*/true);
-    if (!e->pd)
-      throw engine_error(detail::cat("DeployedConv: oneDNN ", DNNL_VERSION_MAJOR, ".", DNNL_VERSION_MINOR, " has no ",
-                                     precision_name(precision_), " convolution for ", engine::describe(g_, xs),
-                                     " on this CPU (oneDNN ISA ", engine::cpu_isa_name(), "; ",
-                                     precision_ == Precision::bf16 ? "bf16 needs avx512_core, natively avx512_core_bf16"
-                                                                   : "int8 needs avx2 or newer",
-                                     ")"));
-    e->prim = convolution_forward(e->pd);
-    // Weights: reorder (and quantize) once from OIHW into the primitive's layout.
-    memory plain_w(engine::weights_desc(g_, tag::oihw), engine::cpu_engine(), const_cast<float*>(weight_.data()));
-    e->weights = engine::allocate(e->pd.weights_desc());
-    reorder(reorder::primitive_desc(engine::cpu_engine(), plain_w.get_desc(), engine::cpu_engine(),
-                                    e->pd.weights_desc(), weight_attr))
-        .execute(engine::thread_stream(), plain_w, e->weights);
-    engine::thread_stream().wait();
-    e->bias = memory(b_md, engine::cpu_engine(), const_cast<float*>(bias));
-    return e;
-  }
+  std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf, const QuantParams* codes_out) const;
 
   ConvGeometry g_;
   Tensor<S> weight_, bias_;
@@ -548,5 +325,261 @@ class DeployedConv {
   ActivationRange range_;
   std::unique_ptr<State> state_;
 };
+
+// The heavy members are defined out of the class body: not implicitly inline, so a
+// program linking orepa::precompiled (precompiled.hpp) does not instantiate them again.
+
+template <class S>
+StageOutput<S> DeployedConv<S>::forward_int8(StageInput<S> x, const QuantParams* out) const {
+  const auto wanted = int8_input();
+  if (!wanted) return forward_int8_through_float<S>(x, out, [&](ConstTensorView<S> v) { return forward(v); });
+  if constexpr (!std::is_same_v<S, float>) {
+    return forward(std::get<ConstTensorView<S>>(x));  // unreachable: only float convolutions run int8
+  } else {
+    const bool coded = std::holds_alternative<const Int8Codes*>(x);
+    if (coded && std::get<const Int8Codes*>(x)->q != *wanted)  // another quantization's codes
+      return forward_int8(dequantize_codes(*std::get<const Int8Codes*>(x)), out);
+    const Shape xs = coded ? std::get<const Int8Codes*>(x)->shape : std::get<ConstTensorView<float>>(x).sizes();
+    const Shape ys = g_.output_shape(xs, "DeployedConv::forward_int8");
+    Entry& e = entry(xs, MemoryFormat::contiguous, true, out);
+    dnnl::memory src;
+    const float* xp = nullptr;
+    MemoryFormat xf = MemoryFormat::contiguous;
+    if (coded) {
+      const Int8Codes& c = *std::get<const Int8Codes*>(x);
+      src = engine::guarded("DeployedConv::forward_int8 input", [&] {
+        return relayout(dnnl::memory(detail::codes_desc(xs, c.q), engine::cpu_engine(), c.bytes.get()),
+                        e.pd.src_desc());
+      });
+    }
+    std::vector<std::int64_t> bad;  // images holding a NaN / Inf, which codes cannot carry
+    if (!coded) {
+      const auto v = std::get<ConstTensorView<float>>(x);
+      xp = v.data();
+      xf = v.memory_format();
+      bad = detail::non_finite_images(v);
+    }
+    const Formats f{xf, MemoryFormat::channels_last};
+    if (!out) {
+      Tensor<float> y(ys, MemoryFormat::channels_last);
+      run(e, f, coded ? &src : nullptr, xp, nullptr, y.data());
+      detail::poison_images(y, bad, ys[0]);
+      return y;
+    }
+    Int8Codes y(ys, *out);
+    engine::guarded("DeployedConv::forward_int8 output", [&] {
+      const dnnl::memory codes(detail::codes_desc(ys, *out), engine::cpu_engine(), y.bytes.get());
+      if (codes.get_desc() == e.pd.dst_desc()) return run(e, f, coded ? &src : nullptr, xp, &codes, nullptr);
+      const dnnl::memory own = engine::allocate(e.pd.dst_desc());
+      run(e, f, coded ? &src : nullptr, xp, &own, nullptr);
+      relayout(own, codes.get_desc(), codes);
+    });
+    return y;
+  }
+}
+
+template <class S>
+Tensor<S> DeployedConv<S>::effective_weight() const {
+  Tensor<S> w = weight_;
+  if constexpr (std::is_same_v<S, float>) {
+    if (precision_ == Precision::bf16)
+      for (auto& v : w) v = round_to_bf16(v);
+    if (precision_ == Precision::int8) {
+      const auto sw = weight_scales(weight_);
+      const float adjust = engine::cpu_has_vnni() ? 1.f : 0.5f;
+      const std::int64_t per = w.numel() / w.size(0);
+      for (std::int64_t j = 0; j < w.numel(); ++j) {  // as oneDNN's reorder rounds (the row maximum is a tie without VNNI)
+        const float inv = adjust / sw[std::size_t(j / per)];
+        w[j] = std::nearbyint(w[j] * inv) / inv;
+      }
+    }
+  }
+  return w;
+}
+
+template <class S>
+void DeployedConv<S>::forward(ConstTensorView<S> x, TensorView<S> y) const {
+  const Shape ys = g_.output_shape(x.sizes(), "DeployedConv::forward");
+  y.expect_shape(ys, "DeployedConv::forward output");
+  if constexpr (std::is_same_v<S, float>) {
+    Entry& e = entry(x.sizes(), x.memory_format(), false);
+    const auto bad = precision_ == Precision::int8 ? detail::non_finite_images(x) : std::vector<std::int64_t>();
+    run(e, {x.memory_format(), y.memory_format()}, nullptr, x.data(), nullptr, y.data());
+    if (act_.kind() == ActivationKind::custom) act_.apply(y.data(), y.numel());
+    detail::poison_images(y, bad, ys[0]);
+    if (auto* o = detail::thread_conv_observer()) o->seen(*this, x, y);
+  } else {
+    Tensor<S> xc, out;
+    out.assign(reference::conv2d(contiguous(x, xc), weight_, g_, bias_), y.memory_format());
+    std::copy(out.begin(), out.end(), y.begin());
+    act_.apply(y.data(), y.numel());
+  }
+}
+
+template <class S>
+MemoryFormat DeployedConv<S>::preferred_format(const Shape& x_shape) const {
+  if constexpr (!std::is_same_v<S, float>) {
+    return MemoryFormat::contiguous;
+  } else {
+    g_.output_shape(x_shape, "DeployedConv::preferred_format");
+    const auto& e = entry(x_shape, MemoryFormat::contiguous, true);
+    const auto src = e.pd.src_desc();
+    return src == engine::plain_desc(x_shape, MemoryFormat::channels_last, src.data_type())
+               ? MemoryFormat::channels_last
+               : MemoryFormat::contiguous;
+  }
+}
+
+template <class S>
+void DeployedConv<S>::run(Entry& e, Formats f, const dnnl::memory* src_mem, const float* x,
+                          const dnnl::memory* dst_mem, float* y) const {
+  std::unique_ptr<Context> ctx;
+  {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    auto& pool = e.idle[f];
+    if (!pool.empty()) {
+      ctx = std::move(pool.back());
+      pool.pop_back();
+    }
+  }
+  try {
+    if (!ctx) ctx = make_context(e, f);
+    auto& s = engine::thread_stream();
+    ctx->args[DNNL_ARG_SRC] = src_mem ? *src_mem : ctx->src.in(x);
+    ctx->args[DNNL_ARG_DST] = dst_mem ? *dst_mem : ctx->dst.out(y);
+    e.prim.execute(s, ctx->args);
+    if (!dst_mem) ctx->dst.finish();
+    s.wait();
+  } catch (const dnnl::error& err) {
+    throw engine_error(detail::cat("oneDNN failed (status ", int(err.status), ": ", err.what(), ") in ",
+                                   engine::describe(g_, e.xs), " (deployed forward)"));
+  }
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  e.idle[f].push_back(std::move(ctx));
+}
+
+template <class S>
+auto DeployedConv<S>::make_context(const Entry& e, Formats f) const -> std::unique_ptr<Context> {
+  auto c = std::make_unique<Context>();
+  c->src = engine::Port(engine::plain_desc(e.xs, f.first), e.pd.src_desc(),
+                        precision_ == Precision::int8 ? &e.quantize_src : nullptr);
+  if (!e.codes_out) c->dst = engine::Port(engine::plain_desc(e.ys, f.second), e.pd.dst_desc());
+  c->scratch = engine::allocate(e.pd.scratchpad_desc());
+  c->args = {{DNNL_ARG_SRC, dnnl::memory()}, {DNNL_ARG_WEIGHTS, e.weights}, {DNNL_ARG_BIAS, e.bias},
+             {DNNL_ARG_DST, dnnl::memory()}, {DNNL_ARG_SCRATCHPAD, c->scratch}};
+  return c;
+}
+
+template <class S>
+auto DeployedConv<S>::entry(const Shape& xs, MemoryFormat xf, bool memory_api, const QuantParams* codes_out) const
+    -> Entry& {
+  const DeployLayout l = memory_api || precision_ != Precision::fp32 ? DeployLayout::blocked : layout_;
+  const bool plain = l == DeployLayout::plain;
+  std::uint32_t scale_bits = 0;
+  if (codes_out) std::memcpy(&scale_bits, &codes_out->scale, sizeof scale_bits);
+  std::lock_guard<std::mutex> lock(state_->mutex);
+  const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : 0, std::int64_t(scale_bits),
+                codes_out ? 1 + 512 * std::int64_t(codes_out->qmin < 0) + codes_out->zero_point + 128 : 0};
+  auto it = state_->entries.find(key);
+  if (it != state_->entries.end()) return *it->second;
+  auto e = engine::guarded(engine::describe(g_, xs) + " (creating the deployed primitive)",
+                           [&] { return build(xs, plain, xf, codes_out); });
+  ++state_->creations;
+  return *state_->entries.emplace(key, std::move(e)).first->second;
+}
+
+template <class S>
+auto DeployedConv<S>::requantization(const QuantParams& q, const QuantParams* codes_out) const -> Requantization {
+  const auto sw = weight_scales(weight_);
+  Requantization r{std::vector<float>(sw.size()), std::vector<float>(sw.size()), Tensor<float>({g_.out_channels})};
+  for (std::size_t o = 0; o < sw.size(); ++o) {
+    const float out_scale = q.scale * sw[o], bias = float(bias_[std::int64_t(o)]) / out_scale;
+    r.output_scales[o] = out_scale;
+    r.inverse_weight_scales[o] = 1.f / sw[o];
+    r.scaled_bias[std::int64_t(o)] = bias;
+    if (codes_out && act_.kind() == ActivationKind::identity) r.output_scales[o] *= 1.f / codes_out->scale;
+    if (!std::isnormal(r.output_scales[o]) || !std::isfinite(bias))
+      throw value_error(detail::cat(
+          "int8 output channel ", o, ": input step ", q.scale, " x weight step ", sw[o],
+          codes_out ? detail::cat(" / output step ", codes_out->scale) : std::string(), " = ", r.output_scales[o],
+          " and bias ", bias_[std::int64_t(o)], " / ", out_scale, " = ", bias,
+          " must be a normal float and a finite one; the range or the weights are too extreme for int8"));
+  }
+  return r;
+}
+
+template <class S>
+auto DeployedConv<S>::build(const Shape& xs, bool plain, MemoryFormat xf, const QuantParams* codes_out) const
+    -> std::unique_ptr<Entry> {
+  using namespace dnnl;
+  using engine::tag;
+  using dt = memory::data_type;
+  const Shape ys = g_.output_shape(xs, "DeployedConv");
+  const dt src_type = precision_ == Precision::bf16   ? dt::bf16
+                      : precision_ == Precision::int8 ? (engine::cpu_has_vnni() ? dt::u8 : dt::s8)
+                                                      : dt::f32;
+  const dt weight_type = precision_ == Precision::bf16 ? dt::bf16 : precision_ == Precision::int8 ? dt::s8 : dt::f32;
+  auto act_md = [&](const Shape& s, dt type) {
+    if (plain) return engine::plain_desc(s, xf);
+    return memory::desc(memory::dims(s.begin(), s.end()), type, tag::any);
+  };
+  if (codes_out && precision_ != Precision::int8)
+    throw config_error(detail::cat("DeployedConv: 8-bit outputs need an int8 convolution, this one runs in ",
+                                   precision_name(precision_)));
+  if (codes_out && act_.kind() == ActivationKind::custom)
+    throw config_error("DeployedConv: a user activation cannot run on 8-bit outputs");
+  const dt dst_type = codes_out ? (codes_out->qmin < 0 ? dt::s8 : dt::u8) : dt::f32;
+  auto e = std::make_unique<Entry>();
+  e->xs = xs;
+  e->ys = ys;
+  e->codes_out = codes_out != nullptr;
+  float post_scale = 1.f;  // the activation's output scale: 1 / the output's step for codes
+  primitive_attr attr, weight_attr;
+  attr.set_scratchpad_mode(scratchpad_mode::user);
+  const float* bias = bias_.data();
+  if (precision_ == Precision::int8) {
+    const QuantParams q = input_quantization();
+    Requantization r = requantization(q, codes_out);
+    e->scaled_bias = std::move(r.scaled_bias);
+    bias = e->scaled_bias.data();
+    if (codes_out) {
+      post_scale = 1.f / codes_out->scale;
+      attr.set_zero_points(DNNL_ARG_DST, 0, {codes_out->zero_point});
+    }
+    attr.set_output_scales(1 << 1, r.output_scales);
+    attr.set_zero_points(DNNL_ARG_SRC, 0, {q.zero_point});
+    weight_attr.set_output_scales(g_.groups == 1 ? 1 << 0 : (1 << 0) | (1 << 1), r.inverse_weight_scales);
+    e->quantize_src.set_output_scales(0, {1.f / q.scale});
+    e->quantize_src.set_zero_points(DNNL_ARG_DST, 0, {q.zero_point});
+  }
+  post_ops ops;
+  if (act_.kind() == ActivationKind::relu) ops.append_eltwise(post_scale, algorithm::eltwise_relu, 0.f, 0.f);
+  if (act_.kind() == ActivationKind::silu) ops.append_eltwise(post_scale, algorithm::eltwise_swish, 1.f, 0.f);
+  attr.set_post_ops(ops);
+  const memory::desc b_md({g_.out_channels}, dt::f32, tag::x);
+  e->pd = convolution_forward::primitive_desc(
+      convolution_forward::desc(prop_kind::forward_inference, algorithm::convolution_direct, act_md(xs, src_type),
+                                engine::weights_desc(g_, tag::any, weight_type), b_md, act_md(ys, dst_type),
+                                engine::strides_of(g_), engine::dilates_of(g_), engine::padding_of(g_),
+                                engine::padding_of(g_)),
+      attr, engine::cpu_engine(), /*allow_empty=*/true);
+  if (!e->pd)
+    throw engine_error(detail::cat("DeployedConv: oneDNN ", DNNL_VERSION_MAJOR, ".", DNNL_VERSION_MINOR, " has no ",
+                                   precision_name(precision_), " convolution for ", engine::describe(g_, xs),
+                                   " on this CPU (oneDNN ISA ", engine::cpu_isa_name(), "; ",
+                                   precision_ == Precision::bf16 ? "bf16 needs avx512_core, natively avx512_core_bf16"
+                                                                 : "int8 needs avx2 or newer",
+                                   ")"));
+  e->prim = convolution_forward(e->pd);
+  // Weights: reorder (and quantize) once from OIHW into the primitive's layout.
+  memory plain_w(engine::weights_desc(g_, tag::oihw), engine::cpu_engine(), const_cast<float*>(weight_.data()));
+  e->weights = engine::allocate(e->pd.weights_desc());
+  reorder(reorder::primitive_desc(engine::cpu_engine(), plain_w.get_desc(), engine::cpu_engine(),
+                                  e->pd.weights_desc(), weight_attr))
+      .execute(engine::thread_stream(), plain_w, e->weights);
+  engine::thread_stream().wait();
+  e->bias = memory(b_md, engine::cpu_engine(), const_cast<float*>(bias));
+  return e;
+}
 
 }  // namespace orepa
