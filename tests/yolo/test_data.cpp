@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -756,6 +757,60 @@ TEST(YoloLoader, WithoutAugmentationBatchesAreLetterboxedImagesAndTheirLabels) {
   EXPECT_EQ(ds.cached_bytes(), 4 * 64 * 64 * 3);  // the loader's copy shares the cache
   const Batch again = loader.next();               // next epoch, same order, from the cache
   EXPECT_TRUE(std::equal(again.images.begin(), again.images.end(), b.images.begin()));
+}
+
+namespace {
+// The rows of `targets` of images [first, first + count), renumbered from 0.
+std::vector<float> target_rows(const Tensor<float>& targets, std::int64_t first, std::int64_t count) {
+  std::vector<float> rows;
+  for (std::int64_t t = 0; targets.numel() != 0 && t < targets.size(0); ++t) {
+    const auto image = std::int64_t(targets(t, 0));
+    if (image < first || image >= first + count) continue;
+    rows.push_back(float(image - first));
+    for (int c = 1; c < 6; ++c) rows.push_back(targets(t, c));
+  }
+  return rows;
+}
+}  // namespace
+
+TEST(YoloLoader, RanksTakeEqualSharesOfEveryBatch) {
+  TempDir dir;
+  const auto info = write_shapes_dataset(dir / "set", small_shapes().train_images(11));
+  const auto ds = YoloDataset::from_config(read_data_config(info.yaml), "train");
+  const auto o = LoaderOptions().image_size(64).batch_size(4).augment(true).seed(21)
+                     .augmentation(AugmentOptions().mosaic(0.5).flipud(0.5));
+  const auto order = epoch_order(11, o, 0);
+  const std::int64_t per = 3 * 64 * 64;
+  // Batches of 4, 4 and 3 images; 2 ranks take 2 images each of every one.
+  for (std::int64_t b = 0; b < 3; ++b) {
+    const Batch whole = make_batch(ds, o, 0, b);
+    for (int r = 0; r < 2; ++r) {
+      const Batch share = make_batch(ds, LoaderOptions(o).ranks(2).rank(r), 0, b);
+      ASSERT_EQ(share.images.sizes(), (Shape{2, 3, 64, 64})) << "batch " << b << " rank " << r;
+      // Positions 4b + 2r and 4b + 2r + 1 of the epoch's order; the last batch's 12th
+      // position is past the 11 images: the epoch's first image again.
+      const std::int64_t p = 4 * b + 2 * r;
+      EXPECT_EQ(share.indices, (std::vector<std::int64_t>{order[std::size_t(p)], order[std::size_t((p + 1) % 11)]}));
+      // The images and targets the whole batch has at those positions.
+      const std::int64_t real = std::min<std::int64_t>(2, whole.images.size(0) - 2 * r);
+      EXPECT_TRUE(std::equal(share.images.data(), share.images.data() + real * per, whole.images.data() + 2 * r * per));
+      EXPECT_EQ(target_rows(share.targets, 0, real), target_rows(whole.targets, 2 * r, real));
+    }
+  }
+  // The threaded loader gives each rank the same shares.
+  DataLoader loader(ds, LoaderOptions(o).ranks(2).rank(1).workers(2));
+  const Batch got = loader.next(), want = make_batch(ds, LoaderOptions(o).ranks(2).rank(1), 0, 0);
+  EXPECT_EQ(got.indices, want.indices);
+  EXPECT_TRUE(std::equal(got.images.begin(), got.images.end(), want.images.begin()));
+  // Shares must be equal and the rank one of them.
+  try {
+    LoaderOptions().batch_size(6).ranks(4).validate();
+    ADD_FAILURE() << "no error for a batch of 6 over 4 ranks";
+  } catch (const config_error& e) {
+    EXPECT_NE(std::string(e.what()).find("batch_size 6 is not a multiple of ranks 4"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(LoaderOptions().batch_size(4).ranks(2).rank(2).validate(), config_error);
+  EXPECT_THROW(LoaderOptions().ranks(0).validate(), config_error);
 }
 
 TEST(YoloLoader, AnErrorInTheLoaderThreadReachesTheCaller) {

@@ -254,6 +254,52 @@ TEST(YoloTrain, BadInputIsAClearErrorWithNothingWritten) {
                       "image_size 48 is not a multiple of the model's largest stride 32");
 }
 
+// One process playing rank 1 of 2 (its gradient hook only counts): it trains on half of
+// every batch, calls the hook after every backward, and writes neither checkpoint nor
+// progress line. tests/mpi/test_dist_yolo.cpp checks the numbers on 2 ranks.
+TEST(YoloTrain, DataParallelRankTrainsItsShareAndLeavesWritingToRankZero) {
+  TrainDir dir;
+  const auto data = yolo::read_data_config(write_shapes(dir));
+  std::ostringstream log;
+  yolo::Trainer t(tiny_model(), yolo::YoloDataset::from_config(data, "train"),
+                  tiny_options().epochs(1).output(dir / "run").log(&log));
+  int averaged = 0;
+  t.data_parallel({1, 2, [&] { ++averaged; }});
+  EXPECT_EQ(t.loader_options().ranks(), 2);
+  EXPECT_EQ(t.loader_options().rank(), 1);
+  EXPECT_EQ(yolo::make_batch(t.train_set(), t.loader_options(), 0, 0).images.size(0), 2);
+  t.train_epoch();
+  EXPECT_EQ(averaged, 2);                  // 8 images in batches of 4: 2 backward passes
+  EXPECT_EQ(t.optimizer().steps(), 2);
+  EXPECT_EQ(log.str(), "");
+  EXPECT_FALSE(fs::exists(dir / "run/last.safetensors"));
+
+  // The same on rank 0 writes both.
+  yolo::Trainer t0(tiny_model(), yolo::YoloDataset::from_config(data, "train"),
+                   tiny_options().epochs(1).output(dir / "run").log(&log));
+  t0.data_parallel({0, 2, [] {}});
+  t0.train_epoch();
+  EXPECT_NE(log.str().find("epoch   1/1"), std::string::npos) << log.str();
+  EXPECT_TRUE(fs::exists(dir / "run/last.safetensors"));
+}
+
+TEST(YoloTrain, DataParallelSettingsThatCannotWorkAreClearErrors) {
+  TrainDir dir;
+  const auto data = yolo::read_data_config(write_shapes(dir));
+  yolo::Trainer t(tiny_model(), yolo::YoloDataset::from_config(data, "train"), tiny_options());
+  try {
+    t.data_parallel({0, 3, {}});
+    ADD_FAILURE() << "no error for a batch of 4 over 3 ranks";
+  } catch (const config_error& e) {
+    EXPECT_NE(std::string(e.what()).find("batch_size 4 is not a multiple of the 3 ranks"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(t.data_parallel({2, 2, {}}), config_error);
+  EXPECT_THROW(t.data_parallel({-1, 2, {}}), config_error);
+  EXPECT_EQ(t.loader_options().ranks(), 1);  // nothing changed
+  t.train_batch(yolo::make_batch(t.train_set(), t.loader_options(), 0, 0));
+  EXPECT_THROW(t.data_parallel({0, 2, {}}), state_error);  // training began
+}
+
 TEST(YoloTrain, NonFiniteLossStopsNamingTheStepAndKeepsTheLastCheckpoint) {
   TrainDir dir;
   const auto data = yolo::read_data_config(write_shapes(dir));

@@ -531,6 +531,10 @@ struct LoaderOptions {
   /// @brief Sets workers(); returns `*this` for chaining.
   /// @fn prefetch(const int&)
   /// @brief Sets prefetch(); returns `*this` for chaining.
+  /// @fn ranks(const int&)
+  /// @brief Sets ranks(); returns `*this` for chaining.
+  /// @fn rank(const int&)
+  /// @brief Sets rank(); returns `*this` for chaining.
 
   /// Side S of the square images of a batch, in pixels (default 640).
   OREPA_OPTION(int, image_size) = 640;
@@ -550,6 +554,11 @@ struct LoaderOptions {
   OREPA_OPTION(int, workers) = 1;
   /// Batches a DataLoader prepares ahead of the one being used (default 2).
   OREPA_OPTION(int, prefetch) = 2;
+  /// Processes that share every batch in data-parallel training (default 1), a divisor of
+  /// batch_size(), which stays the batch over all of them: make_batch gives each its share.
+  OREPA_OPTION(int, ranks) = 1;
+  /// Which share of every batch this process takes, in [0, ranks) (default 0).
+  OREPA_OPTION(int, rank) = 0;
 
  public:
   /// This object (what the setters return).
@@ -565,13 +574,18 @@ struct LoaderOptions {
     range("batch_size", batch_size_, 1, 1 << 16);
     range("workers", workers_, 1, 256);
     range("prefetch", prefetch_, 1, 1024);
+    range("ranks", ranks_, 1, 1 << 16);
+    range("rank", rank_, 0, ranks_ - 1);
+    if (batch_size_ % ranks_ != 0)
+      throw config_error(orepa::detail::cat("LoaderOptions: batch_size ", batch_size_, " is not a multiple of ranks ",
+                                            ranks_, " (every rank takes an equal share of a batch)"));
     augmentation_.validate();
   }
 };
 
 /// One batch: images and YOLOv5 targets.
 struct Batch {
-  Tensor<float> images;               ///< [B, 3, S, S] in [0, 1], NCHW
+  Tensor<float> images;               ///< [B, 3, S, S] in [0, 1], NCHW (B: this rank's share with LoaderOptions::ranks)
   Tensor<float> targets;              ///< [n, 6]: image index in the batch, class, cx, cy, w, h (normalised by S)
   std::vector<std::int64_t> indices;  ///< data-set index of each image
   std::int64_t epoch = 0;             ///< epoch the batch belongs to
@@ -642,15 +656,19 @@ inline Batch make_batch(const YoloDataset& ds, const LoaderOptions& o, std::int6
                                           ds.size(), " images in batches of ", o.batch_size()));
   const auto order = epoch_order(ds.size(), o, epoch);
   const std::int64_t first = batch * o.batch_size(), count = std::min<std::int64_t>(o.batch_size(), ds.size() - first);
+  // Rank r takes the r-th of `ranks` equal runs of the batch's positions. A short last
+  // batch is padded from the start of the epoch's order, as PyTorch's DistributedSampler
+  // pads, so that every rank trains the same number of images at every step.
+  const std::int64_t share = (count + o.ranks() - 1) / o.ranks(), begin = first + o.rank() * share;
   const std::int64_t s = o.image_size(), per = 3 * s * s;
   Batch b;
   b.epoch = epoch, b.batch = batch;
-  b.images = Tensor<float>({count, 3, s, s});
+  b.images = Tensor<float>({share, 3, s, s});
   std::vector<float> targets;
-  for (std::int64_t j = 0; j < count; ++j) {
+  for (std::int64_t j = 0; j < share; ++j) {
     if (cancel && cancel->load(std::memory_order_relaxed)) throw LoaderCancelled{};
-    const std::int64_t index = order[std::size_t(first + j)];
-    Rng rng(sample_seed(o.seed(), epoch, first + j));
+    const std::int64_t position = begin + j, index = order[std::size_t(position % ds.size())];
+    Rng rng(sample_seed(o.seed(), epoch, position));
     const LabeledImage sample = load_sample(ds, index, o, rng);
     std::copy_n(sample.image.data(), per, b.images.data() + j * per);
     b.indices.push_back(index);
@@ -669,8 +687,11 @@ inline Batch make_batch(const YoloDataset& ds, const LoaderOptions& o, std::int6
 
 /// Batch `batch` of epoch `epoch` (samples at positions batch x B .. of epoch_order, each
 /// made by load_sample with Rng(sample_seed(seed, epoch, position))), exactly what a
-/// DataLoader with the same options returns for it. Throws config_error for a batch
-/// outside the epoch or bad options, and whatever loading a sample throws.
+/// DataLoader with the same options returns for it. With o.ranks() > 1 only share
+/// o.rank() of it: positions batch x B + rank x B' .. + B' - 1 with B' = ceil(n / ranks)
+/// for a batch of n images, positions past the epoch's end taken from its start. Throws
+/// config_error for a batch outside the epoch or bad options, and whatever loading a
+/// sample throws.
 inline Batch make_batch(const YoloDataset& ds, const LoaderOptions& o, std::int64_t epoch, std::int64_t batch) {
   return detail::make_batch(ds, o, epoch, batch, nullptr);
 }

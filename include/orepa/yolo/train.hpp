@@ -30,6 +30,11 @@
 /// batch and iteration and where the first non-finite value is (a parameter or buffer by
 /// name, else the first layer whose eval output holds one); the optimizer has not stepped
 /// and the last checkpoint on disk is the last good epoch's.
+///
+/// Data-parallel training (YOLOv5's DDP mode) is Trainer::data_parallel(): one Trainer per
+/// process, each on its share of every batch, gradients averaged by the caller's hook
+/// (examples/train_detector_ddp.cpp does it on MPI with DistributedDataParallel). This
+/// layer knows nothing of MPI.
 
 #include <fcntl.h>
 #include <unistd.h>
@@ -42,6 +47,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <optional>
 #include <ostream>
 #include <string>
@@ -108,7 +114,7 @@ struct TrainOptions {
   OREPA_OPTION(std::int64_t, epochs) = 10;
   /// Side of the square training images in pixels (default 640), a multiple of the model's largest stride.
   OREPA_OPTION(int, image_size) = 640;
-  /// Images per batch (default 16).
+  /// Images per batch (default 16), over all ranks in data-parallel training.
   OREPA_OPTION(int, batch_size) = 16;
   /// Gradients are accumulated to this many images per optimizer step (default 64).
   OREPA_OPTION(std::int64_t, nominal_batch) = 64;
@@ -135,17 +141,37 @@ struct TrainOptions {
   OREPA_OPTION(std::uint64_t, seed) = 0;
   /// Loader threads (default 1; the batches do not depend on it).
   OREPA_OPTION(int, workers) = 1;
-  /// Folder of the checkpoint `last.safetensors`, written after every epoch (default "":
-  /// no checkpoints). Checked, and created, when the Trainer is built.
+  /// Folder of the checkpoint `last.safetensors`, written after every epoch by rank 0
+  /// (default "": no checkpoints). Checked, and created, when the Trainer is built.
   OREPA_OPTION(std::string, output);
   /// Replace a checkpoint already in the output folder (default false: config_error).
   OREPA_OPTION(bool, overwrite) = false;
-  /// Where each epoch's progress line goes (default nullptr: nowhere).
+  /// Where each epoch's progress line goes on rank 0 (default nullptr: nowhere).
   OREPA_OPTION(LogStream, log) = nullptr;
 
  public:
   /// This object (what the setters return).
   TrainOptions& self() { return *this; }
+};
+
+/// How a Trainer takes part in data-parallel training, as YOLOv5 v7.0's DDP mode: every
+/// rank runs its own Trainer, built the same way (model, data set, options), and trains
+/// on its share of every batch (LoaderOptions::ranks: TrainOptions::batch_size / ranks
+/// images); all ranks take the same steps with the same schedule. Each rank's loss (box +
+/// obj + cls times its share's size) is multiplied by `ranks` before backward, then
+/// `average_gradients` replaces every gradient by its mean over the ranks, so every rank
+/// clips and steps with the gradient of the sum of the ranks' losses. Only rank 0 writes
+/// checkpoints and progress lines.
+struct DataParallel {
+  int rank = 0;   ///< this process's share, in [0, ranks)
+  int ranks = 1;  ///< number of processes sharing every batch, a divisor of TrainOptions::batch_size
+  /// Replaces every gradient of the Trainer's model by its mean over the ranks (e.g.
+  /// `[&ddp] { ddp.average_gradients(); }` with a DistributedDataParallel wrapping
+  /// trainer.model(), which also synchronises its BatchNorms). Called after every
+  /// backward, before clipping and the optimizer step, collectively: every rank calls it
+  /// the same number of times. A rank that throws (a non-finite loss) leaves the others
+  /// waiting in it: run the ranks under dist::abort_on_exception, which ends them all.
+  std::function<void()> average_gradients;
 };
 
 /// The loss terms of one batch (YOLOv5's loss items: after the gains, before the batch size).
@@ -347,10 +373,35 @@ class Trainer {
     return o_.output().empty() ? std::string() : (std::filesystem::path(o_.output()) / checkpoint_name).string();
   }
 
+  /// Makes this Trainer rank `dp.rank` of `dp.ranks` in data-parallel training (see
+  /// DataParallel): from now on it trains on its share of every batch, scales the loss and
+  /// calls dp.average_gradients after every backward; the EMA restarts from the model's
+  /// weights (which a DistributedDataParallel built on model() has just set to rank 0's).
+  /// Call it before training and before resume(). config_error when rank is outside
+  /// [0, ranks) or batch_size is not a multiple of ranks; state_error after training began.
+  void data_parallel(DataParallel dp) {
+    if (iteration_ != 0)
+      throw state_error(orepa::detail::cat("yolo::Trainer::data_parallel: training began (iteration ", iteration_,
+                                           "); call it before the first batch and before resume()"));
+    if (dp.ranks < 1 || dp.rank < 0 || dp.rank >= dp.ranks)
+      throw config_error(orepa::detail::cat("yolo::Trainer::data_parallel: rank ", dp.rank, " is outside [0, ", dp.ranks,
+                                            ") of ", dp.ranks, " ranks"));
+    if (o_.batch_size() % dp.ranks != 0)
+      throw config_error(orepa::detail::cat("yolo::Trainer::data_parallel: batch_size ", o_.batch_size(),
+                                            " is not a multiple of the ", dp.ranks,
+                                            " ranks (every rank trains an equal share of a batch)"));
+    loader_ = validated(LoaderOptions(loader_).ranks(dp.ranks).rank(dp.rank));
+    ema_.module().load_state_dict(model_.state_dict());
+    dp_ = std::move(dp);
+  }
+  /// The data-parallel settings (default: rank 0 of 1, no hook).
+  const DataParallel& data_parallel() const { return dp_; }
+
   /// Trains one batch (the next one: make_batch(train_set(), loader_options(), epoch(),
-  /// batch_in_epoch()) gives it) and steps the optimizer when the schedule says so.
-  /// Returns its loss terms. state_error (see the file comment) when a value is not
-  /// finite: nothing has stepped and the counters stay.
+  /// batch_in_epoch()) gives it, this rank's share in data-parallel training) and steps
+  /// the optimizer when the schedule says so. Returns its loss terms (of this rank's
+  /// share). state_error (see the file comment) when a value is not finite: nothing has
+  /// stepped and the counters stay.
   LossItems train_batch(const Batch& b) {
     if (done()) throw state_error(orepa::detail::cat("yolo::Trainer::train_batch: all ", o_.epochs(), " epochs are trained"));
     const std::int64_t ni = iteration_;
@@ -359,9 +410,15 @@ class Trainer {
     for (std::size_t i = 0; i < maps.size(); ++i)
       if (!detail::all_finite(maps[i])) fail_not_finite(b, orepa::detail::cat("raw map of level ", i));
     const std::vector<ConstTensorView<float>> views(maps.begin(), maps.end());
-    const LossResult<float> r = loss_(views, b.targets);
+    LossResult<float> r = loss_(views, b.targets);
     if (!r.finite()) fail_not_finite(b, orepa::detail::cat("loss (box ", r.items[0], " obj ", r.items[1], " cls ", r.items[2], ")"));
+    // train.py's `loss *= WORLD_SIZE`: averaged over the ranks, the gradients are then
+    // those of the sum of the ranks' losses.
+    if (dp_.ranks > 1)
+      for (auto& g : r.grad)
+        for (float& v : g) v *= float(dp_.ranks);
     model_.backward(r.grad);
+    if (dp_.average_gradients) dp_.average_gradients();
     if (sched_.should_step(ni)) {
       clip_gradients();
       opt_.step();
@@ -374,7 +431,8 @@ class Trainer {
   }
 
   /// Trains the rest of the current epoch (all of it unless resumed in its middle), writes
-  /// the checkpoint when there is an output folder, prints the progress line to the log.
+  /// the checkpoint when there is an output folder, prints the progress line to the log
+  /// (both on rank 0 only in data-parallel training).
   EpochStats train_epoch() {
     if (done()) throw state_error(orepa::detail::cat("yolo::Trainer::train_epoch: all ", o_.epochs(), " epochs are trained"));
     const auto t0 = std::chrono::steady_clock::now();
@@ -394,9 +452,9 @@ class Trainer {
     s.mean.box /= double(s.batches), s.mean.obj /= double(s.batches), s.mean.cls /= double(s.batches);
     s.steps = opt_.steps() - steps0;
     s.lr = double(opt_.groups().at(1).lr.value_or(0));
-    if (!o_.output().empty()) save(checkpoint_path());
+    if (!o_.output().empty() && dp_.rank == 0) save(checkpoint_path());
     s.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    if (o_.log()) {
+    if (o_.log() && dp_.rank == 0) {
       char line[200];
       std::snprintf(line, sizeof line, "epoch %3lld/%lld  box %.4f  obj %.4f  cls %.4f  total %.4f  lr %.5f  %6.1f s\n",
                     static_cast<long long>(s.epoch + 1), static_cast<long long>(o_.epochs()), s.mean.box, s.mean.obj,
@@ -484,6 +542,7 @@ class Trainer {
   SGD<float> opt_;
   ModelEMA<Model<float>> ema_;
   DetectionLoss<float> loss_;
+  DataParallel dp_;
   std::int64_t epoch_ = 0, batch_ = 0, iteration_ = 0;
 };
 
