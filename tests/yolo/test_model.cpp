@@ -250,6 +250,13 @@ TEST(YoloModel, YamlFaultsAreClearErrors) {
   expect_error(head + "backbone: [[-1, 1, Conv, [4, 3, 2]]]\nhead: [[-1, 1, Conv, [4]]]", "no Detect head");
   expect_error(head + "backbone: [[-1, 1, Conv]]\nhead: []", "a row must be [from, number, module, args]");
   expect_error("nc: [1, 2", "not valid YAML");
+  // An expansion whose hidden channel count overflows any integer (found by fuzz_model_yaml).
+  expect_error(head + "backbone: [[-1, 1, Conv, [4, 3, 2]], [-1, 1, Bottleneck, [4, True, 1, 5.5e44]]]\n"
+                      "head: [[-1, 1, Detect, [nc, anchors]]]",
+               "hidden channels int(c2 * e)");
+  expect_error(head + "backbone: [[-1, 1, Conv, [4, 3, 2]], [-1, 1, C3, [4, True, 1, -0.5]]]\n"
+                      "head: [[-1, 1, Detect, [nc, anchors]]]",
+               "hidden channels int(c2 * e)");
 }
 
 namespace {

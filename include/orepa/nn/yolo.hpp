@@ -61,6 +61,15 @@ inline void require_positive(const char* who, const char* what, std::int64_t v) 
   if (v < 1) throw config_error(detail::cat(who, ": ", what, " must be >= 1, got ", v));
 }
 
+// YOLOv5's hidden channels int(c2 * e), checked before the cast: a product below 1, not
+// finite or beyond any channel count is a config_error (the cast would be undefined).
+inline std::int64_t hidden_channels(const char* who, std::int64_t c2, double e) {
+  const double c = double(c2) * e;
+  if (!(c >= 1) || !(c < 2147483648.0))
+    throw config_error(detail::cat(who, ": hidden channels int(c2 * e) = int(", c2, " * ", e, ") must be in [1, 2^31)"));
+  return std::int64_t(c);
+}
+
 }  // namespace detail::yolo
 
 /// Channel concatenation (torch.cat(dim = 1)): a [N, Ca, H, W] and b [N, Cb, H, W] into
@@ -285,10 +294,7 @@ class Bottleneck : public ModuleTensors<Bottleneck<S>, S> {
   static std::int64_t hidden(std::int64_t c1, std::int64_t c2, double e) {
     detail::yolo::require_positive("Bottleneck", "c1", c1);
     detail::yolo::require_positive("Bottleneck", "c2", c2);
-    const auto c = std::int64_t(double(c2) * e);
-    if (c < 1)
-      throw config_error(detail::cat("Bottleneck: hidden channels int(c2 * e) = int(", c2, " * ", e, ") must be >= 1"));
-    return c;
+    return detail::yolo::hidden_channels("Bottleneck", c2, e);
   }
   Bottleneck(std::int64_t c1, std::int64_t c2, std::int64_t c, bool shortcut, std::uint64_t seed,
              const BlockMaker<S>& maker)
@@ -505,9 +511,7 @@ class C3 : public ModuleTensors<C3<S>, S> {
     detail::yolo::require_positive("C3", "c1", c1);
     detail::yolo::require_positive("C3", "c2", c2);
     detail::yolo::require_positive("C3", "n", n);
-    const auto c = std::int64_t(double(c2) * e);
-    if (c < 1) throw config_error(detail::cat("C3: hidden channels int(c2 * e) = int(", c2, " * ", e, ") must be >= 1"));
-    return c;
+    return detail::yolo::hidden_channels("C3", c2, e);
   }
   C3(std::int64_t c1, std::int64_t c2, std::int64_t c, std::int64_t n, bool shortcut, std::uint64_t seed,
      const BlockMaker<S>& maker)

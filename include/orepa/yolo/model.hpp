@@ -614,19 +614,28 @@ class Model : public ModuleTensors<Model<S>, S> {
       const auto in_layer = [&](const BlockMaker<S>& m, const std::string& path) -> BlockMaker<S> {
         return [m, path](const ConvOptions& o) { return m(ConvOptions(o).name(path + o.name())); };
       };
+      // A module constructor's config_error gets the row's place in the file too.
+      const auto make = [&]() -> ModuleBuild<S> {
+        try {
+          return (*factory)(spec);
+        } catch (const config_error& e) {
+          if (std::string(e.what()).rfind(spec.where(), 0) == 0) throw;
+          throw config_error(spec.where() + ": " + e.what());
+        }
+      };
       const std::int64_t copies = repeats_itself ? 1 : spec.number;
       const std::uint64_t layer_seed = spec.seed;
       ModuleBuild<S> b;
       if (copies == 1) {
         spec.maker = in_layer(opts.maker(), prefix), spec.orepa = in_layer(opts.orepa_maker(), prefix);
-        b = (*factory)(spec);
+        b = make();
       } else {  // YOLOv5's nn.Sequential of `copies` modules: names `i.j.`
         Sequential<S> seq;
         for (std::int64_t j = 0; j < copies; ++j) {
           const std::string p = prefix + std::to_string(j) + ".";
           spec.maker = in_layer(opts.maker(), p), spec.orepa = in_layer(opts.orepa_maker(), p);
           spec.seed = orepa::detail::yolo::child_seed(layer_seed, std::uint64_t(j));
-          ModuleBuild<S> one = (*factory)(spec);
+          ModuleBuild<S> one = make();
           if (!one.layer) throw config_error(spec.where() + ": only one-input layers can repeat (number > 1)");
           seq.add(std::move(*one.layer));
           b.out_channels = one.out_channels;
