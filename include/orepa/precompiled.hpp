@@ -6,10 +6,12 @@
 ///
 /// Linking `orepa::precompiled` defines OREPA_PRECOMPILED; then this header (which
 /// orepa.hpp includes last) declares those instantiations `extern template`, and a
-/// program's translation units no longer optimise and emit them again: a one-block
-/// program compiles in about half the time (benchmarks/compile_time.sh). Without the
-/// macro nothing changes and the library stays header-only. Defining OREPA_PRECOMPILED
-/// without linking the library gives undefined references at link time.
+/// program's translation units no longer optimise and emit them again; the bodies of the
+/// heavy non-template code (the training and BN engines, the matmul, the calibrator: see
+/// core/linkage.hpp) are compiled in the library too and not even parsed by the program.
+/// A one-block program compiles in about half the time (benchmarks/compile_time.sh).
+/// Without the macro nothing changes and the library stays header-only. Defining
+/// OREPA_PRECOMPILED without linking the library gives undefined references at link time.
 
 #include "orepa/orepa.hpp"
 

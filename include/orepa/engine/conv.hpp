@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "orepa/core/activation.hpp"
+#include "orepa/core/linkage.hpp"
 #include "orepa/engine/batch_norm.hpp"
 #include "orepa/engine/onednn.hpp"
 #include "orepa/engine/reference_conv.hpp"
@@ -88,62 +89,25 @@ class ConvEngine<float> {
   /// Copies the geometry; the primitives are per object and rebuilt lazily.
   ConvEngine(const ConvEngine& o) : g_(o.g_) {}  // primitives are per object, rebuilt lazily
   /// Copies the geometry and drops the cached primitives.
-  ConvEngine& operator=(const ConvEngine& o) {
-    if (this != &o) { g_ = o.g_; cache_.clear(); }
-    return *this;
-  }
+  ConvEngine& operator=(const ConvEngine& o);
   /// Move constructor.
-  ConvEngine(ConvEngine&&) = default;
+  ConvEngine(ConvEngine&&) noexcept;
   /// Move assignment.
-  ConvEngine& operator=(ConvEngine&&) = default;
+  ConvEngine& operator=(ConvEngine&&) noexcept;
+  /// Destroys the cached primitives.
+  ~ConvEngine();
 
   /// The convolution geometry.
   const ConvGeometry& geometry() const { return g_; }
 
   /// y = conv(x, w) for x [N, I, H, W] and w [O, I/g, k, k]; y is resized to [N, O, OH, OW]. Throws shape_error / engine_error.
-  void forward(ConstTensorView<float> x, ConstTensorView<float> w, Tensor<float>& y) {
-    auto& e = entry(x.sizes());
-    w.expect_shape(g_.weight_shape(), "ConvEngine::forward weight");
-    y.resize(e.y_shape);
-    guarded([&] { return describe(g_, x.sizes()); }, [&] {
-      e.fwd.execute(thread_stream(), {{DNNL_ARG_SRC, e.fwd_x.in(x.data())},
-                                      {DNNL_ARG_WEIGHTS, e.fwd_w.in(w.data())},
-                                      {DNNL_ARG_DST, e.fwd_y.out(y.data())},
-                                      {DNNL_ARG_SCRATCHPAD, e.scratch}});
-      e.fwd_y.finish();
-      thread_stream().wait();
-    });
-  }
+  void forward(ConstTensorView<float> x, ConstTensorView<float> w, Tensor<float>& y);
 
   /// dx = dL/dx for an input shaped like `x_shape` from dy [N, O, OH, OW]. Throws shape_error / engine_error.
-  void backward_data(ConstTensorView<float> dy, ConstTensorView<float> w, const Shape& x_shape, Tensor<float>& dx) {
-    auto& e = entry(x_shape);
-    dy.expect_shape(e.y_shape, "ConvEngine::backward_data grad_output");
-    dx.resize(x_shape);
-    guarded([&] { return describe(g_, x_shape) + " (backward data)"; }, [&] {
-      e.bwd_data.execute(thread_stream(), {{DNNL_ARG_DIFF_DST, e.bd_dy.in(dy.data())},
-                                           {DNNL_ARG_WEIGHTS, e.bd_w.in(w.data())},
-                                           {DNNL_ARG_DIFF_SRC, e.bd_dx.out(dx.data())},
-                                           {DNNL_ARG_SCRATCHPAD, e.scratch}});
-      e.bd_dx.finish();
-      thread_stream().wait();
-    });
-  }
+  void backward_data(ConstTensorView<float> dy, ConstTensorView<float> w, const Shape& x_shape, Tensor<float>& dx);
 
   /// dw = dL/dw [O, I/g, k, k] (overwritten, not accumulated). Throws shape_error / engine_error.
-  void backward_weights(ConstTensorView<float> x, ConstTensorView<float> dy, Tensor<float>& dw) {
-    auto& e = entry(x.sizes());
-    dy.expect_shape(e.y_shape, "ConvEngine::backward_weights grad_output");
-    dw.resize(g_.weight_shape());
-    guarded([&] { return describe(g_, x.sizes()) + " (backward weights)"; }, [&] {
-      e.bwd_weights.execute(thread_stream(), {{DNNL_ARG_SRC, e.bw_x.in(x.data())},
-                                              {DNNL_ARG_DIFF_DST, e.bw_dy.in(dy.data())},
-                                              {DNNL_ARG_DIFF_WEIGHTS, e.bw_dw.out(dw.data())},
-                                              {DNNL_ARG_SCRATCHPAD, e.scratch}});
-      e.bw_dw.finish();
-      thread_stream().wait();
-    });
-  }
+  void backward_weights(ConstTensorView<float> x, ConstTensorView<float> dy, Tensor<float>& dw);
 
   /// Number of input shapes for which primitives were built (each builds three).
   std::int64_t primitive_creations() const { return creations_; }
@@ -158,44 +122,105 @@ class ConvEngine<float> {
     memory scratch;  // one scratchpad shared by the three (they never run at once)
   };
 
-  Entry& entry(const Shape& xs) {
-    const Shape ys = g_.output_shape(xs, "ConvEngine");
-    const std::array<std::int64_t, 3> key{xs[0], xs[2], xs[3]};
-    auto it = cache_.find(key);
-    if (it != cache_.end()) return *it->second;
-    auto e = std::make_unique<Entry>();
-    guarded(describe(g_, xs) + " (creating primitives)", [&] { build(*e, xs, ys); });
-    ++creations_;
-    return *cache_.emplace(key, std::move(e)).first->second;
-  }
+  Entry& entry(const Shape& xs);
 
-  void build(Entry& e, const Shape& xs, const Shape& ys) {
-    using namespace dnnl;
-    e.y_shape = ys;
-    const auto x_md = nchw_desc(xs), y_md = nchw_desc(ys), w_md = weights_desc(g_, tag::oihw);
-    const auto [fpd, dpd, wpd] = training_conv_pds(g_, xs, ys);
-    e.fwd = convolution_forward(fpd);
-    e.bwd_data = convolution_backward_data(dpd);
-    e.bwd_weights = convolution_backward_weights(wpd);
-    e.fwd_x = Port(x_md, fpd.src_desc());
-    e.fwd_w = Port(w_md, fpd.weights_desc());
-    e.fwd_y = Port(y_md, fpd.dst_desc());
-    e.bd_dy = Port(y_md, dpd.diff_dst_desc());
-    e.bd_w = Port(w_md, dpd.weights_desc());
-    e.bd_dx = Port(x_md, dpd.diff_src_desc());
-    e.bw_x = Port(x_md, wpd.src_desc());
-    e.bw_dy = Port(y_md, wpd.diff_dst_desc());
-    e.bw_dw = Port(w_md, wpd.diff_weights_desc());
-    auto biggest = fpd.scratchpad_desc();
-    for (auto d : {dpd.scratchpad_desc(), wpd.scratchpad_desc()})
-      if (d.get_size() > biggest.get_size()) biggest = d;
-    e.scratch = memory(biggest, cpu_engine());
-  }
+  void build(Entry& e, const Shape& xs, const Shape& ys);
 
   ConvGeometry g_;
   std::map<std::array<std::int64_t, 3>, std::unique_ptr<Entry>> cache_;
   std::int64_t creations_ = 0;
 };
+
+#if OREPA_DEFINITIONS
+OREPA_INLINE ConvEngine<float>& ConvEngine<float>::operator=(const ConvEngine& o) {
+  if (this != &o) {
+    g_ = o.g_;
+    cache_.clear();
+  }
+  return *this;
+}
+OREPA_INLINE ConvEngine<float>::ConvEngine(ConvEngine&&) noexcept = default;
+OREPA_INLINE ConvEngine<float>& ConvEngine<float>::operator=(ConvEngine&&) noexcept = default;
+OREPA_INLINE ConvEngine<float>::~ConvEngine() = default;
+
+OREPA_INLINE void ConvEngine<float>::forward(ConstTensorView<float> x, ConstTensorView<float> w, Tensor<float>& y) {
+  auto& e = entry(x.sizes());
+  w.expect_shape(g_.weight_shape(), "ConvEngine::forward weight");
+  y.resize(e.y_shape);
+  guarded([&] { return describe(g_, x.sizes()); }, [&] {
+    e.fwd.execute(thread_stream(), {{DNNL_ARG_SRC, e.fwd_x.in(x.data())},
+                                    {DNNL_ARG_WEIGHTS, e.fwd_w.in(w.data())},
+                                    {DNNL_ARG_DST, e.fwd_y.out(y.data())},
+                                    {DNNL_ARG_SCRATCHPAD, e.scratch}});
+    e.fwd_y.finish();
+    thread_stream().wait();
+  });
+}
+
+OREPA_INLINE void ConvEngine<float>::backward_data(ConstTensorView<float> dy, ConstTensorView<float> w,
+                                                   const Shape& x_shape, Tensor<float>& dx) {
+  auto& e = entry(x_shape);
+  dy.expect_shape(e.y_shape, "ConvEngine::backward_data grad_output");
+  dx.resize(x_shape);
+  guarded([&] { return describe(g_, x_shape) + " (backward data)"; }, [&] {
+    e.bwd_data.execute(thread_stream(), {{DNNL_ARG_DIFF_DST, e.bd_dy.in(dy.data())},
+                                         {DNNL_ARG_WEIGHTS, e.bd_w.in(w.data())},
+                                         {DNNL_ARG_DIFF_SRC, e.bd_dx.out(dx.data())},
+                                         {DNNL_ARG_SCRATCHPAD, e.scratch}});
+    e.bd_dx.finish();
+    thread_stream().wait();
+  });
+}
+
+OREPA_INLINE void ConvEngine<float>::backward_weights(ConstTensorView<float> x, ConstTensorView<float> dy,
+                                                      Tensor<float>& dw) {
+  auto& e = entry(x.sizes());
+  dy.expect_shape(e.y_shape, "ConvEngine::backward_weights grad_output");
+  dw.resize(g_.weight_shape());
+  guarded([&] { return describe(g_, x.sizes()) + " (backward weights)"; }, [&] {
+    e.bwd_weights.execute(thread_stream(), {{DNNL_ARG_SRC, e.bw_x.in(x.data())},
+                                            {DNNL_ARG_DIFF_DST, e.bw_dy.in(dy.data())},
+                                            {DNNL_ARG_DIFF_WEIGHTS, e.bw_dw.out(dw.data())},
+                                            {DNNL_ARG_SCRATCHPAD, e.scratch}});
+    e.bw_dw.finish();
+    thread_stream().wait();
+  });
+}
+
+OREPA_INLINE auto ConvEngine<float>::entry(const Shape& xs) -> Entry& {
+  const Shape ys = g_.output_shape(xs, "ConvEngine");
+  const std::array<std::int64_t, 3> key{xs[0], xs[2], xs[3]};
+  auto it = cache_.find(key);
+  if (it != cache_.end()) return *it->second;
+  auto e = std::make_unique<Entry>();
+  guarded(describe(g_, xs) + " (creating primitives)", [&] { build(*e, xs, ys); });
+  ++creations_;
+  return *cache_.emplace(key, std::move(e)).first->second;
+}
+
+OREPA_INLINE void ConvEngine<float>::build(Entry& e, const Shape& xs, const Shape& ys) {
+  using namespace dnnl;
+  e.y_shape = ys;
+  const auto x_md = nchw_desc(xs), y_md = nchw_desc(ys), w_md = weights_desc(g_, tag::oihw);
+  const auto [fpd, dpd, wpd] = training_conv_pds(g_, xs, ys);
+  e.fwd = convolution_forward(fpd);
+  e.bwd_data = convolution_backward_data(dpd);
+  e.bwd_weights = convolution_backward_weights(wpd);
+  e.fwd_x = Port(x_md, fpd.src_desc());
+  e.fwd_w = Port(w_md, fpd.weights_desc());
+  e.fwd_y = Port(y_md, fpd.dst_desc());
+  e.bd_dy = Port(y_md, dpd.diff_dst_desc());
+  e.bd_w = Port(w_md, dpd.weights_desc());
+  e.bd_dx = Port(x_md, dpd.diff_src_desc());
+  e.bw_x = Port(x_md, wpd.src_desc());
+  e.bw_dy = Port(y_md, wpd.diff_dst_desc());
+  e.bw_dw = Port(w_md, wpd.diff_weights_desc());
+  auto biggest = fpd.scratchpad_desc();
+  for (auto d : {dpd.scratchpad_desc(), wpd.scratchpad_desc()})
+    if (d.get_size() > biggest.get_size()) biggest = d;
+  e.scratch = memory(biggest, cpu_engine());
+}
+#endif  // OREPA_DEFINITIONS
 
 /// A copy between two internal layouts of the same tensor, created once: when the
 /// layouts are equal it passes the memory through, otherwise it owns a buffer in the
@@ -260,19 +285,13 @@ class FusedConvBnAct {
   /// A copy has the geometry and activation but no primitives or saved state (rebuilt lazily).
   FusedConvBnAct(const FusedConvBnAct& o) : g_(o.g_), act_(o.act_) {}
   /// Copies geometry and activation, dropping primitives and saved state.
-  FusedConvBnAct& operator=(const FusedConvBnAct& o) {
-    if (this != &o) g_ = o.g_, act_ = o.act_, cache_.reset(), last_ = nullptr;
-    return *this;
-  }
+  FusedConvBnAct& operator=(const FusedConvBnAct& o);
   /// Move constructor (takes the primitives and saved state).
-  FusedConvBnAct(FusedConvBnAct&& o) noexcept
-      : g_(o.g_), act_(o.act_), cache_(std::move(o.cache_)), last_(std::exchange(o.last_, nullptr)), creations_(o.creations_) {}
+  FusedConvBnAct(FusedConvBnAct&& o) noexcept;
   /// Move assignment (takes the primitives and saved state).
-  FusedConvBnAct& operator=(FusedConvBnAct&& o) noexcept {
-    g_ = o.g_, act_ = o.act_, cache_ = std::move(o.cache_), last_ = std::exchange(o.last_, nullptr);
-    creations_ = o.creations_;
-    return *this;
-  }
+  FusedConvBnAct& operator=(FusedConvBnAct&& o) noexcept;
+  /// Destroys the primitives and saved state.
+  ~FusedConvBnAct();
 
   /// The convolution geometry.
   const ConvGeometry& geometry() const { return g_; }
@@ -280,80 +299,20 @@ class FusedConvBnAct {
   /// out = act(BN(conv(x, w))) with the batch statistics, written to mean / var (biased,
   /// C floats each); gamma / beta are BN's C scales and shifts. Saves what backward needs.
   void forward(ConstTensorView<float> x, ConstTensorView<float> w, const float* gamma, const float* beta, double eps,
-               Tensor<float>& out, float* mean, float* var, const StatsSync& sync_stats = {}) {
-    w.expect_shape(g_.weight_shape(), "FusedConvBnAct::forward weight");
-    Entry& e = entry(x.sizes(), eps);
-    out.resize(e.y_shape);
-    guarded([&] { return describe(g_, x.sizes()) + " (fused training forward)"; }, [&] {
-      auto& s = thread_stream();
-      e.x_user.set_data_handle(const_cast<float*>(x.data()));
-      e.x_in.execute(s, e.x_user, e.x_saved);  // always a copy: the caller may change x before backward
-      e.w_user.set_data_handle(const_cast<float*>(w.data()));
-      e.w_in.execute(s, e.w_user, e.w_saved);  // kernel-sized; kept for backward-data
-      e.fwd.execute(s, e.fwd_args);
-      s.wait();
-      e.bn->forward_train(ptr(e.y), ptr(e.z), mean, var, gamma, beta);
-      if (sync_stats) {
-        sync_stats(mean, var);
-        e.bn->forward_with_stats(ptr(e.y), ptr(e.z), mean, var, gamma, beta);
-      }
-      if (e.has_act) e.act_fwd.execute(s, e.act_fwd_args);  // in place on z
-      e.out_user.set_data_handle(out.data());
-      e.out_copy.execute(s, e.z, e.out_user);
-      s.wait();
-    });
-    last_ = &e;
-  }
+               Tensor<float>& out, float* mean, float* var, const StatsSync& sync_stats = {});
 
   /// From dL/dout of the last forward: dx (NCHW, resized), dw (OIHW, resized, overwritten)
   /// and dgamma / dbeta (C floats, overwritten). mean / var are the statistics that
   /// forward wrote; gamma / beta BN's current scales and shifts.
   void backward(ConstTensorView<float> dout, const float* gamma, const float* beta, const float* mean, const float* var,
-                Tensor<float>& dx, Tensor<float>& dw, float* dgamma, float* dbeta, const GradCorrection& correct = {}) {
-    if (!last_) throw state_error("FusedConvBnAct::backward: call forward first");
-    Entry& e = *last_;
-    dout.expect_shape(e.y_shape, "FusedConvBnAct::backward grad_output");
-    dx.resize(e.x_shape);
-    dw.resize(g_.weight_shape());
-    guarded([&] { return describe(g_, e.x_shape) + " (fused training backward)"; }, [&] {
-      auto& s = thread_stream();
-      const memory& dout_b = e.dout_port.in(dout.data());
-      // dz = dL/d(pre-activation), in the `dz` buffer; the identity passes dout through.
-      const float* dz = ptr(dout_b);
-      if (e.has_act) {
-        e.bn->forward_with_stats(ptr(e.y), ptr(e.z), mean, var, gamma, beta);  // z again
-        e.act_bwd_args[DNNL_ARG_DIFF_DST] = dout_b;
-        e.act_bwd.execute(s, e.act_bwd_args);
-        s.wait();
-        dz = ptr(e.dz);
-      }
-      // dy into the z buffer (z is not needed any more).
-      e.bn->backward(ptr(e.y), dz, ptr(e.z), mean, var, gamma, beta, dgamma, dbeta);
-      if (correct) add_correction(e, mean, var, dgamma, dbeta, correct);
-      e.bwd_data_args[DNNL_ARG_DIFF_DST] = e.dy_for_data(e.z);
-      e.bwd_data_args[DNNL_ARG_WEIGHTS] = e.w_for_data(e.w_saved);
-      e.bwd_data_args[DNNL_ARG_DIFF_SRC] = e.dx_port.out(dx.data());
-      e.bwd_data.execute(s, e.bwd_data_args);
-      e.dx_port.finish();
-      e.bwd_w_args[DNNL_ARG_SRC] = e.x_for_weights(e.x_saved);
-      e.bwd_w_args[DNNL_ARG_DIFF_DST] = e.dy_for_weights(e.z);
-      e.bwd_w_args[DNNL_ARG_DIFF_WEIGHTS] = e.dw_port.out(dw.data());
-      e.bwd_weights.execute(s, e.bwd_w_args);
-      e.dw_port.finish();
-      s.wait();
-    });
-  }
+                Tensor<float>& dx, Tensor<float>& dw, float* dgamma, float* dbeta, const GradCorrection& correct = {});
 
   /// Input shapes for which the pipeline was built (each builds three convolution
   /// primitives, the BN and activation primitives and the reorders).
   std::int64_t primitive_creations() const { return creations_; }
   /// Bytes of the buffers kept from forward to backward for the last forward's shape:
   /// the reordered input, the conv output and the reordered kernel.
-  std::int64_t bytes_saved_for_backward() const {
-    if (!last_) return 0;
-    return std::int64_t(last_->x_saved.get_desc().get_size() + last_->y.get_desc().get_size() +
-                        last_->w_saved.get_desc().get_size());
-  }
+  std::int64_t bytes_saved_for_backward() const;
 
  private:
   static float* ptr(const memory& m) { return static_cast<float*>(m.get_data_handle()); }
@@ -362,18 +321,7 @@ class FusedConvBnAct {
   // dy (in the z buffer) += scale * xhat + shift, the BN primitive with the forward's
   // statistics computing the term into a buffer of the same layout (its padding stays 0).
   static void add_correction(Entry& e, const float* mean, const float* var, const float* dgamma, const float* dbeta,
-                             const GradCorrection& correct) {
-    const auto C = std::size_t(e.y_shape[1]);
-    e.corr_scale.resize(C);
-    e.corr_shift.resize(C);
-    correct(dgamma, dbeta, e.corr_scale.data(), e.corr_shift.data());
-    if (!e.corr) e.corr = allocate(e.z.get_desc());  // first synchronised backward only
-    e.bn->forward_with_stats(ptr(e.y), ptr(e.corr), mean, var, e.corr_scale.data(), e.corr_shift.data());
-    float* dy = ptr(e.z);
-    const float* add = ptr(e.corr);
-    const auto n = std::int64_t(e.z.get_desc().get_size() / sizeof(float));
-    for (std::int64_t i = 0; i < n; ++i) dy[i] += add[i];
-  }
+                             const GradCorrection& correct);
 
   struct Entry {
     Shape x_shape, y_shape;
@@ -393,85 +341,9 @@ class FusedConvBnAct {
     std::unordered_map<int, memory> fwd_args, act_fwd_args, act_bwd_args, bwd_data_args, bwd_w_args;
   };
 
-  Entry& entry(const Shape& xs, double eps) {
-    const Shape ys = g_.output_shape(xs, "FusedConvBnAct");
-    std::int64_t eps_bits = 0;
-    std::memcpy(&eps_bits, &eps, sizeof eps);
-    const std::array<std::int64_t, 4> key{xs[0], xs[2], xs[3], eps_bits};
-    Map* map = cache_.get();
-    if (!map) map = &cache_.emplace(std::make_unique<Map>());
-    auto it = map->find(key);
-    if (it != map->end()) return *it->second;
-    auto e = std::make_unique<Entry>();
-    guarded(describe(g_, xs) + " (creating the fused training primitives)", [&] { build(*e, xs, ys, eps); });
-    ++creations_;
-    return *map->emplace(key, std::move(e)).first->second;
-  }
+  Entry& entry(const Shape& xs, double eps);
 
-  void build(Entry& e, const Shape& xs, const Shape& ys, double eps) {
-    using namespace dnnl;
-    e.x_shape = xs;
-    e.y_shape = ys;
-    const auto x_md = nchw_desc(xs), y_md = nchw_desc(ys), w_md = weights_desc(g_, tag::oihw);
-    const auto [fpd, dpd, wpd] = training_conv_pds(g_, xs, ys);
-    e.fwd = convolution_forward(fpd);
-    e.bwd_data = convolution_backward_data(dpd);
-    e.bwd_weights = convolution_backward_weights(wpd);
-    const auto src_md = fpd.src_desc(), dst_md = fpd.dst_desc();
-    // Saved and work buffers, all in the forward's layouts.
-    e.x_user = memory(x_md, cpu_engine(), DNNL_MEMORY_NONE);
-    e.x_saved = allocate(src_md);
-    e.x_in = reorder(e.x_user, e.x_saved);
-    e.y = allocate(dst_md);
-    e.z = allocate(dst_md);
-    e.out_user = memory(y_md, cpu_engine(), DNNL_MEMORY_NONE);
-    e.out_copy = reorder(e.z, e.out_user);  // a plain copy when dst is NCHW already
-    e.w_user = memory(w_md, cpu_engine(), DNNL_MEMORY_NONE);
-    e.w_saved = allocate(fpd.weights_desc());
-    e.w_in = reorder(e.w_user, e.w_saved);
-    e.bn = std::make_unique<BnKernels>(dst_md, eps);
-    // Backward: the layouts the backward primitives want, reordered only if they differ.
-    e.dout_port = Port(y_md, dst_md);
-    e.dx_port = Port(x_md, dpd.diff_src_desc());
-    e.dw_port = Port(w_md, wpd.diff_weights_desc());
-    e.dy_for_data = Relayout(dst_md, dpd.diff_dst_desc());
-    e.dy_for_weights = Relayout(dst_md, wpd.diff_dst_desc());
-    e.x_for_weights = Relayout(src_md, wpd.src_desc());
-    auto biggest = fpd.scratchpad_desc();
-    for (const auto& d : {dpd.scratchpad_desc(), wpd.scratchpad_desc()})
-      if (d.get_size() > biggest.get_size()) biggest = d;
-    e.has_act = act_ != ActivationKind::identity;
-    if (e.has_act) {
-      primitive_attr attr;  // the activation primitives share the entry's scratchpad too
-      attr.set_scratchpad_mode(scratchpad_mode::user);
-      const auto alg = act_ == ActivationKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_swish;
-      const float alpha = act_ == ActivationKind::relu ? 0.f : 1.f;
-      eltwise_forward::primitive_desc afpd(eltwise_forward::desc(prop_kind::forward_training, alg, dst_md, alpha, 0.f),
-                                           attr, cpu_engine());
-      eltwise_backward::primitive_desc abpd(eltwise_backward::desc(alg, dst_md, dst_md, alpha, 0.f), attr,
-                                            cpu_engine(), afpd);
-      e.act_fwd = eltwise_forward(afpd);
-      e.act_bwd = eltwise_backward(abpd);
-      for (const auto& d : {afpd.scratchpad_desc(), abpd.scratchpad_desc()})
-        if (d.get_size() > biggest.get_size()) biggest = d;
-      e.dz = allocate(dst_md);
-    }
-    e.scratch = allocate(biggest);
-    // Argument maps built once; a call only swaps the entries that change.
-    e.fwd_args = {{DNNL_ARG_SRC, e.x_saved}, {DNNL_ARG_WEIGHTS, e.w_saved}, {DNNL_ARG_DST, e.y},
-                  {DNNL_ARG_SCRATCHPAD, e.scratch}};
-    if (e.has_act) {
-      e.act_fwd_args = {{DNNL_ARG_SRC, e.z}, {DNNL_ARG_DST, e.z}, {DNNL_ARG_SCRATCHPAD, e.scratch}};  // in place
-      e.act_bwd_args = {{DNNL_ARG_SRC, e.z}, {DNNL_ARG_DIFF_DST, memory()}, {DNNL_ARG_DIFF_SRC, e.dz},
-                        {DNNL_ARG_SCRATCHPAD, e.scratch}};
-    }
-    e.bwd_data_args = {{DNNL_ARG_DIFF_DST, memory()}, {DNNL_ARG_WEIGHTS, memory()}, {DNNL_ARG_DIFF_SRC, memory()},
-                       {DNNL_ARG_SCRATCHPAD, e.scratch}};
-    e.bwd_w_args = {{DNNL_ARG_SRC, memory()}, {DNNL_ARG_DIFF_DST, memory()}, {DNNL_ARG_DIFF_WEIGHTS, memory()},
-                    {DNNL_ARG_SCRATCHPAD, e.scratch}};
-    // Backward-data reads the forward's reordered kernel (relaid out only if it wants another layout).
-    e.w_for_data = Relayout(fpd.weights_desc(), dpd.weights_desc());
-  }
+  void build(Entry& e, const Shape& xs, const Shape& ys, double eps);
 
   using Map = std::map<std::array<std::int64_t, 4>, std::unique_ptr<Entry>>;
   ConvGeometry g_;
@@ -480,5 +352,189 @@ class FusedConvBnAct {
   Entry* last_ = nullptr;
   std::int64_t creations_ = 0;
 };
+
+#if OREPA_DEFINITIONS
+OREPA_INLINE FusedConvBnAct& FusedConvBnAct::operator=(const FusedConvBnAct& o) {
+  if (this != &o) g_ = o.g_, act_ = o.act_, cache_.reset(), last_ = nullptr;
+  return *this;
+}
+OREPA_INLINE FusedConvBnAct::FusedConvBnAct(FusedConvBnAct&& o) noexcept
+    : g_(o.g_),
+      act_(o.act_),
+      cache_(std::move(o.cache_)),
+      last_(std::exchange(o.last_, nullptr)),
+      creations_(o.creations_) {}
+OREPA_INLINE FusedConvBnAct& FusedConvBnAct::operator=(FusedConvBnAct&& o) noexcept {
+  g_ = o.g_, act_ = o.act_, cache_ = std::move(o.cache_), last_ = std::exchange(o.last_, nullptr);
+  creations_ = o.creations_;
+  return *this;
+}
+OREPA_INLINE FusedConvBnAct::~FusedConvBnAct() = default;
+
+OREPA_INLINE void FusedConvBnAct::forward(ConstTensorView<float> x, ConstTensorView<float> w, const float* gamma,
+                                          const float* beta, double eps,
+             Tensor<float>& out, float* mean, float* var, const StatsSync& sync_stats) {
+  w.expect_shape(g_.weight_shape(), "FusedConvBnAct::forward weight");
+  Entry& e = entry(x.sizes(), eps);
+  out.resize(e.y_shape);
+  guarded([&] { return describe(g_, x.sizes()) + " (fused training forward)"; }, [&] {
+    auto& s = thread_stream();
+    e.x_user.set_data_handle(const_cast<float*>(x.data()));
+    e.x_in.execute(s, e.x_user, e.x_saved);  // always a copy: the caller may change x before backward
+    e.w_user.set_data_handle(const_cast<float*>(w.data()));
+    e.w_in.execute(s, e.w_user, e.w_saved);  // kernel-sized; kept for backward-data
+    e.fwd.execute(s, e.fwd_args);
+    s.wait();
+    e.bn->forward_train(ptr(e.y), ptr(e.z), mean, var, gamma, beta);
+    if (sync_stats) {
+      sync_stats(mean, var);
+      e.bn->forward_with_stats(ptr(e.y), ptr(e.z), mean, var, gamma, beta);
+    }
+    if (e.has_act) e.act_fwd.execute(s, e.act_fwd_args);  // in place on z
+    e.out_user.set_data_handle(out.data());
+    e.out_copy.execute(s, e.z, e.out_user);
+    s.wait();
+  });
+  last_ = &e;
+}
+
+OREPA_INLINE void FusedConvBnAct::backward(ConstTensorView<float> dout, const float* gamma, const float* beta,
+                                           const float* mean, const float* var,
+              Tensor<float>& dx, Tensor<float>& dw, float* dgamma, float* dbeta, const GradCorrection& correct) {
+  if (!last_) throw state_error("FusedConvBnAct::backward: call forward first");
+  Entry& e = *last_;
+  dout.expect_shape(e.y_shape, "FusedConvBnAct::backward grad_output");
+  dx.resize(e.x_shape);
+  dw.resize(g_.weight_shape());
+  guarded([&] { return describe(g_, e.x_shape) + " (fused training backward)"; }, [&] {
+    auto& s = thread_stream();
+    const memory& dout_b = e.dout_port.in(dout.data());
+    // dz = dL/d(pre-activation), in the `dz` buffer; the identity passes dout through.
+    const float* dz = ptr(dout_b);
+    if (e.has_act) {
+      e.bn->forward_with_stats(ptr(e.y), ptr(e.z), mean, var, gamma, beta);  // z again
+      e.act_bwd_args[DNNL_ARG_DIFF_DST] = dout_b;
+      e.act_bwd.execute(s, e.act_bwd_args);
+      s.wait();
+      dz = ptr(e.dz);
+    }
+    // dy into the z buffer (z is not needed any more).
+    e.bn->backward(ptr(e.y), dz, ptr(e.z), mean, var, gamma, beta, dgamma, dbeta);
+    if (correct) add_correction(e, mean, var, dgamma, dbeta, correct);
+    e.bwd_data_args[DNNL_ARG_DIFF_DST] = e.dy_for_data(e.z);
+    e.bwd_data_args[DNNL_ARG_WEIGHTS] = e.w_for_data(e.w_saved);
+    e.bwd_data_args[DNNL_ARG_DIFF_SRC] = e.dx_port.out(dx.data());
+    e.bwd_data.execute(s, e.bwd_data_args);
+    e.dx_port.finish();
+    e.bwd_w_args[DNNL_ARG_SRC] = e.x_for_weights(e.x_saved);
+    e.bwd_w_args[DNNL_ARG_DIFF_DST] = e.dy_for_weights(e.z);
+    e.bwd_w_args[DNNL_ARG_DIFF_WEIGHTS] = e.dw_port.out(dw.data());
+    e.bwd_weights.execute(s, e.bwd_w_args);
+    e.dw_port.finish();
+    s.wait();
+  });
+}
+
+OREPA_INLINE std::int64_t FusedConvBnAct::bytes_saved_for_backward() const {
+  if (!last_) return 0;
+  return std::int64_t(last_->x_saved.get_desc().get_size() + last_->y.get_desc().get_size() +
+                      last_->w_saved.get_desc().get_size());
+}
+
+OREPA_INLINE void FusedConvBnAct::add_correction(Entry& e, const float* mean, const float* var, const float* dgamma,
+                                                 const float* dbeta,
+                           const GradCorrection& correct) {
+  const auto C = std::size_t(e.y_shape[1]);
+  e.corr_scale.resize(C);
+  e.corr_shift.resize(C);
+  correct(dgamma, dbeta, e.corr_scale.data(), e.corr_shift.data());
+  if (!e.corr) e.corr = allocate(e.z.get_desc());  // first synchronised backward only
+  e.bn->forward_with_stats(ptr(e.y), ptr(e.corr), mean, var, e.corr_scale.data(), e.corr_shift.data());
+  float* dy = ptr(e.z);
+  const float* add = ptr(e.corr);
+  const auto n = std::int64_t(e.z.get_desc().get_size() / sizeof(float));
+  for (std::int64_t i = 0; i < n; ++i) dy[i] += add[i];
+}
+
+OREPA_INLINE auto FusedConvBnAct::entry(const Shape& xs, double eps) -> Entry& {
+  const Shape ys = g_.output_shape(xs, "FusedConvBnAct");
+  std::int64_t eps_bits = 0;
+  std::memcpy(&eps_bits, &eps, sizeof eps);
+  const std::array<std::int64_t, 4> key{xs[0], xs[2], xs[3], eps_bits};
+  Map* map = cache_.get();
+  if (!map) map = &cache_.emplace(std::make_unique<Map>());
+  auto it = map->find(key);
+  if (it != map->end()) return *it->second;
+  auto e = std::make_unique<Entry>();
+  guarded(describe(g_, xs) + " (creating the fused training primitives)", [&] { build(*e, xs, ys, eps); });
+  ++creations_;
+  return *map->emplace(key, std::move(e)).first->second;
+}
+
+OREPA_INLINE void FusedConvBnAct::build(Entry& e, const Shape& xs, const Shape& ys, double eps) {
+  using namespace dnnl;
+  e.x_shape = xs;
+  e.y_shape = ys;
+  const auto x_md = nchw_desc(xs), y_md = nchw_desc(ys), w_md = weights_desc(g_, tag::oihw);
+  const auto [fpd, dpd, wpd] = training_conv_pds(g_, xs, ys);
+  e.fwd = convolution_forward(fpd);
+  e.bwd_data = convolution_backward_data(dpd);
+  e.bwd_weights = convolution_backward_weights(wpd);
+  const auto src_md = fpd.src_desc(), dst_md = fpd.dst_desc();
+  // Saved and work buffers, all in the forward's layouts.
+  e.x_user = memory(x_md, cpu_engine(), DNNL_MEMORY_NONE);
+  e.x_saved = allocate(src_md);
+  e.x_in = reorder(e.x_user, e.x_saved);
+  e.y = allocate(dst_md);
+  e.z = allocate(dst_md);
+  e.out_user = memory(y_md, cpu_engine(), DNNL_MEMORY_NONE);
+  e.out_copy = reorder(e.z, e.out_user);  // a plain copy when dst is NCHW already
+  e.w_user = memory(w_md, cpu_engine(), DNNL_MEMORY_NONE);
+  e.w_saved = allocate(fpd.weights_desc());
+  e.w_in = reorder(e.w_user, e.w_saved);
+  e.bn = std::make_unique<BnKernels>(dst_md, eps);
+  // Backward: the layouts the backward primitives want, reordered only if they differ.
+  e.dout_port = Port(y_md, dst_md);
+  e.dx_port = Port(x_md, dpd.diff_src_desc());
+  e.dw_port = Port(w_md, wpd.diff_weights_desc());
+  e.dy_for_data = Relayout(dst_md, dpd.diff_dst_desc());
+  e.dy_for_weights = Relayout(dst_md, wpd.diff_dst_desc());
+  e.x_for_weights = Relayout(src_md, wpd.src_desc());
+  auto biggest = fpd.scratchpad_desc();
+  for (const auto& d : {dpd.scratchpad_desc(), wpd.scratchpad_desc()})
+    if (d.get_size() > biggest.get_size()) biggest = d;
+  e.has_act = act_ != ActivationKind::identity;
+  if (e.has_act) {
+    primitive_attr attr;  // the activation primitives share the entry's scratchpad too
+    attr.set_scratchpad_mode(scratchpad_mode::user);
+    const auto alg = act_ == ActivationKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_swish;
+    const float alpha = act_ == ActivationKind::relu ? 0.f : 1.f;
+    eltwise_forward::primitive_desc afpd(eltwise_forward::desc(prop_kind::forward_training, alg, dst_md, alpha, 0.f),
+                                         attr, cpu_engine());
+    eltwise_backward::primitive_desc abpd(eltwise_backward::desc(alg, dst_md, dst_md, alpha, 0.f), attr,
+                                          cpu_engine(), afpd);
+    e.act_fwd = eltwise_forward(afpd);
+    e.act_bwd = eltwise_backward(abpd);
+    for (const auto& d : {afpd.scratchpad_desc(), abpd.scratchpad_desc()})
+      if (d.get_size() > biggest.get_size()) biggest = d;
+    e.dz = allocate(dst_md);
+  }
+  e.scratch = allocate(biggest);
+  // Argument maps built once; a call only swaps the entries that change.
+  e.fwd_args = {{DNNL_ARG_SRC, e.x_saved}, {DNNL_ARG_WEIGHTS, e.w_saved}, {DNNL_ARG_DST, e.y},
+                {DNNL_ARG_SCRATCHPAD, e.scratch}};
+  if (e.has_act) {
+    e.act_fwd_args = {{DNNL_ARG_SRC, e.z}, {DNNL_ARG_DST, e.z}, {DNNL_ARG_SCRATCHPAD, e.scratch}};  // in place
+    e.act_bwd_args = {{DNNL_ARG_SRC, e.z}, {DNNL_ARG_DIFF_DST, memory()}, {DNNL_ARG_DIFF_SRC, e.dz},
+                      {DNNL_ARG_SCRATCHPAD, e.scratch}};
+  }
+  e.bwd_data_args = {{DNNL_ARG_DIFF_DST, memory()}, {DNNL_ARG_WEIGHTS, memory()}, {DNNL_ARG_DIFF_SRC, memory()},
+                     {DNNL_ARG_SCRATCHPAD, e.scratch}};
+  e.bwd_w_args = {{DNNL_ARG_SRC, memory()}, {DNNL_ARG_DIFF_DST, memory()}, {DNNL_ARG_DIFF_WEIGHTS, memory()},
+                  {DNNL_ARG_SCRATCHPAD, e.scratch}};
+  // Backward-data reads the forward's reordered kernel (relaid out only if it wants another layout).
+  e.w_for_data = Relayout(fpd.weights_desc(), dpd.weights_desc());
+}
+#endif  // OREPA_DEFINITIONS
 
 }  // namespace orepa::engine

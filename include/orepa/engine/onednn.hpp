@@ -19,6 +19,7 @@
 
 #include "orepa/core/conv_geometry.hpp"
 #include "orepa/core/gemm.hpp"
+#include "orepa/core/linkage.hpp"
 
 #if DNNL_VERSION_MAJOR != 2
 #error "orepa needs the oneDNN 2.x API (Debian bookworm's libdnnl-dev 2.6); 3.x changed every constructor"
@@ -192,7 +193,9 @@ inline std::int64_t gemm_creations() { return detail_gemm_creations().load(); }
 
 /// Runs `d` on float data with a oneDNN matmul (JIT, multi-threaded), created once per
 /// distinct GemmDims in each thread and kept in a thread-local cache.
-inline void gemm(const GemmDims& d, const float* A, const float* B, float* C) {
+OREPA_INLINE void gemm(const GemmDims& d, const float* A, const float* B, float* C);
+#if OREPA_DEFINITIONS
+OREPA_INLINE void gemm(const GemmDims& d, const float* A, const float* B, float* C) {
   using Key = std::array<std::int64_t, 14>;
   thread_local std::map<Key, std::unique_ptr<GemmEntry>> cache;
   const Key key{d.batch, d.M, d.N, d.K, d.a[0], d.a[1], d.a[2], d.b[0], d.b[1], d.b[2], d.c[0], d.c[1], d.c[2],
@@ -235,6 +238,7 @@ inline void gemm(const GemmDims& d, const float* A, const float* B, float* C) {
     thread_stream().wait();
   });
 }
+#endif
 
 /// The fastest GemmDims runner for scalar S: the oneDNN matmul for float, Eigen otherwise.
 template <class S>
@@ -251,7 +255,9 @@ inline Shape shape_of(const memory::desc& d) {
 
 /// Copies an NCHW float tensor into `dst` (any layout of the same shape) with a reorder
 /// created for the call: for boundaries of a blocked-layout pipeline, not inner loops.
-inline void to_layout(ConstTensorView<float> x, memory& dst) {
+OREPA_INLINE void to_layout(ConstTensorView<float> x, memory& dst);
+#if OREPA_DEFINITIONS
+OREPA_INLINE void to_layout(ConstTensorView<float> x, memory& dst) {
   if (shape_of(dst.get_desc()) != x.sizes())
     throw shape_error(detail::cat("to_layout: tensor ", shape_str(x.sizes()), " does not fit memory of shape ",
                                   shape_str(shape_of(dst.get_desc()))));
@@ -261,10 +267,13 @@ inline void to_layout(ConstTensorView<float> x, memory& dst) {
     thread_stream().wait();
   });
 }
+#endif
 
 /// Copies `src` (any 4-D float layout) into the NCHW tensor `y` (resized); a reorder is
 /// created for the call, as in to_layout.
-inline void from_layout(const memory& src, Tensor<float>& y) {
+OREPA_INLINE void from_layout(const memory& src, Tensor<float>& y);
+#if OREPA_DEFINITIONS
+OREPA_INLINE void from_layout(const memory& src, Tensor<float>& y) {
   y.resize(shape_of(src.get_desc()));
   guarded("from_layout", [&] {
     memory dst(nchw_desc(y.sizes()), cpu_engine(), y.data());
@@ -272,5 +281,6 @@ inline void from_layout(const memory& src, Tensor<float>& y) {
     thread_stream().wait();
   });
 }
+#endif
 
 }  // namespace orepa::engine

@@ -20,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include "orepa/core/linkage.hpp"
 #include "orepa/deploy/deployed_conv.hpp"
 #include "orepa/deploy/precision.hpp"
 #include "orepa/nn/sequential.hpp"
@@ -62,35 +63,16 @@ class Calibrator {
     commit(r.pending);
   }
   /// Records the input of a single deployed block (layer ""), all or nothing likewise.
-  void observe(const DeployedConv<float>& conv, ConstTensorView<float> batch) {
-    Recorder r(*this);
-    r.names[&conv] = "";
-    {
-      ScopedConvObserver scope(&r);
-      (void)conv.forward(batch);
-    }
-    commit(r.pending);
-  }
+  void observe(const DeployedConv<float>& conv, ConstTensorView<float> batch);
 
   /// The range of every layer seen so far, computed when first asked for after an
   /// observe(). The reference stays valid while the Calibrator lives (so
   /// `for (auto& [layer, r] : cal.calibration().ranges())` is safe); the next call after
   /// an observe() brings the same object up to date. Like observe(), not to be called
   /// from two threads at once.
-  const Calibration& calibration() const {
-    if (stale_) {
-      Calibration c;
-      for (const auto& [name, s] : stats_) c.set(name, method_ == CalibrationMethod::minmax ? s.minmax() : s.mse_optimal());
-      calibration_ = std::move(c);
-      stale_ = false;
-    }
-    return calibration_;
-  }
+  const Calibration& calibration() const;
   /// Number of batches observed per layer (the same for every layer of one chain).
-  std::int64_t batches(const std::string& layer) const {
-    auto it = stats_.find(layer);
-    return it == stats_.end() ? 0 : it->second.batches;
-  }
+  std::int64_t batches(const std::string& layer) const;
 
  private:
   struct Stats {
@@ -140,37 +122,8 @@ class Calibrator {
   };
 
   // Adds `x` to `s`, this batch's statistics of `layer`.
-  void record(const std::string& layer, ConstTensorView<float> x, Stats& s) const {
-    ++s.batches;
-    const std::int64_t n = x.numel();
-    // Every batch adds at most max_samples_ / 16 values, so the first 16 batches fill it.
-    const auto before = stats_.find(layer);
-    const std::int64_t held = before == stats_.end() ? 0 : std::int64_t(before->second.samples.size());
-    const std::int64_t room = std::max<std::int64_t>(0, max_samples_ - held - std::int64_t(s.samples.size()));
-    const std::int64_t take = std::min(room, std::max<std::int64_t>(1, max_samples_ / 16));
-    const std::int64_t stride = take > 0 ? std::max<std::int64_t>(1, n / take) : n + 1;
-    if (const std::int64_t bad = first_non_finite(x); bad >= 0)
-      throw value_error(detail::cat("Calibrator: the input of ", detail::layer_label(layer), " ", shape_str(x.sizes()),
-                                    " holds ", logical_element(x, bad),
-                                    " at index ", index_str(x.sizes(), bad),
-                                    "; calibrate on finite data (an int8 range must be finite)"));
-    const float* p = x.data();  // element order does not matter for a distribution
-    for (std::int64_t i = 0, added = 0; i < n; ++i) {
-      s.lo = std::min(s.lo, p[i]);
-      s.hi = std::max(s.hi, p[i]);
-      if (i % stride == 0 && added < take) s.samples.push_back(p[i]), ++added;
-    }
-  }
-  void commit(const std::map<std::string, Stats>& pending) {
-    for (const auto& [layer, b] : pending) {
-      Stats& s = stats_[layer];
-      s.lo = std::min(s.lo, b.lo);
-      s.hi = std::max(s.hi, b.hi);
-      s.batches += b.batches;
-      s.samples.insert(s.samples.end(), b.samples.begin(), b.samples.end());
-    }
-    stale_ = stale_ || !pending.empty();
-  }
+  void record(const std::string& layer, ConstTensorView<float> x, Stats& s) const;
+  void commit(const std::map<std::string, Stats>& pending);
 
   CalibrationMethod method_;
   std::int64_t max_samples_;
@@ -178,6 +131,66 @@ class Calibrator {
   mutable Calibration calibration_;  // what calibration() returns, recomputed when stale_
   mutable bool stale_ = false;
 };
+
+#if OREPA_DEFINITIONS
+OREPA_INLINE void Calibrator::observe(const DeployedConv<float>& conv, ConstTensorView<float> batch) {
+  Recorder r(*this);
+  r.names[&conv] = "";
+  {
+    ScopedConvObserver scope(&r);
+    (void)conv.forward(batch);
+  }
+  commit(r.pending);
+}
+
+OREPA_INLINE const Calibration& Calibrator::calibration() const {
+  if (stale_) {
+    Calibration c;
+    for (const auto& [name, s] : stats_) c.set(name, method_ == CalibrationMethod::minmax ? s.minmax() : s.mse_optimal());
+    calibration_ = std::move(c);
+    stale_ = false;
+  }
+  return calibration_;
+}
+
+OREPA_INLINE std::int64_t Calibrator::batches(const std::string& layer) const {
+  auto it = stats_.find(layer);
+  return it == stats_.end() ? 0 : it->second.batches;
+}
+
+OREPA_INLINE void Calibrator::record(const std::string& layer, ConstTensorView<float> x, Stats& s) const {
+  ++s.batches;
+  const std::int64_t n = x.numel();
+  // Every batch adds at most max_samples_ / 16 values, so the first 16 batches fill it.
+  const auto before = stats_.find(layer);
+  const std::int64_t held = before == stats_.end() ? 0 : std::int64_t(before->second.samples.size());
+  const std::int64_t room = std::max<std::int64_t>(0, max_samples_ - held - std::int64_t(s.samples.size()));
+  const std::int64_t take = std::min(room, std::max<std::int64_t>(1, max_samples_ / 16));
+  const std::int64_t stride = take > 0 ? std::max<std::int64_t>(1, n / take) : n + 1;
+  if (const std::int64_t bad = first_non_finite(x); bad >= 0)
+    throw value_error(detail::cat("Calibrator: the input of ", detail::layer_label(layer), " ", shape_str(x.sizes()),
+                                  " holds ", logical_element(x, bad),
+                                  " at index ", index_str(x.sizes(), bad),
+                                  "; calibrate on finite data (an int8 range must be finite)"));
+  const float* p = x.data();  // element order does not matter for a distribution
+  for (std::int64_t i = 0, added = 0; i < n; ++i) {
+    s.lo = std::min(s.lo, p[i]);
+    s.hi = std::max(s.hi, p[i]);
+    if (i % stride == 0 && added < take) s.samples.push_back(p[i]), ++added;
+  }
+}
+
+OREPA_INLINE void Calibrator::commit(const std::map<std::string, Stats>& pending) {
+  for (const auto& [layer, b] : pending) {
+    Stats& s = stats_[layer];
+    s.lo = std::min(s.lo, b.lo);
+    s.hi = std::max(s.hi, b.hi);
+    s.batches += b.batches;
+    s.samples.insert(s.samples.end(), b.samples.begin(), b.samples.end());
+  }
+  stale_ = stale_ || !pending.empty();
+}
+#endif  // OREPA_DEFINITIONS
 
 /// The quantization error of one deployed convolution.
 struct LayerQuantError {
@@ -245,17 +258,25 @@ struct SqnrSum {
   }
   double db() const { return noise == 0 ? std::numeric_limits<double>::infinity() : 10 * std::log10(signal / noise); }
 };
-inline double weight_sqnr(const DeployedConv<float>& c) {
+OREPA_INLINE double weight_sqnr(const DeployedConv<float>& c);
+#if OREPA_DEFINITIONS
+OREPA_INLINE double weight_sqnr(const DeployedConv<float>& c) {
   const Tensor<float> w = c.effective_weight();
   return sqnr_db(c.weight().data(), w.data(), w.numel());
 }
+#endif
 // The clamp an int8 layer's numbers depend on, if any.
-inline std::string quantization_note(const DeployedConv<float>& c) {
+OREPA_INLINE std::string quantization_note(const DeployedConv<float>& c);
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::string quantization_note(const DeployedConv<float>& c) {
   if (c.precision() != Precision::int8 || !QuantParams::widens(c.input_range())) return {};
   return cat("int8 input range [", c.input_range().lo, ", ", c.input_range().hi, "] is narrower than 255 steps of ",
              QuantParams::min_scale, ": widened to that step (its values round to the codes next to 0)");
 }
-inline void sort_worst_first(std::vector<LayerQuantError>& v) {
+#endif
+OREPA_INLINE void sort_worst_first(std::vector<LayerQuantError>& v);
+#if OREPA_DEFINITIONS
+OREPA_INLINE void sort_worst_first(std::vector<LayerQuantError>& v) {
   // std::sort with a tie-break, not stable_sort: GCC 12's stable_sort buffer trips ASan's
   // alloc-dealloc-mismatch check (operator new vs free inside libstdc++).
   // An undefined (NaN) SQNR sorts first, as the worst: NaN in the comparison itself
@@ -266,6 +287,7 @@ inline void sort_worst_first(std::vector<LayerQuantError>& v) {
     return ka != kb ? ka < kb : a.layer < b.layer;
   });
 }
+#endif
 }  // namespace detail
 /// \endcond
 
@@ -301,7 +323,8 @@ inline const Tensor<float>& network_output(const Tensor<float>& y) { return y; }
 /// convolution (matched by name, in every stage and module), the SQNR of its weights and
 /// of its output given the fp32 network's input to it; and of the whole network's output.
 template <class Network>
-QuantizationReport quantization_report(const Network& fp32, const Network& reduced, const std::vector<Tensor<float>>& batches) {
+QuantizationReport quantization_report(const Network& fp32, const Network& reduced,
+                                       const std::vector<Tensor<float>>& batches) {
   detail::TwinComparer cmp;
   fp32.visit_convs("", [&](const std::string& name, const DeployedConv<float>& c) { cmp.names[&c] = name; });
   reduced.visit_convs("", [&](const std::string& name, const DeployedConv<float>& c) { cmp.reduced[name] = &c; });
@@ -328,7 +351,10 @@ QuantizationReport quantization_report(const Network& fp32, const Network& reduc
 }
 
 /// The same for a single deployed block (layer ""): its weight and output SQNR.
-inline QuantizationReport quantization_report(const DeployedConv<float>& fp32, const DeployedConv<float>& reduced,
+OREPA_INLINE QuantizationReport quantization_report(const DeployedConv<float>& fp32, const DeployedConv<float>& reduced,
+                                              const std::vector<Tensor<float>>& batches);
+#if OREPA_DEFINITIONS
+OREPA_INLINE QuantizationReport quantization_report(const DeployedConv<float>& fp32, const DeployedConv<float>& reduced,
                                               const std::vector<Tensor<float>>& batches) {
   detail::SqnrSum s;
   for (const auto& x : batches) s.add(fp32.forward(x), reduced.forward(x));
@@ -337,5 +363,6 @@ inline QuantizationReport quantization_report(const DeployedConv<float>& fp32, c
   r.output_sqnr_db = s.db();
   return r;
 }
+#endif
 
 }  // namespace orepa
