@@ -615,9 +615,10 @@ class Model : public ModuleTensors<Model<S>, S> {
         return [m, path](const ConvOptions& o) { return m(ConvOptions(o).name(path + o.name())); };
       };
       // A module constructor's config_error gets the row's place in the file too.
+      const auto* build_module = factory;  // C++17 lambdas cannot capture a structured binding
       const auto make = [&]() -> ModuleBuild<S> {
         try {
-          return (*factory)(spec);
+          return (*build_module)(spec);
         } catch (const config_error& e) {
           if (std::string(e.what()).rfind(spec.where(), 0) == 0) throw;
           throw config_error(spec.where() + ": " + e.what());
