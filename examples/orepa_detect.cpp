@@ -65,19 +65,6 @@ an output never replaces an input. Exit status 0 on success, 1 with a message on
 )";
 }
 
-double parse_real(const std::string& flag, const std::string& v, double lo, double hi) {
-  std::size_t used = 0;
-  double x = 0;
-  try {
-    x = std::stod(v, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (v.empty() || used != v.size() || !(x >= lo && x <= hi))
-    throw config_error(detail::cat(flag, ": expected a number in [", lo, ", ", hi, "], got '", v, "'"));
-  return x;
-}
-
 DetectArgs parse_args(const std::vector<std::string>& args) {
   DetectArgs r;
   for (std::size_t i = 0; i < args.size(); ++i) {
@@ -102,8 +89,8 @@ DetectArgs parse_args(const std::vector<std::string>& args) {
     else if (a == "--calibration") r.calibration = v;
     else if (a == "--precision") r.precision = parse_precision(v);
     else if (a == "--img-size") r.img_size = tools::parse_int(a, v, 32, 8192);
-    else if (a == "--conf") r.conf = parse_real(a, v, 0, 1);
-    else if (a == "--iou") r.iou = parse_real(a, v, 0, 1);
+    else if (a == "--conf") r.conf = tools::parse_real(a, v, 0, 1);
+    else if (a == "--iou") r.iou = tools::parse_real(a, v, 0, 1);
     else if (a == "--max-det") r.max_det = tools::parse_int(a, v, 1, 1 << 20);
     else if (a == "--benchmark") r.benchmark = tools::parse_int(a, v, 1, 100000);
     else throw config_error("orepa-detect: unknown option '" + a + "' (see --help)");

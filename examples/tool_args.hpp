@@ -96,6 +96,20 @@ inline std::int64_t parse_int(const std::string& flag, const std::string& v, std
   return x;
 }
 
+/// Parses a real flag value in [lo, hi] ("0.25"; "inf" where hi is infinite); rejects junk.
+inline double parse_real(const std::string& flag, const std::string& v, double lo, double hi) {
+  std::size_t used = 0;
+  double x = 0;
+  try {
+    x = std::stod(v, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used != v.size() || v.empty() || !(x >= lo && x <= hi))
+    throw config_error(detail::cat(flag, ": expected a number in [", lo, ", ", hi, "], got '", v, "'"));
+  return x;
+}
+
 /// With --model the yaml gives every layer's settings: single-block flags and train mode
 /// are errors naming the flag.
 inline void check_model_run_args(const std::vector<std::string>& flags, const RunArgs& r) {

@@ -36,7 +36,7 @@
 #include <iostream>
 #include <string>
 
-#include "tool_args.hpp"  // tools::parse_int
+#include "tool_args.hpp"  // tools::parse_int, tools::parse_real
 
 using namespace orepa;
 
@@ -76,20 +76,6 @@ Every rank must be given the same arguments. An error on any rank ends every ran
 )";
 }
 
-// A real number in [lo, hi] ("0.25", "inf" where hi is infinite).
-double parse_real(const std::string& flag, const std::string& v, double lo, double hi) {
-  std::size_t used = 0;
-  double x = 0;
-  try {
-    x = std::stod(v, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != v.size() || v.empty() || !(x >= lo && x <= hi))
-    throw config_error(detail::cat(flag, ": expected a number in [", lo, ", ", hi, "], got '", v, "'"));
-  return x;
-}
-
 bool parse_args(int argc, char** argv, Args& a) {
   for (int i = 1; i < argc; ++i) {
     const std::string flag = argv[i];
@@ -104,9 +90,9 @@ bool parse_args(int argc, char** argv, Args& a) {
     else if (flag == "--size") a.size = tools::parse_int(flag, v, 32, 4096);
     else if (flag == "--batch") a.batch = tools::parse_int(flag, v, 1, 4096);
     else if (flag == "--epochs") a.epochs = tools::parse_int(flag, v, 1, 100'000);
-    else if (flag == "--width") a.width = parse_real(flag, v, 0.01, 4);
-    else if (flag == "--lr0") a.lr0 = parse_real(flag, v, 1e-6, 10);
-    else if (flag == "--timeout") a.timeout = parse_real(flag, v, 1e-3, HUGE_VAL);
+    else if (flag == "--width") a.width = tools::parse_real(flag, v, 0.01, 4);
+    else if (flag == "--lr0") a.lr0 = tools::parse_real(flag, v, 1e-6, 10);
+    else if (flag == "--timeout") a.timeout = tools::parse_real(flag, v, 1e-3, HUGE_VAL);
     else throw config_error(detail::cat("unknown flag '", flag, "' (see --help)"));
   }
   if (a.size % 32 != 0) throw config_error(detail::cat("--size: expected a multiple of 32, got ", a.size));
