@@ -17,6 +17,20 @@
 #include <omp.h>
 #endif
 
+// OREPA_SIMD before a loop asks for it to be vectorized (OpenMP's `simd`), which GCC's -O2
+// cost model otherwise declines for loops of unknown length; OREPA_SIMD_OR(v) for a loop
+// that ORs into `v`. Without OpenMP both are nothing.
+/// \cond DO_NOT_DOCUMENT_THIS
+#ifdef _OPENMP
+#define OREPA_PRAGMA(x) _Pragma(#x)
+#define OREPA_SIMD OREPA_PRAGMA(omp simd)
+#define OREPA_SIMD_OR(v) OREPA_PRAGMA(omp simd reduction(| : v))
+#else
+#define OREPA_SIMD
+#define OREPA_SIMD_OR(v)
+#endif
+/// \endcond
+
 namespace orepa {
 
 /// Threads parallel_ranges() uses for `n` items (at least 1, at most n, 1 when already

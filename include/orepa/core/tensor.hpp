@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "orepa/core/error.hpp"
+#include "orepa/core/parallel.hpp"
 
 /// Define OREPA_ENABLE_ASSERT to check ranks and bounds of unchecked element access
 /// (the sanitizer build does); it is off by default because it sits in inner loops.
@@ -92,6 +93,31 @@ using ConstMatMap = Eigen::Map<const RowMatrix<S>>;
 template <class T>
 class TensorView;
 
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// std::allocator whose value-initialisation of scalars is a no-op, so a tensor's
+// storage can grow without being zeroed first (resize(): outputs about to be written).
+template <class T>
+struct NoZeroAllocator : std::allocator<T> {
+  template <class U>
+  struct rebind {
+    using other = NoZeroAllocator<U>;
+  };
+  NoZeroAllocator() = default;
+  template <class U>
+  NoZeroAllocator(const NoZeroAllocator<U>&) noexcept {}
+  template <class U>
+  void construct(U* p) noexcept(std::is_nothrow_default_constructible_v<U>) {
+    ::new (static_cast<void*>(p)) U;
+  }
+  template <class U, class... Args>
+  void construct(U* p, Args&&... args) {
+    ::new (static_cast<void*>(p)) U(std::forward<Args>(args)...);
+  }
+};
+}  // namespace detail
+/// \endcond
+
 /// Dense row-major tensor of scalars `S` (float for the oneDNN path, double for checks).
 ///
 /// Storage and ownership: a Tensor is a value. Copying it copies the elements, as
@@ -114,14 +140,14 @@ class Tensor {
   /// Tensor of `shape` filled with `fill`. Throws shape_error / config_error on a bad shape.
   explicit Tensor(Shape shape, S fill = S(0)) {
     const auto n = checked_elements(shape);
-    impl_ = std::make_shared<Impl>(std::move(shape), std::vector<S>(static_cast<std::size_t>(n), fill));
+    impl_ = std::make_shared<Impl>(std::move(shape), Storage(static_cast<std::size_t>(n), fill));
   }
   /// Tensor of `shape` holding `values` (row-major); the sizes must agree.
   Tensor(Shape shape, std::vector<S> values) {
     if (checked_elements(shape) != static_cast<std::int64_t>(values.size()))
       throw shape_error(detail::cat("Tensor: shape ", shape_str(shape), " needs ", checked_numel(shape),
                                     " values, got ", values.size()));
-    impl_ = std::make_shared<Impl>(std::move(shape), std::move(values));
+    impl_ = std::make_shared<Impl>(std::move(shape), Storage(values.begin(), values.end()));
   }
   /// Tensor of `shape` (brace list, e.g. {N, C, H, W}) filled with `fill`; throws like the Shape constructor.
   Tensor(std::initializer_list<std::int64_t> shape, S fill = S(0)) : Tensor(Shape(shape), fill) {}
@@ -214,7 +240,7 @@ class Tensor {
   /// Sets every element to `v` (in storage of its own when the tensor shares it).
   void fill(S v) {
     if (!impl_) return;
-    if (is_shared()) impl_ = std::make_shared<Impl>(impl_->shape, std::vector<S>(impl_->data.size()), impl_->format);
+    if (is_shared()) impl_ = std::make_shared<Impl>(impl_->shape, Storage(impl_->data.size()), impl_->format);
     std::fill(impl_->data.begin(), impl_->data.end(), v);
   }
   /// Sets every element to zero.
@@ -229,8 +255,8 @@ class Tensor {
     m.data.assign(static_cast<std::size_t>(n), S(0));
   }
   /// Re-shapes to `shape` in layout `format`, keeping the buffer when it is large enough
-  /// and not shared; contents are unspecified afterwards (for outputs that are about to
-  /// be overwritten).
+  /// and not shared; contents are unspecified afterwards, new elements not even zeroed
+  /// (for outputs that are about to be overwritten).
   void resize(const Shape& shape, MemoryFormat format = MemoryFormat::contiguous) {
     auto n = checked_elements(shape);
     if (format == MemoryFormat::channels_last && shape.size() != 4)
@@ -256,7 +282,9 @@ class Tensor {
     if (!is_contiguous()) throw shape_error("reshape: the tensor is channels_last; convert it with to() first");
     if (checked_numel(shape) != numel())
       throw shape_error(detail::cat("reshape: ", shape_str(sizes()), " cannot become ", shape_str(shape)));
-    return Tensor(std::move(shape), std::vector<S>(begin(), end()));
+    Tensor t;
+    t.impl_ = std::make_shared<Impl>(std::move(shape), Storage(begin(), end()));
+    return t;
   }
   /// Element-wise conversion to another scalar type.
   template <class U>
@@ -283,12 +311,13 @@ class Tensor {
   }
 
  private:
+  using Storage = std::vector<S, detail::NoZeroAllocator<S>>;
   struct Impl {
     Impl() = default;
-    Impl(Shape s, std::vector<S> d, MemoryFormat f = MemoryFormat::contiguous)
+    Impl(Shape s, Storage d, MemoryFormat f = MemoryFormat::contiguous)
         : shape(std::move(s)), data(std::move(d)), format(f) {}
     Shape shape{0};
-    std::vector<S> data;
+    Storage data;
     MemoryFormat format = MemoryFormat::contiguous;
   };
   static const Shape& empty_shape() {
@@ -451,17 +480,22 @@ void Tensor<S>::assign(const TensorView<const S>& v, MemoryFormat format) {
   if (v.memory_format() == format) return assign(v);
   resize(v.sizes(), format);
   const std::int64_t N = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
-  // One (n) image at a time: a C x P <-> P x C transpose.
-  for (std::int64_t n = 0; n < N; ++n) {
-    const S* src = v.data() + n * C * P;
-    S* dst = data() + n * C * P;
-    if (format == MemoryFormat::channels_last)
-      for (std::int64_t c = 0; c < C; ++c)
-        for (std::int64_t p = 0; p < P; ++p) dst[p * C + c] = src[c * P + p];
-    else
-      for (std::int64_t p = 0; p < P; ++p)
+  // Per image a C x P <-> P x C transpose, the threads splitting the pixels (which
+  // keeps each thread's writes and reads in runs for either direction).
+  const S* from = v.data();
+  S* to = data();
+  const bool nhwc = format == MemoryFormat::channels_last;
+  parallel_ranges(N * P, [&](std::int64_t b, std::int64_t e, int) {
+    for (std::int64_t np = b; np < e; ++np) {
+      const std::int64_t n = np / P, p = np % P;
+      const S* src = from + n * C * P;
+      S* dst = to + n * C * P;
+      if (nhwc)
+        for (std::int64_t c = 0; c < C; ++c) dst[p * C + c] = src[c * P + p];
+      else
         for (std::int64_t c = 0; c < C; ++c) dst[c * P + p] = src[p * C + c];
-  }
+    }
+  });
 }
 
 /// `x` as a contiguous (NCHW) view: `x` itself when it is, else a copy kept in `scratch`.
