@@ -126,13 +126,19 @@ inline std::vector<std::int64_t> non_finite_images(ConstTensorView<float> x) {
   const std::int64_t n_images = x.dim() > 0 ? x.size(0) : 1, per = x.numel() / n_images;
   const float* p = x.data();
   for (std::int64_t n = 0; n < n_images; ++n) {
-    std::uint32_t any = 0;  // an exponent field of all ones is Inf or NaN; an OR of integer tests vectorizes
-    for (std::int64_t j = n * per; j < (n + 1) * per; ++j) {
-      std::uint32_t u;
-      std::memcpy(&u, p + j, sizeof u);
-      any |= std::uint32_t((u & 0x7F800000u) == 0x7F800000u);
-    }
-    if (any) bad.push_back(n);
+    std::vector<std::uint32_t> any(std::size_t(max_range_threads()), 0);
+    parallel_ranges(per, [&](std::int64_t b, std::int64_t e, int t) {
+      std::uint32_t a = 0;  // an exponent field of all ones is Inf or NaN; an OR of integer tests vectorizes
+      const float* image = p + n * per;
+      OREPA_SIMD_OR(a)
+      for (std::int64_t j = b; j < e; ++j) {
+        std::uint32_t u;
+        std::memcpy(&u, image + j, sizeof u);
+        a |= std::uint32_t((u & 0x7F800000u) == 0x7F800000u);
+      }
+      any[std::size_t(t)] = a;
+    });
+    if (std::any_of(any.begin(), any.end(), [](std::uint32_t a) { return a != 0; })) bad.push_back(n);
   }
   if (auto* seen = thread_non_finite_images(); seen && !bad.empty()) {
     if (n_images != seen->batch) seen->all = true;
@@ -167,16 +173,26 @@ inline Int8Codes quantize_codes(ConstTensorView<float> x, const QuantParams& q) 
   std::uint8_t* out = c.bytes.get();
   parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
     const QuantParams local = q;  // byte stores may alias anything read through a reference
+    OREPA_SIMD
     for (std::int64_t i = b; i < e; ++i) out[i] = std::uint8_t(local.quantize(v[i]));
   });
   return c;
 }
 /// The real values of `c`, a channels-last tensor.
 inline Tensor<float> dequantize_codes(const Int8Codes& c) {
-  Tensor<float> y(c.shape, MemoryFormat::channels_last);
+  Tensor<float> y;
+  y.resize(c.shape, MemoryFormat::channels_last);
   float* v = y.data();
   parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
-    for (std::int64_t i = b; i < e; ++i) v[i] = c.value(i);
+    const QuantParams q = c.q;  // a local: the float stores could alias c.q
+    const std::uint8_t* bytes = c.bytes.get();
+    if (q.qmin < 0) {
+      OREPA_SIMD
+      for (std::int64_t i = b; i < e; ++i) v[i] = q.dequantize(std::int8_t(bytes[i]));
+    } else {
+      OREPA_SIMD
+      for (std::int64_t i = b; i < e; ++i) v[i] = q.dequantize(bytes[i]);
+    }
   });
   return y;
 }

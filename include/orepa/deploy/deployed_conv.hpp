@@ -361,7 +361,8 @@ StageOutput<S> DeployedConv<S>::forward_int8(StageInput<S> x, const QuantParams*
     }
     const Formats f{xf, MemoryFormat::channels_last};
     if (!out) {
-      Tensor<float> y(ys, MemoryFormat::channels_last);
+      Tensor<float> y;
+      y.resize(ys, MemoryFormat::channels_last);
       run(e, f, coded ? &src : nullptr, xp, nullptr, y.data());
       detail::poison_images(y, bad, ys[0]);
       return y;

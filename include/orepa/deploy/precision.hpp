@@ -19,28 +19,11 @@
 #include <map>
 #include <string>
 #include <vector>
-#if defined(__SSE__) || defined(_M_X64)
-#include <xmmintrin.h>
-#endif
 
 #include "orepa/core/error.hpp"
 #include "orepa/core/tensor.hpp"
 
 namespace orepa {
-
-/// \cond DO_NOT_DOCUMENT_THIS
-namespace detail {
-// Round half to even (the CPU's default rounding mode): one cvtss2si on x86, where
-// std::nearbyint is a library call per element of every int8 residual sum.
-inline std::int32_t round_half_even(float v) {
-#if defined(__SSE__) || defined(_M_X64)
-  return _mm_cvtss_si32(_mm_set_ss(v));
-#else
-  return std::int32_t(std::nearbyint(v));
-#endif
-}
-}  // namespace detail
-/// \endcond
 
 /// The arithmetic a deployed convolution runs in.
 enum class Precision {
@@ -121,9 +104,13 @@ struct QuantParams {
   /// The code of `x`: saturate(round-half-even(x / scale + zero_point)), as oneDNN's
   /// quantizing reorder computes it (NaN gives qmin).
   std::int32_t quantize(float x) const {
-    const float q = x * (1.f / scale) + float(zero_point);
-    if (!(q >= float(qmin))) return qmin;  // saturating first keeps the rounding in range
-    return detail::round_half_even(std::min(q, float(qmin + 255)));
+    float q = x * (1.f / scale) + float(zero_point);
+    q = q >= float(qmin) ? q : float(qmin);  // NaN too; saturating first keeps the rounding in range
+    q = std::min(q, float(qmin + 255));
+    // Adding and taking away 1.5 * 2^23 rounds |q| < 2^22 half to even, as a plain float
+    // sum that vectorizes (the conversion then is exact).
+    constexpr float kRound = 12582912.f;
+    return std::int32_t((q + kRound) - kRound);
   }
   /// The real value of code `q`.
   float dequantize(std::int32_t q) const { return scale * float(q - zero_point); }

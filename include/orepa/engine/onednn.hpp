@@ -283,4 +283,28 @@ OREPA_INLINE void from_layout(const memory& src, Tensor<float>& y) {
 }
 #endif
 
+
+/// y[i] = 1 / (1 + exp(-x[i])) for i < n (y may be x) on oneDNN's logistic kernel, whose
+/// exp runs at the machine's vector width; one primitive per length, cached per thread.
+OREPA_INLINE void logistic(const float* x, float* y, std::int64_t n);
+#if OREPA_DEFINITIONS
+OREPA_INLINE void logistic(const float* x, float* y, std::int64_t n) {
+  if (n <= 0) return;
+  thread_local std::unordered_map<std::int64_t, dnnl::eltwise_forward> primitives;
+  guarded("logistic", [&] {
+    const memory::desc d({n}, memory::data_type::f32, tag::a);
+    auto it = primitives.find(n);
+    if (it == primitives.end()) {
+      if (primitives.size() >= 64) primitives.clear();  // bounded: image sizes vary without end
+      const dnnl::eltwise_forward::desc op(dnnl::prop_kind::forward_inference, dnnl::algorithm::eltwise_logistic, d, 0.f,
+                                           0.f);
+      it = primitives.emplace(n, dnnl::eltwise_forward(dnnl::eltwise_forward::primitive_desc(op, cpu_engine()))).first;
+    }
+    memory src(d, cpu_engine(), const_cast<float*>(x)), dst(d, cpu_engine(), y);
+    it->second.execute(thread_stream(), {{DNNL_ARG_SRC, src}, {DNNL_ARG_DST, dst}});
+    thread_stream().wait();
+  });
+}
+#endif
+
 }  // namespace orepa::engine

@@ -169,7 +169,14 @@ class DeployedBottleneck {
         float* v = y.data();
         parallel_ranges(y.numel(), [&](std::int64_t b, std::int64_t e, int) {
           const QuantParams q = in.q;  // a local: the float stores could alias in.q.scale
-          for (std::int64_t i = b; i < e; ++i) v[i] += q.dequantize(in.code(i));
+          const std::uint8_t* bytes = in.bytes.get();
+          if (q.qmin < 0) {
+            OREPA_SIMD
+            for (std::int64_t i = b; i < e; ++i) v[i] += q.dequantize(std::int8_t(bytes[i]));
+          } else {
+            OREPA_SIMD
+            for (std::int64_t i = b; i < e; ++i) v[i] += q.dequantize(bytes[i]);
+          }
         });
       }
       if (out) return quantize_codes(y, *out);

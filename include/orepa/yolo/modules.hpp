@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <string>
 #include <utility>
@@ -72,6 +73,40 @@ void max_pool_same(const T* x, T* y, const Shape& s, const std::array<std::int64
   });
 }
 
+// max_pool_same without the argmax, for storage whose channels are innermost (NHWC): a
+// k x k maximum is the maximum over the window's rows of their row maxima (padding never
+// wins), so two passes, each taking element-wise maxima of runs of C channels.
+template <class T>
+void max_pool_same_nhwc(const T* x, T* y, const Shape& s, std::int64_t k) {
+  const std::int64_t N = s[0], C = s[1], H = s[2], W = s[3], p = k / 2;
+  std::unique_ptr<T[]> rows(new T[std::size_t(N * H * W * C)]);
+  auto max_into = [C](T* out, const T* in) {
+    OREPA_SIMD
+    for (std::int64_t c = 0; c < C; ++c) out[c] = out[c] < in[c] ? in[c] : out[c];
+  };
+  parallel_ranges(N * H, [&](std::int64_t b, std::int64_t e, int) {  // along w
+    for (std::int64_t nh = b; nh < e; ++nh)
+      for (std::int64_t w = 0; w < W; ++w) {
+        const T* in = x + nh * W * C;
+        T* out = rows.get() + (nh * W + w) * C;
+        const std::int64_t w0 = std::max<std::int64_t>(w - p, 0), w1 = std::min(w + p + 1, W);
+        std::copy_n(in + w0 * C, C, out);
+        for (std::int64_t j = w0 + 1; j < w1; ++j) max_into(out, in + j * C);
+      }
+  });
+  parallel_ranges(N * H, [&](std::int64_t b, std::int64_t e, int) {  // along h
+    for (std::int64_t nh = b; nh < e; ++nh) {
+      const std::int64_t n = nh / H, h = nh % H;
+      const std::int64_t h0 = std::max<std::int64_t>(h - p, 0), h1 = std::min(h + p + 1, H);
+      const T* in = rows.get() + n * H * W * C;
+      T* out = y + nh * W * C;
+      std::copy_n(in + h0 * W * C, W * C, out);
+      for (std::int64_t i = h0 + 1; i < h1; ++i)
+        for (std::int64_t w = 0; w < W; ++w) max_into(out + w * C, in + (i * W + w) * C);
+    }
+  });
+}
+
 // Nearest-neighbour upsampling by `f` of x [N, C, H, W] (strides sx) into y (strides sy).
 template <class T>
 void upsample_nearest(const T* x, T* y, const Shape& s, const std::array<std::int64_t, 4>& sx,
@@ -80,9 +115,13 @@ void upsample_nearest(const T* x, T* y, const Shape& s, const std::array<std::in
   parallel_ranges(N * H * f, [&](std::int64_t b, std::int64_t e, int) {
     for (std::int64_t nh = b; nh < e; ++nh) {
       const std::int64_t n = nh / (H * f), oh = nh % (H * f), h = oh / f;
-      for (std::int64_t ow = 0; ow < W * f; ++ow)
-        for (std::int64_t c = 0; c < C; ++c)
-          y[n * sy[0] + c * sy[1] + oh * sy[2] + ow * sy[3]] = x[n * sx[0] + c * sx[1] + h * sx[2] + (ow / f) * sx[3]];
+      for (std::int64_t ow = 0; ow < W * f; ++ow) {
+        const T* in = x + n * sx[0] + h * sx[2] + (ow / f) * sx[3];
+        T* out = y + n * sy[0] + oh * sy[2] + ow * sy[3];
+        if (sx[1] == 1 && sy[1] == 1) std::copy_n(in, C, out);
+        else
+          for (std::int64_t c = 0; c < C; ++c) out[c * sy[1]] = in[c * sx[1]];
+      }
     }
   });
 }
@@ -102,21 +141,24 @@ inline void require_nchw(const Shape& s, std::int64_t channels, const std::strin
 template <class S>
 Tensor<S> max_pool_same(orepa::detail::identity_t<ConstTensorView<S>> x, std::int64_t k) {
   detail::require_nchw(x.sizes(), 0, "max_pool_same");
-  Tensor<S> y(x.sizes(), x.memory_format());
-  detail::max_pool_same(x.data(), y.data(), x.sizes(), detail::strides4(x.sizes(), x.memory_format()),
-                        detail::strides4(x.sizes(), x.memory_format()), k, std::less<S>());
+  Tensor<S> y;
+  y.resize(x.sizes(), x.memory_format());
+  if (x.memory_format() == MemoryFormat::channels_last)
+    detail::max_pool_same_nhwc(x.data(), y.data(), x.sizes(), k);
+  else
+    detail::max_pool_same(x.data(), y.data(), x.sizes(), detail::strides4(x.sizes(), x.memory_format()),
+                          detail::strides4(x.sizes(), x.memory_format()), k, std::less<S>());
   return y;
 }
 
 /// max_pool_same on 8-bit codes (one quantization: the max of codes is the code of the max).
 inline Int8Codes max_pool_same_codes(const Int8Codes& x, std::int64_t k) {
   Int8Codes y(x.shape, x.q);
-  const auto s = detail::strides4(x.shape, MemoryFormat::channels_last);
   if (x.q.qmin < 0)
-    detail::max_pool_same(reinterpret_cast<const std::int8_t*>(x.bytes.get()), reinterpret_cast<std::int8_t*>(y.bytes.get()),
-                          x.shape, s, s, k, std::less<std::int8_t>());
+    detail::max_pool_same_nhwc(reinterpret_cast<const std::int8_t*>(x.bytes.get()),
+                               reinterpret_cast<std::int8_t*>(y.bytes.get()), x.shape, k);
   else
-    detail::max_pool_same(x.bytes.get(), y.bytes.get(), x.shape, s, s, k, std::less<std::uint8_t>());
+    detail::max_pool_same_nhwc(x.bytes.get(), y.bytes.get(), x.shape, k);
   return y;
 }
 
@@ -125,7 +167,8 @@ template <class S>
 Tensor<S> upsample_nearest(orepa::detail::identity_t<ConstTensorView<S>> x, std::int64_t factor) {
   detail::require_nchw(x.sizes(), 0, "upsample_nearest");
   const Shape& s = x.sizes();
-  Tensor<S> y({s[0], s[1], s[2] * factor, s[3] * factor}, x.memory_format());
+  Tensor<S> y;
+  y.resize({s[0], s[1], s[2] * factor, s[3] * factor}, x.memory_format());
   detail::upsample_nearest(x.data(), y.data(), s, detail::strides4(s, x.memory_format()),
                            detail::strides4(y.sizes(), y.memory_format()), factor);
   return y;
@@ -156,14 +199,17 @@ Tensor<S> concat(const std::vector<ConstTensorView<S>>& xs, const std::string& w
     nhwc = nhwc && x.memory_format() == MemoryFormat::channels_last;
   }
   const std::int64_t N = xs[0].size(0), P = xs[0].size(2) * xs[0].size(3);
-  Tensor<S> y({N, C, xs[0].size(2), xs[0].size(3)}, nhwc ? MemoryFormat::channels_last : MemoryFormat::contiguous);
+  Tensor<S> y;
+  y.resize({N, C, xs[0].size(2), xs[0].size(3)}, nhwc ? MemoryFormat::channels_last : MemoryFormat::contiguous);
   std::int64_t c0 = 0;
   for (const auto& x0 : xs) {
     Tensor<S> tmp;
     const ConstTensorView<S> x = nhwc ? x0 : contiguous(x0, tmp);
     const std::int64_t Ci = x.size(1);
     if (nhwc)
-      for (std::int64_t p = 0; p < N * P; ++p) std::copy_n(x.data() + p * Ci, Ci, y.data() + p * C + c0);
+      parallel_ranges(N * P, [&](std::int64_t b, std::int64_t e, int) {
+        for (std::int64_t p = b; p < e; ++p) std::copy_n(x.data() + p * Ci, Ci, y.data() + p * C + c0);
+      });
     else
       for (std::int64_t n = 0; n < N; ++n) std::copy_n(x.data() + n * Ci * P, Ci * P, y.data() + (n * C + c0) * P);
     c0 += Ci;
@@ -435,62 +481,86 @@ class Upsample : public ModuleTensors<Upsample<S>, S> {
   Tensor<S> y_, dx_;
 };
 
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// The sigmoid of n values (y may be x): oneDNN's vector kernel for float.
+template <class S>
+void sigmoid(const S* x, S* y, std::int64_t n) {
+  if constexpr (std::is_same_v<S, float>) engine::logistic(x, y, n);
+  else
+    for (std::int64_t i = 0; i < n; ++i) y[i] = S(1) / (S(1) + std::exp(-x[i]));
+}
+
+// Decodes a level of `raw` [N, na, H, W, no] into `pred` [N, rows, no] from row `row0`:
+// the level's rows run (a, y, x), so image n's part is raw[n]'s values in order and its
+// sigmoid is one call; then the box columns of every cell.
+template <class S>
+void decode_level(const Tensor<S>& raw, Tensor<S>& pred, std::int64_t row0, S stride, const S* anchors) {
+  const std::int64_t N = raw.size(0), na = raw.size(1), H = raw.size(2), W = raw.size(3), no = raw.size(4);
+  const std::int64_t per_image = na * H * W * no, rows = pred.size(1);
+  for (std::int64_t n = 0; n < N; ++n) sigmoid(raw.data() + n * per_image, pred.data() + (n * rows + row0) * no, per_image);
+  parallel_ranges(N * na * H, [&](std::int64_t b, std::int64_t e, int) {
+    for (std::int64_t r = b; r < e; ++r) {
+      const std::int64_t n = r / (na * H), a = (r / H) % na, y = r % H;
+      S* p = pred.data() + (n * rows + row0 + (a * H + y) * W) * no;
+      const S aw = anchors[2 * a] * stride, ah = anchors[2 * a + 1] * stride;
+      for (std::int64_t x = 0; x < W; ++x, p += no) {
+        const S sx = p[0], sy = p[1], sw = p[2], sh = p[3];
+        p[0] = (sx * 2 - S(0.5) + S(x)) * stride;
+        p[1] = (sy * 2 - S(0.5) + S(y)) * stride;
+        p[2] = (sw * 2) * (sw * 2) * aw;
+        p[3] = (sh * 2) * (sh * 2) * ah;
+      }
+    }
+  });
+}
+
+// Rows (n, a, y) in [first, first + rows) of the raw map [N, na, H, W, no] gathered from
+// a Detect level's convolution output y [N, na * no, H, W] (any format).
+template <class S>
+void gather_raw_rows(ConstTensorView<S> y, S* raw, std::int64_t first, std::int64_t rows, std::int64_t na,
+                     std::int64_t no) {
+  const std::int64_t H = y.size(2), W = y.size(3);
+  const auto s = strides4(y.sizes(), y.memory_format());
+  for (std::int64_t r = first; r < first + rows; ++r) {
+    const std::int64_t n = r / (na * H), a = (r / H) % na, h = r % H;
+    const S* src = y.data() + n * s[0] + a * no * s[1] + h * s[2];
+    S* dst = raw + r * W * no;
+    for (std::int64_t w = 0; w < W; ++w, dst += no)
+      if (s[1] == 1) std::copy_n(src + w * s[3], no, dst);  // channels-last: a pixel's anchor is one run
+      else
+        for (std::int64_t j = 0; j < no; ++j) dst[j] = src[w * s[3] + j * s[1]];
+  }
+}
+
+// The decoded output [N, sum na H W, no] for maps of these [N, na, H, W, no] shapes,
+// uninitialised, and each level's first row.
+inline std::pair<Shape, std::vector<std::int64_t>> decoded_shape(const std::vector<Shape>& maps) {
+  std::vector<std::int64_t> row0;
+  std::int64_t rows = 0;
+  for (const auto& m : maps) row0.push_back(rows), rows += m[1] * m[2] * m[3];
+  return {Shape{maps.at(0)[0], rows, maps[0][4]}, row0};
+}
+}  // namespace detail
+/// \endcond
+
 /// YOLOv5's decode of raw Detect maps (the sigmoid applied): for map i
 /// [N, na, H, W, no] of stride s_i and anchors a_i (pixels), every cell gives
 /// xy = (2 sigmoid - 0.5 + (x, y)) s_i, wh = (2 sigmoid)^2 a_i, and the sigmoid of the
 /// objectness and class logits; the rows of all maps in order (level, anchor, y, x)
-/// make [N, sum na H W, no].
+/// make [N, sum na H W, no]. `anchors_grid` [nl * na, 2] is in grid units.
 template <class S>
 Tensor<S> decode_detections(const std::vector<Tensor<S>>& raw, const std::vector<double>& strides,
                             const Tensor<S>& anchors_grid) {
-  const std::int64_t N = raw.at(0).size(0), na = raw[0].size(1), no = raw[0].size(4);
-  std::int64_t rows = 0;
-  for (const auto& r : raw) rows += na * r.size(2) * r.size(3);
-  Tensor<S> pred({N, rows, no});
-  auto sig = [](S v) { return S(1) / (S(1) + std::exp(-v)); };
-  std::int64_t row0 = 0;
-  for (std::size_t i = 0; i < raw.size(); ++i) {
-    const std::int64_t H = raw[i].size(2), W = raw[i].size(3), cells = na * H * W;
-    const S st = S(strides[i]);
-    for (std::int64_t n = 0; n < N; ++n)
-      for (std::int64_t a = 0; a < na; ++a) {
-        const S aw = anchors_grid(std::int64_t(i) * na + a, 0) * st, ah = anchors_grid(std::int64_t(i) * na + a, 1) * st;
-        for (std::int64_t y = 0; y < H; ++y)
-          for (std::int64_t x = 0; x < W; ++x) {
-            const S* r = raw[i].data() + (((n * na + a) * H + y) * W + x) * no;
-            S* p = pred.data() + (n * rows + row0 + (a * H + y) * W + x) * no;
-            const S sx = sig(r[0]), sy = sig(r[1]), sw = sig(r[2]), sh = sig(r[3]);
-            p[0] = (sx * 2 - S(0.5) + S(x)) * st;
-            p[1] = (sy * 2 - S(0.5) + S(y)) * st;
-            p[2] = (sw * 2) * (sw * 2) * aw;
-            p[3] = (sh * 2) * (sh * 2) * ah;
-            for (std::int64_t j = 4; j < no; ++j) p[j] = sig(r[j]);
-          }
-      }
-    row0 += cells;
-  }
+  std::vector<Shape> shapes;
+  for (const auto& r : raw) shapes.push_back(r.sizes());
+  const auto [shape, row0] = detail::decoded_shape(shapes);
+  Tensor<S> pred;
+  pred.resize(shape);
+  for (std::size_t i = 0; i < raw.size(); ++i)
+    detail::decode_level(raw[i], pred, row0[i], S(strides[i]), anchors_grid.data() + std::int64_t(i) * raw[i].size(1) * 2);
   return pred;
 }
-
-/// \cond DO_NOT_DOCUMENT_THIS
-namespace detail {
-// A Detect level's convolution output [N, na * no, H, W] (any format) as the raw map
-// [N, na, H, W, no].
-template <class S>
-Tensor<S> to_raw_map(ConstTensorView<S> y, std::int64_t na, std::int64_t no) {
-  const std::int64_t N = y.size(0), H = y.size(2), W = y.size(3);
-  Tensor<S> r({N, na, H, W, no});
-  const auto s = strides4(y.sizes(), y.memory_format());
-  for (std::int64_t n = 0; n < N; ++n)
-    for (std::int64_t a = 0; a < na; ++a)
-      for (std::int64_t h = 0; h < H; ++h)
-        for (std::int64_t w = 0; w < W; ++w)
-          for (std::int64_t j = 0; j < no; ++j)
-            r[(((n * na + a) * H + h) * W + w) * no + j] = y.data()[n * s[0] + (a * no + j) * s[1] + h * s[2] + w * s[3]];
-  return r;
-}
-}  // namespace detail
-/// \endcond
 
 /// What Detect gives in eval and deploy: the decoded rows and the raw maps.
 template <class S>
@@ -512,14 +582,30 @@ class DeployedDetect {
   /// Raw maps and decoded rows for the levels' inputs (each float or codes in its conv's
   /// int8_input()).
   DetectOutput<S> forward(const std::vector<StageInput<S>>& xs) const {
-    DetectOutput<S> out;
+    std::vector<Tensor<S>> ys;
+    std::vector<Shape> maps;
+    const std::int64_t na = anchors_.size(1);
     for (std::size_t i = 0; i < convs_.size(); ++i) {
-      const StageOutput<S> y = std::holds_alternative<const Int8Codes*>(xs.at(i)) || convs_[i].int8_input()
-                                   ? convs_[i].forward_int8(xs[i], nullptr)
-                                   : StageOutput<S>(convs_[i].forward(std::get<ConstTensorView<S>>(xs[i])));
-      out.raw.push_back(detail::to_raw_map<S>(std::get<Tensor<S>>(y), anchors_.size(1), no_));
+      StageOutput<S> y = std::holds_alternative<const Int8Codes*>(xs.at(i)) || convs_[i].int8_input()
+                             ? convs_[i].forward_int8(xs[i], nullptr)
+                             : StageOutput<S>(convs_[i].forward(std::get<ConstTensorView<S>>(xs[i])));
+      ys.push_back(std::move(std::get<Tensor<S>>(y)));
+      const Shape& s = ys.back().sizes();
+      maps.push_back({s[0], na, s[2], s[3], no_});
     }
-    out.pred = decode_detections(out.raw, strides_, anchors_.reshaped({anchors_.size(0) * anchors_.size(1), 2}));
+    const auto [shape, row0] = detail::decoded_shape(maps);
+    DetectOutput<S> out;
+    out.pred.resize(shape);
+    for (std::size_t i = 0; i < ys.size(); ++i) {
+      Tensor<S> raw;
+      raw.resize(maps[i]);
+      const ConstTensorView<S> y = ys[i];
+      parallel_ranges(shape[0] * na * maps[i][2],
+                      [&](std::int64_t b, std::int64_t e, int) { detail::gather_raw_rows<S>(y, raw.data(), b, e - b, na, no_); });
+      ys[i] = Tensor<S>();
+      detail::decode_level(raw, out.pred, row0[i], S(strides_[i]), anchors_.data() + std::int64_t(i) * na * 2);
+      out.raw.push_back(std::move(raw));
+    }
     return out;
   }
   /// Level i's convolution.
