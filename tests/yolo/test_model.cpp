@@ -207,6 +207,73 @@ TEST(YoloDetect, FloatHeadMatchesDirectSums) {
   }
 }
 
+TEST(YoloDetect, DecodeIsYolov5sFormula) {
+  const std::int64_t na = 3, no = 7, N = 2;
+  const std::vector<double> strides{8, 16};
+  Rng rng(3);
+  std::vector<Tensor<float>> raw{Tensor<float>({N, na, 3, 5, no}), Tensor<float>({N, na, 2, 1, no})};
+  for (auto& r : raw) fill_uniform(r, 6.0, rng);
+  raw[0][5] = 95.f, raw[0][6] = -95.f;  // a saturated sigmoid each way
+  // Anchors in grid units, level i's in rows i * na ... i * na + na - 1.
+  const Tensor<float> table({6, 2}, std::vector<float>{1.25f, 1.625f, 2.f, 3.75f, 4.125f, 2.875f, 3.75f, 7.625f, 1.f, 2.f, 3.f, 0.5f});
+  const Tensor<float> pred = yolo::decode_detections(raw, strides, table);
+  ASSERT_EQ(pred.sizes(), (Shape{N, na * (15 + 2), no}));
+  auto sig = [](double v) { return 1 / (1 + std::exp(-v)); };
+  Tensor<float> expected(pred.sizes());
+  for (std::int64_t n = 0, row0 = 0; n < N; ++n, row0 = 0)
+    for (std::size_t i = 0; i < raw.size(); ++i) {
+      const std::int64_t H = raw[i].size(2), W = raw[i].size(3);
+      for (std::int64_t a = 0; a < na; ++a)
+        for (std::int64_t y = 0; y < H; ++y)
+          for (std::int64_t x = 0; x < W; ++x) {
+            const float* r = raw[i].data() + (((n * na + a) * H + y) * W + x) * no;
+            float* e = expected.data() + (n * pred.size(1) + row0 + (a * H + y) * W + x) * no;
+            const double aw = table(std::int64_t(i) * na + a, 0) * strides[i], ah = table(std::int64_t(i) * na + a, 1) * strides[i];
+            e[0] = float((2 * sig(r[0]) - 0.5 + double(x)) * strides[i]);
+            e[1] = float((2 * sig(r[1]) - 0.5 + double(y)) * strides[i]);
+            e[2] = float(4 * sig(r[2]) * sig(r[2]) * aw);
+            e[3] = float(4 * sig(r[3]) * sig(r[3]) * ah);
+            for (std::int64_t j = 4; j < no; ++j) e[j] = float(sig(r[j]));
+          }
+      row0 += na * H * W;
+    }
+  EXPECT_LT(test::max_relative_error(pred, expected), 1e-5);
+}
+
+TEST(YoloOps, PoolingAndUpsamplingMatchWindowLoopsInBothLayoutsAndOnCodes) {
+  Rng rng(5);
+  for (MemoryFormat f : {MemoryFormat::contiguous, MemoryFormat::channels_last})
+    for (std::int64_t k : {3, 5}) {
+      Tensor<float> x({2, 17, 6, 9}, f);
+      fill_uniform(x, 1.0, rng);
+      const Tensor<float> y = yolo::max_pool_same<float>(x, k);
+      const Tensor<float> up = yolo::upsample_nearest<float>(x, 2);
+      EXPECT_EQ(y.memory_format(), f);
+      EXPECT_EQ(up.memory_format(), f);
+      ASSERT_EQ(up.sizes(), (Shape{2, 17, 12, 18}));
+      for (std::int64_t n = 0; n < 2; ++n)
+        for (std::int64_t c = 0; c < 17; ++c)
+          for (std::int64_t h = 0; h < 6; ++h)
+            for (std::int64_t w = 0; w < 9; ++w) {
+              float best = -std::numeric_limits<float>::infinity();
+              for (std::int64_t i = h - k / 2; i <= h + k / 2; ++i)
+                for (std::int64_t j = w - k / 2; j <= w + k / 2; ++j)
+                  if (i >= 0 && i < 6 && j >= 0 && j < 9) best = std::max(best, x(n, c, i, j));
+              ASSERT_EQ(y(n, c, h, w), best) << "k " << k << " at " << n << "," << c << "," << h << "," << w;
+              for (std::int64_t d = 0; d < 4; ++d) ASSERT_EQ(up(n, c, 2 * h + d / 2, 2 * w + d % 2), x(n, c, h, w));
+            }
+      if (f == MemoryFormat::contiguous) continue;
+      for (const QuantParams q : {QuantParams{1.f / 64, 0, -128}, QuantParams{1.f / 128, 128, 0}}) {  // s8 and u8 codes
+        const Int8Codes codes = quantize_codes(x, q);
+        const Tensor<float> pooled = dequantize_codes(yolo::max_pool_same_codes(codes, k));
+        const Tensor<float> expected = yolo::max_pool_same<float>(dequantize_codes(codes), k);
+        EXPECT_EQ(test::max_relative_error(pooled, expected), 0.0) << "codes with qmin " << q.qmin;
+        const Tensor<float> up_codes = dequantize_codes(yolo::upsample_nearest_codes(codes, 2));
+        EXPECT_EQ(test::max_relative_error(up_codes, yolo::upsample_nearest<float>(dequantize_codes(codes), 2)), 0.0);
+      }
+    }
+}
+
 TEST(YoloModel, TensorNamesAreYolov5s) {
   // Default options: every Conv is YOLOv5's conv + BN; OREPA rows are OREPA blocks.
   yolo::Model<float> model(yolo::parse_model_config(small_yaml, "small.yaml"));
