@@ -150,8 +150,8 @@ inline double max_relative_error(const Tensor<float>& a, const Tensor<float>& e)
 /// A fresh temporary directory, removed with everything in it at scope exit.
 struct TempDir {
   std::filesystem::path path;
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "orepa-test-XXXXXX").string();
+  explicit TempDir(const std::string& prefix = "orepa-test") {
+    std::string tmpl = (std::filesystem::temp_directory_path() / (prefix + "-XXXXXX")).string();
     if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
     path = tmpl;
   }

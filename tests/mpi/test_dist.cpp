@@ -14,21 +14,11 @@
 
 #include "orepa/dist/dist.hpp"
 #include "orepa/orepa.hpp"
+#include "mpi_util.hpp"
 
 namespace {
 
 using namespace orepa;
-
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
 
 // OREPA, DBB and ConvBN blocks, pooling and a linear head (the same weights on every call).
 template <class S>
@@ -132,16 +122,16 @@ Errors job_vs_single_process(bool sync_bn) {
   return e;
 }
 
-std::int64_t ranks_dividing_batch() { return 16 % world_size() == 0 ? world_size() : 0; }
+std::int64_t ranks_dividing_batch() { return 16 % test::world_size() == 0 ? test::world_size() : 0; }
 
 TEST(Ddp, SyncBatchNormMatchesOneProcessOnTheWholeBatchFloat) {
   if (!ranks_dividing_batch()) GTEST_SKIP() << "the batch of 16 needs a rank count dividing it";
   const Errors e = job_vs_single_process<float>(true);
   EXPECT_LT(e.loss, 1e-5);
   EXPECT_LT(e.state, 1e-5);
-  if (world_rank() == 0)
+  if (test::world_rank() == 0)
     std::printf("[sync BN, float, %d ranks] max relative error: loss %.2e, parameters and buffers %.2e\n",
-                world_size(), e.loss, e.state);
+                test::world_size(), e.loss, e.state);
 }
 
 TEST(Ddp, SyncBatchNormMatchesOneProcessOnTheWholeBatchDouble) {
@@ -149,22 +139,22 @@ TEST(Ddp, SyncBatchNormMatchesOneProcessOnTheWholeBatchDouble) {
   const Errors e = job_vs_single_process<double>(true);
   EXPECT_LT(e.loss, 1e-10);
   EXPECT_LT(e.state, 1e-10);
-  if (world_rank() == 0)
+  if (test::world_rank() == 0)
     std::printf("[sync BN, double, %d ranks] max relative error: loss %.2e, parameters and buffers %.2e\n",
-                world_size(), e.loss, e.state);
+                test::world_size(), e.loss, e.state);
 }
 
 TEST(Ddp, WithoutSyncBatchNormTheShareStatisticsShow) {
-  if (world_size() < 2 || !ranks_dividing_batch()) GTEST_SKIP() << "needs 2+ ranks";
+  if (test::world_size() < 2 || !ranks_dividing_batch()) GTEST_SKIP() << "needs 2+ ranks";
   const Errors sync = job_vs_single_process<float>(true), local = job_vs_single_process<float>(false);
   // Per-share BN statistics differ from the whole batch's: the loss moves in the 3rd-4th
   // digit, parameters and running statistics in the 2nd-3rd, far above float round-off.
   EXPECT_GT(local.loss, 1e-4);
   EXPECT_GT(local.state, 1e-3);
   EXPECT_GT(local.state, 100 * sync.state);
-  if (world_rank() == 0)
+  if (test::world_rank() == 0)
     std::printf("[local BN, float, %d ranks] max relative error: loss %.2e, parameters and buffers %.2e\n",
-                world_size(), local.loss, local.state);
+                test::world_size(), local.loss, local.state);
 }
 
 // Gradient averaging alone: every rank computes each rank's share gradient and the whole
@@ -172,7 +162,7 @@ TEST(Ddp, WithoutSyncBatchNormTheShareStatisticsShow) {
 // (bit for bit with 2 ranks: one addition and a halving) and the whole batch's gradient.
 template <class S>
 void gradient_averaging(double tol) {
-  const std::int64_t ranks = world_size(), share = 16 / ranks;
+  const std::int64_t ranks = test::world_size(), share = 16 / ranks;
   SoftmaxCrossEntropy<S> ce;
   auto grads_on = [&](Sequential<S>& net, std::int64_t begin, std::int64_t count) {
     auto [x, y] = data<S>(begin, count);
@@ -233,7 +223,7 @@ TEST(Ddp, GradientAveragingMatchesOneProcessDouble) {
 TEST(Ddp, ConstructionBroadcastsRankZerosState) {
   Sequential<float> net = linear_net<float>();
   // Different values on every rank; afterwards everyone holds rank 0's.
-  Rng rng(100 + std::uint64_t(world_rank()));
+  Rng rng(100 + std::uint64_t(test::world_rank()));
   for (auto* p : net.parameters()) fill_uniform(p->value, 1.0, rng);
   Rng rng0(100);
   Sequential<float> rank0 = linear_net<float>();
@@ -257,8 +247,8 @@ std::string dist_error_of(F&& f) {
 #define EXPECT_HAS(text, part) EXPECT_NE(std::string(text).find(part), std::string::npos) << (text)
 
 TEST(DdpFaults, DifferentParameterCountsAreReportedAtConstruction) {
-  if (world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
-  Sequential<float> net = linear_net<float>(16, /*extra=*/world_rank() == 1);
+  if (test::world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
+  Sequential<float> net = linear_net<float>(16, /*extra=*/test::world_rank() == 1);
   const auto msg = dist_error_of([&] { DistributedDataParallel ddp(net); });
   EXPECT_HAS(msg, "the network differs between ranks");
   EXPECT_HAS(msg, "[rank 1] 6 parameters and 0 buffers");
@@ -267,8 +257,8 @@ TEST(DdpFaults, DifferentParameterCountsAreReportedAtConstruction) {
 }
 
 TEST(DdpFaults, ShapeMismatchBetweenRanksIsReportedAtConstruction) {
-  if (world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
-  Sequential<float> net = linear_net<float>(world_rank() == 1 ? 17 : 16);
+  if (test::world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
+  Sequential<float> net = linear_net<float>(test::world_rank() == 1 ? 17 : 16);
   const auto msg = dist_error_of([&] { DistributedDataParallel ddp(net); });
   EXPECT_HAS(msg, "[rank 1]");
   EXPECT_HAS(msg, "parameter '0.weight' [17, 256] where rank 0 has parameter '0.weight' [16, 256]");
@@ -276,10 +266,10 @@ TEST(DdpFaults, ShapeMismatchBetweenRanksIsReportedAtConstruction) {
 }
 
 TEST(DdpFaults, DifferentOptionsAreReportedAtConstructionOnEveryRank) {
-  if (world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
+  if (test::world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
   Sequential<float> net = block_net<float>();
   DdpOptions opts;
-  if (world_rank() == 1) opts.sync_batch_norm(false).bucket_bytes(1024);
+  if (test::world_rank() == 1) opts.sync_batch_norm(false).bucket_bytes(1024);
   const auto msg = dist_error_of([&] { DistributedDataParallel ddp(net, opts); });
   EXPECT_HAS(msg, "DistributedDataParallel: the options differ between ranks:");
   EXPECT_HAS(msg, "[rank 1] bucket_bytes 1024 where rank 0 has 4194304;");
@@ -351,7 +341,7 @@ TEST(Communicator, AbortOnExceptionReturnsTheResultWhenNothingThrows) {
 }
 
 TEST(DdpFaults, BadInputOnOneRankThrowsOnEveryRankAndTheJobGoesOn) {
-  if (world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
+  if (test::world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
   Sequential<float> net = block_net<float>();
   DistributedDataParallel ddp(net);
   auto batch = data<float>(0, 4);  // not a structured binding: lambdas use it (clang 14)
@@ -386,7 +376,7 @@ TEST(DdpFaults, BadInputOnOneRankThrowsOnEveryRankAndTheJobGoesOn) {
 }
 
 TEST(DdpFaults, UserCodeFailingOnOneRankIsAgreedOn) {
-  if (world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
+  if (test::world_size() < 2) GTEST_SKIP() << "needs 2+ ranks";
   Sequential<float> net = block_net<float>();
   DistributedDataParallel ddp(net);
   auto batch = data<float>(0, 4);  // not a structured binding: lambdas use it (clang 14)

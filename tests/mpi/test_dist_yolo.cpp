@@ -7,80 +7,26 @@
 // backward once. YOLOv5 v7.0's DDP mode (each rank's loss times WORLD_SIZE, gradients
 // averaged) must give exactly that gradient, and the same steps.
 #include <gtest/gtest.h>
-#include <stdlib.h>  // mkdtemp
 
 #include <algorithm>
 #include <array>
 #include <cmath>
 #include <cstdio>
-#include <filesystem>
 #include <map>
 #include <string>
 #include <vector>
 
 #include "orepa/dist/dist.hpp"
 #include "orepa/yolo/yolo.hpp"
+#include "../test_util.hpp"
+#include "../yolo/tiny_model.hpp"
+#include "mpi_util.hpp"
 
 // Named, not anonymous: test_dist.cpp shares this program (one unity unit) and has helpers
 // of the same names.
 namespace ddp_yolo_tests {
 
 using namespace orepa;
-namespace fs = std::filesystem;
-
-int world_size() {
-  int n = 1;
-  MPI_Comm_size(MPI_COMM_WORLD, &n);
-  return n;
-}
-int world_rank() {
-  int r = 0;
-  MPI_Comm_rank(MPI_COMM_WORLD, &r);
-  return r;
-}
-
-// A folder of this rank's own (every rank writes its own copy of the data set).
-struct RankDir {
-  std::string path;
-  RankDir() {
-    std::string tmpl = (fs::temp_directory_path() / ("orepa-ddp-yolo-" + std::to_string(world_rank()) + "-XXXXXX")).string();
-    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path = tmpl;
-  }
-  ~RankDir() { fs::remove_all(path); }
-  RankDir(const RankDir&) = delete;
-  RankDir& operator=(const RankDir&) = delete;
-};
-
-// Three detection levels (strides 8, 16, 32) on OREPA convs (BNs inside the blocks too),
-// a C3 and an SPPF.
-const char* const kTinyYaml = R"(nc: 3
-depth_multiple: 1.0
-width_multiple: 1.0
-anchors:
-  - [10, 13, 16, 30, 33, 23]
-  - [30, 61, 62, 45, 59, 119]
-  - [116, 90, 156, 198, 373, 326]
-backbone:
-  [
-    [-1, 1, Conv, [8, 3, 2]],
-    [-1, 1, OREPA, [8, 3, 2]],
-    [-1, 1, OREPA, [16, 3, 2]],
-    [-1, 1, C3, [16]],
-    [-1, 1, OREPA, [16, 3, 2]],
-    [-1, 1, OREPA, [16, 3, 2]],
-    [-1, 1, SPPF, [16, 5]],
-  ]
-head:
-  [
-    [[3, 4, 6], 1, Detect, [nc, anchors]],
-  ]
-)";
-
-yolo::Model<float> tiny_model() {
-  return yolo::Model<float>(yolo::parse_model_config(kTinyYaml, "tiny.yaml"),
-                            yolo::ModelOptions<float>().blocks("orepa").seed(3));
-}
 
 constexpr int kBatch = 4;  // images per step over all ranks
 constexpr int kSteps = 2;
@@ -162,7 +108,7 @@ Tensor<float> targets_of_part(const Tensor<float>& targets, std::int64_t p, std:
 // loss of each part's maps and targets, the parts' map gradients joined, ONE backward,
 // clip_grad_norm_(10), Nesterov SGD, EMA update.
 struct Reference {
-  yolo::Model<float> model = tiny_model();
+  yolo::Model<float> model = test::tiny_yolo_model();
   ModelEMA<yolo::Model<float>> ema{model.clone(), model};
   YoloSchedule sched;
   SGD<float> opt;
@@ -204,16 +150,16 @@ struct Reference {
 };
 
 TEST(DdpYolo, GradientsAndStepsEqualOneProcessOnTheWholeBatch) {
-  const int ranks = world_size(), rank = world_rank();
+  const int ranks = test::world_size(), rank = test::world_rank();
   if (kBatch % ranks != 0) GTEST_SKIP() << "the batch of " << kBatch << " needs a rank count dividing it";
-  RankDir dir;
+  const test::TempDir dir("orepa-ddp-yolo-" + std::to_string(test::world_rank()));
   yolo::ShapesOptions so;
   so.image_size(64).train_images(8).val_images(1).min_size(10).max_size(40).seed(5).threads(1);
-  const auto data = yolo::read_data_config(yolo::write_shapes_dataset(dir.path + "/shapes", so).yaml);
+  const auto data = yolo::read_data_config(yolo::write_shapes_dataset(dir / "shapes", so).yaml);
   const auto train = yolo::YoloDataset::from_config(data, "train");
 
   // The job: this rank's Trainer on its share, gradients averaged by DDP (SyncBN on).
-  yolo::Trainer trainer(tiny_model(), train, options());
+  yolo::Trainer trainer(test::tiny_yolo_model(), train, options());
   const State start = tensors(trainer.model().state_dict());
   DistributedDataParallel ddp(trainer.model());
   std::vector<std::vector<float>> averaged;  // the gradients clip and SGD get at step 0

@@ -4,7 +4,6 @@
 // for bit; a run saved and resumed (mid-epoch and at an epoch's end) ends bit-identical
 // to an uninterrupted one; every bad input is a clear error with nothing written over.
 #include <gtest/gtest.h>
-#include <stdlib.h>  // mkdtemp
 
 #include <cmath>
 #include <cstring>
@@ -17,6 +16,8 @@
 #include <vector>
 
 #include "orepa/yolo/yolo.hpp"
+#include "test_util.hpp"
+#include "yolo/tiny_model.hpp"
 
 using namespace orepa;
 
@@ -24,50 +25,8 @@ namespace train_test {
 
 namespace fs = std::filesystem;
 
-struct TrainDir {
-  std::string path;
-  TrainDir() {
-    std::string tmpl = (fs::temp_directory_path() / "orepa-yolo-train-XXXXXX").string();
-    if (!::mkdtemp(tmpl.data())) throw std::runtime_error("mkdtemp failed");
-    path = tmpl;
-  }
-  ~TrainDir() { fs::remove_all(path); }
-  TrainDir(const TrainDir&) = delete;
-  TrainDir& operator=(const TrainDir&) = delete;
-  std::string operator/(const std::string& name) const { return (fs::path(path) / name).string(); }
-};
-
-// Three detection levels (strides 8, 16, 32) on a few OREPA convs, a C3 and an SPPF.
-const char* const kTinyYaml = R"(nc: 3
-depth_multiple: 1.0
-width_multiple: 1.0
-anchors:
-  - [10, 13, 16, 30, 33, 23]
-  - [30, 61, 62, 45, 59, 119]
-  - [116, 90, 156, 198, 373, 326]
-backbone:
-  [
-    [-1, 1, Conv, [8, 3, 2]],
-    [-1, 1, OREPA, [8, 3, 2]],
-    [-1, 1, OREPA, [16, 3, 2]],
-    [-1, 1, C3, [16]],
-    [-1, 1, OREPA, [16, 3, 2]],
-    [-1, 1, OREPA, [16, 3, 2]],
-    [-1, 1, SPPF, [16, 5]],
-  ]
-head:
-  [
-    [[3, 4, 6], 1, Detect, [nc, anchors]],
-  ]
-)";
-
-yolo::Model<float> tiny_model(std::uint64_t seed = 3) {
-  return yolo::Model<float>(yolo::parse_model_config(kTinyYaml, "tiny.yaml"),
-                            yolo::ModelOptions<float>().blocks("orepa").seed(seed));
-}
-
 // 8 training images of 64 x 64 (two batches of 4), written once per test.
-std::string write_shapes(const TrainDir& dir, int images = 8) {
+std::string write_shapes(const test::TempDir& dir, int images = 8) {
   yolo::ShapesOptions o;
   o.image_size(64).train_images(images).val_images(4).min_size(10).max_size(40).seed(5).threads(1);
   return yolo::write_shapes_dataset(dir / "shapes", o).yaml;
@@ -109,10 +68,10 @@ void expect_same_state(const A& a, const B& b) {
 using namespace train_test;
 
 TEST(YoloTrain, StepsOnOneBatchLowerTheLoss) {
-  TrainDir dir;
+  test::TempDir dir;
   const auto data = yolo::read_data_config(write_shapes(dir));
   // A larger lr0 than YOLOv5's: the warm-up starts the weights' learning rate at 0.
-  yolo::Trainer t(tiny_model(), yolo::YoloDataset::from_config(data, "train"),
+  yolo::Trainer t(test::tiny_yolo_model(), yolo::YoloDataset::from_config(data, "train"),
                   tiny_options().epochs(100).augment(false).lr0(0.1));
   const yolo::Batch b = yolo::make_batch(t.train_set(), t.loader_options(), 0, 0);
   const double first = t.train_batch(b).total();
@@ -125,18 +84,18 @@ TEST(YoloTrain, StepsOnOneBatchLowerTheLoss) {
 }
 
 TEST(YoloTrain, OneStepEqualsTheStepDrivenByHand) {
-  TrainDir dir;
+  test::TempDir dir;
   const auto data = yolo::read_data_config(write_shapes(dir));
   // A small max_grad_norm so that the clipping acts.
   const auto opts = tiny_options().max_grad_norm(0.02);
-  yolo::Trainer t(tiny_model(), yolo::YoloDataset::from_config(data, "train"), opts);
+  yolo::Trainer t(test::tiny_yolo_model(), yolo::YoloDataset::from_config(data, "train"), opts);
   const yolo::Batch b = yolo::make_batch(t.train_set(), t.loader_options(), 0, 0);
   ASSERT_GT(b.targets.size(0), 0);
   const yolo::LossItems items = t.train_batch(b);
 
   // The same step by hand: YOLOv5's schedule at iteration 0, forward, loss, backward,
   // clip_grad_norm_, Nesterov SGD over the three groups, EMA update.
-  yolo::Model<float> m = tiny_model();
+  yolo::Model<float> m = test::tiny_yolo_model();
   ModelEMA<yolo::Model<float>> ema(m.clone(), m);
   YoloSchedule sched(YoloScheduleOptions(2, 4, 2).nominal_batch(4));
   SGD<float> opt(yolo_param_groups(m, sched.weight_decay()), SGDOptions(0.01).momentum(0.937).nesterov(true));
@@ -165,24 +124,24 @@ TEST(YoloTrain, OneStepEqualsTheStepDrivenByHand) {
 }
 
 TEST(YoloTrain, ResumedRunsEndBitIdenticalToAnUninterruptedOne) {
-  TrainDir dir;
+  test::TempDir dir;
   const auto data = yolo::read_data_config(write_shapes(dir));
   const auto train = yolo::YoloDataset::from_config(data, "train");
   // Accumulation over 2 batches (nominal 8 at batch 4) after the first, augmentation on.
   const auto opts = tiny_options().nominal_batch(8);
 
-  yolo::Trainer whole(tiny_model(), train, opts);
+  yolo::Trainer whole(test::tiny_yolo_model(), train, opts);
   whole.train_epoch();
   whole.train_epoch();
   ASSERT_TRUE(whole.done());
 
   // Stopped after one batch (mid-epoch), saved, resumed by a new trainer.
   {
-    yolo::Trainer first(tiny_model(), train, opts);
+    yolo::Trainer first(test::tiny_yolo_model(), train, opts);
     first.train_batch(yolo::make_batch(train, first.loader_options(), 0, 0));
     first.save(dir / "mid.safetensors");
   }
-  yolo::Trainer mid(tiny_model(/*seed=*/77), train, opts);  // other weights: the checkpoint sets them
+  yolo::Trainer mid(test::tiny_yolo_model(/*seed=*/77), train, opts);  // other weights: the checkpoint sets them
   mid.resume(dir / "mid.safetensors");
   EXPECT_EQ(mid.iteration(), 1);
   mid.train_epoch();  // the rest of epoch 0
@@ -194,10 +153,10 @@ TEST(YoloTrain, ResumedRunsEndBitIdenticalToAnUninterruptedOne) {
 
   // Stopped at the end of epoch 0: the checkpoint train_epoch writes.
   {
-    yolo::Trainer first(tiny_model(), train, yolo::TrainOptions(opts).output(dir / "run"));
+    yolo::Trainer first(test::tiny_yolo_model(), train, yolo::TrainOptions(opts).output(dir / "run"));
     first.train_epoch();
   }
-  yolo::Trainer end(tiny_model(77), train, opts);
+  yolo::Trainer end(test::tiny_yolo_model(77), train, opts);
   end.resume(dir / "run/last.safetensors");
   EXPECT_EQ(end.epoch(), 1);
   end.train_epoch();
@@ -206,7 +165,7 @@ TEST(YoloTrain, ResumedRunsEndBitIdenticalToAnUninterruptedOne) {
 }
 
 TEST(YoloTrain, BadInputIsAClearErrorWithNothingWritten) {
-  TrainDir dir;
+  test::TempDir dir;
   const auto data = yolo::read_data_config(write_shapes(dir));
   const auto train = yolo::YoloDataset::from_config(data, "train");
   auto expect_config_error = [](auto&& f, const std::string& part) {
@@ -220,10 +179,10 @@ TEST(YoloTrain, BadInputIsAClearErrorWithNothingWritten) {
 
   // nc of the data set differs from the model's: nothing created.
   const auto four = yolo::YoloDataset::from_sources(data.train, 4);
-  expect_config_error([&] { yolo::Trainer(tiny_model(), four, tiny_options().output(dir / "nc")); },
+  expect_config_error([&] { yolo::Trainer(test::tiny_yolo_model(), four, tiny_options().output(dir / "nc")); },
                       "has nc 4 but the model has 3 classes");
   EXPECT_FALSE(fs::exists(dir / "nc"));
-  yolo::Model<float> m = tiny_model();
+  yolo::Model<float> m = test::tiny_yolo_model();
   expect_config_error([&] { yolo::evaluate(m, four, yolo::EvalOptions().image_size(64)); }, "has 3 classes but the data set");
 
   // An empty data set cannot be built; its error names the folder.
@@ -237,20 +196,20 @@ TEST(YoloTrain, BadInputIsAClearErrorWithNothingWritten) {
 
   // Output folders that cannot be used: a file, below a file, one holding a checkpoint.
   { std::ofstream(dir / "file") << "keep"; }
-  expect_config_error([&] { yolo::Trainer(tiny_model(), train, tiny_options().output(dir / "file")); },
+  expect_config_error([&] { yolo::Trainer(test::tiny_yolo_model(), train, tiny_options().output(dir / "file")); },
                       "exists and is not a folder");
-  expect_config_error([&] { yolo::Trainer(tiny_model(), train, tiny_options().output(dir / "file/sub")); },
+  expect_config_error([&] { yolo::Trainer(test::tiny_yolo_model(), train, tiny_options().output(dir / "file/sub")); },
                       "cannot be created: '" + (dir / "file") + "' is not a folder");
   EXPECT_EQ(file_bytes(dir / "file"), "keep");
   fs::create_directories(dir / "old");
   { std::ofstream(dir / "old/last.safetensors") << "previous run"; }
-  expect_config_error([&] { yolo::Trainer(tiny_model(), train, tiny_options().output(dir / "old")); },
+  expect_config_error([&] { yolo::Trainer(test::tiny_yolo_model(), train, tiny_options().output(dir / "old")); },
                       "already holds last.safetensors");
   EXPECT_EQ(file_bytes(dir / "old/last.safetensors"), "previous run");
   EXPECT_EQ(std::distance(fs::directory_iterator(dir / "old"), fs::directory_iterator()), 1);
 
   // Bad settings.
-  expect_config_error([&] { yolo::Trainer(tiny_model(), train, tiny_options().image_size(48)); },
+  expect_config_error([&] { yolo::Trainer(test::tiny_yolo_model(), train, tiny_options().image_size(48)); },
                       "image_size 48 is not a multiple of the model's largest stride 32");
 }
 
@@ -258,10 +217,10 @@ TEST(YoloTrain, BadInputIsAClearErrorWithNothingWritten) {
 // every batch, calls the hook after every backward, and writes neither checkpoint nor
 // progress line. tests/mpi/test_dist_yolo.cpp checks the numbers on 2 ranks.
 TEST(YoloTrain, DataParallelRankTrainsItsShareAndLeavesWritingToRankZero) {
-  TrainDir dir;
+  test::TempDir dir;
   const auto data = yolo::read_data_config(write_shapes(dir));
   std::ostringstream log;
-  yolo::Trainer t(tiny_model(), yolo::YoloDataset::from_config(data, "train"),
+  yolo::Trainer t(test::tiny_yolo_model(), yolo::YoloDataset::from_config(data, "train"),
                   tiny_options().epochs(1).output(dir / "run").log(&log));
   int averaged = 0;
   t.data_parallel({1, 2, [&] { ++averaged; }});
@@ -275,7 +234,7 @@ TEST(YoloTrain, DataParallelRankTrainsItsShareAndLeavesWritingToRankZero) {
   EXPECT_FALSE(fs::exists(dir / "run/last.safetensors"));
 
   // The same on rank 0 writes both.
-  yolo::Trainer t0(tiny_model(), yolo::YoloDataset::from_config(data, "train"),
+  yolo::Trainer t0(test::tiny_yolo_model(), yolo::YoloDataset::from_config(data, "train"),
                    tiny_options().epochs(1).output(dir / "run").log(&log));
   t0.data_parallel({0, 2, [] {}});
   t0.train_epoch();
@@ -284,9 +243,9 @@ TEST(YoloTrain, DataParallelRankTrainsItsShareAndLeavesWritingToRankZero) {
 }
 
 TEST(YoloTrain, DataParallelSettingsThatCannotWorkAreClearErrors) {
-  TrainDir dir;
+  test::TempDir dir;
   const auto data = yolo::read_data_config(write_shapes(dir));
-  yolo::Trainer t(tiny_model(), yolo::YoloDataset::from_config(data, "train"), tiny_options());
+  yolo::Trainer t(test::tiny_yolo_model(), yolo::YoloDataset::from_config(data, "train"), tiny_options());
   try {
     t.data_parallel({0, 3, {}});
     ADD_FAILURE() << "no error for a batch of 4 over 3 ranks";
@@ -301,9 +260,9 @@ TEST(YoloTrain, DataParallelSettingsThatCannotWorkAreClearErrors) {
 }
 
 TEST(YoloTrain, NonFiniteLossStopsNamingTheStepAndKeepsTheLastCheckpoint) {
-  TrainDir dir;
+  test::TempDir dir;
   const auto data = yolo::read_data_config(write_shapes(dir));
-  yolo::Trainer t(tiny_model(), yolo::YoloDataset::from_config(data, "train"), tiny_options().output(dir / "run"));
+  yolo::Trainer t(test::tiny_yolo_model(), yolo::YoloDataset::from_config(data, "train"), tiny_options().output(dir / "run"));
   t.train_epoch();
   const std::string ckpt = dir / "run/last.safetensors";
   const std::string good = file_bytes(ckpt);
