@@ -226,11 +226,6 @@ int run(int argc, char** argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
-  // An exception on one rank would leave the others waiting in their next collective:
-  // print it with the rank and end every rank (MPI_Abort).
-  const int status = dist::abort_on_exception([&] { return run(argc, argv); }, "train_ddp");
-  MPI_Finalize();
-  return status;
-}
+// An exception on one rank would leave the others waiting in their next collective:
+// mpi_main prints it with the rank and ends every rank (MPI_Abort).
+int main(int argc, char** argv) { return dist::mpi_main(argc, argv, run, "train_ddp"); }

@@ -145,6 +145,18 @@ auto abort_on_exception(F&& fn, const std::string& who = "orepa") -> decltype(fn
   abort_job(detail::cat(who, " ", world_rank_tag(), ": ", what, "; ending the job"), 1, every_rank);
 }
 
+/// A whole MPI program's main(): MPI_Init, `run(argc, argv)` under abort_on_exception (as
+/// `who`), MPI_Finalize; returns run's status.
+///
+///     int main(int argc, char** argv) { return dist::mpi_main(argc, argv, run, "train_ddp"); }
+template <class F>
+int mpi_main(int argc, char** argv, F&& run, const std::string& who) {
+  MPI_Init(&argc, &argv);
+  const int status = abort_on_exception([&] { return int(run(argc, argv)); }, who);
+  MPI_Finalize();
+  return status;
+}
+
 /// The MPI datatype of `T` (float, double, std::int64_t, int, char).
 template <class T>
 MPI_Datatype mpi_type() {
