@@ -55,11 +55,21 @@ struct value_error : std::runtime_error {
 };
 
 namespace detail {
+// Each argument goes through cat_piece, so the choice among the stream's many operator<<
+// overloads is made once per argument type, not once per argument list of cat: messages
+// are built in hundreds of places with different lists. String literals and C strings
+// share the const char* one.
+inline void cat_piece(std::ostream& os, const char* s) { os << s; }
+template <class T>
+void cat_piece(std::ostream& os, const T& v) {
+  os << v;
+}
+
 /// Concatenates any streamable values into one message string.
 template <class... Args>
 std::string cat(const Args&... args) {
   std::ostringstream os;
-  (os << ... << args);
+  (cat_piece(os, args), ...);
   return os.str();
 }
 }  // namespace detail
