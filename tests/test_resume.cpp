@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -290,6 +291,18 @@ TEST(RngState, RestoresTheStreamExactly) {
     EXPECT_EQ(a.below(1000003), r % 1000003) << i;
   }
   EXPECT_THROW(b.load_state_dict(StateDict<float>()), format_error);
+}
+
+// Rng's generator is written out (core/random.hpp); its stream must stay std::mt19937_64's.
+TEST(RngState, IsTheStandardMersenneTwister) {
+  for (std::uint64_t seed : {std::uint64_t(0), std::uint64_t(42), std::uint64_t(5489), ~std::uint64_t(0)}) {
+    Rng a(seed);
+    std::mt19937_64 ref(seed);
+    for (int i = 0; i < 2000; ++i) ASSERT_EQ(a.below(~std::uint64_t(0)), ref() % ~std::uint64_t(0)) << seed << " " << i;
+  }
+  Rng b;
+  b.restore(std::mt19937_64::default_seed, 9999);
+  EXPECT_EQ(b.below(~std::uint64_t(0)), 9981545732273789042ULL);  // the standard's check value
 }
 
 TEST(TrainingCheckpoint, SavesEveryPartAndLoadsAllOrNothing) {

@@ -3,14 +3,19 @@
 /// The exception types every public entry point of orepa throws. Messages name the
 /// argument or tensor at fault and give the expected and the actual value.
 
-#include <cxxabi.h>
-
-#include <cstdlib>
-#include <memory>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <typeinfo>
+
+#include "orepa/core/linkage.hpp"
+
+#if OREPA_DEFINITIONS
+#include <cxxabi.h>
+
+#include <cstdlib>
+#include <memory>
+#endif
 
 namespace orepa {
 
@@ -50,22 +55,35 @@ struct value_error : std::runtime_error {
 };
 
 namespace detail {
+// Each argument goes through cat_piece, so the choice among the stream's many operator<<
+// overloads is made once per argument type, not once per argument list of cat: messages
+// are built in hundreds of places with different lists. String literals and C strings
+// share the const char* one.
+inline void cat_piece(std::ostream& os, const char* s) { os << s; }
+template <class T>
+void cat_piece(std::ostream& os, const T& v) {
+  os << v;
+}
+
 /// Concatenates any streamable values into one message string.
 template <class... Args>
 std::string cat(const Args&... args) {
   std::ostringstream os;
-  (os << ... << args);
+  (cat_piece(os, args), ...);
   return os.str();
 }
 }  // namespace detail
 
 /// The C++ name of type `t` as written in source ("orepa::OREPA<float, orepa::SiLU>"),
 /// for messages (typeid's own name is mangled with GCC and clang).
-inline std::string readable_type_name(const std::type_info& t) {
+OREPA_INLINE std::string readable_type_name(const std::type_info& t);
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::string readable_type_name(const std::type_info& t) {
   int status = 0;
   const std::unique_ptr<char, void (*)(void*)> name(abi::__cxa_demangle(t.name(), nullptr, nullptr, &status),
                                                    std::free);
   return status == 0 && name ? std::string(name.get()) : std::string(t.name());
 }
+#endif  // OREPA_DEFINITIONS
 
 }  // namespace orepa

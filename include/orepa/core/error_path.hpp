@@ -12,10 +12,14 @@
 /// The work is done in the handler only: a `try` costs nothing on the path that does not
 /// throw.
 
-#include <cctype>
 #include <string>
 
 #include "orepa/core/error.hpp"
+#include "orepa/core/linkage.hpp"
+
+#if OREPA_DEFINITIONS
+#include <cctype>
+#endif
 
 namespace orepa::detail {
 
@@ -24,8 +28,11 @@ namespace orepa::detail {
 /// child that is itself a container has already put its own path in front
 /// ("C3[m.0] (Bottleneck) .cv1 (OREPA_1x1): ..."); that path is joined to this one. A
 /// leaf's own "Type::function: " or "Type: " prefix is dropped, as the path names it.
-inline std::string child_error_message(const std::string& container, const std::string& child, const std::string& type,
-                                       const std::string& msg) {
+OREPA_INLINE std::string child_error_message(const std::string& container, const std::string& child, const std::string& type,
+                                             const std::string& msg);
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::string child_error_message(const std::string& container, const std::string& child, const std::string& type,
+                                             const std::string& msg) {
   const std::string head = container + "[" + child + "] (" + type + ")";
   auto starts = [&](std::size_t at, const std::string& s) { return msg.compare(at, s.size(), s) == 0; };
   if (starts(0, type + "[")) {  // "<type>[seg] (segtype): text" or "<type>[seg] (segtype) .path (leaf): text"
@@ -47,12 +54,16 @@ inline std::string child_error_message(const std::string& container, const std::
   }
   return head + ": " + msg.substr(text);
 }
+#endif  // OREPA_DEFINITIONS
 
 /// Rethrows the exception being handled (call it only inside a `catch`) with the path of
 /// child `child` of type `type` in `container` in front of its message (see
 /// child_error_message), keeping its type; exceptions that are not orepa's pass unchanged.
-[[noreturn]] inline void rethrow_in_child(const std::string& container, const std::string& child,
-                                          const std::string& type) {
+[[noreturn]] OREPA_INLINE void rethrow_in_child(const std::string& container, const std::string& child,
+                                                const std::string& type);
+#if OREPA_DEFINITIONS
+[[noreturn]] OREPA_INLINE void rethrow_in_child(const std::string& container, const std::string& child,
+                                                const std::string& type) {
   auto msg = [&](const std::exception& e) { return child_error_message(container, child, type, e.what()); };
   try {
     throw;
@@ -70,6 +81,7 @@ inline std::string child_error_message(const std::string& container, const std::
     throw value_error(msg(e));
   }
 }
+#endif  // OREPA_DEFINITIONS
 
 /// Runs `f()`, a call of child `child` (an object with type_name()) called `name` in
 /// `container`; an orepa exception from it is rethrown with the child's path.
@@ -84,11 +96,14 @@ auto in_child(const char* container, const char* name, const Child& child, F&& f
 
 /// The name of type `t` without namespaces and template arguments ("DeployedC3" for
 /// `orepa::DeployedC3<float>`), for messages and printing.
-inline std::string short_type_name(const std::type_info& t) {
+OREPA_INLINE std::string short_type_name(const std::type_info& t);
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::string short_type_name(const std::type_info& t) {
   std::string name = readable_type_name(t);
   name = name.substr(0, name.find('<'));
   const std::size_t colon = name.rfind("::");
   return colon == std::string::npos ? name : name.substr(colon + 2);
 }
+#endif  // OREPA_DEFINITIONS
 
 }  // namespace orepa::detail

@@ -20,6 +20,7 @@
 
 #include "orepa/core/activation.hpp"
 #include "orepa/core/conv_geometry.hpp"
+#include "orepa/core/linkage.hpp"
 #include "orepa/deploy/any_deployed.hpp"
 #include "orepa/deploy/deployed_conv.hpp"
 
@@ -37,18 +38,24 @@ inline const char* activation_label(ActivationKind k) {
 
 /// A convolution's settings as printed: "I, O, kernel_size=k, stride=s, padding=p", then
 /// dilation and groups when not 1, then "act=<activation>".
-inline std::string conv_repr(const ConvGeometry& g, ActivationKind act) {
+OREPA_INLINE std::string conv_repr(const ConvGeometry& g, ActivationKind act);
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::string conv_repr(const ConvGeometry& g, ActivationKind act) {
   std::string s = detail::cat(g.in_channels, ", ", g.out_channels, ", kernel_size=", g.kernel, ", stride=", g.stride,
                               ", padding=", g.padding);
   if (g.dilation != 1) s += detail::cat(", dilation=", g.dilation);
   if (g.groups != 1) s += detail::cat(", groups=", g.groups);
   return s + ", act=" + activation_label(act);
 }
+#endif  // OREPA_DEFINITIONS
 
 /// \cond DO_NOT_DOCUMENT_THIS
 namespace detail {
 // "  # n parameters" after a printed line, nothing for a module without parameters.
-inline std::string parameter_note(std::int64_t n) { return n ? cat("  # ", n, " parameters") : std::string(); }
+OREPA_INLINE std::string parameter_note(std::int64_t n);
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::string parameter_note(std::int64_t n) { return n ? cat("  # ", n, " parameters") : std::string(); }
+#endif
 
 template <class S>
 std::string deployed_conv_line(const DeployedConv<S>& c) {

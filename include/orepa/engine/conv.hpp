@@ -33,8 +33,12 @@ namespace orepa::engine {
 /// The three primitive descriptors of a training convolution (forward_training,
 /// backward-data and backward-weights with the forward as hint), layouts left to oneDNN
 /// (`any`), user-managed scratchpad. Shared by ConvEngine<float> and FusedConvBnAct.
-inline std::tuple<dnnl::convolution_forward::primitive_desc, dnnl::convolution_backward_data::primitive_desc,
-                  dnnl::convolution_backward_weights::primitive_desc>
+OREPA_INLINE std::tuple<dnnl::convolution_forward::primitive_desc, dnnl::convolution_backward_data::primitive_desc,
+                        dnnl::convolution_backward_weights::primitive_desc>
+training_conv_pds(const ConvGeometry& g, const Shape& xs, const Shape& ys);
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::tuple<dnnl::convolution_forward::primitive_desc, dnnl::convolution_backward_data::primitive_desc,
+                        dnnl::convolution_backward_weights::primitive_desc>
 training_conv_pds(const ConvGeometry& g, const Shape& xs, const Shape& ys) {
   using namespace dnnl;
   auto any = [](const Shape& s) { return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, tag::any); };
@@ -54,6 +58,7 @@ training_conv_pds(const ConvGeometry& g, const Shape& xs, const Shape& ys) {
       attr, cpu_engine(), fpd);
   return {fpd, dpd, wpd};
 }
+#endif  // OREPA_DEFINITIONS
 
 /// Reference (naive) convolution engine for any scalar type.
 template <class S>
@@ -85,9 +90,9 @@ template <>
 class ConvEngine<float> {
  public:
   /// Engine for geometry `g`; throws config_error if it is invalid.
-  explicit ConvEngine(ConvGeometry g) : g_(g) { g_.validate("ConvEngine", false); }
+  explicit ConvEngine(ConvGeometry g);
   /// Copies the geometry; the primitives are per object and rebuilt lazily.
-  ConvEngine(const ConvEngine& o) : g_(o.g_) {}  // primitives are per object, rebuilt lazily
+  ConvEngine(const ConvEngine& o);
   /// Copies the geometry and drops the cached primitives.
   ConvEngine& operator=(const ConvEngine& o);
   /// Move constructor.
@@ -132,6 +137,11 @@ class ConvEngine<float> {
 };
 
 #if OREPA_DEFINITIONS
+// Out of the class, as every constructor: a constructor instantiates the destructors of
+// the members (the primitive cache and everything in it), which a program linking
+// orepa::precompiled then no longer does.
+OREPA_INLINE ConvEngine<float>::ConvEngine(ConvGeometry g) : g_(g) { g_.validate("ConvEngine", false); }
+OREPA_INLINE ConvEngine<float>::ConvEngine(const ConvEngine& o) : g_(o.g_) {}  // primitives are per object, rebuilt lazily
 OREPA_INLINE ConvEngine<float>& ConvEngine<float>::operator=(const ConvEngine& o) {
   if (this != &o) {
     g_ = o.g_;
@@ -229,18 +239,9 @@ class Relayout {
  public:
   Relayout() = default;
   /// Reorder from layout `from` to layout `to` (a pass-through when equal).
-  Relayout(const memory::desc& from, const memory::desc& to) {
-    if (from != to) {
-      buf_ = allocate(to);
-      to_ = dnnl::reorder(memory(from, cpu_engine(), DNNL_MEMORY_NONE), buf_);
-    }
-  }
+  Relayout(const memory::desc& from, const memory::desc& to);
   /// `m` in the target layout (a reorder runs only if the layouts differ).
-  const memory& operator()(const memory& m) {
-    if (!buf_) return m;
-    to_.execute(thread_stream(), const_cast<memory&>(m), buf_);
-    return buf_;
-  }
+  const memory& operator()(const memory& m);
   /// Bytes of the owned buffer (0 when passing through).
   std::int64_t bytes() const { return buf_ ? std::int64_t(buf_.get_desc().get_size()) : 0; }
 
@@ -248,6 +249,20 @@ class Relayout {
   memory buf_;
   dnnl::reorder to_;
 };
+
+#if OREPA_DEFINITIONS
+OREPA_INLINE Relayout::Relayout(const memory::desc& from, const memory::desc& to) {
+  if (from != to) {
+    buf_ = allocate(to);
+    to_ = dnnl::reorder(memory(from, cpu_engine(), DNNL_MEMORY_NONE), buf_);
+  }
+}
+OREPA_INLINE const memory& Relayout::operator()(const memory& m) {
+  if (!buf_) return m;
+  to_.execute(thread_stream(), const_cast<memory&>(m), buf_);
+  return buf_;
+}
+#endif  // OREPA_DEFINITIONS
 
 /// The training pipeline of a squeezed block, float with a built-in activation:
 ///
@@ -278,12 +293,9 @@ class FusedConvBnAct {
   using GradCorrection = std::function<void(const float* dgamma, const float* dbeta, float* scale, float* shift)>;
 
   /// `act` must be identity, relu or silu (custom activations cannot run in oneDNN).
-  FusedConvBnAct(ConvGeometry g, ActivationKind act) : g_(g), act_(act) {
-    g_.validate("FusedConvBnAct", false);
-    if (act_ == ActivationKind::custom) throw config_error("FusedConvBnAct: needs a built-in activation");
-  }
+  FusedConvBnAct(ConvGeometry g, ActivationKind act);
   /// A copy has the geometry and activation but no primitives or saved state (rebuilt lazily).
-  FusedConvBnAct(const FusedConvBnAct& o) : g_(o.g_), act_(o.act_) {}
+  FusedConvBnAct(const FusedConvBnAct& o);
   /// Copies geometry and activation, dropping primitives and saved state.
   FusedConvBnAct& operator=(const FusedConvBnAct& o);
   /// Move constructor (takes the primitives and saved state).
@@ -354,6 +366,11 @@ class FusedConvBnAct {
 };
 
 #if OREPA_DEFINITIONS
+OREPA_INLINE FusedConvBnAct::FusedConvBnAct(ConvGeometry g, ActivationKind act) : g_(g), act_(act) {
+  g_.validate("FusedConvBnAct", false);
+  if (act_ == ActivationKind::custom) throw config_error("FusedConvBnAct: needs a built-in activation");
+}
+OREPA_INLINE FusedConvBnAct::FusedConvBnAct(const FusedConvBnAct& o) : g_(o.g_), act_(o.act_) {}
 OREPA_INLINE FusedConvBnAct& FusedConvBnAct::operator=(const FusedConvBnAct& o) {
   if (this != &o) g_ = o.g_, act_ = o.act_, cache_.reset(), last_ = nullptr;
   return *this;

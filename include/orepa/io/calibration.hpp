@@ -6,31 +6,40 @@
 
 #include <string>
 
+#include "orepa/core/linkage.hpp"
 #include "orepa/deploy/precision.hpp"
 #include "orepa/io/safetensors.hpp"
 
 namespace orepa::io {
 
 /// The tensor-name suffix of a calibrated range.
-inline const std::string& input_range_suffix() {
+OREPA_INLINE const std::string& input_range_suffix();
+#if OREPA_DEFINITIONS
+OREPA_INLINE const std::string& input_range_suffix() {
   static const std::string s = "input_range";
   return s;
 }
+#endif  // OREPA_DEFINITIONS
 
 /// Adds every range of `c` to `w` (the object first, as every io function takes it).
-inline void save_calibration(const Calibration& c, SafetensorsWriter& w) {
+OREPA_INLINE void save_calibration(const Calibration& c, SafetensorsWriter& w);
+#if OREPA_DEFINITIONS
+OREPA_INLINE void save_calibration(const Calibration& c, SafetensorsWriter& w) {
   for (const auto& [layer, r] : c.ranges()) {
     Tensor<float> t({2});
     t[0] = r.lo, t[1] = r.hi;
     w.add(layer + input_range_suffix(), t);
   }
 }
+#endif  // OREPA_DEFINITIONS
 
 /// The ranges stored in `f` (every tensor named "...input_range"; other tensors, such as
 /// deployed weights, are ignored). Throws format_error naming a range tensor that is not
 /// two finite values with lo <= hi (and its values). A range finite but unusable for int8
 /// ([0, 0]) is refused when deployed, naming the layer (DeployedConv::apply).
-inline Calibration load_calibration(const SafetensorsFile& f) {
+OREPA_INLINE Calibration load_calibration(const SafetensorsFile& f);
+#if OREPA_DEFINITIONS
+OREPA_INLINE Calibration load_calibration(const SafetensorsFile& f) {
   Calibration c;
   const std::string& suffix = input_range_suffix();
   for (const auto& name : f.names()) {
@@ -46,5 +55,6 @@ inline Calibration load_calibration(const SafetensorsFile& f) {
   }
   return c;
 }
+#endif  // OREPA_DEFINITIONS
 
 }  // namespace orepa::io

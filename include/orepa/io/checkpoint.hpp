@@ -17,6 +17,7 @@
 #include "orepa/blocks/orepa_1x1.hpp"
 #include "orepa/blocks/orepa_large.hpp"
 #include "orepa/blocks/repvgg.hpp"
+#include "orepa/core/linkage.hpp"
 #include "orepa/io/state_dict.hpp"
 
 namespace orepa::io {
@@ -25,7 +26,9 @@ namespace orepa::io {
 enum class BlockType { OREPA, OREPA_1x1, OREPA_LargeConv, RepVGGBlock_OREPA, ConvBN, DBB };
 
 /// The reference class name ("OREPA", "OREPA_1x1", ...).
-inline const char* to_string(BlockType t) {
+OREPA_INLINE const char* to_string(BlockType t);
+#if OREPA_DEFINITIONS
+OREPA_INLINE const char* to_string(BlockType t) {
   switch (t) {
     case BlockType::OREPA: return "OREPA";
     case BlockType::OREPA_1x1: return "OREPA_1x1";
@@ -36,18 +39,24 @@ inline const char* to_string(BlockType t) {
   }
   return "?";
 }
+#endif  // OREPA_DEFINITIONS
 
 /// Parses a reference class name; throws config_error listing the valid ones.
-inline BlockType parse_block_type(const std::string& s) {
+OREPA_INLINE BlockType parse_block_type(const std::string& s);
+#if OREPA_DEFINITIONS
+OREPA_INLINE BlockType parse_block_type(const std::string& s) {
   for (auto t : {BlockType::OREPA, BlockType::OREPA_1x1, BlockType::OREPA_LargeConv, BlockType::RepVGGBlock_OREPA,
                  BlockType::ConvBN, BlockType::DBB})
     if (s == to_string(t)) return t;
   throw config_error("block type: expected OREPA, OREPA_1x1, OREPA_LargeConv, RepVGGBlock_OREPA, ConvBN or DBB, got '" +
                      s + "'");
 }
+#endif  // OREPA_DEFINITIONS
 
 /// The stem of the deployed tensors (`<prefix><stem>.weight` / `.bias`), SPEC section 6.
-inline const char* deployed_stem(BlockType t) {
+OREPA_INLINE const char* deployed_stem(BlockType t);
+#if OREPA_DEFINITIONS
+OREPA_INLINE const char* deployed_stem(BlockType t) {
   switch (t) {
     case BlockType::OREPA: return "orepa_reparam";
     case BlockType::OREPA_1x1: return "or1x1_reparam";
@@ -58,6 +67,7 @@ inline const char* deployed_stem(BlockType t) {
   }
   return "?";
 }
+#endif  // OREPA_DEFINITIONS
 
 /// A block found in a checkpoint: its name prefix (e.g. "model.3.") and class.
 struct DetectedBlock {
@@ -71,7 +81,9 @@ struct DetectedBlock {
 /// `weight0.weight_orepa_origin` + `bn.weight` (OREPA_LargeConv),
 /// `rbr_dense.weight_rbr_origin` (RepVGGBlock_OREPA), `dbb_origin.conv.weight` (DBB),
 /// `conv.weight` + `bn.weight` (ConvBN).
-inline std::vector<DetectedBlock> detect_blocks(const SafetensorsFile& file) {
+OREPA_INLINE std::vector<DetectedBlock> detect_blocks(const SafetensorsFile& file);
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::vector<DetectedBlock> detect_blocks(const SafetensorsFile& file) {
   static const std::vector<std::tuple<std::string, BlockType, std::vector<std::string>>> markers = {
       {"weight_orepa_origin", BlockType::OREPA, {"vector", "bn.weight"}},
       {"weight_or1x1_origin", BlockType::OREPA_1x1, {"vector", "bn.weight"}},
@@ -101,6 +113,7 @@ inline std::vector<DetectedBlock> detect_blocks(const SafetensorsFile& file) {
   }
   return outer;
 }
+#endif  // OREPA_DEFINITIONS
 
 /// The settings a checkpoint cannot hold: they matter only to run a forward pass, never to
 /// convert. Absent ones take the blocks' defaults (stride 1, autopad, dilation 1; groups
@@ -121,6 +134,7 @@ struct BlockSettings {
 /// stride, padding or dilation).
 enum class LoadPurpose { forward, convert };
 
+#if OREPA_DEFINITIONS
 namespace detail {
 // Calls make(act) with the activation object named by `kind`.
 template <class F>
@@ -149,6 +163,7 @@ inline const TensorEntry& need(const SafetensorsFile& f, const std::string& name
   return e;
 }
 }  // namespace detail
+#endif  // OREPA_DEFINITIONS
 
 /// The names of the training-time tensors of a block (parameters, buffers and
 /// num_batches_tracked counters), under `prefix`.
@@ -163,7 +178,9 @@ std::vector<std::string> training_tensor_names(const Block& b, const std::string
 /// The tensor-name namespaces a block of type `t` owns under its prefix: every tensor in
 /// them belongs to the block, so one the block does not expect is an error (a converter
 /// would otherwise leave a training-time tensor behind).
-inline std::vector<std::string> owned_namespaces(BlockType t) {
+OREPA_INLINE std::vector<std::string> owned_namespaces(BlockType t);
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::vector<std::string> owned_namespaces(BlockType t) {
   switch (t) {
     case BlockType::OREPA: return {"weight_orepa_", "id_tensor", "vector", "bn."};
     case BlockType::OREPA_1x1: return {"weight_or1x1_", "vector", "bn."};
@@ -174,6 +191,7 @@ inline std::vector<std::string> owned_namespaces(BlockType t) {
   }
   return {};
 }
+#endif  // OREPA_DEFINITIONS
 
 /// Rebuilds the float block of type `type` stored under `prefix` and loads its tensors.
 ///
@@ -187,10 +205,15 @@ inline std::vector<std::string> owned_namespaces(BlockType t) {
 /// modules under the prefix are left alone). Throws format_error for tensors that do not
 /// make a block and config_error for settings that contradict them, naming both.
 /// (A template only so that a translation unit that never calls it does not instantiate
-/// every block type with every activation: a quarter of the parse time of orepa.hpp.)
+/// every block type with every activation: a quarter of the parse time of orepa.hpp.
+/// orepa::precompiled holds load_block<>, so a program linking it does not parse the body.)
 template <class = void>
 AnyBlock<float> load_block(const SafetensorsFile& f, const std::string& prefix, BlockType type,
-                           const BlockSettings& settings = {}, LoadPurpose purpose = LoadPurpose::forward) {
+                           const BlockSettings& settings = {}, LoadPurpose purpose = LoadPurpose::forward);
+#if OREPA_DEFINITIONS
+template <class>
+AnyBlock<float> load_block(const SafetensorsFile& f, const std::string& prefix, BlockType type,
+                           const BlockSettings& settings, LoadPurpose purpose) {
   using detail::need;
   const std::string where = "'" + prefix + "' (" + to_string(type) + ") in " + f.label();
   auto shape = [&](const std::string& name, std::size_t rank) { return need(f, prefix + name, rank).shape; };
@@ -319,5 +342,6 @@ AnyBlock<float> load_block(const SafetensorsFile& f, const std::string& prefix, 
   }
   return std::move(*block);
 }
+#endif  // OREPA_DEFINITIONS
 
 }  // namespace orepa::io

@@ -8,10 +8,15 @@
 #include <cstddef>
 #include <cstdint>
 #include <optional>
-#include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include "orepa/core/linkage.hpp"
+
+#if OREPA_DEFINITIONS
+#include <set>
+#endif
 
 namespace orepa::io::json {
 
@@ -64,7 +69,53 @@ struct Value {
 
 /// Length of the well-formed UTF-8 sequence at s[i] (1-4), or 0 when it is ill-formed:
 /// truncated, overlong, a surrogate, or past U+10FFFF.
-inline std::size_t utf8_sequence(const std::string& s, std::size_t i) {
+OREPA_INLINE std::size_t utf8_sequence(const std::string& s, std::size_t i);
+/// `s` as a JSON string literal: quotes, backslash and control characters escaped, other
+/// UTF-8 kept as it is. Throws json::error naming the byte when `s` is not valid UTF-8.
+OREPA_INLINE std::string quote(const std::string& s);
+
+/// Parses one JSON text (surrounding whitespace allowed, nothing else). Throws json::error:
+/// "invalid JSON: <what> at byte N" for a syntax error, nesting deeper than `max_depth` or
+/// more than `max_values` values (a hostile header must not exhaust the stack or memory);
+/// "duplicate key 'k' in the header" (the outermost object) or "... in 'owner'" (an object
+/// under key `owner`) for a repeated key.
+class Parser {
+ public:
+  /// Nesting limit (a safetensors header needs 3).
+  static constexpr int max_depth = 64;
+  /// Value limit: ~8 per tensor, so 250,000 tensors.
+  static constexpr std::size_t max_values = std::size_t(1) << 21;
+
+  /// Parses `text[0, size)`.
+  static Value parse(const char* text, std::size_t size);
+
+ private:
+  Parser(const char* text, std::size_t size) : text_(text), size_(size) {}
+
+  [[noreturn]] void fail(const std::string& what) const;
+  bool at_end() const { return pos_ >= size_; }
+  // '\0' past the end, which no comparison with a JSON delimiter matches.
+  char peek() const { return at_end() ? '\0' : text_[pos_]; }
+  void skip_space() {
+    while (peek() == ' ' || peek() == '\t' || peek() == '\n' || peek() == '\r') ++pos_;
+  }
+  void expect(char c);
+  Value value(int depth, const std::string& owner);
+  // An object or an array: comma-separated elements up to the closing bracket.
+  Value container(int depth, const std::string& owner);
+  std::string number();
+  unsigned hex4();
+  static void append_utf8(std::string& s, unsigned cp);
+  std::string string();
+
+  const char* text_;
+  std::size_t size_;
+  std::size_t pos_ = 0;
+  std::size_t values_ = 0;
+};
+
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::size_t utf8_sequence(const std::string& s, std::size_t i) {
   const auto b = [&](std::size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
   const unsigned c = b(0);
   const auto cont = [&](std::size_t k) { return (b(k) & 0xC0u) == 0x80u; };
@@ -81,9 +132,7 @@ inline std::size_t utf8_sequence(const std::string& s, std::size_t i) {
   return 0;
 }
 
-/// `s` as a JSON string literal: quotes, backslash and control characters escaped, other
-/// UTF-8 kept as it is. Throws json::error naming the byte when `s` is not valid UTF-8.
-inline std::string quote(const std::string& s) {
+OREPA_INLINE std::string quote(const std::string& s) {
   static const char hex[] = "0123456789abcdef";
   std::string out = "\"";
   for (std::size_t i = 0; i < s.size();) {
@@ -105,7 +154,7 @@ inline std::string quote(const std::string& s) {
   return out + '"';
 }
 
-inline std::string Value::dump() const {
+OREPA_INLINE std::string Value::dump() const {
   switch (kind) {
     case Kind::string: return quote(text);
     case Kind::array: {
@@ -122,217 +171,191 @@ inline std::string Value::dump() const {
   }
 }
 
-/// Parses one JSON text (surrounding whitespace allowed, nothing else). Throws json::error:
-/// "invalid JSON: <what> at byte N" for a syntax error, nesting deeper than `max_depth` or
-/// more than `max_values` values (a hostile header must not exhaust the stack or memory);
-/// "duplicate key 'k' in the header" (the outermost object) or "... in 'owner'" (an object
-/// under key `owner`) for a repeated key.
-class Parser {
- public:
-  /// Nesting limit (a safetensors header needs 3).
-  static constexpr int max_depth = 64;
-  /// Value limit: ~8 per tensor, so 250,000 tensors.
-  static constexpr std::size_t max_values = std::size_t(1) << 21;
+OREPA_INLINE Value Parser::parse(const char* text, std::size_t size) {
+  Parser p(text, size);
+  p.skip_space();
+  Value v = p.value(0, "");
+  p.skip_space();
+  if (p.pos_ != p.size_) p.fail("unexpected text after the value");
+  return v;
+}
 
-  /// Parses `text[0, size)`.
-  static Value parse(const char* text, std::size_t size) {
-    Parser p(text, size);
-    p.skip_space();
-    Value v = p.value(0, "");
-    p.skip_space();
-    if (p.pos_ != p.size_) p.fail("unexpected text after the value");
-    return v;
-  }
+OREPA_INLINE void Parser::fail(const std::string& what) const {
+  throw error("invalid JSON: " + what + " at byte " + std::to_string(pos_));
+}
 
- private:
-  Parser(const char* text, std::size_t size) : text_(text), size_(size) {}
+OREPA_INLINE void Parser::expect(char c) {
+  if (peek() != c) fail(std::string("expected '") + c + "'");
+  ++pos_;
+}
 
-  [[noreturn]] void fail(const std::string& what) const {
-    throw error("invalid JSON: " + what + " at byte " + std::to_string(pos_));
+OREPA_INLINE Value Parser::value(int depth, const std::string& owner) {
+  if (++values_ > max_values) fail("more than " + std::to_string(max_values) + " values");
+  if (at_end()) fail("unexpected end of the text");
+  const char c = peek();
+  if (c == '{' || c == '[') {
+    if (depth >= max_depth) fail("nesting deeper than " + std::to_string(max_depth) + " levels");
+    return container(depth, owner);
   }
-  bool at_end() const { return pos_ >= size_; }
-  // '\0' past the end, which no comparison with a JSON delimiter matches.
-  char peek() const { return at_end() ? '\0' : text_[pos_]; }
-  void skip_space() {
-    while (peek() == ' ' || peek() == '\t' || peek() == '\n' || peek() == '\r') ++pos_;
-  }
-  void expect(char c) {
-    if (peek() != c) fail(std::string("expected '") + c + "'");
-    ++pos_;
-  }
-
-  Value value(int depth, const std::string& owner) {
-    if (++values_ > max_values) fail("more than " + std::to_string(max_values) + " values");
-    if (at_end()) fail("unexpected end of the text");
-    const char c = peek();
-    if (c == '{' || c == '[') {
-      if (depth >= max_depth) fail("nesting deeper than " + std::to_string(max_depth) + " levels");
-      return container(depth, owner);
-    }
-    Value v;
-    if (c == '"') {
-      v.kind = Value::Kind::string;
-      v.text = string();
-    } else if (c == '-' || (c >= '0' && c <= '9')) {
-      v.kind = Value::Kind::number;
-      v.text = number();
-    } else {
-      for (const char* word : {"true", "false", "null"}) {
-        const std::string w = word;
-        if (pos_ + w.size() <= size_ && std::string(text_ + pos_, w.size()) == w) {
-          v.kind = w == "null" ? Value::Kind::null : Value::Kind::boolean;
-          v.text = w;
-          pos_ += w.size();
-          return v;
-        }
+  Value v;
+  if (c == '"') {
+    v.kind = Value::Kind::string;
+    v.text = string();
+  } else if (c == '-' || (c >= '0' && c <= '9')) {
+    v.kind = Value::Kind::number;
+    v.text = number();
+  } else {
+    for (const char* word : {"true", "false", "null"}) {
+      const std::string w = word;
+      if (pos_ + w.size() <= size_ && std::string(text_ + pos_, w.size()) == w) {
+        v.kind = w == "null" ? Value::Kind::null : Value::Kind::boolean;
+        v.text = w;
+        pos_ += w.size();
+        return v;
       }
-      fail(std::string("unexpected character '") + c + "'");
     }
-    return v;
+    fail(std::string("unexpected character '") + c + "'");
   }
+  return v;
+}
 
-  // An object or an array: comma-separated elements up to the closing bracket.
-  Value container(int depth, const std::string& owner) {
-    const bool is_object = peek() == '{';
-    const char close = is_object ? '}' : ']';
-    Value v;
-    v.kind = is_object ? Value::Kind::object : Value::Kind::array;
-    std::set<std::string> seen;
-    ++pos_;
+OREPA_INLINE Value Parser::container(int depth, const std::string& owner) {
+  const bool is_object = peek() == '{';
+  const char close = is_object ? '}' : ']';
+  Value v;
+  v.kind = is_object ? Value::Kind::object : Value::Kind::array;
+  std::set<std::string> seen;
+  ++pos_;
+  skip_space();
+  if (peek() == close) return ++pos_, v;
+  for (;;) {
     skip_space();
-    if (peek() == close) return ++pos_, v;
-    for (;;) {
+    if (is_object) {
+      if (peek() != '"') fail("expected a string key");
+      std::string key = string();
+      if (!seen.insert(key).second)
+        throw error("duplicate key '" + key + "' in " + (depth == 0 ? std::string("the header") : "'" + owner + "'"));
       skip_space();
-      if (is_object) {
-        if (peek() != '"') fail("expected a string key");
-        std::string key = string();
-        if (!seen.insert(key).second)
-          throw error("duplicate key '" + key + "' in " + (depth == 0 ? std::string("the header") : "'" + owner + "'"));
-        skip_space();
-        expect(':');
-        skip_space();
-        v.items.push_back(value(depth + 1, key));
-        v.keys.push_back(std::move(key));
-      } else {
-        v.items.push_back(value(depth + 1, owner));  // array elements belong to the array's owner
-      }
+      expect(':');
       skip_space();
-      if (peek() != ',') break;
-      ++pos_;
-    }
-    expect(close);
-    return v;
-  }
-
-  std::string number() {
-    const std::size_t begin = pos_;
-    const auto digits = [&] {
-      const std::size_t d = pos_;
-      while (peek() >= '0' && peek() <= '9') ++pos_;
-      return pos_ - d;
-    };
-    if (peek() == '-') ++pos_;
-    if (peek() == '0') ++pos_;
-    else if (digits() == 0) fail("expected a digit");
-    if (peek() == '.') {
-      ++pos_;
-      if (digits() == 0) fail("expected a digit after '.'");
-    }
-    if (peek() == 'e' || peek() == 'E') {
-      ++pos_;
-      if (peek() == '+' || peek() == '-') ++pos_;
-      if (digits() == 0) fail("expected a digit in the exponent");
-    }
-    return std::string(text_ + begin, pos_ - begin);
-  }
-
-  unsigned hex4() {
-    unsigned u = 0;
-    for (int i = 0; i < 4; ++i, ++pos_) {
-      const char c = peek();
-      if (at_end()) fail("unexpected end in a \\u escape");
-      const unsigned d = c >= '0' && c <= '9' ? unsigned(c - '0')
-                         : c >= 'a' && c <= 'f' ? unsigned(c - 'a' + 10)
-                         : c >= 'A' && c <= 'F' ? unsigned(c - 'A' + 10)
-                                                : 16u;
-      if (d == 16) fail("expected a hex digit in a \\u escape");
-      u = u * 16 + d;
-    }
-    return u;
-  }
-  static void append_utf8(std::string& s, unsigned cp) {
-    if (cp < 0x80) {
-      s += char(cp);
-    } else if (cp < 0x800) {
-      s += char(0xC0 | (cp >> 6)), s += char(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      s += char(0xE0 | (cp >> 12)), s += char(0x80 | ((cp >> 6) & 0x3F)), s += char(0x80 | (cp & 0x3F));
+      v.items.push_back(value(depth + 1, key));
+      v.keys.push_back(std::move(key));
     } else {
-      s += char(0xF0 | (cp >> 18)), s += char(0x80 | ((cp >> 12) & 0x3F));
-      s += char(0x80 | ((cp >> 6) & 0x3F)), s += char(0x80 | (cp & 0x3F));
+      v.items.push_back(value(depth + 1, owner));  // array elements belong to the array's owner
     }
+    skip_space();
+    if (peek() != ',') break;
+    ++pos_;
   }
+  expect(close);
+  return v;
+}
 
-  std::string string() {
-    ++pos_;  // '"'
-    std::string s;
-    for (;;) {
-      if (at_end()) fail("unterminated string");
-      const auto c = static_cast<unsigned char>(peek());
-      if (c == '"') {
-        ++pos_;
-        return s;
-      }
-      if (c < 0x20) fail("unescaped control character in a string");
-      if (c < 0x80 && c != '\\') {
-        s += char(c);
-        ++pos_;
-        continue;
-      }
-      if (c != '\\') {
-        const std::string rest(text_ + pos_, size_ - pos_ < 4 ? size_ - pos_ : 4);
-        const std::size_t n = utf8_sequence(rest, 0);
-        if (n == 0) fail("ill-formed UTF-8 in a string");
-        s.append(text_ + pos_, n);
-        pos_ += n;
-        continue;
-      }
+OREPA_INLINE std::string Parser::number() {
+  const std::size_t begin = pos_;
+  const auto digits = [&] {
+    const std::size_t d = pos_;
+    while (peek() >= '0' && peek() <= '9') ++pos_;
+    return pos_ - d;
+  };
+  if (peek() == '-') ++pos_;
+  if (peek() == '0') ++pos_;
+  else if (digits() == 0) fail("expected a digit");
+  if (peek() == '.') {
+    ++pos_;
+    if (digits() == 0) fail("expected a digit after '.'");
+  }
+  if (peek() == 'e' || peek() == 'E') {
+    ++pos_;
+    if (peek() == '+' || peek() == '-') ++pos_;
+    if (digits() == 0) fail("expected a digit in the exponent");
+  }
+  return std::string(text_ + begin, pos_ - begin);
+}
+
+OREPA_INLINE unsigned Parser::hex4() {
+  unsigned u = 0;
+  for (int i = 0; i < 4; ++i, ++pos_) {
+    const char c = peek();
+    if (at_end()) fail("unexpected end in a \\u escape");
+    const unsigned d = c >= '0' && c <= '9' ? unsigned(c - '0')
+                       : c >= 'a' && c <= 'f' ? unsigned(c - 'a' + 10)
+                       : c >= 'A' && c <= 'F' ? unsigned(c - 'A' + 10)
+                                              : 16u;
+    if (d == 16) fail("expected a hex digit in a \\u escape");
+    u = u * 16 + d;
+  }
+  return u;
+}
+
+OREPA_INLINE void Parser::append_utf8(std::string& s, unsigned cp) {
+  if (cp < 0x80) {
+    s += char(cp);
+  } else if (cp < 0x800) {
+    s += char(0xC0 | (cp >> 6)), s += char(0x80 | (cp & 0x3F));
+  } else if (cp < 0x10000) {
+    s += char(0xE0 | (cp >> 12)), s += char(0x80 | ((cp >> 6) & 0x3F)), s += char(0x80 | (cp & 0x3F));
+  } else {
+    s += char(0xF0 | (cp >> 18)), s += char(0x80 | ((cp >> 12) & 0x3F));
+    s += char(0x80 | ((cp >> 6) & 0x3F)), s += char(0x80 | (cp & 0x3F));
+  }
+}
+
+OREPA_INLINE std::string Parser::string() {
+  ++pos_;  // '"'
+  std::string s;
+  for (;;) {
+    if (at_end()) fail("unterminated string");
+    const auto c = static_cast<unsigned char>(peek());
+    if (c == '"') {
       ++pos_;
-      const char e = peek();
-      if (at_end()) fail("unterminated escape");
+      return s;
+    }
+    if (c < 0x20) fail("unescaped control character in a string");
+    if (c < 0x80 && c != '\\') {
+      s += char(c);
       ++pos_;
-      switch (e) {
-        case '"': s += '"'; break;
-        case '\\': s += '\\'; break;
-        case '/': s += '/'; break;
-        case 'b': s += '\b'; break;
-        case 'f': s += '\f'; break;
-        case 'n': s += '\n'; break;
-        case 'r': s += '\r'; break;
-        case 't': s += '\t'; break;
-        case 'u': {
-          unsigned cp = hex4();
-          if (cp >= 0xDC00 && cp <= 0xDFFF) fail("a lone low surrogate in a \\u escape");
-          if (cp >= 0xD800 && cp <= 0xDBFF) {  // a high surrogate needs its low half next
-            if (peek() != '\\' || pos_ + 1 >= size_ || text_[pos_ + 1] != 'u')
-              fail("a high surrogate without its low half");
-            pos_ += 2;
-            const unsigned lo = hex4();
-            if (lo < 0xDC00 || lo > 0xDFFF) fail("a high surrogate without its low half");
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-          }
-          append_utf8(s, cp);
-          break;
+      continue;
+    }
+    if (c != '\\') {
+      const std::string rest(text_ + pos_, size_ - pos_ < 4 ? size_ - pos_ : 4);
+      const std::size_t n = utf8_sequence(rest, 0);
+      if (n == 0) fail("ill-formed UTF-8 in a string");
+      s.append(text_ + pos_, n);
+      pos_ += n;
+      continue;
+    }
+    ++pos_;
+    const char e = peek();
+    if (at_end()) fail("unterminated escape");
+    ++pos_;
+    switch (e) {
+      case '"': s += '"'; break;
+      case '\\': s += '\\'; break;
+      case '/': s += '/'; break;
+      case 'b': s += '\b'; break;
+      case 'f': s += '\f'; break;
+      case 'n': s += '\n'; break;
+      case 'r': s += '\r'; break;
+      case 't': s += '\t'; break;
+      case 'u': {
+        unsigned cp = hex4();
+        if (cp >= 0xDC00 && cp <= 0xDFFF) fail("a lone low surrogate in a \\u escape");
+        if (cp >= 0xD800 && cp <= 0xDBFF) {  // a high surrogate needs its low half next
+          if (peek() != '\\' || pos_ + 1 >= size_ || text_[pos_ + 1] != 'u')
+            fail("a high surrogate without its low half");
+          pos_ += 2;
+          const unsigned lo = hex4();
+          if (lo < 0xDC00 || lo > 0xDFFF) fail("a high surrogate without its low half");
+          cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
         }
-        default: --pos_, fail(std::string("invalid escape '\\") + e + "'");
+        append_utf8(s, cp);
+        break;
       }
+      default: --pos_, fail(std::string("invalid escape '\\") + e + "'");
     }
   }
-
-  const char* text_;
-  std::size_t size_;
-  std::size_t pos_ = 0;
-  std::size_t values_ = 0;
-};
+}
+#endif  // OREPA_DEFINITIONS
 
 }  // namespace orepa::io::json

@@ -12,16 +12,20 @@
 /// output that is the same file as one of the inputs (same device and inode, which is
 /// how it sees through symbolic links, hard links and different spellings of a path).
 
+#include <string>
+#include <vector>
+
+#include "orepa/core/error.hpp"
+#include "orepa/core/linkage.hpp"
+
+#if OREPA_DEFINITIONS
 #include <sys/stat.h>
 
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <string>
-#include <vector>
-
-#include "orepa/core/error.hpp"
+#endif
 
 namespace orepa::io {
 
@@ -32,7 +36,13 @@ struct NamedPath {
   std::string path;  ///< the path as given
 };
 
-/// \cond DO_NOT_DOCUMENT_THIS
+/// The file writing `out` replaces: `out.path` itself when it is a regular file or does not
+/// exist yet, the fully resolved target of a symbolic link whose target is a regular file.
+/// Throws config_error naming the role and path for a directory, a FIFO, a socket, a
+/// device, a dangling link or a link to any of those. Nothing is opened (opening a FIFO
+/// would block).
+OREPA_INLINE std::string output_target(const NamedPath& out);
+#if OREPA_DEFINITIONS
 namespace detail {
 inline const char* file_kind(mode_t m) {
   if (S_ISDIR(m)) return "a directory";
@@ -43,14 +53,8 @@ inline const char* file_kind(mode_t m) {
   return "not a regular file";
 }
 }  // namespace detail
-/// \endcond
 
-/// The file writing `out` replaces: `out.path` itself when it is a regular file or does not
-/// exist yet, the fully resolved target of a symbolic link whose target is a regular file.
-/// Throws config_error naming the role and path for a directory, a FIFO, a socket, a
-/// device, a dangling link or a link to any of those. Nothing is opened (opening a FIFO
-/// would block).
-inline std::string output_target(const NamedPath& out) {
+OREPA_INLINE std::string output_target(const NamedPath& out) {
   const std::string who = orepa::detail::cat(out.role, " '", out.path, "'");
   if (out.path.empty()) throw config_error(out.role + ": the output path is empty");
   struct stat st {};
@@ -68,12 +72,15 @@ inline std::string output_target(const NamedPath& out) {
                                           detail::file_kind(st.st_mode), "; outputs are written to regular files only"));
   return real.get();
 }
+#endif  // OREPA_DEFINITIONS
 
 /// output_target(out), after checking that `out` is none of `inputs`: an existing output
 /// with the device and inode of an existing input is refused with config_error naming
 /// both (however the two paths are spelled or linked). Inputs that do not exist are
 /// skipped (opening them reports that).
-inline std::string check_output_path(const NamedPath& out, const std::vector<NamedPath>& inputs) {
+OREPA_INLINE std::string check_output_path(const NamedPath& out, const std::vector<NamedPath>& inputs);
+#if OREPA_DEFINITIONS
+OREPA_INLINE std::string check_output_path(const NamedPath& out, const std::vector<NamedPath>& inputs) {
   const std::string target = output_target(out);
   struct stat o {};
   if (::stat(target.c_str(), &o) != 0) return target;
@@ -89,5 +96,6 @@ inline std::string check_output_path(const NamedPath& out, const std::vector<Nam
   }
   return target;
 }
+#endif  // OREPA_DEFINITIONS
 
 }  // namespace orepa::io

@@ -7,11 +7,6 @@
 /// tensor or field at fault; nothing is read outside the file and nothing huge is
 /// allocated because of a hostile header.
 
-#include <fcntl.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
 #include <cerrno>
 #include <cmath>
@@ -27,9 +22,17 @@
 #include <vector>
 
 #include "orepa/core/error.hpp"
+#include "orepa/core/linkage.hpp"
 #include "orepa/core/tensor.hpp"
 #include "orepa/io/json.hpp"
 #include "orepa/io/output_path.hpp"
+
+#if OREPA_DEFINITIONS
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
 
 namespace orepa::io {
 
@@ -166,38 +169,9 @@ class SafetensorsFile {
 
   /// Maps and validates `path`; throws format_error (naming the file and the tensor or
   /// field) on any malformation or I/O failure.
-  static SafetensorsFile open(const std::string& path) {
-    SafetensorsFile f;
-    f.label_ = path;
-    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw format_error(orepa::detail::cat(path, ": cannot open: ", std::strerror(errno)));
-    struct stat st {};
-    if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-      ::close(fd);
-      throw format_error(orepa::detail::cat(path, ": not a readable regular file"));
-    }
-    const auto size = static_cast<std::size_t>(st.st_size);
-    if (size >= 8) {  // mmap of 0 bytes fails; short files are reported by parse()
-      void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
-      if (p == MAP_FAILED) {
-        int err = errno;
-        ::close(fd);
-        throw format_error(orepa::detail::cat(path, ": mmap failed: ", std::strerror(err)));
-      }
-      f.map_ = Mapping(static_cast<unsigned char*>(p), Unmap{size});
-    }
-    ::close(fd);  // the mapping stays valid after close
-    f.parse(f.map_.get(), size);
-    return f;
-  }
+  static SafetensorsFile open(const std::string& path);
   /// Validates an in-memory file (tests, fuzzing); `label` names it in error messages.
-  static SafetensorsFile from_bytes(std::vector<unsigned char> bytes, std::string label = "<memory>") {
-    SafetensorsFile f;
-    f.label_ = std::move(label);
-    f.owned_ = std::move(bytes);  // a vector move keeps the buffer, so entry pointers stay valid
-    f.parse(f.owned_.data(), f.owned_.size());
-    return f;
-  }
+  static SafetensorsFile from_bytes(std::vector<unsigned char> bytes, std::string label = "<memory>");
 
   /// Move constructor (entry pointers stay valid).
   SafetensorsFile(SafetensorsFile&&) noexcept = default;
@@ -207,23 +181,11 @@ class SafetensorsFile {
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
 
   /// Tensor names in header (JSON text) order.
-  std::vector<std::string> names() const {
-    std::vector<std::string> r;
-    for (const auto& e : entries_) r.push_back(e.name);
-    return r;
-  }
+  std::vector<std::string> names() const;
   /// Whether a tensor called `name` is stored.
   bool contains(const std::string& name) const { return index_.count(name) != 0; }
   /// The stored tensor `name`; throws format_error listing a few available names if absent.
-  const TensorEntry& entry(const std::string& name) const {
-    auto it = index_.find(name);
-    if (it != index_.end()) return entries_[it->second];
-    std::string some;
-    for (std::size_t i = 0; i < entries_.size() && i < 8; ++i) some += (i ? ", " : "") + entries_[i].name;
-    if (entries_.size() > 8) some += ", ...";
-    throw format_error(orepa::detail::cat(label_, ": no tensor '", name, "' (", entries_.size(),
-                                          " stored: ", some, ")"));
-  }
+  const TensorEntry& entry(const std::string& name) const;
   /// Tensor `name` converted to floating-point `S` (from F32/F64/F16/BF16 or an integer dtype).
   template <class S>
   Tensor<S> get(const std::string& name) const {
@@ -245,24 +207,7 @@ class SafetensorsFile {
   }
   /// The single element of tensor `name` (e.g. bn.num_batches_tracked) as an integer; float
   /// dtypes must hold an exact integer.
-  std::int64_t get_int(const std::string& name) const {
-    const TensorEntry& e = entry(name);
-    auto fail = [&](const char* why) {
-      return format_error(orepa::detail::cat(label_, ": tensor '", name, "' (", to_string(e.dtype), " ",
-                                             shape_str(e.shape), "): ", why));
-    };
-    if (e.nbytes != dtype_size(e.dtype)) throw fail("expected exactly one element");
-    if (e.dtype == DType::I64) return detail::load_le<std::int64_t>(e.data);
-    if (e.dtype == DType::U64) {
-      auto u = detail::load_le<std::uint64_t>(e.data);
-      if (u > std::uint64_t(std::numeric_limits<std::int64_t>::max())) throw fail("value exceeds int64");
-      return std::int64_t(u);
-    }
-    double v = 0;
-    if (!detail::decode(e.dtype, e.data, 0, v)) throw fail("unsupported dtype");
-    if (!(std::floor(v) == v && std::fabs(v) < 9.2e18)) throw fail("value is not an integer");
-    return static_cast<std::int64_t>(v);
-  }
+  std::int64_t get_int(const std::string& name) const;
   /// The "__metadata__" string map (empty if the file has none).
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   /// The name used in error messages (the path, or the from_bytes label).
@@ -271,7 +216,7 @@ class SafetensorsFile {
  private:
   struct Unmap {
     std::size_t len = 0;
-    void operator()(unsigned char* p) const { if (p) ::munmap(p, len); }
+    void operator()(unsigned char* p) const;
   };
   using Mapping = std::unique_ptr<unsigned char, Unmap>;
   SafetensorsFile() = default;
@@ -279,99 +224,7 @@ class SafetensorsFile {
   [[noreturn]] void fail(const std::string& what) const { throw format_error(label_ + ": " + what); }
 
   /// Validates the whole file and fills entries_, index_ and metadata_.
-  void parse(const unsigned char* p, std::size_t size) {
-    if (size < 8) fail(orepa::detail::cat("file too short (", size, " bytes; the header length needs 8)"));
-    const auto n = detail::load_le<std::uint64_t>(p);
-    if (n > max_header_bytes) fail(orepa::detail::cat("header length ", n, " exceeds ", max_header_bytes));
-    if (n > size - 8) fail(orepa::detail::cat("header length ", n, " runs past the end of the ", size, "-byte file"));
-    const unsigned char* buf = p + 8 + n;
-    const std::uint64_t buf_size = size - 8 - n;
-
-    json::Value header;
-    try {
-      header = json::Parser::parse(reinterpret_cast<const char*>(p + 8), n);
-    } catch (const json::error& e) {
-      const std::string what = e.what();
-      fail(what.rfind("invalid JSON: ", 0) == 0 ? "invalid JSON header: " + what.substr(14) : what);
-    }
-    if (!header.is_object()) fail("header is not a JSON object");
-
-    for (std::size_t k = 0; k < header.keys.size(); ++k) {
-      const std::string& name = header.keys[k];
-      const json::Value& v = header.items[k];
-      if (name == "__metadata__") {
-        if (!v.is_object()) fail("'__metadata__' is not an object");
-        for (std::size_t m = 0; m < v.keys.size(); ++m) {
-          if (!v.items[m].is_string()) fail("'__metadata__' value of key '" + v.keys[m] + "' is not a string");
-          metadata_[v.keys[m]] = v.items[m].text;
-        }
-        continue;
-      }
-      const std::string where = "tensor '" + name + "'";
-      if (!v.is_object()) fail(where + ": entry is not an object");
-      // Unknown extra fields are ignored, as other readers do.
-      const json::Value* dtype = v.find("dtype");
-      const json::Value* shape = v.find("shape");
-      const json::Value* offsets = v.find("data_offsets");
-      if (!dtype || !dtype->is_string()) fail(where + ": missing or non-string 'dtype'");
-      if (!shape || !shape->is_array()) fail(where + ": missing or non-array 'shape'");
-      if (!offsets || !offsets->is_array() || offsets->items.size() != 2)
-        fail(where + ": 'data_offsets' must be an array [begin, end]");
-      TensorEntry e;
-      e.name = name;
-      try {
-        e.dtype = parse_dtype(dtype->text, name);
-      } catch (const format_error& err) {
-        fail(err.what());
-      }
-      for (const auto& d : shape->items) {
-        auto c = d.as_count();
-        if (!c || *c > std::uint64_t(std::numeric_limits<std::int64_t>::max()))
-          fail(where + ": 'shape' entry " + d.dump() + " is not a non-negative integer");
-        e.shape.push_back(std::int64_t(*c));
-      }
-      auto b = offsets->items[0].as_count(), en = offsets->items[1].as_count();
-      if (!b || !en) fail(where + ": 'data_offsets' entries must be non-negative integers");
-      if (*en < *b) fail(orepa::detail::cat(where, ": data_offsets [", *b, ", ", *en, "] end before begin"));
-      if (*en > buf_size)
-        fail(orepa::detail::cat(where, ": data_offsets [", *b, ", ", *en, "] out of range of the ", buf_size,
-                                "-byte data buffer"));
-      std::int64_t bytes = 0;
-      try {  // overflow-checked: a hostile shape must not wrap around to a small size
-        bytes = checked_mul(checked_numel(e.shape, "shape"), std::int64_t(dtype_size(e.dtype)), "byte count");
-      } catch (const std::invalid_argument& err) {
-        fail(where + " " + shape_str(e.shape) + ": " + err.what());
-      }
-      if (std::uint64_t(bytes) != *en - *b)
-        fail(orepa::detail::cat(where, ": shape ", shape_str(e.shape), " of ", to_string(e.dtype), " needs ",
-                                bytes, " bytes but data_offsets [", *b, ", ", *en, "] span ", *en - *b));
-      e.data = buf + *b;
-      e.nbytes = std::size_t(bytes);
-      index_[name] = entries_.size();
-      entries_.push_back(std::move(e));
-    }
-
-    // Sorted by offset, the tensors must tile the data buffer exactly: no holes, no overlaps.
-    std::vector<const TensorEntry*> order;
-    for (const auto& e : entries_) order.push_back(&e);
-    std::sort(order.begin(), order.end(), [](const TensorEntry* a, const TensorEntry* b) {
-      return std::make_pair(a->data, a->nbytes) < std::make_pair(b->data, b->nbytes);
-    });
-    std::uint64_t pos = 0;
-    const TensorEntry* prev = nullptr;
-    for (const TensorEntry* e : order) {
-      const auto begin = std::uint64_t(e->data - buf);
-      if (begin > pos) fail(orepa::detail::cat("tensor '", e->name, "': hole in the data buffer at bytes [", pos,
-                                               ", ", begin, ")"));
-      if (begin < pos)
-        fail(orepa::detail::cat("tensor '", e->name, "' overlaps tensor '", prev->name, "' at byte ", begin));
-      pos = begin + e->nbytes;
-      prev = e;
-    }
-    if (pos != buf_size)
-      fail(orepa::detail::cat(buf_size - pos, " unused bytes at the end of the data buffer",
-                              prev ? " after tensor '" + prev->name + "'" : std::string()));
-  }
+  void parse(const unsigned char* p, std::size_t size);
 
   std::string label_;
   Mapping map_{nullptr, Unmap{}};
@@ -420,56 +273,14 @@ class SafetensorsWriter {
     items_.push_back(std::move(it));
   }
   /// Adds an I64 tensor (e.g. bn.num_batches_tracked with shape {}); values.size() must equal numel.
-  void add_int64(const std::string& name, const Shape& shape, const std::vector<std::int64_t>& values) {
-    if (checked_numel(shape) != std::int64_t(values.size()))
-      throw shape_error(orepa::detail::cat("SafetensorsWriter: tensor '", name, "' of shape ", shape_str(shape),
-                                           " needs ", checked_numel(shape), " values, got ", values.size()));
-    Item it = start(name, DType::I64, shape);
-    for (auto v : values) detail::store_le(it.bytes, v);
-    items_.push_back(std::move(it));
-  }
+  void add_int64(const std::string& name, const Shape& shape, const std::vector<std::int64_t>& values);
   /// Copies a stored entry byte for byte (any dtype), e.g. to pass tensors through a converter.
-  void add_raw(const TensorEntry& e) {
-    Item it = start(e.name, e.dtype, e.shape);
-    if (std::uint64_t(checked_mul(checked_numel(e.shape), std::int64_t(dtype_size(e.dtype)))) != e.nbytes)
-      throw config_error(orepa::detail::cat("SafetensorsWriter: tensor '", e.name, "': ", e.nbytes,
-                                            " bytes do not fit shape ", shape_str(e.shape)));
-    it.bytes.assign(e.data, e.data + e.nbytes);
-    items_.push_back(std::move(it));
-  }
+  void add_raw(const TensorEntry& e);
   /// Sets the "__metadata__" string map (written only when non-empty).
   void set_metadata(std::map<std::string, std::string> m) { metadata_ = std::move(m); }
 
   /// The complete file; the JSON header is padded with spaces so the data starts 8-aligned.
-  std::vector<unsigned char> to_bytes() const {
-    // Compact JSON, keys in add order: the bytes the Python writer produces.
-    std::string text = "{";
-    std::uint64_t off = 0;
-    try {
-      if (!metadata_.empty()) {
-        text += "\"__metadata__\":{";
-        for (const auto& [k, v] : metadata_) text += (text.back() == '{' ? "" : ",") + json::quote(k) + ":" + json::quote(v);
-        text += "}";
-      }
-      for (const auto& it : items_) {
-        text += (text.size() == 1 ? "" : ",") + json::quote(it.name) + ":{\"dtype\":\"" + to_string(it.dtype) +
-                "\",\"shape\":[";
-        for (std::size_t d = 0; d < it.shape.size(); ++d) text += (d ? "," : "") + std::to_string(it.shape[d]);
-        text += "],\"data_offsets\":[" + std::to_string(off) + "," + std::to_string(off + it.bytes.size()) + "]}";
-        off += it.bytes.size();
-      }
-      text += "}";
-    } catch (const json::error& e) {
-      throw config_error(std::string("SafetensorsWriter: cannot encode the header: ") + e.what());
-    }
-    text.append((8 - text.size() % 8) % 8, ' ');
-    std::vector<unsigned char> out;
-    out.reserve(8 + text.size() + off);
-    detail::store_le(out, std::uint64_t(text.size()));
-    out.insert(out.end(), text.begin(), text.end());
-    for (const auto& it : items_) out.insert(out.end(), it.bytes.begin(), it.bytes.end());
-    return out;
-  }
+  std::vector<unsigned char> to_bytes() const;
   /// Atomically writes the file: PATH.tmp.XXXXXX in the same folder, fsync, rename().
   /// On an I/O failure the temporary file is removed, `path` is untouched and format_error
   /// is thrown; config_error, before any file is created, if to_bytes() fails or `path` is
@@ -477,56 +288,276 @@ class SafetensorsWriter {
   /// symbolic link to anything but a regular file). A symbolic link to a regular file is
   /// followed: its target is replaced and the link stays. A new file gets mode 0644; an
   /// existing file keeps its mode.
-  void write(const std::string& path) const {
-    const std::vector<unsigned char> bytes = to_bytes();
-    const std::string target = output_target({"output", path});
-    std::vector<char> tmp(target.begin(), target.end());
-    const char suffix[] = ".tmp.XXXXXX";
-    tmp.insert(tmp.end(), suffix, suffix + sizeof suffix);  // includes the terminating NUL
-    int fd = ::mkstemp(tmp.data());
-    if (fd < 0) throw format_error(path + ": cannot create a temporary file: " + std::strerror(errno));
-    auto fail = [&](const char* what) {
-      const int err = errno;
-      if (fd >= 0) ::close(fd);
-      ::unlink(tmp.data());
-      throw format_error(orepa::detail::cat(path, ": ", what, ": ", std::strerror(err)));
-    };
-    struct stat st {};
-    const mode_t mode = ::stat(target.c_str(), &st) == 0 ? (st.st_mode & 07777) : 0644;
-    if (::fchmod(fd, mode) != 0) fail("chmod of the temporary file failed");
-    for (std::size_t done = 0; done < bytes.size();) {
-      ssize_t w = ::write(fd, bytes.data() + done, bytes.size() - done);
-      if (w < 0 && errno == EINTR) continue;
-      if (w <= 0) fail("write failed");
-      done += std::size_t(w);
-    }
-    if (::fsync(fd) != 0) fail("fsync failed");
-    const int rc = ::close(fd);
-    fd = -1;
-    if (rc != 0) fail("close failed");
-    if (::rename(tmp.data(), target.c_str()) != 0) fail("rename failed");
-    // Best effort: persist the rename itself (the data is already safe).
-    const auto slash = target.rfind('/');
-    const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : target.substr(0, slash);
-    if (int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) ::fsync(dfd), ::close(dfd);
-  }
+  void write(const std::string& path) const;
 
  private:
   struct Item { std::string name; DType dtype; Shape shape; std::vector<unsigned char> bytes; };
   /// Validates the name (unique, not reserved) and reserves the byte buffer.
-  Item start(const std::string& name, DType dtype, const Shape& shape) const {
-    if (name == "__metadata__") throw config_error("SafetensorsWriter: '__metadata__' is a reserved name");
-    for (const auto& it : items_)
-      if (it.name == name) throw config_error("SafetensorsWriter: duplicate tensor name '" + name + "'");
-    const std::int64_t bytes = checked_mul(checked_numel(shape), std::int64_t(dtype_size(dtype)), "byte count");
-    if (bytes > max_tensor_bytes) throw config_error("SafetensorsWriter: tensor '" + name + "' is too large");
-    Item it{name, dtype, shape, {}};
-    it.bytes.reserve(std::size_t(bytes));
-    return it;
-  }
+  Item start(const std::string& name, DType dtype, const Shape& shape) const;
 
   std::vector<Item> items_;
   std::map<std::string, std::string> metadata_;
 };
+
+#if OREPA_DEFINITIONS
+OREPA_INLINE SafetensorsFile SafetensorsFile::open(const std::string& path) {
+  SafetensorsFile f;
+  f.label_ = path;
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw format_error(orepa::detail::cat(path, ": cannot open: ", std::strerror(errno)));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw format_error(orepa::detail::cat(path, ": not a readable regular file"));
+  }
+  const auto size = static_cast<std::size_t>(st.st_size);
+  if (size >= 8) {  // mmap of 0 bytes fails; short files are reported by parse()
+    void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+      int err = errno;
+      ::close(fd);
+      throw format_error(orepa::detail::cat(path, ": mmap failed: ", std::strerror(err)));
+    }
+    f.map_ = Mapping(static_cast<unsigned char*>(p), Unmap{size});
+  }
+  ::close(fd);  // the mapping stays valid after close
+  f.parse(f.map_.get(), size);
+  return f;
+}
+
+OREPA_INLINE SafetensorsFile SafetensorsFile::from_bytes(std::vector<unsigned char> bytes, std::string label) {
+  SafetensorsFile f;
+  f.label_ = std::move(label);
+  f.owned_ = std::move(bytes);  // a vector move keeps the buffer, so entry pointers stay valid
+  f.parse(f.owned_.data(), f.owned_.size());
+  return f;
+}
+
+OREPA_INLINE std::vector<std::string> SafetensorsFile::names() const {
+  std::vector<std::string> r;
+  for (const auto& e : entries_) r.push_back(e.name);
+  return r;
+}
+
+OREPA_INLINE const TensorEntry& SafetensorsFile::entry(const std::string& name) const {
+  auto it = index_.find(name);
+  if (it != index_.end()) return entries_[it->second];
+  std::string some;
+  for (std::size_t i = 0; i < entries_.size() && i < 8; ++i) some += (i ? ", " : "") + entries_[i].name;
+  if (entries_.size() > 8) some += ", ...";
+  throw format_error(orepa::detail::cat(label_, ": no tensor '", name, "' (", entries_.size(),
+                                        " stored: ", some, ")"));
+}
+
+OREPA_INLINE std::int64_t SafetensorsFile::get_int(const std::string& name) const {
+  const TensorEntry& e = entry(name);
+  auto fail = [&](const char* why) {
+    return format_error(orepa::detail::cat(label_, ": tensor '", name, "' (", to_string(e.dtype), " ",
+                                           shape_str(e.shape), "): ", why));
+  };
+  if (e.nbytes != dtype_size(e.dtype)) throw fail("expected exactly one element");
+  if (e.dtype == DType::I64) return detail::load_le<std::int64_t>(e.data);
+  if (e.dtype == DType::U64) {
+    auto u = detail::load_le<std::uint64_t>(e.data);
+    if (u > std::uint64_t(std::numeric_limits<std::int64_t>::max())) throw fail("value exceeds int64");
+    return std::int64_t(u);
+  }
+  double v = 0;
+  if (!detail::decode(e.dtype, e.data, 0, v)) throw fail("unsupported dtype");
+  if (!(std::floor(v) == v && std::fabs(v) < 9.2e18)) throw fail("value is not an integer");
+  return static_cast<std::int64_t>(v);
+}
+
+OREPA_INLINE void SafetensorsFile::parse(const unsigned char* p, std::size_t size) {
+  if (size < 8) fail(orepa::detail::cat("file too short (", size, " bytes; the header length needs 8)"));
+  const auto n = detail::load_le<std::uint64_t>(p);
+  if (n > max_header_bytes) fail(orepa::detail::cat("header length ", n, " exceeds ", max_header_bytes));
+  if (n > size - 8) fail(orepa::detail::cat("header length ", n, " runs past the end of the ", size, "-byte file"));
+  const unsigned char* buf = p + 8 + n;
+  const std::uint64_t buf_size = size - 8 - n;
+
+  json::Value header;
+  try {
+    header = json::Parser::parse(reinterpret_cast<const char*>(p + 8), n);
+  } catch (const json::error& e) {
+    const std::string what = e.what();
+    fail(what.rfind("invalid JSON: ", 0) == 0 ? "invalid JSON header: " + what.substr(14) : what);
+  }
+  if (!header.is_object()) fail("header is not a JSON object");
+
+  for (std::size_t k = 0; k < header.keys.size(); ++k) {
+    const std::string& name = header.keys[k];
+    const json::Value& v = header.items[k];
+    if (name == "__metadata__") {
+      if (!v.is_object()) fail("'__metadata__' is not an object");
+      for (std::size_t m = 0; m < v.keys.size(); ++m) {
+        if (!v.items[m].is_string()) fail("'__metadata__' value of key '" + v.keys[m] + "' is not a string");
+        metadata_[v.keys[m]] = v.items[m].text;
+      }
+      continue;
+    }
+    const std::string where = "tensor '" + name + "'";
+    if (!v.is_object()) fail(where + ": entry is not an object");
+    // Unknown extra fields are ignored, as other readers do.
+    const json::Value* dtype = v.find("dtype");
+    const json::Value* shape = v.find("shape");
+    const json::Value* offsets = v.find("data_offsets");
+    if (!dtype || !dtype->is_string()) fail(where + ": missing or non-string 'dtype'");
+    if (!shape || !shape->is_array()) fail(where + ": missing or non-array 'shape'");
+    if (!offsets || !offsets->is_array() || offsets->items.size() != 2)
+      fail(where + ": 'data_offsets' must be an array [begin, end]");
+    TensorEntry e;
+    e.name = name;
+    try {
+      e.dtype = parse_dtype(dtype->text, name);
+    } catch (const format_error& err) {
+      fail(err.what());
+    }
+    for (const auto& d : shape->items) {
+      auto c = d.as_count();
+      if (!c || *c > std::uint64_t(std::numeric_limits<std::int64_t>::max()))
+        fail(where + ": 'shape' entry " + d.dump() + " is not a non-negative integer");
+      e.shape.push_back(std::int64_t(*c));
+    }
+    auto b = offsets->items[0].as_count(), en = offsets->items[1].as_count();
+    if (!b || !en) fail(where + ": 'data_offsets' entries must be non-negative integers");
+    if (*en < *b) fail(orepa::detail::cat(where, ": data_offsets [", *b, ", ", *en, "] end before begin"));
+    if (*en > buf_size)
+      fail(orepa::detail::cat(where, ": data_offsets [", *b, ", ", *en, "] out of range of the ", buf_size,
+                              "-byte data buffer"));
+    std::int64_t bytes = 0;
+    try {  // overflow-checked: a hostile shape must not wrap around to a small size
+      bytes = checked_mul(checked_numel(e.shape, "shape"), std::int64_t(dtype_size(e.dtype)), "byte count");
+    } catch (const std::invalid_argument& err) {
+      fail(where + " " + shape_str(e.shape) + ": " + err.what());
+    }
+    if (std::uint64_t(bytes) != *en - *b)
+      fail(orepa::detail::cat(where, ": shape ", shape_str(e.shape), " of ", to_string(e.dtype), " needs ",
+                              bytes, " bytes but data_offsets [", *b, ", ", *en, "] span ", *en - *b));
+    e.data = buf + *b;
+    e.nbytes = std::size_t(bytes);
+    index_[name] = entries_.size();
+    entries_.push_back(std::move(e));
+  }
+
+  // Sorted by offset, the tensors must tile the data buffer exactly: no holes, no overlaps.
+  std::vector<const TensorEntry*> order;
+  for (const auto& e : entries_) order.push_back(&e);
+  std::sort(order.begin(), order.end(), [](const TensorEntry* a, const TensorEntry* b) {
+    return std::make_pair(a->data, a->nbytes) < std::make_pair(b->data, b->nbytes);
+  });
+  std::uint64_t pos = 0;
+  const TensorEntry* prev = nullptr;
+  for (const TensorEntry* e : order) {
+    const auto begin = std::uint64_t(e->data - buf);
+    if (begin > pos) fail(orepa::detail::cat("tensor '", e->name, "': hole in the data buffer at bytes [", pos,
+                                             ", ", begin, ")"));
+    if (begin < pos)
+      fail(orepa::detail::cat("tensor '", e->name, "' overlaps tensor '", prev->name, "' at byte ", begin));
+    pos = begin + e->nbytes;
+    prev = e;
+  }
+  if (pos != buf_size)
+    fail(orepa::detail::cat(buf_size - pos, " unused bytes at the end of the data buffer",
+                            prev ? " after tensor '" + prev->name + "'" : std::string()));
+}
+
+OREPA_INLINE void SafetensorsFile::Unmap::operator()(unsigned char* p) const {
+  if (p) ::munmap(p, len);
+}
+
+OREPA_INLINE void SafetensorsWriter::add_int64(const std::string& name, const Shape& shape, const std::vector<std::int64_t>& values) {
+  if (checked_numel(shape) != std::int64_t(values.size()))
+    throw shape_error(orepa::detail::cat("SafetensorsWriter: tensor '", name, "' of shape ", shape_str(shape),
+                                         " needs ", checked_numel(shape), " values, got ", values.size()));
+  Item it = start(name, DType::I64, shape);
+  for (auto v : values) detail::store_le(it.bytes, v);
+  items_.push_back(std::move(it));
+}
+
+OREPA_INLINE void SafetensorsWriter::add_raw(const TensorEntry& e) {
+  Item it = start(e.name, e.dtype, e.shape);
+  if (std::uint64_t(checked_mul(checked_numel(e.shape), std::int64_t(dtype_size(e.dtype)))) != e.nbytes)
+    throw config_error(orepa::detail::cat("SafetensorsWriter: tensor '", e.name, "': ", e.nbytes,
+                                          " bytes do not fit shape ", shape_str(e.shape)));
+  it.bytes.assign(e.data, e.data + e.nbytes);
+  items_.push_back(std::move(it));
+}
+
+OREPA_INLINE std::vector<unsigned char> SafetensorsWriter::to_bytes() const {
+  // Compact JSON, keys in add order: the bytes the Python writer produces.
+  std::string text = "{";
+  std::uint64_t off = 0;
+  try {
+    if (!metadata_.empty()) {
+      text += "\"__metadata__\":{";
+      for (const auto& [k, v] : metadata_) text += (text.back() == '{' ? "" : ",") + json::quote(k) + ":" + json::quote(v);
+      text += "}";
+    }
+    for (const auto& it : items_) {
+      text += (text.size() == 1 ? "" : ",") + json::quote(it.name) + ":{\"dtype\":\"" + to_string(it.dtype) +
+              "\",\"shape\":[";
+      for (std::size_t d = 0; d < it.shape.size(); ++d) text += (d ? "," : "") + std::to_string(it.shape[d]);
+      text += "],\"data_offsets\":[" + std::to_string(off) + "," + std::to_string(off + it.bytes.size()) + "]}";
+      off += it.bytes.size();
+    }
+    text += "}";
+  } catch (const json::error& e) {
+    throw config_error(std::string("SafetensorsWriter: cannot encode the header: ") + e.what());
+  }
+  text.append((8 - text.size() % 8) % 8, ' ');
+  std::vector<unsigned char> out;
+  out.reserve(8 + text.size() + off);
+  detail::store_le(out, std::uint64_t(text.size()));
+  out.insert(out.end(), text.begin(), text.end());
+  for (const auto& it : items_) out.insert(out.end(), it.bytes.begin(), it.bytes.end());
+  return out;
+}
+
+OREPA_INLINE void SafetensorsWriter::write(const std::string& path) const {
+  const std::vector<unsigned char> bytes = to_bytes();
+  const std::string target = output_target({"output", path});
+  std::vector<char> tmp(target.begin(), target.end());
+  const char suffix[] = ".tmp.XXXXXX";
+  tmp.insert(tmp.end(), suffix, suffix + sizeof suffix);  // includes the terminating NUL
+  int fd = ::mkstemp(tmp.data());
+  if (fd < 0) throw format_error(path + ": cannot create a temporary file: " + std::strerror(errno));
+  auto fail = [&](const char* what) {
+    const int err = errno;
+    if (fd >= 0) ::close(fd);
+    ::unlink(tmp.data());
+    throw format_error(orepa::detail::cat(path, ": ", what, ": ", std::strerror(err)));
+  };
+  struct stat st {};
+  const mode_t mode = ::stat(target.c_str(), &st) == 0 ? (st.st_mode & 07777) : 0644;
+  if (::fchmod(fd, mode) != 0) fail("chmod of the temporary file failed");
+  for (std::size_t done = 0; done < bytes.size();) {
+    ssize_t w = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) fail("write failed");
+    done += std::size_t(w);
+  }
+  if (::fsync(fd) != 0) fail("fsync failed");
+  const int rc = ::close(fd);
+  fd = -1;
+  if (rc != 0) fail("close failed");
+  if (::rename(tmp.data(), target.c_str()) != 0) fail("rename failed");
+  // Best effort: persist the rename itself (the data is already safe).
+  const auto slash = target.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : slash == 0 ? "/" : target.substr(0, slash);
+  if (int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC); dfd >= 0) ::fsync(dfd), ::close(dfd);
+}
+
+OREPA_INLINE auto SafetensorsWriter::start(const std::string& name, DType dtype, const Shape& shape) const -> Item {
+  if (name == "__metadata__") throw config_error("SafetensorsWriter: '__metadata__' is a reserved name");
+  for (const auto& it : items_)
+    if (it.name == name) throw config_error("SafetensorsWriter: duplicate tensor name '" + name + "'");
+  const std::int64_t bytes = checked_mul(checked_numel(shape), std::int64_t(dtype_size(dtype)), "byte count");
+  if (bytes > max_tensor_bytes) throw config_error("SafetensorsWriter: tensor '" + name + "' is too large");
+  Item it{name, dtype, shape, {}};
+  it.bytes.reserve(std::size_t(bytes));
+  return it;
+}
+#endif  // OREPA_DEFINITIONS
 
 }  // namespace orepa::io

@@ -13,7 +13,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <iomanip>
 #include <limits>
 #include <map>
 #include <ostream>
@@ -24,6 +23,10 @@
 #include "orepa/deploy/deployed_conv.hpp"
 #include "orepa/deploy/precision.hpp"
 #include "orepa/nn/sequential.hpp"
+
+#if OREPA_DEFINITIONS
+#include <iomanip>
+#endif
 
 namespace orepa {
 
@@ -83,39 +86,12 @@ class Calibrator {
     ActivationRange minmax() const { return {std::min(lo, 0.f), std::max(hi, 0.f)}; }
     // Grid search over clipped ranges [a * lo, b * hi] (a, b in (0, 1]) on a histogram of
     // the samples; each candidate's error is summed at the bin centres.
-    ActivationRange mse_optimal() const {
-      const ActivationRange full = minmax();
-      if (samples.empty() || !(full.hi > full.lo)) return full;
-      constexpr int bins = 2048, steps = 40;
-      std::vector<double> count(bins, 0.0);
-      const double width = (double(full.hi) - full.lo) / bins;
-      for (float v : samples) count[std::size_t(std::clamp(int((v - full.lo) / width), 0, bins - 1))] += 1;
-      ActivationRange best = full;
-      double best_err = std::numeric_limits<double>::infinity();
-      for (int i = 0; i < steps; ++i)
-        for (int j = 0; j < steps; ++j) {
-          const ActivationRange r{full.lo * float(steps - i) / steps, full.hi * float(steps - j) / steps};
-          if (!(r.hi > r.lo)) continue;
-          const QuantParams q = QuantParams::for_range(r, false);
-          double err = 0;
-          for (int b = 0; b < bins && err < best_err; ++b) {
-            if (count[std::size_t(b)] == 0) continue;
-            const float x = float(full.lo + (b + 0.5) * width);
-            const double d = double(x) - q.dequantize(q.quantize(x));
-            err += count[std::size_t(b)] * d * d;
-          }
-          if (err < best_err) best_err = err, best = r;
-        }
-      return best;
-    }
+    ActivationRange mse_optimal() const;
   };
 
   struct Recorder final : ConvObserver {
     explicit Recorder(Calibrator& c) : cal(c) {}
-    void seen(const DeployedConv<float>& conv, ConstTensorView<float> x, ConstTensorView<float>) override {
-      auto it = names.find(&conv);
-      if (it != names.end()) cal.record(it->second, x, pending[it->second]);
-    }
+    void seen(const DeployedConv<float>& conv, ConstTensorView<float> x, ConstTensorView<float>) override;
     Calibrator& cal;
     std::map<const DeployedConv<float>*, std::string> names;
     std::map<std::string, Stats> pending;  // this batch's statistics, committed once it completes
@@ -133,6 +109,37 @@ class Calibrator {
 };
 
 #if OREPA_DEFINITIONS
+OREPA_INLINE ActivationRange Calibrator::Stats::mse_optimal() const {
+  const ActivationRange full = minmax();
+  if (samples.empty() || !(full.hi > full.lo)) return full;
+  constexpr int bins = 2048, steps = 40;
+  std::vector<double> count(bins, 0.0);
+  const double width = (double(full.hi) - full.lo) / bins;
+  for (float v : samples) count[std::size_t(std::clamp(int((v - full.lo) / width), 0, bins - 1))] += 1;
+  ActivationRange best = full;
+  double best_err = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < steps; ++i)
+    for (int j = 0; j < steps; ++j) {
+      const ActivationRange r{full.lo * float(steps - i) / steps, full.hi * float(steps - j) / steps};
+      if (!(r.hi > r.lo)) continue;
+      const QuantParams q = QuantParams::for_range(r, false);
+      double err = 0;
+      for (int b = 0; b < bins && err < best_err; ++b) {
+        if (count[std::size_t(b)] == 0) continue;
+        const float x = float(full.lo + (b + 0.5) * width);
+        const double d = double(x) - q.dequantize(q.quantize(x));
+        err += count[std::size_t(b)] * d * d;
+      }
+      if (err < best_err) best_err = err, best = r;
+    }
+  return best;
+}
+
+OREPA_INLINE void Calibrator::Recorder::seen(const DeployedConv<float>& conv, ConstTensorView<float> x, ConstTensorView<float>) {
+  auto it = names.find(&conv);
+  if (it != names.end()) cal.record(it->second, x, pending[it->second]);
+}
+
 OREPA_INLINE void Calibrator::observe(const DeployedConv<float>& conv, ConstTensorView<float> batch) {
   Recorder r(*this);
   r.names[&conv] = "";
@@ -210,40 +217,44 @@ struct QuantizationReport {
   /// then each layer's note. An SQNR that does not exist (NaN: an fp32 or reduced output
   /// held a NaN or Inf on the batches) prints as "n/a", with a line saying why.
   /// `max_layers` limits the rows (0: all).
-  void print(std::ostream& os, std::size_t max_layers = 0) const {
-    const auto flags = os.flags();
-    bool undefined = std::isnan(output_sqnr_db);
-    auto db = [&](double v, int width) {
-      os << std::setw(width);
-      if (std::isnan(v)) {
-        undefined = true;
-        os << "n/a";
-      } else {
-        os << std::fixed << std::setprecision(1) << v;
-      }
-    };
-    os << "  layer        precision  weight SQNR dB  output SQNR dB\n";
-    const std::size_t n = max_layers == 0 ? layers.size() : std::min(max_layers, layers.size());
-    for (std::size_t i = 0; i < n; ++i) {
-      const auto& l = layers[i];
-      os << "  " << std::left << std::setw(12) << (l.layer.empty() ? std::string("(block)") : l.layer) << ' '
-         << std::setw(10) << precision_name(l.precision) << std::right;
-      db(l.weight_sqnr_db, 15);
-      db(l.output_sqnr_db, 16);
-      os << '\n';
-    }
-    if (n < layers.size()) os << "  ... " << layers.size() - n << " better layers not shown\n";
-    os << "  end to end output SQNR ";
-    db(output_sqnr_db, 0);
-    os << (std::isnan(output_sqnr_db) ? "\n" : " dB\n");
-    for (const auto& l : layers)
-      if (!l.note.empty()) os << "  note: " << (l.layer.empty() ? std::string("(block)") : l.layer) << ": " << l.note << '\n';
-    if (undefined)
-      os << "  n/a: an fp32 or reduced-precision output held a NaN or Inf on these batches (non-finite input "
-            "data or weights), so no SQNR exists\n";
-    os.flags(flags);
-  }
+  void print(std::ostream& os, std::size_t max_layers = 0) const;
 };
+
+#if OREPA_DEFINITIONS
+OREPA_INLINE void QuantizationReport::print(std::ostream& os, std::size_t max_layers) const {
+  const auto flags = os.flags();
+  bool undefined = std::isnan(output_sqnr_db);
+  auto db = [&](double v, int width) {
+    os << std::setw(width);
+    if (std::isnan(v)) {
+      undefined = true;
+      os << "n/a";
+    } else {
+      os << std::fixed << std::setprecision(1) << v;
+    }
+  };
+  os << "  layer        precision  weight SQNR dB  output SQNR dB\n";
+  const std::size_t n = max_layers == 0 ? layers.size() : std::min(max_layers, layers.size());
+  for (std::size_t i = 0; i < n; ++i) {
+    const auto& l = layers[i];
+    os << "  " << std::left << std::setw(12) << (l.layer.empty() ? std::string("(block)") : l.layer) << ' '
+       << std::setw(10) << precision_name(l.precision) << std::right;
+    db(l.weight_sqnr_db, 15);
+    db(l.output_sqnr_db, 16);
+    os << '\n';
+  }
+  if (n < layers.size()) os << "  ... " << layers.size() - n << " better layers not shown\n";
+  os << "  end to end output SQNR ";
+  db(output_sqnr_db, 0);
+  os << (std::isnan(output_sqnr_db) ? "\n" : " dB\n");
+  for (const auto& l : layers)
+    if (!l.note.empty()) os << "  note: " << (l.layer.empty() ? std::string("(block)") : l.layer) << ": " << l.note << '\n';
+  if (undefined)
+    os << "  n/a: an fp32 or reduced-precision output held a NaN or Inf on these batches (non-finite input "
+          "data or weights), so no SQNR exists\n";
+  os.flags(flags);
+}
+#endif  // OREPA_DEFINITIONS
 
 /// \cond DO_NOT_DOCUMENT_THIS
 namespace detail {
@@ -296,21 +307,24 @@ namespace detail {
 // While the fp32 network runs, runs each convolution's reduced-precision twin (same name)
 // on the same input and sums both outputs into that layer's SQNR.
 struct TwinComparer final : ConvObserver {
-  void seen(const DeployedConv<float>& conv, ConstTensorView<float> x, ConstTensorView<float> y) override {
-    auto it = names.find(&conv);
-    if (it == names.end()) return;
-    const auto twin = reduced.find(it->second);
-    if (twin == reduced.end()) return;
-    ScopedConvObserver quiet(nullptr);
-    const Tensor<float> yq = twin->second->forward(x);
-    Tensor<float> ref;
-    ref.assign(y, MemoryFormat::contiguous);
-    sums[it->second].add(ref, yq.to(MemoryFormat::contiguous));
-  }
+  void seen(const DeployedConv<float>& conv, ConstTensorView<float> x, ConstTensorView<float> y) override;
   std::map<const DeployedConv<float>*, std::string> names;  // the fp32 network's
   std::map<std::string, const DeployedConv<float>*> reduced;
   std::map<std::string, SqnrSum> sums;
 };
+#if OREPA_DEFINITIONS
+OREPA_INLINE void TwinComparer::seen(const DeployedConv<float>& conv, ConstTensorView<float> x, ConstTensorView<float> y) {
+  auto it = names.find(&conv);
+  if (it == names.end()) return;
+  const auto twin = reduced.find(it->second);
+  if (twin == reduced.end()) return;
+  ScopedConvObserver quiet(nullptr);
+  const Tensor<float> yq = twin->second->forward(x);
+  Tensor<float> ref;
+  ref.assign(y, MemoryFormat::contiguous);
+  sums[it->second].add(ref, yq.to(MemoryFormat::contiguous));
+}
+#endif  // OREPA_DEFINITIONS
 }  // namespace detail
 /// \endcond
 
