@@ -172,9 +172,12 @@ inline Int8Codes quantize_codes(ConstTensorView<float> x, const QuantParams& q) 
   Int8Codes c(x.sizes(), q);
   std::uint8_t* out = c.bytes.get();
   parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
-    const QuantParams local = q;  // byte stores may alias anything read through a reference
+    // Locals: byte stores may alias anything read through a reference, the captures too.
+    const QuantParams local = q;
+    const float* in = v;
+    std::uint8_t* codes = out;
     OREPA_SIMD
-    for (std::int64_t i = b; i < e; ++i) out[i] = std::uint8_t(local.quantize(v[i]));
+    for (std::int64_t i = b; i < e; ++i) codes[i] = std::uint8_t(local.quantize(in[i]));
   });
   return c;
 }
@@ -184,14 +187,15 @@ inline Tensor<float> dequantize_codes(const Int8Codes& c) {
   y.resize(c.shape, MemoryFormat::channels_last);
   float* v = y.data();
   parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
-    const QuantParams q = c.q;  // a local: the float stores could alias c.q
+    const QuantParams q = c.q;  // locals: the float stores could alias c.q and the captures
     const std::uint8_t* bytes = c.bytes.get();
+    float* real = v;
     if (q.qmin < 0) {
       OREPA_SIMD
-      for (std::int64_t i = b; i < e; ++i) v[i] = q.dequantize(std::int8_t(bytes[i]));
+      for (std::int64_t i = b; i < e; ++i) real[i] = q.dequantize(std::int8_t(bytes[i]));
     } else {
       OREPA_SIMD
-      for (std::int64_t i = b; i < e; ++i) v[i] = q.dequantize(bytes[i]);
+      for (std::int64_t i = b; i < e; ++i) real[i] = q.dequantize(bytes[i]);
     }
   });
   return y;

@@ -168,14 +168,15 @@ class DeployedBottleneck {
         const Int8Codes& in = **codes;
         float* v = y.data();
         parallel_ranges(y.numel(), [&](std::int64_t b, std::int64_t e, int) {
-          const QuantParams q = in.q;  // a local: the float stores could alias in.q.scale
+          const QuantParams q = in.q;  // locals: the float stores could alias in.q and the captures
           const std::uint8_t* bytes = in.bytes.get();
+          float* sum = v;
           if (q.qmin < 0) {
             OREPA_SIMD
-            for (std::int64_t i = b; i < e; ++i) v[i] += q.dequantize(std::int8_t(bytes[i]));
+            for (std::int64_t i = b; i < e; ++i) sum[i] += q.dequantize(std::int8_t(bytes[i]));
           } else {
             OREPA_SIMD
-            for (std::int64_t i = b; i < e; ++i) v[i] += q.dequantize(bytes[i]);
+            for (std::int64_t i = b; i < e; ++i) sum[i] += q.dequantize(bytes[i]);
           }
         });
       }
