@@ -533,8 +533,8 @@ void gather_raw_rows(ConstTensorView<S> y, S* raw, std::int64_t first, std::int6
   }
 }
 
-// The decoded output [N, sum na H W, no] for maps of these [N, na, H, W, no] shapes,
-// uninitialised, and each level's first row.
+// The shape of the decoded output [N, sum na H W, no] for maps of these [N, na, H, W, no]
+// shapes, and each level's first row in it.
 inline std::pair<Shape, std::vector<std::int64_t>> decoded_shape(const std::vector<Shape>& maps) {
   std::vector<std::int64_t> row0;
   std::int64_t rows = 0;
