@@ -96,16 +96,21 @@ inline std::int64_t parse_int(const std::string& flag, const std::string& v, std
   return x;
 }
 
-/// Parses a real flag value in [lo, hi] ("0.25"; "inf" where hi is infinite); rejects junk.
-inline double parse_real(const std::string& flag, const std::string& v, double lo, double hi) {
+/// True when the whole of `v` is one real number ("0.25", "inf"), stored in `x`.
+inline bool read_real(const std::string& v, double& x) {
   std::size_t used = 0;
-  double x = 0;
   try {
     x = std::stod(v, &used);
   } catch (const std::exception&) {
-    used = 0;
+    return false;
   }
-  if (used != v.size() || v.empty() || !(x >= lo && x <= hi))
+  return !v.empty() && used == v.size();
+}
+
+/// Parses a real flag value in [lo, hi] ("0.25"; "inf" where hi is infinite); rejects junk.
+inline double parse_real(const std::string& flag, const std::string& v, double lo, double hi) {
+  double x = 0;
+  if (!read_real(v, x) || !(x >= lo && x <= hi))
     throw config_error(detail::cat(flag, ": expected a number in [", lo, ", ", hi, "], got '", v, "'"));
   return x;
 }

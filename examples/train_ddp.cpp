@@ -31,7 +31,7 @@
 #include <vector>
 
 #include "demo_network.hpp"
-#include "tool_args.hpp"  // tools::parse_int
+#include "tool_args.hpp"  // tools::parse_int, tools::read_real
 
 using namespace orepa;
 
@@ -63,14 +63,8 @@ Every rank must be given the same arguments. An error on any rank ends every ran
 
 // A positive number of seconds ("2", "0.5", "inf").
 double parse_seconds(const std::string& flag, const std::string& v) {
-  std::size_t used = 0;
   double x = 0;
-  try {
-    x = std::stod(v, &used);
-  } catch (const std::exception&) {
-    used = 0;
-  }
-  if (used != v.size() || v.empty() || !(x > 0))
+  if (!tools::read_real(v, x) || !(x > 0))
     throw config_error(detail::cat(flag, ": expected seconds > 0 (or inf), got '", v, "'"));
   return x;
 }
