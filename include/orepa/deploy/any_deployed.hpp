@@ -181,23 +181,34 @@ inline Int8Codes quantize_codes(ConstTensorView<float> x, const QuantParams& q) 
   });
   return c;
 }
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// The real values of codes [b, e) of `c` written to out[b, e), or added to them with
+// `Add`: one loop per code signedness, so that each vectorizes.
+template <bool Add>
+void dequantize_range(const Int8Codes& c, std::int64_t b, std::int64_t e, float* out) {
+  const QuantParams q = c.q;  // locals: the float stores could alias c.q and the caller's captures
+  const std::uint8_t* bytes = c.bytes.get();
+  auto put = [out](std::int64_t i, float v) {
+    if constexpr (Add) out[i] += v;
+    else out[i] = v;
+  };
+  if (q.qmin < 0) {
+    OREPA_SIMD
+    for (std::int64_t i = b; i < e; ++i) put(i, q.dequantize(std::int8_t(bytes[i])));
+  } else {
+    OREPA_SIMD
+    for (std::int64_t i = b; i < e; ++i) put(i, q.dequantize(bytes[i]));
+  }
+}
+}  // namespace detail
+/// \endcond
+
 /// The real values of `c`, a channels-last tensor.
 inline Tensor<float> dequantize_codes(const Int8Codes& c) {
   Tensor<float> y;
   y.resize(c.shape, MemoryFormat::channels_last);
-  float* v = y.data();
-  parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
-    const QuantParams q = c.q;  // locals: the float stores could alias c.q and the captures
-    const std::uint8_t* bytes = c.bytes.get();
-    float* real = v;
-    if (q.qmin < 0) {
-      OREPA_SIMD
-      for (std::int64_t i = b; i < e; ++i) real[i] = q.dequantize(std::int8_t(bytes[i]));
-    } else {
-      OREPA_SIMD
-      for (std::int64_t i = b; i < e; ++i) real[i] = q.dequantize(bytes[i]);
-    }
-  });
+  parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) { detail::dequantize_range<false>(c, b, e, y.data()); });
   return y;
 }
 

@@ -165,19 +165,8 @@ class DeployedBottleneck {
       if (codes) {
         if (y.memory_format() != MemoryFormat::channels_last) y = y.to(MemoryFormat::channels_last);
         y.expect_shape((*codes)->shape, "DeployedBottleneck residual");
-        const Int8Codes& in = **codes;
-        float* v = y.data();
         parallel_ranges(y.numel(), [&](std::int64_t b, std::int64_t e, int) {
-          const QuantParams q = in.q;  // locals: the float stores could alias in.q and the captures
-          const std::uint8_t* bytes = in.bytes.get();
-          float* sum = v;
-          if (q.qmin < 0) {
-            OREPA_SIMD
-            for (std::int64_t i = b; i < e; ++i) sum[i] += q.dequantize(std::int8_t(bytes[i]));
-          } else {
-            OREPA_SIMD
-            for (std::int64_t i = b; i < e; ++i) sum[i] += q.dequantize(bytes[i]);
-          }
+          orepa::detail::dequantize_range<true>(**codes, b, e, y.data());
         });
       }
       if (out) return quantize_codes(y, *out);
