@@ -141,7 +141,7 @@ class ConvEngine<float> {
 // the members (the primitive cache and everything in it), which a program linking
 // orepa::precompiled then no longer does.
 OREPA_INLINE ConvEngine<float>::ConvEngine(ConvGeometry g) : g_(g) { g_.validate("ConvEngine", false); }
-OREPA_INLINE ConvEngine<float>::ConvEngine(const ConvEngine& o) : g_(o.g_) {}  // primitives are per object, rebuilt lazily
+OREPA_INLINE ConvEngine<float>::ConvEngine(const ConvEngine& o) : g_(o.g_) {}
 OREPA_INLINE ConvEngine<float>& ConvEngine<float>::operator=(const ConvEngine& o) {
   if (this != &o) {
     g_ = o.g_;

@@ -283,7 +283,6 @@ OREPA_INLINE void from_layout(const memory& src, Tensor<float>& y) {
 }
 #endif
 
-
 /// y[i] = 1 / (1 + exp(-x[i])) for i < n (y may be x) on oneDNN's logistic kernel, whose
 /// exp runs at the machine's vector width; one primitive per length, cached per thread.
 OREPA_INLINE void logistic(const float* x, float* y, std::int64_t n);
