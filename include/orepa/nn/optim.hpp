@@ -21,6 +21,7 @@
 /// counting the parameters over the groups in order. Loading checks the group count and
 /// sizes and every state tensor's shape, and changes nothing unless all of it fits.
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -31,6 +32,7 @@
 
 #include "orepa/core/error.hpp"
 #include "orepa/core/options.hpp"
+#include "orepa/core/parallel.hpp"
 #include "orepa/core/param.hpp"
 #include "orepa/core/state_dict.hpp"
 
@@ -292,25 +294,56 @@ class SGD : public Optimizer<S> {
     const bool first = use_momentum && buf_.empty();
     if (first) buf_ = this->zeros_like_params();
     const S mom = S(opts_.momentum()), damp = S(1) - S(opts_.dampening());
+    const bool nesterov = opts_.nesterov();
+    // Every parameter's elements as one index range, split over the threads.
+    struct Span {
+      S* w;
+      const S* grad;
+      S* buf;
+      S lr, wd;
+    };
+    std::vector<Span> spans;
+    std::vector<std::int64_t> start{0};
     for (std::size_t gi = 0; gi < this->groups_.size(); ++gi) {
       const auto& g = this->groups_[gi];
-      const S lr = *g.lr, wd = *g.weight_decay;
       for (std::size_t pi = 0; pi < g.params.size(); ++pi) {
         Param<S>& p = *g.params[pi];
-        S* w = p.value.data();
-        const S* gr = p.grad.data();
-        S* b = use_momentum ? buf_[gi][pi].data() : nullptr;
-        for (std::int64_t j = 0, n = p.value.numel(); j < n; ++j) {
-          S d = gr[j];
-          if (wd != 0) d += wd * w[j];
-          if (use_momentum) {
-            b[j] = first ? d : mom * b[j] + damp * d;
-            d = opts_.nesterov() ? d + mom * b[j] : b[j];
-          }
-          w[j] -= lr * d;
-        }
+        S* buf = use_momentum ? buf_[gi][pi].data() : nullptr;
+        spans.push_back({p.value.data(), p.grad.data(), buf, *g.lr, *g.weight_decay});
+        start.push_back(start.back() + p.value.numel());
       }
     }
+    auto update = [&](const Span& sp, std::int64_t j0, std::int64_t j1) {
+      S* w = sp.w;
+      const S* gr = sp.grad;
+      S* b = sp.buf;
+      const S lr = sp.lr, wd = sp.wd;
+      const bool decay = wd != 0;
+      if (!use_momentum) {
+        OREPA_SIMD
+        for (std::int64_t j = j0; j < j1; ++j) w[j] -= lr * (decay ? gr[j] + wd * w[j] : gr[j]);
+      } else if (first) {  // the buffer starts as the first update, undamped (as torch)
+        OREPA_SIMD
+        for (std::int64_t j = j0; j < j1; ++j) {
+          const S d = decay ? gr[j] + wd * w[j] : gr[j];
+          b[j] = d;
+          w[j] -= lr * (nesterov ? d + mom * d : d);
+        }
+      } else {
+        OREPA_SIMD
+        for (std::int64_t j = j0; j < j1; ++j) {
+          const S d = decay ? gr[j] + wd * w[j] : gr[j];
+          const S bj = mom * b[j] + damp * d;
+          b[j] = bj;
+          w[j] -= lr * (nesterov ? d + mom * bj : bj);
+        }
+      }
+    };
+    parallel_ranges(start.back(), [&](std::int64_t begin, std::int64_t end, int) {
+      auto k = std::size_t(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
+      for (; k < spans.size() && start[k] < end; ++k)
+        update(spans[k], std::max(begin, start[k]) - start[k], std::min(end, start[k + 1]) - start[k]);
+    });
     ++this->steps_;
   }
 
