@@ -143,6 +143,7 @@ void yolo_train_step(benchmark::State& state, const char* yaml, const char* make
                           0.1f + 0.05f * float(i % 5), 0.15f + 0.04f * float(i % 4)};
     for (int j = 0; j < 6; ++j) targets[6 * i + j] = row[j];
   }
+  model.set_input_grad(false);  // as yolo::Trainer: the images need no gradient
   yolo::DetectionLoss<float> loss(model.detect().anchors(), model.strides());
   SGD<float> opt(yolo_param_groups(model, 5e-4), SGDOptions(0.01).momentum(0.937).nesterov(true));
   auto step = [&] {

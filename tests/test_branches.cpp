@@ -201,6 +201,43 @@ void channels_last_trains_like_nchw(typename Block::Options opts, const std::str
     test::expect_close(pb[j].second->grad, pa[j].second->grad, 1e-12, what + " " + pa[j].first);
 }
 
+// Float blocks on the fused pipeline keep a channels-last input's layout: every
+// primitive runs on NHWC, and the output and input gradient come back channels-last with
+// the NCHW run's values; set_input_grad(false) leaves the input gradient out only.
+template <class Block>
+void float_trains_on_nhwc(typename Block::Options opts, const std::string& what) {
+  Block a(opts), b(opts);
+  Rng rng(43);
+  const auto x = random_tensor<float>({3, 4, 9, 7}, rng);
+  const Tensor<float> ya = a.forward_train(x);
+  const Tensor<float> yb = b.forward_train(x.to(MemoryFormat::channels_last));
+  EXPECT_EQ(yb.memory_format(), MemoryFormat::channels_last) << what;
+  EXPECT_LT(max_abs_diff(yb, ya), 1e-5) << what << " output";
+  const auto g = random_tensor<float>(ya.sizes(), rng);
+  const Tensor<float> dxa = a.backward(g);
+  const Tensor<float> dxb = b.backward(g.to(MemoryFormat::channels_last));
+  EXPECT_EQ(dxb.memory_format(), MemoryFormat::channels_last) << what;
+  EXPECT_LT(max_abs_diff(dxb, dxa), 1e-5) << what << " input gradient";
+  const auto pa = a.named_parameters(), pb = b.named_parameters();
+  std::vector<Tensor<float>> grads;
+  for (std::size_t j = 0; j < pa.size(); ++j) {
+    EXPECT_LT(max_abs_diff(pb[j].second->grad, pa[j].second->grad), 1e-4) << what << " " << pa[j].first;
+    grads.push_back(pb[j].second->grad);
+  }
+  b.set_input_grad(false);
+  b.zero_grad();
+  b.forward_train(x.to(MemoryFormat::channels_last));
+  EXPECT_TRUE(b.backward(g.to(MemoryFormat::channels_last)).empty()) << what;
+  for (std::size_t j = 0; j < pb.size(); ++j)
+    EXPECT_EQ(max_abs_diff(pb[j].second->grad, grads[j]), 0.0) << what << " " << pb[j].first;
+}
+
+TEST(AnyBlock, FloatBlocksTrainOnNhwcWithoutReorders) {
+  float_trains_on_nhwc<OREPA<float, SiLU>>(OrepaOptions(4, 6, 3).seed(2), "OREPA");
+  float_trains_on_nhwc<ConvBN<float, ReLU>>(ConvOptions(4, 5, 3).stride(2).seed(5), "ConvBN");
+  float_trains_on_nhwc<ConvBN<float>>(ConvOptions(4, 5, 1).seed(6), "ConvBN identity");
+}
+
 TEST(AnyBlock, ChannelsLastInputTrainsLikeNchw) {
   channels_last_trains_like_nchw<OREPA<double, SiLU>>(OrepaOptions(4, 6, 3).seed(2), "OREPA");
   channels_last_trains_like_nchw<RepVGGBlock_OREPA<double>>(RepVGGOptions(4, 4, 3).seed(3), "RepVGG");

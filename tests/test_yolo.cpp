@@ -73,21 +73,38 @@ void eval_equals_deploy(Module& module, const Shape& x_shape, std::uint64_t seed
 
 }  // namespace
 
-TEST(Yolo, ConcatAndSplitChannelsRoundTrip) {
+TEST(Yolo, ConcatAndSplitChannelsRoundTripInBothLayouts) {
   Rng rng(1);
-  const Tensor<float> a = random_tensor<float>({2, 3, 4, 5}, rng), b = random_tensor<float>({2, 2, 4, 5}, rng);
-  Tensor<float> cat, a2, b2;
-  concat_channels(a, b, cat);
-  ASSERT_EQ(cat.sizes(), (Shape{2, 5, 4, 5}));
-  EXPECT_EQ(cat(1, 2, 3, 4), a(1, 2, 3, 4));
-  EXPECT_EQ(cat(1, 3, 0, 1), b(1, 0, 0, 1));
-  EXPECT_EQ(cat(0, 4, 2, 2), b(0, 1, 2, 2));
-  split_channels(cat, 3, a2, b2);
-  EXPECT_EQ(max_abs_diff(a2, a), 0.0);
-  EXPECT_EQ(max_abs_diff(b2, b), 0.0);
-  EXPECT_THROW(concat_channels(a, Tensor<float>({2, 2, 4, 4}), cat), shape_error);
-  EXPECT_THROW(split_channels(cat, 5, a2, b2), shape_error);
-  EXPECT_THROW(split_channels(cat, 0, a2, b2), shape_error);
+  const Tensor<float> a = random_tensor<float>({2, 3, 4, 5}, rng), b = random_tensor<float>({2, 2, 4, 5}, rng),
+                      c = random_tensor<float>({2, 4, 4, 5}, rng);
+  for (auto f : {MemoryFormat::contiguous, MemoryFormat::channels_last}) {
+    const std::string what = f == MemoryFormat::contiguous ? "NCHW" : "NHWC";
+    Tensor<float> cat;
+    concat_channels<float>({a.to(f), b.to(f), c.to(f)}, cat);
+    ASSERT_EQ(cat.sizes(), (Shape{2, 9, 4, 5})) << what;
+    EXPECT_EQ(cat.memory_format(), f) << what;
+    for (std::int64_t n = 0; n < 2; ++n)
+      for (std::int64_t ch = 0; ch < 9; ++ch)
+        for (std::int64_t h = 0; h < 4; ++h)
+          for (std::int64_t w = 0; w < 5; ++w)
+            EXPECT_EQ(cat(n, ch, h, w), ch < 3 ? a(n, ch, h, w) : ch < 5 ? b(n, ch - 3, h, w) : c(n, ch - 5, h, w))
+                << what << " at " << n << ", " << ch << ", " << h << ", " << w;
+    std::vector<Tensor<float>> parts;
+    split_channels<float>(cat, {3, 2, 4}, parts);
+    ASSERT_EQ(parts.size(), 3u);
+    EXPECT_EQ(parts[0].memory_format(), f) << what;
+    EXPECT_EQ(max_abs_diff(parts[0], a), 0.0) << what;
+    EXPECT_EQ(max_abs_diff(parts[1], b), 0.0) << what;
+    EXPECT_EQ(max_abs_diff(parts[2], c), 0.0) << what;
+  }
+  Tensor<float> mixed;  // one NCHW input: the result is NCHW
+  concat_channels(a.to(MemoryFormat::channels_last), b, mixed);
+  EXPECT_TRUE(mixed.is_contiguous());
+  EXPECT_EQ(mixed(1, 4, 3, 2), b(1, 1, 3, 2));
+  std::vector<Tensor<float>> parts;
+  EXPECT_THROW(concat_channels(a, Tensor<float>({2, 2, 4, 4}), mixed), shape_error);
+  EXPECT_THROW(split_channels<float>(mixed, {3, 3}, parts), shape_error);
+  EXPECT_THROW(split_channels<float>(mixed, {0, 5}, parts), shape_error);
 }
 
 TEST(Yolo, BottleneckGradientsMatchFiniteDifferences) {

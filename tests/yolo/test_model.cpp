@@ -158,6 +158,63 @@ TEST(YoloModel, GradientsMatchFiniteDifferences) {
   }
 }
 
+// Float training runs channels-last from the image on (the fused oneDNN pipelines on
+// NHWC, concatenation, its split, upsampling and their adjoints on NHWC); the same
+// network in double runs the plain NCHW loops. Same weights: the raw maps, every
+// parameter gradient and the input gradient agree. With set_input_grad(false) the float
+// network's parameter gradients are the same and no input gradient is made.
+TEST(YoloModel, FloatTrainsChannelsLastLikeDoubleNchw) {
+  const auto cfg = yolo::parse_model_config(small_yaml, "small.yaml");
+  yolo::Model<double> ref(cfg, yolo::ModelOptions<double>().blocks("orepa").seed(3));
+  yolo::Model<float> model(cfg, yolo::ModelOptions<float>().blocks("orepa").seed(3));
+  Rng rng(8);
+  auto pd = ref.named_parameters();
+  auto pf = model.named_parameters();
+  ASSERT_EQ(pd.size(), pf.size());
+  for (std::size_t j = 0; j < pd.size(); ++j) {
+    ASSERT_EQ(pd[j].first, pf[j].first);
+    fill_uniform(pd[j].second->value, 0.4, rng);
+    const Tensor<double>& v = pd[j].second->value;
+    for (std::int64_t k = 0; k < v.numel(); ++k) pf[j].second->value[k] = float(v[k]);
+  }
+  Tensor<double> xd({2, 3, 16, 16});
+  fill_uniform(xd, 1.0, rng);
+  Tensor<float> xf(xd.sizes());
+  for (std::int64_t k = 0; k < xd.numel(); ++k) xf[k] = float(xd[k]);
+  const auto maps_d = ref.forward_train(xd);
+  const auto maps_f = model.forward_train(xf);
+  ASSERT_EQ(maps_d.size(), maps_f.size());
+  std::vector<Tensor<double>> rd;
+  std::vector<Tensor<float>> rf;
+  auto to_float = [](const Tensor<double>& t) {
+    Tensor<float> f(t.sizes());
+    for (std::int64_t k = 0; k < t.numel(); ++k) f[k] = float(t[k]);
+    return f;
+  };
+  for (std::size_t i = 0; i < maps_d.size(); ++i) {
+    EXPECT_LT(test::max_relative_error(maps_f[i], to_float(maps_d[i])), 1e-4) << "raw map " << i;
+    rd.emplace_back(maps_d[i].sizes());
+    fill_uniform(rd.back(), 1.0, rng);
+    rf.push_back(to_float(rd.back()));
+  }
+  ref.zero_grad();
+  model.zero_grad();
+  const Tensor<double> dx_d = ref.backward(rd);
+  const Tensor<float> dx_f = model.backward(rf);
+  EXPECT_TRUE(dx_f.is_contiguous()) << "the input gradient comes back in the input's format";
+  EXPECT_LT(test::max_relative_error(dx_f, to_float(dx_d)), 1e-4) << "input gradient";
+  std::vector<Tensor<float>> grads;
+  for (std::size_t j = 0; j < pd.size(); ++j) {
+    EXPECT_LT(test::max_relative_error(pf[j].second->grad, to_float(pd[j].second->grad)), 1e-3) << pf[j].first;
+    grads.push_back(pf[j].second->grad);
+  }
+  model.set_input_grad(false);
+  model.zero_grad();
+  model.forward_train(xf);
+  EXPECT_TRUE(model.backward(rf).empty());
+  for (std::size_t j = 0; j < pf.size(); ++j) EXPECT_EQ(max_abs_diff(pf[j].second->grad, grads[j]), 0.0) << pf[j].first;
+}
+
 // Detect's float path (oneDNN matrix products on channels-last rows) against direct sums
 // in double: the raw maps, and for a fixed map gradient R the weight, bias and input
 // gradients. Level 1's input arrives channels-last.
@@ -202,7 +259,7 @@ TEST(YoloDetect, FloatHeadMatchesDirectSums) {
     EXPECT_LT(test::max_relative_error(eval.raw[i], raw), 1e-5) << "eval raw map " << i;
     EXPECT_LT(test::max_relative_error(t.parameters[2 * i].second->grad, dw), 1e-5) << "weight gradient " << i;
     EXPECT_LT(test::max_relative_error(t.parameters[2 * i + 1].second->grad, db), 1e-5) << "bias gradient " << i;
-    EXPECT_EQ(dx[i].memory_format(), MemoryFormat::contiguous);
+    EXPECT_EQ(dx[i].memory_format(), MemoryFormat::channels_last);
     EXPECT_LT(test::max_relative_error(dx[i], dxe), 1e-5) << "input gradient " << i;
   }
 }

@@ -50,6 +50,9 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
   Tensor<S> forward_eval(ConstTensorView<S> x) const { return impl_->forward_eval(x); }
   /// Backward of the last forward_train; accumulates gradients, returns dL/dx.
   Tensor<S> backward(ConstTensorView<S> grad_out) { return impl_->backward(grad_out); }
+  /// Asks the held block to skip (false) or compute (true, the default) dL/dx in
+  /// backward; false when the block has no set_input_grad() and always computes it.
+  bool set_input_grad(bool needed) { return impl_->set_input_grad(needed); }
   /// The held block's tensors under `prefix` (module.hpp).
   void collect_tensors(Tensors<S>& out, const std::string& prefix) { impl_->collect_tensors(out, prefix); }
   /// The held block's reference class name.
@@ -90,6 +93,7 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
     virtual Tensor<S> forward_train(ConstTensorView<S> x) = 0;
     virtual Tensor<S> forward_eval(ConstTensorView<S> x) const = 0;
     virtual Tensor<S> backward(ConstTensorView<S> g) = 0;
+    virtual bool set_input_grad(bool needed) = 0;
     virtual void collect_tensors(Tensors<S>& out, const std::string& prefix) = 0;
     virtual std::string type_name() const = 0;
     virtual AnyDeployed<S> deploy() const = 0;
@@ -103,12 +107,20 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
   struct has_clone : std::false_type {};
   template <class B>
   struct has_clone<B, std::void_t<decltype(B(std::declval<const B&>().clone()))>> : std::true_type {};
+  template <class B, class = void>
+  struct has_input_grad : std::false_type {};
+  template <class B>
+  struct has_input_grad<B, std::void_t<decltype(std::declval<B&>().set_input_grad(true))>> : std::true_type {};
   template <class B>
   struct Model final : Concept {
     explicit Model(B x) : b(std::move(x)) {}
     Tensor<S> forward_train(ConstTensorView<S> x) override { return b.forward_train(x); }
     Tensor<S> forward_eval(ConstTensorView<S> x) const override { return b.forward_eval(x); }
     Tensor<S> backward(ConstTensorView<S> g) override { return b.backward(g); }
+    bool set_input_grad(bool needed) override {
+      if constexpr (has_input_grad<B>::value) b.set_input_grad(needed);
+      return has_input_grad<B>::value;
+    }
     void collect_tensors(Tensors<S>& out, const std::string& prefix) override { b.collect_tensors(out, prefix); }
     std::string type_name() const override { return b.type_name(); }
     AnyDeployed<S> deploy() const override { return AnyDeployed<S>(b.deploy()); }

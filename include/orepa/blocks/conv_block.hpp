@@ -70,6 +70,9 @@ class ConvBlock : public ModuleTensors<ConvBlock<S, Act, Source>, S> {
     return dx.alias();
   }
 
+  /// Whether backward computes dL/dx (default true; see Trunk::set_input_grad).
+  void set_input_grad(bool needed) { trunk_.set_input_grad(needed); }
+
   /// The BN-folded kernel and bias (W * s[o], beta - running_mean * s) of the deployed conv.
   Affine<S> folded() const { return trunk_.fold(squeeze()); }
   /// The deployed single convolution (folded kernel + bias, activation fused); value_error

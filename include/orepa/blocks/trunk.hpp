@@ -39,7 +39,7 @@ class Trunk {
   /// needs its own forward_train before a backward).
   Trunk(const Trunk& o)
       : g_(o.g_), bn_(o.bn_), bn_name_(o.bn_name_), act_(o.act_), conv_(g_),
-        fused_(g_, kFused ? Act::kind : ActivationKind::identity) {}
+        fused_(g_, kFused ? Act::kind : ActivationKind::identity), input_grad_(o.input_grad_) {}
   /// Move constructor.
   Trunk(Trunk&&) noexcept = default;
   Trunk& operator=(const Trunk&) = delete;
@@ -57,9 +57,10 @@ class Trunk {
 
   /// Training forward with kernel `w`: one convolution, BN with batch statistics (running
   /// statistics updated), activation. Returns the trunk's output buffer, valid until the
-  /// next forward_train. `who` names the block in errors.
+  /// next forward_train: in x's memory format on the fused path, NCHW on the plain one.
+  /// `who` names the block in errors.
   const Tensor<S>& forward_train(ConstTensorView<S> x, const Tensor<S>& w, const std::string& who) {
-    x = contiguous(x, x_nchw_);  // channels-last input: trained on an NCHW copy
+    if constexpr (!kFused) x = contiguous(x, x_nchw_);  // channels-last input: trained on an NCHW copy
     const Shape ys = g_.output_shape(x.sizes(), (who + "::forward_train").c_str());
     if (ys[0] * ys[2] * ys[3] < 2)
       throw state_error(detail::cat(who, "::forward_train: BN needs more than one value per channel; input ",
@@ -94,12 +95,19 @@ class Trunk {
     return z;
   }
 
-  /// Backward of the last forward_train for dL/d(output): accumulates BN's gradients,
-  /// leaves dL/dW in grad_weight() and returns dL/dx (the trunk's buffer).
+  /// Whether backward computes dL/dx (default true). False for a network's first layer,
+  /// whose input is data: backward then skips the backward-data convolution and returns
+  /// an empty tensor.
+  void set_input_grad(bool needed) { input_grad_ = needed; }
+  /// Whether backward computes dL/dx.
+  bool input_grad() const { return input_grad_; }
+  /// Backward of the last forward_train for dL/d(output) (any memory format): accumulates
+  /// BN's gradients, leaves dL/dW in grad_weight() and returns dL/dx (the trunk's buffer,
+  /// in the output's memory format; empty when input_grad() is false).
   const Tensor<S>& backward(ConstTensorView<S> grad_out, const std::string& who) {
     if (!has_forward_) throw state_error(who + "::backward: call forward_train first");
     grad_out.expect_shape(out_.sizes(), who + "::backward grad_output");
-    grad_out = contiguous(grad_out, g_nchw_);
+    grad_out = in_format(grad_out, out_.memory_format(), g_converted_);
     if constexpr (kFused) {
       const std::int64_t C = g_.out_channels;
       grads_.resize({2 * C});
@@ -109,7 +117,9 @@ class Trunk {
           bn_.synchronise_gradient_sums(dgamma, dbeta, scale, shift);
         };
       fused_.backward(grad_out, bn_.weight.value.data(), bn_.bias.value.data(), bn_.batch_mean().data(),
-                      bn_.batch_var().data(), dx_, dw_, grads_.data(), grads_.data() + C, correct);
+                      bn_.batch_var().data(), input_grad_ ? &dx_ : nullptr, dw_, grads_.data(), grads_.data() + C,
+                      correct);
+      if (!input_grad_) dx_ = Tensor<S>();
       bn_.accumulate_grads(grads_.data(), grads_.data() + C);
       return dx_;
     }
@@ -120,7 +130,8 @@ class Trunk {
         for (std::int64_t j = (b * C + c) * P, e = j + P; j < e; ++j)
           dz_[j] = grad_out[j] * act_.derivative(bn_.affine(y_[j], c));
     bn_.backward(y_, dz_, dz_);
-    conv_.backward_data(dz_, w_, x_.sizes(), dx_);
+    if (input_grad_) conv_.backward_data(dz_, w_, x_.sizes(), dx_);
+    else dx_ = Tensor<S>();
     conv_.backward_weights(x_, dz_, dw_);
     return dx_;
   }
@@ -161,8 +172,9 @@ class Trunk {
   engine::FusedConvBnAct fused_;            // training on the fused path (primitives built lazily)
   Tensor<S> x_, w_, y_, out_, dz_, dx_, dw_;  // reused: saved for backward, output, gradients
   Tensor<S> stats_, grads_;                   // fused path: BN batch mean|var, dgamma|dbeta
-  Tensor<S> x_nchw_, g_nchw_;                 // NCHW copies of channels-last arguments
+  Tensor<S> x_nchw_, g_converted_;            // copies of arguments in another memory format
   bool has_forward_ = false;
+  bool input_grad_ = true;
 };
 
 }  // namespace orepa

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <initializer_list>
 #include <limits>
@@ -498,12 +499,18 @@ void Tensor<S>::assign(const TensorView<const S>& v, MemoryFormat format) {
   });
 }
 
+/// `x` as a view in memory format `f`: `x` itself when it is, else a copy kept in `scratch`.
+template <class S>
+ConstTensorView<S> in_format(ConstTensorView<S> x, MemoryFormat f, Tensor<S>& scratch) {
+  if (x.memory_format() == f) return x;
+  scratch.assign(x, f);
+  return scratch;
+}
+
 /// `x` as a contiguous (NCHW) view: `x` itself when it is, else a copy kept in `scratch`.
 template <class S>
 ConstTensorView<S> contiguous(ConstTensorView<S> x, Tensor<S>& scratch) {
-  if (x.is_contiguous()) return x;
-  scratch.assign(x, MemoryFormat::contiguous);
-  return scratch;
+  return in_format(x, MemoryFormat::contiguous, scratch);
 }
 
 /// A view of `sizes` elements at `data`, e.g. `view(buffer.data(), {N, C, H, W})`, or
@@ -547,10 +554,39 @@ std::remove_const_t<T> logical_element(const TensorView<T>& t, std::int64_t i) {
   return t(n, c, h, w);
 }
 
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// True when none of the n values at p is NaN or Inf: for float on the threads, an OR of
+// integer tests on the exponent field (all ones is Inf or NaN), which vectorizes.
+template <class S>
+bool all_finite(const S* p, std::int64_t n) {
+  if constexpr (std::is_same_v<std::remove_const_t<S>, float>) {
+    std::vector<std::uint32_t> any(std::size_t(max_range_threads()), 0);
+    parallel_ranges(n, [&](std::int64_t b, std::int64_t e, int t) {
+      std::uint32_t a = 0;
+      OREPA_SIMD_OR(a)
+      for (std::int64_t j = b; j < e; ++j) {
+        std::uint32_t u;
+        std::memcpy(&u, p + j, sizeof u);
+        a |= std::uint32_t((u & 0x7F800000u) == 0x7F800000u);
+      }
+      any[std::size_t(t)] = a;
+    });
+    return std::all_of(any.begin(), any.end(), [](std::uint32_t a) { return a == 0; });
+  } else {
+    for (std::int64_t j = 0; j < n; ++j)
+      if (!std::isfinite(double(p[j]))) return false;
+    return true;
+  }
+}
+}  // namespace detail
+/// \endcond
+
 /// The row-major (logical, NCHW) index of the first NaN or Inf of `t`, whatever its memory
 /// format, or -1 when every value is finite.
 template <class T>
 std::int64_t first_non_finite(const TensorView<T>& t) {
+  if (detail::all_finite(t.data(), t.numel())) return -1;
   std::int64_t j = 0;
   while (j < t.numel() && std::isfinite(double(t[j]))) ++j;
   if (j == t.numel()) return -1;

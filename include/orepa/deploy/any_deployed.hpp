@@ -125,21 +125,8 @@ inline std::vector<std::int64_t> non_finite_images(ConstTensorView<float> x) {
   if (x.numel() == 0) return bad;
   const std::int64_t n_images = x.dim() > 0 ? x.size(0) : 1, per = x.numel() / n_images;
   const float* p = x.data();
-  for (std::int64_t n = 0; n < n_images; ++n) {
-    std::vector<std::uint32_t> any(std::size_t(max_range_threads()), 0);
-    parallel_ranges(per, [&](std::int64_t b, std::int64_t e, int t) {
-      std::uint32_t a = 0;  // an exponent field of all ones is Inf or NaN; an OR of integer tests vectorizes
-      const float* image = p + n * per;
-      OREPA_SIMD_OR(a)
-      for (std::int64_t j = b; j < e; ++j) {
-        std::uint32_t u;
-        std::memcpy(&u, image + j, sizeof u);
-        a |= std::uint32_t((u & 0x7F800000u) == 0x7F800000u);
-      }
-      any[std::size_t(t)] = a;
-    });
-    if (std::any_of(any.begin(), any.end(), [](std::uint32_t a) { return a != 0; })) bad.push_back(n);
-  }
+  for (std::int64_t n = 0; n < n_images; ++n)
+    if (!all_finite(p + n * per, per)) bad.push_back(n);
   if (auto* seen = thread_non_finite_images(); seen && !bad.empty()) {
     if (n_images != seen->batch) seen->all = true;
     seen->images.insert(seen->images.end(), bad.begin(), bad.end());

@@ -31,17 +31,20 @@
 namespace orepa::engine {
 
 /// The three primitive descriptors of a training convolution (forward_training,
-/// backward-data and backward-weights with the forward as hint), layouts left to oneDNN
-/// (`any`), user-managed scratchpad. Shared by ConvEngine<float> and FusedConvBnAct.
+/// backward-data and backward-weights with the forward as hint), user-managed scratchpad.
+/// Activations in layout `act` (`any`: oneDNN's choice, blocked on AVX-512 / AVX2), the
+/// kernel in oneDNN's. Shared by ConvEngine<float> and FusedConvBnAct.
 OREPA_INLINE std::tuple<dnnl::convolution_forward::primitive_desc, dnnl::convolution_backward_data::primitive_desc,
                         dnnl::convolution_backward_weights::primitive_desc>
-training_conv_pds(const ConvGeometry& g, const Shape& xs, const Shape& ys);
+training_conv_pds(const ConvGeometry& g, const Shape& xs, const Shape& ys, tag act = tag::any);
 #if OREPA_DEFINITIONS
 OREPA_INLINE std::tuple<dnnl::convolution_forward::primitive_desc, dnnl::convolution_backward_data::primitive_desc,
                         dnnl::convolution_backward_weights::primitive_desc>
-training_conv_pds(const ConvGeometry& g, const Shape& xs, const Shape& ys) {
+training_conv_pds(const ConvGeometry& g, const Shape& xs, const Shape& ys, tag act) {
   using namespace dnnl;
-  auto any = [](const Shape& s) { return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, tag::any); };
+  auto any = [act](const Shape& s) {
+    return memory::desc(memory::dims(s.begin(), s.end()), memory::data_type::f32, act);
+  };
   primitive_attr attr;
   attr.set_scratchpad_mode(scratchpad_mode::user);
   convolution_forward::primitive_desc fpd(
@@ -269,9 +272,14 @@ OREPA_INLINE const memory& Relayout::operator()(const memory& m) {
 ///     forward:  x -> [reorder] -> conv(W) -> y -> BN(batch stats) -> z -> act -> [reorder] -> out
 ///     backward: dout -> [reorder] -> act' (z recomputed from y) -> BN' -> dy -> conv' -> [reorder] -> dx, dW
 ///
-/// Every activation between the brackets stays in the layout the forward convolution
-/// chose (nChw8c on AVX2), so a step reorders activations four times (x, out, dout, dx),
-/// not at every primitive. The reordered input is kept as the input of backward-weights
+/// For an NCHW x every activation between the brackets stays in the layout the forward
+/// convolution chose (nChw8c on AVX2), so a step reorders activations four times (x, out,
+/// dout, dx), not at every primitive. For a channels-last (NHWC) x every primitive runs on
+/// NHWC and out, dout and dx are NHWC: nothing is reordered and the activation writes
+/// straight into out (only the input is copied: x may change before backward). A network
+/// that keeps its activations channels-last so saves those reorders and their buffers
+/// (yolo::Model: a fifth of oneDNN's time and of the peak memory of a YOLOv5n training
+/// step). The saved input is the input of backward-weights
 /// (no second reorder, no plain copy), y as the input of BN's backward; the
 /// pre-activation z is recomputed from y and the batch statistics instead of being kept.
 /// BN and the activation run as oneDNN primitives (JIT, multi-threaded) on that layout.
@@ -309,15 +317,17 @@ class FusedConvBnAct {
   const ConvGeometry& geometry() const { return g_; }
 
   /// out = act(BN(conv(x, w))) with the batch statistics, written to mean / var (biased,
-  /// C floats each); gamma / beta are BN's C scales and shifts. Saves what backward needs.
+  /// C floats each); gamma / beta are BN's C scales and shifts. out is resized in x's
+  /// memory format. Saves what backward needs.
   void forward(ConstTensorView<float> x, ConstTensorView<float> w, const float* gamma, const float* beta, double eps,
                Tensor<float>& out, float* mean, float* var, const StatsSync& sync_stats = {});
 
-  /// From dL/dout of the last forward: dx (NCHW, resized), dw (OIHW, resized, overwritten)
-  /// and dgamma / dbeta (C floats, overwritten). mean / var are the statistics that
-  /// forward wrote; gamma / beta BN's current scales and shifts.
+  /// From dL/dout (in out's memory format) of the last forward: dx (in x's format,
+  /// resized; skipped when `dx` is null, as for a network's first layer), dw (OIHW,
+  /// resized, overwritten) and dgamma / dbeta (C floats, overwritten). mean / var are the
+  /// statistics that forward wrote; gamma / beta BN's current scales and shifts.
   void backward(ConstTensorView<float> dout, const float* gamma, const float* beta, const float* mean, const float* var,
-                Tensor<float>& dx, Tensor<float>& dw, float* dgamma, float* dbeta, const GradCorrection& correct = {});
+                Tensor<float>* dx, Tensor<float>& dw, float* dgamma, float* dbeta, const GradCorrection& correct = {});
 
   /// Input shapes for which the pipeline was built (each builds three convolution
   /// primitives, the BN and activation primitives and the reorders).
@@ -337,6 +347,8 @@ class FusedConvBnAct {
 
   struct Entry {
     Shape x_shape, y_shape;
+    MemoryFormat format = MemoryFormat::contiguous;  // of x, out, dout and dx
+    bool direct_out = false;                         // the primitives' dst layout is out's: no copy
     dnnl::convolution_forward fwd;
     dnnl::convolution_backward_data bwd_data;
     dnnl::convolution_backward_weights bwd_weights;
@@ -353,11 +365,11 @@ class FusedConvBnAct {
     std::unordered_map<int, memory> fwd_args, act_fwd_args, act_bwd_args, bwd_data_args, bwd_w_args;
   };
 
-  Entry& entry(const Shape& xs, double eps);
+  Entry& entry(const Shape& xs, MemoryFormat f, double eps);
 
-  void build(Entry& e, const Shape& xs, const Shape& ys, double eps);
+  void build(Entry& e, const Shape& xs, const Shape& ys, MemoryFormat f, double eps);
 
-  using Map = std::map<std::array<std::int64_t, 4>, std::unique_ptr<Entry>>;
+  using Map = std::map<std::array<std::int64_t, 5>, std::unique_ptr<Entry>>;
   ConvGeometry g_;
   ActivationKind act_;
   CacheSlot<Map> cache_;
@@ -392,8 +404,8 @@ OREPA_INLINE void FusedConvBnAct::forward(ConstTensorView<float> x, ConstTensorV
                                           const float* beta, double eps,
              Tensor<float>& out, float* mean, float* var, const StatsSync& sync_stats) {
   w.expect_shape(g_.weight_shape(), "FusedConvBnAct::forward weight");
-  Entry& e = entry(x.sizes(), eps);
-  out.resize(e.y_shape);
+  Entry& e = entry(x.sizes(), x.memory_format(), eps);
+  out.resize(e.y_shape, e.format);
   guarded([&] { return describe(g_, x.sizes()) + " (fused training forward)"; }, [&] {
     auto& s = thread_stream();
     e.x_user.set_data_handle(const_cast<float*>(x.data()));
@@ -402,14 +414,19 @@ OREPA_INLINE void FusedConvBnAct::forward(ConstTensorView<float> x, ConstTensorV
     e.w_in.execute(s, e.w_user, e.w_saved);  // kernel-sized; kept for backward-data
     e.fwd.execute(s, e.fwd_args);
     s.wait();
-    e.bn->forward_train(ptr(e.y), ptr(e.z), mean, var, gamma, beta);
+    e.out_user.set_data_handle(out.data());
+    // BN's output: z, or out itself when nothing follows and out has z's layout.
+    float* bn_out = e.direct_out && !e.has_act ? out.data() : ptr(e.z);
+    e.bn->forward_train(ptr(e.y), bn_out, mean, var, gamma, beta);
     if (sync_stats) {
       sync_stats(mean, var);
-      e.bn->forward_with_stats(ptr(e.y), ptr(e.z), mean, var, gamma, beta);
+      e.bn->forward_with_stats(ptr(e.y), bn_out, mean, var, gamma, beta);
     }
-    if (e.has_act) e.act_fwd.execute(s, e.act_fwd_args);  // in place on z
-    e.out_user.set_data_handle(out.data());
-    e.out_copy.execute(s, e.z, e.out_user);
+    if (e.has_act) {
+      e.act_fwd_args[DNNL_ARG_DST] = e.direct_out ? e.out_user : e.z;  // z is recomputed in backward
+      e.act_fwd.execute(s, e.act_fwd_args);
+    }
+    if (!e.direct_out) e.out_copy.execute(s, e.z, e.out_user);
     s.wait();
   });
   last_ = &e;
@@ -417,11 +434,15 @@ OREPA_INLINE void FusedConvBnAct::forward(ConstTensorView<float> x, ConstTensorV
 
 OREPA_INLINE void FusedConvBnAct::backward(ConstTensorView<float> dout, const float* gamma, const float* beta,
                                            const float* mean, const float* var,
-              Tensor<float>& dx, Tensor<float>& dw, float* dgamma, float* dbeta, const GradCorrection& correct) {
+              Tensor<float>* dx, Tensor<float>& dw, float* dgamma, float* dbeta, const GradCorrection& correct) {
   if (!last_) throw state_error("FusedConvBnAct::backward: call forward first");
   Entry& e = *last_;
   dout.expect_shape(e.y_shape, "FusedConvBnAct::backward grad_output");
-  dx.resize(e.x_shape);
+  if (dout.memory_format() != e.format)
+    throw shape_error(std::string("FusedConvBnAct::backward: grad_output must be ") +
+                      (e.format == MemoryFormat::channels_last ? "channels_last" : "contiguous") +
+                      ", as the forward's output");
+  if (dx) dx->resize(e.x_shape, e.format);
   dw.resize(g_.weight_shape());
   guarded([&] { return describe(g_, e.x_shape) + " (fused training backward)"; }, [&] {
     auto& s = thread_stream();
@@ -438,11 +459,13 @@ OREPA_INLINE void FusedConvBnAct::backward(ConstTensorView<float> dout, const fl
     // dy into the z buffer (z is not needed any more).
     e.bn->backward(ptr(e.y), dz, ptr(e.z), mean, var, gamma, beta, dgamma, dbeta);
     if (correct) add_correction(e, mean, var, dgamma, dbeta, correct);
-    e.bwd_data_args[DNNL_ARG_DIFF_DST] = e.dy_for_data(e.z);
-    e.bwd_data_args[DNNL_ARG_WEIGHTS] = e.w_for_data(e.w_saved);
-    e.bwd_data_args[DNNL_ARG_DIFF_SRC] = e.dx_port.out(dx.data());
-    e.bwd_data.execute(s, e.bwd_data_args);
-    e.dx_port.finish();
+    if (dx) {
+      e.bwd_data_args[DNNL_ARG_DIFF_DST] = e.dy_for_data(e.z);
+      e.bwd_data_args[DNNL_ARG_WEIGHTS] = e.w_for_data(e.w_saved);
+      e.bwd_data_args[DNNL_ARG_DIFF_SRC] = e.dx_port.out(dx->data());
+      e.bwd_data.execute(s, e.bwd_data_args);
+      e.dx_port.finish();
+    }
     e.bwd_w_args[DNNL_ARG_SRC] = e.x_for_weights(e.x_saved);
     e.bwd_w_args[DNNL_ARG_DIFF_DST] = e.dy_for_weights(e.z);
     e.bwd_w_args[DNNL_ARG_DIFF_WEIGHTS] = e.dw_port.out(dw.data());
@@ -473,27 +496,28 @@ OREPA_INLINE void FusedConvBnAct::add_correction(Entry& e, const float* mean, co
   for (std::int64_t i = 0; i < n; ++i) dy[i] += add[i];
 }
 
-OREPA_INLINE auto FusedConvBnAct::entry(const Shape& xs, double eps) -> Entry& {
+OREPA_INLINE auto FusedConvBnAct::entry(const Shape& xs, MemoryFormat f, double eps) -> Entry& {
   const Shape ys = g_.output_shape(xs, "FusedConvBnAct");
   std::int64_t eps_bits = 0;
   std::memcpy(&eps_bits, &eps, sizeof eps);
-  const std::array<std::int64_t, 4> key{xs[0], xs[2], xs[3], eps_bits};
+  const std::array<std::int64_t, 5> key{xs[0], xs[2], xs[3], eps_bits, std::int64_t(f)};
   Map* map = cache_.get();
   if (!map) map = &cache_.emplace(std::make_unique<Map>());
   auto it = map->find(key);
   if (it != map->end()) return *it->second;
   auto e = std::make_unique<Entry>();
-  guarded(describe(g_, xs) + " (creating the fused training primitives)", [&] { build(*e, xs, ys, eps); });
+  guarded(describe(g_, xs) + " (creating the fused training primitives)", [&] { build(*e, xs, ys, f, eps); });
   ++creations_;
   return *map->emplace(key, std::move(e)).first->second;
 }
 
-OREPA_INLINE void FusedConvBnAct::build(Entry& e, const Shape& xs, const Shape& ys, double eps) {
+OREPA_INLINE void FusedConvBnAct::build(Entry& e, const Shape& xs, const Shape& ys, MemoryFormat f, double eps) {
   using namespace dnnl;
   e.x_shape = xs;
   e.y_shape = ys;
-  const auto x_md = nchw_desc(xs), y_md = nchw_desc(ys), w_md = weights_desc(g_, tag::oihw);
-  const auto [fpd, dpd, wpd] = training_conv_pds(g_, xs, ys);
+  e.format = f;
+  const auto x_md = plain_desc(xs, f), y_md = plain_desc(ys, f), w_md = weights_desc(g_, tag::oihw);
+  const auto [fpd, dpd, wpd] = training_conv_pds(g_, xs, ys, f == MemoryFormat::channels_last ? tag::nhwc : tag::any);
   e.fwd = convolution_forward(fpd);
   e.bwd_data = convolution_backward_data(dpd);
   e.bwd_weights = convolution_backward_weights(wpd);
@@ -505,7 +529,8 @@ OREPA_INLINE void FusedConvBnAct::build(Entry& e, const Shape& xs, const Shape& 
   e.y = allocate(dst_md);
   e.z = allocate(dst_md);
   e.out_user = memory(y_md, cpu_engine(), DNNL_MEMORY_NONE);
-  e.out_copy = reorder(e.z, e.out_user);  // a plain copy when dst is NCHW already
+  e.direct_out = dst_md == y_md;
+  if (!e.direct_out) e.out_copy = reorder(e.z, e.out_user);
   e.w_user = memory(w_md, cpu_engine(), DNNL_MEMORY_NONE);
   e.w_saved = allocate(fpd.weights_desc());
   e.w_in = reorder(e.w_user, e.w_saved);
@@ -541,7 +566,7 @@ OREPA_INLINE void FusedConvBnAct::build(Entry& e, const Shape& xs, const Shape& 
   e.fwd_args = {{DNNL_ARG_SRC, e.x_saved}, {DNNL_ARG_WEIGHTS, e.w_saved}, {DNNL_ARG_DST, e.y},
                 {DNNL_ARG_SCRATCHPAD, e.scratch}};
   if (e.has_act) {
-    e.act_fwd_args = {{DNNL_ARG_SRC, e.z}, {DNNL_ARG_DST, e.z}, {DNNL_ARG_SCRATCHPAD, e.scratch}};  // in place
+    e.act_fwd_args = {{DNNL_ARG_SRC, e.z}, {DNNL_ARG_DST, e.z}, {DNNL_ARG_SCRATCHPAD, e.scratch}};
     e.act_bwd_args = {{DNNL_ARG_SRC, e.z}, {DNNL_ARG_DIFF_DST, memory()}, {DNNL_ARG_DIFF_SRC, e.dz},
                       {DNNL_ARG_SCRATCHPAD, e.scratch}};
   }

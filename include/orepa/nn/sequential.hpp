@@ -141,13 +141,6 @@ class InferenceChain {
     }
   }
 
-  // `x` in layout `f`: itself, or a converted copy kept in `scratch`.
-  static ConstTensorView<S> in_format(ConstTensorView<S> x, MemoryFormat f, Tensor<S>& scratch) {
-    if (x.memory_format() == f) return x;
-    scratch.assign(x, f);
-    return scratch;
-  }
-
   std::vector<AnyDeployed<S>> stages_;
 };
 

@@ -26,6 +26,7 @@
 #include "orepa/blocks/module_tree.hpp"
 #include "orepa/blocks/yolo.hpp"
 #include "orepa/core/error_path.hpp"
+#include "orepa/core/parallel.hpp"
 
 namespace orepa {
 
@@ -72,28 +73,43 @@ inline std::int64_t hidden_channels(const char* who, std::int64_t c2, double e) 
 
 }  // namespace detail::yolo
 
-/// Channel concatenation (torch.cat(dim = 1)): a [N, Ca, H, W] and b [N, Cb, H, W] into
-/// `out` [N, Ca + Cb, H, W] (resized, buffer reused). Both channels-last gives a
-/// channels-last `out`; otherwise both are read as NCHW and `out` is NCHW. Throws
-/// shape_error unless N, H, W agree.
+/// Channel concatenation (torch.cat(dim = 1)) of xs [N, C_i, H, W] into `out`
+/// [N, sum C_i, H, W] (resized, buffer reused): channels-last when every input is, else
+/// NCHW (inputs read in either). shape_error naming `who` unless N, H, W agree.
+template <class S>
+void concat_channels(const std::vector<ConstTensorView<S>>& xs, Tensor<S>& out,
+                     const std::string& who = "concat_channels") {
+  if (xs.empty()) throw config_error(who + ": nothing to concatenate");
+  std::int64_t C = 0;
+  bool nhwc = true;
+  for (const auto& x : xs) {
+    if (x.dim() != 4 || x.size(0) != xs[0].size(0) || x.size(2) != xs[0].size(2) || x.size(3) != xs[0].size(3))
+      throw shape_error(detail::cat(who, ": inputs must be [N, C, H, W] agreeing in N, H, W; got ",
+                                    shape_str(xs[0].sizes()), " and ", shape_str(x.sizes())));
+    C += x.size(1);
+    nhwc = nhwc && x.memory_format() == MemoryFormat::channels_last;
+  }
+  const std::int64_t N = xs[0].size(0), P = xs[0].size(2) * xs[0].size(3);
+  out.resize({N, C, xs[0].size(2), xs[0].size(3)}, nhwc ? MemoryFormat::channels_last : MemoryFormat::contiguous);
+  // The runs that stay together: a pixel's NHWC channels, or a sample's NCHW planes.
+  const std::int64_t runs = nhwc ? N * P : N, stride = nhwc ? C : C * P;
+  std::int64_t c0 = 0;
+  for (const auto& x0 : xs) {
+    Tensor<S> tmp;
+    const ConstTensorView<S> x = nhwc ? x0 : contiguous(x0, tmp);
+    const std::int64_t len = nhwc ? x.size(1) : x.size(1) * P, at = nhwc ? c0 : c0 * P;
+    parallel_ranges(runs, [&](std::int64_t b, std::int64_t e, int) {
+      for (std::int64_t r = b; r < e; ++r) std::copy_n(x.data() + r * len, len, out.data() + r * stride + at);
+    });
+    c0 += x.size(1);
+  }
+}
+
+/// concat_channels of two tensors: a [N, Ca, H, W] and b [N, Cb, H, W].
 template <class S>
 void concat_channels(detail::identity_t<ConstTensorView<S>> a, detail::identity_t<ConstTensorView<S>> b,
                      Tensor<S>& out) {
-  if (a.dim() != 4 || b.dim() != 4 || a.size(0) != b.size(0) || a.size(2) != b.size(2) || a.size(3) != b.size(3))
-    throw shape_error(detail::cat("concat_channels: expected [N, Ca, H, W] and [N, Cb, H, W] with equal N, H, W, got ",
-                                  shape_str(a.sizes()), " and ", shape_str(b.sizes())));
-  const bool nhwc = !a.is_contiguous() && !b.is_contiguous();
-  Tensor<S> ac, bc;
-  if (!nhwc) a = contiguous(a, ac), b = contiguous(b, bc);
-  const std::int64_t N = a.size(0), Ca = a.size(1), Cb = b.size(1), P = a.size(2) * a.size(3);
-  out.resize({N, Ca + Cb, a.size(2), a.size(3)}, nhwc ? MemoryFormat::channels_last : MemoryFormat::contiguous);
-  // The runs that stay together: a sample's NCHW planes, or a pixel's NHWC channels.
-  const std::int64_t runs = nhwc ? N * P : N, ra = nhwc ? Ca : Ca * P, rb = nhwc ? Cb : Cb * P;
-  for (std::int64_t r = 0; r < runs; ++r) {
-    S* dst = out.data() + r * (ra + rb);
-    std::copy_n(a.data() + r * ra, ra, dst);
-    std::copy_n(b.data() + r * rb, rb, dst + ra);
-  }
+  concat_channels<S>({a, b}, out);
 }
 
 /// concat_channels for 8-bit codes in one quantization: a [N, Ca, H, W] and b [N, Cb, H, W]
@@ -114,22 +130,31 @@ inline Int8Codes concat_codes(const Int8Codes& a, const Int8Codes& b) {
   return out;
 }
 
-/// The adjoint of concat_channels: splits g [N, C, H, W] into its first `ca` channels
-/// (`a`) and the other C - ca (`b`). Throws shape_error unless 0 < ca < C.
+/// The adjoint of concat_channels: splits g [N, sum C_i, H, W] into parts[i] [N, C_i, H, W]
+/// of channels[i] channels each (resized, buffers reused), in g's memory format. Throws
+/// shape_error unless every C_i >= 1 and they sum to g's channels.
 template <class S>
-void split_channels(detail::identity_t<ConstTensorView<S>> g, std::int64_t ca, Tensor<S>& a, Tensor<S>& b) {
-  if (g.dim() != 4 || ca < 1 || ca >= g.size(1))
-    throw shape_error(detail::cat("split_channels: expected [N, C, H, W] with 0 < ", ca, " < C, got ",
-                                  shape_str(g.sizes())));
-  Tensor<S> gc;
-  g = contiguous(g, gc);
-  const std::int64_t N = g.size(0), P = g.size(2) * g.size(3), per_a = ca * P, per_b = (g.size(1) - ca) * P;
-  a.resize({N, ca, g.size(2), g.size(3)});
-  b.resize({N, g.size(1) - ca, g.size(2), g.size(3)});
-  for (std::int64_t n = 0; n < N; ++n) {
-    const S* src = g.data() + n * (per_a + per_b);
-    std::copy_n(src, per_a, a.data() + n * per_a);
-    std::copy_n(src + per_a, per_b, b.data() + n * per_b);
+void split_channels(detail::identity_t<ConstTensorView<S>> g, const std::vector<std::int64_t>& channels,
+                    std::vector<Tensor<S>>& parts) {
+  std::int64_t C = 0;
+  bool positive = true;
+  for (auto c : channels) C += c, positive = positive && c >= 1;
+  if (g.dim() != 4 || !positive || C != g.size(1))
+    throw shape_error(detail::cat("split_channels: expected [N, C, H, W] with C the sum of ", channels.size(),
+                                  " positive channel counts, got ", shape_str(g.sizes())));
+  const bool nhwc = g.memory_format() == MemoryFormat::channels_last;
+  const std::int64_t N = g.size(0), P = g.size(2) * g.size(3);
+  const std::int64_t runs = nhwc ? N * P : N, stride = nhwc ? C : C * P;
+  parts.resize(channels.size());
+  std::int64_t c0 = 0;
+  for (std::size_t i = 0; i < channels.size(); ++i) {
+    parts[i].resize({N, channels[i], g.size(2), g.size(3)}, g.memory_format());
+    const std::int64_t len = nhwc ? channels[i] : channels[i] * P, at = nhwc ? c0 : c0 * P;
+    S* dst = parts[i].data();
+    parallel_ranges(runs, [&](std::int64_t b, std::int64_t e, int) {
+      for (std::int64_t r = b; r < e; ++r) std::copy_n(g.data() + r * stride + at, len, dst + r * len);
+    });
+    c0 += channels[i];
   }
 }
 
@@ -465,13 +490,13 @@ class C3 : public ModuleTensors<C3<S>, S> {
     try {
       const Tensor<S> dcat = cv3_.backward(grad_out);
       at = own;
-      split_channels(dcat, c_, da_, db_);
-      Tensor<S> g = da_.alias();
+      split_channels<S>(dcat, {c_, c_}, dcat_parts_);
+      Tensor<S> g = dcat_parts_[0].alias();
       for (std::size_t j = m_.size(); j-- > 0;) at = 3 + j, g = m_[j].backward(g);
       at = 0;
       dx_.assign(cv1_.backward(g));
       at = 1;
-      const Tensor<S> db = cv2_.backward(db_);
+      const Tensor<S> db = cv2_.backward(dcat_parts_[1]);
       at = own;
       detail::yolo::add_inplace(dx_, db, "C3::backward");
       return dx_.alias();
@@ -528,7 +553,8 @@ class C3 : public ModuleTensors<C3<S>, S> {
   std::int64_t c_;
   AnyBlock<S> cv1_, cv2_, cv3_;
   std::vector<Bottleneck<S>> m_;
-  Tensor<S> cat_, da_, db_, dx_;  // concatenation, its split gradient, the summed input gradient (reused)
+  Tensor<S> cat_, dx_;                 // concatenation, the summed input gradient (reused)
+  std::vector<Tensor<S>> dcat_parts_;  // the concatenation's gradient split between the paths
 };
 
 }  // namespace orepa

@@ -444,12 +444,13 @@ class DetectionLoss {
         throw shape_error(orepa::detail::cat(name, ": grid ", m.size(2), " x ", m.size(3), " at stride ", s,
                                       " does not cover the image of map 0 (", m0.size(2), " x ", m0.size(3),
                                       " at stride ", s0, "); are the maps in level order?"));
-      for (std::int64_t j = 0; j < m.numel(); ++j)
-        if (!std::isfinite(double(m[j])))
-          throw state_error(orepa::detail::cat(name, ": value ", double(m[j]), " at flat index ", j, " (cell [",
-                                        j / no / m.size(3) / m.size(2) / na, ", ", j / no / m.size(3) / m.size(2) % na,
-                                        ", ", j / no / m.size(3) % m.size(2), ", ", j / no % m.size(3), "], channel ",
-                                        j % no, ")"));
+      if (!orepa::detail::all_finite(m.data(), m.numel()))
+        for (std::int64_t j = 0; j < m.numel(); ++j)
+          if (!std::isfinite(double(m[j])))
+            throw state_error(orepa::detail::cat(
+                name, ": value ", double(m[j]), " at flat index ", j, " (cell [", j / no / m.size(3) / m.size(2) / na,
+                ", ", j / no / m.size(3) / m.size(2) % na, ", ", j / no / m.size(3) % m.size(2), ", ", j / no % m.size(3),
+                "], channel ", j % no, ")"));
       grids.push_back({m.size(2), m.size(3)});
     }
     detail::check_target_rows(targets);

@@ -423,6 +423,11 @@ class Model : public ModuleTensors<Model<S>, S> {
   /// the raw maps [N, na, H / s, W / s, 5 + nc] of the Detect head.
   std::vector<Tensor<S>> forward_train(ConstTensorView<S> x) {
     check_input(x.sizes(), "forward_train");
+    // Float trains channels-last from the image on: the fused conv + BN + activation
+    // pipelines then run on NHWC with no reorder between layers.
+    input_format_ = x.memory_format();
+    Tensor<S> nhwc;
+    if constexpr (std::is_same_v<S, float>) x = in_format(x, MemoryFormat::channels_last, nhwc);
     std::vector<Tensor<S>> raw;
     run(x, [&](std::size_t i, const std::vector<ConstTensorView<S>>& in, Tensor<S>& out) {
       Node& n = nodes_[i];
@@ -433,8 +438,19 @@ class Model : public ModuleTensors<Model<S>, S> {
     has_forward_ = true;
     return raw;
   }
+  /// Whether backward computes d loss / d image (default true). A trainer sets false:
+  /// the layers reading the image then skip their backward-data convolution (YOLOv5n's
+  /// 6x6 stem: ~6 % of a training step) and backward returns an empty tensor.
+  void set_input_grad(bool needed) {
+    input_grad_ = needed;
+    for (auto& n : nodes_)
+      if (n.layer && std::find(n.from.begin(), n.from.end(), -1) != n.from.end()) n.layer->set_input_grad(needed);
+  }
+  /// Whether backward computes d loss / d image.
+  bool input_grad() const { return input_grad_; }
   /// Backward of the last forward_train for d loss / d raw map (one per level): every
-  /// parameter's gradient accumulated; returns d loss / d x (NCHW).
+  /// parameter's gradient accumulated; returns d loss / d x (in x's memory format; empty
+  /// when input_grad() is false).
   Tensor<S> backward(const std::vector<Tensor<S>>& grad_maps) {
     std::vector<ConstTensorView<S>> v(grad_maps.begin(), grad_maps.end());
     return backward(v);
@@ -446,6 +462,7 @@ class Model : public ModuleTensors<Model<S>, S> {
     std::vector<Tensor<S>> grads(L);
     Tensor<S> dx;
     auto give = [&](std::int64_t j, Tensor<S> g) {
+      if (j < 0 && !input_grad_) return;
       Tensor<S>& slot = j < 0 ? dx : grads[std::size_t(j)];
       if (slot.empty()) slot = std::move(g);
       else {
@@ -464,20 +481,13 @@ class Model : public ModuleTensors<Model<S>, S> {
       if (n.layer) {
         give(n.from[0], n.layer->backward(grads[i]));
       } else {
-        Tensor<S> gc;
-        const ConstTensorView<S> g = contiguous<S>(grads[i], gc);
-        const std::int64_t N = g.size(0), H = g.size(2), W = g.size(3), C = g.size(1), P = H * W;
-        std::int64_t c0 = 0;
-        for (std::size_t k = 0; k < n.from.size(); ++k) {
-          const std::int64_t Ck = n.in_channels[k];
-          Tensor<S> part({N, Ck, H, W});
-          for (std::int64_t b = 0; b < N; ++b) std::copy_n(g.data() + (b * C + c0) * P, Ck * P, part.data() + b * Ck * P);
-          give(n.from[k], std::move(part));
-          c0 += Ck;
-        }
+        std::vector<Tensor<S>> parts;
+        split_channels(grads[i], n.in_channels, parts);
+        for (std::size_t k = 0; k < n.from.size(); ++k) give(n.from[k], std::move(parts[k]));
       }
       grads[i] = Tensor<S>();
     }
+    if (!dx.empty() && dx.memory_format() != input_format_) dx = dx.to(input_format_);
     return dx;
   }
   /// Eval forward (running statistics, no state change): decoded rows and raw maps.
@@ -531,7 +541,12 @@ class Model : public ModuleTensors<Model<S>, S> {
   };
 
   Model(const Model& o, orepa::detail::CloneTag)
-      : cfg_(o.cfg_), save_(o.save_), last_use_(o.last_use_), detect_index_(o.detect_index_), max_stride_(o.max_stride_) {
+      : cfg_(o.cfg_),
+        save_(o.save_),
+        last_use_(o.last_use_),
+        detect_index_(o.detect_index_),
+        max_stride_(o.max_stride_),
+        input_grad_(o.input_grad_) {
     for (const auto& n : o.nodes_) {
       Node c;
       c.from = n.from, c.in_channels = n.in_channels, c.out_channels = n.out_channels, c.concat = n.concat;
@@ -565,21 +580,7 @@ class Model : public ModuleTensors<Model<S>, S> {
   }
 
   static void concat_into(const std::vector<ConstTensorView<S>>& in, Tensor<S>& buffer, Tensor<S>& out) {
-    std::int64_t C = 0;
-    for (const auto& v : in) C += v.size(1);
-    const std::int64_t N = in[0].size(0), P = in[0].size(2) * in[0].size(3);
-    buffer.resize({N, C, in[0].size(2), in[0].size(3)});
-    std::int64_t c0 = 0;
-    for (const auto& v0 : in) {
-      if (v0.size(0) != N || v0.size(2) != in[0].size(2) || v0.size(3) != in[0].size(3))
-        throw shape_error(orepa::detail::cat("Concat: inputs must agree in N, H, W; got ", shape_str(in[0].sizes()), " and ",
-                                             shape_str(v0.sizes())));
-      Tensor<S> tmp;
-      const ConstTensorView<S> v = contiguous(v0, tmp);
-      const std::int64_t Ci = v.size(1);
-      for (std::int64_t b = 0; b < N; ++b) std::copy_n(v.data() + b * Ci * P, Ci * P, buffer.data() + (b * C + c0) * P);
-      c0 += Ci;
-    }
+    concat_channels(in, buffer, "Concat");
     out = buffer.alias();
   }
 
@@ -704,6 +705,8 @@ class Model : public ModuleTensors<Model<S>, S> {
   std::size_t detect_index_ = 0;
   std::int64_t max_stride_ = 32;
   bool has_forward_ = false;
+  bool input_grad_ = true;
+  MemoryFormat input_format_ = MemoryFormat::contiguous;  // of the last forward_train's x
 };
 
 /// The deployed form of a Model (Model::deploy()): every layer deployed, the same graph.

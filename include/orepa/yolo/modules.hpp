@@ -187,33 +187,8 @@ inline Int8Codes upsample_nearest_codes(const Int8Codes& x, std::int64_t factor)
 /// when every input is, else NCHW. shape_error naming `who` unless N, H, W agree.
 template <class S>
 Tensor<S> concat(const std::vector<ConstTensorView<S>>& xs, const std::string& who = "Concat") {
-  if (xs.empty()) throw config_error(who + ": nothing to concatenate");
-  std::int64_t C = 0;
-  bool nhwc = true;
-  for (const auto& x : xs) {
-    detail::require_nchw(x.sizes(), 0, who);
-    if (x.size(0) != xs[0].size(0) || x.size(2) != xs[0].size(2) || x.size(3) != xs[0].size(3))
-      throw shape_error(orepa::detail::cat(who, ": inputs must agree in N, H, W; got ", shape_str(xs[0].sizes()),
-                                           " and ", shape_str(x.sizes())));
-    C += x.size(1);
-    nhwc = nhwc && x.memory_format() == MemoryFormat::channels_last;
-  }
-  const std::int64_t N = xs[0].size(0), P = xs[0].size(2) * xs[0].size(3);
   Tensor<S> y;
-  y.resize({N, C, xs[0].size(2), xs[0].size(3)}, nhwc ? MemoryFormat::channels_last : MemoryFormat::contiguous);
-  std::int64_t c0 = 0;
-  for (const auto& x0 : xs) {
-    Tensor<S> tmp;
-    const ConstTensorView<S> x = nhwc ? x0 : contiguous(x0, tmp);
-    const std::int64_t Ci = x.size(1);
-    if (nhwc)
-      parallel_ranges(N * P, [&](std::int64_t b, std::int64_t e, int) {
-        for (std::int64_t p = b; p < e; ++p) std::copy_n(x.data() + p * Ci, Ci, y.data() + p * C + c0);
-      });
-    else
-      for (std::int64_t n = 0; n < N; ++n) std::copy_n(x.data() + n * Ci * P, Ci * P, y.data() + (n * C + c0) * P);
-    c0 += Ci;
-  }
+  concat_channels(xs, y, who);
   return y;
 }
 
@@ -319,11 +294,14 @@ class SPPF : public ModuleTensors<SPPF<S>, S> {
   /// Training forward; an alias of cv2's output buffer.
   Tensor<S> forward_train(ConstTensorView<S> x) {
     Tensor<S> t = in_cv1([&] { return cv1_.forward_train(x); });
-    t_.assign(t, MemoryFormat::contiguous);
+    t_.assign(t, MemoryFormat::contiguous);  // the pools with their argmax run on NCHW
     for (int j = 0; j < 3; ++j) pool_train(j == 0 ? t_ : pooled_[std::size_t(j - 1)], j);
-    cat_ = concat<S>({t_, pooled_[0], pooled_[1], pooled_[2]}, "SPPF");
+    concat_channels<S>({t_, pooled_[0], pooled_[1], pooled_[2]}, cat_, "SPPF");
     has_forward_ = true;
-    return in_cv2([&] { return cv2_.forward_train(cat_); });
+    // cv2 gets cv1's layout back: a channels-last network stays channels-last.
+    Tensor<S> converted;
+    const ConstTensorView<S> cat = in_format<S>(cat_, t.memory_format(), converted);
+    return in_cv2([&] { return cv2_.forward_train(cat); });
   }
   /// Eval forward (running statistics), no state change.
   Tensor<S> forward_eval(ConstTensorView<S> x) const {
@@ -455,17 +433,30 @@ class Upsample : public ModuleTensors<Upsample<S>, S> {
   }
   /// Eval forward.
   Tensor<S> forward_eval(ConstTensorView<S> x) const { return upsample_nearest<S>(x, factor_); }
-  /// dL/dx (NCHW): the sum of each factor x factor block of the output gradient.
+  /// dL/dx (in grad_out's memory format): the sum of each factor x factor block of the
+  /// output gradient.
   Tensor<S> backward(ConstTensorView<S> grad_out) {
     if (in_.empty()) throw state_error("Upsample::backward: call forward_train first");
     const std::int64_t N = in_[0], C = in_[1], H = in_[2], W = in_[3], f = factor_;
     grad_out.expect_shape({N, C, H * f, W * f}, "Upsample::backward grad_output");
-    dx_.resize(in_);
-    dx_.zero();
-    for (std::int64_t n = 0; n < N; ++n)
-      for (std::int64_t c = 0; c < C; ++c)
-        for (std::int64_t oh = 0; oh < H * f; ++oh)
-          for (std::int64_t ow = 0; ow < W * f; ++ow) dx_(n, c, oh / f, ow / f) += grad_out(n, c, oh, ow);
+    dx_.resize(in_, grad_out.memory_format());
+    const auto sx = detail::strides4(in_, dx_.memory_format());
+    const auto sg = detail::strides4(grad_out.sizes(), grad_out.memory_format());
+    const S* g = grad_out.data();
+    S* dx = dx_.data();
+    parallel_ranges(N * H, [&](std::int64_t b, std::int64_t e, int) {
+      for (std::int64_t nh = b; nh < e; ++nh) {
+        const std::int64_t n = nh / H, h = nh % H;
+        for (std::int64_t w = 0; w < W; ++w)
+          for (std::int64_t c = 0; c < C; ++c) {
+            S sum = 0;
+            const S* block = g + n * sg[0] + c * sg[1] + h * f * sg[2] + w * f * sg[3];
+            for (std::int64_t i = 0; i < f; ++i)
+              for (std::int64_t j = 0; j < f; ++j) sum += block[i * sg[2] + j * sg[3]];
+            dx[n * sx[0] + c * sx[1] + h * sx[2] + w * sx[3]] = sum;
+          }
+      }
+    });
     return dx_.alias();
   }
   /// No tensors.
@@ -728,7 +719,7 @@ class Detect : public ModuleTensors<Detect<S>, S> {
     return out;
   }
   /// Backward of the last forward_train for d loss / d raw map i: accumulates the weight
-  /// and bias gradients and returns d loss / d input i (NCHW) per level.
+  /// and bias gradients and returns d loss / d input i (channels-last) per level.
   std::vector<Tensor<S>> backward(const std::vector<ConstTensorView<S>>& grad_maps) {
     if (!has_forward_) throw state_error("Detect::backward: call forward_train first");
     if (grad_maps.size() != levels_.size())
@@ -742,7 +733,8 @@ class Detect : public ModuleTensors<Detect<S>, S> {
       grad_maps[i].expect_shape({N, na_, H, W, no_}, orepa::detail::cat("Detect::backward gradient map ", i));
       // dy: the gradient of the convolution's rows [N H W, na no] (the raw map's anchor
       // axis moved back in), so each product below is one plain matrix product.
-      Tensor<S> dy({R, O});
+      Tensor<S> dy;
+      dy.resize({R, O});  // every element written below
       const std::int64_t P = H * W;
       parallel_ranges(N * na_, [&](std::int64_t b, std::int64_t e, int) {
         for (std::int64_t r = b; r < e; ++r) {
@@ -756,14 +748,22 @@ class Detect : public ModuleTensors<Detect<S>, S> {
       // dW [O, C] += dy^T [O, R] x [R, C]
       gemm(branches::gemm_dims(O, C, R, {0, 1, O}, {0, C, 1}, {0, C, 1}, true), dy.data(), l.x.data(),
            l.weight.grad.data());
-      for (std::int64_t r = 0; r < R; ++r)
-        for (std::int64_t o = 0; o < O; ++o) l.bias.grad[o] += dy[r * O + o];
-      // dx [R, C] = dy [R, O] W [O, C], channels-last; returned NCHW.
-      Tensor<S> d_rows({N, C, H, W}, MemoryFormat::channels_last);
-      gemm(branches::gemm_dims(R, C, O, {0, O, 1}, {0, C, 1}, {0, C, 1}), dy.data(), l.weight.value.data(),
-           d_rows.data());
+      // d bias [O] += the column sums of dy: per thread over its rows, then added up.
+      std::vector<S> sums(std::size_t(max_range_threads() * O), S(0));
+      parallel_ranges(R, [&](std::int64_t b, std::int64_t e, int t) {
+        S* acc = sums.data() + t * O;
+        const S* g = dy.data();
+        for (std::int64_t r = b; r < e; ++r) {
+          OREPA_SIMD
+          for (std::int64_t o = 0; o < O; ++o) acc[o] += g[r * O + o];
+        }
+      });
+      for (int t = 0; t < max_range_threads(); ++t)
+        for (std::int64_t o = 0; o < O; ++o) l.bias.grad[o] += sums[std::size_t(t * O + o)];
+      // dx [R, C] = dy [R, O] W [O, C]: channels-last.
       Tensor<S> d;
-      d.assign(d_rows, MemoryFormat::contiguous);
+      d.resize({N, C, H, W}, MemoryFormat::channels_last);
+      gemm(branches::gemm_dims(R, C, O, {0, O, 1}, {0, C, 1}, {0, C, 1}), dy.data(), l.weight.value.data(), d.data());
       dx.push_back(std::move(d));
     }
     return dx;
@@ -820,10 +820,11 @@ class Detect : public ModuleTensors<Detect<S>, S> {
   Tensor<S> raw_map(std::size_t i, const Tensor<S>& x) const {
     const Level& l = levels_[i];
     const std::int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W, O = na_ * no_;
-    Tensor<S> rows({N * P, O});
+    Tensor<S> rows, raw;  // every element written below
+    rows.resize({N * P, O});
+    raw.resize({N, na_, H, W, no_});
     engine::fast_gemm<S>()(branches::gemm_dims(N * P, O, C, {0, C, 1}, {0, 1, C}, {0, O, 1}), x.data(),
                    l.weight.value.data(), rows.data());
-    Tensor<S> raw({N, na_, H, W, no_});
     parallel_ranges(N * na_, [&](std::int64_t b, std::int64_t e, int) {
       for (std::int64_t r = b; r < e; ++r) {
         const std::int64_t n = r / na_, a = r % na_;

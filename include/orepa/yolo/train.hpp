@@ -234,11 +234,7 @@ inline Tensor<float> batch_labels(const Batch& b, std::int64_t i) {
   return l;
 }
 
-inline bool all_finite(const Tensor<float>& t) {
-  for (float v : t)
-    if (!std::isfinite(v)) return false;
-  return true;
-}
+inline bool all_finite(const Tensor<float>& t) { return orepa::detail::all_finite(t.data(), t.numel()); }
 }  // namespace detail
 /// \endcond
 
@@ -339,6 +335,7 @@ class Trainer {
     if (!(o.max_grad_norm() >= 0))
       throw config_error(orepa::detail::cat("yolo::Trainer: max_grad_norm must be >= 0, got ", o.max_grad_norm()));
     if (!o.output().empty()) check_output_folder(o.output(), {checkpoint_name}, o.overwrite());
+    model_.set_input_grad(false);  // the images need no gradient
     opt_.zero_grad();
   }
   Trainer(const Trainer&) = delete;
