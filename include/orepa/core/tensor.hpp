@@ -481,20 +481,34 @@ void Tensor<S>::assign(const TensorView<const S>& v, MemoryFormat format) {
   if (v.memory_format() == format) return assign(v);
   resize(v.sizes(), format);
   const std::int64_t N = v.size(0), C = v.size(1), P = v.size(2) * v.size(3);
-  // Per image a C x P <-> P x C transpose, the threads splitting the pixels (which
-  // keeps each thread's writes and reads in runs for either direction).
+  // Per image a C x P <-> P x C transpose, the threads splitting the pixels, in tiles of
+  // pixels: per channel a run of the tile is read (NCHW side) or written in order, the
+  // other side's tile staying in cache; writing NHWC with many channels, a pixel's run of
+  // channels is written in order instead (measured faster from 16 channels).
   const S* from = v.data();
   S* to = data();
   const bool nhwc = format == MemoryFormat::channels_last;
+  constexpr std::int64_t tile = 256;
   parallel_ranges(N * P, [&](std::int64_t b, std::int64_t e, int) {
-    for (std::int64_t np = b; np < e; ++np) {
-      const std::int64_t n = np / P, p = np % P;
+    std::int64_t n = b / P, p = b % P;
+    for (std::int64_t np = b; np < e; ++n, p = 0) {
+      const std::int64_t end = std::min(P, p + (e - np));  // this range's pixels of image n
+      np += end - p;
       const S* src = from + n * C * P;
       S* dst = to + n * C * P;
-      if (nhwc)
-        for (std::int64_t c = 0; c < C; ++c) dst[p * C + c] = src[c * P + p];
-      else
-        for (std::int64_t c = 0; c < C; ++c) dst[c * P + p] = src[p * C + c];
+      if (nhwc && C >= 16) {
+        for (std::int64_t q = p; q < end; ++q)
+          for (std::int64_t c = 0; c < C; ++c) dst[q * C + c] = src[c * P + q];
+        continue;
+      }
+      for (std::int64_t q0 = p; q0 < end; q0 += tile) {
+        const std::int64_t q1 = std::min(end, q0 + tile);
+        for (std::int64_t c = 0; c < C; ++c)
+          if (nhwc)
+            for (std::int64_t q = q0; q < q1; ++q) dst[q * C + c] = src[c * P + q];
+          else
+            for (std::int64_t q = q0; q < q1; ++q) dst[c * P + q] = src[q * C + c];
+      }
     }
   });
 }

@@ -54,7 +54,10 @@ void add_inplace(Tensor<S>& x, const Y& y_, const char* what) {
   x.expect_shape(y.sizes(), what);
   S* a = x.data();
   const S* b = y.data();
-  for (std::int64_t j = 0, n = x.numel(); j < n; ++j) a[j] += b[j];
+  parallel_ranges(x.numel(), [&](std::int64_t begin, std::int64_t end, int) {
+    OREPA_SIMD
+    for (std::int64_t j = begin; j < end; ++j) a[j] += b[j];
+  });
 }
 
 /// Throws config_error unless v >= 1.
