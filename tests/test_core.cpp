@@ -191,3 +191,21 @@ TEST(ParallelRanges, CoverEveryItemOnceWithTheSameSplitEveryTime) {
                }),
                config_error);
 }
+
+TEST(ParallelSpans, CoverEveryElementOfEverySpanOnceInBounds) {
+  const std::vector<std::int64_t> sizes{0, 3, 0, 1000, 1, 0};
+  std::vector<std::vector<int>> hits;
+  for (auto n : sizes) hits.emplace_back(std::size_t(n), 0);
+  parallel_spans(sizes, [&](std::size_t k, std::int64_t j0, std::int64_t j1) {
+    ASSERT_LT(k, sizes.size());
+    ASSERT_LE(0, j0);
+    ASSERT_LT(j0, j1) << "span " << k;
+    ASSERT_LE(j1, sizes[k]) << "span " << k;
+    for (std::int64_t j = j0; j < j1; ++j) ++hits[k][std::size_t(j)];  // spans' ranges are disjoint
+  });
+  for (std::size_t k = 0; k < sizes.size(); ++k)
+    for (std::size_t j = 0; j < hits[k].size(); ++j) EXPECT_EQ(hits[k][j], 1) << "span " << k << " element " << j;
+  bool called = false;
+  parallel_spans({}, [&](std::size_t, std::int64_t, std::int64_t) { called = true; });
+  EXPECT_FALSE(called);
+}

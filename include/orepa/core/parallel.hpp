@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <exception>
+#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -79,6 +80,20 @@ void parallel_ranges(std::int64_t n, F&& f) {
   }
 #endif
   f(std::int64_t(0), n, 0);
+}
+
+/// Runs f(k, j0, j1) on elements [j0, j1) of span k, for spans of `sizes[k]` elements laid
+/// end to end as one index range that parallel_ranges() splits: many small tensors (a
+/// network's parameters, say) share the threads as evenly as one large one.
+template <class F>
+void parallel_spans(const std::vector<std::int64_t>& sizes, F&& f) {
+  std::vector<std::int64_t> start(sizes.size() + 1, 0);
+  for (std::size_t k = 0; k < sizes.size(); ++k) start[k + 1] = start[k] + sizes[k];
+  parallel_ranges(start.back(), [&](std::int64_t begin, std::int64_t end, int) {
+    auto k = std::size_t(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
+    for (; k < sizes.size() && start[k] < end; ++k)
+      if (sizes[k] > 0) f(k, std::max(begin, start[k]) - start[k], std::min(end, start[k + 1]) - start[k]);
+  });
 }
 
 }  // namespace orepa

@@ -303,17 +303,18 @@ class SGD : public Optimizer<S> {
       S lr, wd;
     };
     std::vector<Span> spans;
-    std::vector<std::int64_t> start{0};
+    std::vector<std::int64_t> sizes;
     for (std::size_t gi = 0; gi < this->groups_.size(); ++gi) {
       const auto& g = this->groups_[gi];
       for (std::size_t pi = 0; pi < g.params.size(); ++pi) {
         Param<S>& p = *g.params[pi];
         S* buf = use_momentum ? buf_[gi][pi].data() : nullptr;
         spans.push_back({p.value.data(), p.grad.data(), buf, *g.lr, *g.weight_decay});
-        start.push_back(start.back() + p.value.numel());
+        sizes.push_back(p.value.numel());
       }
     }
-    auto update = [&](const Span& sp, std::int64_t j0, std::int64_t j1) {
+    parallel_spans(sizes, [&](std::size_t k, std::int64_t j0, std::int64_t j1) {
+      const Span& sp = spans[k];
       S* w = sp.w;
       const S* gr = sp.grad;
       S* b = sp.buf;
@@ -338,11 +339,6 @@ class SGD : public Optimizer<S> {
           w[j] -= lr * (nesterov ? d + mom * bj : bj);
         }
       }
-    };
-    parallel_ranges(start.back(), [&](std::int64_t begin, std::int64_t end, int) {
-      auto k = std::size_t(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
-      for (; k < spans.size() && start[k] < end; ++k)
-        update(spans[k], std::max(begin, start[k]) - start[k], std::min(end, start[k + 1]) - start[k]);
     });
     ++this->steps_;
   }

@@ -338,26 +338,22 @@ class ModelEMA {
     const S keep = S(d), take = S(1 - d);
     // Every parameter's and buffer's elements as one index range, split over the threads.
     std::vector<std::pair<S*, const S*>> spans;
-    std::vector<std::int64_t> start{0};
+    std::vector<std::int64_t> sizes;
     auto add = [&](const NamedParams<S>& to, const NamedParams<S>& from) {
       for (std::size_t i = 0; i < to.size(); ++i) {
         spans.emplace_back(to[i].second->value.data(), from[i].second->value.data());
-        start.push_back(start.back() + to[i].second->value.numel());
+        sizes.push_back(to[i].second->value.numel());
       }
     };
     add(e.parameters, m.parameters);
     add(e.buffers, m.buffers);
-    parallel_ranges(start.back(), [&](std::int64_t begin, std::int64_t end, int) {
-      auto k = std::size_t(std::upper_bound(start.begin(), start.end(), begin) - start.begin()) - 1;
-      for (; k < spans.size() && start[k] < end; ++k) {
-        S* ev = spans[k].first;
-        const S* mv = spans[k].second;
-        const std::int64_t j0 = std::max(begin, start[k]) - start[k], j1 = std::min(end, start[k + 1]) - start[k];
-        OREPA_SIMD
-        for (std::int64_t j = j0; j < j1; ++j) {
-          const S decayed = ev[j] * keep;  // YOLOv5: v *= d; v += (1 - d) * model_v
-          ev[j] = decayed + take * mv[j];
-        }
+    parallel_spans(sizes, [&](std::size_t k, std::int64_t j0, std::int64_t j1) {
+      S* ev = spans[k].first;
+      const S* mv = spans[k].second;
+      OREPA_SIMD
+      for (std::int64_t j = j0; j < j1; ++j) {
+        const S decayed = ev[j] * keep;  // YOLOv5: v *= d; v += (1 - d) * model_v
+        ev[j] = decayed + take * mv[j];
       }
     });
     for (std::size_t i = 0; i < e.batch_norms.size(); ++i)
