@@ -41,23 +41,28 @@ inline std::uint64_t child_seed(std::uint64_t seed, std::uint64_t index) {
   return z ^ (z >> 31);
 }
 
-/// x += y element-wise (same shape; `what` names the sum in the error); y a tensor or view,
-/// converted to x's memory format when it has another.
-template <class S, class Y>
-void add_inplace(Tensor<S>& x, const Y& y_, const char* what) {
-  Tensor<S> converted;
-  ConstTensorView<S> y = y_;
-  if (y.memory_format() != x.memory_format() && y.sizes() == x.sizes()) {
-    converted.assign(y, x.memory_format());
-    y = converted;
-  }
-  x.expect_shape(y.sizes(), what);
-  S* a = x.data();
-  const S* b = y.data();
-  parallel_ranges(x.numel(), [&](std::int64_t begin, std::int64_t end, int) {
+/// out = a + b element-wise in one pass, in a's memory format (same shape; `what` names the
+/// sum in the error); b a tensor or view, converted to a's format when it has another.
+/// `out` may be a's tensor (then written in place) but must not hold b.
+template <class S>
+void add_into(Tensor<S>& out, identity_t<ConstTensorView<S>> a, identity_t<ConstTensorView<S>> b_, const char* what) {
+  a.expect_shape(b_.sizes(), what);
+  Tensor<S> scratch;
+  const ConstTensorView<S> b = in_format(b_, a.memory_format(), scratch);
+  if (out.data() != a.data()) out.resize(a.sizes(), a.memory_format());  // every element written below
+  S* o = out.data();
+  const S* pa = a.data();
+  const S* pb = b.data();
+  parallel_ranges(a.numel(), [&](std::int64_t begin, std::int64_t end, int) {
     OREPA_SIMD
-    for (std::int64_t j = begin; j < end; ++j) a[j] += b[j];
+    for (std::int64_t j = begin; j < end; ++j) o[j] = pa[j] + pb[j];
   });
+}
+
+/// x += y element-wise (add_into with x as both the output and the first term).
+template <class S>
+void add_inplace(Tensor<S>& x, identity_t<ConstTensorView<S>> y, const char* what) {
+  add_into(x, x, y, what);
 }
 
 /// Throws config_error unless v >= 1.
@@ -268,8 +273,7 @@ class Bottleneck : public ModuleTensors<Bottleneck<S>, S> {
       rethrow_in(at);
     }
     if (!add_) return y;
-    out_.assign(y);
-    detail::yolo::add_inplace(out_, x, "Bottleneck residual");
+    detail::yolo::add_into(out_, y, x, "Bottleneck residual");
     return out_.alias();
   }
   /// Eval forward (running statistics), no state change.
@@ -299,8 +303,7 @@ class Bottleneck : public ModuleTensors<Bottleneck<S>, S> {
       rethrow_in(at);
     }
     if (!add_) return g;
-    dx_.assign(g);
-    detail::yolo::add_inplace(dx_, grad_out, "Bottleneck::backward residual");
+    detail::yolo::add_into(dx_, g, grad_out, "Bottleneck::backward residual");
     return dx_.alias();
   }
   /// cv1's tensors under `prefix` + "cv1.", then cv2's (YOLOv5's module path).
@@ -497,11 +500,11 @@ class C3 : public ModuleTensors<C3<S>, S> {
       Tensor<S> g = dcat_parts_[0].alias();
       for (std::size_t j = m_.size(); j-- > 0;) at = 3 + j, g = m_[j].backward(g);
       at = 0;
-      dx_.assign(cv1_.backward(g));
+      const Tensor<S> da = cv1_.backward(g);
       at = 1;
       const Tensor<S> db = cv2_.backward(dcat_parts_[1]);
       at = own;
-      detail::yolo::add_inplace(dx_, db, "C3::backward");
+      detail::yolo::add_into(dx_, da, db, "C3::backward");
       return dx_.alias();
     } catch (...) {
       rethrow_in(at);
