@@ -481,9 +481,8 @@ class Model : public ModuleTensors<Model<S>, S> {
       if (n.layer) {
         give(n.from[0], n.layer->backward(grads[i]));
       } else {
-        std::vector<Tensor<S>> parts;
-        split_channels(grads[i], n.in_channels, parts);
-        for (std::size_t k = 0; k < n.from.size(); ++k) give(n.from[k], std::move(parts[k]));
+        split_channels(grads[i], n.in_channels, n.split);
+        for (std::size_t k = 0; k < n.from.size(); ++k) give(n.from[k], n.split[k].alias());
       }
       grads[i] = Tensor<S>();
     }
@@ -538,6 +537,7 @@ class Model : public ModuleTensors<Model<S>, S> {
     std::optional<AnyBlock<S>> layer;        // a one-input layer
     bool concat = false;                     // else: the Detect head (detect_)
     Tensor<S> cat;                           // a concatenation's output (reused)
+    std::vector<Tensor<S>> split;            // its gradient split per input (reused)
   };
 
   Model(const Model& o, orepa::detail::CloneTag)

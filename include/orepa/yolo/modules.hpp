@@ -661,7 +661,7 @@ class Detect : public ModuleTensors<Detect<S>, S> {
       }
       orepa::detail::yolo::require_positive("Detect", "input channels", ch[i]);
       Level l{Param<S>(Tensor<S>({na_ * no_, ch[i], 1, 1}), ParamKind::kernel),
-              Param<S>(Tensor<S>({na_ * no_}), ParamKind::bias), Tensor<S>()};
+              Param<S>(Tensor<S>({na_ * no_}), ParamKind::bias), Tensor<S>(), Tensor<S>(), Tensor<S>()};
       // PyTorch's Conv2d default: kaiming_uniform(a = sqrt(5)) and bias U(+-1/sqrt(fan_in)).
       kaiming_uniform(l.weight.value, std::sqrt(5.0), rng);
       fill_uniform(l.bias.value, 1.0 / std::sqrt(double(ch[i])), rng);
@@ -701,7 +701,7 @@ class Detect : public ModuleTensors<Detect<S>, S> {
     std::vector<Tensor<S>> raw;
     for (std::size_t i = 0; i < levels_.size(); ++i) {
       levels_[i].x.assign(xs[i], MemoryFormat::channels_last);
-      raw.push_back(raw_map(i, levels_[i].x));
+      raw.push_back(raw_map(i, levels_[i].x, levels_[i].rows));
     }
     has_forward_ = true;
     return raw;
@@ -710,10 +710,10 @@ class Detect : public ModuleTensors<Detect<S>, S> {
   DetectOutput<S> forward_eval(const std::vector<ConstTensorView<S>>& xs) const {
     check_inputs(xs, "Detect::forward_eval");
     DetectOutput<S> out;
-    Tensor<S> x;
+    Tensor<S> x, rows;
     for (std::size_t i = 0; i < levels_.size(); ++i) {
       x.assign(xs[i], MemoryFormat::channels_last);
-      out.raw.push_back(raw_map(i, x));
+      out.raw.push_back(raw_map(i, x, rows));
     }
     out.pred = decode_detections(out.raw, strides_, anchors_.value.reshaped({levels() * na_, 2}));
     return out;
@@ -733,7 +733,7 @@ class Detect : public ModuleTensors<Detect<S>, S> {
       grad_maps[i].expect_shape({N, na_, H, W, no_}, orepa::detail::cat("Detect::backward gradient map ", i));
       // dy: the gradient of the convolution's rows [N H W, na no] (the raw map's anchor
       // axis moved back in), so each product below is one plain matrix product.
-      Tensor<S> dy;
+      Tensor<S>& dy = l.dy;
       dy.resize({R, O});  // every element written below
       const std::int64_t P = H * W;
       parallel_ranges(N * na_, [&](std::int64_t b, std::int64_t e, int) {
@@ -802,11 +802,12 @@ class Detect : public ModuleTensors<Detect<S>, S> {
  private:
   struct Level {
     Param<S> weight, bias;
-    Tensor<S> x;  // the input of the last forward_train (channels-last)
+    Tensor<S> x;        // the input of the last forward_train (channels-last)
+    Tensor<S> rows, dy;  // training scratch: the convolution's output rows, their gradient
   };
   Detect(const Detect& o)  // clone(): never copied silently
       : nc_(o.nc_), no_(o.no_), na_(o.na_), strides_(o.strides_), anchors_(o.anchors_) {
-    for (const auto& l : o.levels_) levels_.push_back(Level{l.weight, l.bias, Tensor<S>()});
+    for (const auto& l : o.levels_) levels_.push_back(Level{l.weight, l.bias, Tensor<S>(), Tensor<S>(), Tensor<S>()});
   }
   void check_inputs(const std::vector<ConstTensorView<S>>& xs, const char* who) const {
     if (xs.size() != levels_.size())
@@ -815,12 +816,12 @@ class Detect : public ModuleTensors<Detect<S>, S> {
       detail::require_nchw(xs[i].sizes(), levels_[i].weight.value.size(1), orepa::detail::cat(who, " input ", i));
   }
   // Level i's raw map [N, na, H, W, no] of x (channels-last): the rows x [N H W, C] times
-  // the kernel [na no, C] transposed, one matrix product, then the anchor axis moved out
-  // with the bias added.
-  Tensor<S> raw_map(std::size_t i, const Tensor<S>& x) const {
+  // the kernel [na no, C] transposed, one matrix product (into `rows`, scratch), then the
+  // anchor axis moved out with the bias added.
+  Tensor<S> raw_map(std::size_t i, const Tensor<S>& x, Tensor<S>& rows) const {
     const Level& l = levels_[i];
     const std::int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), P = H * W, O = na_ * no_;
-    Tensor<S> rows, raw;  // every element written below
+    Tensor<S> raw;  // every element written below
     rows.resize({N * P, O});
     raw.resize({N, na_, H, W, no_});
     engine::fast_gemm<S>()(branches::gemm_dims(N * P, O, C, {0, C, 1}, {0, 1, C}, {0, O, 1}), x.data(),
