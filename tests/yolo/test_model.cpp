@@ -350,6 +350,52 @@ TEST(YoloModel, TensorNamesAreYolov5s) {
   EXPECT_FLOAT_EQ(a[4], 12.f / 4.f);
 }
 
+TEST(YoloModel, NormMatchedInitScalesTheKernelExactlyToTheDefaultConvsNorm) {
+  const BlockMaker<float> plain = yolo::block_maker<float>("orepa");
+  const BlockMaker<float> matched = yolo::norm_matched_init<float>(plain);
+  Rng rng(11);
+  // The folded kernel's mean squared norm per output channel.
+  auto per_channel = [](const Tensor<float>& w) {
+    double sq = 0;
+    for (std::int64_t j = 0; j < w.numel(); ++j) sq += double(w[j]) * w[j];
+    return sq / double(w.size(0));
+  };
+  for (std::int64_t k : {3, 1, 7}) {  // OREPA, OREPA_1x1, OREPA_LargeConv
+    SCOPED_TRACE(k);
+    const auto o = ConvOptions(16, 24, k).seed(5);
+    AnyBlock<float> a = plain(o), b = matched(o);
+    const Tensor<float> wa = a.folded().weight, wb = b.folded().weight;
+    // PyTorch's default conv has 1/3; the reference initialisation several times that.
+    if (k < 7) {
+      EXPECT_GT(per_channel(wa), 1.0);
+    }
+    EXPECT_NEAR(per_channel(wb), 1.0 / 3.0, 1e-4);
+    // Exactly the same kernel times one gain: every branch scaled by one factor.
+    const double gain = std::sqrt(per_channel(wb) / per_channel(wa));
+    double worst = 0;
+    for (std::int64_t j = 0; j < wa.numel(); ++j) worst = std::max(worst, std::abs(wb[j] - gain * wa[j]));
+    EXPECT_LT(worst, 1e-6 * std::sqrt(per_channel(wa)));
+    // Only branch weights changed; vector, BN and identity buffers are as made.
+    const auto ta = a.state_dict(), tb = b.state_dict();
+    for (const auto& name : ta.names()) {
+      const std::string leaf = name.substr(name.rfind('.') + 1);  // npos + 1 = 0
+      if (leaf.rfind("weight_", 0) == 0 || !ta.is_tensor(name)) continue;
+      EXPECT_EQ(max_abs_diff(ta.tensor(name), tb.tensor(name)), 0.0) << name;
+    }
+    // Under the BatchNorm (batch statistics) the training output barely moves: only eps
+    // weighs differently against the smaller variance.
+    const auto x = test::random_tensor<float>({2, 16, 9, 9}, rng);
+    const Tensor<float> ya = a.forward_train(x), yb = b.forward_train(x);
+    EXPECT_LT(max_abs_diff(ya, yb), 1e-3);
+  }
+  // ConvBN has no branches: exactly as made.
+  const auto o = ConvOptions(8, 8, 6).stride(2).seed(1);
+  AnyBlock<float> a = plain(o), b = matched(o);
+  EXPECT_EQ(a.type_name(), "ConvBN");
+  EXPECT_FALSE(b.scale_kernel(0.5f));
+  EXPECT_EQ(max_abs_diff(a.folded().weight, b.folded().weight), 0.0);
+}
+
 TEST(YoloModel, YamlFaultsAreClearErrors) {
   auto expect_error = [](const std::string& yaml, const std::string& part) {
     try {

@@ -53,6 +53,9 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
   /// Asks the held block to skip (false) or compute (true, the default) dL/dx in
   /// backward; false when the block has no set_input_grad() and always computes it.
   bool set_input_grad(bool needed) { return impl_->set_input_grad(needed); }
+  /// Multiplies the held block's kernel by `gain` through its branch weights (ConvBlock::
+  /// scale_kernel); false, nothing changed, for a block without branches (ConvBN, DBB).
+  bool scale_kernel(S gain) { return impl_->scale_kernel(gain); }
   /// The held block's tensors under `prefix` (module.hpp).
   void collect_tensors(Tensors<S>& out, const std::string& prefix) { impl_->collect_tensors(out, prefix); }
   /// The held block's reference class name.
@@ -94,6 +97,7 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
     virtual Tensor<S> forward_eval(ConstTensorView<S> x) const = 0;
     virtual Tensor<S> backward(ConstTensorView<S> g) = 0;
     virtual bool set_input_grad(bool needed) = 0;
+    virtual bool scale_kernel(S gain) = 0;
     virtual void collect_tensors(Tensors<S>& out, const std::string& prefix) = 0;
     virtual std::string type_name() const = 0;
     virtual AnyDeployed<S> deploy() const = 0;
@@ -111,6 +115,10 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
   struct has_input_grad : std::false_type {};
   template <class B>
   struct has_input_grad<B, std::void_t<decltype(std::declval<B&>().set_input_grad(true))>> : std::true_type {};
+  template <class B, class = void>
+  struct has_scale_kernel : std::false_type {};
+  template <class B>
+  struct has_scale_kernel<B, std::void_t<decltype(std::declval<B&>().scale_kernel(S(1)))>> : std::true_type {};
   template <class B>
   struct Model final : Concept {
     explicit Model(B x) : b(std::move(x)) {}
@@ -120,6 +128,10 @@ class AnyBlock : public ModuleTensors<AnyBlock<S>, S> {
     bool set_input_grad(bool needed) override {
       if constexpr (has_input_grad<B>::value) b.set_input_grad(needed);
       return has_input_grad<B>::value;
+    }
+    bool scale_kernel(S gain) override {
+      if constexpr (has_scale_kernel<B>::value) b.scale_kernel(gain);
+      return has_scale_kernel<B>::value;
     }
     void collect_tensors(Tensors<S>& out, const std::string& prefix) override { b.collect_tensors(out, prefix); }
     std::string type_name() const override { return b.type_name(); }

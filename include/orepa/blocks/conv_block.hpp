@@ -10,6 +10,7 @@
 /// forwards reuse the block's buffers). Deploy it for concurrent inference.
 
 #include <string>
+#include <utility>
 
 #include "orepa/blocks/kernel_source.hpp"
 #include "orepa/blocks/trunk.hpp"
@@ -72,6 +73,12 @@ class ConvBlock : public ModuleTensors<ConvBlock<S, Act, Source>, S> {
 
   /// Whether backward computes dL/dx (default true; see Trunk::set_input_grad).
   void set_input_grad(bool needed) { trunk_.set_input_grad(needed); }
+  /// Multiplies the squeezed kernel by `gain` through the branch weights, exactly (an
+  /// initialisation choice, yolo::norm_matched_init). Only blocks of branches have it.
+  template <class Src = Source, class = decltype(std::declval<Src&>().scale_kernel(S(1)))>
+  void scale_kernel(S gain) {
+    source_.scale_kernel(gain);
+  }
 
   /// The BN-folded kernel and bias (W * s[o], beta - running_mean * s) of the deployed conv.
   Affine<S> folded() const { return trunk_.fold(squeeze()); }

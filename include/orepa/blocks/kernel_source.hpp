@@ -84,6 +84,10 @@ class BranchSum {
       branches_[r]->scaled_kernel_backward(grad_w, vector_.value.data() + std::int64_t(r) * O,
                                            vector_.grad.data() + std::int64_t(r) * O, gemm_);
   }
+  /// Multiplies W by `gain` exactly, through every branch (Branch::scale_kernel).
+  void scale_kernel(S gain) {
+    for (auto& b : branches_) b->scale_kernel(gain);
+  }
   /// The branches' tensors in branch order, then `vector`.
   void collect_tensors(Tensors<S>& out, const std::string& prefix) {
     NamedParams<S> named;
@@ -144,6 +148,8 @@ class KernelChain {
     }
     layers_[0].squeeze_backward(transposed01(dk));
   }
+  /// Multiplies the composed kernel by `gain` exactly (it is linear in each layer).
+  void scale_kernel(S gain) { layers_[0].scale_kernel(gain); }
   /// Every layer's tensors, named `weight0.` .. `weight{L-1}.` + the OREPA names.
   void collect_tensors(Tensors<S>& out, const std::string& prefix) {
     for (std::size_t j = 0; j < layers_.size(); ++j) layers_[j].collect_tensors(out, prefix + "weight" + std::to_string(j) + ".");

@@ -40,6 +40,16 @@ class Branch {
   virtual void collect_tensors(NamedParams<S>& out, const std::string& prefix) = 0;
   /// The initial value of this branch's row of the block's `vector`.
   virtual double initial_scale() const = 0;
+  /// Multiplies this branch's kernel K by `gain` through its parameters (an initialisation
+  /// choice, yolo::norm_matched_init). The default scales every trainable tensor, exact
+  /// for a branch linear in its parameters; a branch whose kernel is a product of
+  /// parameters overrides it to scale one factor.
+  virtual void scale_kernel(S gain) {
+    NamedParams<S> named;
+    collect_tensors(named, "");
+    for (auto& [name, p] : named)
+      if (p->trainable()) scale_values(*p, gain);
+  }
   /// A deep copy (what a block's clone() copies its branches with). A branch of your own
   /// overrides it to be cloneable, usually as `return std::make_unique<MyBranch>(*this);`;
   /// without that, cloning a block that holds it throws config_error.
@@ -48,6 +58,12 @@ class Branch {
                                    " does not override clone(), so a block holding it cannot be cloned"));
   }
 };
+
+/// p.value *= gain, element-wise.
+template <class S>
+void scale_values(Param<S>& p, S gain) {
+  for (std::int64_t j = 0; j < p.value.numel(); ++j) p.value[j] *= gain;
+}
 
 /// Deep copies of every branch of `list` (Branch::clone()).
 template <class S>

@@ -340,6 +340,8 @@ class OneByOneKxk final : public Branch<S> {
     if (identity_) out.emplace_back(prefix + "id_tensor", &id_);
   }
   double initial_scale() const override { return init_.scale; }
+  // K = conv2 * (conv1 [+ id]): one factor.
+  void scale_kernel(S gain) override { scale_values(conv2_, gain); }
   std::unique_ptr<Branch<S>> clone() const override { return std::make_unique<OneByOneKxk>(*this); }
 
  private:
@@ -504,6 +506,8 @@ class DepthwiseSeparable final : public Branch<S> {
     out.emplace_back(prefix + wname(stem_, "gconv_pw"), &pw_);
   }
   double initial_scale() const override { return init_.scale; }
+  // K = pw * dw: one factor.
+  void scale_kernel(S gain) override { scale_values(pw_, gain); }
   std::unique_ptr<Branch<S>> clone() const override { return std::make_unique<DepthwiseSeparable>(*this); }
 
  private:
@@ -587,6 +591,8 @@ class LowRankIdentity final : public Branch<S> {
     out.emplace_back(prefix + "weight_or1x1_l2i_conv2", &c2_);
   }
   double initial_scale() const override { return init_.scale; }
+  // K = conv2 @ conv1: one factor, the one not started as the identity.
+  void scale_kernel(S gain) override { scale_values(c2_.value.size(0) > c1_.value.size(1) ? c2_ : c1_, gain); }
   std::unique_ptr<Branch<S>> clone() const override { return std::make_unique<LowRankIdentity>(*this); }
 
  private:

@@ -104,6 +104,31 @@ BlockMaker<S> block_maker(const std::string& name) {
   throw config_error("yolo::block_maker: unknown block family '" + name + "' (orepa, convbn, dbb or repvgg)");
 }
 
+/// `maker` with an initialisation for training from scratch at the learning rates tuned
+/// for plain convolutions: each block of branches (OREPA, OREPA_1x1, OREPA_LargeConv) has
+/// its kernel scaled once after it is made (AnyBlock::scale_kernel, exact), so that its
+/// BN-folded kernel has the mean squared norm per output channel of PyTorch's default
+/// conv initialisation, 1/3 (kaiming_uniform, a = sqrt(5)). Other blocks (ConvBN, DBB,
+/// RepVGG) are left as made.
+///
+/// Why: a BatchNorm follows the kernel, so the output hardly depends on the kernel's
+/// scale, but an SGD step turns the kernel by about lr / |kernel|^2. The reference
+/// initialisation (kaiming a = 0, the 1x1 branch at scale 1) gives OREPA's 3x3 kernel
+/// ~11x and OREPA_1x1's ~3.8x that squared norm, so at one learning rate they turn that
+/// much slower than ConvBN's kernels.
+template <class S = float>
+BlockMaker<S> norm_matched_init(BlockMaker<S> maker) {
+  return [maker = std::move(maker)](const ConvOptions& o) -> AnyBlock<S> {
+    AnyBlock<S> b = maker(o);
+    const Tensor<S> k = b.folded().weight;
+    double sq = 0;
+    for (std::int64_t j = 0; j < k.numel(); ++j) sq += double(k[j]) * double(k[j]);
+    const double per_channel = sq / double(k.size(0));
+    if (per_channel > 0) b.scale_kernel(S(std::sqrt((1.0 / 3.0) / per_channel)));  // an all-zero kernel stays
+    return b;
+  };
+}
+
 /// What a module factory is given for one yaml row.
 template <class S>
 struct ModuleSpec {
