@@ -421,7 +421,8 @@ int main(int argc, char** argv) try {
     for (auto* p : m.parameters()) params += p->value.numel();
     std::printf("network: YOLOv5n-OREPA (width_multiple %.3g, depth 0.33, %s init), %zu layers, %lld parameters in "
                 "training form, %lld deployed; %d epochs of %lld batches of %d at %dx%d on oneDNN %s\n",
-                a.width, a.init.c_str(), m.size(), static_cast<long long>(params), static_cast<long long>(m.deploy().num_parameters()),
+                a.width, a.init.c_str(), m.size(), static_cast<long long>(params),
+                static_cast<long long>(m.deploy().num_parameters()),
                 a.epochs, static_cast<long long>((a.images + a.batch - 1) / a.batch), a.batch, a.size, a.size,
                 engine::cpu_isa_name().c_str());
   }
