@@ -146,27 +146,49 @@ inline void poison_images(TensorView<float> y, const std::vector<std::int64_t>& 
 }  // namespace detail
 /// \endcond
 
-/// `x` (any memory format) as codes in `q`. Images of `x` holding a NaN or Inf are noted
-/// for the enclosing InferenceChain, which sets their output to NaN (codes cannot hold one).
-inline Int8Codes quantize_codes(ConstTensorView<float> x, const QuantParams& q) {
-  detail::non_finite_images(x);
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// quantize_codes(x, q), also giving the images of x that hold a NaN or Inf.
+inline Int8Codes quantize_codes_finding_non_finite(ConstTensorView<float> x, const QuantParams& q,
+                                                   std::vector<std::int64_t>& bad) {
   Tensor<float> nhwc;
   const float* v = x.data();
-  if (x.memory_format() != MemoryFormat::channels_last || !x.is_contiguous()) {
+  if (x.memory_format() != MemoryFormat::channels_last) {
     nhwc.assign(x, MemoryFormat::channels_last);
     v = nhwc.data();
   }
   Int8Codes c(x.sizes(), q);
   std::uint8_t* out = c.bytes.get();
-  parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
+  // The NaN / Inf test rides along the quantization (one pass over x); only when it finds
+  // one are the images holding it looked for.
+  std::vector<std::uint32_t> non_finite(std::size_t(max_range_threads()), 0);
+  parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int t) {
     // Locals: byte stores may alias anything read through a reference, the captures too.
     const QuantParams local = q;
     const float* in = v;
     std::uint8_t* codes = out;
-    OREPA_SIMD
-    for (std::int64_t i = b; i < e; ++i) codes[i] = std::uint8_t(local.quantize(in[i]));
+    std::uint32_t any = 0;
+    OREPA_SIMD_OR(any)
+    for (std::int64_t i = b; i < e; ++i) {
+      std::uint32_t u;
+      std::memcpy(&u, in + i, sizeof u);
+      any |= std::uint32_t((u & 0x7F800000u) == 0x7F800000u);
+      codes[i] = std::uint8_t(local.quantize(in[i]));
+    }
+    non_finite[std::size_t(t)] |= any;
   });
+  if (std::any_of(non_finite.begin(), non_finite.end(), [](std::uint32_t a) { return a != 0; }))
+    bad = non_finite_images(x);
   return c;
+}
+}  // namespace detail
+/// \endcond
+
+/// `x` (any memory format) as codes in `q`. Images of `x` holding a NaN or Inf are noted
+/// for the enclosing InferenceChain, which sets their output to NaN (codes cannot hold one).
+inline Int8Codes quantize_codes(ConstTensorView<float> x, const QuantParams& q) {
+  std::vector<std::int64_t> bad;
+  return detail::quantize_codes_finding_non_finite(x, q, bad);
 }
 /// \cond DO_NOT_DOCUMENT_THIS
 namespace detail {

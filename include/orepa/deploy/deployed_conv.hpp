@@ -339,40 +339,34 @@ StageOutput<S> DeployedConv<S>::forward_int8(StageInput<S> x, const QuantParams*
     const bool coded = std::holds_alternative<const Int8Codes*>(x);
     if (coded && std::get<const Int8Codes*>(x)->q != *wanted)  // another quantization's codes
       return forward_int8(dequantize_codes(*std::get<const Int8Codes*>(x)), out);
-    const Shape xs = coded ? std::get<const Int8Codes*>(x)->shape : std::get<ConstTensorView<float>>(x).sizes();
-    const Shape ys = g_.output_shape(xs, "DeployedConv::forward_int8");
-    Entry& e = entry(xs, MemoryFormat::contiguous, true, out);
-    dnnl::memory src;
-    const float* xp = nullptr;
-    MemoryFormat xf = MemoryFormat::contiguous;
-    if (coded) {
-      const Int8Codes& c = *std::get<const Int8Codes*>(x);
-      src = engine::guarded("DeployedConv::forward_int8 input", [&] {
-        return relayout(dnnl::memory(detail::codes_desc(xs, c.q), engine::cpu_engine(), c.bytes.get()),
-                        e.pd.src_desc());
-      });
+    if (!coded) {  // quantized in one pass that also finds the images holding a NaN / Inf
+      std::vector<std::int64_t> bad;
+      const ConstTensorView<float> v = std::get<ConstTensorView<float>>(x);
+      const Int8Codes codes = detail::quantize_codes_finding_non_finite(v, *wanted, bad);
+      StageOutput<S> y = forward_int8(&codes, out);
+      if (auto* t = std::get_if<Tensor<float>>(&y)) detail::poison_images(*t, bad, v.size(0));
+      return y;
     }
-    std::vector<std::int64_t> bad;  // images holding a NaN / Inf, which codes cannot carry
-    if (!coded) {
-      const auto v = std::get<ConstTensorView<float>>(x);
-      xp = v.data();
-      xf = v.memory_format();
-      bad = detail::non_finite_images(v);
-    }
-    const Formats f{xf, MemoryFormat::channels_last};
+    const Int8Codes& c = *std::get<const Int8Codes*>(x);
+    const Shape ys = g_.output_shape(c.shape, "DeployedConv::forward_int8");
+    Entry& e = entry(c.shape, MemoryFormat::contiguous, true, out);
+    const dnnl::memory src = engine::guarded("DeployedConv::forward_int8 input", [&] {
+      return relayout(dnnl::memory(detail::codes_desc(c.shape, c.q), engine::cpu_engine(), c.bytes.get()),
+                      e.pd.src_desc());
+    });
+    const Formats f{MemoryFormat::contiguous, MemoryFormat::channels_last};  // src comes as memory: f.first unused
     if (!out) {
       Tensor<float> y;
       y.resize(ys, MemoryFormat::channels_last);
-      run(e, f, coded ? &src : nullptr, xp, nullptr, y.data());
-      detail::poison_images(y, bad, ys[0]);
+      run(e, f, &src, nullptr, nullptr, y.data());
       return y;
     }
     Int8Codes y(ys, *out);
     engine::guarded("DeployedConv::forward_int8 output", [&] {
       const dnnl::memory codes(detail::codes_desc(ys, *out), engine::cpu_engine(), y.bytes.get());
-      if (codes.get_desc() == e.pd.dst_desc()) return run(e, f, coded ? &src : nullptr, xp, &codes, nullptr);
+      if (codes.get_desc() == e.pd.dst_desc()) return run(e, f, &src, nullptr, &codes, nullptr);
       const dnnl::memory own = engine::allocate(e.pd.dst_desc());
-      run(e, f, coded ? &src : nullptr, xp, &own, nullptr);
+      run(e, f, &src, nullptr, &own, nullptr);
       relayout(own, codes.get_desc(), codes);
     });
     return y;
