@@ -5,10 +5,13 @@
 // bf16 must fail with the missing ISA named.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <map>
 #include <sstream>
 #include <thread>
+#include <variant>
+#include <vector>
 
 #include "orepa/deploy/onednn_interop.hpp"
 #include "test_util.hpp"
@@ -142,6 +145,86 @@ TEST(Quantization, Bf16ConvEqualsTheReferenceConvOfBf16RoundedOperands) {
     expect_close(bf16.effective_weight(), wr, 0, "effective_weight");
     expect_close(y, reference_output(c.g, xr, wr, b, c.act), 2e-5, "bf16 conv vs reference conv of rounded operands");
   }
+}
+
+// bf16 "codes" are floats rounded to the nearest bf16, ties to even, found here by
+// comparing the two bf16 neighbours in double; NaN and Inf stay what they are.
+TEST(Quantization, Bf16CodesAreTheNearestBf16TiesToEven) {
+  const float inf = std::numeric_limits<float>::infinity(), big = std::numeric_limits<float>::max();
+  std::vector<float> values = {0.f, -0.f, 1.f, -2.5f, 1e-40f, -1e-40f, big, -big, inf, -inf, 3.0e38f};
+  for (std::uint32_t u : {0x3F808000u, 0x3F818000u, 0x3F80C000u, 0x3F804000u, 0xBF818000u, 0x7F7F8000u}) {  // ties
+    float f;
+    std::memcpy(&f, &u, 4);
+    values.push_back(f);
+  }
+  Rng rng(3);
+  for (int i = 0; i < 200; ++i) values.push_back(float(rng.uniform(-1e3, 1e3)));
+  values.push_back(std::numeric_limits<float>::quiet_NaN());
+  const std::int64_t n = std::int64_t(values.size());
+  Tensor<float> x({1, n, 1, 1});
+  std::copy(values.begin(), values.end(), x.begin());
+  const Int8Codes codes = quantize_codes(x, QuantParams::bfloat16());
+  EXPECT_EQ(codes.element_size(), 2);
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float v = values[std::size_t(i)];
+    const float got = codes.value(i);
+    if (std::isnan(v)) {
+      EXPECT_TRUE(std::isnan(got));
+      continue;
+    }
+    std::uint32_t u;
+    std::memcpy(&u, &v, 4);
+    const std::uint32_t lo_bits = u & 0xFFFF0000u, hi_bits = lo_bits + 0x10000u;  // |lo| <= |v| <= |hi|
+    float lo, hi;
+    std::memcpy(&lo, &lo_bits, 4);
+    std::memcpy(&hi, &hi_bits, 4);
+    const double hi_d = std::isinf(hi) ? std::copysign(std::ldexp(1.0, 128), double(v)) : double(hi);  // past max
+    const double dl = std::fabs(double(v) - double(lo)), dh = std::fabs(double(v) - hi_d);
+    const float want = std::isinf(v) ? v : dl < dh ? lo : dh < dl ? hi : ((lo_bits >> 16) & 1u) ? hi : lo;
+    EXPECT_EQ(got, want) << "value " << i << " = " << v;
+    EXPECT_EQ(got, round_to_bf16(v)) << "value " << i << " = " << v;
+  }
+  const Tensor<float> back = dequantize_codes(codes);
+  for (std::int64_t i = 0; i + 1 < n; ++i) EXPECT_EQ(back[i], codes.value(i));
+}
+
+// A bf16 convolution given bf16 values writes bf16 values (its f32 result rounded once,
+// by the primitive): within one bf16 step of rounding its float output.
+TEST(Quantization, Bf16ConvReadsAndWritesBf16Values) {
+  Rng rng(12);
+  ConvGeometry g;
+  g.in_channels = 8, g.out_channels = 24, g.kernel = 3, g.padding = 1;
+  DeployedConv<float> conv(g, spread_kernel(g, rng), random_tensor<float>({24}, rng), activation(ActivationKind::silu));
+  conv.precision(Precision::bf16);
+  ASSERT_TRUE(conv.int8_input().has_value());
+  EXPECT_TRUE(conv.int8_input()->bf16);
+  const Tensor<float> x = random_tensor<float>({2, 8, 10, 10}, rng);
+  const Int8Codes in = quantize_codes(x, QuantParams::bfloat16());
+  const QuantParams want = QuantParams::bfloat16();
+  StageOutput<float> out;
+  try {
+    out = conv.forward_int8(&in, &want);
+  } catch (const engine_error&) {
+    GTEST_SKIP() << "oneDNN has no bf16 convolution on ISA " << engine::cpu_isa_name();
+  }
+  ASSERT_TRUE(std::holds_alternative<Int8Codes>(out));
+  const Int8Codes& y = std::get<Int8Codes>(out);
+  EXPECT_TRUE(y.q.bf16);
+  const Tensor<float> real = conv.forward(dequantize_codes(in)).to(MemoryFormat::channels_last);
+  ASSERT_EQ(real.sizes(), y.shape);
+  std::int64_t same = 0;
+  for (std::int64_t i = 0; i < real.numel(); ++i) {
+    const float r = round_to_bf16(real[i]);
+    ASSERT_LE(std::fabs(y.value(i) - r), std::ldexp(std::fabs(r), -7) + 1e-30f) << "element " << i;
+    same += y.value(i) == r;
+  }
+  EXPECT_GE(double(same), 0.99 * double(real.numel()));
+  // The same convolution asked for int8 codes (another precision's) gives them through float.
+  const QuantParams q8 = QuantParams::for_range({-1.f, 4.f}, false);
+  const StageOutput<float> codes8 = conv.forward_int8(&in, &q8);
+  ASSERT_TRUE(std::holds_alternative<Int8Codes>(codes8));
+  for (std::int64_t i = 0; i < real.numel(); ++i)
+    ASSERT_LE(std::abs(std::get<Int8Codes>(codes8).code(i) - q8.quantize(real[i])), 1) << "element " << i;
 }
 
 TEST(Quantization, WrongSettingsAreRefusedWithTheReason) {

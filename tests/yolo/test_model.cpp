@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <string>
 
@@ -320,13 +321,23 @@ TEST(YoloOps, PoolingAndUpsamplingMatchWindowLoopsInBothLayoutsAndOnCodes) {
               for (std::int64_t d = 0; d < 4; ++d) ASSERT_EQ(up(n, c, 2 * h + d / 2, 2 * w + d % 2), x(n, c, h, w));
             }
       if (f == MemoryFormat::contiguous) continue;
-      for (const QuantParams q : {QuantParams{1.f / 64, 0, -128}, QuantParams{1.f / 128, 128, 0}}) {  // s8 and u8 codes
+      // s8 and u8 codes, and bf16 values
+      for (const QuantParams q : {QuantParams{1.f / 64, 0, -128}, QuantParams{1.f / 128, 128, 0}, QuantParams::bfloat16()}) {
         const Int8Codes codes = quantize_codes(x, q);
         const Tensor<float> pooled = dequantize_codes(yolo::max_pool_same_codes(codes, k));
         const Tensor<float> expected = yolo::max_pool_same<float>(dequantize_codes(codes), k);
-        EXPECT_EQ(test::max_relative_error(pooled, expected), 0.0) << "codes with qmin " << q.qmin;
+        EXPECT_EQ(test::max_relative_error(pooled, expected), 0.0) << "codes with qmin " << q.qmin << " bf16 " << q.bf16;
         const Tensor<float> up_codes = dequantize_codes(yolo::upsample_nearest_codes(codes, 2));
         EXPECT_EQ(test::max_relative_error(up_codes, yolo::upsample_nearest<float>(dequantize_codes(codes), 2)), 0.0);
+        const Tensor<float> halves = yolo::max_pool_same<float>(x, 3).to(MemoryFormat::channels_last);
+        const Int8Codes other = quantize_codes(halves, q);
+        const Tensor<float> cat = dequantize_codes(yolo::concat_codes({&codes, &other, &codes}));
+        Tensor<float> expected_cat;
+        concat_channels<float>({dequantize_codes(codes), dequantize_codes(other), dequantize_codes(codes)}, expected_cat);
+        EXPECT_EQ(test::max_relative_error(cat, expected_cat), 0.0) << "concat, bf16 " << q.bf16;
+        const Tensor<float> cat2 = dequantize_codes(concat_codes(codes, other));
+        concat_channels<float>({dequantize_codes(codes), dequantize_codes(other)}, expected_cat);
+        EXPECT_EQ(test::max_relative_error(cat2, expected_cat), 0.0) << "concat of two, bf16 " << q.bf16;
       }
     }
 }
@@ -474,6 +485,59 @@ TEST(YoloModel, Int8DeploymentCalibratedOnTheWholeGraph) {
   EXPECT_GT(sqnr_db(a, noisy), 39.0);
   EXPECT_GT(sqnr_db(ref.pred, q.pred), sqnr_db(ref.pred, perturbed.pred) - 10.0);
   EXPECT_GT(sqnr_db(ref.raw[0], q.raw[0]), 8.0);
+}
+
+// Every layer of `net` run on float, each convolution on its tensor API (which converts
+// its input to the primitive's precision): the deployed graph without codes between layers.
+yolo::DetectOutput<float> forward_on_float(const yolo::DeployedModel<float>& net, const Tensor<float>& x) {
+  std::vector<Tensor<float>> vals(net.size());
+  auto input = [&](std::int64_t j) { return j < 0 ? x : vals[std::size_t(j)]; };
+  for (std::size_t i = 0; i < net.size(); ++i) {
+    const auto& l = net.layer(i);
+    if (l.stage) {
+      vals[i] = l.stage->forward(input(l.from[0]).to(MemoryFormat::contiguous));
+    } else if (l.concat) {
+      std::vector<Tensor<float>> parts;
+      for (auto j : l.from) parts.push_back(input(j).to(MemoryFormat::contiguous));
+      vals[i] = yolo::concat<float>(std::vector<ConstTensorView<float>>(parts.begin(), parts.end()));
+    } else {
+      std::vector<Tensor<float>> parts;
+      for (auto j : l.from) parts.push_back(input(j));
+      std::vector<StageInput<float>> ins;
+      for (const auto& p : parts) ins.emplace_back(ConstTensorView<float>(p));
+      return net.head().forward(ins);
+    }
+  }
+  ADD_FAILURE() << "no head";
+  return {};
+}
+
+// bf16 convolutions pass bf16 values to each other (through the upsampling, the
+// concatenations and the pools) instead of float that the next one converts; the output is
+// as close to fp32 as the graph with float between its layers.
+TEST(YoloModel, Bf16DeploymentPassesBf16ValuesBetweenConvolutions) {
+  const auto model = fixture_model();
+  const auto io_file = io::SafetensorsFile::open(test::yolo_fixture("io.safetensors"));
+  const Tensor<float> a = io_file.get<float>("input.a");
+  const auto fp32 = model.deploy();
+  const auto bf16 = model.deploy(DeployOptions().precision(Precision::bf16));
+  yolo::DetectOutput<float> got;
+  try {
+    got = bf16.forward(a);
+  } catch (const engine_error&) {
+    GTEST_SKIP() << "oneDNN has no bf16 convolution on ISA " << engine::cpu_isa_name();
+  }
+  for (std::size_t i : {0, 9, 11, 12, 17}) {  // Conv, SPPF, nn.Upsample, Concat, the C3 the head reads
+    ASSERT_TRUE(bf16.output_quantization(i).has_value()) << "layer " << i;
+    EXPECT_TRUE(bf16.output_quantization(i)->bf16) << "layer " << i;
+  }
+  EXPECT_FALSE(fp32.output_quantization(0).has_value());
+  const auto ref = fp32.forward(a), on_float = forward_on_float(bf16, a);
+  const double codes_db = sqnr_db(ref.pred, got.pred), float_db = sqnr_db(ref.pred, on_float.pred);
+  std::printf("  bf16 against fp32: %.1f dB with bf16 between layers, %.1f dB with float\n", codes_db, float_db);
+  EXPECT_GT(codes_db, float_db - 1.0);
+  EXPECT_GT(codes_db, 20.0);
+  for (std::size_t l = 0; l < ref.raw.size(); ++l) EXPECT_GT(sqnr_db(ref.raw[l], got.raw[l]), sqnr_db(ref.raw[l], on_float.raw[l]) - 1.0);
 }
 
 TEST(YoloModel, NonFiniteInputsGiveNonFiniteOutputsInEveryPrecision) {

@@ -50,24 +50,43 @@ template <class S>
 using ConvMapper = std::function<AnyDeployed<S>(const std::string&, const DeployedConv<S>&)>;
 
 /// 8-bit codes of an activation [N, C, H, W], stored channels-last (NHWC order, one byte
-/// per value: u8, or s8 when q.qmin < 0); value = q.scale * (code - q.zero_point).
+/// per value: u8, or s8 when q.qmin < 0); value = q.scale * (code - q.zero_point). When
+/// q.bf16, the values themselves as bfloat16 (two bytes each, the upper half of the float):
+/// how bf16 convolutions pass activations, since they read and write bf16.
 struct Int8Codes {
   Shape shape;                          ///< N, C, H, W
   QuantParams q;                        ///< the quantization of every code
-  std::shared_ptr<std::uint8_t[]> bytes;  ///< numel() codes
+  std::shared_ptr<std::uint8_t[]> bytes;  ///< numel() codes, element_size() bytes each
 
   /// Uninitialised codes of `shape` in `q`.
   Int8Codes(Shape s, const QuantParams& quant)
-      : shape(std::move(s)), q(quant), bytes(new std::uint8_t[std::size_t(shape_numel(shape))]) {}
+      : shape(std::move(s)),
+        q(quant),
+        bytes(new std::uint8_t[std::size_t(shape_numel(shape)) * (quant.bf16 ? 2 : 1)]) {}
   /// Number of codes.
   std::int64_t numel() const { return shape_numel(shape); }
-  /// Code `i` (NHWC order).
+  /// Bytes per code: 1, or 2 for bf16.
+  std::int64_t element_size() const { return q.bf16 ? 2 : 1; }
+  /// Code `i` (NHWC order; for bf16 its 16 bits).
   std::int32_t code(std::int64_t i) const {
+    if (q.bf16) {
+      std::uint16_t h;
+      std::memcpy(&h, bytes.get() + 2 * i, 2);
+      return std::int32_t(h);
+    }
     const std::uint8_t b = bytes[std::size_t(i)];
     return q.qmin < 0 ? std::int32_t(std::int8_t(b)) : std::int32_t(b);
   }
   /// The real value of code `i`.
-  float value(std::int64_t i) const { return q.dequantize(code(i)); }
+  float value(std::int64_t i) const {
+    if (q.bf16) {
+      const std::uint32_t u = std::uint32_t(code(i)) << 16;
+      float v;
+      std::memcpy(&v, &u, 4);
+      return v;
+    }
+    return q.dequantize(code(i));
+  }
 
  private:
   static std::int64_t shape_numel(const Shape& s) {
@@ -159,6 +178,21 @@ inline Int8Codes quantize_codes_finding_non_finite(ConstTensorView<float> x, con
   }
   Int8Codes c(x.sizes(), q);
   std::uint8_t* out = c.bytes.get();
+  if (q.bf16) {  // rounded to nearest even; bf16 carries NaN and Inf, so nothing is noted
+    parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
+      const float* in = v;
+      std::uint8_t* halves = out;
+      OREPA_SIMD
+      for (std::int64_t i = b; i < e; ++i) {
+        std::uint32_t u;
+        std::memcpy(&u, in + i, sizeof u);
+        const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+        const std::uint16_t h = std::uint16_t(nan ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+        std::memcpy(halves + 2 * i, &h, sizeof h);
+      }
+    });
+    return c;
+  }
   // The NaN / Inf test rides along the quantization (one pass over x); only when it finds
   // one are the images holding it looked for.
   std::vector<std::uint32_t> non_finite(std::size_t(max_range_threads()), 0);
@@ -185,7 +219,8 @@ inline Int8Codes quantize_codes_finding_non_finite(ConstTensorView<float> x, con
 /// \endcond
 
 /// `x` (any memory format) as codes in `q`. Images of `x` holding a NaN or Inf are noted
-/// for the enclosing InferenceChain, which sets their output to NaN (codes cannot hold one).
+/// for the enclosing InferenceChain, which sets their output to NaN (8-bit codes cannot
+/// hold one; bf16 values can, and carry them).
 inline Int8Codes quantize_codes(ConstTensorView<float> x, const QuantParams& q) {
   std::vector<std::int64_t> bad;
   return detail::quantize_codes_finding_non_finite(x, q, bad);
@@ -193,7 +228,7 @@ inline Int8Codes quantize_codes(ConstTensorView<float> x, const QuantParams& q) 
 /// \cond DO_NOT_DOCUMENT_THIS
 namespace detail {
 // The real values of codes [b, e) of `c` written to out[b, e), or added to them with
-// `Add`: one loop per code signedness, so that each vectorizes.
+// `Add`: one loop per code type, so that each vectorizes.
 template <bool Add>
 void dequantize_range(const Int8Codes& c, std::int64_t b, std::int64_t e, float* out) {
   const QuantParams q = c.q;  // locals: the float stores could alias c.q and the caller's captures
@@ -202,7 +237,17 @@ void dequantize_range(const Int8Codes& c, std::int64_t b, std::int64_t e, float*
     if constexpr (Add) out[i] += v;
     else out[i] = v;
   };
-  if (q.qmin < 0) {
+  if (q.bf16) {
+    OREPA_SIMD
+    for (std::int64_t i = b; i < e; ++i) {
+      std::uint16_t h;
+      std::memcpy(&h, bytes + 2 * i, sizeof h);
+      const std::uint32_t u = std::uint32_t(h) << 16;
+      float v;
+      std::memcpy(&v, &u, sizeof v);
+      put(i, v);
+    }
+  } else if (q.qmin < 0) {
     OREPA_SIMD
     for (std::int64_t i = b; i < e; ++i) put(i, q.dequantize(std::int8_t(bytes[i])));
   } else {

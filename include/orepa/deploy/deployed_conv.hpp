@@ -29,7 +29,9 @@
 /// engine_error naming the ISA; nothing falls back to fp32 silently. Inside chains an int8
 /// convolution also reads and writes 8-bit codes (forward_int8 here, and the memory API of
 /// deploy/onednn_interop.hpp): the activation stays fused, the output is quantized in the
-/// next convolution's input quantization by the primitive itself.
+/// next convolution's input quantization by the primitive itself. A bf16 convolution
+/// likewise reads and writes bf16 values in forward_int8 (codes in QuantParams::bfloat16()),
+/// so a graph of bf16 convolutions converts no activation between them.
 
 #include <array>
 #include <cstring>
@@ -77,11 +79,11 @@ inline ConvObserver*& thread_conv_observer() {
   thread_local ConvObserver* o = nullptr;
   return o;
 }
-// The oneDNN layout of Int8Codes of `shape` in `q`: u8 / s8, NHWC.
+// The oneDNN layout of Int8Codes of `shape` in `q`: u8 / s8 / bf16, NHWC.
 inline dnnl::memory::desc codes_desc(const Shape& shape, const QuantParams& q) {
+  using dt = dnnl::memory::data_type;
   return dnnl::memory::desc(dnnl::memory::dims(shape.begin(), shape.end()),
-                            q.qmin < 0 ? dnnl::memory::data_type::s8 : dnnl::memory::data_type::u8,
-                            dnnl::memory::format_tag::nhwc);
+                            q.bf16 ? dt::bf16 : q.qmin < 0 ? dt::s8 : dt::u8, dnnl::memory::format_tag::nhwc);
 }
 }  // namespace detail
 /// \endcond
@@ -191,14 +193,17 @@ class DeployedConv {
   /// The activation quantization int8 uses on this CPU (u8 with VNNI, s8 without).
   QuantParams input_quantization() const { return QuantParams::for_range(range_, !engine::cpu_has_vnni()); }
   /// The quantization forward_int8 takes codes in: input_quantization() for an int8
-  /// convolution with a fusable activation, nullopt otherwise (it then takes float).
+  /// convolution with a fusable activation, bf16 values (QuantParams::bfloat16()) for a
+  /// bf16 one, nullopt otherwise (it then takes float).
   std::optional<QuantParams> int8_input() const {
-    if (precision_ != Precision::int8 || act_.kind() == ActivationKind::custom) return std::nullopt;
+    if (act_.kind() == ActivationKind::custom) return std::nullopt;
+    if (precision_ == Precision::bf16) return QuantParams::bfloat16();
+    if (precision_ != Precision::int8) return std::nullopt;
     return input_quantization();
   }
-  /// A step of an int8 chain: y = act(conv(x) + bias) from float (any memory format) or
-  /// from codes in int8_input(), to codes in `*out` (written by the primitive) or, when
-  /// `out` is null, to float channels-last. A convolution without int8_input() runs its
+  /// A step of an int8 (or bf16) chain: y = act(conv(x) + bias) from float (any memory
+  /// format) or from codes in int8_input(), to codes in `*out` (written by the primitive;
+  /// bf16 values for a bf16 convolution) or, when `out` is null, to float channels-last. A convolution without int8_input() runs its
   /// float forward on the dequantized input.
   StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const;
 
@@ -257,13 +262,14 @@ class DeployedConv {
     dnnl::memory weights, bias;
     Tensor<float> scaled_bias;          // int8: the bias in accumulator units
     dnnl::primitive_attr quantize_src;  // int8: the input's scale and zero point
-    bool codes_out = false;             // int8: writes 8-bit codes, not float
+    bool codes_out = false;             // writes codes (8-bit, or bf16 values), not float
     Shape xs, ys;
     std::map<Formats, std::vector<std::unique_ptr<Context>>> idle;  // per pair of caller layouts
   };
   // N, H, W, and 0 when the primitive picks its layouts, 1 + format when it runs on the
   // caller's plain layout; then, for an output of 8-bit codes, their scale's bits and a
-  // positive number made of their zero point and signedness (0 and 0 for float).
+  // positive number made of their zero point and signedness (0 and 0 for float, 0 and -1
+  // for bf16 values).
   using Key = std::array<std::int64_t, 6>;
   struct State {
     std::mutex mutex;
@@ -298,7 +304,7 @@ class DeployedConv {
   // to im2col + GEMM) is 1.1x-6x slower than the blocked one, more than the two activation
   // reorders cost; the small-channel stem's input is read as NCHW by the blocked
   // primitive itself (no reorder).
-  // A non-null `codes_out` (memory API, int8) asks for the primitive writing codes in it.
+  // A non-null `codes_out` (memory API) asks for the primitive writing codes in it.
   Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api, const QuantParams* codes_out = nullptr) const;
 
   // oneDNN 2.6 int8: y = oscale[o] * (sum (q_x - zp) q_w + bias) before the post-ops, so
@@ -336,6 +342,8 @@ StageOutput<S> DeployedConv<S>::forward_int8(StageInput<S> x, const QuantParams*
   if constexpr (!std::is_same_v<S, float>) {
     return forward(std::get<ConstTensorView<S>>(x));  // unreachable: only float convolutions run int8
   } else {
+    if (out && out->bf16 != (precision_ == Precision::bf16))  // codes of another precision: through float
+      return quantize_codes(std::get<Tensor<S>>(forward_int8(x, nullptr)), *out);
     const bool coded = std::holds_alternative<const Int8Codes*>(x);
     if (coded && std::get<const Int8Codes*>(x)->q != *wanted)  // another quantization's codes
       return forward_int8(dequantize_codes(*std::get<const Int8Codes*>(x)), out);
@@ -474,7 +482,7 @@ auto DeployedConv<S>::entry(const Shape& xs, MemoryFormat xf, bool memory_api, c
   if (codes_out) std::memcpy(&scale_bits, &codes_out->scale, sizeof scale_bits);
   std::lock_guard<std::mutex> lock(state_->mutex);
   const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : 0, std::int64_t(scale_bits),
-                codes_out ? 1 + 512 * std::int64_t(codes_out->qmin < 0) + codes_out->zero_point + 128 : 0};
+                !codes_out ? 0 : codes_out->bf16 ? -1 : 1 + 512 * std::int64_t(codes_out->qmin < 0) + codes_out->zero_point + 128};
   auto it = state_->entries.find(key);
   if (it != state_->entries.end()) return *it->second;
   auto e = engine::guarded(engine::describe(g_, xs) + " (creating the deployed primitive)",
@@ -518,12 +526,13 @@ auto DeployedConv<S>::build(const Shape& xs, bool plain, MemoryFormat xf, const 
     if (plain) return engine::plain_desc(s, xf);
     return memory::desc(memory::dims(s.begin(), s.end()), type, tag::any);
   };
-  if (codes_out && precision_ != Precision::int8)
-    throw config_error(detail::cat("DeployedConv: 8-bit outputs need an int8 convolution, this one runs in ",
+  if (codes_out && (codes_out->bf16 ? precision_ != Precision::bf16 : precision_ != Precision::int8))
+    throw config_error(detail::cat("DeployedConv: ", codes_out->bf16 ? "bf16" : "8-bit", " outputs need an ",
+                                   codes_out->bf16 ? "bf16" : "int8", " convolution, this one runs in ",
                                    precision_name(precision_)));
   if (codes_out && act_.kind() == ActivationKind::custom)
     throw config_error("DeployedConv: a user activation cannot run on 8-bit outputs");
-  const dt dst_type = codes_out ? (codes_out->qmin < 0 ? dt::s8 : dt::u8) : dt::f32;
+  const dt dst_type = !codes_out ? dt::f32 : codes_out->bf16 ? dt::bf16 : codes_out->qmin < 0 ? dt::s8 : dt::u8;
   auto e = std::make_unique<Entry>();
   e->xs = xs;
   e->ys = ys;

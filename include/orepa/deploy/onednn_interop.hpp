@@ -117,8 +117,10 @@ class DeployedChain {
         throw config_error(detail::cat("DeployedChain: conv ", i, " takes ", convs_[i].geometry().in_channels,
                                        " channels but conv ", i - 1, " gives ", convs_[i - 1].geometry().out_channels));
     codes_.resize(convs_.size() - 1);
-    for (std::size_t i = 0; i + 1 < convs_.size(); ++i)
-      if (convs_[i].int8_input()) codes_[i] = convs_[i + 1].int8_input();
+    for (std::size_t i = 0; i + 1 < convs_.size(); ++i)  // bf16 convolutions pass float here
+      if (convs_[i].precision() == Precision::int8 && convs_[i + 1].precision() == Precision::int8 &&
+          convs_[i].int8_input())
+        codes_[i] = convs_[i + 1].int8_input();
   }
 
   /// The quantization of the 8-bit codes conv i writes for conv i + 1, nullopt where

@@ -67,6 +67,15 @@ struct QuantParams {
   float scale = 1.f;            ///< real step between two codes
   std::int32_t zero_point = 0;  ///< the code of real 0
   std::int32_t qmin = 0;        ///< 0 for u8, -128 for s8
+  bool bf16 = false;            ///< not codes: bfloat16 values (scale, zero_point and qmin unused)
+
+  /// bfloat16 values, the "quantization" a bf16 convolution reads and writes between
+  /// layers (see Int8Codes).
+  static QuantParams bfloat16() {
+    QuantParams q;
+    q.bf16 = true;
+    return q;
+  }
 
   /// The smallest step of an activation or weight quantization. A narrower range is
   /// widened to this step (its values then round to the codes next to 0): the product of
@@ -115,7 +124,9 @@ struct QuantParams {
   /// The real value of code `q`.
   float dequantize(std::int32_t q) const { return scale * float(q - zero_point); }
   /// The same codes for the same values.
-  bool operator==(const QuantParams& o) const { return scale == o.scale && zero_point == o.zero_point && qmin == o.qmin; }
+  bool operator==(const QuantParams& o) const {
+    return bf16 == o.bf16 && (bf16 || (scale == o.scale && zero_point == o.zero_point && qmin == o.qmin));
+  }
   /// Not operator==.
   bool operator!=(const QuantParams& o) const { return !(*this == o); }
 };

@@ -120,15 +120,16 @@ void concat_channels(detail::identity_t<ConstTensorView<S>> a, detail::identity_
   concat_channels<S>({a, b}, out);
 }
 
-/// concat_channels for 8-bit codes in one quantization: a [N, Ca, H, W] and b [N, Cb, H, W]
+/// concat_channels for codes in one quantization: a [N, Ca, H, W] and b [N, Cb, H, W]
 /// into [N, Ca + Cb, H, W]. Throws shape_error unless N, H, W and the quantizations agree.
 inline Int8Codes concat_codes(const Int8Codes& a, const Int8Codes& b) {
   if (a.shape.size() != 4 || b.shape.size() != 4 || a.shape[0] != b.shape[0] || a.shape[2] != b.shape[2] ||
       a.shape[3] != b.shape[3] || a.q != b.q)
     throw shape_error(detail::cat("concat_codes: expected [N, Ca, H, W] and [N, Cb, H, W] codes with equal N, H, W "
                                   "and quantization, got ", shape_str(a.shape), " and ", shape_str(b.shape)));
-  const std::int64_t Ca = a.shape[1], Cb = b.shape[1], pixels = a.shape[0] * a.shape[2] * a.shape[3];
-  Int8Codes out({a.shape[0], Ca + Cb, a.shape[2], a.shape[3]}, a.q);
+  Int8Codes out({a.shape[0], a.shape[1] + b.shape[1], a.shape[2], a.shape[3]}, a.q);
+  const std::int64_t Ca = a.shape[1] * a.element_size(), Cb = b.shape[1] * b.element_size(),  // in bytes
+      pixels = a.shape[0] * a.shape[2] * a.shape[3];
   parallel_ranges(pixels, [&](std::int64_t begin, std::int64_t end, int) {
     for (std::int64_t p = begin; p < end; ++p) {  // NHWC: a pixel's channels are one run
       std::copy_n(a.bytes.get() + p * Ca, Ca, out.bytes.get() + p * (Ca + Cb));

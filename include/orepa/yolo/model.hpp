@@ -740,7 +740,8 @@ class Model : public ModuleTensors<Model<S>, S> {
 /// In int8, a layer writes 8-bit codes when every reader takes codes in one quantization
 /// (the readers' input range: a convolution's calibrated one; a concatenation's or an
 /// upsampling's, its own readers'); codes pass max pooling, upsampling and concatenation
-/// unchanged, and only the Detect convolutions return to float.
+/// unchanged, and only the Detect convolutions return to float. In bf16 the same plan
+/// passes bf16 values (QuantParams::bfloat16()) from convolution to convolution.
 template <class S>
 class DeployedModel {
  public:
@@ -781,7 +782,8 @@ class DeployedModel {
   const Layer& layer(std::size_t i) const { return layers_.at(i); }
   /// The head.
   const DeployedDetect<S>& head() const { return head_; }
-  /// The quantization layer i writes its output in (nullopt: float), see the class comment.
+  /// The quantization layer i writes its output in (nullopt: float; bf16 values when its
+  /// `bf16` is set), see the class comment.
   const std::optional<QuantParams>& output_quantization(std::size_t i) const { return plan_.at(i); }
   /// Weights and biases of every layer.
   std::int64_t num_parameters() const {

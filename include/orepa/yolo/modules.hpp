@@ -151,8 +151,13 @@ Tensor<S> max_pool_same(orepa::detail::identity_t<ConstTensorView<S>> x, std::in
   return y;
 }
 
-/// max_pool_same on 8-bit codes (one quantization: the max of codes is the code of the max).
+/// max_pool_same on 8-bit codes (one quantization: the max of codes is the code of the max)
+/// or bf16 values (pooled as floats: the max of bf16 values is one of them, so exactly).
 inline Int8Codes max_pool_same_codes(const Int8Codes& x, std::int64_t k) {
+  if (x.q.bf16) {
+    const Tensor<float> real = dequantize_codes(x);
+    return quantize_codes(max_pool_same<float>(real, k), x.q);
+  }
   Int8Codes y(x.shape, x.q);
   if (x.q.qmin < 0)
     detail::max_pool_same_nhwc(reinterpret_cast<const std::int8_t*>(x.bytes.get()),
@@ -174,12 +179,14 @@ Tensor<S> upsample_nearest(orepa::detail::identity_t<ConstTensorView<S>> x, std:
   return y;
 }
 
-/// upsample_nearest on 8-bit codes (they keep their quantization).
+/// upsample_nearest on codes (they keep their quantization).
 inline Int8Codes upsample_nearest_codes(const Int8Codes& x, std::int64_t factor) {
   const Shape& s = x.shape;
   Int8Codes y({s[0], s[1], s[2] * factor, s[3] * factor}, x.q);
-  detail::upsample_nearest(x.bytes.get(), y.bytes.get(), s, detail::strides4(s, MemoryFormat::channels_last),
-                           detail::strides4(y.shape, MemoryFormat::channels_last), factor);
+  // A code's bytes are one run: copy C * element_size bytes a pixel.
+  const Shape bytes{s[0], s[1] * x.element_size(), s[2], s[3]}, out{s[0], bytes[1], y.shape[2], y.shape[3]};
+  detail::upsample_nearest(x.bytes.get(), y.bytes.get(), bytes, detail::strides4(bytes, MemoryFormat::channels_last),
+                           detail::strides4(out, MemoryFormat::channels_last), factor);
   return y;
 }
 
@@ -192,7 +199,7 @@ Tensor<S> concat(const std::vector<ConstTensorView<S>>& xs, const std::string& w
   return y;
 }
 
-/// concat on 8-bit codes, all in one quantization (shape_error otherwise).
+/// concat on codes, all in one quantization (shape_error otherwise).
 inline Int8Codes concat_codes(const std::vector<const Int8Codes*>& xs, const std::string& who = "Concat") {
   std::int64_t C = 0;
   for (const auto* x : xs) {
@@ -204,10 +211,11 @@ inline Int8Codes concat_codes(const std::vector<const Int8Codes*>& xs, const std
   }
   const Shape& s = xs[0]->shape;
   Int8Codes y({s[0], C, s[2], s[3]}, xs[0]->q);
-  const std::int64_t pixels = s[0] * s[2] * s[3];
+  const std::int64_t pixels = s[0] * s[2] * s[3], size = y.element_size();
+  C *= size;  // in bytes from here on
   std::int64_t c0 = 0;
   for (const auto* x : xs) {
-    const std::int64_t Ci = x->shape[1];
+    const std::int64_t Ci = x->shape[1] * size;
     parallel_ranges(pixels, [&](std::int64_t b, std::int64_t e, int) {
       for (std::int64_t p = b; p < e; ++p) std::copy_n(x->bytes.get() + p * Ci, Ci, y.bytes.get() + p * C + c0);
     });
