@@ -227,6 +227,51 @@ TEST(Quantization, Bf16ConvReadsAndWritesBf16Values) {
     ASSERT_LE(std::abs(std::get<Int8Codes>(codes8).code(i) - q8.quantize(real[i])), 1) << "element " << i;
 }
 
+// A Bottleneck's shortcut added by the primitive (a sum post-op on codes) gives the codes
+// of the float sum act(conv(x) + b) + r, within one code (one bf16 step): in int8 with the
+// residual in another quantization and signedness, and in bf16.
+TEST(Quantization, ConvAddsAResidualOfCodesInItsPrimitive) {
+  Rng rng(21);
+  ConvGeometry g;
+  g.in_channels = 16, g.out_channels = 16, g.kernel = 3, g.padding = 1;
+  const Tensor<float> w = spread_kernel(g, rng), b = random_tensor<float>({16}, rng);
+  const Tensor<float> x = random_tensor<float>({2, 16, 9, 11}, rng), r = random_tensor<float>({2, 16, 9, 11}, rng, 2.0);
+  for (Precision p : {Precision::int8, Precision::bf16}) {
+    SCOPED_TRACE(precision_name(p));
+    DeployedConv<float> conv(g, w, b, activation(ActivationKind::silu));
+    conv.precision(p, {-1.f, 1.f});
+    const QuantParams in = *conv.int8_input();
+    const QuantParams out = p == Precision::bf16 ? QuantParams::bfloat16() : QuantParams::for_range({-3.f, 4.f}, false);
+    const QuantParams rq = p == Precision::bf16 ? QuantParams::bfloat16() : QuantParams::for_range({-2.f, 2.f}, true);
+    const Int8Codes xc = quantize_codes(x, in), rc = quantize_codes(r, rq);
+    StageOutput<float> got;
+    try {
+      got = conv.forward_int8_adding(&xc, rc, out);
+    } catch (const engine_error&) {
+      if (p == Precision::bf16) GTEST_SKIP() << "oneDNN has no bf16 convolution on ISA " << engine::cpu_isa_name();
+      throw;
+    }
+    ASSERT_TRUE(std::holds_alternative<Int8Codes>(got));
+    const Int8Codes& y = std::get<Int8Codes>(got);
+    ASSERT_EQ(y.shape, (Shape{2, 16, 9, 11}));
+    Tensor<float> want = conv.forward(dequantize_codes(xc)).to(MemoryFormat::channels_last);
+    const Tensor<float> rr = dequantize_codes(rc);
+    for (std::int64_t i = 0; i < want.numel(); ++i) want[i] += rr[i];
+    const Int8Codes wc = quantize_codes(want, out);
+    std::int64_t same = 0;
+    for (std::int64_t i = 0; i < want.numel(); ++i) {
+      if (p == Precision::bf16)
+        ASSERT_LE(std::fabs(y.value(i) - wc.value(i)), std::ldexp(std::fabs(wc.value(i)), -7) + 1e-30f) << "element " << i;
+      else
+        ASSERT_LE(std::abs(y.code(i) - wc.code(i)), 1) << "element " << i;
+      same += y.code(i) == wc.code(i);
+    }
+    EXPECT_GE(double(same), 0.95 * double(want.numel()));
+    EXPECT_THROW(conv.forward_int8_adding(&xc, quantize_codes(Tensor<float>({2, 16, 9, 10}, MemoryFormat::channels_last), rq), out),
+                 shape_error);
+  }
+}
+
 TEST(Quantization, WrongSettingsAreRefusedWithTheReason) {
   ConvGeometry g;
   g.in_channels = 4, g.out_channels = 4, g.kernel = 3, g.padding = 1;

@@ -206,6 +206,12 @@ class DeployedConv {
   /// bf16 values for a bf16 convolution) or, when `out` is null, to float channels-last. A convolution without int8_input() runs its
   /// float forward on the dequantized input.
   StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const;
+  /// forward_int8 plus a residual: codes in `out` of act(conv(x) + bias) + r, for codes r
+  /// of the output's shape in any quantization (a Bottleneck's shortcut). The primitive
+  /// adds r itself (a sum post-op on its destination, filled with r first) when it writes
+  /// `out` in the codes' NHWC layout and r is of `out`'s kind (8-bit or bf16); otherwise
+  /// the sum is taken in float. Either way the output is rounded once.
+  StageOutput<S> forward_int8_adding(StageInput<S> x, const Int8Codes& r, const QuantParams& out) const;
 
   /// The kernel as the primitive holds it, in real units: rounded to bf16, or per output
   /// channel to s8 codes (7-bit ones without VNNI, where oneDNN halves s8 weights), or
@@ -269,8 +275,8 @@ class DeployedConv {
   // N, H, W, and 0 when the primitive picks its layouts, 1 + format when it runs on the
   // caller's plain layout; then, for an output of 8-bit codes, their scale's bits and a
   // positive number made of their zero point and signedness (0 and 0 for float, 0 and -1
-  // for bf16 values).
-  using Key = std::array<std::int64_t, 6>;
+  // for bf16 values); then the same two for the codes a sum post-op adds (0 and 0: none).
+  using Key = std::array<std::int64_t, 8>;
   struct State {
     std::mutex mutex;
     std::map<Key, std::unique_ptr<Entry>> entries;
@@ -304,8 +310,10 @@ class DeployedConv {
   // to im2col + GEMM) is 1.1x-6x slower than the blocked one, more than the two activation
   // reorders cost; the small-channel stem's input is read as NCHW by the blocked
   // primitive itself (no reorder).
-  // A non-null `codes_out` (memory API) asks for the primitive writing codes in it.
-  Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api, const QuantParams* codes_out = nullptr) const;
+  // A non-null `codes_out` (memory API) asks for the primitive writing codes in it, and a
+  // non-null `sum_in` (with codes_out) for it adding the destination's codes, in `sum_in`.
+  Entry& entry(const Shape& xs, MemoryFormat xf, bool memory_api, const QuantParams* codes_out = nullptr,
+               const QuantParams* sum_in = nullptr) const;
 
   // oneDNN 2.6 int8: y = oscale[o] * (sum (q_x - zp) q_w + bias) before the post-ops, so
   // oscale = sx * sw[o] and the bias is given in accumulator units. With an 8-bit output,
@@ -321,7 +329,8 @@ class DeployedConv {
   // only absurd ranges or weights give (min_scale keeps ordinary ones far from both).
   Requantization requantization(const QuantParams& q, const QuantParams* codes_out) const;
 
-  std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf, const QuantParams* codes_out) const;
+  std::unique_ptr<Entry> build(const Shape& xs, bool plain, MemoryFormat xf, const QuantParams* codes_out,
+                               const QuantParams* sum_in) const;
 
   ConvGeometry g_;
   Tensor<S> weight_, bias_;
@@ -378,6 +387,42 @@ StageOutput<S> DeployedConv<S>::forward_int8(StageInput<S> x, const QuantParams*
       relayout(own, codes.get_desc(), codes);
     });
     return y;
+  }
+}
+
+template <class S>
+StageOutput<S> DeployedConv<S>::forward_int8_adding(StageInput<S> x, const Int8Codes& r, const QuantParams& out) const {
+  if constexpr (!std::is_same_v<S, float>) {
+    return forward(std::get<ConstTensorView<S>>(x));  // unreachable: only float convolutions run int8
+  } else {
+    const auto wanted = int8_input();
+    if (wanted && out.bf16 == (precision_ == Precision::bf16) && r.q.bf16 == out.bf16) {
+      const Int8Codes* c = std::get_if<const Int8Codes*>(&x) ? std::get<const Int8Codes*>(x) : nullptr;
+      std::optional<Int8Codes> held;
+      if (!c || c->q != *wanted)
+        c = &held.emplace(quantize_codes(c ? ConstTensorView<float>(dequantize_codes(*c)) : std::get<ConstTensorView<float>>(x), *wanted));
+      const Shape ys = g_.output_shape(c->shape, "DeployedConv::forward_int8_adding");
+      if (r.shape != ys)
+        throw shape_error(detail::cat("DeployedConv::forward_int8_adding: the residual is ", shape_str(r.shape),
+                                      " but the output ", shape_str(ys)));
+      Entry& e = entry(c->shape, MemoryFormat::contiguous, true, &out, &r.q);
+      Int8Codes y(ys, out);
+      const dnnl::memory dst(detail::codes_desc(ys, out), engine::cpu_engine(), y.bytes.get());
+      if (dst.get_desc() == e.pd.dst_desc()) {
+        const dnnl::memory src = engine::guarded("DeployedConv::forward_int8_adding input", [&] {
+          return relayout(dnnl::memory(detail::codes_desc(c->shape, c->q), engine::cpu_engine(), c->bytes.get()),
+                          e.pd.src_desc());
+        });
+        std::memcpy(y.bytes.get(), r.bytes.get(), std::size_t(r.numel() * r.element_size()));
+        run(e, {MemoryFormat::contiguous, MemoryFormat::channels_last}, &src, nullptr, &dst, nullptr);
+        return y;
+      }
+    }
+    Tensor<float> y = std::get<Tensor<float>>(forward_int8(x, nullptr));
+    if (y.memory_format() != MemoryFormat::channels_last) y = y.to(MemoryFormat::channels_last);
+    y.expect_shape(r.shape, "DeployedConv::forward_int8_adding residual");
+    parallel_ranges(y.numel(), [&](std::int64_t b, std::int64_t e, int) { detail::dequantize_range<true>(r, b, e, y.data()); });
+    return quantize_codes(y, out);
   }
 }
 
@@ -474,19 +519,25 @@ auto DeployedConv<S>::make_context(const Entry& e, Formats f) const -> std::uniq
 }
 
 template <class S>
-auto DeployedConv<S>::entry(const Shape& xs, MemoryFormat xf, bool memory_api, const QuantParams* codes_out) const
-    -> Entry& {
+auto DeployedConv<S>::entry(const Shape& xs, MemoryFormat xf, bool memory_api, const QuantParams* codes_out,
+                            const QuantParams* sum_in) const -> Entry& {
   const DeployLayout l = memory_api || precision_ != Precision::fp32 ? DeployLayout::blocked : layout_;
   const bool plain = l == DeployLayout::plain;
-  std::uint32_t scale_bits = 0;
-  if (codes_out) std::memcpy(&scale_bits, &codes_out->scale, sizeof scale_bits);
+  auto scale_bits = [](const QuantParams* q) {
+    std::uint32_t bits = 0;
+    if (q) std::memcpy(&bits, &q->scale, sizeof bits);
+    return std::int64_t(bits);
+  };
+  auto kind = [](const QuantParams* q) -> std::int64_t {
+    return !q ? 0 : q->bf16 ? -1 : 1 + 512 * std::int64_t(q->qmin < 0) + q->zero_point + 128;
+  };
   std::lock_guard<std::mutex> lock(state_->mutex);
-  const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : 0, std::int64_t(scale_bits),
-                !codes_out ? 0 : codes_out->bf16 ? -1 : 1 + 512 * std::int64_t(codes_out->qmin < 0) + codes_out->zero_point + 128};
+  const Key key{xs[0], xs[2], xs[3], plain ? 1 + std::int64_t(xf) : 0, scale_bits(codes_out), kind(codes_out),
+                scale_bits(sum_in), kind(sum_in)};
   auto it = state_->entries.find(key);
   if (it != state_->entries.end()) return *it->second;
   auto e = engine::guarded(engine::describe(g_, xs) + " (creating the deployed primitive)",
-                           [&] { return build(xs, plain, xf, codes_out); });
+                           [&] { return build(xs, plain, xf, codes_out, sum_in); });
   ++state_->creations;
   return *state_->entries.emplace(key, std::move(e)).first->second;
 }
@@ -512,8 +563,8 @@ auto DeployedConv<S>::requantization(const QuantParams& q, const QuantParams* co
 }
 
 template <class S>
-auto DeployedConv<S>::build(const Shape& xs, bool plain, MemoryFormat xf, const QuantParams* codes_out) const
-    -> std::unique_ptr<Entry> {
+auto DeployedConv<S>::build(const Shape& xs, bool plain, MemoryFormat xf, const QuantParams* codes_out,
+                            const QuantParams* sum_in) const -> std::unique_ptr<Entry> {
   using namespace dnnl;
   using engine::tag;
   using dt = memory::data_type;
@@ -559,6 +610,11 @@ auto DeployedConv<S>::build(const Shape& xs, bool plain, MemoryFormat xf, const 
   post_ops ops;
   if (act_.kind() == ActivationKind::relu) ops.append_eltwise(post_scale, algorithm::eltwise_relu, 0.f, 0.f);
   if (act_.kind() == ActivationKind::silu) ops.append_eltwise(post_scale, algorithm::eltwise_swish, 1.f, 0.f);
+  if (sum_in && codes_out) {  // in the output's units: real r / output step, r's codes less their zero point
+    if (sum_in->bf16) ops.append_sum(1.f);
+    else
+      ops.append_sum(sum_in->scale / codes_out->scale, sum_in->zero_point, sum_in->qmin < 0 ? dt::s8 : dt::u8);
+  }
   attr.set_post_ops(ops);
   const memory::desc b_md({g_.out_channels}, dt::f32, tag::x);
   e->pd = convolution_forward::primitive_desc(

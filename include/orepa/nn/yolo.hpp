@@ -186,14 +186,17 @@ class DeployedBottleneck {
   MemoryFormat preferred_format(const Shape& x_shape) const { return cv1_.preferred_format(x_shape); }
   /// cv1's int8_input() when cv2 takes codes too, else nullopt (see AnyDeployed).
   std::optional<QuantParams> int8_input() const { return cv2_.int8_input() ? cv1_.int8_input() : std::nullopt; }
-  /// forward() inside an int8 chain: codes from cv1 to cv2; the residual sum reads the
-  /// input's codes and cv2's float output and is quantized once, into `*out` if given.
+  /// forward() inside an int8 (or bf16) chain: codes from cv1 to cv2; the shortcut is added
+  /// by cv2's primitive when it writes codes (DeployedConv::forward_int8_adding), else in
+  /// float to cv2's output, quantized once into `*out` if given.
   StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const {
     const auto mid = cv2_.int8_input();
     const StageOutput<S> t = cv1_.forward_int8(x, mid ? &*mid : nullptr);
     if (!add_) return cv2_.forward_int8(as_input(t), out);
-    Tensor<S> y = std::get<Tensor<S>>(cv2_.forward_int8(as_input(t), nullptr));
     const auto* codes = std::get_if<const Int8Codes*>(&x);
+    if (const auto* conv = cv2_.template target<DeployedConv<S>>(); conv && codes && out)
+      return conv->forward_int8_adding(as_input(t), **codes, *out);  // the primitive adds the shortcut
+    Tensor<S> y = std::get<Tensor<S>>(cv2_.forward_int8(as_input(t), nullptr));
     if (!codes) detail::yolo::add_inplace(y, std::get<ConstTensorView<S>>(x), "DeployedBottleneck residual");
     if constexpr (std::is_same_v<S, float>) {
       if (codes) {
