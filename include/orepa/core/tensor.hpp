@@ -96,6 +96,22 @@ class TensorView;
 
 /// \cond DO_NOT_DOCUMENT_THIS
 namespace detail {
+// std::copy_n(src, n, dst) for a run of trivially copyable values that may be short (a
+// pixel's channels in NHWC concatenation and upsampling, 16-256 bytes): such a run is
+// copied by inline 16-byte moves, since a memmove call per pixel costs more than its copy.
+template <class T>
+inline void copy_run(const T* src, std::int64_t n, T* dst) {
+  const std::int64_t bytes = n * std::int64_t(sizeof(T));
+  if (bytes > 256) {
+    std::memcpy(dst, src, std::size_t(bytes));
+    return;
+  }
+  const auto* s = reinterpret_cast<const unsigned char*>(src);
+  auto* d = reinterpret_cast<unsigned char*>(dst);
+  std::int64_t k = 0;
+  for (; k + 16 <= bytes; k += 16) std::memcpy(d + k, s + k, 16);
+  for (; k < bytes; ++k) d[k] = s[k];
+}
 // std::allocator whose value-initialisation of scalars is a no-op, so a tensor's
 // storage can grow without being zeroed first (resize(): outputs about to be written).
 template <class T>

@@ -107,7 +107,7 @@ void concat_channels(const std::vector<ConstTensorView<S>>& xs, Tensor<S>& out,
     const ConstTensorView<S> x = nhwc ? x0 : contiguous(x0, tmp);
     const std::int64_t len = nhwc ? x.size(1) : x.size(1) * P, at = nhwc ? c0 : c0 * P;
     parallel_ranges(runs, [&](std::int64_t b, std::int64_t e, int) {
-      for (std::int64_t r = b; r < e; ++r) std::copy_n(x.data() + r * len, len, out.data() + r * stride + at);
+      for (std::int64_t r = b; r < e; ++r) orepa::detail::copy_run(x.data() + r * len, len, out.data() + r * stride + at);
     });
     c0 += x.size(1);
   }
@@ -132,8 +132,8 @@ inline Int8Codes concat_codes(const Int8Codes& a, const Int8Codes& b) {
       pixels = a.shape[0] * a.shape[2] * a.shape[3];
   parallel_ranges(pixels, [&](std::int64_t begin, std::int64_t end, int) {
     for (std::int64_t p = begin; p < end; ++p) {  // NHWC: a pixel's channels are one run
-      std::copy_n(a.bytes.get() + p * Ca, Ca, out.bytes.get() + p * (Ca + Cb));
-      std::copy_n(b.bytes.get() + p * Cb, Cb, out.bytes.get() + p * (Ca + Cb) + Ca);
+      detail::copy_run(a.bytes.get() + p * Ca, Ca, out.bytes.get() + p * (Ca + Cb));
+      detail::copy_run(b.bytes.get() + p * Cb, Cb, out.bytes.get() + p * (Ca + Cb) + Ca);
     }
   });
   return out;
@@ -161,7 +161,7 @@ void split_channels(detail::identity_t<ConstTensorView<S>> g, const std::vector<
     const std::int64_t len = nhwc ? channels[i] : channels[i] * P, at = nhwc ? c0 : c0 * P;
     S* dst = parts[i].data();
     parallel_ranges(runs, [&](std::int64_t b, std::int64_t e, int) {
-      for (std::int64_t r = b; r < e; ++r) std::copy_n(g.data() + r * stride + at, len, dst + r * len);
+      for (std::int64_t r = b; r < e; ++r) orepa::detail::copy_run(g.data() + r * stride + at, len, dst + r * len);
     });
     c0 += channels[i];
   }

@@ -118,7 +118,7 @@ void upsample_nearest(const T* x, T* y, const Shape& s, const std::array<std::in
       for (std::int64_t ow = 0; ow < W * f; ++ow) {
         const T* in = x + n * sx[0] + h * sx[2] + (ow / f) * sx[3];
         T* out = y + n * sy[0] + oh * sy[2] + ow * sy[3];
-        if (sx[1] == 1 && sy[1] == 1) std::copy_n(in, C, out);
+        if (sx[1] == 1 && sy[1] == 1) orepa::detail::copy_run(in, C, out);
         else
           for (std::int64_t c = 0; c < C; ++c) out[c * sy[1]] = in[c * sx[1]];
       }
@@ -217,7 +217,7 @@ inline Int8Codes concat_codes(const std::vector<const Int8Codes*>& xs, const std
   for (const auto* x : xs) {
     const std::int64_t Ci = x->shape[1] * size;
     parallel_ranges(pixels, [&](std::int64_t b, std::int64_t e, int) {
-      for (std::int64_t p = b; p < e; ++p) std::copy_n(x->bytes.get() + p * Ci, Ci, y.bytes.get() + p * C + c0);
+      for (std::int64_t p = b; p < e; ++p) orepa::detail::copy_run(x->bytes.get() + p * Ci, Ci, y.bytes.get() + p * C + c0);
     });
     c0 += Ci;
   }
@@ -526,7 +526,7 @@ void gather_raw_rows(ConstTensorView<S> y, S* raw, std::int64_t first, std::int6
     const S* src = y.data() + n * s[0] + a * no * s[1] + h * s[2];
     S* dst = raw + r * W * no;
     for (std::int64_t w = 0; w < W; ++w, dst += no)
-      if (s[1] == 1) std::copy_n(src + w * s[3], no, dst);  // channels-last: a pixel's anchor is one run
+      if (s[1] == 1) orepa::detail::copy_run(src + w * s[3], no, dst);  // channels-last: a pixel's anchor is one run
       else
         for (std::int64_t j = 0; j < no; ++j) dst[j] = src[w * s[3] + j * s[1]];
   }
