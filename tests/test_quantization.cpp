@@ -261,14 +261,15 @@ TEST(Quantization, ConvAddsAResidualOfCodesInItsPrimitive) {
     std::int64_t same = 0;
     for (std::int64_t i = 0; i < want.numel(); ++i) {
       if (p == Precision::bf16)
-        ASSERT_LE(std::fabs(y.value(i) - wc.value(i)), std::ldexp(std::fabs(wc.value(i)), -7) + 1e-30f) << "element " << i;
+        ASSERT_LE(std::fabs(y.value(i) - wc.value(i)), std::ldexp(std::fabs(wc.value(i)), -7) + 1e-30f)
+            << "element " << i;
       else
         ASSERT_LE(std::abs(y.code(i) - wc.code(i)), 1) << "element " << i;
       same += y.code(i) == wc.code(i);
     }
     EXPECT_GE(double(same), 0.95 * double(want.numel()));
-    EXPECT_THROW(conv.forward_int8_adding(&xc, quantize_codes(Tensor<float>({2, 16, 9, 10}, MemoryFormat::channels_last), rq), out),
-                 shape_error);
+    const Int8Codes narrower = quantize_codes(Tensor<float>({2, 16, 9, 10}, MemoryFormat::channels_last), rq);
+    EXPECT_THROW(conv.forward_int8_adding(&xc, narrower, out), shape_error);
   }
 }
 
@@ -637,6 +638,43 @@ TEST(Quantization, InferenceChainPassesInt8ActivationsThroughModules) {
   std::int64_t off = 0;
   for (std::int64_t i = 0; i < real.numel(); ++i) off += std::abs(want.quantize(real[i]) - codes.code(i)) > 2;
   EXPECT_LE(off, real.numel() / 100);
+}
+
+// In bf16 an InferenceChain hands bf16 values from one stage to the next (C3's Bottlenecks
+// add their shortcut in cv2's primitive): as close to fp32 as the stages run one by one on
+// float, each converting its own input.
+TEST(Quantization, InferenceChainPassesBf16ValuesThroughModules) {
+  Sequential<float> net;
+  net.add(OREPA<float, SiLU>(OrepaOptions(3, 8, 3).stride(2)));
+  net.add(C3<float>(8, 8, 2, true, 0.5, 4));
+  net.add(ConvBN<float, SiLU>(ConvOptions(8, 16, 3).stride(2)));
+  net.add(C3<float>(16, 16, 1, true, 0.5, 5));
+  Rng rng(14);
+  for (int step = 0; step < 2; ++step) {
+    net.zero_grad();
+    net.backward(random_tensor<float>(net.forward_train(random_tensor<float>({2, 3, 16, 16}, rng)).sizes(), rng));
+  }
+  const InferenceChain<float> fp32 = net.deploy();
+  const auto bf16 = net.deploy(DeployOptions().precision(Precision::bf16));
+  for (std::size_t i = 0; i < 4; ++i) {
+    ASSERT_TRUE(bf16.stage(i).int8_input()) << "stage " << i;
+    EXPECT_TRUE(bf16.stage(i).int8_input()->bf16) << "stage " << i;
+  }
+  const Tensor<float> x = random_tensor<float>({2, 3, 16, 16}, rng);
+  Tensor<float> got;
+  try {
+    got = bf16.forward(x).to(MemoryFormat::contiguous);
+  } catch (const engine_error&) {
+    GTEST_SKIP() << "oneDNN has no bf16 convolution on ISA " << engine::cpu_isa_name();
+  }
+  Tensor<float> one_by_one = x;
+  for (std::size_t i = 0; i < 4; ++i) one_by_one = bf16.stage(i).forward(one_by_one).to(MemoryFormat::contiguous);
+  const Tensor<float> ref = fp32.forward(x).to(MemoryFormat::contiguous);
+  const double chained = sqnr_db(ref.data(), got.data(), got.numel());
+  const double separate = sqnr_db(ref.data(), one_by_one.data(), one_by_one.numel());
+  std::printf("  bf16 chain against fp32 %.1f dB, its stages one by one on float %.1f dB\n", chained, separate);
+  EXPECT_GT(chained, separate - 1.0);
+  EXPECT_GT(chained, 35.0);
 }
 
 // The bad inputs: no calibration batch, non-finite values (in the input, or

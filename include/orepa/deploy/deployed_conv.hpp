@@ -203,8 +203,8 @@ class DeployedConv {
   }
   /// A step of an int8 (or bf16) chain: y = act(conv(x) + bias) from float (any memory
   /// format) or from codes in int8_input(), to codes in `*out` (written by the primitive;
-  /// bf16 values for a bf16 convolution) or, when `out` is null, to float channels-last. A convolution without int8_input() runs its
-  /// float forward on the dequantized input.
+  /// bf16 values for a bf16 convolution) or, when `out` is null, to float channels-last.
+  /// A convolution without int8_input() runs its float forward on the dequantized input.
   StageOutput<S> forward_int8(StageInput<S> x, const QuantParams* out) const;
   /// forward_int8 plus a residual: codes in `out` of act(conv(x) + bias) + r, for codes r
   /// of the output's shape in any quantization (a Bottleneck's shortcut). The primitive
@@ -397,10 +397,11 @@ StageOutput<S> DeployedConv<S>::forward_int8_adding(StageInput<S> x, const Int8C
   } else {
     const auto wanted = int8_input();
     if (wanted && out.bf16 == (precision_ == Precision::bf16) && r.q.bf16 == out.bf16) {
-      const Int8Codes* c = std::get_if<const Int8Codes*>(&x) ? std::get<const Int8Codes*>(x) : nullptr;
-      std::optional<Int8Codes> held;
-      if (!c || c->q != *wanted)
-        c = &held.emplace(quantize_codes(c ? ConstTensorView<float>(dequantize_codes(*c)) : std::get<ConstTensorView<float>>(x), *wanted));
+      const auto* given = std::get_if<const Int8Codes*>(&x);
+      const Int8Codes* c = given ? *given : nullptr;
+      std::optional<Int8Codes> held;  // x as codes in wanted, where it is not
+      if (!c) c = &held.emplace(quantize_codes(std::get<ConstTensorView<float>>(x), *wanted));
+      else if (c->q != *wanted) c = &held.emplace(quantize_codes(dequantize_codes(*c), *wanted));
       const Shape ys = g_.output_shape(c->shape, "DeployedConv::forward_int8_adding");
       if (r.shape != ys)
         throw shape_error(detail::cat("DeployedConv::forward_int8_adding: the residual is ", shape_str(r.shape),
@@ -421,7 +422,8 @@ StageOutput<S> DeployedConv<S>::forward_int8_adding(StageInput<S> x, const Int8C
     Tensor<float> y = std::get<Tensor<float>>(forward_int8(x, nullptr));
     if (y.memory_format() != MemoryFormat::channels_last) y = y.to(MemoryFormat::channels_last);
     y.expect_shape(r.shape, "DeployedConv::forward_int8_adding residual");
-    parallel_ranges(y.numel(), [&](std::int64_t b, std::int64_t e, int) { detail::dequantize_range<true>(r, b, e, y.data()); });
+    parallel_ranges(y.numel(),
+                    [&](std::int64_t b, std::int64_t e, int) { detail::dequantize_range<true>(r, b, e, y.data()); });
     return quantize_codes(y, out);
   }
 }
@@ -582,7 +584,7 @@ auto DeployedConv<S>::build(const Shape& xs, bool plain, MemoryFormat xf, const 
                                    codes_out->bf16 ? "bf16" : "int8", " convolution, this one runs in ",
                                    precision_name(precision_)));
   if (codes_out && act_.kind() == ActivationKind::custom)
-    throw config_error("DeployedConv: a user activation cannot run on 8-bit outputs");
+    throw config_error("DeployedConv: a user activation cannot run on 8-bit or bf16 outputs");
   const dt dst_type = !codes_out ? dt::f32 : codes_out->bf16 ? dt::bf16 : codes_out->qmin < 0 ? dt::s8 : dt::u8;
   auto e = std::make_unique<Entry>();
   e->xs = xs;

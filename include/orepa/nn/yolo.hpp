@@ -107,7 +107,8 @@ void concat_channels(const std::vector<ConstTensorView<S>>& xs, Tensor<S>& out,
     const ConstTensorView<S> x = nhwc ? x0 : contiguous(x0, tmp);
     const std::int64_t len = nhwc ? x.size(1) : x.size(1) * P, at = nhwc ? c0 : c0 * P;
     parallel_ranges(runs, [&](std::int64_t b, std::int64_t e, int) {
-      for (std::int64_t r = b; r < e; ++r) orepa::detail::copy_run(x.data() + r * len, len, out.data() + r * stride + at);
+      for (std::int64_t r = b; r < e; ++r)
+        orepa::detail::copy_run(x.data() + r * len, len, out.data() + r * stride + at);
     });
     c0 += x.size(1);
   }

@@ -217,7 +217,8 @@ inline Int8Codes concat_codes(const std::vector<const Int8Codes*>& xs, const std
   for (const auto* x : xs) {
     const std::int64_t Ci = x->shape[1] * size;
     parallel_ranges(pixels, [&](std::int64_t b, std::int64_t e, int) {
-      for (std::int64_t p = b; p < e; ++p) orepa::detail::copy_run(x->bytes.get() + p * Ci, Ci, y.bytes.get() + p * C + c0);
+      for (std::int64_t p = b; p < e; ++p)
+        orepa::detail::copy_run(x->bytes.get() + p * Ci, Ci, y.bytes.get() + p * C + c0);
     });
     c0 += Ci;
   }
