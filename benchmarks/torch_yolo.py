@@ -274,11 +274,13 @@ def torch_ms(net, x, seconds):
 
 
 def orepa_ms(build, sizes, seconds):
-    """orepa_bench's yolo/deploy rows: name -> milliseconds, and the oneDNN ISA."""
+    """orepa_bench's yolo/deploy, train_form and bare_primitives rows: name -> milliseconds,
+    and the oneDNN ISA."""
     sizes_re = "|".join(str(s) for s in sizes)
     run = subprocess.run([os.path.join(build, "benchmarks", "orepa_bench"), "--benchmark_format=json",
                           "--benchmark_min_time=%g" % seconds,
-                          "--benchmark_filter=^yolo/(deploy/(fp32|bf16|int8)|train_form)/(%s)/" % sizes_re],
+                          "--benchmark_filter=^yolo/((deploy|bare_primitives)/(fp32|bf16|int8)|train_form)/(%s)/"
+                          % sizes_re],
                          check=True, stdout=subprocess.PIPE, text=True)
     report = json.loads(run.stdout)
     rows = {b["name"].replace("/real_time", ""): b["real_time"] for b in report["benchmarks"] if not b.get("error_occurred")}
@@ -321,6 +323,24 @@ def main():
         print("| %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f | %.2fx |" % (
             s, pt, med["train_form"], med["deploy/fp32"], med["deploy/bf16"], med["deploy/int8"],
             med["deploy/fp32"] / pt, med["deploy/fp32"] / med["deploy/int8"]))
+    # The yardstick of the bf16 and int8 graphs: their 60 convolutions as bare primitives.
+    print("\n| size | bare fp32 | bare bf16 | bare int8 | bf16 graph / its bare primitives "
+          "| int8 graph / its bare primitives | bare bf16 speed-up over bare fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    slower = []
+    for s in sizes:
+        med = {k: statistics.median(orepa_rows.get("yolo/%s/%d" % (k, s), [float("nan")]))
+               for k in ("deploy/bf16", "deploy/int8", "bare_primitives/fp32", "bare_primitives/bf16",
+                         "bare_primitives/int8")}
+        up = med["bare_primitives/fp32"] / med["bare_primitives/bf16"]
+        print("| %d | %.1f | %.1f | %.1f | %.2fx | %.2fx | %.2fx |" % (
+            s, med["bare_primitives/fp32"], med["bare_primitives/bf16"], med["bare_primitives/int8"],
+            med["deploy/bf16"] / med["bare_primitives/bf16"], med["deploy/int8"] / med["bare_primitives/int8"], up))
+        if up < 1:
+            slower.append("%d: %.2fx" % (s, up))
+    if slower:
+        print("\nOn this CPU (oneDNN ISA %s) oneDNN's bf16 convolutions are slower than its fp32 ones (%s):"
+              " bf16 deployment cannot beat fp32 here, whatever the graph around them." % (isa, ", ".join(slower)))
 
 
 if __name__ == "__main__":

@@ -248,8 +248,9 @@ TEST(Quantization, ConvAddsAResidualOfCodesInItsPrimitive) {
     try {
       got = conv.forward_int8_adding(&xc, rc, out);
     } catch (const engine_error&) {
-      if (p == Precision::bf16) GTEST_SKIP() << "oneDNN has no bf16 convolution on ISA " << engine::cpu_isa_name();
-      throw;
+      if (p != Precision::bf16) throw;
+      std::printf("  no bf16 convolution on ISA %s: bf16 not checked\n", engine::cpu_isa_name().c_str());
+      continue;
     }
     ASSERT_TRUE(std::holds_alternative<Int8Codes>(got));
     const Int8Codes& y = std::get<Int8Codes>(got);

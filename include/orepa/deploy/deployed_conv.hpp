@@ -39,6 +39,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <type_traits>
 #include <unordered_map>
 #include <vector>
@@ -209,8 +210,10 @@ class DeployedConv {
   /// forward_int8 plus a residual: codes in `out` of act(conv(x) + bias) + r, for codes r
   /// of the output's shape in any quantization (a Bottleneck's shortcut). The primitive
   /// adds r itself (a sum post-op on its destination, filled with r first) when it writes
-  /// `out` in the codes' NHWC layout and r is of `out`'s kind (8-bit or bf16); otherwise
-  /// the sum is taken in float. Either way the output is rounded once.
+  /// `out` in the codes' NHWC layout, r is of `out`'s kind (8-bit or bf16) and oneDNN has a
+  /// JIT kernel for it (without native bf16, AVX-512 has none for a bf16 sum: its reference
+  /// kernel ran 100x slower); otherwise the sum is taken in float. Either way the output is
+  /// rounded once.
   StageOutput<S> forward_int8_adding(StageInput<S> x, const Int8Codes& r, const QuantParams& out) const;
 
   /// The kernel as the primitive holds it, in real units: rounded to bf16, or per output
@@ -269,6 +272,7 @@ class DeployedConv {
     Tensor<float> scaled_bias;          // int8: the bias in accumulator units
     dnnl::primitive_attr quantize_src;  // int8: the input's scale and zero point
     bool codes_out = false;             // writes codes (8-bit, or bf16 values), not float
+    bool reference = false;             // oneDNN runs its reference kernel (no JIT one fits)
     Shape xs, ys;
     std::map<Formats, std::vector<std::unique_ptr<Context>>> idle;  // per pair of caller layouts
   };
@@ -409,7 +413,7 @@ StageOutput<S> DeployedConv<S>::forward_int8_adding(StageInput<S> x, const Int8C
       Entry& e = entry(c->shape, MemoryFormat::contiguous, true, &out, &r.q);
       Int8Codes y(ys, out);
       const dnnl::memory dst(detail::codes_desc(ys, out), engine::cpu_engine(), y.bytes.get());
-      if (dst.get_desc() == e.pd.dst_desc()) {
+      if (dst.get_desc() == e.pd.dst_desc() && !e.reference) {
         const dnnl::memory src = engine::guarded("DeployedConv::forward_int8_adding input", [&] {
           return relayout(dnnl::memory(detail::codes_desc(c->shape, c->q), engine::cpu_engine(), c->bytes.get()),
                           e.pd.src_desc());
@@ -633,6 +637,7 @@ auto DeployedConv<S>::build(const Shape& xs, bool plain, MemoryFormat xf, const 
                                                                  : "int8 needs avx2 or newer",
                                    ")"));
   e->prim = convolution_forward(e->pd);
+  e->reference = std::string(e->pd.impl_info_str()).rfind("ref", 0) == 0;
   // Weights: reorder (and quantize) once from OIHW into the primitive's layout.
   memory plain_w(engine::weights_desc(g_, tag::oihw), engine::cpu_engine(), const_cast<float*>(weight_.data()));
   e->weights = engine::allocate(e->pd.weights_desc());
