@@ -586,8 +586,16 @@ std::remove_const_t<T> logical_element(const TensorView<T>& t, std::int64_t i) {
 
 /// \cond DO_NOT_DOCUMENT_THIS
 namespace detail {
+// 1 when the float at p is NaN or Inf, else 0: an integer test on the exponent field (all
+// ones), which vectorizes in an OR reduction where a float compare does not.
+inline std::uint32_t non_finite_bit(const float* p) {
+  std::uint32_t u;
+  std::memcpy(&u, p, sizeof u);
+  return std::uint32_t((u & 0x7F800000u) == 0x7F800000u);
+}
+
 // True when none of the n values at p is NaN or Inf: for float on the threads, an OR of
-// integer tests on the exponent field (all ones is Inf or NaN), which vectorizes.
+// non_finite_bit.
 template <class S>
 bool all_finite(const S* p, std::int64_t n) {
   if constexpr (std::is_same_v<std::remove_const_t<S>, float>) {
@@ -595,11 +603,7 @@ bool all_finite(const S* p, std::int64_t n) {
     parallel_ranges(n, [&](std::int64_t b, std::int64_t e, int t) {
       std::uint32_t a = 0;
       OREPA_SIMD_OR(a)
-      for (std::int64_t j = b; j < e; ++j) {
-        std::uint32_t u;
-        std::memcpy(&u, p + j, sizeof u);
-        a |= std::uint32_t((u & 0x7F800000u) == 0x7F800000u);
-      }
+      for (std::int64_t j = b; j < e; ++j) a |= non_finite_bit(p + j);
       any[std::size_t(t)] = a;
     });
     return std::all_of(any.begin(), any.end(), [](std::uint32_t a) { return a == 0; });

@@ -204,9 +204,7 @@ inline Int8Codes quantize_codes_finding_non_finite(ConstTensorView<float> x, con
     std::uint32_t any = 0;
     OREPA_SIMD_OR(any)
     for (std::int64_t i = b; i < e; ++i) {
-      std::uint32_t u;
-      std::memcpy(&u, in + i, sizeof u);
-      any |= std::uint32_t((u & 0x7F800000u) == 0x7F800000u);
+      any |= non_finite_bit(in + i);
       codes[i] = std::uint8_t(local.quantize(in[i]));
     }
     non_finite[std::size_t(t)] |= any;
