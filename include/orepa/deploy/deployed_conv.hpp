@@ -306,6 +306,15 @@ class DeployedConv {
 
   std::unique_ptr<Context> make_context(const Entry& e, Formats f) const;
 
+  // Codes `c` as the primitive of `e` reads them: wrapped, or relaid out where its layout
+  // differs; `what` names them in an error.
+  static dnnl::memory codes_input(const Entry& e, const Int8Codes& c, const char* what) {
+    return engine::guarded(what, [&] {
+      return relayout(dnnl::memory(detail::codes_desc(c.shape, c.q), engine::cpu_engine(), c.bytes.get()),
+                      e.pd.src_desc());
+    });
+  }
+
   // The entry for input shape xs: the memory API always runs the primitive's preferred
   // layouts; the tensor API shares that entry unless the policy picks the caller's plain
   // layout `xf` (the key then holds it).
@@ -371,10 +380,7 @@ StageOutput<S> DeployedConv<S>::forward_int8(StageInput<S> x, const QuantParams*
     const Int8Codes& c = *std::get<const Int8Codes*>(x);
     const Shape ys = g_.output_shape(c.shape, "DeployedConv::forward_int8");
     Entry& e = entry(c.shape, MemoryFormat::contiguous, true, out);
-    const dnnl::memory src = engine::guarded("DeployedConv::forward_int8 input", [&] {
-      return relayout(dnnl::memory(detail::codes_desc(c.shape, c.q), engine::cpu_engine(), c.bytes.get()),
-                      e.pd.src_desc());
-    });
+    const dnnl::memory src = codes_input(e, c, "DeployedConv::forward_int8 input");
     const Formats f{MemoryFormat::contiguous, MemoryFormat::channels_last};  // src comes as memory: f.first unused
     if (!out) {
       Tensor<float> y;
@@ -411,13 +417,11 @@ StageOutput<S> DeployedConv<S>::forward_int8_adding(StageInput<S> x, const Int8C
         throw shape_error(detail::cat("DeployedConv::forward_int8_adding: the residual is ", shape_str(r.shape),
                                       " but the output ", shape_str(ys)));
       Entry& e = entry(c->shape, MemoryFormat::contiguous, true, &out, &r.q);
-      Int8Codes y(ys, out);
-      const dnnl::memory dst(detail::codes_desc(ys, out), engine::cpu_engine(), y.bytes.get());
-      if (dst.get_desc() == e.pd.dst_desc() && !e.reference) {
-        const dnnl::memory src = engine::guarded("DeployedConv::forward_int8_adding input", [&] {
-          return relayout(dnnl::memory(detail::codes_desc(c->shape, c->q), engine::cpu_engine(), c->bytes.get()),
-                          e.pd.src_desc());
-        });
+      const dnnl::memory::desc dst_desc = detail::codes_desc(ys, out);
+      if (dst_desc == e.pd.dst_desc() && !e.reference) {
+        const dnnl::memory src = codes_input(e, *c, "DeployedConv::forward_int8_adding input");
+        Int8Codes y(ys, out);
+        const dnnl::memory dst(dst_desc, engine::cpu_engine(), y.bytes.get());
         std::memcpy(y.bytes.get(), r.bytes.get(), std::size_t(r.numel() * r.element_size()));
         run(e, {MemoryFormat::contiguous, MemoryFormat::channels_last}, &src, nullptr, &dst, nullptr);
         return y;
