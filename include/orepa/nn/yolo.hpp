@@ -121,6 +121,32 @@ void concat_channels(detail::identity_t<ConstTensorView<S>> a, detail::identity_
   concat_channels<S>({a, b}, out);
 }
 
+/// concat on codes, all in one quantization (shape_error otherwise).
+inline Int8Codes concat_codes(const std::vector<const Int8Codes*>& xs, const std::string& who = "Concat") {
+  std::int64_t C = 0;
+  for (const auto* x : xs) {
+    if (x->shape.size() != 4 || x->shape[0] != xs[0]->shape[0] || x->shape[2] != xs[0]->shape[2] ||
+        x->shape[3] != xs[0]->shape[3] || !(x->q == xs[0]->q))
+      throw shape_error(detail::cat(who, ": codes must agree in N, H, W and quantization; got ",
+                                    shape_str(xs[0]->shape), " and ", shape_str(x->shape)));
+    C += x->shape[1];
+  }
+  const Shape& s = xs[0]->shape;
+  Int8Codes y({s[0], C, s[2], s[3]}, xs[0]->q);
+  const std::int64_t pixels = s[0] * s[2] * s[3], size = y.element_size();
+  C *= size;  // in bytes from here on
+  std::int64_t c0 = 0;
+  for (const auto* x : xs) {
+    const std::int64_t Ci = x->shape[1] * size;
+    parallel_ranges(pixels, [&](std::int64_t b, std::int64_t e, int) {
+      for (std::int64_t p = b; p < e; ++p)
+        detail::copy_run(x->bytes.get() + p * Ci, Ci, y.bytes.get() + p * C + c0);
+    });
+    c0 += Ci;
+  }
+  return y;
+}
+
 /// concat_channels for codes in one quantization: a [N, Ca, H, W] and b [N, Cb, H, W]
 /// into [N, Ca + Cb, H, W]. Throws shape_error unless N, H, W and the quantizations agree.
 inline Int8Codes concat_codes(const Int8Codes& a, const Int8Codes& b) {
@@ -128,16 +154,7 @@ inline Int8Codes concat_codes(const Int8Codes& a, const Int8Codes& b) {
       a.shape[3] != b.shape[3] || a.q != b.q)
     throw shape_error(detail::cat("concat_codes: expected [N, Ca, H, W] and [N, Cb, H, W] codes with equal N, H, W "
                                   "and quantization, got ", shape_str(a.shape), " and ", shape_str(b.shape)));
-  Int8Codes out({a.shape[0], a.shape[1] + b.shape[1], a.shape[2], a.shape[3]}, a.q);
-  const std::int64_t Ca = a.shape[1] * a.element_size(), Cb = b.shape[1] * b.element_size(),  // in bytes
-      pixels = a.shape[0] * a.shape[2] * a.shape[3];
-  parallel_ranges(pixels, [&](std::int64_t begin, std::int64_t end, int) {
-    for (std::int64_t p = begin; p < end; ++p) {  // NHWC: a pixel's channels are one run
-      detail::copy_run(a.bytes.get() + p * Ca, Ca, out.bytes.get() + p * (Ca + Cb));
-      detail::copy_run(b.bytes.get() + p * Cb, Cb, out.bytes.get() + p * (Ca + Cb) + Ca);
-    }
-  });
-  return out;
+  return concat_codes({&a, &b}, "concat_codes");
 }
 
 /// The adjoint of concat_channels: splits g [N, sum C_i, H, W] into parts[i] [N, C_i, H, W]

@@ -199,31 +199,7 @@ Tensor<S> concat(const std::vector<ConstTensorView<S>>& xs, const std::string& w
   return y;
 }
 
-/// concat on codes, all in one quantization (shape_error otherwise).
-inline Int8Codes concat_codes(const std::vector<const Int8Codes*>& xs, const std::string& who = "Concat") {
-  std::int64_t C = 0;
-  for (const auto* x : xs) {
-    if (x->shape.size() != 4 || x->shape[0] != xs[0]->shape[0] || x->shape[2] != xs[0]->shape[2] ||
-        x->shape[3] != xs[0]->shape[3] || !(x->q == xs[0]->q))
-      throw shape_error(orepa::detail::cat(who, ": codes must agree in N, H, W and quantization; got ",
-                                           shape_str(xs[0]->shape), " and ", shape_str(x->shape)));
-    C += x->shape[1];
-  }
-  const Shape& s = xs[0]->shape;
-  Int8Codes y({s[0], C, s[2], s[3]}, xs[0]->q);
-  const std::int64_t pixels = s[0] * s[2] * s[3], size = y.element_size();
-  C *= size;  // in bytes from here on
-  std::int64_t c0 = 0;
-  for (const auto* x : xs) {
-    const std::int64_t Ci = x->shape[1] * size;
-    parallel_ranges(pixels, [&](std::int64_t b, std::int64_t e, int) {
-      for (std::int64_t p = b; p < e; ++p)
-        orepa::detail::copy_run(x->bytes.get() + p * Ci, Ci, y.bytes.get() + p * C + c0);
-    });
-    c0 += Ci;
-  }
-  return y;
-}
+using orepa::concat_codes;  // of any number of codes: nn/yolo.hpp
 
 /// The deployed SPPF: both convolutions deployed, the pools and the concatenation.
 template <class S>
