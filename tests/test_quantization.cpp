@@ -559,24 +559,38 @@ TEST(Quantization, DeployedChainPassesInt8ActivationsBetweenConvs) {
   EXPECT_THROW(forward(cb, in, engine::allocate(dst_desc(cb, bs)), cc.input_quantization()), shape_error);
 }
 
+namespace {
+// The body both InferenceChain tests deploy: a stride-2 OREPA, a C3 with shortcuts, a
+// stride-2 ConvBN and a C3 with or without them.
+Sequential<float> c3_body(bool second_c3_shortcut) {
+  Sequential<float> net;
+  net.add(OREPA<float, SiLU>(OrepaOptions(3, 8, 3).stride(2)));
+  net.add(C3<float>(8, 8, 2, true, 0.5, 4));
+  net.add(ConvBN<float, SiLU>(ConvOptions(8, 16, 3).stride(2)));
+  net.add(C3<float>(16, 16, 1, second_c3_shortcut, 0.5, 5));
+  return net;
+}
+// `steps` training passes with random output gradients on batches [batch, 3, 16, 16], so
+// that every BatchNorm has moved from its initial statistics.
+void train_randomly(Sequential<float>& net, int steps, std::int64_t batch, Rng& rng) {
+  for (int step = 0; step < steps; ++step) {
+    net.zero_grad();
+    net.backward(random_tensor<float>(net.forward_train(random_tensor<float>({batch, 3, 16, 16}, rng)).sizes(), rng));
+  }
+}
+}  // namespace
+
 // An int8 InferenceChain passes codes between its int8 stages, C3 and Bottleneck insides
 // included. Reference: the same network computed here in float from its convolutions'
 // tensor API, with the 8-bit rounding applied exactly where the chain keeps codes (every
 // output an int8 stage hands on, the residual sum, both halves of the concatenation).
 // Codes are written by the primitive itself, so a rounding tie may land one code away.
 TEST(Quantization, InferenceChainPassesInt8ActivationsThroughModules) {
-  Sequential<float> net;
-  net.add(OREPA<float, SiLU>(OrepaOptions(3, 8, 3).stride(2)));
-  net.add(C3<float>(8, 8, 2, true, 0.5, 4));
-  net.add(ConvBN<float, SiLU>(ConvOptions(8, 16, 3).stride(2)));
-  net.add(C3<float>(16, 16, 1, false, 0.5, 5));
+  Sequential<float> net = c3_body(false);
   net.add(GlobalAvgPool<float>());
   net.add(Linear<float>(16, 4, 9));
   Rng rng(12);
-  for (int step = 0; step < 3; ++step) {
-    net.zero_grad();
-    net.backward(random_tensor<float>(net.forward_train(random_tensor<float>({4, 3, 16, 16}, rng)).sizes(), rng));
-  }
+  train_randomly(net, 3, 4, rng);
   const InferenceChain<float> fp32 = net.deploy();
   Calibrator cal;
   std::vector<Tensor<float>> batches;
@@ -645,16 +659,9 @@ TEST(Quantization, InferenceChainPassesInt8ActivationsThroughModules) {
 // add their shortcut in cv2's primitive): as close to fp32 as the stages run one by one on
 // float, each converting its own input.
 TEST(Quantization, InferenceChainPassesBf16ValuesThroughModules) {
-  Sequential<float> net;
-  net.add(OREPA<float, SiLU>(OrepaOptions(3, 8, 3).stride(2)));
-  net.add(C3<float>(8, 8, 2, true, 0.5, 4));
-  net.add(ConvBN<float, SiLU>(ConvOptions(8, 16, 3).stride(2)));
-  net.add(C3<float>(16, 16, 1, true, 0.5, 5));
+  Sequential<float> net = c3_body(true);
   Rng rng(14);
-  for (int step = 0; step < 2; ++step) {
-    net.zero_grad();
-    net.backward(random_tensor<float>(net.forward_train(random_tensor<float>({2, 3, 16, 16}, rng)).sizes(), rng));
-  }
+  train_randomly(net, 2, 2, rng);
   const InferenceChain<float> fp32 = net.deploy();
   const auto bf16 = net.deploy(DeployOptions().precision(Precision::bf16));
   for (std::size_t i = 0; i < 4; ++i) {
