@@ -1,9 +1,9 @@
 // The whole YOLOv5n-OREPA network (models/yolov5n-orepa.yaml, nc 80), batch 1:
 //
 //   yolo/train_form/<size>              Model::forward_eval, the network in its training form
-//   yolo/deploy/<p>/<size>              DeployedModel::forward in p = fp32 / bf16 / int8 (int8
+//   yolo/deploy/<p>/<size>              DeployedModel::predict in p = fp32 / bf16 / int8 (int8
 //                                       calibrated min/max on the timed image), float NCHW in,
-//                                       decoded rows and raw maps out
+//                                       decoded rows out (what orepa-detect runs)
 //   yolo/bare_primitives/<p>/<size>     the yardstick: the deployed network's 60 convolutions as
 //                                       bare oneDNN primitives (BarePrimitive: inputs, weights
 //                                       and outputs already in their layouts), run one after
@@ -91,11 +91,11 @@ void deploy(benchmark::State& state, Precision p, std::int64_t size) try {
     o.calibration(cal.calibration());
   }
   const auto net = model.deploy(o);
-  yolo::DetectOutput<float> y;
-  const std::int64_t peak = peak_memory_of([&] { y = net.forward(x); });  // warm-up: primitives, weight reorders
+  Tensor<float> y;
+  const std::int64_t peak = peak_memory_of([&] { y = net.predict(x); });  // warm-up: primitives, weight reorders
   for (auto _ : state) {
-    y = net.forward(x);
-    benchmark::DoNotOptimize(y.pred.data());
+    y = net.predict(x);
+    benchmark::DoNotOptimize(y.data());
   }
   state.counters["peak_mb"] = double(peak) / 1e6;
   state.counters["gflops"] =

@@ -379,7 +379,7 @@ std::int64_t write_detections(const std::string& path, const yolo::DeployedModel
                               int size) {
   const auto lo = yolo::LoaderOptions().image_size(size).batch_size(1).shuffle(false);
   const yolo::Batch b = yolo::make_batch(val, lo, 0, 0);
-  const auto dets = yolo::non_max_suppression<float>(net.forward(b.images).pred, yolo::NmsOptions())[0];
+  const auto dets = yolo::non_max_suppression<float>(net.predict(b.images), yolo::NmsOptions())[0];
   Tensor<float> img({3, size, size});
   std::copy(b.images.data(), b.images.data() + img.numel(), img.data());
   const auto& names = yolo::shape_class_names();

@@ -169,10 +169,10 @@ Detection detect(const DetectArgs& a, const yolo::DeployedModel<float>& net, std
   d.geometry = lb.geometry;
   const Tensor<float> x = lb.image.reshaped({1, 3, lb.image.size(1), lb.image.size(2)});
   const auto t1 = clock::now();
-  const auto out = net.forward(x);
+  const Tensor<float> pred = net.predict(x);
   const auto t2 = clock::now();
   const auto nms_opts = yolo::NmsOptions().conf_thres(a.conf).iou_thres(a.iou).max_det(a.max_det).agnostic(a.agnostic);
-  d.found = std::move(yolo::non_max_suppression<float>(out.pred, nms_opts)[0]);
+  d.found = std::move(yolo::non_max_suppression<float>(pred, nms_opts)[0]);
   yolo::scale_boxes<float>(d.found.rows, d.geometry);
   const auto t3 = clock::now();
   d.ms[0] = ms(t0, t1), d.ms[1] = ms(t1, t2), d.ms[2] = ms(t2, t3);

@@ -191,6 +191,7 @@ TEST(ConvBN, EvalEqualsConvPlusBNAndDeploy) {
   convbn_eval_and_deploy<SiLU>(ConvOptions(4, 4, 5).dilation(2).padding(3), 11);
   convbn_eval_and_deploy<SiLU>(ConvOptions(3, 5, 1).stride(2), 6);
   convbn_eval_and_deploy<Identity>(ConvOptions(4, 4, 2).padding(0), 6);  // even kernels are fine for a plain conv
+  convbn_eval_and_deploy<Sigmoid>(ConvOptions(4, 6, 1), 5);
 }
 
 TEST(ConvBN, TrainForwardBatchStatistics) {
@@ -208,7 +209,7 @@ TEST(ConvBN, TrainForwardBatchStatistics) {
 
 struct ConvBNGradCase {
   std::int64_t i, o, k, s, g;
-  int act;  // 0 identity, 1 relu, 2 silu
+  int act;  // 0 identity, 1 relu, 2 silu, 3 sigmoid
 };
 class ConvBNGradient : public ::testing::TestWithParam<ConvBNGradCase> {};
 
@@ -226,11 +227,12 @@ TEST_P(ConvBNGradient, MatchesFiniteDifferences) {
   if (c.act == 0) convbn_gradient_check<Identity>(c);
   if (c.act == 1) convbn_gradient_check<ReLU>(c);
   if (c.act == 2) convbn_gradient_check<SiLU>(c);
+  if (c.act == 3) convbn_gradient_check<Sigmoid>(c);
 }
 INSTANTIATE_TEST_SUITE_P(Configs, ConvBNGradient,
                          ::testing::Values(ConvBNGradCase{4, 4, 3, 1, 1, 0}, ConvBNGradCase{4, 6, 3, 2, 2, 1},
                                            ConvBNGradCase{4, 6, 3, 1, 2, 2}, ConvBNGradCase{2, 4, 1, 2, 1, 2},
-                                           ConvBNGradCase{4, 4, 5, 2, 1, 1}));
+                                           ConvBNGradCase{4, 4, 5, 2, 1, 1}, ConvBNGradCase{4, 4, 3, 1, 1, 3}));
 
 // The float (oneDNN) training step agrees with the double (reference) one.
 template <class Block32, class Block64>
@@ -260,6 +262,10 @@ TEST(ConvBN, FloatTrainingStepMatchesDouble) {
   ConvBN<double, SiLU> d(opts);
   float_matches_double(f, d, {2, 4, 9, 9}, "ConvBN");
   EXPECT_EQ(f.primitive_creations(), 1);
+  // Sigmoid: oneDNN's logistic forward and backward against the double reference.
+  ConvBN<float, Sigmoid> fs(opts);
+  ConvBN<double, Sigmoid> ds(opts);
+  float_matches_double(fs, ds, {2, 4, 9, 9}, "ConvBN Sigmoid");
 }
 
 TEST(ConvBN, BadInputAndConfigurationThrow) {
@@ -467,7 +473,7 @@ INSTANTIATE_TEST_SUITE_P(Configs, DbbDeploy,
 // TrainForwardMatchesIndependentBranchSum.
 struct DbbGradCase {
   std::int64_t i, o, k, s, g;
-  int act;  // 0 identity, 1 relu, 2 silu
+  int act;  // 0 identity, 1 relu, 2 silu, 3 sigmoid
 };
 class DbbGradient : public ::testing::TestWithParam<DbbGradCase> {};
 

@@ -42,9 +42,10 @@ Tensor<float> reference_output(const ConvGeometry& g, const Tensor<float>& x, co
   Tensor<float> out(y.sizes());
   for (std::int64_t i = 0; i < y.numel(); ++i) {
     const double v = y[i];
-    out[i] = float(act == ActivationKind::relu ? std::max(v, 0.0)
-                   : act == ActivationKind::silu ? v / (1 + std::exp(-v))
-                                                 : v);
+    out[i] = float(act == ActivationKind::relu      ? std::max(v, 0.0)
+                   : act == ActivationKind::silu    ? v / (1 + std::exp(-v))
+                   : act == ActivationKind::sigmoid ? 1 / (1 + std::exp(-v))
+                                                    : v);
   }
   return out;
 }
@@ -52,6 +53,7 @@ Tensor<float> reference_output(const ConvGeometry& g, const Tensor<float>& x, co
 AnyActivation<float> activation(ActivationKind k) {
   if (k == ActivationKind::relu) return AnyActivation<float>(ReLU{});
   if (k == ActivationKind::silu) return AnyActivation<float>(SiLU{});
+  if (k == ActivationKind::sigmoid) return AnyActivation<float>(Sigmoid{});
   return AnyActivation<float>(Identity{});
 }
 
@@ -71,7 +73,8 @@ std::vector<Case> cases() {
           {geo(16, 32, 3, 2, 1), ActivationKind::relu, "16->32 k3 s2 ReLU"},
           {geo(16, 16, 3, 1, 2), ActivationKind::silu, "16->16 k3 g2 SiLU"},
           {geo(16, 16, 3, 1, 16), ActivationKind::silu, "16 depthwise k3 SiLU"},
-          {geo(16, 24, 1, 1, 1), ActivationKind::identity, "16->24 1x1 linear"}};
+          {geo(16, 24, 1, 1, 1), ActivationKind::identity, "16->24 1x1 linear"},
+          {geo(16, 24, 1, 1, 1), ActivationKind::sigmoid, "16->24 1x1 Sigmoid (a Detect head's)"}};
 }
 
 // Runs `c` in precision `p` on `x`, or skips the test (printing why) when oneDNN cannot

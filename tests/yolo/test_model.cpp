@@ -63,6 +63,9 @@ TEST(YoloModel, EvalAndDeployMatchPyTorchsFloat64Outputs) {
     // Channels-last input gives the same result.
     const auto nhwc = deployed.forward(input.to(MemoryFormat::channels_last));
     EXPECT_LT(test::max_relative_error(nhwc.pred, ref_pred), 2e-3) << x;
+    // The rows alone, the sigmoid taken inside the Detect convolutions.
+    EXPECT_LT(test::max_relative_error(deployed.predict(input), ref_pred), 2e-3) << x;
+    EXPECT_LT(test::max_relative_error(deployed.predict(input), dep.pred), 1e-6) << x;
   }
   // Every layer's output of input a (where a difference would start).
   const auto outs = model.layer_outputs(io_file.get<float>("input.a"));
@@ -263,6 +266,19 @@ TEST(YoloDetect, FloatHeadMatchesDirectSums) {
     EXPECT_EQ(dx[i].memory_format(), MemoryFormat::channels_last);
     EXPECT_LT(test::max_relative_error(dx[i], dxe), 1e-5) << "input gradient " << i;
   }
+  // Deployed: forward() decodes its raw maps; predict() takes the sigmoid from the
+  // convolutions' primitives and gives the same rows.
+  const auto deployed = head.deploy();
+  const std::vector<StageInput<float>> ins{ConstTensorView<float>(xs[0]), ConstTensorView<float>(xs[1])};
+  EXPECT_LT(test::max_relative_error(deployed.forward(ins).pred, eval.pred), 1e-5);
+  EXPECT_LT(test::max_relative_error(deployed.predict(ins), eval.pred), 1e-5);
+  // A head whose convolutions have an activation of their own takes forward()'s way.
+  const auto relu = deployed.map_convs("", [](const std::string&, const DeployedConv<float>& c) {
+    return AnyDeployed<float>(DeployedConv<float>(c.geometry(), c.weight(), c.bias(), ReLU{}));
+  });
+  const Tensor<float> relu_rows = relu.predict(ins);
+  EXPECT_LT(test::max_relative_error(relu_rows, relu.forward(ins).pred), 1e-6);
+  EXPECT_GT(test::max_relative_error(relu_rows, eval.pred), 1e-3);
 }
 
 TEST(YoloDetect, DecodeIsYolov5sFormula) {
@@ -488,6 +504,7 @@ TEST(YoloModel, Int8DeploymentCalibratedOnTheWholeGraph) {
   EXPECT_GT(sqnr_db(a, noisy), 39.0);
   EXPECT_GT(sqnr_db(ref.pred, q.pred), sqnr_db(ref.pred, perturbed.pred) - 10.0);
   EXPECT_GT(sqnr_db(ref.raw[0], q.raw[0]), 8.0);
+  EXPECT_LT(test::max_relative_error(int8.predict(a), q.pred), 1e-6) << "the rows alone, the sigmoid in the primitives";
 }
 
 // Every layer of `net` run on float, each convolution on its tensor API (which converts
@@ -542,6 +559,7 @@ TEST(YoloModel, Bf16DeploymentPassesBf16ValuesBetweenConvolutions) {
   EXPECT_GT(codes_db, 20.0);
   for (std::size_t l = 0; l < ref.raw.size(); ++l)
     EXPECT_GT(sqnr_db(ref.raw[l], got.raw[l]), sqnr_db(ref.raw[l], on_float.raw[l]) - 1.0) << "level " << l;
+  EXPECT_LT(test::max_relative_error(bf16.predict(a), got.pred), 1e-6) << "the rows alone, the sigmoid in the primitives";
 }
 
 TEST(YoloModel, NonFiniteInputsGiveNonFiniteOutputsInEveryPrecision) {
@@ -572,6 +590,9 @@ TEST(YoloModel, NonFiniteInputsGiveNonFiniteOutputsInEveryPrecision) {
       EXPECT_EQ(nan_rows, per) << "int8: the whole image's rows";
     }
     for (std::int64_t i = 0; i < per; ++i) ASSERT_EQ(y.pred[i], clean.pred[i]) << precision_name(p) << " image 0, value " << i;
+    const Tensor<float> rows = net.predict(poisoned);  // the rows alone: the same NaNs
+    for (std::int64_t i = 0; i < 2 * per; ++i)
+      ASSERT_EQ(std::isnan(rows[i]), std::isnan(y.pred[i])) << precision_name(p) << " value " << i;
   }
 }
 

@@ -1,7 +1,7 @@
 #pragma once
 /// @file activation.hpp
 /// Element-wise activations: Identity, ReLU, SiLU (x * sigmoid(x), YOLOv5/v8's default),
-/// or any user functor with the same three members. A block is templated on one.
+/// Sigmoid, or any user functor with the same three members. A block is templated on one.
 ///
 /// An activation type provides
 ///   - `template <class S> S operator()(S x) const` - the value;
@@ -19,7 +19,7 @@
 namespace orepa {
 
 /// Which built-in activation a type is (custom = a user functor).
-enum class ActivationKind { identity, relu, silu, custom };
+enum class ActivationKind { identity, relu, silu, sigmoid, custom };
 
 /// y = x.
 struct Identity {
@@ -60,6 +60,22 @@ struct SiLU {
   }
 };
 
+/// y = 1 / (1 + exp(-x)) (PyTorch torch.sigmoid, oneDNN eltwise_logistic): what a YOLO
+/// Detect head applies to its outputs.
+struct Sigmoid {
+  /// Built-in: deploy fuses it as oneDNN eltwise_logistic.
+  static constexpr ActivationKind kind = ActivationKind::sigmoid;
+  /// Its printed name.
+  static constexpr const char* name = "sigmoid";
+  /// 1 / (1 + exp(-x)).
+  template <class S> S operator()(S x) const { return S(1) / (S(1) + std::exp(-x)); }
+  /// sigmoid(x) (1 - sigmoid(x)).
+  template <class S> S derivative(S x) const {
+    const S s = (*this)(x);
+    return s * (S(1) - s);
+  }
+};
+
 /// An activation chosen at run time, what a deployed convolution applies: one of the
 /// built-ins (fused into oneDNN by the deployed conv) or any user functor, type-erased.
 /// Built from an activation object: `AnyActivation<float>(SiLU{})`.
@@ -68,7 +84,7 @@ class AnyActivation {
  public:
   /// The identity.
   AnyActivation() = default;
-  /// The activation `act` (an Identity, ReLU, SiLU or user functor object).
+  /// The activation `act` (an Identity, ReLU, SiLU, Sigmoid or user functor object).
   template <class Act, class = decltype(Act::kind)>
   AnyActivation(const Act& act) : kind_(Act::kind) {  // NOLINT: implicit on purpose
     if constexpr (Act::kind == ActivationKind::custom) custom_ = [act](S x) { return act(x); };
@@ -81,6 +97,7 @@ class AnyActivation {
       case ActivationKind::identity: return x;
       case ActivationKind::relu: return ReLU{}(x);
       case ActivationKind::silu: return SiLU{}(x);
+      case ActivationKind::sigmoid: return Sigmoid{}(x);
       case ActivationKind::custom: return custom_(x);
     }
     return x;

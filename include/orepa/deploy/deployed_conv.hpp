@@ -620,6 +620,7 @@ auto DeployedConv<S>::build(const Shape& xs, bool plain, MemoryFormat xf, const 
   post_ops ops;
   if (act_.kind() == ActivationKind::relu) ops.append_eltwise(post_scale, algorithm::eltwise_relu, 0.f, 0.f);
   if (act_.kind() == ActivationKind::silu) ops.append_eltwise(post_scale, algorithm::eltwise_swish, 1.f, 0.f);
+  if (act_.kind() == ActivationKind::sigmoid) ops.append_eltwise(post_scale, algorithm::eltwise_logistic, 0.f, 0.f);
   if (sum_in && codes_out) {  // in the output's units: real r / output step, r's codes less their zero point
     if (sum_in->bf16) ops.append_sum(1.f);
     else

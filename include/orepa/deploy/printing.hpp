@@ -26,12 +26,13 @@
 
 namespace orepa {
 
-/// The printed name of an activation kind ("Identity", "ReLU", "SiLU", "custom").
+/// The printed name of an activation kind ("Identity", "ReLU", "SiLU", "Sigmoid", "custom").
 inline const char* activation_label(ActivationKind k) {
   switch (k) {
     case ActivationKind::identity: return "Identity";
     case ActivationKind::relu: return "ReLU";
     case ActivationKind::silu: return "SiLU";
+    case ActivationKind::sigmoid: return "Sigmoid";
     default: return "custom";
   }
 }

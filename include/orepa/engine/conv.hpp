@@ -549,8 +549,10 @@ OREPA_INLINE void FusedConvBnAct::build(Entry& e, const Shape& xs, const Shape& 
   if (e.has_act) {
     primitive_attr attr;  // the activation primitives share the entry's scratchpad too
     attr.set_scratchpad_mode(scratchpad_mode::user);
-    const auto alg = act_ == ActivationKind::relu ? algorithm::eltwise_relu : algorithm::eltwise_swish;
-    const float alpha = act_ == ActivationKind::relu ? 0.f : 1.f;
+    const auto alg = act_ == ActivationKind::relu      ? algorithm::eltwise_relu
+                     : act_ == ActivationKind::sigmoid ? algorithm::eltwise_logistic
+                                                       : algorithm::eltwise_swish;
+    const float alpha = act_ == ActivationKind::silu ? 1.f : 0.f;
     eltwise_forward::primitive_desc afpd(eltwise_forward::desc(prop_kind::forward_training, alg, dst_md, alpha, 0.f),
                                          attr, cpu_engine());
     eltwise_backward::primitive_desc abpd(eltwise_backward::desc(alg, dst_md, dst_md, alpha, 0.f), attr,

@@ -759,22 +759,10 @@ class DeployedModel {
   /// Decoded rows and raw maps of images x [N, C, H, W] (any memory format). NaN and Inf
   /// propagate: in int8, an image holding one gets all-NaN rows and maps, since 8-bit
   /// codes cannot carry them (fp32 and bf16 propagate them as PyTorch does).
-  DetectOutput<S> forward(ConstTensorView<S> x) const {
-    if constexpr (std::is_same_v<S, float>) {
-      orepa::detail::NonFiniteImages seen;
-      seen.batch = x.dim() > 0 ? x.size(0) : 1;
-      DetectOutput<S> out;
-      {
-        orepa::detail::ScopedNonFiniteImages scope(&seen);
-        out = run(x);
-      }
-      orepa::detail::poison_images(out.pred, seen.images, seen.batch, seen.all);
-      for (auto& r : out.raw) orepa::detail::poison_images(r, seen.images, seen.batch, seen.all);
-      return out;
-    } else {
-      return run(x);
-    }
-  }
+  DetectOutput<S> forward(ConstTensorView<S> x) const { return run_marking_non_finite(x, true); }
+  /// forward(x).pred alone, without the raw maps: what a detector needs, in less time (the
+  /// Detect convolutions apply the sigmoid in their primitives, DeployedDetect::predict).
+  Tensor<S> predict(ConstTensorView<S> x) const { return run_marking_non_finite(x, false).pred; }
 
   /// Number of layers.
   std::size_t size() const { return layers_.size(); }
@@ -823,8 +811,25 @@ class DeployedModel {
   }
 
  private:
-  // forward() without the NaN bookkeeping.
-  DetectOutput<S> run(ConstTensorView<S> x) const {
+  // run() with the NaN bookkeeping of int8 (see forward()).
+  DetectOutput<S> run_marking_non_finite(ConstTensorView<S> x, bool raw) const {
+    if constexpr (std::is_same_v<S, float>) {
+      orepa::detail::NonFiniteImages seen;
+      seen.batch = x.dim() > 0 ? x.size(0) : 1;
+      DetectOutput<S> out;
+      {
+        orepa::detail::ScopedNonFiniteImages scope(&seen);
+        out = run(x, raw);
+      }
+      orepa::detail::poison_images(out.pred, seen.images, seen.batch, seen.all);
+      for (auto& r : out.raw) orepa::detail::poison_images(r, seen.images, seen.batch, seen.all);
+      return out;
+    } else {
+      return run(x, raw);
+    }
+  }
+  // The layers in order; the head gives the raw maps too when `raw`.
+  DetectOutput<S> run(ConstTensorView<S> x, bool raw) const {
     Tensor<S> converted;
     if (x.dim() == 4 && layers_.front().stage) {
       const MemoryFormat f = orepa::detail::in_child("DeployedModel", "model.0", *layers_.front().stage,
@@ -865,7 +870,8 @@ class DeployedModel {
         } else {
           std::vector<StageInput<S>> ins;
           for (auto j : l.from) ins.push_back(input(j));
-          out = head_.forward(ins);
+          if (raw) out = head_.forward(ins);
+          else out.pred = head_.predict(ins);
         }
         for (auto j : l.from)
           if (j >= 0 && last[std::size_t(j)] == i) vals[std::size_t(j)] = Tensor<S>();

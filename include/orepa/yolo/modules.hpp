@@ -467,6 +467,17 @@ void sigmoid(const S* x, S* y, std::int64_t n) {
     for (std::int64_t i = 0; i < n; ++i) y[i] = S(1) / (S(1) + std::exp(-x[i]));
 }
 
+// The box columns of decoded row p at cell (x, y), its first four values holding the
+// sigmoid: xy = (2 sigmoid - 0.5 + cell) stride, wh = (2 sigmoid)^2 anchor (pixels).
+template <class S>
+inline void decode_box(S* p, S x, S y, S stride, S anchor_w, S anchor_h) {
+  const S sx = p[0], sy = p[1], sw = p[2], sh = p[3];
+  p[0] = (sx * 2 - S(0.5) + x) * stride;
+  p[1] = (sy * 2 - S(0.5) + y) * stride;
+  p[2] = (sw * 2) * (sw * 2) * anchor_w;
+  p[3] = (sh * 2) * (sh * 2) * anchor_h;
+}
+
 // Decodes a level of `raw` [N, na, H, W, no] into `pred` [N, rows, no] from row `row0`:
 // the level's rows run (a, y, x), so image n's part is raw[n]'s values in order and its
 // sigmoid is one call; then the box columns of every cell.
@@ -480,15 +491,31 @@ void decode_level(const Tensor<S>& raw, Tensor<S>& pred, std::int64_t row0, S st
       const std::int64_t n = r / (na * H), a = (r / H) % na, y = r % H;
       S* p = pred.data() + (n * rows + row0 + (a * H + y) * W) * no;
       const S aw = anchors[2 * a] * stride, ah = anchors[2 * a + 1] * stride;
-      for (std::int64_t x = 0; x < W; ++x, p += no) {
-        const S sx = p[0], sy = p[1], sw = p[2], sh = p[3];
-        p[0] = (sx * 2 - S(0.5) + S(x)) * stride;
-        p[1] = (sy * 2 - S(0.5) + S(y)) * stride;
-        p[2] = (sw * 2) * (sw * 2) * aw;
-        p[3] = (sh * 2) * (sh * 2) * ah;
-      }
+      for (std::int64_t x = 0; x < W; ++x, p += no) decode_box(p, S(x), S(y), stride, aw, ah);
     }
   });
+}
+
+// Rows (n, a, y) in [first, first + rows) of a level's decoded rows, written into `pred`
+// [N, rows, no] from row `row0`, from its convolution's output `sig` [N, na * no, H, W]
+// (any format) with the sigmoid already applied: moved into place, box columns decoded.
+template <class S>
+void decode_sigmoid_rows(ConstTensorView<S> sig, Tensor<S>& pred, std::int64_t row0, std::int64_t first,
+                         std::int64_t rows, std::int64_t na, std::int64_t no, S stride, const S* anchors) {
+  const std::int64_t H = sig.size(2), W = sig.size(3);
+  const auto s = strides4(sig.sizes(), sig.memory_format());
+  for (std::int64_t r = first; r < first + rows; ++r) {
+    const std::int64_t n = r / (na * H), a = (r / H) % na, h = r % H;
+    const S* src = sig.data() + n * s[0] + a * no * s[1] + h * s[2];
+    S* p = pred.data() + (n * pred.size(1) + row0 + (a * H + h) * W) * no;
+    const S aw = anchors[2 * a] * stride, ah = anchors[2 * a + 1] * stride;
+    for (std::int64_t w = 0; w < W; ++w, p += no) {
+      if (s[1] == 1) orepa::detail::copy_run(src + w * s[3], no, p);  // channels-last: one run
+      else
+        for (std::int64_t j = 0; j < no; ++j) p[j] = src[w * s[3] + j * s[1]];
+      decode_box(p, S(w), S(h), stride, aw, ah);
+    }
+  }
 }
 
 // Rows (n, a, y) in [first, first + rows) of the raw map [N, na, H, W, no] gathered from
@@ -554,35 +581,47 @@ class DeployedDetect {
  public:
   /// The levels' convolutions, anchors [nl, na, 2] in grid units, strides, outputs per anchor.
   DeployedDetect(std::vector<AnyDeployed<S>> convs, Tensor<S> anchors, std::vector<double> strides, std::int64_t no)
-      : convs_(std::move(convs)), anchors_(std::move(anchors)), strides_(std::move(strides)), no_(no) {}
+      : convs_(std::move(convs)), anchors_(std::move(anchors)), strides_(std::move(strides)), no_(no),
+        sigmoid_convs_(with_sigmoid(convs_)) {}
   /// Raw maps and decoded rows for the levels' inputs (each float or codes in its conv's
   /// int8_input()).
   DetectOutput<S> forward(const std::vector<StageInput<S>>& xs) const {
-    std::vector<Tensor<S>> ys;
-    std::vector<Shape> maps;
-    const std::int64_t na = anchors_.size(1);
-    for (std::size_t i = 0; i < convs_.size(); ++i) {
-      StageOutput<S> y = std::holds_alternative<const Int8Codes*>(xs.at(i)) || convs_[i].int8_input()
-                             ? convs_[i].forward_int8(xs[i], nullptr)
-                             : StageOutput<S>(convs_[i].forward(std::get<ConstTensorView<S>>(xs[i])));
-      ys.push_back(std::move(std::get<Tensor<S>>(y)));
-      const Shape& s = ys.back().sizes();
-      maps.push_back({s[0], na, s[2], s[3], no_});
-    }
-    const auto [shape, row0] = detail::decoded_shape(maps);
+    std::vector<Tensor<S>> ys = run_convs(convs_, xs);
+    const auto [shape, row0] = detail::decoded_shape(map_shapes(ys));
     DetectOutput<S> out;
     out.pred.resize(shape);
+    const std::int64_t na = anchors_.size(1);
     for (std::size_t i = 0; i < ys.size(); ++i) {
       Tensor<S> raw;
-      raw.resize(maps[i]);
+      raw.resize({shape[0], na, ys[i].size(2), ys[i].size(3), no_});
       const ConstTensorView<S> y = ys[i];
-      parallel_ranges(shape[0] * na * maps[i][2],
+      parallel_ranges(shape[0] * na * raw.size(2),
                       [&](std::int64_t b, std::int64_t e, int) { detail::gather_raw_rows<S>(y, raw.data(), b, e - b, na, no_); });
       ys[i] = Tensor<S>();
       detail::decode_level(raw, out.pred, row0[i], S(strides_[i]), anchors_.data() + std::int64_t(i) * na * 2);
       out.raw.push_back(std::move(raw));
     }
     return out;
+  }
+  /// forward(xs).pred alone, without the raw maps, in less time: each level's convolution
+  /// applies the sigmoid in its primitive, and one pass moves its rows into place and
+  /// decodes their boxes (no separate sigmoid pass). Heads whose levels are not plain
+  /// deployed convolutions without activation take forward()'s way.
+  Tensor<S> predict(const std::vector<StageInput<S>>& xs) const {
+    if (sigmoid_convs_.empty()) return forward(xs).pred;
+    const std::vector<Tensor<S>> ys = run_convs(sigmoid_convs_, xs);
+    const auto [shape, row0] = detail::decoded_shape(map_shapes(ys));
+    Tensor<S> pred;
+    pred.resize(shape);
+    const std::int64_t na = anchors_.size(1);
+    for (std::size_t i = 0; i < ys.size(); ++i) {
+      const ConstTensorView<S> y = ys[i];
+      const S* anchors = anchors_.data() + std::int64_t(i) * na * 2;
+      parallel_ranges(shape[0] * na * y.size(2), [&](std::int64_t b, std::int64_t e, int) {
+        detail::decode_sigmoid_rows<S>(y, pred, row0[i], b, e - b, na, no_, S(strides_[i]), anchors);
+      });
+    }
+    return pred;
   }
   /// Level i's convolution.
   const AnyDeployed<S>& conv(std::size_t i) const { return convs_.at(i); }
@@ -606,10 +645,43 @@ class DeployedDetect {
   }
 
  private:
+  // Each level's convolution output [N, na * no, H, W] (float, any format).
+  static std::vector<Tensor<S>> run_convs(const std::vector<AnyDeployed<S>>& convs, const std::vector<StageInput<S>>& xs) {
+    std::vector<Tensor<S>> ys;
+    for (std::size_t i = 0; i < convs.size(); ++i) {
+      StageOutput<S> y = std::holds_alternative<const Int8Codes*>(xs.at(i)) || convs[i].int8_input()
+                             ? convs[i].forward_int8(xs[i], nullptr)
+                             : StageOutput<S>(convs[i].forward(std::get<ConstTensorView<S>>(xs[i])));
+      ys.push_back(std::move(std::get<Tensor<S>>(y)));
+    }
+    return ys;
+  }
+  // The raw map shapes [N, na, H, W, no] of the levels' convolution outputs.
+  std::vector<Shape> map_shapes(const std::vector<Tensor<S>>& ys) const {
+    std::vector<Shape> maps;
+    for (const auto& y : ys) maps.push_back({y.size(0), anchors_.size(1), y.size(2), y.size(3), no_});
+    return maps;
+  }
+  // The levels' convolutions with the sigmoid as their activation, in their precision and
+  // input range; none when a level is not a plain DeployedConv without activation.
+  static std::vector<AnyDeployed<S>> with_sigmoid(const std::vector<AnyDeployed<S>>& convs) {
+    std::vector<AnyDeployed<S>> out;
+    for (const auto& c : convs) {
+      const DeployedConv<S>* d = c.template target<DeployedConv<S>>();
+      if (!d || d->activation().kind() != ActivationKind::identity) return {};
+      DeployedConv<S> s(d->geometry(), d->weight(), d->bias(), Sigmoid{});
+      s.layout(d->layout());
+      if (d->precision() != Precision::fp32) s.precision(d->precision(), d->input_range());
+      out.emplace_back(std::move(s));
+    }
+    return out;
+  }
+
   std::vector<AnyDeployed<S>> convs_;
   Tensor<S> anchors_;
   std::vector<double> strides_;
   std::int64_t no_;
+  std::vector<AnyDeployed<S>> sigmoid_convs_;  // convs_ with the sigmoid fused: predict()
 };
 
 /// YOLOv5's Detect head: per level i a 1x1 convolution with bias from ch[i] to na (5 + nc)

@@ -216,8 +216,8 @@ struct EvalOptions {
 
 /// \cond DO_NOT_DOCUMENT_THIS
 namespace detail {
-inline DetectOutput<float> eval_forward(const Model<float>& m, ConstTensorView<float> x) { return m.forward_eval(x); }
-inline DetectOutput<float> eval_forward(const DeployedModel<float>& m, ConstTensorView<float> x) { return m.forward(x); }
+inline Tensor<float> eval_rows(const Model<float>& m, ConstTensorView<float> x) { return m.forward_eval(x).pred; }
+inline Tensor<float> eval_rows(const DeployedModel<float>& m, ConstTensorView<float> x) { return m.predict(x); }
 
 // The labels of image `i` of a batch as [m, 5] (class, x1, y1, x2, y2) in pixels of the
 // batch's images (targets are normalised cx, cy, w, h).
@@ -249,12 +249,12 @@ MetricsResult evaluate(const Net& net, const YoloDataset& data, const EvalOption
   DetectionMetrics metrics(data.num_classes());
   for (std::int64_t b = 0, nb = batches_per_epoch(data.size(), lo); b < nb; ++b) {
     const Batch batch = make_batch(data, lo, 0, b);
-    const DetectOutput<float> out = detail::eval_forward(net, batch.images);
-    const std::int64_t nc = out.pred.size(2) - 5;
+    const Tensor<float> pred = detail::eval_rows(net, batch.images);
+    const std::int64_t nc = pred.size(2) - 5;
     if (nc != data.num_classes())
       throw config_error(orepa::detail::cat("yolo::evaluate: the network has ", nc, " classes but the data set ",
                                             data.source(), " has nc ", data.num_classes()));
-    const auto dets = non_max_suppression<float>(out.pred, o.nms());
+    const auto dets = non_max_suppression<float>(pred, o.nms());
     for (std::int64_t i = 0; i < batch.images.size(0); ++i) metrics.add(dets[std::size_t(i)], detail::batch_labels(batch, i));
   }
   return metrics.compute();
