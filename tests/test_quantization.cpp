@@ -191,6 +191,43 @@ TEST(Quantization, Bf16CodesAreTheNearestBf16TiesToEven) {
   for (std::int64_t i = 0; i + 1 < n; ++i) EXPECT_EQ(back[i], codes.value(i));
 }
 
+// Codes are NHWC whatever the input's layout: an NCHW image (three channels, which take a
+// loop of their own, and five) gives at pixel (n, h, w), channel c the code of x(n, c, h, w),
+// and the images holding a NaN are found on either layout.
+TEST(Quantization, CodesOfNchwInputAreTheCodesOfEachValueInNhwcOrder) {
+  Rng rng(5);
+  for (const Shape& shape : {Shape{2, 3, 5, 7}, Shape{2, 5, 4, 3}}) {
+    Tensor<float> x = random_tensor<float>(shape, rng, 2.0);
+    x(1, shape[1] - 1, 2, 1) = std::numeric_limits<float>::quiet_NaN();
+    const std::int64_t C = shape[1], H = shape[2], W = shape[3];
+    for (const QuantParams& q : {QuantParams::for_range({-1.f, 1.5f}, false), QuantParams::for_range({-1.f, 1.5f}, true),
+                                 QuantParams::bfloat16()}) {
+      for (const MemoryFormat f : {MemoryFormat::contiguous, MemoryFormat::channels_last}) {
+        SCOPED_TRACE(::testing::Message() << shape_str(shape) << (q.bf16 ? " bf16" : q.qmin < 0 ? " s8" : " u8")
+                                          << (f == MemoryFormat::channels_last ? " channels-last" : " NCHW"));
+        std::vector<std::int64_t> bad;
+        const Int8Codes codes = detail::quantize_codes_finding_non_finite(x.to(f), q, bad);
+        for (std::int64_t n = 0; n < 2; ++n)
+          for (std::int64_t c = 0; c < C; ++c)
+            for (std::int64_t h = 0; h < H; ++h)
+              for (std::int64_t w = 0; w < W; ++w) {
+                const std::int64_t i = ((n * H + h) * W + w) * C + c;
+                const float v = x(n, c, h, w);
+                if (q.bf16) {
+                  if (std::isnan(v)) ASSERT_TRUE(std::isnan(codes.value(i))) << i;
+                  else ASSERT_EQ(codes.value(i), round_to_bf16(v)) << i;
+                } else {
+                  const std::int32_t code = q.qmin < 0 ? std::int32_t(std::int8_t(codes.bytes[std::size_t(i)]))
+                                                       : std::int32_t(codes.bytes[std::size_t(i)]);
+                  ASSERT_EQ(code, q.quantize(v)) << i;
+                }
+              }
+        EXPECT_EQ(bad, q.bf16 ? std::vector<std::int64_t>{} : std::vector<std::int64_t>{1});  // bf16 carries NaN
+      }
+    }
+  }
+}
+
 // A bf16 convolution given bf16 values writes bf16 values (its f32 result rounded once,
 // by the primitive): within one bf16 step of rounding its float output.
 TEST(Quantization, Bf16ConvReadsAndWritesBf16Values) {

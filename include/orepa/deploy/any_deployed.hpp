@@ -167,48 +167,75 @@ inline void poison_images(TensorView<float> y, const std::vector<std::int64_t>& 
 
 /// \cond DO_NOT_DOCUMENT_THIS
 namespace detail {
-// quantize_codes(x, q), also giving the images of x that hold a NaN or Inf.
+// Codes in q of the n floats at `in`, written from code `first` of `out`; returns 1 when
+// one of them is NaN or Inf (bf16 keeps those: it returns 0 then).
+inline std::uint32_t encode_codes(const float* in, std::uint8_t* out, std::int64_t first, std::int64_t n,
+                                  const QuantParams& q) {
+  if (q.bf16) {  // rounded to nearest even; a NaN stays a (quiet) NaN
+    std::uint8_t* halves = out + 2 * first;
+    OREPA_SIMD
+    for (std::int64_t i = 0; i < n; ++i) {
+      std::uint32_t u;
+      std::memcpy(&u, in + i, sizeof u);
+      const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+      const std::uint16_t h = std::uint16_t(nan ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      std::memcpy(halves + 2 * i, &h, sizeof h);
+    }
+    return 0;
+  }
+  // Locals: byte stores may alias anything read through a reference.
+  const QuantParams local = q;
+  std::uint8_t* codes = out + first;
+  std::uint32_t any = 0;
+  OREPA_SIMD_OR(any)
+  for (std::int64_t i = 0; i < n; ++i) {
+    any |= non_finite_bit(in + i);
+    codes[i] = std::uint8_t(local.quantize(in[i]));
+  }
+  return any;
+}
+
+// The W pixels of C channels at `plane` (channel planes `plane_stride` apart) as NHWC
+// values at `row`; an image's three channels get a loop the compiler vectorizes.
+inline void interleave_row(const float* plane, std::int64_t plane_stride, std::int64_t C, std::int64_t W, float* row) {
+  if (C == 3) {
+    const float* __restrict r = plane;
+    const float* __restrict g = plane + plane_stride;
+    const float* __restrict b = plane + 2 * plane_stride;
+    float* __restrict o = row;
+    for (std::int64_t w = 0; w < W; ++w) o[3 * w] = r[w], o[3 * w + 1] = g[w], o[3 * w + 2] = b[w];
+    return;
+  }
+  for (std::int64_t ch = 0; ch < C; ++ch)
+    for (std::int64_t w = 0; w < W; ++w) row[w * C + ch] = plane[ch * plane_stride + w];
+}
+
+// quantize_codes(x, q), also giving the images of x that hold a NaN or Inf. The NaN / Inf
+// test rides along the quantization (one pass over x); only when it finds one are the
+// images holding it looked for. NCHW input is read once too: each image row is transposed
+// through a small buffer, then encoded.
 inline Int8Codes quantize_codes_finding_non_finite(ConstTensorView<float> x, const QuantParams& q,
                                                    std::vector<std::int64_t>& bad) {
-  Tensor<float> nhwc;
-  const float* v = x.data();
-  if (x.memory_format() != MemoryFormat::channels_last) {
-    nhwc.assign(x, MemoryFormat::channels_last);
-    v = nhwc.data();
-  }
+  if (x.memory_format() != MemoryFormat::channels_last && x.dim() != 4)
+    throw shape_error(detail::cat("quantize_codes: codes are NHWC, a 4-D shape is needed, got ", shape_str(x.sizes())));
   Int8Codes c(x.sizes(), q);
   std::uint8_t* out = c.bytes.get();
-  if (q.bf16) {  // rounded to nearest even; bf16 carries NaN and Inf, so nothing is noted
-    parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int) {
-      const float* in = v;
-      std::uint8_t* halves = out;
-      OREPA_SIMD
-      for (std::int64_t i = b; i < e; ++i) {
-        std::uint32_t u;
-        std::memcpy(&u, in + i, sizeof u);
-        const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-        const std::uint16_t h = std::uint16_t(nan ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-        std::memcpy(halves + 2 * i, &h, sizeof h);
+  std::vector<std::uint32_t> non_finite(std::size_t(max_range_threads()), 0);
+  const float* v = x.data();
+  if (x.memory_format() == MemoryFormat::channels_last) {
+    parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int t) {
+      non_finite[std::size_t(t)] |= encode_codes(v + b, out, b, e - b, q);
+    });
+  } else {
+    const std::int64_t C = x.size(1), H = x.size(2), W = x.size(3);
+    parallel_ranges(x.size(0) * H, [&](std::int64_t b, std::int64_t e, int t) {
+      std::vector<float> row(std::size_t(W * C));
+      for (std::int64_t r = b; r < e; ++r) {
+        interleave_row(v + (r / H) * C * H * W + (r % H) * W, H * W, C, W, row.data());
+        non_finite[std::size_t(t)] |= encode_codes(row.data(), out, r * W * C, W * C, q);
       }
     });
-    return c;
   }
-  // The NaN / Inf test rides along the quantization (one pass over x); only when it finds
-  // one are the images holding it looked for.
-  std::vector<std::uint32_t> non_finite(std::size_t(max_range_threads()), 0);
-  parallel_ranges(c.numel(), [&](std::int64_t b, std::int64_t e, int t) {
-    // Locals: byte stores may alias anything read through a reference, the captures too.
-    const QuantParams local = q;
-    const float* in = v;
-    std::uint8_t* codes = out;
-    std::uint32_t any = 0;
-    OREPA_SIMD_OR(any)
-    for (std::int64_t i = b; i < e; ++i) {
-      any |= non_finite_bit(in + i);
-      codes[i] = std::uint8_t(local.quantize(in[i]));
-    }
-    non_finite[std::size_t(t)] |= any;
-  });
   if (std::any_of(non_finite.begin(), non_finite.end(), [](std::uint32_t a) { return a != 0; }))
     bad = non_finite_images(x);
   return c;

@@ -830,8 +830,8 @@ class DeployedModel {
   }
   // The layers in order; the head gives the raw maps too when `raw`.
   DetectOutput<S> run(ConstTensorView<S> x, bool raw) const {
-    Tensor<S> converted;
-    if (x.dim() == 4 && layers_.front().stage) {
+    Tensor<S> converted;  // a first layer taking codes quantizes any layout in one pass
+    if (x.dim() == 4 && layers_.front().stage && !layers_.front().stage->int8_input()) {
       const MemoryFormat f = orepa::detail::in_child("DeployedModel", "model.0", *layers_.front().stage,
                                                      [&] { return layers_.front().stage->preferred_format(x.sizes()); });
       if (x.memory_format() != f) {
