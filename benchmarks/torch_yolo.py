@@ -12,12 +12,20 @@ Detect with YOLOv5's decode; eval, torch.no_grad, channels_last.
 2. Timing: YOLOv5n-OREPA (models/yolov5n-orepa.yaml, nc 80) at 320 and 640, batch 1, the
    PyTorch model and orepa_bench's yolo/deploy/{fp32,bf16,int8}/<size> rows interleaved
    (rounds of: PyTorch, then orepa_bench), medians over the rounds, and the ratios.
+3. Peak memory: the process's peak growth over the first forward at each size (VmHWM
+   after minus VmRSS before, free heap returned first), PyTorch's measured here as
+   orepa_bench measures its deploy rows' peak_mb.
+4. With --ort DIR (a folder where `npm install --ignore-scripts onnxruntime-node` ran):
+   the same PyTorch network exported to ONNX (torch.onnx.export, decoded rows out), checked
+   against PyTorch's output, and timed by ONNX Runtime's CPU provider (benchmarks/ort_time.js,
+   same threads) in the same rounds.
 
-Usage: python3 benchmarks/torch_yolo.py BUILD_DIR [--rounds 3] [--threads 2] [--sizes 320,640]
+Usage: python3 benchmarks/torch_yolo.py BUILD_DIR [--rounds 3] [--threads 2] [--sizes 320,640] [--ort DIR]
 Needs Debian's python3-torch (1.13) and python3-yaml; without them it says so and exits 0.
 On Debian, run it with /usr/bin/python3 when another python3 comes first on PATH.
 """
 import argparse
+import ctypes
 import json
 import math
 import os
@@ -273,6 +281,26 @@ def torch_ms(net, x, seconds):
     return statistics.median(times)
 
 
+def process_kb(key):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise SystemExit("torch_yolo.py: /proc/self/status has no " + key)
+
+
+def peak_mb(work):
+    """Peak memory growth of this process while work() runs, MB: the free heap returned to
+    the system, VmHWM reset to VmRSS (/proc/self/clear_refs), then VmHWM after minus VmRSS
+    before (orepa_bench's peak_memory_of)."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    before = process_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    work()
+    return (process_kb("VmHWM") - before) * 1024 / 1e6
+
+
 def orepa_ms(build, sizes, seconds):
     """orepa_bench's yolo/deploy, train_form and bare_primitives rows: name -> milliseconds,
     and the oneDNN ISA."""
@@ -283,8 +311,58 @@ def orepa_ms(build, sizes, seconds):
                           % sizes_re],
                          check=True, stdout=subprocess.PIPE, text=True)
     report = json.loads(run.stdout)
-    rows = {b["name"].replace("/real_time", ""): b["real_time"] for b in report["benchmarks"] if not b.get("error_occurred")}
-    return rows, report["context"].get("onednn_isa", "?")
+    ok = [b for b in report["benchmarks"] if not b.get("error_occurred")]
+    rows = {b["name"].replace("/real_time", ""): b["real_time"] for b in ok}
+    peaks = {b["name"].replace("/real_time", ""): b["peak_mb"] for b in ok if "peak_mb" in b}
+    return rows, peaks, report["context"].get("onednn_isa", "?")
+
+
+class OnnxRuntime:
+    """The network exported to ONNX per size and run by onnxruntime-node through
+    benchmarks/ort_time.js."""
+
+    def __init__(self, node_dir, net, sizes, threads, folder):
+        self.env = dict(os.environ, NODE_PATH=os.path.join(os.path.abspath(node_dir), "node_modules"))
+        self.script = os.path.join(ROOT, "benchmarks", "ort_time.js")
+        self.threads, self.models, self.version = threads, {}, "?"
+        pred_only = PredOnly(net)
+        for s in sizes:
+            x = torch.rand(1, 3, s, s)
+            path = os.path.join(folder, "yolo%d.onnx" % s)
+            torch.onnx.export(pred_only, x, path, opset_version=13, input_names=["images"], output_names=["pred"])
+            self.models[s] = path
+            x.numpy().astype(np.float32).tofile(os.path.join(folder, "x.f32"))
+            self.node(path, s, os.path.join(folder, "x.f32"), os.path.join(folder, "y.f32"))
+            with torch.no_grad():
+                want = pred_only(x)
+            got = torch.from_numpy(np.fromfile(os.path.join(folder, "y.f32"), dtype=np.float32)).view(want.shape)
+            err = float((got - want).abs().max() / want.abs().max())
+            print("ONNX Runtime on the exported network at %d: PyTorch within %.1e" % (s, err))
+            if err > 1e-4:
+                raise SystemExit("torch_yolo.py: ONNX Runtime's output differs from PyTorch's")
+
+    def node(self, *args):
+        run = subprocess.run(["node", self.script, args[0], str(args[1]), str(self.threads)] + [str(a) for a in args[2:]],
+                             env=self.env, stdout=subprocess.PIPE, text=True)
+        if run.returncode != 0:
+            raise SystemExit("torch_yolo.py: benchmarks/ort_time.js failed (is onnxruntime-node installed under --ort?)")
+        return run.stdout
+
+    def ms(self, size, seconds):
+        r = json.loads(self.node(self.models[size], size, seconds))
+        self.version = r["version"]
+        return r["median_ms"]
+
+
+class PredOnly(torch.nn.Module):
+    """The decoded rows alone (what the ONNX export and orepa's yolo/deploy rows give)."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)[0]
 
 
 def main():
@@ -294,6 +372,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sizes", default="320,640")
     ap.add_argument("--seconds", type=float, default=2.0, help="timed seconds per row and round")
+    ap.add_argument("--ort", metavar="DIR", help="a folder holding node_modules/onnxruntime-node: time ONNX Runtime too")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.environ["OMP_NUM_THREADS"] = str(a.threads)
@@ -301,28 +380,45 @@ def main():
     cpp_check(a.build)
     sizes = [int(s) for s in a.sizes.split(",")]
     with open(os.path.join(ROOT, "models", "yolov5n-orepa.yaml")) as f:
-        net = FusedYolo(yaml.safe_load(f)).eval().to(memory_format=torch.channels_last)
+        net_cfg = yaml.safe_load(f)
+    net = FusedYolo(net_cfg).eval().to(memory_format=torch.channels_last)
     torch_rows, orepa_rows, isa = {s: [] for s in sizes}, {}, "?"
+    ort_rows, ort, ort_folder = {s: [] for s in sizes}, None, tempfile.TemporaryDirectory()
+    if a.ort:
+        ort = OnnxRuntime(a.ort, FusedYolo(net_cfg).eval(), sizes, a.threads, ort_folder.name)
+    else:
+        print("ONNX Runtime: skipped (give --ort DIR, a folder where `npm install --ignore-scripts onnxruntime-node` ran)")
+    torch_peak = {}
+    for s in sizes:  # before any timing: the first forward at this size
+        x = torch.rand(1, 3, s, s).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            torch_peak[s] = peak_mb(lambda: net(x))
+    orepa_peak = {}
     for r in range(a.rounds):
         for s in sizes:
             x = torch.rand(1, 3, s, s).contiguous(memory_format=torch.channels_last)
             torch_rows[s].append(torch_ms(net, x, a.seconds))
-        rows, isa = orepa_ms(a.build, sizes, a.seconds)
+            if ort:
+                ort_rows[s].append(ort.ms(s, a.seconds))
+        rows, peaks, isa = orepa_ms(a.build, sizes, a.seconds)
         for k, v in rows.items():
             orepa_rows.setdefault(k, []).append(v)
+        orepa_peak = orepa_peak or peaks  # the first round's: a fresh process, as PyTorch's
         print("round %d of %d done" % (r + 1, a.rounds), file=sys.stderr)
     print("\nYOLOv5n-OREPA (nc 80), batch 1, %d threads, oneDNN ISA %s, medians of %d interleaved rounds (ms)"
           % (a.threads, isa, a.rounds))
-    print("| size | PyTorch %s deployed | orepa train form | orepa fp32 | bf16 | int8 | fp32 / PyTorch | int8 / fp32 speed-up |"
-          % torch.__version__)
-    print("|---|---|---|---|---|---|---|---|")
+    ort_name = "ONNX Runtime %s" % (ort.version if ort else "(not run)")
+    print("| size | PyTorch %s deployed | %s | orepa train form | orepa fp32 | bf16 | int8 | fp32 / PyTorch "
+          "| fp32 / ONNX Runtime | int8 / fp32 speed-up |" % (torch.__version__, ort_name))
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for s in sizes:
         med = {k: statistics.median(orepa_rows.get("yolo/%s/%d" % (k, s), [float("nan")]))
                for k in ("train_form", "deploy/fp32", "deploy/bf16", "deploy/int8")}
         pt = statistics.median(torch_rows[s])
-        print("| %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f | %.2fx |" % (
-            s, pt, med["train_form"], med["deploy/fp32"], med["deploy/bf16"], med["deploy/int8"],
-            med["deploy/fp32"] / pt, med["deploy/fp32"] / med["deploy/int8"]))
+        rt = statistics.median(ort_rows[s]) if ort_rows[s] else float("nan")
+        print("| %d | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.2f | %.2f | %.2fx |" % (
+            s, pt, rt, med["train_form"], med["deploy/fp32"], med["deploy/bf16"], med["deploy/int8"],
+            med["deploy/fp32"] / pt, med["deploy/fp32"] / rt, med["deploy/fp32"] / med["deploy/int8"]))
     # The yardstick of the bf16 and int8 graphs: their 60 convolutions as bare primitives.
     print("\n| size | bare fp32 | bare bf16 | bare int8 | bf16 graph / its bare primitives "
           "| int8 graph / its bare primitives | bare bf16 speed-up over bare fp32 |")
@@ -338,6 +434,13 @@ def main():
             med["deploy/bf16"] / med["bare_primitives/bf16"], med["deploy/int8"] / med["bare_primitives/int8"], up))
         if up < 1:
             slower.append("%d: %.2fx" % (s, up))
+    print("\nPeak memory growth of the first forward (MB; the weights loaded before it are not counted)")
+    print("| size | PyTorch deployed | orepa fp32 | bf16 | int8 |")
+    print("|---|---|---|---|---|")
+    for s in sizes:
+        print("| %d | %.1f | %s |" % (s, torch_peak[s], " | ".join(
+            "%.1f" % orepa_peak["yolo/deploy/%s/%d" % (p, s)] if "yolo/deploy/%s/%d" % (p, s) in orepa_peak else "-"
+            for p in ("fp32", "bf16", "int8"))))
     if slower:
         print("\nOn this CPU (oneDNN ISA %s) oneDNN's bf16 convolutions are slower than its fp32 ones (%s):"
               " bf16 deployment cannot beat fp32 here, whatever the graph around them." % (isa, ", ".join(slower)))
