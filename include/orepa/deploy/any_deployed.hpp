@@ -212,11 +212,11 @@ inline void interleave_row(const float* plane, std::int64_t plane_stride, std::i
 
 // quantize_codes(x, q), also giving the images of x that hold a NaN or Inf. The NaN / Inf
 // test rides along the quantization (one pass over x); only when it finds one are the
-// images holding it looked for. NCHW input is read once too: each image row is transposed
-// through a small buffer, then encoded.
+// images holding it looked for. NCHW input is read once too: each image row is interleaved
+// into NHWC through a small buffer, then encoded.
 inline Int8Codes quantize_codes_finding_non_finite(ConstTensorView<float> x, const QuantParams& q,
                                                    std::vector<std::int64_t>& bad) {
-  if (x.memory_format() != MemoryFormat::channels_last && x.dim() != 4)
+  if (x.dim() != 4)
     throw shape_error(detail::cat("quantize_codes: codes are NHWC, a 4-D shape is needed, got ", shape_str(x.sizes())));
   Int8Codes c(x.sizes(), q);
   std::uint8_t* out = c.bytes.get();

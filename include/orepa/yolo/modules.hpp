@@ -617,8 +617,9 @@ class DeployedDetect {
     for (std::size_t i = 0; i < ys.size(); ++i) {
       const ConstTensorView<S> y = ys[i];
       const S* anchors = anchors_.data() + std::int64_t(i) * na * 2;
+      const std::int64_t first_row = row0[i];  // a structured binding cannot be captured (C++17)
       parallel_ranges(shape[0] * na * y.size(2), [&](std::int64_t b, std::int64_t e, int) {
-        detail::decode_sigmoid_rows<S>(y, pred, row0[i], b, e - b, na, no_, S(strides_[i]), anchors);
+        detail::decode_sigmoid_rows<S>(y, pred, first_row, b, e - b, na, no_, S(strides_[i]), anchors);
       });
     }
     return pred;
