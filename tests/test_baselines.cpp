@@ -473,7 +473,7 @@ INSTANTIATE_TEST_SUITE_P(Configs, DbbDeploy,
 // TrainForwardMatchesIndependentBranchSum.
 struct DbbGradCase {
   std::int64_t i, o, k, s, g;
-  int act;  // 0 identity, 1 relu, 2 silu, 3 sigmoid
+  int act;  // 0 identity, 1 relu, 2 silu
 };
 class DbbGradient : public ::testing::TestWithParam<DbbGradCase> {};
 
