@@ -79,13 +79,7 @@ struct Int8Codes {
   }
   /// The real value of code `i`.
   float value(std::int64_t i) const {
-    if (q.bf16) {
-      const std::uint32_t u = std::uint32_t(code(i)) << 16;
-      float v;
-      std::memcpy(&v, &u, 4);
-      return v;
-    }
-    return q.dequantize(code(i));
+    return q.bf16 ? detail::bf16_value(std::uint16_t(code(i))) : q.dequantize(code(i));
   }
 
  private:
@@ -171,14 +165,11 @@ namespace detail {
 // one of them is NaN or Inf (bf16 keeps those: it returns 0 then).
 inline std::uint32_t encode_codes(const float* in, std::uint8_t* out, std::int64_t first, std::int64_t n,
                                   const QuantParams& q) {
-  if (q.bf16) {  // rounded to nearest even; a NaN stays a (quiet) NaN
+  if (q.bf16) {  // bf16_bits: a NaN stays a (quiet) NaN
     std::uint8_t* halves = out + 2 * first;
     OREPA_SIMD
     for (std::int64_t i = 0; i < n; ++i) {
-      std::uint32_t u;
-      std::memcpy(&u, in + i, sizeof u);
-      const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
-      const std::uint16_t h = std::uint16_t(nan ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      const std::uint16_t h = bf16_bits(in[i]);
       std::memcpy(halves + 2 * i, &h, sizeof h);
     }
     return 0;
@@ -267,10 +258,7 @@ void dequantize_range(const Int8Codes& c, std::int64_t b, std::int64_t e, float*
     for (std::int64_t i = b; i < e; ++i) {
       std::uint16_t h;
       std::memcpy(&h, bytes + 2 * i, sizeof h);
-      const std::uint32_t u = std::uint32_t(h) << 16;
-      float v;
-      std::memcpy(&v, &u, sizeof v);
-      put(i, v);
+      put(i, bf16_value(h));
     }
   } else if (q.qmin < 0) {
     OREPA_SIMD

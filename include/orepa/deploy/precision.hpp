@@ -144,15 +144,31 @@ inline std::vector<float> weight_scales(const Tensor<float>& w) {
   return s;
 }
 
+/// \cond DO_NOT_DOCUMENT_THIS
+namespace detail {
+// The 16 bits of the bfloat16 nearest to x (ties to even; Inf stays Inf, past the largest
+// bf16 rounds to Inf); a NaN gives a quiet NaN. Plain integer steps, so a loop of it
+// vectorizes.
+inline std::uint16_t bf16_bits(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  const bool nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return std::uint16_t(nan ? (u >> 16) | 0x40u : (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+// The float bfloat16 bits `h` stand for: the top half of a float, so exact.
+inline float bf16_value(std::uint16_t h) {
+  const std::uint32_t u = std::uint32_t(h) << 16;
+  float v;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+}  // namespace detail
+/// \endcond
+
 /// Round to the nearest bfloat16 (ties to even), returned as float.
 inline float round_to_bf16(float x) {
   if (!std::isfinite(x)) return x;
-  std::uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
-  float r;
-  std::memcpy(&r, &u, 4);
-  return r;
+  return detail::bf16_value(detail::bf16_bits(x));
 }
 
 /// Signal-to-quantization-noise ratio in dB of `approx` against `ref` (n values):
