@@ -17,6 +17,7 @@
 /// convolutions return to float.
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -496,6 +497,18 @@ void decode_level(const Tensor<S>& raw, Tensor<S>& pred, std::int64_t row0, S st
   });
 }
 
+// Row (n, a, h) of a Detect level's convolution output y [N, na * no, H, W] (any format,
+// strides s): its W cells' no values of anchor a, to dst [W, no].
+template <class S>
+void gather_row(ConstTensorView<S> y, const std::array<std::int64_t, 4>& s, std::int64_t n, std::int64_t a,
+                std::int64_t h, std::int64_t no, S* dst) {
+  const S* src = y.data() + n * s[0] + a * no * s[1] + h * s[2];
+  for (std::int64_t w = 0; w < y.size(3); ++w, dst += no)
+    if (s[1] == 1) orepa::detail::copy_run(src + w * s[3], no, dst);  // channels-last: a pixel's anchor is one run
+    else
+      for (std::int64_t j = 0; j < no; ++j) dst[j] = src[w * s[3] + j * s[1]];
+}
+
 // Rows (n, a, y) in [first, first + rows) of a level's decoded rows, written into `pred`
 // [N, rows, no] from row `row0`, from its convolution's output `sig` [N, na * no, H, W]
 // (any format) with the sigmoid already applied: moved into place, box columns decoded.
@@ -506,15 +519,10 @@ void decode_sigmoid_rows(ConstTensorView<S> sig, Tensor<S>& pred, std::int64_t r
   const auto s = strides4(sig.sizes(), sig.memory_format());
   for (std::int64_t r = first; r < first + rows; ++r) {
     const std::int64_t n = r / (na * H), a = (r / H) % na, h = r % H;
-    const S* src = sig.data() + n * s[0] + a * no * s[1] + h * s[2];
     S* p = pred.data() + (n * pred.size(1) + row0 + (a * H + h) * W) * no;
+    gather_row(sig, s, n, a, h, no, p);
     const S aw = anchors[2 * a] * stride, ah = anchors[2 * a + 1] * stride;
-    for (std::int64_t w = 0; w < W; ++w, p += no) {
-      if (s[1] == 1) orepa::detail::copy_run(src + w * s[3], no, p);  // channels-last: one run
-      else
-        for (std::int64_t j = 0; j < no; ++j) p[j] = src[w * s[3] + j * s[1]];
-      decode_box(p, S(w), S(h), stride, aw, ah);
-    }
+    for (std::int64_t w = 0; w < W; ++w, p += no) decode_box(p, S(w), S(h), stride, aw, ah);
   }
 }
 
@@ -525,15 +533,8 @@ void gather_raw_rows(ConstTensorView<S> y, S* raw, std::int64_t first, std::int6
                      std::int64_t no) {
   const std::int64_t H = y.size(2), W = y.size(3);
   const auto s = strides4(y.sizes(), y.memory_format());
-  for (std::int64_t r = first; r < first + rows; ++r) {
-    const std::int64_t n = r / (na * H), a = (r / H) % na, h = r % H;
-    const S* src = y.data() + n * s[0] + a * no * s[1] + h * s[2];
-    S* dst = raw + r * W * no;
-    for (std::int64_t w = 0; w < W; ++w, dst += no)
-      if (s[1] == 1) orepa::detail::copy_run(src + w * s[3], no, dst);  // channels-last: a pixel's anchor is one run
-      else
-        for (std::int64_t j = 0; j < no; ++j) dst[j] = src[w * s[3] + j * s[1]];
-  }
+  for (std::int64_t r = first; r < first + rows; ++r)
+    gather_row(y, s, r / (na * H), (r / H) % na, r % H, no, raw + r * W * no);
 }
 
 // The shape of the decoded output [N, sum na H W, no] for maps of these [N, na, H, W, no]
