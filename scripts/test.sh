@@ -129,11 +129,15 @@ fuzz_all() { # one target at a time (each runs on one thread), beside the saniti
   for target in "${targets[@]}"; do fuzz_one "$target" || found=1; done
   return $found
 }
+# The sanitizers' settings, for every run of build-asan/'s tests.
+sanitizer_env() {
+  export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
+  export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+}
 sanitizer_pipeline() {
   shell_pid=$BASHPID
   [[ -z $pipeline ]] || summary=()  # a pipeline reports its own stages
-  export ASAN_OPTIONS="detect_leaks=1:abort_on_error=1"
-  export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1"
+  sanitizer_env
   stage "sanitizer and fuzz build (build-asan/, clang-14)"
   cmake --build build-asan -j"$jobs"
   stage "sanitizer tests, and fuzzing ${#targets[@]} targets for $seconds s each beside them"
@@ -179,7 +183,7 @@ stage "MPI tests (label mpi), nothing else running"
 mpi_status=0
 ctest --test-dir build --output-on-failure --no-tests=error -j1 -L mpi --repeat until-pass:2 || mpi_status=1
 if [[ $quick == 0 ]]; then
-  ASAN_OPTIONS="detect_leaks=1:abort_on_error=1" UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1" \
-    ctest --test-dir build-asan --output-on-failure --no-tests=error -j1 -L mpi --repeat until-pass:2 || mpi_status=1
+  (sanitizer_env && ctest --test-dir build-asan --output-on-failure --no-tests=error -j1 -L mpi --repeat until-pass:2) ||
+    mpi_status=1
 fi
 exit $mpi_status
